@@ -282,6 +282,24 @@ impl ScenarioBuilder {
         self
     }
 
+    /// Adds the policies in YAML text (`name` is used in error messages).
+    pub fn policy_text(&mut self, name: &str, text: &str) -> &mut Self {
+        self.loaded.extend(api::load_str(name, text, &LoadOptions::default()));
+        self
+    }
+
+    /// Sets a secret value (`namespace/name`).
+    pub fn secret(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.secrets.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Records what the DNS proxy learned for a name.
+    pub fn fqdn(&mut self, name: &str, ips: Vec<IpAddr>) -> &mut Self {
+        self.env.fqdn_cache.insert(normalize_name(name), ips);
+        self
+    }
+
     /// Adds the policies and the environment of a parsed test file; `base` is its directory.
     pub fn test_file(&mut self, file_name: &str, tf: &TestFile, base: &Path) -> &mut Self {
         if tf.version != 1 {
