@@ -57,7 +57,7 @@ pub enum PolicyCommand {
         output: Output,
     },
     /// Answer one ad-hoc case and explain every rule considered.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
 }
 
 /// `porin policy trace` arguments.

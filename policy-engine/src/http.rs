@@ -18,13 +18,23 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use std::panic::{RefUnwindSafe, UnwindSafe};
+
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex_automata::hybrid::dfa::{Cache, DFA, OverlappingState};
+use regex_automata::util::pool::Pool;
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, Input, MatchKind, nfa::thompson};
 use regex_syntax::hir::{HirKind, Look};
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 /// Upper bound for one compiled regex program (bytes).
 const REGEX_SIZE_LIMIT: usize = 16 << 20;
 /// Upper bound for the path automaton of one rule set (bytes).
 const REGEX_SET_SIZE_LIMIT: usize = 256 << 20;
+/// Transition cache of the path automaton, per thread that evaluates (bytes).
+const PATH_DFA_CACHE: usize = 16 << 20;
 
 /// How a string value is matched.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,35 +255,112 @@ impl RegexCache {
     }
 }
 
+type CacheFn = Box<dyn Fn() -> Cache + Send + Sync + UnwindSafe + RefUnwindSafe>;
+
+/// All regex paths of a rule set as one lazy DFA, searched in overlapping mode: a search costs one pass
+/// over the path plus one step per *matching* pattern, however many patterns there are.
+struct PathAutomaton {
+    dfa: Arc<DFA>,
+    caches: Pool<Cache, CacheFn>,
+}
+
+impl fmt::Debug for PathAutomaton {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PathAutomaton").field("patterns", &self.dfa.pattern_len()).finish()
+    }
+}
+
+impl PathAutomaton {
+    fn build(patterns: &[String]) -> Option<Self> {
+        let dfa = DFA::builder()
+            .configure(
+                DFA::config().match_kind(MatchKind::All).cache_capacity(PATH_DFA_CACHE).skip_cache_capacity_check(true),
+            )
+            .syntax(syntax::Config::new().utf8(false))
+            .thompson(thompson::Config::new().utf8(false).nfa_size_limit(Some(REGEX_SET_SIZE_LIMIT)))
+            .build_many(patterns)
+            .ok()?;
+        let dfa = Arc::new(dfa);
+        let for_caches = dfa.clone();
+        let create: CacheFn = Box::new(move || for_caches.create_cache());
+        Some(Self { dfa, caches: Pool::new(create) })
+    }
+
+    /// Calls `hit` with the index of every pattern matching all of `path`; `false` if the search gave up.
+    fn matches(&self, path: &[u8], mut hit: impl FnMut(usize)) -> bool {
+        let mut cache = self.caches.get();
+        let input = Input::new(path).anchored(Anchored::Yes);
+        let mut state = OverlappingState::start();
+        loop {
+            if self.dfa.try_search_overlapping_fwd(&mut cache, &input, &mut state).is_err() {
+                return false;
+            }
+            match state.get_match() {
+                Some(m) => hit(m.pattern().as_usize()),
+                None => return true,
+            }
+        }
+    }
+}
+
+/// How the regex paths of a rule set are searched.
+#[derive(Debug)]
+enum PathRegexes {
+    None,
+    /// The normal case.
+    Automaton(PathAutomaton),
+    /// When the lazy DFA cannot be built (e.g. Unicode word boundaries): the regex crate's set.
+    Set(RegexSet),
+}
+
 /// Path index: which rules can match a given path.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 struct PathIndex {
-    exact: HashMap<Box<[u8]>, Vec<u32>>,
-    set: Option<RegexSet>,
+    /// Policy-controlled keys: a fast, non-keyed hash is safe here.
+    exact: FxHashMap<Box<[u8]>, Vec<u32>>,
+    regexes: PathRegexes,
+    /// Each regex pattern alone, for a search the automaton gives up on.
+    one_by_one: Vec<Arc<Regex>>,
     set_rules: Vec<Vec<u32>>,
     any: Vec<u32>,
 }
 
+/// Candidate rules of one request (rarely more than a handful: kept inline).
+type Candidates = SmallVec<[u32; 8]>;
+
 impl PathIndex {
-    fn candidates(&self, path: &[u8]) -> Vec<u32> {
-        let mut out: Vec<u32> = self.any.clone();
+    fn candidates(&self, path: &[u8]) -> Candidates {
+        let mut out: Candidates = SmallVec::from_slice(&self.any);
         if let Some(ids) = self.exact.get(path) {
             out.extend_from_slice(ids);
         }
-        if let Some(set) = &self.set {
-            for pattern in set.matches(path).iter() {
-                if let Some(ids) = self.set_rules.get(pattern) {
-                    out.extend_from_slice(ids);
+        let mut add = |pattern: usize| {
+            if let Some(ids) = self.set_rules.get(pattern) {
+                out.extend_from_slice(ids);
+            }
+        };
+        match &self.regexes {
+            PathRegexes::None => {}
+            PathRegexes::Automaton(a) => {
+                let mut hits: SmallVec<[usize; 8]> = SmallVec::new();
+                if a.matches(path, |p| hits.push(p)) {
+                    hits.into_iter().for_each(&mut add);
+                } else {
+                    // The lazy DFA gave up: check each pattern on its own (slow, but correct).
+                    self.one_by_one.iter().enumerate().filter(|(_, re)| re.is_match(path)).for_each(|(i, _)| add(i));
                 }
             }
+            PathRegexes::Set(set) => set.matches(path).iter().for_each(&mut add),
         }
-        out.sort_unstable();
+        if out.len() > 1 {
+            out.sort_unstable();
+        }
         out
     }
 }
 
 /// The compiled HTTP rules of one L7 entry.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct HttpRuleSet {
     specs: Vec<HttpRule>,
     rules: Vec<CompiledRule>,
@@ -310,7 +397,13 @@ impl HttpRuleSet {
     pub fn compile(specs: Vec<HttpRule>) -> Result<Self, HttpCompileError> {
         let mut cache = RegexCache::default();
         let mut rules = Vec::with_capacity(specs.len());
-        let mut index = PathIndex::default();
+        let mut index = PathIndex {
+            exact: FxHashMap::default(),
+            regexes: PathRegexes::None,
+            one_by_one: Vec::new(),
+            set_rules: Vec::new(),
+            any: Vec::new(),
+        };
         let mut set_patterns: Vec<String> = Vec::new();
         let mut set_pos: HashMap<String, usize> = HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -322,10 +415,11 @@ impl HttpRuleSet {
                 Some(StrMatch::Regex(re)) => match literal_of(re) {
                     Some(lit) => index.exact.entry(lit.into()).or_default().push(id),
                     None => {
-                        // Validate alone first, so a bad rule is named, not the whole set.
-                        cache.get(re).map_err(err)?;
+                        // Compiled alone first, so a bad rule is named, not the whole set.
+                        let alone = cache.get(re).map_err(err)?;
                         let pos = *set_pos.entry(re.clone()).or_insert_with(|| {
                             set_patterns.push(format!("^(?:{re})$"));
+                            index.one_by_one.push(alone);
                             index.set_rules.push(Vec::new());
                             set_patterns.len() - 1
                         });
@@ -351,12 +445,16 @@ impl HttpRuleSet {
             rules.push(CompiledRule { method, host, headers, header_matches: spec.header_matches.clone() });
         }
         if !set_patterns.is_empty() {
-            let set = RegexSetBuilder::new(&set_patterns)
-                .size_limit(REGEX_SET_SIZE_LIMIT)
-                .dfa_size_limit(REGEX_SET_SIZE_LIMIT)
-                .build()
-                .map_err(|source| HttpCompileError { rule: 0, source })?;
-            index.set = Some(set);
+            index.regexes = match PathAutomaton::build(&set_patterns) {
+                Some(a) => PathRegexes::Automaton(a),
+                None => PathRegexes::Set(
+                    RegexSetBuilder::new(&set_patterns)
+                        .size_limit(REGEX_SET_SIZE_LIMIT)
+                        .dfa_size_limit(REGEX_SET_SIZE_LIMIT)
+                        .build()
+                        .map_err(|source| HttpCompileError { rule: 0, source })?,
+                ),
+            };
         }
         let has_header_matches = specs.iter().any(|s| !s.header_matches.is_empty());
         Ok(Self { specs, rules, index, has_header_matches })
@@ -416,11 +514,15 @@ impl HttpRuleSet {
             .map(|idx| {
                 let matched = candidates.contains(&u32::try_from(idx).unwrap_or(u32::MAX))
                     && self.rules.get(idx).is_some_and(|rule| {
-                        rule_basic_match(rule, req, &scratch)
-                            && rule
-                                .header_matches
-                                .iter()
-                                .fold(true, |acc, hm| apply_header_match(hm, &mut scratch, &mut log) && acc)
+                        if !rule_basic_match(rule, req, &scratch) {
+                            return false;
+                        }
+                        // Every header match runs (its action applies) even after one fails.
+                        let mut accepted = true;
+                        for hm in &rule.header_matches {
+                            accepted &= apply_header_match(hm, &mut scratch, &mut log);
+                        }
+                        accepted
                     });
                 (idx, matched)
             })
@@ -429,10 +531,10 @@ impl HttpRuleSet {
 }
 
 fn rule_basic_match(rule: &CompiledRule, req: &HttpRequestInfo<'_>, headers: &dyn HeaderMap) -> bool {
-    if let Some(m) = &rule.method {
-        if !m.matches(req.method) {
-            return false;
-        }
+    if let Some(m) = &rule.method
+        && !m.matches(req.method)
+    {
+        return false;
     }
     if let Some(m) = &rule.host {
         match req.authority {
@@ -441,7 +543,7 @@ fn rule_basic_match(rule: &CompiledRule, req: &HttpRequestInfo<'_>, headers: &dy
         }
     }
     rule.headers.iter().all(|h| match h {
-        CompiledHeaderMatcher::Exact(name, v) => headers.get(name).is_some_and(|got| &*got == &**v),
+        CompiledHeaderMatcher::Exact(name, v) => headers.get(name).is_some_and(|got| *got == **v),
         CompiledHeaderMatcher::Regex(name, re) => headers.get(name).is_some_and(|got| re.is_match(&got)),
         CompiledHeaderMatcher::Present(name) => headers.get(name).is_some(),
         CompiledHeaderMatcher::Never => false,

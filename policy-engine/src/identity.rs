@@ -188,10 +188,10 @@ impl IpCache {
     pub fn lookup(&self, ip: IpAddr) -> IdentityId {
         let max = if ip.is_ipv4() { 32 } else { 128 };
         for len in (0..=max).rev() {
-            if let Ok(net) = IpNet::new(ip, len) {
-                if let Some(id) = self.entries.get(&net.trunc()) {
-                    return *id;
-                }
+            if let Ok(net) = IpNet::new(ip, len)
+                && let Some(id) = self.entries.get(&net.trunc())
+            {
+                return *id;
             }
         }
         if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 }

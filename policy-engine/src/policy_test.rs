@@ -533,15 +533,15 @@ impl Scenario {
         let to_id = self.identity(to);
         let mut explanation = Vec::new();
         let mut sides: Vec<(Direction, &EndpointPolicy, IdentityId, String)> = Vec::new();
-        if let Party::Endpoint(i) = from {
-            if let Some(ep) = self.endpoint_policy(*i) {
-                sides.push((Direction::Egress, ep, to_id, format!("egress of {}/{}", ep.namespace, ep.name)));
-            }
+        if let Party::Endpoint(i) = from
+            && let Some(ep) = self.endpoint_policy(*i)
+        {
+            sides.push((Direction::Egress, ep, to_id, format!("egress of {}/{}", ep.namespace, ep.name)));
         }
-        if let Party::Endpoint(i) = to {
-            if let Some(ep) = self.endpoint_policy(*i) {
-                sides.push((Direction::Ingress, ep, from_id, format!("ingress of {}/{}", ep.namespace, ep.name)));
-            }
+        if let Party::Endpoint(i) = to
+            && let Some(ep) = self.endpoint_policy(*i)
+        {
+            sides.push((Direction::Ingress, ep, from_id, format!("ingress of {}/{}", ep.namespace, ep.name)));
         }
         if explain {
             explanation.push(format!(
@@ -691,7 +691,7 @@ impl Scenario {
                 (l7.check_kafka(k), format!("kafka apiKey {} topics [{}]", k.api_key, k.topics.join(",")))
             }
             Request::Dns(q) => {
-                if let Some(exp) = explanation.as_deref_mut() {
+                if let Some(exp) = explanation {
                     for (set, origins) in &l7.sets {
                         if let L7Set::Dns(d) = set {
                             let (_, full) = self.origin_name(origins.first().copied().unwrap_or(OriginId(0)));

@@ -221,7 +221,7 @@ mod tests {
         assert!(!sel(vec![("app", "NotIn", vec!["web"])]).matches(&pod));
         assert!(sel(vec![("missing", "NotIn", vec!["web"])]).matches(&pod));
         assert!(sel(vec![("tier", "Exists", vec![])]).matches(&pod));
-        assert!(sel(vec![("tier", "DoesNotExist", vec![])]).matches(&pod) == false);
+        assert!(!sel(vec![("tier", "DoesNotExist", vec![])]).matches(&pod));
         assert!(sel(vec![("k8s:app", "In", vec!["web"])]).matches(&pod));
         assert!(!sel(vec![("reserved:app", "In", vec!["web"])]).matches(&pod));
     }

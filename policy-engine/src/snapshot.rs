@@ -300,10 +300,10 @@ impl L7Policy {
             return L7Verdict::Allow(Some(*o));
         }
         for (set, origins) in &self.sets {
-            if let L7Set::Kafka(k) = set {
-                if let Some(i) = k.allows(req) {
-                    return L7Verdict::Allow(origins.get(i).or(origins.first()).copied());
-                }
+            if let L7Set::Kafka(k) = set
+                && let Some(i) = k.allows(req)
+            {
+                return L7Verdict::Allow(origins.get(i).or(origins.first()).copied());
             }
         }
         L7Verdict::Deny
@@ -318,10 +318,10 @@ impl L7Policy {
             return L7Verdict::Allow(Some(*o));
         }
         for (set, origins) in &self.sets {
-            if let L7Set::Dns(d) = set {
-                if d.allows(qname) {
-                    return L7Verdict::Allow(origins.first().copied());
-                }
+            if let L7Set::Dns(d) = set
+                && d.allows(qname)
+            {
+                return L7Verdict::Allow(origins.first().copied());
             }
         }
         L7Verdict::Deny
@@ -471,5 +471,101 @@ impl Snapshot {
     /// An origin.
     pub fn origin(&self, id: OriginId) -> Option<&Origin> {
         self.origins.get(id.0 as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::HttpRuleSet;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Act {
+        Deny,
+        Allow,
+        Redirect,
+    }
+
+    fn entry(peers: Option<Vec<u32>>, proto: Option<Proto>, start: u16, len: u16, act: Act) -> PolicyEntry {
+        let action = match act {
+            Act::Deny => EntryAction::Deny,
+            Act::Allow => EntryAction::Allow,
+            Act::Redirect => EntryAction::Redirect {
+                rules: L7Set::Http(Arc::new(HttpRuleSet::compile(vec![]).unwrap())),
+                rule_origins: Arc::from([OriginId(0)]),
+            },
+        };
+        let peers = match peers {
+            None => PeerSet::All,
+            Some(mut v) => {
+                v.sort_unstable();
+                v.dedup();
+                PeerSet::Ids(v.into())
+            }
+        };
+        PolicyEntry {
+            peers,
+            proto: proto.map_or(ProtoMatch::Any, ProtoMatch::Only),
+            port_start: start,
+            port_end: start.saturating_add(len),
+            action,
+            origins: vec![OriginId(1)],
+        }
+    }
+
+    fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+        (
+            proptest::option::of(proptest::collection::vec(1u32..6, 0..4)),
+            proptest::option::of(prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)]),
+            0u16..8,
+            0u16..4,
+            prop_oneof![Just(Act::Deny), Just(Act::Allow), Just(Act::Redirect)],
+        )
+            .prop_map(|(p, pr, s, l, a)| entry(p, pr, s, l, a))
+    }
+
+    fn arb_flow() -> impl Strategy<Value = (u32, Proto, u16)> {
+        (1u32..6, prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)], 0u16..12)
+    }
+
+    fn dropped(v: &L4Verdict) -> bool {
+        matches!(v, L4Verdict::Drop(_))
+    }
+
+    proptest! {
+        // Any matching deny drops the flow, whatever else matches and whatever the default.
+        #[test]
+        fn deny_wins(entries in proptest::collection::vec(arb_entry(), 0..8), enforced: bool, (peer, proto, port) in arb_flow()) {
+            let d = DirectionPolicy { enforced, entries: entries.clone(), ..Default::default() };
+            let v = d.l4_verdict(peer, proto, port);
+            let deny_matches = entries.iter().any(|e| e.is_deny() && e.matches(peer, proto, port));
+            prop_assert_eq!(deny_matches, matches!(v, L4Verdict::Drop(DropReason::Denied { .. })));
+        }
+
+        // Default deny: without a matching allow, an enforced direction drops; an unenforced one does not
+        // (unless denied).
+        #[test]
+        fn default_deny(entries in proptest::collection::vec(arb_entry(), 0..8), enforced: bool, (peer, proto, port) in arb_flow()) {
+            let d = DirectionPolicy { enforced, entries: entries.clone(), ..Default::default() };
+            let v = d.l4_verdict(peer, proto, port);
+            let any_deny = entries.iter().any(|e| e.is_deny() && e.matches(peer, proto, port));
+            let any_allow = entries.iter().any(|e| !e.is_deny() && e.matches(peer, proto, port));
+            prop_assert_eq!(dropped(&v), any_deny || (enforced && !any_allow));
+        }
+
+        // Adding an allow never takes access away; adding a deny never grants it.
+        #[test]
+        fn monotonic(entries in proptest::collection::vec(arb_entry(), 0..8), extra in arb_entry(), enforced: bool, (peer, proto, port) in arb_flow()) {
+            let before = DirectionPolicy { enforced, entries: entries.clone(), ..Default::default() }.l4_verdict(peer, proto, port);
+            let mut more = entries.clone();
+            more.push(extra.clone());
+            let after = DirectionPolicy { enforced, entries: more, ..Default::default() }.l4_verdict(peer, proto, port);
+            if extra.is_deny() {
+                prop_assert!(!dropped(&before) || dropped(&after));
+            } else {
+                prop_assert!(dropped(&before) || !dropped(&after));
+            }
+        }
     }
 }

@@ -56,10 +56,10 @@ fn fqdn_selector_validation() {
         match (s(c, "expect"), &result) {
             ("valid", Ok(_)) => {}
             ("invalid", Err(problems)) => {
-                if let Some(Value::String(msg)) = c.get("error") {
-                    if !problems.iter().any(|p| &p.message == msg) {
-                        failures.push(format!("{id}: expected error {msg:?}, got {problems:?}"));
-                    }
+                if let Some(Value::String(msg)) = c.get("error")
+                    && !problems.iter().any(|p| &p.message == msg)
+                {
+                    failures.push(format!("{id}: expected error {msg:?}, got {problems:?}"));
                 }
             }
             (want, got) => failures.push(format!("{id}: expected {want}, got {got:?}")),

@@ -41,10 +41,10 @@ fn policy_validation() {
         match (s(c, "expect"), &result) {
             ("valid", Ok(_)) => {}
             ("invalid", Err(problems)) => {
-                if let Some(Value::String(want)) = c.get("error") {
-                    if !problems.iter().any(|p| same_message(&p.message, want)) {
-                        failures.push(format!("{id}: expected error {want:?}, got {problems:?}"));
-                    }
+                if let Some(Value::String(want)) = c.get("error")
+                    && !problems.iter().any(|p| same_message(&p.message, want))
+                {
+                    failures.push(format!("{id}: expected error {want:?}, got {problems:?}"));
                 }
             }
             (want, got) => failures.push(format!("{id}: expected {want}, got {got:?}")),

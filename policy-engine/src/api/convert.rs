@@ -141,17 +141,17 @@ fn cidr_rule(r: &raw::CidrRule, ctx: &mut Ctx, path: &str) -> Option<Peer> {
         let epath = format!("{path}.except[{i}]");
         match e.parse::<IpNet>() {
             Ok(n) => {
-                if let Some(b) = base {
-                    if !b.contains(&n.network()) {
-                        ctx.err(
-                            &epath,
-                            format!(
-                                "allow CIDR prefix {} does not contain exclude CIDR prefix {e}",
-                                r.cidr.as_deref().unwrap_or("")
-                            ),
-                        );
-                        continue;
-                    }
+                if let Some(b) = base
+                    && !b.contains(&n.network())
+                {
+                    ctx.err(
+                        &epath,
+                        format!(
+                            "allow CIDR prefix {} does not contain exclude CIDR prefix {e}",
+                            r.cidr.as_deref().unwrap_or("")
+                        ),
+                    );
+                    continue;
                 }
                 except.push(n.trunc());
             }
@@ -584,6 +584,10 @@ struct PeerFields<'a> {
     nodes: Option<&'a [raw::LabelSelector]>,
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "an element's checks need its direction, peers, ports and the policy scope"
+)]
 fn element(
     dir_from: bool,
     action: Action,
@@ -712,10 +716,10 @@ fn element(
         }
         peers = Some(vec![]);
     }
-    if let Some(nodes) = fields.nodes {
-        if nodes.is_empty() {
-            peers = Some(vec![]);
-        }
+    if let Some(nodes) = fields.nodes
+        && nodes.is_empty()
+    {
+        peers = Some(vec![]);
     }
     match auth.and_then(|a| a.mode.as_deref()) {
         None | Some("disabled") => {}
@@ -900,10 +904,11 @@ pub(crate) fn rule(r: &raw::Rule, scope: &Scope<'_>, ctx: &mut Ctx, path: &str) 
     for (i, e) in r.egress.iter().flatten().enumerate() {
         let epath = format!("{path}.egress[{i}]");
         let l4 = l4_for_allow(e.to_ports.as_deref(), e.icmps.as_deref(), false, ctx, &epath, ns);
-        if let Some(parsers) = has_l7(&l4) {
-            if host_policy && parsers.iter().any(|p| *p != crate::model::L7Parser::Dns) {
-                ctx.err(&epath, "host policies only support DNS L7 rules on egress");
-            }
+        if let Some(parsers) = has_l7(&l4)
+            && host_policy
+            && parsers.iter().any(|p| *p != crate::model::L7Parser::Dns)
+        {
+            ctx.err(&epath, "host policies only support DNS L7 rules on egress");
         }
         let fields = PeerFields {
             endpoints: e.to_endpoints.as_deref(),
@@ -949,10 +954,10 @@ pub(crate) fn rule(r: &raw::Rule, scope: &Scope<'_>, ctx: &mut Ctx, path: &str) 
     }
     // A deny Porin cannot enforce would fail open: reject it instead.
     for el in ingress.iter().chain(&egress) {
-        if el.action == Action::Deny {
-            if let Some(reason) = &el.unsupported {
-                ctx.err(&el.path, format!("cannot enforce this deny rule: {reason}"));
-            }
+        if el.action == Action::Deny
+            && let Some(reason) = &el.unsupported
+        {
+            ctx.err(&el.path, format!("cannot enforce this deny rule: {reason}"));
         }
     }
     for el in ingress.iter().chain(&egress).filter(|e| e.action == Action::Allow) {
