@@ -22,6 +22,135 @@ pub enum Command {
     /// Check, test and explain policies offline.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the node agent: resolve policy, write the kernel maps, attach the datapath.
+    Agent(Box<AgentArgs>),
+    /// A local lab: a node and pods in network namespaces, with real traffic.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+/// `porin agent` arguments.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Enter this named network namespace (/run/netns/NAME) first.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// bpffs directory for pinned maps and links (mounted if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/porin")]
+    pub bpffs: PathBuf,
+    /// Policy directory (*.yaml).
+    #[arg(long)]
+    pub policies: PathBuf,
+    /// Endpoints file (JSON).
+    #[arg(long)]
+    pub endpoints: PathBuf,
+    /// Control socket.
+    #[arg(long, default_value = "/run/porin/agent.sock")]
+    pub control: PathBuf,
+    /// Established TCP idle timeout, seconds.
+    #[arg(long, default_value_t = 21600)]
+    pub ct_tcp_secs: u64,
+    /// TCP timeout before the reply and while closing, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub ct_tcp_close_secs: u64,
+    /// UDP idle timeout, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ct_udp_secs: u64,
+    /// ICMP echo idle timeout, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ct_icmp_secs: u64,
+}
+
+/// `porin lab ...`
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create the lab described by FILE and start its agent and servers.
+    Up {
+        /// Lab file.
+        file: PathBuf,
+        /// Lab name (labs side by side need different names).
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Remove everything a lab made (also after a crash).
+    Down {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Pods (name, namespace, labels, addresses) and the agent's state.
+    Status {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Run a command inside a pod; every pod's name resolves to its address.
+    Exec {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Pod.
+        pod: String,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Replace the lab's policies with FILEs and apply them.
+    Apply {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Datapath flow events (drops and verdicts), as JSON lines.
+    Events {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Datapath counters (JSON).
+    Counters {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Start the lab's agent again (after it stopped or was killed).
+    RestartAgent {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// (internal) Run a pod's built-in servers inside its network namespace.
+    #[command(hide = true)]
+    Serve {
+        /// Network namespace.
+        #[arg(long)]
+        netns: String,
+        /// Server spec (JSON).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Ready file.
+        #[arg(long)]
+        ready: Option<PathBuf>,
+    },
+    /// (internal) Run a command inside a network namespace.
+    #[command(hide = true)]
+    RunIn {
+        /// Network namespace.
+        #[arg(long)]
+        netns: String,
+        /// Command.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 /// Output format.
@@ -111,6 +240,128 @@ pub struct TraceArgs {
     pub dns_type: Option<String>,
 }
 
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PORIN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("PORIN_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn agent(a: &AgentArgs) -> anyhow::Result<()> {
+    // The namespace first, while this process has one thread.
+    if let Some(ns) = &a.netns {
+        crate::agent::enter_netns(ns)?;
+    }
+    let _ = nix::unistd::setsid();
+    let secs = std::time::Duration::from_secs;
+    crate::agent::run(crate::agent::AgentConfig {
+        bpffs: a.bpffs.clone(),
+        policies: a.policies.clone(),
+        endpoints: a.endpoints.clone(),
+        control: a.control.clone(),
+        settings: crate::datapath::Settings {
+            ct_tcp: secs(a.ct_tcp_secs),
+            ct_tcp_close: secs(a.ct_tcp_close_secs),
+            ct_udp: secs(a.ct_udp_secs),
+            ct_icmp: secs(a.ct_icmp_secs),
+            verdict_events: true,
+        },
+    })
+}
+
+fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    use crate::lab;
+    match cmd {
+        LabCommand::Up { file, name } => {
+            let st = lab::up(&file, &name)?;
+            print!("{}", lab::table(&st));
+        }
+        LabCommand::Down { name } => lab::down(&name)?,
+        LabCommand::Status { name, output } => {
+            let st = lab::status(&name)?;
+            match output {
+                Output::Json => print_json(&st),
+                Output::Text => {
+                    let state = lab::load_state(&name)?;
+                    print!("{}", lab::table(&state));
+                    let running = st["agent"]["running"].as_bool().unwrap_or(false);
+                    let agent = &st["agent"]["status"];
+                    println!(
+                        "agent: {} (pid {}), policy version {}, generation {}",
+                        if running { "running" } else { "NOT RUNNING (enforcement continues from pinned maps)" },
+                        st["agent"]["pid"],
+                        agent["version"],
+                        agent["generation"]
+                    );
+                    for e in agent["errors"].as_array().into_iter().flatten() {
+                        println!("error: {}", e.as_str().unwrap_or_default());
+                    }
+                }
+            }
+        }
+        LabCommand::Exec { name, pod, cmd } => {
+            let code = lab::exec(&name, &pod, &cmd)?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        LabCommand::Apply { name, files } => {
+            lab::install_policies(&name, &files)?;
+            let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &serde_json::json!({"cmd": "reload"}))?;
+            print_json(&r);
+            if r["policy_errors"].as_array().is_some_and(|e| !e.is_empty()) {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        LabCommand::Events { name, after } => {
+            let r = crate::agent::control(
+                &lab::LabPaths::new(&name).control(),
+                &serde_json::json!({"cmd": "events", "after": after}),
+            )?;
+            for e in r["events"].as_array().into_iter().flatten() {
+                println!("{e}");
+            }
+        }
+        LabCommand::Counters { name } => {
+            let r =
+                crate::agent::control(&lab::LabPaths::new(&name).control(), &serde_json::json!({"cmd": "counters"}))?;
+            print_json(&r["counters"]);
+        }
+        LabCommand::RestartAgent { name } => {
+            let pid = lab::restart_agent(&name)?;
+            println!("agent running (pid {pid})");
+        }
+        LabCommand::Serve { netns, spec, ready } => {
+            crate::agent::enter_netns(&netns)?;
+            let text = std::fs::read_to_string(&spec)?;
+            crate::servers::run(serde_json::from_str(&text)?, ready)?;
+        }
+        LabCommand::RunIn { netns, cmd } => {
+            use std::os::unix::process::CommandExt as _;
+            crate::agent::enter_netns(&netns)?;
+            let (prog, args) = cmd.split_first().ok_or_else(|| anyhow::anyhow!("no command"))?;
+            return Err(std::process::Command::new(prog).args(args).exec().into());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -118,5 +369,16 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Validate { files, output }) => policy_cmd::validate(&files, output),
         Command::Policy(PolicyCommand::Test { files, output }) => policy_cmd::test(&files, output),
         Command::Policy(PolicyCommand::Trace(args)) => policy_cmd::trace(&args),
+        Command::Agent(a) => {
+            init_tracing();
+            report(agent(&a))
+        }
+        Command::Lab(cmd) => {
+            init_tracing();
+            lab(cmd).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            })
+        }
     }
 }

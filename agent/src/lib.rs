@@ -3,6 +3,17 @@
 //! * [`cli`] — argument parsing and dispatch.
 //! * [`policy_cmd`] — `porin policy validate | test | trace`, thin formatting over
 //!   `policy_engine::policy_test` (the evaluation itself lives in the engine).
+//! * [`agent`] — the node agent: inputs → snapshot → kernel maps; control socket.
+//! * [`datapath`] — the eBPF object, pinned maps and links, the generation-flip map writer.
+//! * [`mapstate`] — snapshot → exact map contents (pure, property-tested against the engine).
+//! * [`flow`] — Hubble-shaped flow records.
+//! * [`lab`] / [`servers`] — `porin lab`: namespaces, veths, the agent and pod servers.
 
+pub mod agent;
 pub mod cli;
+pub mod datapath;
+pub mod flow;
+pub mod lab;
+pub mod mapstate;
 pub mod policy_cmd;
+pub mod servers;

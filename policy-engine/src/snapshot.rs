@@ -53,9 +53,23 @@ pub enum Proto {
     Icmp,
     /// ICMPv6 (the port is the type).
     Icmpv6,
+    /// Any other IP protocol (only rules without ports match it).
+    Other(u8),
 }
 
 impl Proto {
+    /// The protocol of an IP protocol number.
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            6 => Self::Tcp,
+            17 => Self::Udp,
+            132 => Self::Sctp,
+            1 => Self::Icmp,
+            58 => Self::Icmpv6,
+            other => Self::Other(other),
+        }
+    }
+
     /// Parses `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` (case-insensitive).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_uppercase().as_str() {
@@ -76,6 +90,7 @@ impl Proto {
             Self::Sctp => 132,
             Self::Icmp => 1,
             Self::Icmpv6 => 58,
+            Self::Other(n) => n,
         }
     }
 }
@@ -88,6 +103,7 @@ impl fmt::Display for Proto {
             Self::Sctp => "SCTP",
             Self::Icmp => "ICMP",
             Self::Icmpv6 => "ICMPv6",
+            Self::Other(n) => return write!(f, "proto-{n}"),
         })
     }
 }

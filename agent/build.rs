@@ -1,0 +1,18 @@
+//! Builds the eBPF programs (`redirect-ebpf`) for the BPF target with aya-build (nightly +
+//! `build-std=core` + bpf-linker); `datapath.rs` embeds the object.
+
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "redirect-ebpf")
+        .ok_or_else(|| anyhow!("redirect-ebpf package not found"))?;
+    let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    aya_build::build_ebpf(
+        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() }],
+        aya_build::Toolchain::default(),
+    )
+}

@@ -1,0 +1,480 @@
+//! `porin agent`: reads endpoints and policies, resolves them, keeps the kernel maps in step, attaches
+//! the datapath to endpoints, and serves a control socket (status, reload, events, counters).
+//!
+//! Inputs (standalone mode): an endpoints file (JSON, written by `porin lab` or the operator) and a
+//! policy directory. A policy file that fails to load keeps its last good version enforcing; its error
+//! is reported in `status` and the log. The agent never detaches on exit: enforcement continues with
+//! the pinned maps and links until `porin lab down` (or `detach`) removes them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use policy_engine::api::{LoadOptions, Loaded, load_file};
+use policy_engine::identity::IdentityAllocator;
+use policy_engine::resolve::{Endpoint, Environment, NamedPort, resolve};
+use policy_engine::snapshot::{Proto, Snapshot};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+use crate::datapath::{ApplyStats, Datapath, Settings, ensure_bpffs};
+use crate::flow::{self, Flow};
+use crate::mapstate::{self, Binding};
+
+/// How many flow records the agent keeps for `events` queries.
+const EVENT_BACKLOG: usize = 8192;
+
+/// One endpoint in the endpoints file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// Endpoint id (policy map key), non-zero, unique on the node.
+    pub id: u32,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Addresses.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Host-side interface (in the agent's network namespace).
+    pub ifname: String,
+    /// Named container ports.
+    #[serde(default)]
+    pub named_ports: Vec<NamedPortSpec>,
+    /// Service account.
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// A named port.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPortSpec {
+    /// Name.
+    pub name: String,
+    /// Number.
+    pub port: u16,
+    /// `TCP` (default), `UDP`, `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// The endpoints file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsFile {
+    /// Cluster name.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Addresses of this node (identity `host`).
+    #[serde(default)]
+    pub node_ips: Vec<IpAddr>,
+    /// Namespace labels.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// bpffs directory for pins.
+    pub bpffs: PathBuf,
+    /// Policy directory (`*.yaml`, `*.yml`).
+    pub policies: PathBuf,
+    /// Endpoints file.
+    pub endpoints: PathBuf,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Datapath settings.
+    pub settings: Settings,
+}
+
+/// A policy file's state.
+#[derive(Clone, Debug, Serialize)]
+struct FileState {
+    file: String,
+    ok: bool,
+    errors: Vec<String>,
+    #[serde(skip)]
+    last_good: Option<Loaded>,
+}
+
+struct State {
+    cfg: AgentConfig,
+    datapath: Datapath,
+    allocator: IdentityAllocator,
+    snapshot: Option<Arc<Snapshot>>,
+    version: u64,
+    files: BTreeMap<PathBuf, FileState>,
+    endpoints: EndpointsFile,
+    bindings: Vec<Binding>,
+    attach_errors: Vec<String>,
+    last_apply: Option<ApplyStats>,
+    flows: VecDeque<Flow>,
+    seq: u64,
+}
+
+fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn environment(eps: &EndpointsFile) -> Environment {
+    let mut env = Environment::default();
+    if let Some(c) = &eps.cluster {
+        env.cluster = c.clone();
+    }
+    env.namespace_labels = eps.namespaces.clone();
+    env.endpoints = eps
+        .endpoints
+        .iter()
+        .map(|e| Endpoint {
+            name: e.name.clone(),
+            namespace: e.namespace.clone(),
+            labels: e.labels.clone(),
+            ips: e.ips.clone(),
+            named_ports: e
+                .named_ports
+                .iter()
+                .map(|n| NamedPort {
+                    name: n.name.to_ascii_lowercase(),
+                    port: n.port,
+                    protocol: n.protocol.as_deref().and_then(Proto::parse).unwrap_or(Proto::Tcp),
+                })
+                .collect(),
+            service_account: e.service_account.clone(),
+        })
+        .collect();
+    env
+}
+
+impl State {
+    /// Re-reads inputs, resolves, attaches new endpoints and writes the maps.
+    fn reload(&mut self) -> anyhow::Result<ApplyStats> {
+        let text = std::fs::read_to_string(&self.cfg.endpoints)
+            .with_context(|| format!("read endpoints file {}", self.cfg.endpoints.display()))?;
+        let eps: EndpointsFile =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", self.cfg.endpoints.display()))?;
+        let mut seen = Vec::new();
+        for path in policy_files(&self.cfg.policies)? {
+            let loaded = load_file(&path, &LoadOptions::default());
+            let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+            let entry = self.files.entry(path.clone()).or_insert_with(|| FileState {
+                file: path.display().to_string(),
+                ok: true,
+                errors: vec![],
+                last_good: None,
+            });
+            if errors.is_empty() {
+                entry.ok = true;
+                entry.errors.clear();
+                entry.last_good = Some(loaded);
+            } else {
+                for e in &errors {
+                    tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
+                }
+                entry.ok = false;
+                entry.errors = errors;
+            }
+            seen.push(path);
+        }
+        self.files.retain(|p, _| seen.contains(p));
+        let mut all = Loaded::default();
+        for f in self.files.values() {
+            if let Some(l) = &f.last_good {
+                all.extend(l.clone());
+            }
+        }
+        let env = environment(&eps);
+        self.version += 1;
+        let snap = resolve(&all.policies, &all.cidr_groups, &env, &mut self.allocator, self.version);
+        for e in &snap.errors {
+            tracing::warn!(error = %e, "Policy resolution problem (the affected rules allow nothing)");
+        }
+        // Bind and attach endpoints (interfaces in this network namespace).
+        let mut bindings = Vec::new();
+        self.attach_errors.clear();
+        for e in &eps.endpoints {
+            match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
+                Ok(ifindex) => bindings.push(Binding {
+                    endpoint: e.id,
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    ifindex,
+                }),
+                Err(err) => {
+                    self.attach_errors.push(format!("{}/{}: interface {}: {err}", e.namespace, e.name, e.ifname))
+                }
+            }
+        }
+        let want = mapstate::desired(&snap, &bindings, &eps.node_ips);
+        // Maps first, then programs: a freshly attached interface must find its policy.
+        let stats = self.datapath.apply(&want)?;
+        for e in &eps.endpoints {
+            if bindings.iter().any(|b| b.endpoint == e.id) {
+                if let Err(err) = self.datapath.attach(&e.ifname) {
+                    self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
+                }
+            }
+        }
+        for err in &self.attach_errors {
+            tracing::error!(error = %err, "Endpoint not enforced");
+        }
+        tracing::info!(
+            version = self.version,
+            generation = stats.generation,
+            policy_entries = stats.policy_entries,
+            written = stats.written,
+            removed = stats.removed,
+            micros = stats.micros as u64,
+            "Policy applied"
+        );
+        self.snapshot = Some(Arc::new(snap));
+        self.endpoints = eps;
+        self.bindings = bindings;
+        self.last_apply = Some(stats.clone());
+        Ok(stats)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let snap = self.snapshot.as_deref();
+        let attached = self.datapath.attached();
+        let endpoints: Vec<serde_json::Value> = self
+            .endpoints
+            .endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id,
+                    "name": e.name,
+                    "namespace": e.namespace,
+                    "ifname": e.ifname,
+                    "ips": e.ips,
+                    "identity": snap.and_then(|s| s.endpoint(&e.namespace, &e.name)).map(|p| p.identity),
+                    "attached": attached.contains(&e.ifname),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "version": self.version,
+            "generation": self.datapath.generation().ok(),
+            "endpoints": endpoints,
+            "policy_files": self.files.values().collect::<Vec<_>>(),
+            "errors": snap.map(|s| s.errors.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default()
+                .into_iter().chain(self.attach_errors.iter().cloned()).collect::<Vec<_>>(),
+            "warnings": snap.map(|s| s.warnings.clone()).unwrap_or_default(),
+            "last_apply": self.last_apply,
+        })
+    }
+
+    fn counters(&self) -> anyhow::Result<serde_json::Value> {
+        use redirect_common::counter as c;
+        let v = self.datapath.counters()?;
+        let get = |i: u32| v.get(i as usize).copied().unwrap_or(0);
+        Ok(serde_json::json!({
+            "forwarded": get(c::FORWARDED),
+            "dropped": get(c::DROPPED),
+            "ct_new": get(c::CT_NEW),
+            "ct_established": get(c::CT_ESTABLISHED),
+            "ct_reply": get(c::CT_REPLY),
+            "drop_policy_deny": get(c::DROP_POLICY_DENY),
+            "drop_policy_denied": get(c::DROP_POLICY_DENIED),
+            "drop_invalid_source": get(c::DROP_INVALID_SOURCE),
+            "drop_proxy_unavailable": get(c::DROP_PROXY_UNAVAILABLE),
+            "drop_other": get(c::DROP_OTHER),
+            "events_lost": get(c::EVENTS_LOST),
+            "redirected": get(c::REDIRECTED),
+        }))
+    }
+}
+
+/// A control request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+enum Request {
+    Status,
+    Reload,
+    Counters,
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    Detach {
+        ifname: String,
+    },
+}
+
+async fn handle(state: &Mutex<State>, line: &str) -> serde_json::Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let mut st = state.lock().await;
+    let result: anyhow::Result<serde_json::Value> = match req {
+        Request::Status => Ok(st.status()),
+        Request::Reload => st.reload().map(|stats| {
+            let errors: Vec<String> = st.files.values().flat_map(|f| f.errors.clone()).collect();
+            serde_json::json!({"ok": true, "version": st.version, "stats": stats, "policy_errors": errors})
+        }),
+        Request::Counters => st.counters().map(|c| serde_json::json!({"ok": true, "counters": c})),
+        Request::Events { after, limit } => {
+            let limit = limit.unwrap_or(EVENT_BACKLOG);
+            let events: Vec<&Flow> = st.flows.iter().filter(|f| f.seq > after).take(limit).collect();
+            Ok(serde_json::json!({"ok": true, "last": st.seq, "events": events}))
+        }
+        Request::Detach { ifname } => st.datapath.detach(&ifname).map(|()| serde_json::json!({"ok": true})),
+    };
+    result.unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("{e:#}")}))
+}
+
+async fn serve_client(state: Arc<Mutex<State>>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let resp = handle(&state, &line).await;
+        let mut out = resp.to_string();
+        out.push('\n');
+        if w.write_all(out.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Moves datapath events into the flow backlog.
+async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
+    // The AsyncFd owns the ring buffer, which owns the fd: it stays open for as long as it is
+    // registered, which is what `register`'s safety contract asks for.
+    #[expect(deprecated, reason = "`register` is the same call marked unsafe; the fd is owned by the wrapped value")]
+    let mut fd = tokio::io::unix::AsyncFd::new(ring).context("poll the event ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(e) = redirect_common::Event::from_bytes(&item) {
+                batch.push(e);
+            }
+        }
+        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
+        let mut st = state.lock().await;
+        let snap = st.snapshot.clone();
+        for e in batch {
+            st.seq += 1;
+            let f = flow::from_event(st.seq, &e, snap.as_deref());
+            if f.verdict == "DROPPED" {
+                tracing::info!(
+                    src = %f.ip.source, dst = %f.ip.destination, reason = f.drop_reason_desc,
+                    direction = f.traffic_direction, policy = f.policy.as_deref().unwrap_or("-"), "Packet dropped"
+                );
+            }
+            st.flows.push_back(f);
+            if st.flows.len() > EVENT_BACKLOG {
+                st.flows.pop_front();
+            }
+        }
+    }
+}
+
+/// Enters a named network namespace (`/run/netns/NAME`). Call before any thread exists.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {name}"))
+}
+
+/// Runs the agent until SIGTERM / SIGINT.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    ensure_bpffs(&cfg.bpffs)?;
+    let mut datapath = Datapath::open(&cfg.bpffs)?;
+    datapath.configure(&cfg.settings)?;
+    let ring = datapath.take_events()?;
+    let mut state = State {
+        cfg: cfg.clone(),
+        datapath,
+        allocator: IdentityAllocator::new(),
+        snapshot: None,
+        version: 0,
+        files: BTreeMap::new(),
+        endpoints: EndpointsFile::default(),
+        bindings: vec![],
+        attach_errors: vec![],
+        last_apply: None,
+        flows: VecDeque::new(),
+        seq: 0,
+    };
+    state.reload().context("initial policy load")?;
+    let state = Arc::new(Mutex::new(state));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let _ = std::fs::remove_file(&cfg.control);
+        let listener = UnixListener::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
+        tracing::info!(control = %cfg.control.display(), "Agent ready");
+        let events = tokio::spawn(read_events(state.clone(), ring));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                conn = listener.accept() => {
+                    let (stream, _) = conn?;
+                    tokio::spawn(serve_client(state.clone(), stream));
+                }
+                _ = hup.recv() => {
+                    if let Err(e) = state.lock().await.reload() {
+                        tracing::error!(error = %format!("{e:#}"), "Reload failed: the last good policy keeps enforcing");
+                    }
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        events.abort();
+        let _ = std::fs::remove_file(&cfg.control);
+        tracing::info!("Agent stopping; the datapath keeps enforcing");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Sends one control request and returns the response.
+pub fn control(socket: &Path, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s =
+        std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = request.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    std::io::BufReader::new(&s).read_line(&mut resp)?;
+    let v: serde_json::Value = serde_json::from_str(&resp).map_err(|e| anyhow!("bad response {resp:?}: {e}"))?;
+    if v.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
+        return Err(anyhow!("{}", v.get("error").and_then(serde_json::Value::as_str).unwrap_or("request failed")));
+    }
+    Ok(v)
+}

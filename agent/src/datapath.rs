@@ -1,0 +1,350 @@
+//! The eBPF datapath from userspace: the embedded object, loading it with maps pinned under bpffs,
+//! attaching its tc programs through pinned TCX links, and writing map contents.
+//!
+//! Persistence: maps and links are pinned, so enforcement continues while the agent is down; a
+//! restarted agent reopens the same maps and swaps its freshly loaded programs into the pinned links
+//! atomically (`BPF_LINK_UPDATE`), never leaving an interface without a program.
+//!
+//! Updates: [`Datapath::apply`] writes a snapshot's [`Desired`] contents into the *inactive*
+//! generation as a diff against what that generation holds, then flips the generation word; new flows
+//! see either the old policy or the new one. Established flows pass through conntrack throughout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use redirect_common::{IfaceValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, config, counter, names, programs};
+
+use crate::mapstate::{Desired, IpcacheSlot, PolicySlot};
+
+/// The eBPF object built by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Conntrack and event settings written into the config map.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Established TCP idle timeout.
+    pub ct_tcp: Duration,
+    /// TCP timeout before the reply and while closing.
+    pub ct_tcp_close: Duration,
+    /// UDP and other protocols.
+    pub ct_udp: Duration,
+    /// ICMP echo.
+    pub ct_icmp: Duration,
+    /// Emit an event for every new allowed flow.
+    pub verdict_events: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            ct_tcp: Duration::from_secs(21_600),
+            ct_tcp_close: Duration::from_secs(10),
+            ct_udp: Duration::from_secs(60),
+            ct_icmp: Duration::from_secs(30),
+            verdict_events: true,
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ApplyStats {
+    /// Generation now active.
+    pub generation: u32,
+    /// Entries written (inserted or changed).
+    pub written: usize,
+    /// Entries removed.
+    pub removed: usize,
+    /// Policy entries in the active generation.
+    pub policy_entries: usize,
+    /// ipcache entries in the active generation.
+    pub ipcache_entries: usize,
+    /// Time taken.
+    pub micros: u128,
+}
+
+/// A loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ifaces: HashMap<MapData, u32, IfaceValue>,
+    config: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+/// Whether `dir` is a bpffs mount.
+pub fn is_bpffs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+/// Mounts bpffs on `dir` unless it already is one.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mount bpffs on {}", dir.display()))?;
+    Ok(())
+}
+
+impl Datapath {
+    /// Loads the programs; maps are created under `bpffs/maps` or reopened when already pinned there.
+    pub fn open(bpffs: &Path) -> anyhow::Result<Self> {
+        if !is_bpffs(bpffs) {
+            bail!("{} is not a bpffs mount (mount -t bpf bpf {})", bpffs.display(), bpffs.display());
+        }
+        let maps_dir = bpffs.join("maps");
+        let links_dir = bpffs.join("links");
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(EBPF_OBJECT)
+            .context("load the eBPF object (needs root / CAP_BPF)")?;
+        for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name}"))?;
+            prog.load().with_context(|| format!("verify program {name}"))?;
+        }
+        let ipcache = take(&mut ebpf, names::IPCACHE)?;
+        let policy = take(&mut ebpf, names::POLICY)?;
+        let ifaces = take(&mut ebpf, names::IFACES)?;
+        let config = take(&mut ebpf, names::CONFIG)?;
+        let counters = take(&mut ebpf, names::COUNTERS)?;
+        Ok(Self { ebpf, links_dir, ipcache, policy, ifaces, config, counters })
+    }
+
+    /// The event ring buffer (call once).
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        take(&mut self.ebpf, names::EVENTS)
+    }
+
+    fn link_pin(&self, ifname: &str, suffix: &str) -> PathBuf {
+        // bpffs reserves names with dots.
+        self.links_dir.join(format!("{ifname}_{suffix}"))
+    }
+
+    /// Attaches both programs to an endpoint's host-side interface. When links are already pinned for
+    /// it (a previous agent), the new programs replace the old ones atomically.
+    pub fn attach(&mut self, ifname: &str) -> anyhow::Result<()> {
+        for (prog_name, attach, suffix) in [
+            (programs::FROM_ENDPOINT, TcAttachType::Ingress, "in"),
+            (programs::TO_ENDPOINT, TcAttachType::Egress, "out"),
+        ] {
+            let pin = self.link_pin(ifname, suffix);
+            let prog: &mut SchedClassifier =
+                self.ebpf.program_mut(prog_name).ok_or_else(|| anyhow!("program {prog_name}"))?.try_into()?;
+            match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link: SchedClassifierLink = FdLink::from(old).try_into().context("pinned link is not TCX")?;
+                    match prog.attach_to_link(link) {
+                        // Still pinned; the program now runs on it.
+                        Ok(_) => continue,
+                        Err(e) => {
+                            // The interface behind the pin is gone (re-created): start over.
+                            tracing::debug!(%ifname, error = %e, "Stale link pin replaced");
+                            let _ = std::fs::remove_file(&pin);
+                        }
+                    }
+                }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+            }
+            let id = prog
+                .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attach {prog_name} to {ifname}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into().context("TCX link")?;
+            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches from an interface (removes the pinned links).
+    pub fn detach(&mut self, ifname: &str) -> anyhow::Result<()> {
+        for suffix in ["in", "out"] {
+            let pin = self.link_pin(ifname, suffix);
+            match PinnedLink::from_pin(&pin) {
+                Ok(link) => drop(link.unpin().with_context(|| format!("unpin {}", pin.display()))?),
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("open {}", pin.display())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Interfaces with pinned links.
+    pub fn attached(&self) -> Vec<String> {
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(ifname) = name.strip_suffix("_in").or_else(|| name.strip_suffix("_out")) {
+                    out.insert(ifname.to_owned());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Writes conntrack and event settings.
+    pub fn configure(&mut self, s: &Settings) -> anyhow::Result<()> {
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        for (idx, v) in [
+            (config::CT_TCP_SECS, secs(s.ct_tcp)),
+            (config::CT_TCP_CLOSE_SECS, secs(s.ct_tcp_close)),
+            (config::CT_UDP_SECS, secs(s.ct_udp)),
+            (config::CT_ICMP_SECS, secs(s.ct_icmp)),
+            (config::VERDICT_EVENTS, u32::from(s.verdict_events)),
+        ] {
+            self.config.set(idx, v, 0).with_context(|| format!("config[{idx}]"))?;
+        }
+        Ok(())
+    }
+
+    /// The active generation.
+    pub fn generation(&self) -> anyhow::Result<u32> {
+        Ok(self.config.get(&config::GENERATION, 0)?)
+    }
+
+    /// Applies desired contents: a diff into the inactive generation, then one flip.
+    pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyStats> {
+        let start = Instant::now();
+        let active = self.generation()?;
+        let target = if active == 0 { 1u8 } else { 0u8 };
+        let mut stats = ApplyStats::default();
+
+        // What the target generation holds now.
+        let mut have_policy: BTreeMap<PolicySlot, PolicyValue> = BTreeMap::new();
+        for item in self.policy.iter() {
+            let (k, v) = item.context("read policy map")?;
+            let d = k.data();
+            if d.generation == target {
+                let slot = PolicySlot {
+                    prefix_len: k.prefix_len(),
+                    direction: d.direction,
+                    endpoint: d.endpoint,
+                    identity: d.identity,
+                    proto: d.proto,
+                    port: u16::from_be_bytes(d.dport),
+                };
+                have_policy.insert(slot, v);
+            }
+        }
+        let mut have_ipcache: BTreeMap<(u32, u8, [u8; 16]), IpcacheValue> = BTreeMap::new();
+        for item in self.ipcache.iter() {
+            let (k, v) = item.context("read ipcache map")?;
+            let d = k.data();
+            if d.generation == target {
+                have_ipcache.insert((k.prefix_len(), d.family, d.addr), v);
+            }
+        }
+
+        // Upserts (interfaces first: they are not generational and only ever added here).
+        for (ifindex, v) in &want.ifaces {
+            if self.ifaces.get(ifindex, 0).ok().as_ref() != Some(v) {
+                self.ifaces.insert(ifindex, v, 0).context("write interface map")?;
+                stats.written += 1;
+            }
+        }
+        let want_ipcache: BTreeMap<(u32, u8, [u8; 16]), IpcacheValue> = want
+            .ipcache
+            .iter()
+            .map(|(slot, v): (&IpcacheSlot, &IpcacheValue)| {
+                let (fam, addr) = slot.family_addr();
+                ((slot.prefix_len(), fam, addr), *v)
+            })
+            .collect();
+        for (k, v) in &want_ipcache {
+            if have_ipcache.get(k) != Some(v) {
+                let key = Key::new(k.0, IpcacheKey { generation: target, family: k.1, _pad: [0; 2], addr: k.2 });
+                self.ipcache.insert(&key, v, 0).context("write ipcache")?;
+                stats.written += 1;
+            }
+        }
+        for (slot, v) in &want.policy {
+            if have_policy.get(slot) != Some(v) {
+                self.policy.insert(&policy_key(slot, target), v, 0).context("write policy")?;
+                stats.written += 1;
+            }
+        }
+        // Stale entries of the target generation (shortest prefixes first: no transient exposure even
+        // within the inactive generation).
+        let mut stale: Vec<&PolicySlot> = have_policy.keys().filter(|s| !want.policy.contains_key(s)).collect();
+        stale.sort_by_key(|s| s.prefix_len);
+        for slot in stale {
+            self.policy.remove(&policy_key(slot, target)).context("remove policy entry")?;
+            stats.removed += 1;
+        }
+        for k in have_ipcache.keys().filter(|k| !want_ipcache.contains_key(k)) {
+            let key = Key::new(k.0, IpcacheKey { generation: target, family: k.1, _pad: [0; 2], addr: k.2 });
+            self.ipcache.remove(&key).context("remove ipcache entry")?;
+            stats.removed += 1;
+        }
+
+        // The flip: one 4-byte write.
+        self.config.set(config::GENERATION, u32::from(target), 0).context("flip generation")?;
+
+        // Interfaces no endpoint owns any more: after the flip (their entries are already inactive).
+        let stale_ifaces: Vec<u32> =
+            self.ifaces.keys().filter_map(Result::ok).filter(|i| !want.ifaces.contains_key(i)).collect();
+        for i in stale_ifaces {
+            self.ifaces.remove(&i).context("remove interface")?;
+            stats.removed += 1;
+        }
+        stats.generation = u32::from(target);
+        stats.policy_entries = want.policy.len();
+        stats.ipcache_entries = want_ipcache.len();
+        stats.micros = start.elapsed().as_micros();
+        Ok(stats)
+    }
+
+    /// Counters summed over CPUs, indexed by `redirect_common::counter`.
+    pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
+        (0..counter::LEN)
+            .map(|i| Ok(self.counters.get(&i, 0).with_context(|| format!("counter {i}"))?.iter().sum()))
+            .collect()
+    }
+}
+
+fn policy_key(s: &PolicySlot, generation: u8) -> Key<PolicyKey> {
+    Key::new(
+        s.prefix_len,
+        PolicyKey {
+            generation,
+            direction: s.direction,
+            _pad: [0; 2],
+            endpoint: s.endpoint,
+            identity: s.identity,
+            proto: s.proto,
+            dport: s.port.to_be_bytes(),
+            _pad2: 0,
+        },
+    )
+}

@@ -1,0 +1,295 @@
+//! What the kernel maps must hold for a snapshot (pure computation; `datapath` writes it).
+//!
+//! The kernel looks a flow up in the policy LPM trie twice — identity-specific key, then identity 0 —
+//! and takes the longest prefix over `(protocol, destination port)`. For that lookup to return exactly
+//! what `DirectionPolicy::l4_verdict` decides, each *identity class* gets a complete profile:
+//!
+//! * the **wildcard class** (identity 0: every identity no entry names) gets, for each of TCP, UDP,
+//!   SCTP, ICMP and ICMPv6, entries covering all 65,536 ports, plus one any-protocol entry for other
+//!   protocols;
+//! * an identity named by some entry gets its own complete profile only when its verdicts differ
+//!   from the wildcard class's somewhere (then its lookup always hits its own entries).
+//!
+//! Verdicts are computed by calling `l4_verdict` on one representative port per elementary port
+//! segment (ports between consecutive entry boundaries behave alike), adjacent equal segments are
+//! merged, and each segment is split into LPM prefix blocks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use policy_engine::identity::IdentityId;
+use policy_engine::model::L7Parser;
+use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
+use redirect_common::{
+    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, verdict,
+};
+
+/// The protocols that have ports (or ICMP types) in policy keys.
+pub const PORT_PROTOS: [Proto; 5] = [Proto::Tcp, Proto::Udp, Proto::Sctp, Proto::Icmp, Proto::Icmpv6];
+/// A protocol no rule can name: stands for every protocol without ports.
+const OTHER_PROTO: Proto = Proto::Other(255);
+/// An identity no entry names: stands for the wildcard class.
+const NOBODY: IdentityId = u32::MAX;
+
+/// Proxy listener id of each L7 parser (index into the proxy SOCKMAP).
+pub fn listener_of(parser: L7Parser) -> u8 {
+    match parser {
+        L7Parser::Http => 1,
+        L7Parser::Kafka => 2,
+        L7Parser::Dns => 3,
+    }
+}
+
+/// A policy key without its generation: `(prefix length, direction, endpoint, identity, proto, port)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicySlot {
+    /// LPM prefix length (see `redirect_common::PolicyKey`).
+    pub prefix_len: u32,
+    /// `direction::INGRESS` / `EGRESS`.
+    pub direction: u8,
+    /// Endpoint id.
+    pub endpoint: u32,
+    /// Peer identity, 0 = any.
+    pub identity: u32,
+    /// IP protocol, 0 = any.
+    pub proto: u8,
+    /// First port of the prefix block.
+    pub port: u16,
+}
+
+/// An ipcache key without its generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheSlot {
+    /// The prefix.
+    pub prefix: IpNet,
+}
+
+impl IpcacheSlot {
+    /// LPM prefix length of this slot.
+    pub fn prefix_len(&self) -> u32 {
+        IPCACHE_PREFIX_BITS + u32::from(self.prefix.prefix_len())
+    }
+
+    /// `family` and the 16-byte address field.
+    pub fn family_addr(&self) -> (u8, [u8; 16]) {
+        let mut addr = [0u8; 16];
+        match self.prefix.network() {
+            IpAddr::V4(a) => {
+                addr[..4].copy_from_slice(&a.octets());
+                (family::V4, addr)
+            }
+            IpAddr::V6(a) => (family::V6, a.octets()),
+        }
+    }
+}
+
+/// An endpoint of this node: its policy id and host-side interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Endpoint id (policy map key), non-zero.
+    pub endpoint: u32,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Host-side interface index.
+    pub ifindex: u32,
+}
+
+/// The complete contents of the generation-carrying maps, and the interface map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// ipcache.
+    pub ipcache: BTreeMap<IpcacheSlot, IpcacheValue>,
+    /// policy.
+    pub policy: BTreeMap<PolicySlot, PolicyValue>,
+    /// ifindex → endpoint.
+    pub ifaces: BTreeMap<u32, IfaceValue>,
+}
+
+fn rule_id(o: Option<&policy_engine::snapshot::OriginId>) -> u32 {
+    o.map_or(0, |o| o.0 + 1)
+}
+
+/// The map value a verdict becomes.
+pub fn value_of(v: &L4Verdict) -> PolicyValue {
+    let (verdict, listener, rule) = match v {
+        L4Verdict::Allow { by } => (verdict::ALLOW, 0, rule_id(by.first())),
+        L4Verdict::Redirect(l7) => {
+            let first = l7.sets.first().and_then(|(_, o)| o.first());
+            (verdict::REDIRECT, listener_of(l7.parser), rule_id(first))
+        }
+        L4Verdict::Drop(DropReason::Denied { by }) => (verdict::DROP_DENY, 0, rule_id(by.first())),
+        L4Verdict::Drop(DropReason::NoAllow { enforced_by }) => {
+            (verdict::DROP_NO_ALLOW, 0, rule_id(enforced_by.first()))
+        }
+        L4Verdict::Drop(DropReason::ConflictingParsers { by }) => (verdict::DROP_NO_ALLOW, 0, rule_id(by.first())),
+    };
+    PolicyValue { verdict, listener, _pad: [0; 2], rule }
+}
+
+/// Splits `[start, end]` into LPM prefix blocks `(first port, prefix bits of the port)`.
+pub fn port_blocks(start: u16, end: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let mut a = u32::from(start);
+    let b = u32::from(end);
+    while a <= b {
+        let mut size = 1u32;
+        while size < 65536 && a % (size * 2) == 0 && a + size * 2 - 1 <= b {
+            size *= 2;
+        }
+        out.push((u16::try_from(a).unwrap_or(u16::MAX), 16 - size.trailing_zeros()));
+        a += size;
+    }
+    out
+}
+
+/// One identity class's verdicts: per protocol, merged segments `(start, end, value)`, plus the
+/// value for protocols without ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Profile {
+    per_proto: Vec<Vec<(u16, u16, PolicyValue)>>,
+    other: PolicyValue,
+}
+
+fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile {
+    let per_proto = PORT_PROTOS
+        .iter()
+        .zip(bounds)
+        .map(|(p, starts)| {
+            let mut segs: Vec<(u16, u16, PolicyValue)> = Vec::new();
+            for (i, s) in starts.iter().enumerate() {
+                let end = starts.get(i + 1).map_or(u16::MAX, |n| n - 1);
+                let v = value_of(&dp.l4_verdict(id, *p, *s));
+                match segs.last_mut() {
+                    Some(last) if last.2 == v => last.1 = end,
+                    _ => segs.push((*s, end, v)),
+                }
+            }
+            segs
+        })
+        .collect();
+    Profile { per_proto, other: value_of(&dp.l4_verdict(id, OTHER_PROTO, 0)) }
+}
+
+/// Segment starts per protocol: 0 and every entry boundary.
+fn boundaries(dp: &DirectionPolicy) -> Vec<Vec<u16>> {
+    PORT_PROTOS
+        .iter()
+        .map(|p| {
+            let mut b: BTreeSet<u16> = BTreeSet::from([0]);
+            for e in &dp.entries {
+                if e.proto == ProtoMatch::Only(*p) {
+                    b.insert(e.port_start);
+                    if let Some(next) = e.port_end.checked_add(1) {
+                        b.insert(next);
+                    }
+                }
+            }
+            b.into_iter().collect()
+        })
+        .collect()
+}
+
+fn write_profile(out: &mut BTreeMap<PolicySlot, PolicyValue>, dir: u8, endpoint: u32, identity: u32, prof: &Profile) {
+    let slot = |prefix_len, proto, port| PolicySlot { prefix_len, direction: dir, endpoint, identity, proto, port };
+    out.insert(slot(POLICY_EXACT_BITS, 0, 0), prof.other);
+    for (p, segs) in PORT_PROTOS.iter().zip(&prof.per_proto) {
+        for (start, end, v) in segs {
+            for (port, bits) in port_blocks(*start, *end) {
+                out.insert(slot(POLICY_EXACT_BITS + 8 + bits, p.number(), port), *v);
+            }
+        }
+    }
+}
+
+/// Policy entries of one endpoint direction.
+pub fn direction_entries(dp: &DirectionPolicy, dir: u8, endpoint: u32, out: &mut BTreeMap<PolicySlot, PolicyValue>) {
+    let bounds = boundaries(dp);
+    let wildcard = profile(dp, NOBODY, &bounds);
+    write_profile(out, dir, endpoint, 0, &wildcard);
+    let named: BTreeSet<IdentityId> = dp
+        .entries
+        .iter()
+        .filter_map(|e| match &e.peers {
+            PeerSet::All => None,
+            PeerSet::Ids(ids) => Some(ids.iter().copied()),
+        })
+        .flatten()
+        .collect();
+    for id in named {
+        let p = profile(dp, id, &bounds);
+        if p != wildcard {
+            write_profile(out, dir, endpoint, id, &p);
+        }
+    }
+}
+
+/// Everything the maps must hold for a snapshot on this node.
+pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -> Desired {
+    let mut d = Desired::default();
+    let mut local: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for b in bindings {
+        if let Some(ep) = snapshot.endpoint(&b.namespace, &b.name) {
+            local.extend(ep.ips.iter().map(|ip| (*ip, b.endpoint)));
+            direction_entries(&ep.ingress, direction::INGRESS, b.endpoint, &mut d.policy);
+            direction_entries(&ep.egress, direction::EGRESS, b.endpoint, &mut d.policy);
+            d.ifaces.insert(b.ifindex, IfaceValue { endpoint: b.endpoint, flags: 0 });
+        }
+    }
+    for (prefix, id) in snapshot.ipcache().entries() {
+        let endpoint = match prefix {
+            p if p.prefix_len() == p.max_prefix_len() => local.get(&p.addr()).copied().unwrap_or(0),
+            _ => 0,
+        };
+        d.ipcache.insert(IpcacheSlot { prefix: *prefix }, IpcacheValue { identity: *id, endpoint });
+    }
+    for ip in node_ips {
+        d.ipcache.insert(
+            IpcacheSlot { prefix: IpNet::from(*ip) },
+            IpcacheValue { identity: policy_engine::identity::reserved::HOST, endpoint: 0 },
+        );
+    }
+    d
+}
+
+/// The kernel's policy lookup, in userspace (for tests and `porin` diagnostics): the longest prefix
+/// among identity-specific keys, else among identity-0 keys; no entry drops.
+pub fn lookup(
+    policy: &BTreeMap<PolicySlot, PolicyValue>,
+    dir: u8,
+    endpoint: u32,
+    identity: u32,
+    proto: u8,
+    port: u16,
+) -> PolicyValue {
+    let key_bits = |s: &PolicySlot| -> Option<u32> {
+        if s.direction != dir || s.endpoint != endpoint {
+            return None;
+        }
+        if s.prefix_len == POLICY_EXACT_BITS {
+            return Some(s.prefix_len);
+        }
+        if s.proto != proto {
+            return None;
+        }
+        let port_bits = s.prefix_len - POLICY_EXACT_BITS - 8;
+        let mask = if port_bits == 0 { 0 } else { u16::MAX << (16 - port_bits) };
+        (port & mask == s.port).then_some(s.prefix_len)
+    };
+    for id in [identity, 0] {
+        let best = policy
+            .iter()
+            .filter(|(s, _)| s.identity == id)
+            .filter_map(|(s, v)| key_bits(s).map(|b| (b, *v)))
+            .max_by_key(|(b, _)| *b);
+        if let Some((_, v)) = best {
+            return v;
+        }
+    }
+    PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+use super::*;
+use std::sync::Arc;
+
+use policy_engine::http::HttpRuleSet;
+use policy_engine::snapshot::{EntryAction, L7Set, OriginId, PolicyEntry};
+use proptest::prelude::*;
+
+#[test]
+fn port_blocks_cover_exactly() {
+    assert_eq!(port_blocks(80, 80), vec![(80, 16)]);
+    assert_eq!(port_blocks(0, u16::MAX), vec![(0, 0)]);
+    assert_eq!(port_blocks(8000, 8003), vec![(8000, 14)]);
+    assert_eq!(port_blocks(9000, 9100).iter().map(|(_, b)| 1u32 << (16 - b)).sum::<u32>(), 101);
+    for (a, b) in [(1u16, 7u16), (3, 1000), (65530, 65535), (0, 0)] {
+        let mut covered = vec![];
+        for (start, bits) in port_blocks(a, b) {
+            let size = 1u32 << (16 - bits);
+            assert_eq!(u32::from(start) % size, 0, "aligned");
+            covered.extend(u32::from(start)..u32::from(start) + size);
+        }
+        assert_eq!(covered, (u32::from(a)..=u32::from(b)).collect::<Vec<_>>());
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Act {
+    Deny,
+    Allow,
+    Redirect,
+}
+
+fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
+    (
+        proptest::option::of(proptest::collection::vec(1u32..6, 1..3)),
+        proptest::option::of(prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Icmp)]),
+        0u16..20,
+        prop_oneof![Just(0u16), Just(1), Just(3), Just(30), Just(u16::MAX)],
+        prop_oneof![Just(Act::Deny), Just(Act::Allow), Just(Act::Redirect)],
+        0u32..4,
+    )
+        .prop_map(|(peers, proto, start, len, act, origin)| {
+            let peers = match peers {
+                None => PeerSet::All,
+                Some(mut v) => {
+                    v.sort_unstable();
+                    v.dedup();
+                    PeerSet::Ids(v.into())
+                }
+            };
+            let action = match act {
+                Act::Deny => EntryAction::Deny,
+                Act::Allow => EntryAction::Allow,
+                Act::Redirect => EntryAction::Redirect {
+                    rules: L7Set::Http(Arc::new(HttpRuleSet::compile(vec![]).unwrap())),
+                    rule_origins: Arc::from([OriginId(origin)]),
+                },
+            };
+            PolicyEntry {
+                peers,
+                proto: proto.map_or(ProtoMatch::Any, ProtoMatch::Only),
+                port_start: start,
+                port_end: start.saturating_add(len),
+                action,
+                origins: vec![OriginId(origin)],
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    // The entries written for a direction make the kernel's two-step LPM lookup return exactly the
+    // engine's verdict, for every identity, protocol and port.
+    #[test]
+    fn kernel_lookup_equals_engine(
+        entries in proptest::collection::vec(arb_entry(), 0..7),
+        enforced: bool,
+        flows in proptest::collection::vec((0u32..8, prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Sctp), Just(Proto::Icmp), Just(Proto::Icmpv6), Just(Proto::Other(47))], prop_oneof![0u16..40, Just(65535u16), 65000u16..65535]), 40),
+    ) {
+        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], ..Default::default() };
+        let mut map = BTreeMap::new();
+        direction_entries(&dp, direction::INGRESS, 7, &mut map);
+        for (id, proto, port) in flows {
+            let want = value_of(&dp.l4_verdict(id, proto, if matches!(proto, Proto::Other(_)) { 0 } else { port }));
+            let got = lookup(&map, direction::INGRESS, 7, id, proto.number(), port);
+            prop_assert_eq!(got, want, "identity {} {} port {}", id, proto, port);
+        }
+    }
+}
+
+#[test]
+fn identities_like_the_wildcard_get_no_entries() {
+    let entry = |peers: PeerSet, port: u16, action: EntryAction| PolicyEntry {
+        peers,
+        proto: ProtoMatch::Only(Proto::Tcp),
+        port_start: port,
+        port_end: port,
+        action,
+        origins: vec![OriginId(0)],
+    };
+    // 1 and 2 allowed on 80, everyone on 443: identity 3 never appears; 1 and 2 have one profile each.
+    let dp = DirectionPolicy {
+        enforced: true,
+        entries: vec![
+            entry(PeerSet::Ids(Arc::from([1, 2])), 80, EntryAction::Allow),
+            entry(PeerSet::All, 443, EntryAction::Allow),
+        ],
+        ..Default::default()
+    };
+    let mut map = BTreeMap::new();
+    direction_entries(&dp, direction::INGRESS, 1, &mut map);
+    let ids: BTreeSet<u32> = map.keys().map(|s| s.identity).collect();
+    assert_eq!(ids, BTreeSet::from([0, 1, 2]));
+    assert_eq!(lookup(&map, direction::INGRESS, 1, 3, 6, 80).verdict, verdict::DROP_NO_ALLOW);
+    assert_eq!(lookup(&map, direction::INGRESS, 1, 3, 6, 443).verdict, verdict::ALLOW);
+    assert_eq!(lookup(&map, direction::INGRESS, 1, 2, 6, 80).verdict, verdict::ALLOW);
+}

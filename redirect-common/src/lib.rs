@@ -1,0 +1,390 @@
+//! Map layouts shared by Porin's eBPF datapath (`redirect-ebpf`) and the agent that writes the maps.
+//!
+//! Every key and value is `#[repr(C)]`, has no implicit padding (explicit `_pad` fields), documents
+//! the byte order of each multi-byte field, and has its size asserted at compile time. Map names and
+//! sizes are constants used by both the `#[map]` declarations and the loader. This crate is `no_std`
+//! and must stay free of anything the kernel side cannot compile.
+//!
+//! Generations: ipcache and policy keys carry a generation byte. The datapath reads the active
+//! generation from [`config::GENERATION`] once per packet; the agent writes a new snapshot into the
+//! inactive generation and flips that one 4-byte word, so a new flow always sees the old policy or the
+//! new one, never a mix.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names (at most 15 bytes: the kernel's object-name limit).
+pub mod names {
+    /// Address/prefix → identity (LPM trie).
+    pub const IPCACHE: &str = "PORIN_IPCACHE";
+    /// Per-endpoint policy (LPM trie).
+    pub const POLICY: &str = "PORIN_POLICY";
+    /// Host-side interface → endpoint.
+    pub const IFACES: &str = "PORIN_IFACES";
+    /// Connection tracking (LRU hash).
+    pub const CONNTRACK: &str = "PORIN_CT";
+    /// Settings and the active generation (array of `u32`).
+    pub const CONFIG: &str = "PORIN_CONFIG";
+    /// Per-CPU counters (array of `u64`).
+    pub const COUNTERS: &str = "PORIN_COUNTERS";
+    /// Drop and verdict events (ring buffer).
+    pub const EVENTS: &str = "PORIN_EVENTS";
+    /// Proxy listener sockets (SOCKMAP), indexed by listener id.
+    pub const PROXY: &str = "PORIN_PROXY";
+}
+
+/// Map capacities.
+pub mod sizes {
+    /// ipcache entries (both generations).
+    pub const IPCACHE: u32 = 1 << 17;
+    /// Policy entries (both generations).
+    pub const POLICY: u32 = 1 << 20;
+    /// Endpoint interfaces.
+    pub const IFACES: u32 = 1 << 12;
+    /// Tracked connections.
+    pub const CONNTRACK: u32 = 1 << 16;
+    /// Event ring buffer bytes (a power of two, a multiple of the page size).
+    pub const EVENTS: u32 = 1 << 20;
+    /// Proxy listeners.
+    pub const PROXY: u32 = 8;
+}
+
+/// Program names (the functions in `redirect-ebpf`).
+pub mod programs {
+    /// tc ingress on an endpoint's host-side interface: traffic *from* the endpoint.
+    pub const FROM_ENDPOINT: &str = "porin_from_ep";
+    /// tc egress on an endpoint's host-side interface: traffic *to* the endpoint.
+    pub const TO_ENDPOINT: &str = "porin_to_ep";
+}
+
+/// Address families (`family` fields).
+pub mod family {
+    /// IPv4: the address is in the first 4 bytes of a 16-byte field, the rest zero.
+    pub const V4: u8 = 4;
+    /// IPv6.
+    pub const V6: u8 = 6;
+}
+
+/// Policy directions (`PolicyKey::direction`).
+pub mod direction {
+    /// Traffic into the endpoint.
+    pub const INGRESS: u8 = 1;
+    /// Traffic out of the endpoint.
+    pub const EGRESS: u8 = 2;
+}
+
+/// `PolicyValue::verdict`.
+pub mod verdict {
+    /// Forward.
+    pub const ALLOW: u8 = 1;
+    /// Forward through the proxy listener `PolicyValue::listener`.
+    pub const REDIRECT: u8 = 2;
+    /// Drop: a deny rule matched.
+    pub const DROP_DENY: u8 = 3;
+    /// Drop: default deny and no allow.
+    pub const DROP_NO_ALLOW: u8 = 4;
+}
+
+/// Drop reasons in events (Cilium's numbers where Cilium has the reason).
+pub mod reason {
+    /// Allowed (policy-verdict events).
+    pub const NONE: u8 = 0;
+    /// Source address does not belong to the endpoint (Cilium `DROP_INVALID_SIP`).
+    pub const INVALID_SOURCE: u8 = 132;
+    /// Default deny, no allow matched (Cilium `DROP_POLICY`, "Policy denied").
+    pub const POLICY_DENIED: u8 = 133;
+    /// A deny rule matched (Cilium `DROP_POLICY_DENY`, "Policy denied by denylist").
+    pub const POLICY_DENY: u8 = 181;
+    /// The packet came from an interface no endpoint owns.
+    pub const UNKNOWN_ENDPOINT: u8 = 200;
+    /// A non-first fragment: its ports are unknown, so it cannot be judged.
+    pub const FRAGMENT: u8 = 201;
+    /// The flow needs the L7 proxy and no proxy listener is present: fail closed.
+    pub const PROXY_UNAVAILABLE: u8 = 202;
+    /// A header could not be parsed.
+    pub const MALFORMED: u8 = 203;
+}
+
+/// Indexes into [`names::CONFIG`] (each a `u32`).
+pub mod config {
+    /// Active generation (0 or 1) of ipcache and policy entries.
+    pub const GENERATION: u32 = 0;
+    /// Established TCP idle timeout, seconds.
+    pub const CT_TCP_SECS: u32 = 1;
+    /// TCP timeout before the reply is seen, and after FIN in both directions or RST, seconds.
+    pub const CT_TCP_CLOSE_SECS: u32 = 2;
+    /// UDP and other protocols idle timeout, seconds.
+    pub const CT_UDP_SECS: u32 = 3;
+    /// ICMP echo idle timeout, seconds.
+    pub const CT_ICMP_SECS: u32 = 4;
+    /// Emit a policy-verdict event for every new allowed flow (1) or not (0).
+    pub const VERDICT_EVENTS: u32 = 5;
+    /// Number of entries.
+    pub const LEN: u32 = 8;
+}
+
+/// Indexes into [`names::COUNTERS`] (each a per-CPU `u64`).
+pub mod counter {
+    /// Packets forwarded.
+    pub const FORWARDED: u32 = 0;
+    /// Packets dropped (any reason).
+    pub const DROPPED: u32 = 1;
+    /// New flows judged by policy and allowed.
+    pub const CT_NEW: u32 = 2;
+    /// Packets of an established flow (original direction).
+    pub const CT_ESTABLISHED: u32 = 3;
+    /// Packets of an established flow (reply direction).
+    pub const CT_REPLY: u32 = 4;
+    /// Drops: deny rule.
+    pub const DROP_POLICY_DENY: u32 = 5;
+    /// Drops: no allow.
+    pub const DROP_POLICY_DENIED: u32 = 6;
+    /// Drops: spoofed source.
+    pub const DROP_INVALID_SOURCE: u32 = 7;
+    /// Drops: proxy unavailable.
+    pub const DROP_PROXY_UNAVAILABLE: u32 = 8;
+    /// Drops: fragments and malformed packets.
+    pub const DROP_OTHER: u32 = 9;
+    /// Events lost (ring buffer full).
+    pub const EVENTS_LOST: u32 = 10;
+    /// Flows handed to the proxy.
+    pub const REDIRECTED: u32 = 11;
+    /// Number of counters.
+    pub const LEN: u32 = 16;
+}
+
+/// Data part of an ipcache LPM key. Prefix length = 32 (generation, family, padding) + the address
+/// prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheKey {
+    /// Generation (0 or 1).
+    pub generation: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// Address, network byte order (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+
+/// ipcache value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    /// Security identity, host byte order.
+    pub identity: u32,
+    /// Local endpoint id (host byte order) when the address is a local endpoint's, else 0.
+    pub endpoint: u32,
+}
+
+/// Bits of an ipcache key before the address.
+pub const IPCACHE_PREFIX_BITS: u32 = 32;
+
+/// Data part of a policy LPM key. Generation, direction, endpoint and identity always match exactly;
+/// then protocol (8 bits, 0 = any) and destination port (16 bits, prefix for ranges).
+/// Prefix length: [`POLICY_EXACT_BITS`] for any protocol, +8 for one protocol, +8+n for a port prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Generation (0 or 1).
+    pub generation: u8,
+    /// [`direction::INGRESS`] or [`direction::EGRESS`].
+    pub direction: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// Endpoint id, host byte order.
+    pub endpoint: u32,
+    /// Peer identity, host byte order; 0 = any peer.
+    pub identity: u32,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Destination port (ICMP: type), network byte order.
+    pub dport: [u8; 2],
+    /// Zero.
+    pub _pad2: u8,
+}
+
+/// Bits of a policy key that always match exactly.
+pub const POLICY_EXACT_BITS: u32 = 96;
+/// Bits of a policy key with protocol and full port.
+pub const POLICY_FULL_BITS: u32 = 120;
+
+/// Policy value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// A [`verdict`] constant.
+    pub verdict: u8,
+    /// Proxy listener id (index into [`names::PROXY`]) for [`verdict::REDIRECT`].
+    pub listener: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// Id of the rule that decided (for events; 0 = none), host byte order.
+    pub rule: u32,
+}
+
+/// An endpoint's host-side interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IfaceValue {
+    /// Endpoint id, host byte order.
+    pub endpoint: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Conntrack key: the flow's tuple in its original direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source port (ICMP echo: identifier), network byte order.
+    pub sport: [u8; 2],
+    /// Destination port (ICMP echo: identifier), network byte order.
+    pub dport: [u8; 2],
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// Source address, network byte order.
+    pub saddr: [u8; 16],
+    /// Destination address, network byte order.
+    pub daddr: [u8; 16],
+}
+
+/// Conntrack flags.
+pub mod ct_flag {
+    /// A packet in the reply direction was seen.
+    pub const SEEN_REPLY: u32 = 1;
+    /// FIN seen in the original direction.
+    pub const FIN_FWD: u32 = 2;
+    /// FIN seen in the reply direction.
+    pub const FIN_REV: u32 = 4;
+    /// RST seen.
+    pub const RST: u32 = 8;
+    /// The flow goes through the proxy.
+    pub const PROXIED: u32 = 16;
+}
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// Creation time, `bpf_ktime_get_ns`.
+    pub created_ns: u64,
+    /// Last packet, `bpf_ktime_get_ns`.
+    pub last_seen_ns: u64,
+    /// [`ct_flag`] bits.
+    pub flags: u32,
+    /// Source identity when created.
+    pub src_identity: u32,
+    /// Destination identity when created.
+    pub dst_identity: u32,
+    /// Rule that allowed it.
+    pub rule: u32,
+}
+
+/// Event kinds.
+pub mod event_kind {
+    /// A packet was dropped.
+    pub const DROP: u8 = 1;
+    /// A new flow was judged and allowed (or redirected).
+    pub const VERDICT: u8 = 2;
+}
+
+/// An event in [`names::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Event {
+    /// [`event_kind`].
+    pub kind: u8,
+    /// [`reason`].
+    pub reason: u8,
+    /// [`direction`] of the policy that decided (0 when none).
+    pub direction: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`family`].
+    pub family: u8,
+    /// [`verdict`] of the policy lookup (0 when none).
+    pub verdict: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// Endpoint whose policy decided, host byte order.
+    pub endpoint: u32,
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// Rule id (0 = none).
+    pub rule: u32,
+    /// Source port, network byte order.
+    pub sport: [u8; 2],
+    /// Destination port (ICMP: type), network byte order.
+    pub dport: [u8; 2],
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    /// Source address, network byte order.
+    pub saddr: [u8; 16],
+    /// Destination address, network byte order.
+    pub daddr: [u8; 16],
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+}
+
+impl Event {
+    /// Decodes an event from ring-buffer bytes (native byte order, as the kernel wrote it).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        fn arr<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+            b.get(at..at + N)?.try_into().ok()
+        }
+        let u32_at = |at| arr::<4>(b, at).map(u32::from_ne_bytes);
+        Some(Self {
+            kind: *b.first()?,
+            reason: *b.get(1)?,
+            direction: *b.get(2)?,
+            proto: *b.get(3)?,
+            family: *b.get(4)?,
+            verdict: *b.get(5)?,
+            _pad: [0; 2],
+            endpoint: u32_at(8)?,
+            src_identity: u32_at(12)?,
+            dst_identity: u32_at(16)?,
+            rule: u32_at(20)?,
+            sport: arr(b, 24)?,
+            dport: arr(b, 26)?,
+            ifindex: u32_at(28)?,
+            saddr: arr(b, 32)?,
+            daddr: arr(b, 48)?,
+            ts_ns: arr::<8>(b, 64).map(u64::from_ne_bytes)?,
+        })
+    }
+}
+
+const _: () = assert!(size_of::<IpcacheKey>() == 20);
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
+const _: () = assert!(size_of::<PolicyKey>() == 16);
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+const _: () = assert!(size_of::<IfaceValue>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 40);
+const _: () = assert!(size_of::<CtValue>() == 32);
+const _: () = assert!(size_of::<Event>() == 72);
+
+#[cfg(feature = "user")]
+mod user {
+    //! `aya::Pod` for the map types: they are `#[repr(C)]`, `Copy`, without padding or invalid bit
+    //! patterns (checked by the size assertions above).
+    #![allow(unsafe_code, reason = "Pod is an unsafe marker trait")]
+    use super::*;
+
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for IfaceValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for Event {}
+}
