@@ -28,12 +28,34 @@ rust_components() {
     done
 }
 
+ebpf_toolchain() {
+    # Verified set (notes/ebpf-toolchain.md): LLVM 22 for bpf-linker 0.13, nightly + rust-src for
+    # build-std=core, bpffs tools. bpf-linker must link against LLVM 22, not /usr/bin/llvm-config (14).
+    apt_install llvm-22-dev libpolly-22-dev libzstd-dev
+    rustup toolchain list | grep -q '^nightly' || { log "installing the nightly toolchain"; rustup toolchain install nightly --profile minimal; }
+    rustup component list --installed --toolchain nightly 2>/dev/null | grep -q '^rust-src' \
+        || { log "adding rust-src to nightly"; rustup component add rust-src --toolchain nightly; }
+    if ! bpf-linker --version 2>/dev/null | grep -q '0.13'; then
+        log "building bpf-linker 0.13 (LLVM 22), about a minute"
+        PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-22
+    fi
+}
+
+lab_tools() {
+    # What the lab and its tests drive: iproute2 (namespaces, veth), real clients (curl, ping).
+    apt_install iproute2 curl iputils-ping procps
+}
+
 setup_main() {
     rust_components
+    ebpf_toolchain
+    lab_tools
 }
 
 setup_tests() {
     rust_components
+    ebpf_toolchain
+    lab_tools
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -96,7 +96,7 @@ where
 
 /// Whether `dir` is a bpffs mount.
 pub fn is_bpffs(dir: &Path) -> bool {
-    nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
 /// Mounts bpffs on `dir` unless it already is one.

@@ -202,11 +202,28 @@ fn netns_list() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether `pid` is a live porin process of this lab. The command line reads empty for a moment
+/// while a process is inside `execve` (and for zombies): read it a few times before deciding.
 fn alive(pid: u32, tag: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-        let c = String::from_utf8_lossy(&c);
-        c.contains("porin") && c.contains(tag)
-    })
+    for _ in 0..20 {
+        match std::fs::read(format!("/proc/{pid}/cmdline")) {
+            Err(_) => return false,
+            Ok(c) if c.is_empty() => {
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|st| st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+                    .unwrap_or(true);
+                if zombie {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(c) => {
+                let c = String::from_utf8_lossy(&c);
+                return c.contains("porin") && c.contains(tag);
+            }
+        }
+    }
+    false
 }
 
 fn kill(pid: u32, tag: &str) {
@@ -227,7 +244,7 @@ fn kill(pid: u32, tag: &str) {
 }
 
 /// Spawns `porin ARGS` detached (own session), logging to `log`.
-fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<u32> {
+fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe().context("locate the porin binary")?;
     let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone()?;
@@ -239,7 +256,7 @@ fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<u32> {
         .stderr(err)
         .spawn()
         .context("start a background porin process")?;
-    Ok(child.id())
+    Ok(child)
 }
 
 fn hosts_file(pods: &[Pod]) -> String {
@@ -284,7 +301,8 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         args.extend(["--ct-udp-secs".into(), s.to_string()]);
     }
     let _ = std::fs::remove_file(paths.control());
-    let pid = spawn_porin(&args, &paths.agent_log())?;
+    let mut child = spawn_porin(&args, &paths.agent_log())?;
+    let pid = child.id();
     // Ready when the control socket answers with every endpoint attached.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -294,9 +312,9 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
                 return Ok(pid);
             }
         }
-        if !alive(pid, name) {
+        if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(paths.agent_log()).unwrap_or_default();
-            bail!("the agent exited during start-up:\n{log}");
+            bail!("the agent exited during start-up ({status}):\n{log}");
         }
         if Instant::now() > deadline {
             bail!("the agent did not become ready in 60 s (log: {})", paths.agent_log().display());
@@ -347,11 +365,10 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
         bail!("{}: version {} is not supported (expected 1)", file.display(), lab.version);
     }
     let paths = LabPaths::new(name);
-    if let Ok(st) = load_state(name) {
-        if st.agent_pid.is_some_and(|p| alive(p, name)) {
+    if let Ok(st) = load_state(name)
+        && st.agent_pid.is_some_and(|p| alive(p, name)) {
             bail!("lab {name:?} is already up (porin lab down --name {name})");
         }
-    }
     down(name)?;
     std::fs::create_dir_all(&paths.dir)?;
     let base = file.parent().unwrap_or(Path::new("."));
@@ -487,12 +504,12 @@ fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Re
                 "--ready".into(),
                 ready.display().to_string(),
             ];
-            pod.pid = Some(spawn_porin(&args, &log)?);
+            pod.pid = Some(spawn_porin(&args, &log)?.id());
             ready_files.push(ready);
         } else if let Some(cmd) = &def.command {
             let mut args = vec!["lab".into(), "run-in".into(), "--netns".into(), pod.netns.clone(), "--".into()];
             args.extend(cmd.iter().cloned());
-            pod.pid = Some(spawn_porin(&args, &log)?);
+            pod.pid = Some(spawn_porin(&args, &log)?.id());
         }
     }
     save_state(&st)?;

@@ -13,6 +13,10 @@
 //! packets.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map helpers take Borrow<K>: references avoid copying keys onto the 512-byte BPF stack"
+)]
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::bpf_ktime_get_ns;

@@ -1,0 +1,214 @@
+//! Harness for privileged tests: a lab guard (`porin lab up` / `down` on drop, also on panic), real
+//! clients in pod namespaces, and helpers to read the agent's events and counters.
+#![allow(dead_code, reason = "each test binary uses a subset of the harness")]
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `porin` binary under test.
+pub(crate) fn porin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_porin"))
+}
+
+/// Root of the repository.
+pub(crate) fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Returns false (after saying why) when this machine cannot run privileged tests; with `CI=true`
+/// a missing capability fails the test instead.
+pub(crate) fn privileged() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let bpf = std::path::Path::new("/sys/fs/bpf").exists() || root;
+    if root && bpf {
+        return true;
+    }
+    let why = "needs root (network namespaces, eBPF)";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged test cannot run: {why} (CI=true: a missing capability is a failure)");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running lab; `porin lab down` when dropped.
+pub(crate) struct Lab {
+    pub name: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    /// Brings up a lab from YAML text (policy paths in it are relative to the repository root).
+    pub(crate) fn up(tag: &str, yaml: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{tag}-{}-{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("porin-test-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lab.yaml");
+        std::fs::write(&file, yaml.replace("@REPO@", &repo().display().to_string())).unwrap();
+        let lab = Self { name, dir };
+        let out = porin().args(["lab", "up", "--name", &lab.name]).arg(&file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    /// Runs a command in a pod.
+    pub(crate) fn exec(&self, pod: &str, args: &[&str]) -> Output {
+        porin().args(["lab", "exec", "--name", &self.name, pod, "--"]).args(args).output().unwrap()
+    }
+
+    /// curl from a pod; returns (exit code, body). `-m` bounds the whole request.
+    pub(crate) fn curl(&self, pod: &str, method: &str, url: &str, timeout_s: u32) -> (i32, String) {
+        let t = timeout_s.to_string();
+        let o = self.exec(pod, &["curl", "-s", "-g", "-m", &t, "--connect-timeout", &t, "-X", method, url]);
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// ping from a pod: whether one echo request got its reply within a second.
+    pub(crate) fn ping(&self, pod: &str, target: &str, v6: bool) -> bool {
+        let mut args = vec!["ping", "-c", "1", "-W", "1", target];
+        if v6 {
+            args.insert(1, "-6");
+        }
+        self.exec(pod, &args).status.success()
+    }
+
+    /// The lab's status (`porin lab status -o json`).
+    pub(crate) fn status(&self) -> Value {
+        let o = porin().args(["lab", "status", "-o", "json", "--name", &self.name]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Address of a pod (`v6` picks the IPv6 one).
+    pub(crate) fn addr(&self, pod: &str, v6: bool) -> String {
+        let st = self.status();
+        let p =
+            st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap_or_else(|| panic!("no pod {pod}"));
+        p["addresses"][usize::from(v6)].as_str().unwrap().to_owned()
+    }
+
+    /// Identity of an endpoint pod.
+    pub(crate) fn identity(&self, pod: &str) -> u64 {
+        let st = self.status();
+        st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap()["identity"].as_u64().unwrap()
+    }
+
+    /// Replaces the lab's policies (YAML texts) and returns how long the apply took.
+    pub(crate) fn apply(&self, policies: &[&str]) -> Duration {
+        let mut files = Vec::new();
+        for (i, p) in policies.iter().enumerate() {
+            let f = self.dir.join(format!("apply-{i}.yaml"));
+            std::fs::write(&f, p).unwrap();
+            files.push(f);
+        }
+        let start = Instant::now();
+        let o = porin().args(["lab", "apply", "--name", &self.name]).args(&files).output().unwrap();
+        let took = start.elapsed();
+        assert!(
+            o.status.success(),
+            "apply failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        took
+    }
+
+    /// Flow events after `after`.
+    pub(crate) fn events(&self, after: u64) -> Vec<Value> {
+        let o = porin().args(["lab", "events", "--name", &self.name, "--after", &after.to_string()]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Waits (briefly) for an event matching `pred`, after `after`.
+    pub(crate) fn wait_event(&self, after: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = self.events(after).into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no matching event; events: {:#?}", self.events(after));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last event sequence number so far.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.events(0).last().and_then(|e| e["seq"].as_u64()).unwrap_or(0)
+    }
+
+    /// Datapath counters.
+    pub(crate) fn counters(&self) -> Value {
+        let o = porin().args(["lab", "counters", "--name", &self.name]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Runs `f` inside a pod's network namespace (on a scratch thread); sockets it creates stay in
+    /// that namespace and can be used from anywhere afterwards.
+    pub(crate) fn in_pod<T: Send + 'static>(&self, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let netns = format!("/run/netns/porin-{}-{pod}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&netns).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A TCP connection from a pod.
+    pub(crate) fn tcp(&self, pod: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        self.in_pod(pod, move || TcpStream::connect_timeout(&to, Duration::from_secs(1)))
+    }
+
+    /// A UDP socket in a pod, bound to an ephemeral port.
+    pub(crate) fn udp(&self, pod: &str, v6: bool) -> UdpSocket {
+        self.in_pod(pod, move || UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap())
+    }
+
+    /// The agent's process id.
+    pub(crate) fn agent_pid(&self) -> i32 {
+        i32::try_from(self.status()["agent"]["pid"].as_u64().unwrap()).unwrap()
+    }
+
+    /// Path of a pinned map of this lab.
+    pub(crate) fn pinned_map(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("/run/porin/labs/{}/bpf/maps/{name}", self.name))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let o = porin().args(["lab", "down", "--name", &self.name]).output();
+        if let Ok(o) = o
+            && !o.status.success() {
+                eprintln!("lab down {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+            }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Echoes one line over a TCP echo connection; false when the connection is broken.
+pub(crate) fn echo(stream: &mut TcpStream, msg: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if stream.write_all(msg.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    stream.read_exact(&mut buf).is_ok() && buf == msg.as_bytes()
+}
