@@ -231,9 +231,10 @@ impl State {
         let stats = self.datapath.apply(&want)?;
         for e in &eps.endpoints {
             if bindings.iter().any(|b| b.endpoint == e.id)
-                && let Err(err) = self.datapath.attach(&e.ifname) {
-                    self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
-                }
+                && let Err(err) = self.datapath.attach(&e.ifname)
+            {
+                self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
+            }
         }
         for err in &self.attach_errors {
             tracing::error!(error = %err, "Endpoint not enforced");

@@ -366,9 +366,10 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
     }
     let paths = LabPaths::new(name);
     if let Ok(st) = load_state(name)
-        && st.agent_pid.is_some_and(|p| alive(p, name)) {
-            bail!("lab {name:?} is already up (porin lab down --name {name})");
-        }
+        && st.agent_pid.is_some_and(|p| alive(p, name))
+    {
+        bail!("lab {name:?} is already up (porin lab down --name {name})");
+    }
     down(name)?;
     std::fs::create_dir_all(&paths.dir)?;
     let base = file.parent().unwrap_or(Path::new("."));

@@ -195,9 +195,10 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let o = porin().args(["lab", "down", "--name", &self.name]).output();
         if let Ok(o) = o
-            && !o.status.success() {
-                eprintln!("lab down {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
-            }
+            && !o.status.success()
+        {
+            eprintln!("lab down {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
