@@ -293,7 +293,7 @@ impl State {
         let v = self.datapath.counters()?;
         let get = |i: u32| v.get(i as usize).copied().unwrap_or(0);
         Ok(serde_json::json!({
-            "forwarded": get(c::FORWARDED),
+            "forwarded": get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY),
             "dropped": get(c::DROPPED),
             "ct_new": get(c::CT_NEW),
             "ct_established": get(c::CT_ESTABLISHED),

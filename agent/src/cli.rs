@@ -128,6 +128,12 @@ pub enum LabCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
+    /// Take the datapath off every endpoint (benchmark baselines; `restart-agent` attaches again).
+    Detach {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
     /// (internal) Run a pod's built-in servers inside its network namespace.
     #[command(hide = true)]
     Serve {
@@ -347,6 +353,7 @@ fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             let pid = lab::restart_agent(&name)?;
             println!("agent running (pid {pid})");
         }
+        LabCommand::Detach { name } => lab::detach(&name)?,
         LabCommand::Serve { netns, spec, ready } => {
             crate::agent::enter_netns(&netns)?;
             let text = std::fs::read_to_string(&spec)?;

@@ -533,12 +533,13 @@ pub fn down(name: &str) -> anyhow::Result<()> {
             kill(pid, name);
         }
     }
-    // Any process still running in the lab's namespaces (a crash left no state) belongs to it.
+    // Every process still in the lab's namespaces belongs to the lab (they are its own): pod commands,
+    // and anything a crash left without state.
     let prefix = format!("porin-{name}-");
     for ns in netns_list().into_iter().filter(|n| n.starts_with(&prefix)) {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
-                kill(pid, "porin");
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         let _ = ip(&["netns", "del", &ns]);
@@ -612,6 +613,16 @@ pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
     st.agent_pid = Some(pid);
     save_state(&st)?;
     Ok(pid)
+}
+
+/// Takes the datapath off every endpoint of a lab (benchmark baselines); `restart-agent` re-attaches.
+pub fn detach(name: &str) -> anyhow::Result<()> {
+    let st = load_state(name)?;
+    let control = LabPaths::new(name).control();
+    for p in st.pods.iter().filter(|p| !p.external) {
+        crate::agent::control(&control, &serde_json::json!({"cmd": "detach", "ifname": p.ifname}))?;
+    }
+    Ok(())
 }
 
 /// Renders the pods of a lab as a table.

@@ -226,6 +226,20 @@ pub fn direction_entries(dp: &DirectionPolicy, dir: u8, endpoint: u32, out: &mut
     }
 }
 
+/// The interface entry of an endpoint: its id and its (first) IPv4 and IPv6 address.
+pub fn iface_value(endpoint: u32, ips: &[IpAddr]) -> IfaceValue {
+    let mut v = IfaceValue { endpoint, flags: 0, ipv4: [0; 4], _pad: [0; 4], ipv6: [0; 16] };
+    if let Some(IpAddr::V4(a)) = ips.iter().find(|ip| ip.is_ipv4()) {
+        v.ipv4 = a.octets();
+        v.flags |= redirect_common::iface_flag::HAS_V4;
+    }
+    if let Some(IpAddr::V6(a)) = ips.iter().find(|ip| ip.is_ipv6()) {
+        v.ipv6 = a.octets();
+        v.flags |= redirect_common::iface_flag::HAS_V6;
+    }
+    v
+}
+
 /// Everything the maps must hold for a snapshot on this node.
 pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -> Desired {
     let mut d = Desired::default();
@@ -235,7 +249,7 @@ pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -
             local.extend(ep.ips.iter().map(|ip| (*ip, b.endpoint)));
             direction_entries(&ep.ingress, direction::INGRESS, b.endpoint, &mut d.policy);
             direction_entries(&ep.egress, direction::EGRESS, b.endpoint, &mut d.policy);
-            d.ifaces.insert(b.ifindex, IfaceValue { endpoint: b.endpoint, flags: 0 });
+            d.ifaces.insert(b.ifindex, iface_value(b.endpoint, &ep.ips));
         }
     }
     for (prefix, id) in snapshot.ipcache().entries() {

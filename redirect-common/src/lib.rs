@@ -125,7 +125,7 @@ pub mod config {
 
 /// Indexes into [`names::COUNTERS`] (each a per-CPU `u64`).
 pub mod counter {
-    /// Packets forwarded.
+    /// Unused (forwarded packets are `CT_NEW + CT_ESTABLISHED + CT_REPLY`).
     pub const FORWARDED: u32 = 0;
     /// Packets dropped (any reason).
     pub const DROPPED: u32 = 1;
@@ -224,14 +224,29 @@ pub struct PolicyValue {
     pub rule: u32,
 }
 
-/// An endpoint's host-side interface.
+/// An endpoint's host-side interface, with the endpoint's own addresses for anti-spoofing (packets
+/// from the endpoint must carry one of them as source).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IfaceValue {
     /// Endpoint id, host byte order.
     pub endpoint: u32,
-    /// Reserved, zero.
+    /// [`iface_flag`] bits.
     pub flags: u32,
+    /// IPv4 address, network byte order (valid with [`iface_flag::HAS_V4`]).
+    pub ipv4: [u8; 4],
+    /// Zero.
+    pub _pad: [u8; 4],
+    /// IPv6 address, network byte order (valid with [`iface_flag::HAS_V6`]).
+    pub ipv6: [u8; 16],
+}
+
+/// `IfaceValue::flags`.
+pub mod iface_flag {
+    /// `ipv4` is set.
+    pub const HAS_V4: u32 = 1;
+    /// `ipv6` is set.
+    pub const HAS_V6: u32 = 2;
 }
 
 /// Conntrack key: the flow's tuple in its original direction.
@@ -367,7 +382,7 @@ const _: () = assert!(size_of::<IpcacheKey>() == 20);
 const _: () = assert!(size_of::<IpcacheValue>() == 8);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
-const _: () = assert!(size_of::<IfaceValue>() == 8);
+const _: () = assert!(size_of::<IfaceValue>() == 32);
 const _: () = assert!(size_of::<CtKey>() == 40);
 const _: () = assert!(size_of::<CtValue>() == 32);
 const _: () = assert!(size_of::<Event>() == 72);

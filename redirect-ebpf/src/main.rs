@@ -26,7 +26,7 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap};
 use aya_ebpf::programs::TcContext;
 use redirect_common::{
     CtKey, CtValue, Event, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue, POLICY_FULL_BITS, PolicyKey,
-    PolicyValue, config, counter, ct_flag, direction, event_kind, family, reason, sizes, verdict,
+    PolicyValue, config, counter, ct_flag, direction, event_kind, family, iface_flag, reason, sizes, verdict,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -100,12 +100,14 @@ enum Parsed {
     Ip(Packet),
 }
 
+/// Reads a header chunk (`bpf_skb_load_bytes`: works on linear and non-linear packets alike).
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u8> {
     ctx.load::<T>(off).map_err(|_| reason::MALFORMED)
 }
 
 fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
+    // Headers are read in a few chunks: each read is a helper call.
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let mut pkt = Packet {
         family: 0,
@@ -120,26 +122,24 @@ fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
     let mut off;
     match ethertype {
         ETH_P_IP => {
-            let ver_ihl = load::<u8>(ctx, ETH_HLEN)?;
-            let ihl = usize::from(ver_ihl & 0x0f) * 4;
-            if ver_ihl >> 4 != 4 || ihl < 20 {
+            let h = load::<[u8; 20]>(ctx, ETH_HLEN)?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            if h[0] >> 4 != 4 || ihl < 20 {
                 return Err(reason::MALFORMED);
             }
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return Err(reason::FRAGMENT);
             }
             pkt.family = family::V4;
-            pkt.proto = load::<u8>(ctx, ETH_HLEN + 9)?;
-            let s = load::<[u8; 4]>(ctx, ETH_HLEN + 12)?;
-            let d = load::<[u8; 4]>(ctx, ETH_HLEN + 16)?;
-            pkt.saddr[..4].copy_from_slice(&s);
-            pkt.daddr[..4].copy_from_slice(&d);
+            pkt.proto = h[9];
+            pkt.saddr[..4].copy_from_slice(&h[12..16]);
+            pkt.daddr[..4].copy_from_slice(&h[16..20]);
             off = ETH_HLEN + ihl;
         }
         ETH_P_IPV6 => {
             pkt.family = family::V6;
-            let mut nh = load::<u8>(ctx, ETH_HLEN + 6)?;
+            let h = load::<[u8; 8]>(ctx, ETH_HLEN)?;
+            let mut nh = h[6];
             pkt.saddr = load::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
             pkt.daddr = load::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
             off = ETH_HLEN + 40;
@@ -147,18 +147,16 @@ fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
             for _ in 0..4 {
                 match nh {
                     0 | 43 | 60 => {
-                        let next = load::<u8>(ctx, off)?;
-                        let len = (usize::from(load::<u8>(ctx, off + 1)?) + 1) * 8;
-                        nh = next;
-                        off += len;
+                        let x = load::<[u8; 8]>(ctx, off)?;
+                        nh = x[0];
+                        off += (usize::from(x[1]) + 1) * 8;
                     }
                     44 => {
-                        let next = load::<u8>(ctx, off)?;
-                        let frag = u16::from_be(load::<u16>(ctx, off + 2)?);
-                        if frag >> 3 != 0 {
+                        let x = load::<[u8; 8]>(ctx, off)?;
+                        if u16::from_be_bytes([x[2], x[3]]) >> 3 != 0 {
                             return Err(reason::FRAGMENT);
                         }
-                        nh = next;
+                        nh = x[0];
                         off += 8;
                     }
                     _ => break,
@@ -173,31 +171,29 @@ fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
         _ => return Ok(Parsed::Pass),
     }
     match pkt.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            pkt.sport = u16::from_be(load::<u16>(ctx, off)?);
-            pkt.dport = u16::from_be(load::<u16>(ctx, off + 2)?);
-            if pkt.proto == IPPROTO_TCP {
-                pkt.tcp_flags = load::<u8>(ctx, off + 13)?;
-            }
+        IPPROTO_TCP => {
+            let t = load::<[u8; 14]>(ctx, off)?;
+            pkt.sport = u16::from_be_bytes([t[0], t[1]]);
+            pkt.dport = u16::from_be_bytes([t[2], t[3]]);
+            pkt.tcp_flags = t[13];
             pkt.ct_ports = Some((pkt.sport, pkt.dport));
         }
-        IPPROTO_ICMP => {
-            let t = load::<u8>(ctx, off)?;
-            pkt.dport = u16::from(t);
-            if t == 0 || t == 8 {
-                let id = u16::from_be(load::<u16>(ctx, off + 4)?);
-                pkt.ct_ports = Some((id, id));
-            }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            let t = load::<[u8; 4]>(ctx, off)?;
+            pkt.sport = u16::from_be_bytes([t[0], t[1]]);
+            pkt.dport = u16::from_be_bytes([t[2], t[3]]);
+            pkt.ct_ports = Some((pkt.sport, pkt.dport));
         }
-        IPPROTO_ICMPV6 => {
-            let t = load::<u8>(ctx, off)?;
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let t = load::<[u8; 8]>(ctx, off)?;
+            let (kind, echo) = (t[0], if pkt.proto == IPPROTO_ICMP { [0, 8] } else { [129, 128] });
             // Neighbour discovery and multicast listener messages keep IPv6 working: always pass.
-            if matches!(t, 130..=137 | 143) {
+            if pkt.proto == IPPROTO_ICMPV6 && matches!(kind, 130..=137 | 143) {
                 return Ok(Parsed::Pass);
             }
-            pkt.dport = u16::from(t);
-            if t == 128 || t == 129 {
-                let id = u16::from_be(load::<u16>(ctx, off + 4)?);
+            pkt.dport = u16::from(kind);
+            if kind == echo[0] || kind == echo[1] {
+                let id = u16::from_be_bytes([t[4], t[5]]);
                 pkt.ct_ports = Some((id, id));
             }
         }
@@ -414,7 +410,6 @@ fn is_drop(v: &PolicyValue) -> Option<u8> {
 fn admit(ctx: &TcContext, pkt: &Packet, now: u64, d: &Decision) -> i32 {
     ct_create(pkt, now, d.src_identity, d.dst_identity, d.value.rule);
     count(counter::CT_NEW);
-    count(counter::FORWARDED);
     if config_value(config::VERDICT_EVENTS, 1) != 0 {
         emit(ctx, event_kind::VERDICT, reason::NONE, pkt, d);
     }
@@ -426,12 +421,10 @@ fn established(hit: &CtHit) -> Option<i32> {
         CtHit::Miss => None,
         CtHit::Established => {
             count(counter::CT_ESTABLISHED);
-            count(counter::FORWARDED);
             Some(TC_ACT_OK)
         }
         CtHit::Reply => {
             count(counter::CT_REPLY);
-            count(counter::FORWARDED);
             Some(TC_ACT_OK)
         }
     }
@@ -450,10 +443,14 @@ pub fn porin_from_ep(ctx: TcContext) -> i32 {
     let Some(iface) = (unsafe { PORIN_IFACES.get(&ifindex) }).copied() else {
         return drop_pkt(&ctx, reason::UNKNOWN_ENDPOINT, &pkt, &Decision::none(0, 0, 0, 0));
     };
-    let generation = config_value(config::GENERATION, 0) as u8;
-    let src = identity_of(generation, pkt.family, &pkt.saddr);
-    if src.endpoint != iface.endpoint {
-        let d = Decision::none(direction::EGRESS, iface.endpoint, src.identity, 0);
+    // Anti-spoofing: the source must be the endpoint's own address.
+    let own = if pkt.family == family::V4 {
+        iface.flags & iface_flag::HAS_V4 != 0 && pkt.saddr[..4] == iface.ipv4
+    } else {
+        iface.flags & iface_flag::HAS_V6 != 0 && pkt.saddr == iface.ipv6
+    };
+    if !own {
+        let d = Decision::none(direction::EGRESS, iface.endpoint, 0, 0);
         return drop_pkt(&ctx, reason::INVALID_SOURCE, &pkt, &d);
     }
     // SAFETY: helper without preconditions.
@@ -461,6 +458,8 @@ pub fn porin_from_ep(ctx: TcContext) -> i32 {
     if let Some(action) = established(&ct_lookup(&pkt, now)) {
         return action;
     }
+    let generation = config_value(config::GENERATION, 0) as u8;
+    let src = identity_of(generation, pkt.family, &pkt.saddr);
     let dst = identity_of(generation, pkt.family, &pkt.daddr);
     let mut d = Decision {
         direction: direction::EGRESS,
@@ -499,17 +498,17 @@ pub fn porin_to_ep(ctx: TcContext) -> i32 {
         Ok(Parsed::Ip(p)) => p,
         Err(why) => return drop_unparsed(&ctx, why),
     };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(action) = established(&ct_lookup(&pkt, now)) {
+        return action;
+    }
     // SAFETY: the context's skb pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out at once.
     let Some(iface) = (unsafe { PORIN_IFACES.get(&ifindex) }).copied() else {
         return drop_pkt(&ctx, reason::UNKNOWN_ENDPOINT, &pkt, &Decision::none(0, 0, 0, 0));
     };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(action) = established(&ct_lookup(&pkt, now)) {
-        return action;
-    }
     let generation = config_value(config::GENERATION, 0) as u8;
     let src = identity_of(generation, pkt.family, &pkt.saddr);
     let dst = identity_of(generation, pkt.family, &pkt.daddr);
