@@ -107,7 +107,7 @@ pub enum LabCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Datapath flow events (drops and verdicts), as JSON lines.
+    /// Datapath flow records (drops and verdicts).
     Events {
         /// Lab name.
         #[arg(long, default_value = "default")]
@@ -115,6 +115,9 @@ pub enum LabCommand {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Output format (`json`: one Hubble-shaped flow per line).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Datapath counters (JSON).
     Counters {
@@ -271,6 +274,38 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// A flow record from the control socket, as one line of text.
+fn text_flow(e: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    let peer = |p: &serde_json::Value, ip: &serde_json::Value| match p["pod_name"].as_str() {
+        Some(pod) => format!("{}/{pod} ({})", s(&p["namespace"]), s(ip)),
+        None => format!("{} (identity {})", s(ip), p["identity"]),
+    };
+    let l4 = e["l4"]
+        .as_object()
+        .and_then(|m| m.iter().next())
+        .map(|(proto, f)| match (f.get("destination_port"), f.get("type")) {
+            (Some(p), _) => format!("{proto}/{p}"),
+            (None, Some(t)) => format!("{proto} type {t}"),
+            _ => proto.clone(),
+        })
+        .unwrap_or_default();
+    let mut line = format!(
+        "{:<10} {:<8} {} -> {} {l4}",
+        s(&e["verdict"]),
+        s(&e["traffic_direction"]),
+        peer(&e["source"], &e["IP"]["source"]),
+        peer(&e["destination"], &e["IP"]["destination"])
+    );
+    if let Some(r) = e["drop_reason_desc"].as_str() {
+        line.push_str(&format!(" {r}"));
+    }
+    if let Some(p) = e["policy"].as_str() {
+        line.push_str(&format!(" [{p}]"));
+    }
+    line
+}
+
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
@@ -335,13 +370,16 @@ fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        LabCommand::Events { name, after } => {
+        LabCommand::Events { name, after, output } => {
             let r = crate::agent::control(
                 &lab::LabPaths::new(&name).control(),
                 &serde_json::json!({"cmd": "events", "after": after}),
             )?;
             for e in r["events"].as_array().into_iter().flatten() {
-                println!("{e}");
+                match output {
+                    Output::Json => println!("{e}"),
+                    Output::Text => println!("{}", text_flow(e)),
+                }
             }
         }
         LabCommand::Counters { name } => {

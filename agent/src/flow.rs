@@ -159,3 +159,4 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         ifindex: e.ifindex,
     }
 }
+
