@@ -159,4 +159,3 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         ifindex: e.ifindex,
     }
 }
-

@@ -128,7 +128,10 @@ impl Lab {
 
     /// Flow events after `after`.
     pub(crate) fn events(&self, after: u64) -> Vec<Value> {
-        let o = porin().args(["lab", "events", "-o", "json", "--name", &self.name, "--after", &after.to_string()]).output().unwrap();
+        let o = porin()
+            .args(["lab", "events", "-o", "json", "--name", &self.name, "--after", &after.to_string()])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
