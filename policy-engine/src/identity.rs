@@ -136,6 +136,25 @@ impl IdentityAllocator {
         id
     }
 
+    /// What has been handed out: `(labels, id)` and `(prefix, id)`, for another process to start from.
+    pub fn assignments(&self) -> (Vec<(Vec<String>, IdentityId)>, Vec<(IpNet, IdentityId)>) {
+        (
+            self.by_labels.iter().map(|(l, id)| (l.iter().map(ToString::to_string).collect(), *id)).collect(),
+            self.by_prefix.iter().map(|(p, id)| (*p, *id)).collect(),
+        )
+    }
+
+    /// An allocator that starts from another's assignments (see [`IdentityAllocator::assignments`]).
+    pub fn from_assignments(labels: &[(Vec<String>, IdentityId)], prefixes: &[(IpNet, IdentityId)]) -> Self {
+        let parse = |ls: &Vec<String>| {
+            Labels::new(ls.iter().map(|l| crate::labels::Label::parse(l, crate::labels::LabelSource::Any)))
+        };
+        Self {
+            by_labels: labels.iter().map(|(l, id)| (parse(l), *id)).collect(),
+            by_prefix: prefixes.iter().map(|(p, id)| (p.trunc(), *id)).collect(),
+        }
+    }
+
     /// Forgets label sets and prefixes not in use, so their numbers can be reused later.
     pub fn retain(&mut self, labels_in_use: &[&Labels], prefixes_in_use: &[IpNet]) {
         self.by_labels.retain(|l, _| labels_in_use.contains(&l));

@@ -19,6 +19,7 @@ pub mod api;
 pub mod dns;
 pub mod http;
 pub mod identity;
+pub mod inputs;
 pub mod kafka;
 pub mod labels;
 pub mod model;

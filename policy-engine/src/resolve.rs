@@ -29,18 +29,29 @@ use crate::snapshot::{
 };
 
 /// A named container port.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NamedPort {
     /// Name (lower case).
     pub name: String,
     /// Number.
     pub port: u16,
-    /// Protocol.
+    /// Protocol (IP protocol number: 6 TCP, 17 UDP, 132 SCTP).
+    #[serde(with = "proto_number")]
     pub protocol: Proto,
 }
 
+mod proto_number {
+    use super::Proto;
+    pub(super) fn serialize<S: serde::Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(p.number())
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
+        <u8 as serde::Deserialize>::deserialize(d).map(Proto::from_number)
+    }
+}
+
 /// A workload endpoint (pod).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     /// Pod name.
     pub name: String,
@@ -57,7 +68,7 @@ pub struct Endpoint {
 }
 
 /// A Kubernetes service.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Service {
     /// Name.
     pub name: String,
@@ -72,7 +83,7 @@ pub struct Service {
 }
 
 /// Everything besides policies that resolution needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Environment {
     /// Local cluster name.
     pub cluster: String,
