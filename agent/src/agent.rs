@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use policy_engine::api::{LoadOptions, Loaded, load_file};
+use policy_engine::api::{LoadOptions, Loaded, load_file, load_str};
 use policy_engine::identity::IdentityAllocator;
+use policy_engine::inputs::{PolicyInputs, PolicyText};
 use policy_engine::resolve::{Endpoint, Environment, NamedPort, resolve};
 use policy_engine::snapshot::{Proto, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,8 @@ pub struct AgentConfig {
     pub endpoints: PathBuf,
     /// Control socket path.
     pub control: PathBuf,
+    /// Where the policy inputs of every applied version are published for the L7 proxy.
+    pub publish: Option<PathBuf>,
     /// Datapath settings.
     pub settings: Settings,
 }
@@ -109,6 +112,9 @@ struct FileState {
     errors: Vec<String>,
     #[serde(skip)]
     last_good: Option<Loaded>,
+    /// The text of the last good version (published to the proxy).
+    #[serde(skip)]
+    last_good_text: Option<String>,
 }
 
 struct State {
@@ -138,7 +144,8 @@ fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn environment(eps: &EndpointsFile) -> Environment {
+/// The engine's environment for an endpoints file.
+pub fn environment(eps: &EndpointsFile) -> Environment {
     let mut env = Environment::default();
     if let Some(c) = &eps.cluster {
         env.cluster = c.clone();
@@ -176,18 +183,24 @@ impl State {
             serde_json::from_str(&text).with_context(|| format!("parse {}", self.cfg.endpoints.display()))?;
         let mut seen = Vec::new();
         for path in policy_files(&self.cfg.policies)? {
-            let loaded = load_file(&path, &LoadOptions::default());
+            // Read once: what is loaded is exactly what is published.
+            let (loaded, text) = match std::fs::read_to_string(&path) {
+                Ok(text) => (load_str(&path.display().to_string(), &text, &LoadOptions::default()), Some(text)),
+                Err(_) => (load_file(&path, &LoadOptions::default()), None),
+            };
             let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
             let entry = self.files.entry(path.clone()).or_insert_with(|| FileState {
                 file: path.display().to_string(),
                 ok: true,
                 errors: vec![],
                 last_good: None,
+                last_good_text: None,
             });
             if errors.is_empty() {
                 entry.ok = true;
                 entry.errors.clear();
                 entry.last_good = Some(loaded);
+                entry.last_good_text = text;
             } else {
                 for e in &errors {
                     tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
@@ -248,6 +261,22 @@ impl State {
             micros = stats.micros as u64,
             "Policy applied"
         );
+        if let Some(path) = &self.cfg.publish {
+            let (identities, prefixes) = self.allocator.assignments();
+            let inputs = PolicyInputs {
+                version: self.version,
+                policies: self
+                    .files
+                    .values()
+                    .filter_map(|f| f.last_good_text.clone().map(|text| PolicyText { name: f.file.clone(), text }))
+                    .collect(),
+                environment: env,
+                node_ips: eps.node_ips.clone(),
+                identities,
+                prefixes,
+            };
+            publish(path, &inputs).with_context(|| format!("publish the policy inputs to {}", path.display()))?;
+        }
         self.snapshot = Some(Arc::new(snap));
         self.endpoints = eps;
         self.bindings = bindings;
@@ -389,8 +418,8 @@ async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::map
             let f = flow::from_event(st.seq, &e, snap.as_deref());
             if f.verdict == "DROPPED" {
                 tracing::info!(
-                    src = %f.ip.source, dst = %f.ip.destination, reason = f.drop_reason_desc,
-                    direction = f.traffic_direction, policy = f.policy.as_deref().unwrap_or("-"), "Packet dropped"
+                    src = %f.ip.source, dst = %f.ip.destination, reason = %f.drop_reason_desc,
+                    direction = %f.traffic_direction, policy = f.policy.as_deref().unwrap_or("-"), "Packet dropped"
                 );
             }
             st.flows.push_back(f);
@@ -399,6 +428,19 @@ async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::map
             }
         }
     }
+}
+
+/// Writes policy inputs where the proxy reads them: to a temporary file, then renamed over the
+/// published path, so a reader always sees one whole version.
+pub fn publish(path: &Path, inputs: &PolicyInputs) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let json = serde_json::to_vec(inputs)?;
+    std::fs::write(&tmp, json).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
 }
 
 /// Enters a named network namespace (`/run/netns/NAME`). Call before any thread exists.

@@ -27,6 +27,10 @@ pub enum Command {
     /// A local lab: a node and pods in network namespaces, with real traffic.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Run the L7 proxy (HTTP/1.1, HTTP/2, gRPC) on the agent's published policy.
+    Proxy(crate::proxy_cmd::ProxyArgs),
+    /// Print flow records from the agent (datapath) and the proxy (L7), with filters.
+    Observe(crate::proxy_cmd::ObserveArgs),
 }
 
 /// `porin agent` arguments.
@@ -47,6 +51,9 @@ pub struct AgentArgs {
     /// Control socket.
     #[arg(long, default_value = "/run/porin/agent.sock")]
     pub control: PathBuf,
+    /// Where the policy inputs of every applied version are published for the L7 proxy.
+    #[arg(long, default_value = "/run/porin/snapshot.json")]
+    pub publish: PathBuf,
     /// Established TCP idle timeout, seconds.
     #[arg(long, default_value_t = 21600)]
     pub ct_tcp_secs: u64,
@@ -196,6 +203,19 @@ pub enum PolicyCommand {
     },
     /// Answer one ad-hoc case and explain every rule considered.
     Trace(Box<TraceArgs>),
+    /// Write the policy inputs file the proxy reads (what the agent publishes), for running
+    /// `porin proxy` without an agent.
+    Publish {
+        /// Endpoints file (JSON, the agent's format).
+        #[arg(long)]
+        endpoints: PathBuf,
+        /// Output file (replaced atomically).
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// `porin policy trace` arguments.
@@ -276,34 +296,10 @@ fn print_json(v: &serde_json::Value) {
 
 /// A flow record from the control socket, as one line of text.
 fn text_flow(e: &serde_json::Value) -> String {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-    let peer = |p: &serde_json::Value, ip: &serde_json::Value| match p["pod_name"].as_str() {
-        Some(pod) => format!("{}/{pod} ({})", s(&p["namespace"]), s(ip)),
-        None => format!("{} (identity {})", s(ip), p["identity"]),
-    };
-    let l4 = e["l4"]
-        .as_object()
-        .and_then(|m| m.iter().next())
-        .map(|(proto, f)| match (f.get("destination_port"), f.get("type")) {
-            (Some(p), _) => format!("{proto}/{p}"),
-            (None, Some(t)) => format!("{proto} type {t}"),
-            _ => proto.clone(),
-        })
-        .unwrap_or_default();
-    let mut line = format!(
-        "{:<10} {:<8} {} -> {} {l4}",
-        s(&e["verdict"]),
-        s(&e["traffic_direction"]),
-        peer(&e["source"], &e["IP"]["source"]),
-        peer(&e["destination"], &e["IP"]["destination"])
-    );
-    if let Some(r) = e["drop_reason_desc"].as_str() {
-        line.push_str(&format!(" {r}"));
+    match serde_json::from_value::<crate::flow::Flow>(e.clone()) {
+        Ok(f) => f.to_text(),
+        Err(_) => e.to_string(),
     }
-    if let Some(p) = e["policy"].as_str() {
-        line.push_str(&format!(" [{p}]"));
-    }
-    line
 }
 
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
@@ -318,6 +314,7 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
         policies: a.policies.clone(),
         endpoints: a.endpoints.clone(),
         control: a.control.clone(),
+        publish: Some(a.publish.clone()),
         settings: crate::datapath::Settings {
             ct_tcp: secs(a.ct_tcp_secs),
             ct_tcp_close: secs(a.ct_tcp_close_secs),
@@ -414,6 +411,17 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Validate { files, output }) => policy_cmd::validate(&files, output),
         Command::Policy(PolicyCommand::Test { files, output }) => policy_cmd::test(&files, output),
         Command::Policy(PolicyCommand::Trace(args)) => policy_cmd::trace(&args),
+        Command::Policy(PolicyCommand::Publish { endpoints, out, files }) => {
+            report(crate::proxy_cmd::publish(&endpoints, &out, &files))
+        }
+        Command::Proxy(a) => {
+            init_tracing();
+            report(crate::proxy_cmd::run(&a))
+        }
+        Command::Observe(a) => crate::proxy_cmd::observe(&a).unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }),
         Command::Agent(a) => {
             init_tracing();
             report(agent(&a))

@@ -1,78 +1,14 @@
-//! Flow records shaped like Hubble's `Flow` (`api/v1/flow/flow.proto`): what `porin observe` prints
-//! and the agent's control socket returns. Datapath events become records here; the L7 proxy's
-//! request/response records use the same shape.
+//! Datapath events become flow records here (the record type, shared with the L7 proxy, is
+//! [`proxy::flow::Flow`], shaped like Hubble's).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::Serialize;
-
 use policy_engine::snapshot::Snapshot;
+pub use proxy::flow::{Flow, FlowEndpoint, FlowIp};
+use proxy::flow::{Text, rfc3339};
 use redirect_common::{Event, direction, event_kind, family, reason, verdict};
-
-/// A peer of a flow.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct FlowEndpoint {
-    /// Security identity.
-    pub identity: u32,
-    /// Namespace (endpoints only).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    /// Pod name (endpoints only).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub pod_name: String,
-    /// Identity labels.
-    pub labels: Vec<String>,
-}
-
-/// IP part.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct FlowIp {
-    /// Source address.
-    pub source: String,
-    /// Destination address.
-    pub destination: String,
-    /// `IPv4` / `IPv6`.
-    #[serde(rename = "ipVersion")]
-    pub ip_version: &'static str,
-}
-
-/// A flow record.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct Flow {
-    /// Sequence number (per agent).
-    pub seq: u64,
-    /// Kernel timestamp (ns, monotonic).
-    pub time_ns: u64,
-    /// `FORWARDED`, `DROPPED`, `REDIRECTED`.
-    pub verdict: &'static str,
-    /// Drop reason code (0 when not dropped).
-    pub drop_reason: u8,
-    /// Drop reason name.
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub drop_reason_desc: &'static str,
-    /// `L3_L4` or `L7`.
-    #[serde(rename = "Type")]
-    pub flow_type: &'static str,
-    /// `policy-verdict` or `drop`.
-    pub event_type: &'static str,
-    /// `INGRESS`, `EGRESS` or `TRAFFIC_DIRECTION_UNKNOWN`.
-    pub traffic_direction: &'static str,
-    /// Addresses.
-    #[serde(rename = "IP")]
-    pub ip: FlowIp,
-    /// Transport: `{"TCP": {"source_port": .., "destination_port": ..}}` and the like.
-    pub l4: BTreeMap<&'static str, BTreeMap<&'static str, u16>>,
-    /// Source.
-    pub source: FlowEndpoint,
-    /// Destination.
-    pub destination: FlowEndpoint,
-    /// The policy rule that decided (`namespace/name path`), when one did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-    /// Interface index the packet was seen on.
-    pub ifindex: u32,
-}
 
 /// The name of a drop reason.
 pub fn reason_name(r: u8) -> &'static str {
@@ -107,12 +43,24 @@ fn peer(snap: Option<&Snapshot>, identity: u32, ip: &str) -> FlowEndpoint {
     out
 }
 
+/// Wall-clock time of a kernel timestamp (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+fn wall_time(ts_ns: u64) -> String {
+    use nix::time::{ClockId, clock_gettime};
+    let ns = |c: ClockId| {
+        clock_gettime(c).map_or(0i128, |t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+    };
+    let real = ns(ClockId::CLOCK_REALTIME) - (ns(ClockId::CLOCK_MONOTONIC) - i128::from(ts_ns));
+    let real = u128::try_from(real).unwrap_or(0);
+    rfc3339(u64::try_from(real / 1_000_000_000).unwrap_or(0), u32::try_from(real % 1_000_000_000).unwrap_or(0))
+}
+
 /// Turns a datapath event into a flow record.
 pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
     let (src, dst) = (addr(e.family, &e.saddr), addr(e.family, &e.daddr));
     let sport = u16::from_be_bytes(e.sport);
     let dport = u16::from_be_bytes(e.dport);
-    let mut l4: BTreeMap<&'static str, BTreeMap<&'static str, u16>> = BTreeMap::new();
+    let mut l4: BTreeMap<Text, BTreeMap<Text, u16>> = BTreeMap::new();
+    let port = |k: &'static str, v: u16| (Cow::Borrowed(k), v);
     match e.proto {
         6 | 17 | 132 => {
             let name = match e.proto {
@@ -120,10 +68,13 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
                 17 => "UDP",
                 _ => "SCTP",
             };
-            l4.insert(name, BTreeMap::from([("source_port", sport), ("destination_port", dport)]));
+            l4.insert(
+                Cow::Borrowed(name),
+                BTreeMap::from([port("source_port", sport), port("destination_port", dport)]),
+            );
         }
-        1 => drop(l4.insert("ICMPv4", BTreeMap::from([("type", dport)]))),
-        58 => drop(l4.insert("ICMPv6", BTreeMap::from([("type", dport)]))),
+        1 => drop(l4.insert(Cow::Borrowed("ICMPv4"), BTreeMap::from([port("type", dport)]))),
+        58 => drop(l4.insert(Cow::Borrowed("ICMPv6"), BTreeMap::from([port("type", dport)]))),
         _ => {}
     }
     let policy = (e.rule != 0)
@@ -131,31 +82,35 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         .flatten()
         .map(|o| format!("{} {}", o.policy, o.path));
     Flow {
+        time: wall_time(e.ts_ns),
         seq,
-        time_ns: e.ts_ns,
-        verdict: match (e.kind, e.verdict) {
+        emitter: Cow::Borrowed("datapath"),
+        verdict: Cow::Borrowed(match (e.kind, e.verdict) {
             (event_kind::DROP, _) => "DROPPED",
             (_, verdict::REDIRECT) => "REDIRECTED",
             _ => "FORWARDED",
-        },
+        }),
         drop_reason: e.reason,
-        drop_reason_desc: reason_name(e.reason),
-        flow_type: "L3_L4",
-        event_type: if e.kind == event_kind::DROP { "drop" } else { "policy-verdict" },
-        traffic_direction: match e.direction {
+        drop_reason_desc: Cow::Borrowed(reason_name(e.reason)),
+        flow_type: Cow::Borrowed("L3_L4"),
+        event_type: Cow::Borrowed(if e.kind == event_kind::DROP { "drop" } else { "policy-verdict" }),
+        traffic_direction: Cow::Borrowed(match e.direction {
             direction::INGRESS => "INGRESS",
             direction::EGRESS => "EGRESS",
             _ => "TRAFFIC_DIRECTION_UNKNOWN",
-        },
+        }),
+        is_reply: false,
         ip: FlowIp {
-            ip_version: if e.family == family::V4 { "IPv4" } else { "IPv6" },
+            ip_version: Cow::Borrowed(if e.family == family::V4 { "IPv4" } else { "IPv6" }),
             source: src.clone(),
             destination: dst.clone(),
         },
         l4,
         source: peer(snap, e.src_identity, &src),
         destination: peer(snap, e.dst_identity, &dst),
+        l7: None,
         policy,
         ifindex: e.ifindex,
+        summary: String::new(),
     }
 }

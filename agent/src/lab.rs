@@ -163,6 +163,14 @@ impl LabPaths {
     pub fn agent_log(&self) -> PathBuf {
         self.dir.join("agent.log")
     }
+    /// The policy inputs the agent publishes for the proxy.
+    pub fn snapshot(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
+    /// The proxy's control socket.
+    pub fn proxy_control(&self) -> PathBuf {
+        self.dir.join("proxy.sock")
+    }
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -293,6 +301,8 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         paths.endpoints().display().to_string(),
         "--control".into(),
         paths.control().display().to_string(),
+        "--publish".into(),
+        paths.snapshot().display().to_string(),
     ];
     if let Some(s) = settings.ct_tcp_close_secs {
         args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);

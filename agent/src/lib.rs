@@ -6,7 +6,8 @@
 //! * [`agent`] — the node agent: inputs → snapshot → kernel maps; control socket.
 //! * [`datapath`] — the eBPF object, pinned maps and links, the generation-flip map writer.
 //! * [`mapstate`] — snapshot → exact map contents (pure, property-tested against the engine).
-//! * [`flow`] — Hubble-shaped flow records.
+//! * [`flow`] — datapath events as Hubble-shaped flow records.
+//! * [`proxy_cmd`] — `porin proxy`, `porin observe`, `porin policy publish`.
 //! * [`lab`] / [`servers`] — `porin lab`: namespaces, veths, the agent and pod servers.
 
 pub mod agent;
@@ -16,4 +17,5 @@ pub mod flow;
 pub mod lab;
 pub mod mapstate;
 pub mod policy_cmd;
+pub mod proxy_cmd;
 pub mod servers;

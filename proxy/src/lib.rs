@@ -13,3 +13,105 @@
 
 pub mod h1guard;
 pub mod normalize;
+
+pub mod config;
+pub mod control;
+pub mod flow;
+pub mod policy;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod snapshot;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::config::{ListenerConfig, ProxyConfig};
+use crate::records::{Counters, Records};
+use crate::service::Shared;
+use crate::snapshot::PolicyState;
+use crate::upstream::Upstreams;
+
+/// What a running proxy is: for the control socket and tests.
+pub struct ProxyInfo {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// Listeners and the addresses they are bound to.
+    pub listeners: Vec<(Arc<ListenerConfig>, SocketAddr)>,
+}
+
+/// A running proxy; dropping it stops it.
+pub struct Proxy {
+    /// Its state.
+    pub info: Arc<ProxyInfo>,
+    tasks: Vec<JoinHandle<()>>,
+    control: Option<PathBuf>,
+}
+
+impl Proxy {
+    /// Loads the published snapshot (if there is one), binds every listener and the control
+    /// socket, and starts serving. Call within a Tokio runtime.
+    pub async fn start(cfg: ProxyConfig) -> std::io::Result<Self> {
+        let policy = Arc::new(PolicyState::new(&cfg.snapshot));
+        if cfg.snapshot.exists() {
+            match snapshot::load(&cfg.snapshot) {
+                Ok(s) => policy.install(s),
+                Err(e) => policy.reject(e),
+            }
+        } else {
+            tracing::warn!(path = %cfg.snapshot.display(), "no policy snapshot published yet: denying every request until one is");
+        }
+        let shared = Arc::new(Shared {
+            policy: policy.clone(),
+            upstreams: Upstreams::default(),
+            records: Records::new(cfg.flow_log.as_deref())?,
+            counters: Counters::default(),
+            limits: cfg.limits.clone(),
+        });
+        let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
+        for l in &cfg.listeners {
+            let sock = tokio::net::TcpListener::bind(l.listen)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.listen)))?;
+            let addr = sock.local_addr()?;
+            let l = Arc::new(l.clone());
+            listeners.push((l.clone(), addr));
+            sockets.push((l, sock));
+        }
+        for (l, sock) in sockets {
+            tracing::info!(listener = %l.name, upstream = %l.upstream, "listening");
+            tasks.push(tokio::spawn(server::accept_loop(shared.clone(), l, sock)));
+        }
+        let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));
+        tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
+        let info = Arc::new(ProxyInfo { shared, listeners });
+        if let Some(path) = &cfg.control_socket {
+            let sock = control::bind(path)?;
+            tasks.push(tokio::spawn(control::serve(info.clone(), sock)));
+        }
+        Ok(Self { info, tasks, control: cfg.control_socket.clone() })
+    }
+
+    /// The address listener `name` is bound to.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.info.listeners.iter().find(|(l, _)| l.name == name).map(|(_, a)| *a)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(p) = &self.control {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

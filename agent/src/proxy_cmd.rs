@@ -1,0 +1,228 @@
+//! `porin proxy` (run the L7 proxy), `porin observe` (flow records from the agent and the proxy)
+//! and `porin policy publish` (the proxy's policy inputs, without an agent).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use policy_engine::api::{LoadOptions, load_str};
+use policy_engine::inputs::{PolicyInputs, PolicyText};
+use proxy::config::ProxyConfig;
+use proxy::flow::Flow;
+
+use crate::agent::{EndpointsFile, control, environment, publish as write_inputs};
+use crate::cli::Output;
+
+/// `porin proxy` arguments.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Configuration file (YAML; see docs/config.md).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Enter this named network namespace (/run/netns/NAME) first.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Once serving, write the bound listener addresses here (JSON `{"name": "addr"}`).
+    #[arg(long)]
+    pub ready: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Runs the proxy until SIGTERM / SIGINT.
+pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
+    if let Some(ns) = &a.netns {
+        crate::agent::enter_netns(ns)?;
+    }
+    let cfg = ProxyConfig::load(&a.config)?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = a.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.enable_all().build().context("start the runtime")?;
+    rt.block_on(async {
+        let proxy = proxy::Proxy::start(cfg).await?;
+        if let Some(ready) = &a.ready {
+            let addrs: BTreeMap<String, String> =
+                proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();
+            let tmp = ready.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&addrs)?)?;
+            std::fs::rename(&tmp, ready)?;
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("proxy stopping");
+        drop(proxy);
+        anyhow::Ok(())
+    })
+}
+
+/// `porin policy publish`.
+pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(endpoints).with_context(|| format!("read {}", endpoints.display()))?;
+    let eps: EndpointsFile = serde_json::from_str(&text).with_context(|| format!("parse {}", endpoints.display()))?;
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+        let name = f.display().to_string();
+        errors.extend(load_str(&name, &text, &LoadOptions::default()).errors.iter().map(ToString::to_string));
+        policies.push(PolicyText { name, text });
+    }
+    if !errors.is_empty() {
+        bail!("invalid policy, nothing published:\n  {}", errors.join("\n  "));
+    }
+    let version = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs());
+    let inputs = PolicyInputs {
+        version,
+        policies,
+        environment: environment(&eps),
+        node_ips: eps.node_ips.clone(),
+        identities: vec![],
+        prefixes: vec![],
+    };
+    let snap = inputs.resolve().map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
+    for e in &snap.errors {
+        eprintln!("warning: {e}");
+    }
+    write_inputs(out, &inputs)?;
+    eprintln!(
+        "published version {version}: {} endpoints, {} policy files -> {}",
+        snap.endpoints().len(),
+        files.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `porin observe` arguments.
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    /// Read the agent and proxy of this lab.
+    #[arg(long)]
+    pub lab: Option<String>,
+    /// Agent control socket (default /run/porin/agent.sock).
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Proxy control socket (default /run/porin/proxy.sock).
+    #[arg(long)]
+    pub proxy: Option<PathBuf>,
+    /// Only these verdicts (FORWARDED, DROPPED, REDIRECTED, ERROR); repeatable.
+    #[arg(long)]
+    pub verdict: Vec<String>,
+    /// Only flows from or to this pod (`namespace/name` or `name`); repeatable.
+    #[arg(long)]
+    pub pod: Vec<String>,
+    /// Only this protocol (tcp, udp, icmp, http, http/1.1, http/2); repeatable.
+    #[arg(long)]
+    pub protocol: Vec<String>,
+    /// Keep printing new records.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N matching records (before following).
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// Output format (`json`: one Hubble-shaped flow per line).
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// A source of records.
+struct Source {
+    socket: PathBuf,
+    cmd: &'static str,
+    field: &'static str,
+    after: u64,
+    required: bool,
+}
+
+impl Source {
+    /// New records, or `None` when the source is not there.
+    fn poll(&mut self) -> anyhow::Result<Option<Vec<Flow>>> {
+        let r = match control(&self.socket, &serde_json::json!({"cmd": self.cmd, "after": self.after})) {
+            Ok(r) => r,
+            Err(e) if self.required => return Err(e.context(format!("read {}", self.socket.display()))),
+            Err(_) => return Ok(None),
+        };
+        self.after = r["last"].as_u64().unwrap_or(self.after);
+        let flows = r[self.field].as_array().cloned().unwrap_or_default();
+        Ok(Some(flows.into_iter().filter_map(|f| serde_json::from_value(f).ok()).collect()))
+    }
+}
+
+fn matches(a: &ObserveArgs, f: &Flow) -> bool {
+    (a.verdict.is_empty() || a.verdict.iter().any(|v| v.eq_ignore_ascii_case(&f.verdict)))
+        && (a.pod.is_empty() || a.pod.iter().any(|p| f.involves_pod(p)))
+        && (a.protocol.is_empty() || a.protocol.iter().any(|p| f.has_protocol(p)))
+}
+
+/// `porin observe`.
+pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
+    let explicit = a.agent.is_some() || a.proxy.is_some();
+    let (agent, proxy) = match &a.lab {
+        Some(name) => {
+            let p = crate::lab::LabPaths::new(name);
+            (Some(p.control()), Some(p.proxy_control()))
+        }
+        None if explicit => (a.agent.clone(), a.proxy.clone()),
+        None => (Some(PathBuf::from("/run/porin/agent.sock")), Some(PathBuf::from("/run/porin/proxy.sock"))),
+    };
+    let mut sources = Vec::new();
+    if let Some(s) = agent {
+        sources.push(Source {
+            socket: s,
+            cmd: "events",
+            field: "events",
+            after: 0,
+            required: explicit && a.agent.is_some(),
+        });
+    }
+    if let Some(s) = proxy {
+        sources.push(Source {
+            socket: s,
+            cmd: "flows",
+            field: "flows",
+            after: 0,
+            required: explicit && a.proxy.is_some(),
+        });
+    }
+    let mut first = true;
+    loop {
+        let mut batch = Vec::new();
+        let mut reachable = 0;
+        for s in &mut sources {
+            if let Some(flows) = s.poll()? {
+                reachable += 1;
+                batch.extend(flows.into_iter().filter(|f| matches(a, f)));
+            }
+        }
+        if first && reachable == 0 {
+            let names: Vec<String> = sources.iter().map(|s| s.socket.display().to_string()).collect();
+            bail!("neither the agent nor the proxy answers ({})", names.join(", "));
+        }
+        // RFC 3339 in UTC with fixed width sorts as time.
+        batch.sort_by(|x, y| x.time.cmp(&y.time));
+        if first && let Some(n) = a.last {
+            let skip = batch.len().saturating_sub(n);
+            batch.drain(..skip);
+        }
+        for f in &batch {
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string(f)?),
+                Output::Text => println!("{} {}", f.time, f.to_text()),
+            }
+        }
+        first = false;
+        if !a.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,290 @@
+//! The proxy's configuration file (YAML). See `docs/config.md` (proxy section).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `porin proxy --config FILE`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The policy inputs file the agent publishes (JSON, replaced atomically). A missing file
+    /// means no policy yet: every request is denied until one appears.
+    pub snapshot: PathBuf,
+    /// How often the snapshot file is checked for a new version (milliseconds).
+    #[serde(default = "default_poll_ms")]
+    pub snapshot_poll_ms: u64,
+    /// Control socket: `status`, `flows` (see [`crate::control`]).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Also append every flow record to this file (JSON lines).
+    #[serde(default)]
+    pub flow_log: Option<PathBuf>,
+    /// Node name written into flow records.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_poll_ms() -> u64 {
+    100
+}
+
+/// Who is at one end of the proxied connections. In YAML: `{pod: ns/name}`, `{ip: addr}`,
+/// `{identity: n}` or `socket`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PeerRepr", into = "PeerRepr")]
+pub enum PeerRef {
+    /// A local endpoint, `namespace/name`: its identity, addresses and (for the source) egress
+    /// policy, or (for the destination) ingress policy apply.
+    Pod(String),
+    /// An address: the endpoint that owns it, or its identity from the ipcache.
+    Ip(IpAddr),
+    /// A bare identity (no endpoint policy on this end).
+    Identity(u32),
+    /// The address the connection really came from / went to (the accepted socket's peer or local
+    /// address): what the transparent datapath gives.
+    Socket,
+}
+
+/// How a [`PeerRef`] is written.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum PeerRepr {
+    Word(String),
+    Map(PeerMap),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerMap {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<u32>,
+}
+
+impl TryFrom<PeerRepr> for PeerRef {
+    type Error = String;
+
+    fn try_from(r: PeerRepr) -> Result<Self, String> {
+        match r {
+            PeerRepr::Word(w) if w == "socket" => Ok(Self::Socket),
+            PeerRepr::Word(w) => {
+                Err(format!("unknown peer {w:?}: expected socket, {{pod: ns/name}}, {{ip: addr}} or {{identity: n}}"))
+            }
+            PeerRepr::Map(m) => match (m.pod, m.ip, m.identity) {
+                (Some(p), None, None) => Ok(Self::Pod(p)),
+                (None, Some(ip), None) => Ok(Self::Ip(ip)),
+                (None, None, Some(id)) => Ok(Self::Identity(id)),
+                _ => Err("a peer is exactly one of pod, ip, identity".into()),
+            },
+        }
+    }
+}
+
+impl From<PeerRef> for PeerRepr {
+    fn from(p: PeerRef) -> Self {
+        match p {
+            PeerRef::Pod(pod) => Self::Map(PeerMap { pod: Some(pod), ..Default::default() }),
+            PeerRef::Ip(ip) => Self::Map(PeerMap { ip: Some(ip), ..Default::default() }),
+            PeerRef::Identity(id) => Self::Map(PeerMap { identity: Some(id), ..Default::default() }),
+            PeerRef::Socket => Self::Word("socket".into()),
+        }
+    }
+}
+
+/// Protocol towards the upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// Same as the client's (HTTP/1.1 ↔ HTTP/1.1, h2c ↔ h2c).
+    #[default]
+    Auto,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always h2c (prior knowledge).
+    Http2,
+}
+
+/// One listener.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name (in logs and status).
+    pub name: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where allowed requests go.
+    pub upstream: SocketAddr,
+    /// The client side.
+    pub source: PeerRef,
+    /// The server side.
+    pub destination: PeerRef,
+    /// Destination port policy is evaluated for (default: the upstream's port).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Protocol towards the upstream.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+impl ListenerConfig {
+    /// The destination port policy sees.
+    pub fn policy_port(&self) -> u16 {
+        self.port.unwrap_or(self.upstream.port())
+    }
+}
+
+/// Limits and timeouts. Every field has a default; times are in milliseconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line + headers; HTTP/2 header list), bytes. Over it: 431.
+    pub max_header_bytes: usize,
+    /// A request head must arrive within this time; it is also how long an idle HTTP/1
+    /// keep-alive connection is kept.
+    pub header_read_timeout_ms: u64,
+    /// An HTTP/2 connection with no open stream and no traffic is closed after this time.
+    pub idle_timeout_ms: u64,
+    /// The upstream must answer (response head) within this time: 504 otherwise.
+    pub request_timeout_ms: u64,
+    /// Connecting to the upstream.
+    pub connect_timeout_ms: u64,
+    /// Concurrent client connections per listener; more are refused at accept.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// The body of a denied HTTP/1 request is read and discarded up to this size so that the
+    /// connection stays usable; larger bodies close it.
+    pub max_denied_body_drain: usize,
+    /// Idle pooled upstream connections kept per destination.
+    pub max_idle_upstream: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout_ms: 30_000,
+            idle_timeout_ms: 300_000,
+            request_timeout_ms: 60_000,
+            connect_timeout_ms: 5_000,
+            max_connections: 10_000,
+            max_concurrent_streams: 256,
+            max_denied_body_drain: 64 * 1024,
+            max_idle_upstream: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// As a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    /// As a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    /// As a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    /// As a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// A configuration error, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Self = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.listeners.is_empty() {
+            return Err("listeners: at least one listener is needed".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let PeerRef::Pod(p) = &l.source
+                && !p.contains('/')
+            {
+                return Err(format!("listeners[{i}].source.pod: {p:?} must be namespace/name"));
+            }
+            if let PeerRef::Pod(p) = &l.destination
+                && !p.contains('/')
+            {
+                return Err(format!("listeners[{i}].destination.pod: {p:?} must be namespace/name"));
+            }
+            if self.listeners.iter().take(i).any(|o| o.name == l.name) {
+                return Err(format!("listeners[{i}].name: {:?} is used twice", l.name));
+            }
+        }
+        let lim = &self.limits;
+        if lim.max_header_bytes < 1024 {
+            return Err("limits.max_header_bytes: at least 1024".into());
+        }
+        if lim.max_connections == 0 || lim.max_concurrent_streams == 0 {
+            return Err("limits: max_connections and max_concurrent_streams must be positive".into());
+        }
+        if lim.header_read_timeout_ms == 0 || lim.request_timeout_ms == 0 || lim.connect_timeout_ms == 0 {
+            return Err("limits: timeouts must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let cfg = ProxyConfig::parse(
+            "snapshot: /run/porin/snapshot.json\nlisteners:\n- name: deathstar\n  listen: 127.0.0.1:0\n  upstream: 127.0.0.1:8080\n  source: {pod: default/xwing}\n  destination: {pod: default/deathstar}\n  port: 80\n- name: world\n  listen: 127.0.0.1:0\n  upstream: 127.0.0.1:8080\n  source: {identity: 2}\n  destination: {ip: 10.0.0.2}\nlimits: {max_header_bytes: 8192}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listeners[0].source, PeerRef::Pod("default/xwing".into()));
+        assert_eq!(cfg.listeners[0].policy_port(), 80);
+        assert_eq!(cfg.listeners[1].policy_port(), 8080);
+        assert_eq!(cfg.limits.max_header_bytes, 8192);
+        assert_eq!(cfg.limits.request_timeout_ms, 60_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = ProxyConfig::parse("snapshot: x\nlisteners:\n- name: a\n  listen: 127.0.0.1:0\n  upstream: 127.0.0.1:1\n  source: {pod: xwing}\n  destination: socket\n").unwrap_err();
+        assert!(e.contains("listeners[0].source.pod"), "{e}");
+        let e = ProxyConfig::parse("snapshot: x\nlisteners: []\nbogus: 1\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,287 @@
+//! What policy says about one proxied connection and its requests.
+//!
+//! On accept (and again whenever a new snapshot is in force) the connection's two ends are
+//! resolved to identities and endpoints, and the L3/L4 verdicts of both directions are taken:
+//! the source endpoint's egress towards the destination, the destination endpoint's ingress from
+//! the source. Either dropping drops every request (the datapath would not have let the flow
+//! through; the proxy fails closed the same way). Otherwise each redirecting direction's L7 rules
+//! must allow a request; a direction that allows at L3/L4 without L7 rules allows every request.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use policy_engine::http::{HeaderLog, HeaderMap, HttpRequestInfo};
+use policy_engine::identity::IdentityId;
+use policy_engine::snapshot::{DropReason, EndpointPolicy, L4Verdict, L7Policy, L7Verdict, OriginId, Proto, Snapshot};
+
+use crate::config::{ListenerConfig, PeerRef};
+use crate::flow::{FlowEndpoint, Text};
+
+/// One end of the connection, resolved.
+#[derive(Clone, Debug)]
+pub struct End {
+    /// For flow records.
+    pub record: FlowEndpoint,
+    /// Address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+}
+
+/// The connection-level verdict.
+#[derive(Clone, Debug)]
+pub enum ConnVerdict {
+    /// Every request is denied.
+    Drop {
+        /// Cilium drop reason name.
+        reason: Text,
+        /// Why, for the flow record.
+        summary: String,
+        /// The deciding rule.
+        policy: Option<String>,
+    },
+    /// Requests are judged by these (none: that direction allows everything).
+    Judge {
+        /// The source endpoint's egress L7 rules.
+        egress: Option<L7Policy>,
+        /// The destination endpoint's ingress L7 rules.
+        ingress: Option<L7Policy>,
+    },
+}
+
+/// Policy for one connection under one snapshot.
+#[derive(Clone, Debug)]
+pub struct ConnPolicy {
+    /// The snapshot it was taken from.
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// Client side.
+    pub source: End,
+    /// Server side.
+    pub destination: End,
+    /// `INGRESS` or `EGRESS`: which side's policy judges (ingress when both do).
+    pub direction: Text,
+    /// The verdict.
+    pub verdict: ConnVerdict,
+}
+
+/// The verdict on one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestVerdict {
+    /// Allowed (by this rule, when one is known).
+    Allow(Option<String>),
+    /// Denied by policy.
+    Deny {
+        /// Cilium drop reason name.
+        reason: Text,
+        /// Why.
+        summary: String,
+        /// The deciding rule, when one is known.
+        policy: Option<String>,
+    },
+}
+
+fn origin(snap: &Snapshot, id: OriginId) -> Option<String> {
+    snap.origin(id).map(|o| format!("{} {}", o.policy, o.path))
+}
+
+fn describe(snap: &Snapshot, identity: IdentityId, ep: Option<&EndpointPolicy>) -> FlowEndpoint {
+    FlowEndpoint {
+        identity,
+        namespace: ep.map(|e| e.namespace.clone()).unwrap_or_default(),
+        pod_name: ep.map(|e| e.name.clone()).unwrap_or_default(),
+        labels: snap.identity(identity).map(|i| i.labels.iter().map(ToString::to_string).collect()).unwrap_or_default(),
+    }
+}
+
+/// Resolves one end: its identity, the local endpoint (if any) and its description.
+fn resolve_end<'s>(
+    snap: &'s Snapshot,
+    peer: &PeerRef,
+    socket: SocketAddr,
+    port: u16,
+) -> Result<(End, Option<&'s EndpointPolicy>), String> {
+    let by_ip = |ip: IpAddr| {
+        let ep = snap.endpoint_by_ip(ip);
+        let id = ep.map_or_else(|| snap.identity_of(ip), |e| e.identity);
+        (End { record: describe(snap, id, ep), ip, port }, ep)
+    };
+    Ok(match peer {
+        PeerRef::Pod(p) => {
+            let (ns, name) = p.split_once('/').unwrap_or(("default", p));
+            let ep = snap
+                .endpoint(ns, name)
+                .ok_or_else(|| format!("endpoint {p} is not in policy snapshot {}", snap.version))?;
+            let ip = ep.ips.first().copied().unwrap_or(socket.ip());
+            (End { record: describe(snap, ep.identity, Some(ep)), ip, port }, Some(ep))
+        }
+        PeerRef::Ip(ip) => by_ip(*ip),
+        PeerRef::Socket => by_ip(socket.ip()),
+        PeerRef::Identity(id) => (End { record: describe(snap, *id, None), ip: socket.ip(), port }, None),
+    })
+}
+
+fn drop_of(snap: &Snapshot, reason: &DropReason, side: &str) -> ConnVerdict {
+    let (name, ids, what): (&'static str, &[OriginId], &str) = match reason {
+        DropReason::Denied { by } => ("POLICY_DENY", by, "a deny rule matches"),
+        DropReason::NoAllow { enforced_by } => ("POLICY_DENIED", enforced_by, "no rule allows it"),
+        DropReason::ConflictingParsers { by } => ("POLICY_DENIED", by, "rules with different L7 parsers cover it"),
+    };
+    ConnVerdict::Drop {
+        reason: Cow::Borrowed(name),
+        summary: format!("{side} policy drops the connection: {what}"),
+        policy: ids.first().and_then(|o| origin(snap, *o)),
+    }
+}
+
+impl ConnPolicy {
+    /// Takes the verdict of a connection from `client` to `local` on `listener` under `snap`.
+    pub fn decide(
+        snap: Option<Arc<Snapshot>>,
+        listener: &ListenerConfig,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        let port = listener.policy_port();
+        let blank = |ip: IpAddr, port: u16| End { record: FlowEndpoint::default(), ip, port };
+        let Some(s) = snap.as_deref() else {
+            return Self {
+                snapshot: None,
+                source: blank(client.ip(), client.port()),
+                destination: blank(local.ip(), port),
+                direction: Cow::Borrowed("INGRESS"),
+                verdict: ConnVerdict::Drop {
+                    reason: Cow::Borrowed("POLICY_DENIED"),
+                    summary: "no policy snapshot yet: failing closed".into(),
+                    policy: None,
+                },
+            };
+        };
+        let dst_sock = if listener.destination == PeerRef::Socket { local } else { listener.upstream };
+        let ends = resolve_end(s, &listener.source, client, client.port()).and_then(|(src, sep)| {
+            resolve_end(s, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
+        });
+        let (source, src_ep, destination, dst_ep) = match ends {
+            Ok(e) => e,
+            Err(summary) => {
+                return Self {
+                    snapshot: snap.clone(),
+                    source: blank(client.ip(), client.port()),
+                    destination: blank(dst_sock.ip(), port),
+                    direction: Cow::Borrowed("INGRESS"),
+                    verdict: ConnVerdict::Drop { reason: Cow::Borrowed("UNKNOWN_ENDPOINT"), summary, policy: None },
+                };
+            }
+        };
+        let mut l7 = [None, None];
+        let mut verdict = None;
+        let sides = [
+            (src_ep.map(|e| &e.egress), destination.record.identity, "egress"),
+            (dst_ep.map(|e| &e.ingress), source.record.identity, "ingress"),
+        ];
+        for (i, (dir, peer, side)) in sides.into_iter().enumerate() {
+            let Some(dir) = dir else { continue };
+            match dir.l4_verdict(peer, Proto::Tcp, port) {
+                L4Verdict::Allow { .. } => {}
+                L4Verdict::Redirect(p) => {
+                    if let Some(slot) = l7.get_mut(i) {
+                        *slot = Some(p);
+                    }
+                }
+                L4Verdict::Drop(r) => {
+                    verdict.get_or_insert(drop_of(s, &r, side));
+                }
+            }
+        }
+        let [egress, ingress] = l7;
+        let direction = if ingress.is_some() || (egress.is_none() && dst_ep.is_some()) { "INGRESS" } else { "EGRESS" };
+        Self {
+            snapshot: snap.clone(),
+            source,
+            destination,
+            direction: Cow::Borrowed(direction),
+            verdict: verdict.unwrap_or(ConnVerdict::Judge { egress, ingress }),
+        }
+    }
+
+    /// Judges one request; header actions of matching rules are applied to `headers`.
+    pub fn check_http(&self, req: &HttpRequestInfo<'_>, headers: &mut dyn HeaderMap) -> RequestVerdict {
+        let (egress, ingress) = match &self.verdict {
+            ConnVerdict::Drop { reason, summary, policy } => {
+                return RequestVerdict::Deny {
+                    reason: reason.clone(),
+                    summary: summary.clone(),
+                    policy: policy.clone(),
+                };
+            }
+            ConnVerdict::Judge { egress, ingress } => (egress, ingress),
+        };
+        let Some(snap) = self.snapshot.as_deref() else {
+            return RequestVerdict::Deny {
+                reason: Cow::Borrowed("POLICY_DENIED"),
+                summary: "no snapshot".into(),
+                policy: None,
+            };
+        };
+        let mut allowed_by = None;
+        for (p, side) in [(egress, "egress"), (ingress, "ingress")] {
+            let Some(p) = p else { continue };
+            let mut log = HeaderLog::default();
+            match p.check_http(req, headers, &mut log) {
+                L7Verdict::Allow(o) => {
+                    if !log.rejected.is_empty() || !log.missing.is_empty() {
+                        tracing::info!(side, rejected = ?log.rejected, missing = ?log.missing, "header match actions");
+                    }
+                    if let Some(o) = o {
+                        allowed_by = origin(snap, o);
+                    }
+                }
+                L7Verdict::Deny => {
+                    return RequestVerdict::Deny {
+                        reason: Cow::Borrowed("POLICY_DENIED"),
+                        summary: format!("no {side} HTTP rule allows the request"),
+                        policy: None,
+                    };
+                }
+            }
+        }
+        RequestVerdict::Allow(allowed_by)
+    }
+}
+
+/// [`HeaderMap`] over a request's `http::HeaderMap`, for header rules and their actions.
+pub struct PolicyHeaders<'a>(pub &'a mut http::HeaderMap);
+
+impl HeaderMap for PolicyHeaders<'_> {
+    fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        let mut vals = self.0.get_all(name).iter();
+        let first = vals.next()?;
+        match vals.next() {
+            None => Some(Cow::Borrowed(first.as_bytes())),
+            Some(second) => {
+                let mut joined = first.as_bytes().to_vec();
+                for v in std::iter::once(second).chain(vals) {
+                    joined.push(b',');
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                Some(Cow::Owned(joined))
+            }
+        }
+    }
+
+    fn append(&mut self, name: &str, value: &[u8]) {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_bytes(value)) {
+            self.0.append(n, v);
+        }
+    }
+
+    fn set(&mut self, name: &str, value: &[u8]) {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_bytes(value)) {
+            self.0.insert(n, v);
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+}

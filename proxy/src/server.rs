@@ -1,0 +1,222 @@
+//! Listeners and connections: accept, tell HTTP/2 from HTTP/1, serve with hyper under limits.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::config::ListenerConfig;
+use crate::h1guard::H1Guard;
+use crate::records::Counters;
+use crate::service::{Conn, Shared};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A stream with bytes already read in front of it, that notes when it last moved data.
+pub struct Prefixed<I> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+/// When a connection last moved a byte.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed();
+        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.pos..)
+            && !rest.is_empty()
+        {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections on one listener until the task is dropped.
+pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, socket: TcpListener) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let (stream, client) = match socket.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            Counters::inc(&shared.counters.connections_refused);
+            drop(stream);
+            continue;
+        };
+        let (shared, listener) = (shared.clone(), listener.clone());
+        tokio::spawn(async move {
+            Counters::inc(&shared.counters.connections);
+            shared.counters.connections_open.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = serve(shared.clone(), listener, stream, client).await {
+                tracing::debug!(%client, error = %e, "connection ended with an error");
+            }
+            shared.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+/// Reads until the bytes cannot be the HTTP/2 preface any more, or are all of it.
+async fn sniff(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+    Ok(buf)
+}
+
+/// Serves one client connection.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerConfig>,
+    mut stream: TcpStream,
+    client: SocketAddr,
+) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr()?;
+    let limits = shared.limits.clone();
+    let prefix = match tokio::time::timeout(limits.header_read_timeout(), sniff(&mut stream)).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
+    };
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let activity = Arc::new(Activity::new());
+    activity.touch();
+    let is_h2 = prefix.starts_with(H2_PREFACE);
+    let io = Prefixed { prefix, pos: 0, inner: stream, activity: activity.clone() };
+    if is_h2 {
+        let conn = Arc::new(Conn::new(shared, listener, client, local, true, None));
+        let svc = {
+            let conn = conn.clone();
+            service_fn(move |req| conn.clone().handle(req))
+        };
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(256));
+        let served = b.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(served);
+        let idle = limits.idle_timeout();
+        let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = &mut served => return r.map_err(io::Error::other),
+                _ = check.tick(), if !closing => {
+                    if conn.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
+                        served.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    } else {
+        let guard = H1Guard::new(io, limits.max_header_bytes);
+        let conn = Arc::new(Conn::new(shared, listener, client, local, false, Some(guard.shared())));
+        let svc = service_fn(move |req| conn.clone().handle(req));
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout())
+            .max_buf_size(limits.max_header_bytes.max(8192) * 2)
+            .serve_connection(TokioIo::new(guard), svc)
+            .with_upgrades()
+            .await
+            .map_err(io::Error::other)
+    }
+}

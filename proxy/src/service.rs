@@ -1,0 +1,548 @@
+//! The per-request work: normalise, judge, answer or forward, record.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use policy_engine::http::HttpRequestInfo;
+
+use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
+use crate::flow::{Flow, FlowIp, HttpInfo, Layer7, Text, now_rfc3339};
+use crate::h1guard::GuardShared;
+use crate::normalize::normalize;
+use crate::policy::{ConnPolicy, PolicyHeaders, RequestVerdict};
+use crate::records::{Counters, Records};
+use crate::snapshot::PolicyState;
+use crate::upstream::{Pool, UpstreamBody, UpstreamError, Upstreams};
+
+/// The body of the denial (Cilium's, byte for byte).
+pub const ACCESS_DENIED: &str = "Access denied\r\n";
+/// `grpc-message` of a gRPC denial: the same text, percent-encoded as gRPC requires.
+pub const GRPC_ACCESS_DENIED: &str = "Access%20denied%0D%0A";
+
+/// State shared by every connection of the process.
+pub struct Shared {
+    /// The snapshot in force.
+    pub policy: Arc<PolicyState>,
+    /// Upstream pools.
+    pub upstreams: Upstreams,
+    /// Flow records.
+    pub records: Records,
+    /// Counters.
+    pub counters: Counters,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// A response body: from upstream, or made here.
+pub enum ProxyBody {
+    /// Streamed from the upstream.
+    Upstream(UpstreamBody),
+    /// Local (denials, errors); `None` is empty.
+    Local(Option<Bytes>),
+}
+
+impl ProxyBody {
+    fn text(s: &str) -> Self {
+        Self::Local(Some(Bytes::copy_from_slice(s.as_bytes())))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Self::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(b) => b.size_hint(),
+            Self::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Tells the HTTP/1 guard what became of an upgrade / CONNECT request: refused unless
+/// [`UpgradeDecision::accept`] was called, also when the request ends early.
+struct UpgradeDecision(Option<Arc<GuardShared>>);
+
+impl UpgradeDecision {
+    fn accept(mut self) {
+        if let Some(g) = self.0.take() {
+            g.decide_upgrade(true);
+        }
+    }
+}
+
+impl Drop for UpgradeDecision {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            g.decide_upgrade(false);
+        }
+    }
+}
+
+/// One client connection.
+pub struct Conn {
+    shared: Arc<Shared>,
+    listener: Arc<ListenerConfig>,
+    client: SocketAddr,
+    local: SocketAddr,
+    http2: bool,
+    guard: Option<Arc<GuardShared>>,
+    policy: Mutex<Arc<ConnPolicy>>,
+    pool: Arc<Pool>,
+    /// Requests in progress (the idle watchdog leaves busy connections alone).
+    pub inflight: AtomicUsize,
+}
+
+struct Inflight<'a>(&'a AtomicUsize);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1) and are never forwarded, plus `Expect`
+/// (this proxy answers `100 Continue` itself, when the request is allowed and its body is read).
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "trailer", "expect"];
+
+/// Removes hop-by-hop headers, and those the `Connection` header names. `keep_upgrade` keeps
+/// `Connection: upgrade` + `Upgrade` for a tunnel request; `keep_te_trailers` keeps `TE: trailers`
+/// (gRPC needs it end to end).
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    let te_trailers = keep_te_trailers
+        && h.get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+    let upgrade = keep_upgrade.then(|| h.get(header::UPGRADE).cloned()).flatten();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(u) = upgrade {
+        h.insert(header::UPGRADE, u);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn local(status: StatusCode, body: &str, close: bool) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::text(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// A gRPC trailers-only reply (`:status 200` + `grpc-status` in one HEADERS frame).
+fn grpc_local(code: u8, message: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Local(None));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    r
+}
+
+/// What the request looked like, for its records.
+struct Seen {
+    start: Instant,
+    method: String,
+    url: String,
+    protocol: Text,
+    policy: Arc<ConnPolicy>,
+}
+
+impl Conn {
+    /// A connection from `client` to `local` on `listener`.
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: Arc<ListenerConfig>,
+        client: SocketAddr,
+        local: SocketAddr,
+        http2: bool,
+        guard: Option<Arc<GuardShared>>,
+    ) -> Self {
+        let policy = Arc::new(ConnPolicy::decide(shared.policy.current(), &listener, client, local));
+        let pool = shared.upstreams.pool(listener.upstream, &shared.limits);
+        Self {
+            shared,
+            listener,
+            client,
+            local,
+            http2,
+            guard,
+            policy: Mutex::new(policy),
+            pool,
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// The connection's policy under the snapshot in force (taken again after a swap).
+    fn policy(&self) -> Arc<ConnPolicy> {
+        let current = self.shared.policy.current();
+        let Ok(mut p) = self.policy.lock() else {
+            return Arc::new(ConnPolicy::decide(current, &self.listener, self.client, self.local));
+        };
+        let same = match (&p.snapshot, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            *p = Arc::new(ConnPolicy::decide(current, &self.listener, self.client, self.local));
+        }
+        p.clone()
+    }
+
+    fn record(
+        &self,
+        seen: &Seen,
+        response: Option<StatusCode>,
+        verdict: &'static str,
+        reason: Text,
+        summary: String,
+        rule: Option<String>,
+    ) {
+        let p = &seen.policy;
+        let (src, dst) = if response.is_some() { (&p.destination, &p.source) } else { (&p.source, &p.destination) };
+        let ports =
+            BTreeMap::from([(Cow::Borrowed("source_port"), src.port), (Cow::Borrowed("destination_port"), dst.port)]);
+        let f = Flow {
+            time: now_rfc3339(),
+            seq: 0,
+            emitter: Cow::Borrowed("proxy"),
+            verdict: Cow::Borrowed(verdict),
+            drop_reason: 0,
+            drop_reason_desc: reason,
+            flow_type: Cow::Borrowed("L7"),
+            event_type: Cow::Borrowed("access-log"),
+            traffic_direction: p.direction.clone(),
+            is_reply: response.is_some(),
+            ip: FlowIp {
+                source: src.ip.to_string(),
+                destination: dst.ip.to_string(),
+                ip_version: Cow::Borrowed(if src.ip.is_ipv4() { "IPv4" } else { "IPv6" }),
+            },
+            l4: BTreeMap::from([(Cow::Borrowed("TCP"), ports)]),
+            source: src.record.clone(),
+            destination: dst.record.clone(),
+            l7: Some(Layer7 {
+                kind: Cow::Borrowed(if response.is_some() { "RESPONSE" } else { "REQUEST" }),
+                latency_ns: response.map_or(0, |_| u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+                http: Some(HttpInfo {
+                    code: response.map_or(0, |s| s.as_u16()),
+                    method: seen.method.clone(),
+                    url: seen.url.clone(),
+                    protocol: seen.protocol.clone(),
+                }),
+            }),
+            policy: rule,
+            ifindex: 0,
+            summary,
+        };
+        self.shared.records.emit(f);
+    }
+
+    /// Handles one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let _inflight = Inflight(&self.inflight);
+        Counters::inc(&self.shared.counters.requests);
+        Ok(self.handle_inner(req).await)
+    }
+
+    async fn handle_inner(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let policy = self.policy();
+        let is_connect = req.method() == Method::CONNECT;
+        let wants_upgrade = !self.http2
+            && (is_connect
+                || (req.headers().contains_key(header::UPGRADE)
+                    && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+                        v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+                    })));
+        // Every request the guard holds bytes back for gets a decision, whatever path it takes.
+        let decision = UpgradeDecision(if self.http2 { None } else { self.guard.clone() });
+        let protocol: Text = Cow::Borrowed(match (self.http2, req.version()) {
+            (true, _) => "HTTP/2",
+            (false, Version::HTTP_10) => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        });
+        let (mut parts, body) = req.into_parts();
+        let grpc = is_grpc(&parts.headers);
+        let mut seen = Seen { start, method: parts.method.as_str().to_owned(), url: String::new(), protocol, policy };
+
+        // Authority: the URI's (HTTP/2 `:authority`, HTTP/1 absolute-form) wins over `Host`, as
+        // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 say; an HTTP/2 request whose `Host` disagrees with
+        // its `:authority` is refused (the upstream could believe either).
+        let hosts: Vec<&HeaderValue> = parts.headers.get_all(header::HOST).iter().collect();
+        let host_hdr = match hosts.as_slice() {
+            [] => None,
+            [h] => match h.to_str() {
+                Ok(h) => Some(h.to_owned()),
+                Err(_) => return self.reject(&seen, grpc, "Host header is not visible ASCII"),
+            },
+            _ => return self.reject(&seen, grpc, "more than one Host header"),
+        };
+        let uri_authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        if self.http2
+            && let (Some(a), Some(h)) = (&uri_authority, &host_hdr)
+            && !a.eq_ignore_ascii_case(h)
+        {
+            return self.reject(&seen, grpc, "Host header differs from :authority");
+        }
+        let authority = uri_authority.or(host_hdr);
+        if let Some(a) = &authority
+            && (a.is_empty() || a.contains('@'))
+        {
+            return self.reject(&seen, grpc, "invalid authority");
+        }
+
+        // Target: normalised once; judged and forwarded in that one form.
+        let target = if is_connect {
+            String::new()
+        } else {
+            let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            match normalize(raw) {
+                Ok(t) => t.path_and_query,
+                Err(e) => {
+                    seen.url = raw.to_owned();
+                    return self.reject(&seen, grpc, &format!("request target refused: {e}"));
+                }
+            }
+        };
+        seen.url = format!("http://{}{}", authority.as_deref().unwrap_or(""), target);
+        if self.http2 && is_connect {
+            return self.reject(&seen, grpc, "CONNECT over HTTP/2 is not supported");
+        }
+
+        let expect_continue =
+            parts.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        strip_hop_by_hop(&mut parts.headers, wants_upgrade, true);
+        let verdict = {
+            let info = HttpRequestInfo {
+                method: parts.method.as_str().as_bytes(),
+                path: target.as_bytes(),
+                authority: authority.as_deref().map(str::as_bytes),
+            };
+            seen.policy.check_http(&info, &mut PolicyHeaders(&mut parts.headers))
+        };
+        let rule = match verdict {
+            RequestVerdict::Deny { reason, summary, policy } => {
+                Counters::inc(&self.shared.counters.denied);
+                self.record(&seen, None, "DROPPED", reason, summary, policy);
+                drop(decision);
+                return self.deny(body, grpc, expect_continue).await;
+            }
+            RequestVerdict::Allow(rule) => rule,
+        };
+        Counters::inc(&self.shared.counters.forwarded);
+        self.record(&seen, None, "FORWARDED", Cow::Borrowed(""), String::new(), rule.clone());
+
+        let up_h2 = match self.listener.upstream_protocol {
+            UpstreamProtocol::Auto => self.http2,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+        };
+        let authority = authority.unwrap_or_else(|| self.listener.upstream.to_string());
+        let uri = if is_connect {
+            parts.uri.clone()
+        } else if up_h2 {
+            parts.headers.remove(header::HOST);
+            match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(target.as_str()).build() {
+                Ok(u) => u,
+                Err(e) => return self.reject(&seen, grpc, &format!("invalid authority: {e}")),
+            }
+        } else {
+            match HeaderValue::from_str(&authority) {
+                Ok(v) => drop(parts.headers.insert(header::HOST, v)),
+                Err(e) => return self.reject(&seen, grpc, &format!("invalid authority: {e}")),
+            }
+            match Uri::try_from(target.as_str()) {
+                Ok(u) => u,
+                Err(e) => return self.reject(&seen, grpc, &format!("request target refused: {e}")),
+            }
+        };
+        parts.uri = uri;
+        parts.version = if up_h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        if !up_h2 {
+            parts.headers.remove(header::TE);
+        }
+        let mut req = Request::from_parts(parts, body);
+
+        if wants_upgrade {
+            return self.tunnel(req, decision, &seen, rule).await;
+        }
+        drop(decision);
+        let timeout = self.shared.limits.request_timeout();
+        let sent = if up_h2 {
+            tokio::time::timeout(timeout, self.pool.send_http2(req)).await
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            tokio::time::timeout(timeout, self.pool.send_http1(req)).await
+        };
+        match sent {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut(), false, false);
+                self.record(&seen, Some(resp.status()), "FORWARDED", Cow::Borrowed(""), String::new(), rule);
+                *resp.version_mut() = Version::default();
+                resp.map(ProxyBody::Upstream)
+            }
+            Ok(Err(e)) => self.upstream_failed(&seen, grpc, &e),
+            Err(_) => {
+                Counters::inc(&self.shared.counters.upstream_errors);
+                let summary = format!("upstream did not answer within {timeout:?}");
+                self.record(&seen, Some(StatusCode::GATEWAY_TIMEOUT), "ERROR", Cow::Borrowed(""), summary, None);
+                if grpc {
+                    grpc_local(4, "upstream%20timeout")
+                } else {
+                    local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n", false)
+                }
+            }
+        }
+    }
+
+    fn upstream_failed(&self, seen: &Seen, grpc: bool, e: &UpstreamError) -> Response<ProxyBody> {
+        Counters::inc(&self.shared.counters.upstream_errors);
+        let status = match e {
+            UpstreamError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
+        };
+        tracing::info!(error = %e, url = %seen.url, "upstream failure");
+        self.record(seen, Some(status), "ERROR", Cow::Borrowed(""), e.to_string(), None);
+        if grpc { grpc_local(14, "upstream%20unavailable") } else { local(status, &format!("{e}\r\n"), false) }
+    }
+
+    /// A request refused before policy: malformed or ambiguous. Fails closed.
+    fn reject(&self, seen: &Seen, grpc: bool, why: &str) -> Response<ProxyBody> {
+        Counters::inc(&self.shared.counters.rejected);
+        tracing::info!(url = %seen.url, why, "request refused");
+        self.record(seen, None, "DROPPED", Cow::Borrowed("MALFORMED_REQUEST"), why.to_owned(), None);
+        if grpc {
+            return grpc_local(13, "malformed%20request");
+        }
+        // The connection may hold bytes of an unread body: close it rather than guess.
+        local(StatusCode::BAD_REQUEST, &format!("Bad Request: {why}\r\n"), !self.http2)
+    }
+
+    /// The denial. An HTTP/1 request body is read and dropped (up to a limit) first, so the
+    /// connection stays usable; with `Expect: 100-continue` nothing is read (the client is told
+    /// no before it sends) and the connection is closed.
+    async fn deny(&self, mut body: Incoming, grpc: bool, expect_continue: bool) -> Response<ProxyBody> {
+        let mut close = false;
+        if !self.http2 && !body.is_end_stream() {
+            if expect_continue {
+                close = true;
+            } else {
+                let limit = self.shared.limits.max_denied_body_drain;
+                let drain = async {
+                    let mut seen = 0usize;
+                    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                        match frame {
+                            Ok(f) => seen += f.data_ref().map_or(0, Bytes::len),
+                            Err(_) => return false,
+                        }
+                        if seen > limit {
+                            return false;
+                        }
+                    }
+                    true
+                };
+                close = !tokio::time::timeout(self.shared.limits.header_read_timeout(), drain).await.unwrap_or(false);
+            }
+        }
+        if grpc && self.http2 {
+            return grpc_local(7, GRPC_ACCESS_DENIED);
+        }
+        local(StatusCode::FORBIDDEN, ACCESS_DENIED, close)
+    }
+
+    /// An allowed Upgrade / CONNECT: the request goes upstream on a connection of its own; if the
+    /// upstream switches protocols (101, or 2xx to CONNECT) both sides are spliced.
+    async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        decision: UpgradeDecision,
+        seen: &Seen,
+        rule: Option<String>,
+    ) -> Response<ProxyBody> {
+        let is_connect = req.method() == Method::CONNECT;
+        let client_side = hyper::upgrade::on(&mut req);
+        let sent = tokio::time::timeout(self.shared.limits.request_timeout(), self.pool.send_upgrade(req)).await;
+        let mut resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return self.upstream_failed(seen, false, &e),
+            Err(_) => {
+                Counters::inc(&self.shared.counters.upstream_errors);
+                return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n", false);
+            }
+        };
+        let switched =
+            if is_connect { resp.status().is_success() } else { resp.status() == StatusCode::SWITCHING_PROTOCOLS };
+        self.record(seen, Some(resp.status()), "FORWARDED", Cow::Borrowed(""), String::new(), rule);
+        if !switched {
+            drop(decision);
+            strip_hop_by_hop(resp.headers_mut(), false, false);
+            return resp.map(|b| ProxyBody::Upstream(UpstreamBody::detached(b)));
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        decision.accept();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, upstream_side) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(error = %e, "tunnel ended");
+                    }
+                }
+                Err(e) => tracing::info!(error = %e, "upgrade failed"),
+            }
+        });
+        resp.map(|_| ProxyBody::Local(None))
+    }
+}

@@ -1,0 +1,133 @@
+//! Policy snapshots from the agent.
+//!
+//! The channel is a file: the agent writes the [`PolicyInputs`] of every good policy version to a
+//! temporary file and renames it over the published path, so a reader always sees a whole version.
+//! The proxy checks the file's identity (inode, size, modification time) every poll interval,
+//! resolves a new version with the same engine, and swaps it in atomically; requests already
+//! decided keep their snapshot, the next request uses the new one. A missing, unreadable or
+//! invalid file never replaces a good snapshot: the last good one keeps enforcing (also while the
+//! agent is down), and a restarted proxy starts from the last version the agent published.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use policy_engine::inputs::PolicyInputs;
+use policy_engine::snapshot::Snapshot;
+use serde::Serialize;
+
+use crate::flow::now_rfc3339;
+
+/// What the status command reports about the snapshot source.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SnapshotStatus {
+    /// The published file.
+    pub path: String,
+    /// Version enforced (none: nothing loaded yet, every request is denied).
+    pub version: Option<u64>,
+    /// When it was loaded.
+    pub loaded_at: Option<String>,
+    /// Endpoints in it.
+    pub endpoints: usize,
+    /// Why the newest published file was not taken (the last good version keeps enforcing).
+    pub last_error: Option<String>,
+    /// Versions loaded since start.
+    pub loads: u64,
+}
+
+/// The snapshot in force, shared by every connection.
+#[derive(Debug, Default)]
+pub struct PolicyState {
+    current: RwLock<Option<Arc<Snapshot>>>,
+    status: Mutex<SnapshotStatus>,
+}
+
+/// Identity of a published file version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+/// Reads and resolves a published inputs file.
+pub fn load(path: &Path) -> Result<Snapshot, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let inputs: PolicyInputs = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    inputs.resolve().map_err(|errs| format!("{}: {}", path.display(), errs.join("; ")))
+}
+
+impl PolicyState {
+    /// An empty state: no snapshot, every request denied.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            current: RwLock::new(None),
+            status: Mutex::new(SnapshotStatus { path: path.display().to_string(), ..Default::default() }),
+        }
+    }
+
+    /// The snapshot in force.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Puts a snapshot in force.
+    pub fn install(&self, snap: Snapshot) {
+        let (version, endpoints) = (snap.version, snap.endpoints().len());
+        if let Ok(mut c) = self.current.write() {
+            *c = Some(Arc::new(snap));
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.version = Some(version);
+            s.endpoints = endpoints;
+            s.loaded_at = Some(now_rfc3339());
+            s.last_error = None;
+            s.loads += 1;
+        }
+        tracing::info!(version, endpoints, "policy snapshot in force");
+    }
+
+    /// Records why a published version was not taken.
+    pub fn reject(&self, error: String) {
+        tracing::warn!(%error, "policy snapshot not taken; the last good one keeps enforcing");
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = Some(error);
+        }
+    }
+
+    /// The status.
+    pub fn status(&self) -> SnapshotStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Follows the published file until the task is dropped.
+pub async fn follow(state: Arc<PolicyState>, path: PathBuf, every: Duration) {
+    let mut seen: Option<Stamp> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now.is_none() || now == seen {
+            continue;
+        }
+        seen = now;
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || load(&p)).await {
+            Ok(Ok(snap)) => state.install(snap),
+            Ok(Err(e)) => state.reject(e),
+            Err(e) => state.reject(format!("loading {}: {e}", path.display())),
+        }
+    }
+}
