@@ -6,7 +6,8 @@
 //! The rules, and why, are in `docs/normalization.md`:
 //!
 //! * reject: `#`, backslashes, control characters, malformed `%` escapes, encoded NUL, encoded
-//!   slash or backslash (`%2F`, `%5C`: backends disagree on them), escapes that decode to invalid
+//!   slash or backslash (`%2F`, `%5C`: backends disagree on them), double encoding in the path
+//!   (`%252e`: for backends that decode twice), escapes that decode to invalid
 //!   UTF-8 (overlong encodings included), and `.`/`..` segments hidden behind `;` parameters;
 //! * normalise: decode escaped unreserved characters (`%41` → `A`), upper-case the hex of the
 //!   others, merge repeated slashes, and remove `.` and `..` segments (RFC 3986 §5.2.4);
@@ -37,6 +38,9 @@ pub enum TargetError {
     /// Escapes that are not valid UTF-8 (overlong encodings included).
     #[error("percent-escapes that are not valid UTF-8")]
     InvalidUtf8,
+    /// `%25` followed by two hex digits in the path: an escape meant to survive one decoding.
+    #[error("double percent-encoding in the path")]
+    DoubleEncoding,
     /// `..;x` and friends.
     #[error("dot segment with path parameters")]
     DotSegmentParams,
@@ -89,6 +93,13 @@ fn clean(component: &str, is_path: bool) -> Result<String, TargetError> {
                 }
                 if is_path && (v == b'/' || v == b'\\') {
                     return Err(TargetError::EncodedSlash);
+                }
+                if is_path
+                    && v == b'%'
+                    && bytes.get(i + 3).copied().and_then(hex).is_some()
+                    && bytes.get(i + 4).copied().and_then(hex).is_some()
+                {
+                    return Err(TargetError::DoubleEncoding);
                 }
                 decoded.push(v);
                 if unreserved(v) {
@@ -214,6 +225,9 @@ mod tests {
         assert_eq!(n("/a\\b"), Err(TargetError::Forbidden('\\')));
         assert_eq!(n("/a#b"), Err(TargetError::Forbidden('#')));
         assert_eq!(n("/..;/admin"), Err(TargetError::DotSegmentParams));
+        assert_eq!(n("/a/%252e%252e/b"), Err(TargetError::DoubleEncoding));
+        assert_eq!(n("/100%25"), Ok("/100%25".into()));
+        assert_eq!(n("/q?v=%2541"), Ok("/q?v=%2541".into()));
         assert_eq!(n("/a;b/c"), Ok("/a;b/c".into()));
         assert_eq!(n("http://x/"), Err(TargetError::NotOriginForm));
         assert_eq!(n("/q?a=%2F&b=%20"), Ok("/q?a=%2F&b=%20".into()));

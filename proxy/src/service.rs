@@ -300,9 +300,15 @@ impl Conn {
         let start = Instant::now();
         let policy = self.policy();
         let is_connect = req.method() == Method::CONNECT;
+        // `Upgrade: h2c` is never honoured: a tunnel to an upstream that speaks HTTP/2 after the
+        // upgrade would carry requests this proxy never sees. The request goes on as HTTP/1.1.
+        let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
+            v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().to_ascii_lowercase().starts_with(b"h2c"))
+        });
         let wants_upgrade = !self.http2
             && (is_connect
-                || (req.headers().contains_key(header::UPGRADE)
+                || (!h2c
+                    && req.headers().contains_key(header::UPGRADE)
                     && req.headers().get_all(header::CONNECTION).iter().any(|v| {
                         v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
                     })));
@@ -364,6 +370,7 @@ impl Conn {
         let expect_continue =
             parts.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         strip_hop_by_hop(&mut parts.headers, wants_upgrade, true);
+        parts.headers.remove("http2-settings");
         let verdict = {
             let info = HttpRequestInfo {
                 method: parts.method.as_str().as_bytes(),
