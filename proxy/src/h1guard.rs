@@ -15,9 +15,10 @@
 //! Heads are held back until complete and valid, so hyper never sees a rejected one; body bytes pass
 //! through unchanged. After an `Upgrade` or `CONNECT` request the guard holds further bytes until the
 //! service says whether the tunnel was accepted (then they pass through untouched) or not (then they
-//! are the next request). On a violation the guard ends the stream; when hyper shuts the connection
-//! down (after flushing earlier responses) the guard writes `400 Bad Request` (`431` for oversized
-//! heads) with `Connection: close`.
+//! are the next request). On a violation the guard ends the stream (hyper runs with half-close
+//! on, so requests already read are still answered); when hyper shuts the connection down the guard
+//! writes `400 Bad Request` (`431` for oversized heads) with `Connection: close`, unless the service
+//! already answered it (a body that broke the framing mid-request).
 
 use std::io;
 use std::pin::Pin;
@@ -49,6 +50,8 @@ pub mod upgrade {
 #[derive(Debug, Default)]
 pub struct GuardShared {
     upgrade: AtomicU8,
+    /// The service answered the violation itself (a request whose body broke the framing).
+    answered: std::sync::atomic::AtomicBool,
     waker: Mutex<Option<Waker>>,
     violation: Mutex<Option<Violation>>,
 }
@@ -76,6 +79,14 @@ impl GuardShared {
     /// The violation that closed the connection, if any.
     pub fn violation(&self) -> Option<Violation> {
         self.violation.lock().ok().and_then(|v| v.clone())
+    }
+
+    /// Takes the violation for the service to answer (a request body broke the framing while the
+    /// request was being forwarded); the guard then writes no response of its own.
+    pub fn answer_violation(&self) -> Option<Violation> {
+        let v = self.violation()?;
+        self.answered.store(true, Ordering::SeqCst);
+        Some(v)
     }
 }
 
@@ -151,6 +162,9 @@ impl<I> H1Guard<I> {
             Ok(_) => return Err((400, "incomplete request head".into())),
             Err(httparse::Error::TooManyHeaders) => return Err((431, format!("more than {MAX_HEADERS} headers"))),
             Err(e) => return Err((400, format!("malformed request head ({e})"))),
+        }
+        if req.path.is_some_and(|p| p.contains('#')) {
+            return Err((400, "fragment in the request target".into()));
         }
         let mut content_length: Option<u64> = None;
         let mut te = false;
@@ -415,6 +429,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for H1Guard<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.shared.answered.load(Ordering::SeqCst) {
+            this.reject_response = None;
+        }
         while let Some(resp) = this.reject_response.as_mut() {
             if resp.is_empty() {
                 this.reject_response = None;

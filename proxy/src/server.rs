@@ -213,6 +213,9 @@ pub async fn serve(
         http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout())
+            // A client that stops sending (or whose next request the guard refused) still gets
+            // the answers to the requests it already sent.
+            .half_close(true)
             .max_buf_size(limits.max_header_bytes.max(8192) * 2)
             .serve_connection(TokioIo::new(guard), svc)
             .with_upgrades()

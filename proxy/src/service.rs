@@ -105,6 +105,31 @@ impl Drop for UpgradeDecision {
     }
 }
 
+/// hyper's handle on the connection of a request that carries `Upgrade` (or is a CONNECT). When
+/// the request is not tunnelled and the connection ends right after it, hyper hands the connection
+/// over through this handle instead of shutting it down; shutting it down here lets the framing
+/// guard send its pending refusal. Dropping the holder without [`PendingUpgrade::take`] arranges that.
+struct PendingUpgrade(Option<hyper::upgrade::OnUpgrade>);
+
+impl PendingUpgrade {
+    fn take(&mut self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.0.take()
+    }
+}
+
+impl Drop for PendingUpgrade {
+    fn drop(&mut self) {
+        if let Some(on) = self.0.take() {
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on.await {
+                    use tokio::io::AsyncWriteExt as _;
+                    let _ = TokioIo::new(upgraded).shutdown().await;
+                }
+            });
+        }
+    }
+}
+
 /// One client connection.
 pub struct Conn {
     shared: Arc<Shared>,
@@ -296,8 +321,12 @@ impl Conn {
         Ok(self.handle_inner(req).await)
     }
 
-    async fn handle_inner(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle_inner(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        let mut pending_upgrade = PendingUpgrade(
+            (!self.http2 && (req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE)))
+                .then(|| hyper::upgrade::on(&mut req)),
+        );
         let policy = self.policy();
         let is_connect = req.method() == Method::CONNECT;
         // `Upgrade: h2c` is never honoured: a tunnel to an upstream that speaks HTTP/2 after the
@@ -422,8 +451,8 @@ impl Conn {
         }
         let mut req = Request::from_parts(parts, body);
 
-        if wants_upgrade {
-            return self.tunnel(req, decision, &seen, rule).await;
+        if wants_upgrade && let Some(client_side) = pending_upgrade.take() {
+            return self.tunnel(req, client_side, decision, &seen, rule).await;
         }
         drop(decision);
         let timeout = self.shared.limits.request_timeout();
@@ -455,6 +484,14 @@ impl Conn {
     }
 
     fn upstream_failed(&self, seen: &Seen, grpc: bool, e: &UpstreamError) -> Response<ProxyBody> {
+        // The request body broke HTTP/1 framing while it was being forwarded: that is the client's
+        // fault, and the answer is the guard's refusal, not an upstream error.
+        if let Some(v) = self.guard.as_ref().and_then(|g| g.answer_violation()) {
+            Counters::inc(&self.shared.counters.rejected);
+            self.record(seen, None, "DROPPED", Cow::Borrowed("MALFORMED_REQUEST"), v.reason.clone(), None);
+            let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
+            return local(status, &format!("Bad Request: {}\r\n", v.reason), true);
+        }
         Counters::inc(&self.shared.counters.upstream_errors);
         let status = match e {
             UpstreamError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -513,13 +550,13 @@ impl Conn {
     /// upstream switches protocols (101, or 2xx to CONNECT) both sides are spliced.
     async fn tunnel(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
+        client_side: hyper::upgrade::OnUpgrade,
         decision: UpgradeDecision,
         seen: &Seen,
         rule: Option<String>,
     ) -> Response<ProxyBody> {
         let is_connect = req.method() == Method::CONNECT;
-        let client_side = hyper::upgrade::on(&mut req);
         let sent = tokio::time::timeout(self.shared.limits.request_timeout(), self.pool.send_upgrade(req)).await;
         let mut resp = match sent {
             Ok(Ok(r)) => r,
