@@ -253,6 +253,18 @@ impl Fixture {
         limits: Limits,
         secrets: &[(&str, &str)],
     ) -> Self {
+        Self::start(policies, endpoints, listeners, limits, secrets, None).await
+    }
+
+    /// `upstream` replaces the built-in backends as every listener's upstream.
+    pub async fn start(
+        policies: &[&str],
+        endpoints: &[Endpoint],
+        listeners: &[L],
+        limits: Limits,
+        secrets: &[(&str, &str)],
+        upstream: Option<SocketAddr>,
+    ) -> Self {
         let dir = TempDir::new();
         let (h1, h2) = (Backend::start(false).await, Backend::start(true).await);
         let snapshot = dir.0.join("snapshot.json");
@@ -268,7 +280,7 @@ impl Fixture {
                 .map(|l| ListenerConfig {
                     name: l.name.into(),
                     listen: "127.0.0.1:0".parse().unwrap(),
-                    upstream: if l.h2_upstream { h2.addr } else { h1.addr },
+                    upstream: upstream.unwrap_or(if l.h2_upstream { h2.addr } else { h1.addr }),
                     source: l.source.clone(),
                     destination: l.destination.clone(),
                     port: Some(l.port),
