@@ -46,16 +46,29 @@ lab_tools() {
     apt_install iproute2 curl iputils-ping procps
 }
 
+l7_clients() {
+    # Real HTTP/2 and gRPC clients for the proxy tests: h2load (nghttp2-client), grpcio.
+    apt_install nghttp2-client
+    python3 -c 'import grpc' 2>/dev/null || { log "installing grpcio (pip)"; python3 -m pip install -q --disable-pip-version-check grpcio; }
+}
+
+bench_tools() {
+    # Load generators for benches/ (not needed by the tests).
+    apt_install wrk nghttp2-client
+}
+
 setup_main() {
     rust_components
     ebpf_toolchain
     lab_tools
+    l7_clients
 }
 
 setup_tests() {
     rust_components
     ebpf_toolchain
     lab_tools
+    l7_clients
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

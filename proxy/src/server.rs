@@ -194,15 +194,20 @@ pub async fn serve(
         tokio::pin!(served);
         let idle = limits.idle_timeout();
         let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-        let mut closing = false;
+        // Closing politely (GOAWAY) needs the peer's help; a peer that does not answer gets
+        // dropped after a grace period as long as the idle timeout (at most 10 s).
+        let grace = idle.min(Duration::from_secs(10));
+        let mut closing: Option<Instant> = None;
         loop {
             tokio::select! {
                 r = &mut served => return r.map_err(io::Error::other),
-                _ = check.tick(), if !closing => {
-                    if conn.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
+                _ = check.tick() => match closing {
+                    None if conn.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle => {
                         served.as_mut().graceful_shutdown();
-                        closing = true;
+                        closing = Some(Instant::now());
                     }
+                    Some(since) if since.elapsed() >= grace && conn.inflight.load(Ordering::Relaxed) == 0 => return Ok(()),
+                    _ => {}
                 }
             }
         }
