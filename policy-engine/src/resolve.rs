@@ -84,6 +84,7 @@ pub struct Service {
 
 /// Everything besides policies that resolution needs.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Environment {
     /// Local cluster name.
     pub cluster: String,

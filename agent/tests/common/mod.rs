@@ -216,3 +216,13 @@ pub(crate) fn echo(stream: &mut TcpStream, msg: &str) -> bool {
     let mut buf = vec![0u8; msg.len()];
     stream.read_exact(&mut buf).is_ok() && buf == msg.as_bytes()
 }
+
+/// One request on a control socket (agent or proxy).
+pub(crate) fn control_json(sock: &std::path::Path, req: &str) -> Value {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
