@@ -15,6 +15,12 @@ use crate::labels::{Label, LabelKey, Labels};
 /// A numeric security identity.
 pub type IdentityId = u32;
 
+/// An identity handed out to a label set (labels as `source:key=value`).
+pub type LabelAssignment = (Vec<String>, IdentityId);
+
+/// An identity handed out to a prefix.
+pub type PrefixAssignment = (IpNet, IdentityId);
+
 /// Reserved identities (`pkg/identity/numericidentity.go`).
 pub mod reserved {
     use super::IdentityId;
@@ -137,7 +143,7 @@ impl IdentityAllocator {
     }
 
     /// What has been handed out: `(labels, id)` and `(prefix, id)`, for another process to start from.
-    pub fn assignments(&self) -> (Vec<(Vec<String>, IdentityId)>, Vec<(IpNet, IdentityId)>) {
+    pub fn assignments(&self) -> (Vec<LabelAssignment>, Vec<PrefixAssignment>) {
         (
             self.by_labels.iter().map(|(l, id)| (l.iter().map(ToString::to_string).collect(), *id)).collect(),
             self.by_prefix.iter().map(|(p, id)| (*p, *id)).collect(),

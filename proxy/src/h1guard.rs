@@ -69,10 +69,10 @@ impl GuardShared {
     /// Tells the guard what became of an upgrade / CONNECT request.
     pub fn decide_upgrade(&self, accepted: bool) {
         self.upgrade.store(if accepted { upgrade::ACCEPTED } else { upgrade::REFUSED }, Ordering::SeqCst);
-        if let Ok(mut w) = self.waker.lock() {
-            if let Some(w) = w.take() {
-                w.wake();
-            }
+        if let Ok(mut w) = self.waker.lock()
+            && let Some(w) = w.take()
+        {
+            w.wake();
         }
     }
 
@@ -273,9 +273,7 @@ impl<I> H1Guard<I> {
                 }
                 if p.ends_with(b"\r\n\r\n") {
                     match Self::check_head(p) {
-                        Ok(next) if next == State::Rejected => {
-                            self.reject(400, "a body on an upgrade or CONNECT request".into())
-                        }
+                        Ok(State::Rejected) => self.reject(400, "a body on an upgrade or CONNECT request".into()),
                         Ok(next) => {
                             let head = self.pending.split();
                             self.ready.extend_from_slice(&head);

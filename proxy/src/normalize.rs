@@ -106,8 +106,8 @@ fn clean(component: &str, is_path: bool) -> Result<String, TargetError> {
                     out.push(char::from(v));
                 } else {
                     out.push('%');
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                    out.push(char::from_digit(u32::from(h), 16).unwrap_or('0').to_ascii_uppercase());
+                    out.push(char::from_digit(u32::from(l), 16).unwrap_or('0').to_ascii_uppercase());
                 }
                 i += 3;
             }

@@ -7,6 +7,14 @@
 //! the connection (403) and its flow record says the connection's policy drops it; `upstream_401`
 //! → the request reached the backend untouched (without the header a rule would inject).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

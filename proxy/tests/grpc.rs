@@ -2,6 +2,14 @@
 //! Python grpcio as the client. The Cloud City guide's policy: listed methods pass with their
 //! trailers, others get a trailers-only `PERMISSION_DENIED` with Cilium's message.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
+
 mod common;
 
 use std::convert::Infallible;

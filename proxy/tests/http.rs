@@ -1,5 +1,13 @@
 //! The proxy with real clients (curl over HTTP/1.1 and h2c) and real hyper backends.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
+
 mod common;
 
 use std::time::Duration;

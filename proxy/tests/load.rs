@@ -1,6 +1,14 @@
 //! Snapshot swaps under load (h2load, HTTP/1.1 and h2c), the last good snapshot, and limits that
 //! keep slow or greedy clients from pinning the proxy.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

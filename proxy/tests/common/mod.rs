@@ -2,6 +2,13 @@
 //! inputs published to a private directory, and helpers for real clients (curl, h2load, raw TCP).
 //! Everything is torn down on drop, also when a test panics.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
 #![allow(dead_code, reason = "each test binary uses a different part of the fixture")]
 
 use std::collections::BTreeMap;
@@ -26,10 +33,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// A private directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let p = std::env::temp_dir().join(format!(
@@ -50,26 +57,26 @@ impl Drop for TempDir {
 
 /// What a backend received.
 #[derive(Clone, Debug)]
-pub struct Seen {
-    pub method: String,
+pub(crate) struct Seen {
+    pub(crate) method: String,
     /// The request target exactly as received.
-    pub target: String,
-    pub version: String,
-    pub headers: Vec<(String, String)>,
-    pub body_len: usize,
+    pub(crate) target: String,
+    pub(crate) version: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body_len: usize,
 }
 
 impl Seen {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
 /// A real hyper server: answers `200` with `method target` (and the body's length), `/status/N`
 /// with N, `/ws` upgrades with 101 and echoes bytes; records every request it sees.
-pub struct Backend {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+pub(crate) struct Backend {
+    pub(crate) addr: SocketAddr,
+    pub(crate) seen: Arc<Mutex<Vec<Seen>>>,
     task: JoinHandle<()>,
 }
 
@@ -141,7 +148,7 @@ async fn backend_handle(
 
 impl Backend {
     /// HTTP/1.1 (`h2 = false`) or h2c prior knowledge.
-    pub async fn start(h2: bool) -> Self {
+    pub(crate) async fn start(h2: bool) -> Self {
         let sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -167,17 +174,17 @@ impl Backend {
         Self { addr, seen, task }
     }
 
-    pub fn targets(&self) -> Vec<String> {
+    pub(crate) fn targets(&self) -> Vec<String> {
         self.seen.lock().unwrap().iter().map(|s| s.target.clone()).collect()
     }
 
-    pub fn last(&self) -> Option<Seen> {
+    pub(crate) fn last(&self) -> Option<Seen> {
         self.seen.lock().unwrap().last().cloned()
     }
 }
 
 /// An endpoint of the test world.
-pub fn endpoint(name: &str, labels: &[(&str, &str)], ip: &str) -> Endpoint {
+pub(crate) fn endpoint(name: &str, labels: &[(&str, &str)], ip: &str) -> Endpoint {
     Endpoint {
         name: name.into(),
         namespace: "default".into(),
@@ -189,7 +196,7 @@ pub fn endpoint(name: &str, labels: &[(&str, &str)], ip: &str) -> Endpoint {
 }
 
 /// The star wars endpoints.
-pub fn starwars() -> Vec<Endpoint> {
+pub(crate) fn starwars() -> Vec<Endpoint> {
     vec![
         endpoint("deathstar", &[("org", "empire"), ("class", "deathstar")], "10.0.0.1"),
         endpoint("tiefighter", &[("org", "empire"), ("class", "tiefighter")], "10.0.0.2"),
@@ -198,7 +205,7 @@ pub fn starwars() -> Vec<Endpoint> {
 }
 
 /// Writes policy inputs where the proxy reads them, atomically (as the agent does).
-pub fn publish(path: &Path, version: u64, policies: &[&str], endpoints: &[Endpoint], secrets: &[(&str, &str)]) {
+pub(crate) fn publish(path: &Path, version: u64, policies: &[&str], endpoints: &[Endpoint], secrets: &[(&str, &str)]) {
     let inputs = PolicyInputs {
         version,
         policies: policies
@@ -221,32 +228,32 @@ pub fn publish(path: &Path, version: u64, policies: &[&str], endpoints: &[Endpoi
 }
 
 /// A listener of the fixture.
-pub struct L {
-    pub name: &'static str,
-    pub source: PeerRef,
-    pub destination: PeerRef,
-    pub port: u16,
-    pub h2_upstream: bool,
+pub(crate) struct L {
+    pub(crate) name: &'static str,
+    pub(crate) source: PeerRef,
+    pub(crate) destination: PeerRef,
+    pub(crate) port: u16,
+    pub(crate) h2_upstream: bool,
 }
 
-pub fn pod(p: &str) -> PeerRef {
+pub(crate) fn pod(p: &str) -> PeerRef {
     PeerRef::Pod(format!("default/{p}"))
 }
 
 /// The proxy with backends and published policy.
-pub struct Fixture {
-    pub dir: TempDir,
-    pub h1: Backend,
-    pub h2: Backend,
-    pub proxy: Proxy,
+pub(crate) struct Fixture {
+    pub(crate) dir: TempDir,
+    pub(crate) h1: Backend,
+    pub(crate) h2: Backend,
+    pub(crate) proxy: Proxy,
 }
 
 impl Fixture {
-    pub async fn new(policies: &[&str], endpoints: &[Endpoint], listeners: &[L]) -> Self {
+    pub(crate) async fn new(policies: &[&str], endpoints: &[Endpoint], listeners: &[L]) -> Self {
         Self::with_limits(policies, endpoints, listeners, Limits::default(), &[]).await
     }
 
-    pub async fn with_limits(
+    pub(crate) async fn with_limits(
         policies: &[&str],
         endpoints: &[Endpoint],
         listeners: &[L],
@@ -257,7 +264,7 @@ impl Fixture {
     }
 
     /// `upstream` replaces the built-in backends as every listener's upstream.
-    pub async fn start(
+    pub(crate) async fn start(
         policies: &[&str],
         endpoints: &[Endpoint],
         listeners: &[L],
@@ -293,21 +300,21 @@ impl Fixture {
         Self { dir, h1, h2, proxy }
     }
 
-    pub fn addr(&self, listener: &str) -> SocketAddr {
+    pub(crate) fn addr(&self, listener: &str) -> SocketAddr {
         self.proxy.addr(listener).unwrap()
     }
 
-    pub fn snapshot_path(&self) -> PathBuf {
+    pub(crate) fn snapshot_path(&self) -> PathBuf {
         self.dir.0.join("snapshot.json")
     }
 
     /// Flow records so far.
-    pub fn flows(&self) -> Vec<proxy::flow::Flow> {
+    pub(crate) fn flows(&self) -> Vec<proxy::flow::Flow> {
         self.proxy.info.shared.records.after(0, usize::MAX).0
     }
 
     /// Waits until the proxy enforces snapshot `version`.
-    pub async fn wait_version(&self, version: u64) {
+    pub(crate) async fn wait_version(&self, version: u64) {
         for _ in 0..200 {
             if self.proxy.info.shared.policy.current().is_some_and(|s| s.version == version) {
                 return;
@@ -320,7 +327,7 @@ impl Fixture {
 
 /// Runs a command to completion (off the runtime's threads); panics with its output if it
 /// cannot start.
-pub async fn run(cmd: &str, args: Vec<String>) -> std::process::Output {
+pub(crate) async fn run(cmd: &str, args: Vec<String>) -> std::process::Output {
     let c = cmd.to_owned();
     tokio::task::spawn_blocking(move || std::process::Command::new(&c).args(&args).output())
         .await
@@ -330,14 +337,14 @@ pub async fn run(cmd: &str, args: Vec<String>) -> std::process::Output {
 
 /// What curl got: status, body and response headers.
 #[derive(Debug)]
-pub struct CurlResult {
-    pub status: u16,
-    pub body: String,
-    pub headers: String,
+pub(crate) struct CurlResult {
+    pub(crate) status: u16,
+    pub(crate) body: String,
+    pub(crate) headers: String,
 }
 
 /// curl against `addr`, with extra arguments (`--http2-prior-knowledge`, `-X PUT`, ...).
-pub async fn curl(addr: SocketAddr, path: &str, extra: &[&str]) -> CurlResult {
+pub(crate) async fn curl(addr: SocketAddr, path: &str, extra: &[&str]) -> CurlResult {
     let dir = TempDir::new();
     let hdr = dir.0.join("h");
     let mut args: Vec<String> = vec![
@@ -364,7 +371,7 @@ pub async fn curl(addr: SocketAddr, path: &str, extra: &[&str]) -> CurlResult {
 }
 
 /// Sends raw bytes, then reads until the server closes or goes quiet for `quiet`.
-pub async fn raw(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
+pub(crate) async fn raw(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
@@ -379,7 +386,7 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> Vec<u8> {
 }
 
 /// Status codes of every HTTP/1 response in `bytes` (heads found by their status lines).
-pub fn statuses(bytes: &[u8]) -> Vec<u16> {
+pub(crate) fn statuses(bytes: &[u8]) -> Vec<u16> {
     let text = String::from_utf8_lossy(bytes);
     text.match_indices("HTTP/1.1 ")
         .filter_map(|(i, _)| text.get(i + 9..i + 12).and_then(|c| c.parse().ok()))
