@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most headers in a head.
 const MAX_HEADERS: usize = 100;
+/// Bytes read from the client at a time.
+const READ_BUF: usize = 8 * 1024;
 
 /// What the service decided about an upgrade or CONNECT request.
 pub mod upgrade {
@@ -115,6 +117,8 @@ pub struct H1Guard<I> {
     shared: Arc<GuardShared>,
     reject_response: Option<BytesMut>,
     eof: bool,
+    /// Read buffer, allocated (and zeroed) once per connection.
+    scratch: Vec<u8>,
 }
 
 impl<I> H1Guard<I> {
@@ -129,6 +133,7 @@ impl<I> H1Guard<I> {
             shared: Arc::new(GuardShared::default()),
             reject_response: None,
             eof: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -238,6 +243,30 @@ impl<I> H1Guard<I> {
                         (_, 0) => State::ChunkEnd,
                         (_, l) => State::ChunkData(l),
                     };
+                }
+                State::Head | State::ChunkSize | State::Trailers if self.pending.last() != Some(&b'\r') => {
+                    // Bytes before the next CR or LF cannot end a section or break line rules:
+                    // take them in one go, and only look at line ends byte by byte.
+                    let run = data.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(data.len());
+                    if run == 0 {
+                        let Some((&b, rest)) = data.split_first() else { return };
+                        data = rest;
+                        self.pending.extend_from_slice(&[b]);
+                        self.line_byte(b);
+                        continue;
+                    }
+                    let (now, rest) = data.split_at(run);
+                    self.pending.extend_from_slice(now);
+                    data = rest;
+                    let len = self.pending.len();
+                    match self.state {
+                        State::Head if len > self.max_head => {
+                            self.reject(431, format!("request head over {} bytes", self.max_head));
+                        }
+                        State::Trailers if len > self.max_head => self.reject(431, "trailers too large".into()),
+                        State::ChunkSize if len > MAX_CHUNK_LINE => self.reject(400, "chunk-size line too long".into()),
+                        _ => {}
+                    }
                 }
                 State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
                     let Some((&b, rest)) = data.split_first() else { return };
@@ -377,28 +406,33 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
             if !this.ready.is_empty() {
                 continue;
             }
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            let mut scratch = std::mem::take(&mut this.scratch);
+            if scratch.is_empty() {
+                scratch = vec![0u8; READ_BUF];
+            }
+            let mut rb = ReadBuf::new(&mut scratch);
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            let result = match polled {
+                Poll::Ready(Ok(())) if n == 0 => {
+                    // End of stream: hand over what is held (an incomplete head fails in hyper).
+                    this.eof = true;
+                    if this.state != State::AwaitUpgrade {
+                        let rest = this.pending.split();
+                        this.ready.extend_from_slice(&rest);
+                    }
+                    None
+                }
                 Poll::Ready(Ok(())) => {
-                    let got = rb.filled();
-                    if got.is_empty() {
-                        // End of stream: hand over what is held (an incomplete head fails in hyper).
-                        this.eof = true;
-                        if this.state != State::AwaitUpgrade {
-                            let rest = this.pending.split();
-                            this.ready.extend_from_slice(&rest);
-                        }
-                        continue;
-                    }
-                    this.feed(got);
+                    this.feed(scratch.get(..n).unwrap_or_default());
+                    None
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if settled || this.ready.is_empty() {
-                        return Poll::Pending;
-                    }
-                }
+                Poll::Ready(Err(e)) => Some(Poll::Ready(Err(e))),
+                Poll::Pending => (settled || this.ready.is_empty()).then_some(Poll::Pending),
+            };
+            this.scratch = scratch;
+            if let Some(r) = result {
+                return r;
             }
         }
     }

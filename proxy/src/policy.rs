@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use policy_engine::http::{HeaderLog, HeaderMap, HttpRequestInfo};
 use policy_engine::identity::IdentityId;
@@ -50,26 +50,35 @@ pub enum ConnVerdict {
     },
 }
 
-/// Policy for one connection under one snapshot.
+/// Both ends of a connection, as its flow records show them (shared by every record of it).
 #[derive(Clone, Debug)]
-pub struct ConnPolicy {
-    /// The snapshot it was taken from.
-    pub snapshot: Option<Arc<Snapshot>>,
+pub struct Ends {
     /// Client side.
     pub source: End,
     /// Server side.
     pub destination: End,
     /// `INGRESS` or `EGRESS`: which side's policy judges (ingress when both do).
     pub direction: Text,
+}
+
+/// Policy for one connection under one snapshot.
+#[derive(Debug)]
+pub struct ConnPolicy {
+    /// The snapshot it was taken from.
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// The two ends.
+    pub ends: Arc<Ends>,
     /// The verdict.
     pub verdict: ConnVerdict,
+    /// Names of rules that allowed requests, formatted once.
+    rule_names: Mutex<Vec<(OriginId, Arc<str>)>>,
 }
 
 /// The verdict on one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestVerdict {
     /// Allowed (by this rule, when one is known).
-    Allow(Option<String>),
+    Allow(Option<Arc<str>>),
     /// Denied by policy.
     Deny {
         /// Cilium drop reason name.
@@ -145,17 +154,19 @@ impl ConnPolicy {
         let port = listener.policy_port();
         let blank = |ip: IpAddr, port: u16| End { record: FlowEndpoint::default(), ip, port };
         let Some(s) = snap.as_deref() else {
-            return Self {
-                snapshot: None,
-                source: blank(client.ip(), client.port()),
-                destination: blank(local.ip(), port),
-                direction: Cow::Borrowed("INGRESS"),
-                verdict: ConnVerdict::Drop {
+            return Self::new(
+                None,
+                Ends {
+                    source: blank(client.ip(), client.port()),
+                    destination: blank(local.ip(), port),
+                    direction: Cow::Borrowed("INGRESS"),
+                },
+                ConnVerdict::Drop {
                     reason: Cow::Borrowed("POLICY_DENIED"),
                     summary: "no policy snapshot yet: failing closed".into(),
                     policy: None,
                 },
-            };
+            );
         };
         let dst_sock = if listener.destination == PeerRef::Socket { local } else { listener.upstream };
         let ends = resolve_end(s, &listener.source, client, client.port()).and_then(|(src, sep)| {
@@ -164,13 +175,15 @@ impl ConnPolicy {
         let (source, src_ep, destination, dst_ep) = match ends {
             Ok(e) => e,
             Err(summary) => {
-                return Self {
-                    snapshot: snap.clone(),
-                    source: blank(client.ip(), client.port()),
-                    destination: blank(dst_sock.ip(), port),
-                    direction: Cow::Borrowed("INGRESS"),
-                    verdict: ConnVerdict::Drop { reason: Cow::Borrowed("UNKNOWN_ENDPOINT"), summary, policy: None },
-                };
+                return Self::new(
+                    snap.clone(),
+                    Ends {
+                        source: blank(client.ip(), client.port()),
+                        destination: blank(dst_sock.ip(), port),
+                        direction: Cow::Borrowed("INGRESS"),
+                    },
+                    ConnVerdict::Drop { reason: Cow::Borrowed("UNKNOWN_ENDPOINT"), summary, policy: None },
+                );
             }
         };
         let mut l7 = [None, None];
@@ -195,13 +208,26 @@ impl ConnPolicy {
         }
         let [egress, ingress] = l7;
         let direction = if ingress.is_some() || (egress.is_none() && dst_ep.is_some()) { "INGRESS" } else { "EGRESS" };
-        Self {
-            snapshot: snap.clone(),
-            source,
-            destination,
-            direction: Cow::Borrowed(direction),
-            verdict: verdict.unwrap_or(ConnVerdict::Judge { egress, ingress }),
+        Self::new(
+            snap.clone(),
+            Ends { source, destination, direction: Cow::Borrowed(direction) },
+            verdict.unwrap_or(ConnVerdict::Judge { egress, ingress }),
+        )
+    }
+
+    fn new(snapshot: Option<Arc<Snapshot>>, ends: Ends, verdict: ConnVerdict) -> Self {
+        Self { snapshot, ends: Arc::new(ends), verdict, rule_names: Mutex::new(Vec::new()) }
+    }
+
+    /// The name of an allowing rule, formatted once per connection policy.
+    fn rule_name(&self, snap: &Snapshot, id: OriginId) -> Option<Arc<str>> {
+        let mut names = self.rule_names.lock().ok()?;
+        if let Some((_, n)) = names.iter().find(|(o, _)| *o == id) {
+            return Some(n.clone());
         }
+        let n: Arc<str> = origin(snap, id)?.into();
+        names.push((id, n.clone()));
+        Some(n)
     }
 
     /// Judges one request; header actions of matching rules are applied to `headers`.
@@ -233,7 +259,7 @@ impl ConnPolicy {
                         tracing::info!(side, rejected = ?log.rejected, missing = ?log.missing, "header match actions");
                     }
                     if let Some(o) = o {
-                        allowed_by = origin(snap, o);
+                        allowed_by = self.rule_name(snap, o);
                     }
                 }
                 L7Verdict::Deny => {

@@ -1,18 +1,20 @@
 //! Where flow records go: a bounded backlog the control socket serves (`flows after N`), and
 //! optionally a JSON-lines file. Counters for `status`.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::flow::Flow;
+use crate::flow::{Flow, FlowIp, HttpInfo, Layer7, Text, rfc3339};
+use crate::policy::Ends;
 
 /// Records kept for queries.
-pub const BACKLOG: usize = 16 * 1024;
+pub const BACKLOG: usize = 8 * 1024;
 
 /// Proxy counters.
 #[derive(Debug, Default)]
@@ -70,11 +72,84 @@ impl Counters {
     }
 }
 
+/// One request or response, as recorded on the hot path: what differs per request, and an `Arc`
+/// of what the connection shares. Turned into a Hubble-shaped [`Flow`] when someone asks.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Wall clock, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// A response (travels from the server back to the client).
+    pub reply: bool,
+    /// `FORWARDED`, `DROPPED`, `ERROR`.
+    pub verdict: &'static str,
+    /// Drop reason name (empty when not dropped).
+    pub reason: Text,
+    /// The connection's ends.
+    pub ends: Arc<Ends>,
+    /// Method.
+    pub method: http::Method,
+    /// URL as judged.
+    pub url: Arc<str>,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub protocol: Text,
+    /// Response status (responses).
+    pub code: u16,
+    /// Request to response headers (responses).
+    pub latency_ns: u64,
+    /// The deciding rule.
+    pub policy: Option<Arc<str>>,
+    /// Why (refusals, errors).
+    pub summary: String,
+}
+
+impl Record {
+    /// The Hubble-shaped record.
+    pub fn to_flow(&self, seq: u64) -> Flow {
+        let e = &self.ends;
+        let (src, dst) = if self.reply { (&e.destination, &e.source) } else { (&e.source, &e.destination) };
+        let ports =
+            BTreeMap::from([(Cow::Borrowed("source_port"), src.port), (Cow::Borrowed("destination_port"), dst.port)]);
+        Flow {
+            time: rfc3339(self.time_ns / 1_000_000_000, u32::try_from(self.time_ns % 1_000_000_000).unwrap_or(0)),
+            seq,
+            emitter: Cow::Borrowed("proxy"),
+            verdict: Cow::Borrowed(self.verdict),
+            drop_reason: 0,
+            drop_reason_desc: self.reason.clone(),
+            flow_type: Cow::Borrowed("L7"),
+            event_type: Cow::Borrowed("access-log"),
+            traffic_direction: e.direction.clone(),
+            is_reply: self.reply,
+            ip: FlowIp {
+                source: src.ip.to_string(),
+                destination: dst.ip.to_string(),
+                ip_version: Cow::Borrowed(if src.ip.is_ipv4() { "IPv4" } else { "IPv6" }),
+            },
+            l4: BTreeMap::from([(Cow::Borrowed("TCP"), ports)]),
+            source: src.record.clone(),
+            destination: dst.record.clone(),
+            l7: Some(Layer7 {
+                kind: Cow::Borrowed(if self.reply { "RESPONSE" } else { "REQUEST" }),
+                latency_ns: self.latency_ns,
+                http: Some(HttpInfo {
+                    code: self.code,
+                    method: self.method.as_str().to_owned(),
+                    url: self.url.to_string(),
+                    protocol: self.protocol.clone(),
+                }),
+            }),
+            policy: self.policy.as_deref().map(str::to_owned),
+            ifindex: 0,
+            summary: self.summary.clone(),
+        }
+    }
+}
+
 /// The record sink.
 #[derive(Debug)]
 pub struct Records {
     seq: AtomicU64,
-    backlog: Mutex<VecDeque<Flow>>,
+    backlog: Mutex<VecDeque<(u64, Record)>>,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 }
 
@@ -91,17 +166,17 @@ impl Records {
     }
 
     /// Numbers and stores a record.
-    pub fn emit(&self, mut f: Flow) {
+    pub fn emit(&self, r: Record) {
         let line = {
             // Numbered under the lock: the backlog is in sequence order, so a follower asking for
             // records after N never skips one.
             let Ok(mut b) = self.backlog.lock() else { return };
-            f.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-            let line = self.file.as_ref().and_then(|_| serde_json::to_string(&f).ok());
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let line = self.file.as_ref().and_then(|_| serde_json::to_string(&r.to_flow(seq)).ok());
             if b.len() >= BACKLOG {
                 b.pop_front();
             }
-            b.push_back(f);
+            b.push_back((seq, r));
             line
         };
         if let (Some(file), Some(line)) = (&self.file, line)
@@ -115,7 +190,11 @@ impl Records {
     /// Records numbered above `after`, at most `limit`; and the newest number.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64) {
         let last = self.seq.load(Ordering::Relaxed);
-        let b = self.backlog.lock().map(|b| b.iter().filter(|f| f.seq > after).take(limit).cloned().collect());
-        (b.unwrap_or_default(), last)
+        let picked: Vec<(u64, Record)> = self
+            .backlog
+            .lock()
+            .map(|b| b.iter().filter(|(s, _)| *s > after).take(limit).cloned().collect())
+            .unwrap_or_default();
+        (picked.iter().map(|(s, r)| r.to_flow(*s)).collect(), last)
     }
 }

@@ -1,7 +1,6 @@
 //! The per-request work: normalise, judge, answer or forward, record.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,11 +17,11 @@ use hyper_util::rt::TokioIo;
 use policy_engine::http::HttpRequestInfo;
 
 use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
-use crate::flow::{Flow, FlowIp, HttpInfo, Layer7, Text, now_rfc3339};
+use crate::flow::Text;
 use crate::h1guard::GuardShared;
 use crate::normalize::normalize;
 use crate::policy::{ConnPolicy, PolicyHeaders, RequestVerdict};
-use crate::records::{Counters, Records};
+use crate::records::{Counters, Record, Records};
 use crate::snapshot::PolicyState;
 use crate::upstream::{Pool, UpstreamBody, UpstreamError, Upstreams};
 
@@ -216,8 +215,8 @@ fn grpc_local(code: u8, message: &'static str) -> Response<ProxyBody> {
 /// What the request looked like, for its records.
 struct Seen {
     start: Instant,
-    method: String,
-    url: String,
+    method: Method,
+    url: Arc<str>,
     protocol: Text,
     policy: Arc<ConnPolicy>,
 }
@@ -271,46 +270,23 @@ impl Conn {
         verdict: &'static str,
         reason: Text,
         summary: String,
-        rule: Option<String>,
+        rule: Option<Arc<str>>,
     ) {
-        let p = &seen.policy;
-        let (src, dst) = if response.is_some() { (&p.destination, &p.source) } else { (&p.source, &p.destination) };
-        let ports =
-            BTreeMap::from([(Cow::Borrowed("source_port"), src.port), (Cow::Borrowed("destination_port"), dst.port)]);
-        let f = Flow {
-            time: now_rfc3339(),
-            seq: 0,
-            emitter: Cow::Borrowed("proxy"),
-            verdict: Cow::Borrowed(verdict),
-            drop_reason: 0,
-            drop_reason_desc: reason,
-            flow_type: Cow::Borrowed("L7"),
-            event_type: Cow::Borrowed("access-log"),
-            traffic_direction: p.direction.clone(),
-            is_reply: response.is_some(),
-            ip: FlowIp {
-                source: src.ip.to_string(),
-                destination: dst.ip.to_string(),
-                ip_version: Cow::Borrowed(if src.ip.is_ipv4() { "IPv4" } else { "IPv6" }),
-            },
-            l4: BTreeMap::from([(Cow::Borrowed("TCP"), ports)]),
-            source: src.record.clone(),
-            destination: dst.record.clone(),
-            l7: Some(Layer7 {
-                kind: Cow::Borrowed(if response.is_some() { "RESPONSE" } else { "REQUEST" }),
-                latency_ns: response.map_or(0, |_| u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-                http: Some(HttpInfo {
-                    code: response.map_or(0, |s| s.as_u16()),
-                    method: seen.method.clone(),
-                    url: seen.url.clone(),
-                    protocol: seen.protocol.clone(),
-                }),
-            }),
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.shared.records.emit(Record {
+            time_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+            reply: response.is_some(),
+            verdict,
+            reason,
+            ends: seen.policy.ends.clone(),
+            method: seen.method.clone(),
+            url: seen.url.clone(),
+            protocol: seen.protocol.clone(),
+            code: response.map_or(0, |s| s.as_u16()),
+            latency_ns: response.map_or(0, |_| u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
             policy: rule,
-            ifindex: 0,
             summary,
-        };
-        self.shared.records.emit(f);
+        });
     }
 
     /// Handles one request.
@@ -350,7 +326,7 @@ impl Conn {
         });
         let (mut parts, body) = req.into_parts();
         let grpc = is_grpc(&parts.headers);
-        let mut seen = Seen { start, method: parts.method.as_str().to_owned(), url: String::new(), protocol, policy };
+        let mut seen = Seen { start, method: parts.method.clone(), url: Arc::from(""), protocol, policy };
 
         // Authority: the URI's (HTTP/2 `:authority`, HTTP/1 absolute-form) wins over `Host`, as
         // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 say; an HTTP/2 request whose `Host` disagrees with
@@ -386,12 +362,12 @@ impl Conn {
             match normalize(raw) {
                 Ok(t) => t.path_and_query,
                 Err(e) => {
-                    seen.url = raw.to_owned();
+                    seen.url = Arc::from(raw);
                     return self.reject(&seen, grpc, &format!("request target refused: {e}"));
                 }
             }
         };
-        seen.url = format!("http://{}{}", authority.as_deref().unwrap_or(""), target);
+        seen.url = Arc::from(format!("http://{}{}", authority.as_deref().unwrap_or(""), target));
         if self.http2 && is_connect {
             return self.reject(&seen, grpc, "CONNECT over HTTP/2 is not supported");
         }
@@ -411,7 +387,7 @@ impl Conn {
         let rule = match verdict {
             RequestVerdict::Deny { reason, summary, policy } => {
                 Counters::inc(&self.shared.counters.denied);
-                self.record(&seen, None, "DROPPED", reason, summary, policy);
+                self.record(&seen, None, "DROPPED", reason, summary, policy.map(Arc::from));
                 drop(decision);
                 return self.deny(body, grpc, expect_continue).await;
             }
@@ -554,7 +530,7 @@ impl Conn {
         client_side: hyper::upgrade::OnUpgrade,
         decision: UpgradeDecision,
         seen: &Seen,
-        rule: Option<String>,
+        rule: Option<Arc<str>>,
     ) -> Response<ProxyBody> {
         let is_connect = req.method() == Method::CONNECT;
         let sent = tokio::time::timeout(self.shared.limits.request_timeout(), self.pool.send_upgrade(req)).await;
