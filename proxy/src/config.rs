@@ -22,9 +22,6 @@ pub struct ProxyConfig {
     /// Also append every flow record to this file (JSON lines).
     #[serde(default)]
     pub flow_log: Option<PathBuf>,
-    /// Node name written into flow records.
-    #[serde(default)]
-    pub node_name: Option<String>,
     /// Listeners.
     pub listeners: Vec<ListenerConfig>,
     /// Limits and timeouts.

@@ -160,9 +160,9 @@ impl<I> H1Guard<I> {
 
     /// Validates a complete request head (ending with CRLF CRLF) and returns the body state.
     fn check_head(head: &[u8]) -> Result<State, (u16, String)> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, &mut headers) {
             Ok(httparse::Status::Complete(n)) if n == head.len() => {}
             Ok(_) => return Err((400, "incomplete request head".into())),
             Err(httparse::Error::TooManyHeaders) => return Err((431, format!("more than {MAX_HEADERS} headers"))),
@@ -305,7 +305,11 @@ impl<I> H1Guard<I> {
                         Ok(State::Rejected) => self.reject(400, "a body on an upgrade or CONNECT request".into()),
                         Ok(next) => {
                             let head = self.pending.split();
-                            self.ready.extend_from_slice(&head);
+                            if self.ready.is_empty() {
+                                self.ready = head;
+                            } else {
+                                self.ready.extend_from_slice(&head);
+                            }
                             if next == State::AwaitUpgrade {
                                 self.shared.upgrade.store(upgrade::PENDING, Ordering::SeqCst);
                             }

@@ -176,7 +176,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: boo
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
+    // Most messages carry none of them: look once, remove only what is there.
+    let present: Vec<HeaderName> = h.keys().filter(|k| HOP_BY_HOP.contains(&k.as_str())).cloned().collect();
+    for n in present {
         h.remove(n);
     }
     if te_trailers {
@@ -331,10 +333,10 @@ impl Conn {
         // Authority: the URI's (HTTP/2 `:authority`, HTTP/1 absolute-form) wins over `Host`, as
         // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 say; an HTTP/2 request whose `Host` disagrees with
         // its `:authority` is refused (the upstream could believe either).
-        let hosts: Vec<&HeaderValue> = parts.headers.get_all(header::HOST).iter().collect();
-        let host_hdr = match hosts.as_slice() {
-            [] => None,
-            [h] => match h.to_str() {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let host_hdr = match (hosts.next(), hosts.next()) {
+            (None, _) => None,
+            (Some(h), None) => match h.to_str() {
                 Ok(h) => Some(h.to_owned()),
                 Err(_) => return self.reject(&seen, grpc, "Host header is not visible ASCII"),
             },

@@ -281,7 +281,6 @@ impl Fixture {
             snapshot_poll_ms: 20,
             control_socket: Some(dir.0.join("proxy.sock")),
             flow_log: None,
-            node_name: None,
             listeners: listeners
                 .iter()
                 .map(|l| ListenerConfig {
