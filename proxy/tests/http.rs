@@ -294,3 +294,44 @@ spec:
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(curl(fx.addr("h2"), "/x", &["--http2-prior-knowledge"]).await.status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_judged_then_tunnelled() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: connect}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: CONNECT, host: "db\\.internal:5432"}
+        - {method: GET, path: /plain}
+"#;
+    let eps = [endpoint("server", &[("app", "server")], "10.0.0.1")];
+    let fx = Fixture::new(
+        &[policy],
+        &eps,
+        &[L { name: "c", source: PeerRef::Identity(2), destination: pod("server"), port: 80, h2_upstream: false }],
+    )
+    .await;
+    let a = fx.addr("c");
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(statuses(&buf[..n]), vec![200], "{}", String::from_utf8_lossy(&buf[..n]));
+    s.write_all(b"\x00\x01raw tunnel bytes").await.unwrap();
+    let mut echoed = vec![0u8; 18];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"\x00\x01raw tunnel bytes");
+    // Another target: denied, and the bytes after it are HTTP again.
+    let out = raw(a, b"CONNECT other.internal:22 HTTP/1.1\r\nHost: other.internal:22\r\n\r\nGET /plain HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n", Duration::from_secs(2)).await;
+    assert_eq!(statuses(&out), vec![403, 200], "{}", String::from_utf8_lossy(&out));
+    let targets = fx.h1.targets();
+    assert_eq!(targets, vec!["db.internal:5432", "/plain"], "{targets:?}");
+}

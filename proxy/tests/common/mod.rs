@@ -98,7 +98,8 @@ async fn backend_handle(
         .iter()
         .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let upgrade = req.headers().contains_key(hyper::header::UPGRADE) && target.starts_with("/ws");
+    let is_connect = req.method() == hyper::Method::CONNECT;
+    let upgrade = is_connect || (req.headers().contains_key(hyper::header::UPGRADE) && target.starts_with("/ws"));
     if upgrade {
         seen.lock().unwrap().push(Seen { method, target, version, headers, body_len: 0 });
         let on = hyper::upgrade::on(&mut req);
@@ -119,9 +120,11 @@ async fn backend_handle(
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert(hyper::header::UPGRADE, "websocket".parse().unwrap());
-        r.headers_mut().insert(hyper::header::CONNECTION, "upgrade".parse().unwrap());
+        if !is_connect {
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut().insert(hyper::header::UPGRADE, "websocket".parse().unwrap());
+            r.headers_mut().insert(hyper::header::CONNECTION, "upgrade".parse().unwrap());
+        }
         return Ok(r);
     }
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
