@@ -319,8 +319,11 @@ impl Conn {
                     && req.headers().get_all(header::CONNECTION).iter().any(|v| {
                         v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
                     })));
-        // Every request the guard holds bytes back for gets a decision, whatever path it takes.
-        let decision = UpgradeDecision(if self.http2 { None } else { self.guard.clone() });
+        // Every request the guard holds bytes back for (the same test as the guard's: CONNECT or an
+        // `Upgrade` header) gets a decision, whatever path it takes; no other request sends one, so
+        // a late answer for one request can never settle a pipelined upgrade behind it.
+        let held = is_connect || req.headers().contains_key(header::UPGRADE);
+        let decision = UpgradeDecision(if self.http2 || !held { None } else { self.guard.clone() });
         let protocol: Text = Cow::Borrowed(match (self.http2, req.version()) {
             (true, _) => "HTTP/2",
             (false, Version::HTTP_10) => "HTTP/1.0",
