@@ -149,6 +149,11 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 10;
     /// Flows handed to the proxy.
     pub const REDIRECTED: u32 = 11;
+    /// Packets delivered to a socket the proxy holds (the rest of a proxied connection, or the
+    /// server's replies to the proxy's upstream connection).
+    pub const PROXY_SOCKET: u32 = 12;
+    /// Packets of the proxy's own upstream connections (marked; not judged again).
+    pub const PROXY_UPSTREAM: u32 = 13;
     /// Number of counters.
     pub const LEN: u32 = 16;
 }
@@ -267,6 +272,22 @@ pub struct CtKey {
     pub saddr: [u8; 16],
     /// Destination address, network byte order.
     pub daddr: [u8; 16],
+}
+
+/// Packet marks (`skb->mark`, bits `MASK`) between the datapath, the node's routing and the proxy.
+pub mod mark {
+    /// The bits Porin uses.
+    pub const MASK: u32 = 0xf00;
+    /// Set by the tc program on a packet it assigned to a proxy socket: the node routes it locally
+    /// (`ip rule fwmark 0x200/0xf00 lookup 100`, `local 0.0.0.0/0 dev lo table 100`).
+    pub const TO_PROXY: u32 = 0x200;
+    /// Set by the proxy (`SO_MARK`) on its upstream connections: already judged, never redirected.
+    pub const FROM_PROXY: u32 = 0x400;
+}
+
+/// Index of a proxy listener in [`names::PROXY`]: one IPv4 and one IPv6 socket per listener id.
+pub const fn proxy_index(listener: u8, v6: bool) -> u32 {
+    listener as u32 * 2 + v6 as u32
 }
 
 /// Conntrack flags.

@@ -6,6 +6,15 @@
 //! * `porin_to_ep` (tc egress): traffic *to* an endpoint that did not come from a local endpoint
 //!   (the host, the world): judges the endpoint's ingress policy for new flows.
 //!
+//! L7 flows go to the node's proxy without leaving the kernel's normal path: a new flow whose policy
+//! says "redirect" is `bpf_sk_assign`ed to the proxy's transparent listener (from `PORIN_PROXY`) and
+//! marked `mark::TO_PROXY`, which the node routes locally. Every later TCP packet that belongs to a
+//! socket the proxy holds — the rest of the client's connection, and the server's replies to the
+//! proxy's upstream connection (which keeps the client's address) — is found with
+//! `bpf_skc_lookup_tcp` and assigned the same way. The proxy marks its upstream packets
+//! `mark::FROM_PROXY`: they were judged by the proxy and pass `porin_to_ep` as they are. A proxied
+//! flow never falls back to the direct path: with its proxy socket gone, its packets are dropped.
+//!
 //! Policy comes from maps the agent writes (layouts in `redirect-common`); identities from the ipcache.
 //! Everything fails closed: an unknown interface, a spoofed source, an unparseable header, a missing
 //! policy entry or an absent proxy listener drops the packet with an event that names the reason.
@@ -18,15 +27,18 @@
     reason = "map helpers take Borrow<K>: references avoid copying keys onto the 512-byte BPF stack"
 )]
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::EbpfContext as _;
+use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple};
+use aya_ebpf::cty::c_void;
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap};
 use aya_ebpf::programs::TcContext;
 use redirect_common::{
     CtKey, CtValue, Event, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue, POLICY_FULL_BITS, PolicyKey,
-    PolicyValue, config, counter, ct_flag, direction, event_kind, family, iface_flag, reason, sizes, verdict,
+    PolicyValue, config, counter, ct_flag, direction, event_kind, family, iface_flag, mark, proxy_index, reason,
+    sizes, verdict,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -344,8 +356,10 @@ fn ct_timeout_ns(proto: u8, flags: u32) -> u64 {
 
 enum CtHit {
     Miss,
-    Established,
-    Reply,
+    /// Original direction; the entry's flags.
+    Established(u32),
+    /// Reply direction; the entry's flags.
+    Reply(u32),
 }
 
 /// Looks the packet up in conntrack (both directions), refreshing and closing entries.
@@ -376,16 +390,16 @@ fn ct_lookup(pkt: &Packet, now: u64) -> CtHit {
         }
         if reverse {
             ct.flags |= ct_flag::SEEN_REPLY;
-            return CtHit::Reply;
+            return CtHit::Reply(ct.flags);
         }
-        return CtHit::Established;
+        return CtHit::Established(ct.flags);
     }
     CtHit::Miss
 }
 
-fn ct_create(pkt: &Packet, now: u64, src_id: u32, dst_id: u32, rule: u32) {
+fn ct_create(pkt: &Packet, now: u64, src_id: u32, dst_id: u32, rule: u32, proxied: bool) {
     let Some((sport, dport)) = pkt.ct_ports else { return };
-    let mut flags = 0;
+    let mut flags = if proxied { ct_flag::PROXIED } else { 0 };
     if pkt.proto == IPPROTO_TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             flags |= ct_flag::RST;
@@ -408,7 +422,7 @@ fn is_drop(v: &PolicyValue) -> Option<u8> {
 
 /// Forwards an allowed new flow: records it and reports the verdict.
 fn admit(ctx: &TcContext, pkt: &Packet, now: u64, d: &Decision) -> i32 {
-    ct_create(pkt, now, d.src_identity, d.dst_identity, d.value.rule);
+    ct_create(pkt, now, d.src_identity, d.dst_identity, d.value.rule, false);
     count(counter::CT_NEW);
     if config_value(config::VERDICT_EVENTS, 1) != 0 {
         emit(ctx, event_kind::VERDICT, reason::NONE, pkt, d);
@@ -419,15 +433,85 @@ fn admit(ctx: &TcContext, pkt: &Packet, now: u64, d: &Decision) -> i32 {
 fn established(hit: &CtHit) -> Option<i32> {
     match hit {
         CtHit::Miss => None,
-        CtHit::Established => {
+        CtHit::Established(_) => {
             count(counter::CT_ESTABLISHED);
             Some(TC_ACT_OK)
         }
-        CtHit::Reply => {
+        CtHit::Reply(_) => {
             count(counter::CT_REPLY);
             Some(TC_ACT_OK)
         }
     }
+}
+
+/// Delivers a TCP packet to the proxy socket it belongs to, if there is one: the rest of a proxied
+/// client connection, or the server's reply to one of the proxy's upstream connections. Listeners are
+/// not taken (new flows are policy's business), nor TIME_WAIT sockets for a SYN.
+#[inline(always)]
+fn to_proxy_socket(ctx: &TcContext, pkt: &Packet) -> bool {
+    if pkt.proto != IPPROTO_TCP {
+        return false;
+    }
+    // SAFETY: an all-zero tuple is a valid value of this plain-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let be32 = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let sport = u16::from_ne_bytes(pkt.sport.to_be_bytes());
+    let dport = u16::from_ne_bytes(pkt.dport.to_be_bytes());
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // The tuple size must be a constant at each call site.
+    let sk = if pkt.family == family::V4 {
+        tuple.__bindgen_anon_1.ipv4.saddr = be32(&pkt.saddr, 0);
+        tuple.__bindgen_anon_1.ipv4.daddr = be32(&pkt.daddr, 0);
+        tuple.__bindgen_anon_1.ipv4.sport = sport;
+        tuple.__bindgen_anon_1.ipv4.dport = dport;
+        // SAFETY: the context pointer and the tuple are valid for the call.
+        unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, 12, netns, 0) }
+    } else {
+        tuple.__bindgen_anon_1.ipv6.saddr = [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
+        tuple.__bindgen_anon_1.ipv6.daddr = [be32(&pkt.daddr, 0), be32(&pkt.daddr, 4), be32(&pkt.daddr, 8), be32(&pkt.daddr, 12)];
+        tuple.__bindgen_anon_1.ipv6.sport = sport;
+        tuple.__bindgen_anon_1.ipv6.dport = dport;
+        // SAFETY: as above.
+        unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, 36, netns, 0) }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket reference the helper returned; released below on every path.
+    let state = unsafe { (*sk).state };
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let usable = state != BPF_TCP_LISTEN && !(syn && state == BPF_TCP_TIME_WAIT);
+    // SAFETY: both pointers are valid; the reference is released right after.
+    let assigned = usable && unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) } == 0;
+    // SAFETY: releases the reference taken by the lookup.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if assigned {
+        ctx.set_mark(mark::TO_PROXY);
+    }
+    assigned
+}
+
+/// Hands a new flow to the proxy's listener `listener`; false when it is not there (proxy down).
+#[inline(always)]
+fn to_proxy_listener(ctx: &TcContext, pkt: &Packet, listener: u8) -> bool {
+    if pkt.proto != IPPROTO_TCP {
+        return false;
+    }
+    let index = proxy_index(listener, pkt.family == family::V6);
+    let map = core::ptr::addr_of!(PORIN_PROXY).cast_mut().cast::<c_void>();
+    // SAFETY: a SOCKMAP lookup returns a referenced socket (or null), released below.
+    let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: both pointers are valid; the reference is released right after.
+    let assigned = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) } == 0;
+    // SAFETY: releases the reference taken by the lookup.
+    unsafe { bpf_sk_release(sk) };
+    if assigned {
+        ctx.set_mark(mark::TO_PROXY);
+    }
+    assigned
 }
 
 #[classifier]
@@ -453,9 +537,24 @@ pub fn porin_from_ep(ctx: TcContext) -> i32 {
         let d = Decision::none(direction::EGRESS, iface.endpoint, 0, 0);
         return drop_pkt(&ctx, reason::INVALID_SOURCE, &pkt, &d);
     }
+    if to_proxy_socket(&ctx, &pkt) {
+        count(counter::PROXY_SOCKET);
+        return TC_ACT_OK;
+    }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(action) = established(&ct_lookup(&pkt, now)) {
+    let hit = ct_lookup(&pkt, now);
+    if let CtHit::Established(flags) | CtHit::Reply(flags) = hit
+        && flags & ct_flag::PROXIED != 0
+    {
+        // A proxied flow whose proxy socket is gone (proxy restarted, connection closed): never the
+        // direct path. A new SYN on the same tuple is judged (and redirected) as a new flow.
+        let syn = pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if !syn {
+            let d = Decision::none(direction::EGRESS, iface.endpoint, 0, 0);
+            return drop_pkt(&ctx, reason::PROXY_UNAVAILABLE, &pkt, &d);
+        }
+    } else if let Some(action) = established(&hit) {
         return action;
     }
     let generation = config_value(config::GENERATION, 0) as u8;
@@ -484,9 +583,19 @@ pub fn porin_from_ep(ctx: TcContext) -> i32 {
         redirect |= ingress.verdict == verdict::REDIRECT;
     }
     if redirect {
-        // The L7 proxy takes these flows over (sidecar-less end-to-end issue); until a proxy listener
-        // can be assigned they must not pass unparsed.
-        return drop_pkt(&ctx, reason::PROXY_UNAVAILABLE, &pkt, &d);
+        // The L7 proxy takes the flow over; without its listener the flow must not pass unparsed.
+        if !to_proxy_listener(&ctx, &pkt, d.value.listener) {
+            return drop_pkt(&ctx, reason::PROXY_UNAVAILABLE, &pkt, &d);
+        }
+        // Conntrack lets the proxy's answers (from the original destination's address) through
+        // `porin_to_ep` of this endpoint, and keeps the flow from ever taking the direct path.
+        let _ = PORIN_CT.remove(&ct_key(&pkt, pkt.sport, pkt.dport, false));
+        ct_create(&pkt, now, d.src_identity, d.dst_identity, d.value.rule, true);
+        count(counter::REDIRECTED);
+        if config_value(config::VERDICT_EVENTS, 1) != 0 {
+            emit(&ctx, event_kind::VERDICT, reason::NONE, &pkt, &d);
+        }
+        return TC_ACT_OK;
     }
     admit(&ctx, &pkt, now, &d)
 }
@@ -498,6 +607,13 @@ pub fn porin_to_ep(ctx: TcContext) -> i32 {
         Ok(Parsed::Ip(p)) => p,
         Err(why) => return drop_unparsed(&ctx, why),
     };
+    // The proxy's upstream connections were judged by the proxy (a pod cannot set this mark: it is
+    // cleared when a packet crosses from a pod's namespace).
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    if unsafe { (*ctx.skb.skb).mark } & mark::MASK == mark::FROM_PROXY {
+        count(counter::PROXY_UPSTREAM);
+        return TC_ACT_OK;
+    }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(action) = established(&ct_lookup(&pkt, now)) {
@@ -523,6 +639,8 @@ pub fn porin_to_ep(ctx: TcContext) -> i32 {
         return drop_pkt(&ctx, why, &pkt, &d);
     }
     if d.value.verdict == verdict::REDIRECT {
+        // Flows from outside the node's endpoints (the host, the world) reach the pod here, at tc
+        // egress, where a socket cannot be assigned: they are not handed to the proxy yet.
         return drop_pkt(&ctx, reason::PROXY_UNAVAILABLE, &pkt, &d);
     }
     admit(&ctx, &pkt, now, &d)
