@@ -205,6 +205,12 @@ impl State {
                 for e in &errors {
                     tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
                 }
+                if entry.errors != errors {
+                    for e in &errors {
+                        self.seq += 1;
+                        self.flows.push_back(flow::policy_error(self.seq, e));
+                    }
+                }
                 entry.ok = false;
                 entry.errors = errors;
             }
@@ -479,6 +485,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let listener = UnixListener::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
         let events = tokio::spawn(read_events(state.clone(), ring));
+        let watch = tokio::spawn(watch_inputs(state.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
@@ -497,10 +504,43 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
         events.abort();
+        watch.abort();
         let _ = std::fs::remove_file(&cfg.control);
         tracing::info!("Agent stopping; the datapath keeps enforcing");
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// What the inputs look like on disk: every policy file's and the endpoints file's identity.
+fn inputs_stamp(policies: &Path, endpoints: &Path) -> Vec<(PathBuf, u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files = policy_files(policies).unwrap_or_default();
+    files.push(endpoints.to_path_buf());
+    files
+        .into_iter()
+        .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.len(), m.mtime(), m.mtime_nsec(), m.ino())))
+        .collect()
+}
+
+/// Standalone mode: re-applies the inputs whenever a policy file or the endpoints file changes
+/// (checked every 200 ms, so a change is enforced well within a second). An invalid file is reported
+/// (log, an error record in the event backlog) and its last good version keeps enforcing.
+async fn watch_inputs(state: Arc<Mutex<State>>, policies: PathBuf, endpoints: PathBuf) {
+    let mut seen = inputs_stamp(&policies, &endpoints);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = inputs_stamp(&policies, &endpoints);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        tracing::info!("Inputs changed on disk: reloading");
+        if let Err(e) = state.lock().await.reload() {
+            tracing::error!(error = %format!("{e:#}"), "Reload failed: the last good policy keeps enforcing");
+        }
+    }
 }
 
 /// Sends one control request and returns the response.

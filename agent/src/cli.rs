@@ -138,6 +138,18 @@ pub enum LabCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
+    /// Start the lab's L7 proxy again (after it stopped, was stopped or was killed).
+    RestartProxy {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Stop the lab's L7 proxy: flows that need L7 policy are refused until it is back.
+    StopProxy {
+        /// Lab name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
     /// Take the datapath off every endpoint (benchmark baselines; `restart-agent` attaches again).
     Detach {
         /// Lab name.
@@ -389,6 +401,11 @@ fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             println!("agent running (pid {pid})");
         }
         LabCommand::Detach { name } => lab::detach(&name)?,
+        LabCommand::RestartProxy { name } => {
+            let pid = lab::restart_proxy(&name)?;
+            println!("proxy running (pid {pid})");
+        }
+        LabCommand::StopProxy { name } => lab::stop_proxy(&name)?,
         LabCommand::Serve { netns, spec, ready } => {
             crate::agent::enter_netns(&netns)?;
             let text = std::fs::read_to_string(&spec)?;

@@ -54,6 +54,22 @@ fn wall_time(ts_ns: u64) -> String {
     rfc3339(u64::try_from(real / 1_000_000_000).unwrap_or(0), u32::try_from(real % 1_000_000_000).unwrap_or(0))
 }
 
+/// A record of a policy file the agent refused (the last good version keeps enforcing).
+pub fn policy_error(seq: u64, error: &str) -> Flow {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Flow {
+        time: rfc3339(now.as_secs(), now.subsec_nanos()),
+        seq,
+        emitter: Cow::Borrowed("agent"),
+        verdict: Cow::Borrowed("ERROR"),
+        flow_type: Cow::Borrowed("UNKNOWN_TYPE"),
+        event_type: Cow::Borrowed("policy-error"),
+        traffic_direction: Cow::Borrowed("TRAFFIC_DIRECTION_UNKNOWN"),
+        summary: format!("invalid policy, not applied (the last good version keeps enforcing): {error}"),
+        ..Flow::default()
+    }
+}
+
 /// Turns a datapath event into a flow record.
 pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
     let (src, dst) = (addr(e.family, &e.saddr), addr(e.family, &e.daddr));

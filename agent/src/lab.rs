@@ -124,6 +124,9 @@ pub struct LabState {
     pub pods: Vec<Pod>,
     /// Agent process.
     pub agent_pid: Option<u32>,
+    /// L7 proxy process.
+    #[serde(default)]
+    pub proxy_pid: Option<u32>,
     /// Datapath settings.
     pub settings: LabSettings,
 }
@@ -409,6 +412,25 @@ fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Re
     }
     ip(&["-n", &node, "addr", "add", &format!("{NODE_IP_V4}/32"), "dev", "lo"])?;
     ip(&["-n", &node, "-6", "addr", "add", &format!("{NODE_IP_V6}/128"), "dev", "lo"])?;
+    // Packets the datapath assigned to a proxy socket (mark TO_PROXY) are delivered locally.
+    let fwmark = format!("{:#x}/{:#x}", redirect_common::mark::TO_PROXY, redirect_common::mark::MASK);
+    for v6 in [false, true] {
+        let fam = if v6 { "-6" } else { "-4" };
+        ip(&["-n", &node, fam, "rule", "add", "fwmark", &fwmark, "lookup", "100", "pref", "100"])?;
+        ip(&[
+            "-n",
+            &node,
+            fam,
+            "route",
+            "add",
+            "local",
+            if v6 { "::/0" } else { "0.0.0.0/0" },
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ])?;
+    }
 
     let mut pods = Vec::new();
     let mut next_ep = 1u32;
@@ -491,10 +513,13 @@ fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Re
         node_netns: node,
         pods: pods.clone(),
         agent_pid: None,
+        proxy_pid: None,
         settings: lab.settings.clone(),
     };
     save_state(&st)?;
     st.agent_pid = Some(start_agent(name, &lab.settings)?);
+    save_state(&st)?;
+    st.proxy_pid = Some(start_proxy(name)?);
     save_state(&st)?;
 
     // Servers and commands, then wait for the servers to listen.
@@ -539,7 +564,7 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     check_name(name)?;
     let paths = LabPaths::new(name);
     if let Ok(st) = load_state(name) {
-        for pid in st.pods.iter().filter_map(|p| p.pid).chain(st.agent_pid) {
+        for pid in st.pods.iter().filter_map(|p| p.pid).chain(st.agent_pid).chain(st.proxy_pid) {
             kill(pid, name);
         }
     }
@@ -609,6 +634,11 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
         "name": st.name,
         "node_netns": st.node_netns,
         "agent": {"pid": st.agent_pid, "running": running, "status": agent},
+        "proxy": {
+            "pid": st.proxy_pid,
+            "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
+            "status": crate::agent::control(&paths.proxy_control(), &serde_json::json!({"cmd": "status"})).ok(),
+        },
         "pods": pods,
     }))
 }
@@ -623,6 +653,81 @@ pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
     st.agent_pid = Some(pid);
     save_state(&st)?;
     Ok(pid)
+}
+
+/// The port of the lab proxy's transparent listeners (in the node namespace). Flows whose original
+/// destination port is this one cannot be proxied (the listener refuses connections to itself).
+pub const PROXY_PORT: u16 = 15001;
+
+/// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
+/// listeners (IPv4 and IPv6) registered in the lab's datapath, on the policy the agent publishes.
+pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
+    let paths = LabPaths::new(name);
+    let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
+    let listener = |addr: &str, tag: &str| {
+        format!(
+            "- {{name: http-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, listener_id: {}}}, source: socket, destination: socket}}\n",
+            sockmap.display(),
+            crate::mapstate::listener_of(policy_engine::model::L7Parser::Http)
+        )
+    };
+    let config = format!(
+        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}",
+        paths.snapshot().display(),
+        paths.proxy_control().display(),
+        listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4"),
+        listener(&format!("[::]:{PROXY_PORT}"), "v6"),
+    );
+    let config_path = paths.dir.join("proxy.yaml");
+    std::fs::write(&config_path, config)?;
+    let ready = paths.dir.join("proxy.ready");
+    let _ = std::fs::remove_file(&ready);
+    let args: Vec<String> = vec![
+        "proxy".into(),
+        "--netns".into(),
+        format!("porin-{name}-node"),
+        "--config".into(),
+        config_path.display().to_string(),
+        "--ready".into(),
+        ready.display().to_string(),
+    ];
+    let log = paths.dir.join("proxy.log");
+    let mut child = spawn_porin(&args, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the proxy exited during start-up ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the proxy did not become ready in 20 s (log: {})", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.id())
+}
+
+/// `porin lab restart-proxy`: stops the lab's proxy (if running) and starts it again.
+pub fn restart_proxy(name: &str) -> anyhow::Result<u32> {
+    let mut st = load_state(name)?;
+    if let Some(pid) = st.proxy_pid {
+        kill(pid, name);
+    }
+    let pid = start_proxy(name)?;
+    st.proxy_pid = Some(pid);
+    save_state(&st)?;
+    Ok(pid)
+}
+
+/// `porin lab stop-proxy`: stops the lab's proxy; L7 flows are refused until it is back.
+pub fn stop_proxy(name: &str) -> anyhow::Result<()> {
+    let mut st = load_state(name)?;
+    if let Some(pid) = st.proxy_pid.take() {
+        kill(pid, name);
+    }
+    save_state(&st)
 }
 
 /// Takes the datapath off every endpoint of a lab (benchmark baselines); `restart-agent` re-attaches.

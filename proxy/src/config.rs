@@ -120,13 +120,17 @@ pub struct ListenerConfig {
     pub name: String,
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Where allowed requests go.
-    pub upstream: SocketAddr,
+    /// Where allowed requests go. Transparent listeners send them to the original destination.
+    #[serde(default)]
+    pub upstream: Option<SocketAddr>,
+    /// The datapath hands flows to this listener (`bpf_sk_assign`); see [`Transparent`].
+    #[serde(default)]
+    pub transparent: Option<Transparent>,
     /// The client side.
     pub source: PeerRef,
     /// The server side.
     pub destination: PeerRef,
-    /// Destination port policy is evaluated for (default: the upstream's port).
+    /// Destination port policy is evaluated for (default: the destination's port).
     #[serde(default)]
     pub port: Option<u16>,
     /// Protocol towards the upstream.
@@ -134,11 +138,17 @@ pub struct ListenerConfig {
     pub upstream_protocol: UpstreamProtocol,
 }
 
-impl ListenerConfig {
-    /// The destination port policy sees.
-    pub fn policy_port(&self) -> u16 {
-        self.port.unwrap_or(self.upstream.port())
-    }
+/// A listener the kernel datapath hands flows to. It listens with `IP_TRANSPARENT` and puts its
+/// socket into the datapath's pinned SOCKMAP at `redirect_common::proxy_index(listener_id, v6)`; the
+/// accepted socket's local address is the original destination, its peer the original client. Upstream
+/// connections keep the client's address (`IP_TRANSPARENT` + bind) and carry `mark::FROM_PROXY`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transparent {
+    /// The pinned SOCKMAP (`<bpffs>/maps/PORIN_PROXY`).
+    pub sockmap: PathBuf,
+    /// The listener id policy entries carry (1: HTTP).
+    pub listener_id: u8,
 }
 
 /// Limits and timeouts. Every field has a default; times are in milliseconds.
@@ -245,6 +255,20 @@ impl ProxyConfig {
             if self.listeners.iter().take(i).any(|o| o.name == l.name) {
                 return Err(format!("listeners[{i}].name: {:?} is used twice", l.name));
             }
+            match (&l.upstream, &l.transparent) {
+                (None, None) => return Err(format!("listeners[{i}]: an upstream is needed (or transparent)")),
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "listeners[{i}]: a transparent listener forwards to the original destination, not to an upstream"
+                    ));
+                }
+                (None, Some(_)) if l.source != PeerRef::Socket || l.destination != PeerRef::Socket => {
+                    return Err(format!(
+                        "listeners[{i}]: a transparent listener takes source and destination from the socket (source: socket, destination: socket)"
+                    ));
+                }
+                _ => {}
+            }
         }
         let lim = &self.limits;
         if lim.max_header_bytes < 1024 {
@@ -271,8 +295,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.listeners[0].source, PeerRef::Pod("default/xwing".into()));
-        assert_eq!(cfg.listeners[0].policy_port(), 80);
-        assert_eq!(cfg.listeners[1].policy_port(), 8080);
+        assert_eq!(cfg.listeners[0].port, Some(80));
+        assert_eq!(cfg.listeners[1].upstream, Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(cfg.limits.max_header_bytes, 8192);
         assert_eq!(cfg.limits.request_timeout_ms, 60_000);
     }
@@ -283,5 +307,9 @@ mod tests {
         assert!(e.contains("listeners[0].source.pod"), "{e}");
         let e = ProxyConfig::parse("snapshot: x\nlisteners: []\nbogus: 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
+        let e = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, listener_id: 1}, source: {identity: 2}, destination: socket}\n").unwrap_err();
+        assert!(e.contains("source: socket"), "{e}");
+        let ok = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, listener_id: 1}, source: socket, destination: socket}\n").unwrap();
+        assert_eq!(ok.listeners[0].transparent.as_ref().map(|t| t.listener_id), Some(1));
     }
 }

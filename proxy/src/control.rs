@@ -32,7 +32,8 @@ pub fn status(p: &crate::ProxyInfo) -> serde_json::Value {
         "pid": std::process::id(),
         "snapshot": p.shared.policy.status(),
         "listeners": p.listeners.iter().map(|(l, addr)| serde_json::json!({
-            "name": l.name, "listen": addr.to_string(), "upstream": l.upstream.to_string(),
+            "name": l.name, "listen": addr.to_string(), "upstream": l.upstream.map_or_else(|| "original destination".to_owned(), |u| u.to_string()),
+            "transparent": l.transparent.is_some(),
         })).collect::<Vec<_>>(),
         "counters": p.shared.counters.values(),
     })

@@ -160,6 +160,9 @@ impl Flow {
     /// One line for humans (`porin observe`, `porin lab events`):
     /// `VERDICT DIRECTION source -> destination transport [L7] [reason] [policy]: summary`.
     pub fn to_text(&self) -> String {
+        if self.event_type == "policy-error" {
+            return format!("{:<10} {:<8} {}", self.verdict, "POLICY", self.summary);
+        }
         let peer = |e: &FlowEndpoint, ip: &str| {
             if e.pod_name.is_empty() {
                 format!("{ip} (identity {})", e.identity)

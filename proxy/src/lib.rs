@@ -22,6 +22,7 @@ pub mod records;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod transparent;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -77,8 +78,11 @@ impl Proxy {
         let mut listeners = Vec::new();
         let mut sockets = Vec::new();
         for l in &cfg.listeners {
-            let sock = tokio::net::TcpListener::bind(l.listen)
-                .await
+            let bound = match &l.transparent {
+                Some(t) => transparent::listen(l.listen, t),
+                None => tokio::net::TcpListener::bind(l.listen).await,
+            };
+            let sock = bound
                 .map_err(|e| std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.listen)))?;
             let addr = sock.local_addr()?;
             let l = Arc::new(l.clone());
@@ -86,7 +90,7 @@ impl Proxy {
             sockets.push((l, sock));
         }
         for (l, sock) in sockets {
-            tracing::info!(listener = %l.name, upstream = %l.upstream, "listening");
+            tracing::info!(listener = %l.name, upstream = ?l.upstream, transparent = l.transparent.is_some(), "listening");
             tasks.push(tokio::spawn(server::accept_loop(shared.clone(), l, sock)));
         }
         let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));

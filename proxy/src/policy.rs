@@ -151,7 +151,12 @@ impl ConnPolicy {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Self {
-        let port = listener.policy_port();
+        // The destination: the original one (transparent, `socket`), else the configured upstream.
+        let dst_sock = match (&listener.destination, listener.upstream) {
+            (PeerRef::Socket, _) | (_, None) => local,
+            (_, Some(up)) => up,
+        };
+        let port = listener.port.unwrap_or(dst_sock.port());
         let blank = |ip: IpAddr, port: u16| End { record: FlowEndpoint::default(), ip, port };
         let Some(s) = snap.as_deref() else {
             return Self::new(
@@ -168,7 +173,6 @@ impl ConnPolicy {
                 },
             );
         };
-        let dst_sock = if listener.destination == PeerRef::Socket { local } else { listener.upstream };
         let ends = resolve_end(s, &listener.source, client, client.port()).and_then(|(src, sep)| {
             resolve_end(s, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
         });

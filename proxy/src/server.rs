@@ -162,6 +162,12 @@ pub async fn serve(
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr()?;
+    // A transparent listener serves flows the datapath handed over; a connection made to the
+    // listener's own port was not handed over (its "original destination" would be the proxy).
+    if listener.transparent.is_some() && local.port() == listener.listen.port() {
+        tracing::debug!(%client, %local, "connection to the transparent listener itself refused");
+        return Ok(());
+    }
     let limits = shared.limits.clone();
     let prefix = match tokio::time::timeout(limits.header_read_timeout(), sniff(&mut stream)).await {
         Ok(r) => r?,

@@ -234,7 +234,12 @@ impl Conn {
         guard: Option<Arc<GuardShared>>,
     ) -> Self {
         let policy = Arc::new(ConnPolicy::decide(shared.policy.current(), &listener, client, local));
-        let pool = shared.upstreams.pool(listener.upstream, &shared.limits);
+        // Transparent: to the original destination, from the client's own address.
+        let (dst, bind) = match listener.upstream {
+            Some(up) => (up, None),
+            None => (local, Some(client.ip())),
+        };
+        let pool = shared.upstreams.pool(dst, bind, &shared.limits);
         Self {
             shared,
             listener,
@@ -406,7 +411,7 @@ impl Conn {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
         };
-        let authority = authority.unwrap_or_else(|| self.listener.upstream.to_string());
+        let authority = authority.unwrap_or_else(|| self.pool.addr().to_string());
         let uri = if is_connect {
             parts.uri.clone()
         } else if up_h2 {

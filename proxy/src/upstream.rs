@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -19,7 +19,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::Limits;
 
@@ -41,30 +41,34 @@ impl fmt::Display for UpstreamError {
     }
 }
 
-/// Connections to one upstream address.
+/// Connections to one upstream address (from one source address, for transparent upstreams).
 pub struct Pool {
     addr: SocketAddr,
+    bind: Option<IpAddr>,
     idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
     max_idle: usize,
     connect_timeout: Duration,
 }
 
-/// Pools by upstream address.
+/// Pools by upstream address and source address.
 #[derive(Default)]
 pub struct Upstreams {
-    pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
+    pools: Mutex<HashMap<(SocketAddr, Option<IpAddr>), Arc<Pool>>>,
 }
 
 impl Upstreams {
-    /// The pool of `addr`.
-    pub fn pool(&self, addr: SocketAddr, limits: &Limits) -> Arc<Pool> {
+    /// The pool of `addr`; with `bind`, connections leave from that (client's) address, marked as
+    /// the proxy's (`IP_TRANSPARENT`, `SO_MARK` = `mark::FROM_PROXY`). Connections are never shared
+    /// between source addresses: the upstream sees each client as itself.
+    pub fn pool(&self, addr: SocketAddr, bind: Option<IpAddr>, limits: &Limits) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         pools
-            .entry(addr)
+            .entry((addr, bind))
             .or_insert_with(|| {
                 Arc::new(Pool {
                     addr,
+                    bind,
                     idle: Mutex::new(Vec::new()),
                     h2: tokio::sync::Mutex::new(None),
                     max_idle: limits.max_idle_upstream,
@@ -76,8 +80,21 @@ impl Upstreams {
 }
 
 impl Pool {
+    /// Where this pool connects to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn open(&self) -> std::io::Result<TcpStream> {
+        let Some(src) = self.bind else { return TcpStream::connect(self.addr).await };
+        let s = if self.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        crate::transparent::upstream_socket(&s)?;
+        s.bind(SocketAddr::new(src, 0))?;
+        s.connect(self.addr).await
+    }
+
     async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let s = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+        let s = tokio::time::timeout(self.connect_timeout, self.open())
             .await
             .map_err(|_| UpstreamError::Connect(format!("{}: timed out after {:?}", self.addr, self.connect_timeout)))?
             .map_err(|e| UpstreamError::Connect(format!("{}: {e}", self.addr)))?;

@@ -28,7 +28,9 @@
 )]
 
 use aya_ebpf::EbpfContext as _;
-use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple};
+use aya_ebpf::bindings::{
+    BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
+};
 use aya_ebpf::cty::c_void;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::{classifier, map};
@@ -37,8 +39,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap};
 use aya_ebpf::programs::TcContext;
 use redirect_common::{
     CtKey, CtValue, Event, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue, POLICY_FULL_BITS, PolicyKey,
-    PolicyValue, config, counter, ct_flag, direction, event_kind, family, iface_flag, mark, proxy_index, reason,
-    sizes, verdict,
+    PolicyValue, config, counter, ct_flag, direction, event_kind, family, iface_flag, mark, proxy_index, reason, sizes,
+    verdict,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -467,8 +469,10 @@ fn to_proxy_socket(ctx: &TcContext, pkt: &Packet) -> bool {
         // SAFETY: the context pointer and the tuple are valid for the call.
         unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, 12, netns, 0) }
     } else {
-        tuple.__bindgen_anon_1.ipv6.saddr = [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
-        tuple.__bindgen_anon_1.ipv6.daddr = [be32(&pkt.daddr, 0), be32(&pkt.daddr, 4), be32(&pkt.daddr, 8), be32(&pkt.daddr, 12)];
+        tuple.__bindgen_anon_1.ipv6.saddr =
+            [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
+        tuple.__bindgen_anon_1.ipv6.daddr =
+            [be32(&pkt.daddr, 0), be32(&pkt.daddr, 4), be32(&pkt.daddr, 8), be32(&pkt.daddr, 12)];
         tuple.__bindgen_anon_1.ipv6.sport = sport;
         tuple.__bindgen_anon_1.ipv6.dport = dport;
         // SAFETY: as above.

@@ -289,7 +289,8 @@ impl Fixture {
                 .map(|l| ListenerConfig {
                     name: l.name.into(),
                     listen: "127.0.0.1:0".parse().unwrap(),
-                    upstream: upstream.unwrap_or(if l.h2_upstream { h2.addr } else { h1.addr }),
+                    upstream: Some(upstream.unwrap_or(if l.h2_upstream { h2.addr } else { h1.addr })),
+                    transparent: None,
                     source: l.source.clone(),
                     destination: l.destination.clone(),
                     port: Some(l.port),
