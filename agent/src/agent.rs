@@ -340,6 +340,8 @@ impl State {
             "drop_other": get(c::DROP_OTHER),
             "events_lost": get(c::EVENTS_LOST),
             "redirected": get(c::REDIRECTED),
+            "proxy_socket": get(c::PROXY_SOCKET),
+            "proxy_upstream": get(c::PROXY_UPSTREAM),
         }))
     }
 }

@@ -30,7 +30,7 @@ pub struct Route {
     /// Status code (default 200).
     #[serde(default)]
     pub status: Option<u16>,
-    /// Response body.
+    /// Response body; `{client}` is replaced with the address the request came from.
     #[serde(default)]
     pub body: String,
 }
@@ -66,12 +66,23 @@ fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
 }
 
-async fn respond(routes: Arc<Vec<Route>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    routes: Arc<Vec<Route>>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let found = routes.iter().find(|r| r.method == req.method().as_str() && r.path == req.uri().path());
     let resp = match found {
-        Some(r) => Response::builder()
-            .status(StatusCode::from_u16(r.status.unwrap_or(200)).unwrap_or(StatusCode::OK))
-            .body(Full::new(Bytes::from(r.body.clone()))),
+        Some(r) => {
+            // An IPv4 client of the dual-stack socket shows as ::ffff:a.b.c.d.
+            let ip = match peer.ip() {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            Response::builder()
+                .status(StatusCode::from_u16(r.status.unwrap_or(200)).unwrap_or(StatusCode::OK))
+                .body(Full::new(Bytes::from(r.body.replace("{client}", &ip.to_string()))))
+        }
         None => Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"Not found\n"))),
     };
     Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
@@ -88,10 +99,10 @@ pub fn run(spec: ServerSpec, ready: Option<PathBuf>) -> anyhow::Result<()> {
             let routes = Arc::new(h.routes);
             tasks.push(tokio::spawn(async move {
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, peer)) = listener.accept().await else { continue };
                     let routes = routes.clone();
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| respond(routes.clone(), req));
+                        let svc = service_fn(move |req| respond(routes.clone(), peer, req));
                         let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                     });
                 }

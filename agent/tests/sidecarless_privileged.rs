@@ -1,0 +1,258 @@
+//! Sidecar-less L7 end to end: unmodified pods, the kernel hands their flows to the node's proxy
+//! (`bpf_sk_assign`), the proxy enforces HTTP/gRPC rules and connects upstream as the client. Real
+//! curl, grpcio and sockets in lab namespaces. Root only; in CI (`CI=true`) always.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Lab, porin, privileged, repo};
+use serde_json::Value;
+
+fn starwars(tag: &str) -> Lab {
+    let text = std::fs::read_to_string(repo().join("config/labs/starwars.yaml")).unwrap();
+    Lab::up(tag, &text.replace("../examples/", "@REPO@/config/examples/"))
+}
+
+/// curl from a pod, returning (exit code, HTTP status, body).
+fn curl(lab: &Lab, pod: &str, args: &[&str], url: &str) -> (i32, String, String) {
+    let mut a = vec!["curl", "-s", "-g", "-m", "3", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    a.push(url);
+    let o = lab.exec(pod, &a);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+    (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
+}
+
+/// Proxy flow records of the lab.
+fn proxy_flows(lab: &Lab) -> Vec<Value> {
+    let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--protocol", "http"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn starwars_through_the_kernel_and_the_proxy_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = starwars("swl7");
+    for host in ["deathstar", &format!("[{}]", lab.addr("deathstar", true))] {
+        let (code, status, body) =
+            curl(&lab, "tiefighter", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+        assert_eq!((code, status.as_str(), body.as_str()), (0, "200", "Ship landed\n"), "{host}");
+        let (code, status, body) = curl(&lab, "tiefighter", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
+        assert_eq!((code, status.as_str(), body.as_str()), (0, "403", "Access denied\r\n"), "{host}");
+    }
+    // h2c from an unmodified client, judged per stream.
+    let (_, status, body) =
+        curl(&lab, "tiefighter", &["--http2-prior-knowledge", "-X", "PUT"], "http://deathstar/v1/exhaust-port");
+    assert_eq!((status.as_str(), body.as_str()), ("403", "Access denied\r\n"));
+    // The xwing never gets a connection: dropped in the kernel.
+    let start = Instant::now();
+    let (code, _, _) = curl(&lab, "xwing", &["-X", "POST"], "http://deathstar/v1/request-landing");
+    assert_eq!(code, 28, "xwing times out");
+    assert!(start.elapsed() >= Duration::from_secs(3));
+
+    // The kernel recorded the redirect, the proxy the requests, both naming the rule.
+    let redirect = lab.wait_event(0, |e| e["verdict"] == "REDIRECTED" && e["source"]["pod_name"] == "tiefighter");
+    assert_eq!(redirect["policy"], "default/rule1 spec.ingress[0]");
+    let flows = proxy_flows(&lab);
+    let denied = flows.iter().find(|f| f["verdict"] == "DROPPED").expect("a denied request record");
+    assert_eq!(denied["l7"]["http"]["method"], "PUT");
+    assert_eq!(denied["source"]["pod_name"], "tiefighter");
+    assert_eq!(denied["destination"]["pod_name"], "deathstar");
+    // curl may pick the IPv6 address first: either of the client's own.
+    let src = denied["IP"]["source"].as_str().unwrap().to_owned();
+    assert!(src == lab.addr("tiefighter", false) || src == lab.addr("tiefighter", true), "{src}");
+    assert_eq!(denied["source"]["identity"], lab.identity("tiefighter"));
+    let c = lab.counters();
+    assert!(c["redirected"].as_u64().unwrap() >= 5 && c["proxy_socket"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["proxy_upstream"].as_u64().unwrap() > 0, "{c}");
+}
+
+#[test]
+fn upstream_keeps_the_client_address_and_egress_rules_apply_at_the_source_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up(
+        "egl7",
+        r#"
+version: 1
+policies: []
+pods:
+  - {name: api, labels: {app: api}, server: {http: {port: 8080, routes: [{method: GET, path: /whoami, body: "{client}\n"}, {method: POST, path: /write, body: "written\n"}]}}}
+  - {name: client, labels: {app: client}}
+"#,
+    );
+    lab.apply(&[r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: api}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /whoami}]
+"#]);
+    let v4 = lab.addr("api", false);
+    let (_, status, body) = curl(&lab, "client", &[], &format!("http://{v4}:8080/whoami"));
+    assert_eq!(status, "200");
+    assert_eq!(body.trim(), lab.addr("client", false), "the server sees the client, not the proxy");
+    let v6 = lab.addr("api", true);
+    let (_, _, body) = curl(&lab, "client", &[], &format!("http://[{v6}]:8080/whoami"));
+    assert_eq!(body.trim(), lab.addr("client", true));
+    let (_, status, body) = curl(&lab, "client", &["-X", "POST"], "http://api:8080/write");
+    assert_eq!((status.as_str(), body.as_str()), ("403", "Access denied\r\n"), "the egress rule of the source");
+    let flows = proxy_flows(&lab);
+    assert!(flows.iter().any(|f| f["verdict"] == "DROPPED" && f["traffic_direction"] == "EGRESS"), "{flows:#?}");
+}
+
+#[test]
+fn grpc_through_the_redirect_privileged() {
+    if !privileged() {
+        return;
+    }
+    let door = repo().join("agent/tests/data/grpc_door.py");
+    // The Cloud City policy from Cilium's gRPC guide, as transcribed in the conformance vectors.
+    let vectors =
+        std::env::var_os("PORIN_CONFORMANCE_DIR").map_or_else(|| repo().join("../shared/conformance"), Into::into);
+    let policy = vectors.join("policies/http/cc-door-ingress-security.yaml");
+    assert!(policy.exists(), "{} (set PORIN_CONFORMANCE_DIR)", policy.display());
+    let lab = Lab::up(
+        "grpc",
+        &format!(
+            r#"
+version: 1
+policies: ["{}"]
+pods:
+  - {{name: cc-door-mgr, labels: {{app: cc-door-mgr}}, command: [python3, "{}", "50051"]}}
+  - {{name: terminal-87, labels: {{app: public-terminal}}}}
+"#,
+            policy.display(),
+            door.display()
+        ),
+    );
+    let client = repo().join("proxy/tests/grpc_client.py");
+    let call = |method: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let o = lab.exec(
+                "terminal-87",
+                &[
+                    "python3",
+                    &client.display().to_string(),
+                    "cc-door-mgr:50051",
+                    &format!("/cloudcity.DoorManager/{method}"),
+                    "1",
+                ],
+            );
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            // The server may still be starting.
+            if v["code"] != "UNAVAILABLE" || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let r = call("GetName");
+    assert_eq!(r["code"], "OK", "{r}");
+    assert!(r["response"].as_str().unwrap().starts_with("GetName: 1"), "{r}");
+    assert_eq!(call("RequestMaintenance")["code"], "OK");
+    for m in ["SetAccessCode", "GetStatus"] {
+        let r = call(m);
+        assert_eq!(r["code"], "PERMISSION_DENIED", "{m}: {r}");
+        assert_eq!(r["details"], "Access denied\r\n");
+    }
+}
+
+/// One HTTP/1.1 request on an open connection; the status line.
+fn ask(s: &mut std::net::TcpStream, path: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(format!("POST {path} HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n\r\n").as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_owned()
+}
+
+#[test]
+fn proxy_and_agent_restarts_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = starwars("rstl7");
+    let ds: SocketAddr = format!("{}:80", lab.addr("deathstar", false)).parse().unwrap();
+    let land = |lab: &Lab| curl(lab, "tiefighter", &["-X", "POST"], "http://deathstar/v1/request-landing");
+
+    // An established L7 connection survives an agent restart.
+    let mut live = lab.tcp("tiefighter", ds).unwrap();
+    assert_eq!(ask(&mut live, "/v1/request-landing"), "HTTP/1.1 200 OK");
+    let o = porin().args(["lab", "restart-agent", "--name", &lab.name]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(ask(&mut live, "/v1/request-landing"), "HTTP/1.1 200 OK", "same connection after the agent restart");
+    assert_eq!(ask(&mut live, "/v1/exhaust-port"), "HTTP/1.1 403 Forbidden");
+    assert_eq!(land(&lab).1, "200", "new connections after the agent restart");
+
+    // The proxy is killed: nothing gets through while it is down — neither new connections nor
+    // the packets of the connection it held.
+    let pid = lab.status()["proxy"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let seq = lab.last_seq();
+    let (code, _, _) = land(&lab);
+    assert_eq!(code, 28, "refused while the proxy is down (curl times out)");
+    assert!(ask(&mut live, "/v1/exhaust-port").is_empty(), "the held connection is gone, not rerouted to the server");
+    let e = lab.wait_event(seq, |e| e["drop_reason_desc"] == "PROXY_UNAVAILABLE");
+    assert_eq!(e["source"]["pod_name"], "tiefighter");
+    // Back: new connections work again, with the same policy.
+    let o = porin().args(["lab", "restart-proxy", "--name", &lab.name]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(land(&lab), (0, "200".into(), "Ship landed\n".into()));
+    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "403");
+}
+
+#[test]
+fn policy_files_are_watched_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = starwars("watch");
+    let dir = std::path::PathBuf::from(format!("/run/porin/labs/{}/policies", lab.name));
+    assert!(dir.is_dir(), "the lab's policy directory");
+    // A new file, written in place (no reload command): enforced within a second.
+    let open = std::fs::read_to_string(repo().join("config/examples/starwars/l3-l4-l7.yaml"))
+        .unwrap()
+        .replace("name: rule1", "name: rule2")
+        .replace("method: POST", "method: PUT")
+        .replace("path: /v1/request-landing", "path: /v1/exhaust-port");
+    let start = Instant::now();
+    std::fs::write(dir.join("zz-exhaust.yaml"), &open).unwrap();
+    loop {
+        if curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1 == "200" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "the new file was not enforced in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    // An invalid edit of it: reported, and its last good version keeps enforcing.
+    let seq = lab.last_seq();
+    std::fs::write(dir.join("zz-exhaust.yaml"), open.replace("toPorts:", "toPortz:")).unwrap();
+    let e = lab.wait_event(seq, |e| e["event_type"] == "policy-error");
+    assert!(e["Summary"].as_str().unwrap().contains("zz-exhaust.yaml"), "{e}");
+    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
+    let st = lab.status();
+    let files = st["agent"]["status"]["policy_files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["ok"] == false && f["file"].as_str().unwrap().ends_with("zz-exhaust.yaml")),
+        "{files:?}"
+    );
+}
