@@ -51,10 +51,13 @@ pub struct Pool {
     connect_timeout: Duration,
 }
 
+/// Upstream address, and the source address for transparent upstreams.
+type PoolKey = (SocketAddr, Option<IpAddr>);
+
 /// Pools by upstream address and source address.
 #[derive(Default)]
 pub struct Upstreams {
-    pools: Mutex<HashMap<(SocketAddr, Option<IpAddr>), Arc<Pool>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Upstreams {
