@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The main job: builds Porin, then
 #   1. validates, tests and traces the example policies offline (porin policy ...);
-#   2. brings up the star wars lab (config/labs/starwars-l3l4.yaml) in network namespaces with the
-#      eBPF datapath enforcing the L3/L4 policy, sends real requests from tiefighter and xwing, and
-#      prints each verdict with the datapath's own flow records;
-#   3. applies the L7 policy: the agent publishes it, and `porin proxy` (started in the lab's node
-#      namespace with a listener that names tiefighter -> deathstar, until the transparent redirect
-#      lands) enforces it per request over HTTP/1.1 and h2c; prints `porin observe`. Then takes the
-#      lab down.
+#   2. brings up the star wars lab (config/labs/starwars.yaml): a node and three pods in network
+#      namespaces; the eBPF datapath enforces L3/L4 and hands the deathstar's HTTP flows to the node's
+#      proxy (bpf_sk_assign), which enforces the L7 rules. Unmodified curl in the pods makes the
+#      documented requests while `porin observe -f -o table` prints every verdict as it happens
+#      (kernel and proxy); then the lab is taken down.
 # Needs root for step 2 (network namespaces, eBPF); without it, step 2 is skipped with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,64 +32,33 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 lab="demo-$$"
-trap '"$bin" lab down --name "$lab" >/dev/null 2>&1 || true' EXIT
-echo "== porin lab up config/labs/starwars-l3l4.yaml"
-"$bin" lab up config/labs/starwars-l3l4.yaml --name "$lab"
+observer=
+cleanup() {
+    [ -n "$observer" ] && kill "$observer" 2>/dev/null
+    "$bin" lab down --name "$lab" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+echo "== porin lab up config/labs/starwars.yaml   (node + 3 pods; L3/L4 in the kernel, L7 in the node's proxy)"
+"$bin" lab up config/labs/starwars.yaml --name "$lab"
 echo
-request() { # pod method path
-    local out code
-    out=$("$bin" lab exec --name "$lab" "$1" -- curl -s -m 3 -X "$2" "http://deathstar$3") && code=0 || code=$?
-    if [ "$code" -eq 0 ]; then
-        printf '%-11s %-5s %-22s -> %s\n' "$1" "$2" "$3" "$(echo "$out" | head -c 60)"
-    else
-        printf '%-11s %-5s %-22s -> no answer (curl exit %s: dropped by the datapath)\n' "$1" "$2" "$3" "$code"
-    fi
+echo "== live verdicts (porin observe --lab $lab -f -o table) while the pods make their requests"
+"$bin" observe --lab "$lab" -f -o table & observer=$!
+sleep 0.5
+request() { # pod method path [curl flags...]: runs curl in the pod, unmodified (no proxy settings)
+    local pod=$1 method=$2 path=$3 out code
+    shift 3
+    out=$("$bin" lab exec --name "$lab" "$pod" -- curl -s -m 3 -w ' [HTTP %{http_code}]' "$@" -X "$method" "http://deathstar$path" | tr -d '\r\n') && code=0 || code=$?
+    [ "$code" -eq 0 ] || out="no answer: curl exit $code (dropped in the kernel)"
+    printf '\n>>> %-10s %s %s %s\n<<< %s\n' "$pod" "$method" "$path" "$*" "$out"
+    sleep 0.4
 }
 request tiefighter POST /v1/request-landing
 request tiefighter PUT /v1/exhaust-port
+request tiefighter PUT /v1/exhaust-port --http2-prior-knowledge
+request tiefighter POST /v1/request-landing/../../v1/exhaust-port --path-as-is
 request xwing POST /v1/request-landing
-echo
-echo "== flow records (porin lab events)"
-"$bin" lab events --name "$lab"
+sleep 0.5
+kill "$observer" 2>/dev/null; wait "$observer" 2>/dev/null; observer=
 echo
 echo "== datapath counters"
 "$bin" lab counters --name "$lab"
-
-echo
-echo "== the L7 policy: porin lab apply config/examples/starwars/l3-l4-l7.yaml"
-"$bin" lab apply --name "$lab" config/examples/starwars/l3-l4-l7.yaml | head -c 300; echo
-node="porin-$lab-node"
-labdir="/run/porin/labs/$lab"
-work=$(mktemp -d)
-trap '"$bin" lab down --name "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-# A copy of the deathstar's HTTP server in the node namespace behind the proxy (the transparent
-# redirect that hands pod flows to the proxy is the next issue; the lab down stops both processes).
-cat > "$work/deathstar.json" <<'JSON'
-{"http": {"port": 18080, "routes": [
-  {"method": "POST", "path": "/v1/request-landing", "body": "Ship landed\n"},
-  {"method": "PUT", "path": "/v1/exhaust-port", "body": "Panic: deathstar exploded\n"}]}}
-JSON
-cat > "$work/proxy.yaml" <<YAML
-snapshot: $labdir/snapshot.json
-control_socket: $labdir/proxy.sock
-listeners:
-- {name: tiefighter-to-deathstar, listen: "127.0.0.1:15001", upstream: "127.0.0.1:18080",
-   source: {pod: default/tiefighter}, destination: {pod: default/deathstar}, port: 80}
-YAML
-"$bin" lab serve --netns "$node" --spec "$work/deathstar.json" --ready "$work/server.ready" & disown
-"$bin" proxy --netns "$node" --config "$work/proxy.yaml" --ready "$work/proxy.ready" 2>"$work/proxy.log" & disown
-for _ in $(seq 1 100); do [ -e "$work/proxy.ready" ] && [ -e "$work/server.ready" ] && break; sleep 0.1; done
-l7() { # method path [curl flags]
-    local out
-    out=$("$bin" lab run-in --netns "$node" -- curl -s -m 3 -w ' [%{http_code}]' "${@:3}" -X "$1" "http://127.0.0.1:15001$2" | tr -d '\r\n')
-    printf 'tiefighter %-5s %-48s %-25s -> %s\n' "$1" "$2" "${3:-HTTP/1.1}" "$out"
-}
-echo "== requests through porin proxy (tiefighter -> deathstar)"
-l7 POST /v1/request-landing
-l7 PUT /v1/exhaust-port
-l7 PUT /v1/exhaust-port --http2-prior-knowledge
-l7 POST /v1/request-landing/../../v1/request-landing --path-as-is
-l7 POST /v1/request-landing%2f.. --path-as-is
-echo
-echo "== porin observe --lab $lab --protocol http"
-"$bin" observe --lab "$lab" --protocol http

@@ -14,7 +14,6 @@ use proxy::config::ProxyConfig;
 use proxy::flow::Flow;
 
 use crate::agent::{EndpointsFile, control, environment, publish as write_inputs};
-use crate::cli::Output;
 
 /// `porin proxy` arguments.
 #[derive(Debug, Args)]
@@ -129,9 +128,22 @@ pub struct ObserveArgs {
     /// Only the last N matching records (before following).
     #[arg(long)]
     pub last: Option<usize>,
-    /// Output format (`json`: one Hubble-shaped flow per line).
+    /// Output format: `text` lines, `json` (one Hubble-shaped flow per line), or a `table` that
+    /// grows as flows happen (with `-f`).
     #[arg(short, long, value_enum, default_value_t)]
-    pub output: Output,
+    pub output: ObserveOutput,
+}
+
+/// `porin observe -o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ObserveOutput {
+    /// One line per record.
+    #[default]
+    Text,
+    /// JSON Lines (Hubble's field names).
+    Json,
+    /// Aligned columns: time, source, destination, request, verdict, why.
+    Table,
 }
 
 /// A source of records.
@@ -194,6 +206,9 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let mut first = true;
+    if a.output == ObserveOutput::Table {
+        println!("{}", Flow::TABLE_HEADER);
+    }
     loop {
         let mut batch = Vec::new();
         let mut reachable = 0;
@@ -215,10 +230,13 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
         }
         for f in &batch {
             match a.output {
-                Output::Json => println!("{}", serde_json::to_string(f)?),
-                Output::Text => println!("{} {}", f.time, f.to_text()),
+                ObserveOutput::Json => println!("{}", serde_json::to_string(f)?),
+                ObserveOutput::Text => println!("{} {}", f.time, f.to_text()),
+                ObserveOutput::Table => println!("{}", f.to_row()),
             }
         }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
         first = false;
         if !a.follow {
             return Ok(ExitCode::SUCCESS);

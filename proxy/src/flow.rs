@@ -210,6 +210,76 @@ impl Flow {
     }
 }
 
+impl Flow {
+    /// The header of [`Flow::to_row`]'s table.
+    pub const TABLE_HEADER: &'static str =
+        "TIME          SOURCE         DESTINATION       WHAT                                  VERDICT      WHY / RULE";
+
+    /// One row of a live table (`porin observe -o table`): time of day, the two ends, what was
+    /// asked, what happened and why.
+    pub fn to_row(&self) -> String {
+        let time = self.time.get(11..23).unwrap_or(&self.time);
+        if self.event_type == "policy-error" {
+            return format!("{time}  {:<14} {:<17} {:<37} {:<12} {}", "-", "-", "policy file", "REFUSED", self.summary);
+        }
+        let who = |e: &FlowEndpoint, ip: &str| if e.pod_name.is_empty() { ip.to_owned() } else { e.pod_name.clone() };
+        let l4 = self
+            .l4
+            .iter()
+            .next()
+            .map(|(proto, f)| match f.get("destination_port") {
+                Some(p) => format!("{proto}/{p}"),
+                None => proto.to_string(),
+            })
+            .unwrap_or_default();
+        let http = self.l7.as_ref().and_then(|l| l.http.as_ref().map(|h| (l, h)));
+        let path = |url: &str| {
+            let p = url.strip_prefix("http://").and_then(|u| u.find('/').map(|i| u[i..].to_owned()));
+            p.unwrap_or_else(|| url.to_owned())
+        };
+        let (what, verdict, why) = match http {
+            Some((l7, h)) if l7.kind == "RESPONSE" => (
+                format!("{} {} {}", h.protocol, h.method, path(&h.url)),
+                format!("{} {}", h.code, if self.verdict == "FORWARDED" { "OK" } else { &self.verdict }),
+                format!(
+                    "{:.2} ms{}",
+                    l7.latency_ns as f64 / 1e6,
+                    if self.summary.is_empty() { String::new() } else { format!(": {}", self.summary) }
+                ),
+            ),
+            Some((_, h)) => (
+                format!("{} {} {}", h.protocol, h.method, path(&h.url)),
+                match self.verdict.as_ref() {
+                    "FORWARDED" => "ALLOWED".to_owned(),
+                    "DROPPED" if self.drop_reason_desc == "MALFORMED_REQUEST" => "REFUSED 400".to_owned(),
+                    "DROPPED" => "DENIED 403".to_owned(),
+                    v => v.to_owned(),
+                },
+                match (&self.policy, self.summary.is_empty()) {
+                    (Some(p), _) => p.clone(),
+                    (None, false) => self.summary.clone(),
+                    (None, true) => String::new(),
+                },
+            ),
+            None => (
+                format!("{l4} (kernel)"),
+                match self.verdict.as_ref() {
+                    "REDIRECTED" => "TO PROXY".to_owned(),
+                    "DROPPED" => "DROPPED".to_owned(),
+                    v => v.to_owned(),
+                },
+                match (&self.policy, self.drop_reason_desc.is_empty()) {
+                    (Some(p), true) => p.clone(),
+                    (Some(p), false) => format!("{} [{p}]", self.drop_reason_desc),
+                    (None, _) => self.drop_reason_desc.to_string(),
+                },
+            ),
+        };
+        let (src, dst) = (who(&self.source, &self.ip.source), who(&self.destination, &self.ip.destination));
+        format!("{time}  {src:<14} {dst:<17} {what:<37} {verdict:<12} {why}")
+    }
+}
+
 /// Now, RFC 3339 UTC with nanoseconds.
 pub fn now_rfc3339() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
