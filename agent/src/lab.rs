@@ -682,7 +682,7 @@ pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
     std::fs::write(&config_path, config)?;
     let ready = paths.dir.join("proxy.ready");
     let _ = std::fs::remove_file(&ready);
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "proxy".into(),
         "--netns".into(),
         format!("porin-{name}-node"),
@@ -691,6 +691,10 @@ pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
         "--ready".into(),
         ready.display().to_string(),
     ];
+    // Benchmarks compare proxies with the same number of worker threads.
+    if let Ok(n) = std::env::var("PORIN_PROXY_THREADS") {
+        args.extend(["--threads".into(), n]);
+    }
     let log = paths.dir.join("proxy.log");
     let mut child = spawn_porin(&args, &log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
