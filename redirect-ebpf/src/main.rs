@@ -9,9 +9,10 @@
 //! L7 flows go to the node's proxy without leaving the kernel's normal path: a new flow whose policy
 //! says "redirect" is `bpf_sk_assign`ed to the proxy's transparent listener (from `PORIN_PROXY`) and
 //! marked `mark::TO_PROXY`, which the node routes locally. Every later TCP packet that belongs to a
-//! socket the proxy holds — the rest of the client's connection, and the server's replies to the
-//! proxy's upstream connection (which keeps the client's address) — is found with
-//! `bpf_skc_lookup_tcp` and assigned the same way. The proxy marks its upstream packets
+//! socket the proxy holds — the rest of the client's connection (its conntrack entry is flagged
+//! PROXIED), and the server's replies to the proxy's upstream connection (which keeps the client's
+//! address; conntrack does not know it) — is found with `bpf_skc_lookup_tcp` and assigned the same
+//! way. Direct flows never pay for the socket lookup. The proxy marks its upstream packets
 //! `mark::FROM_PROXY`: they were judged by the proxy and pass `porin_to_ep` as they are. A proxied
 //! flow never falls back to the direct path: with its proxy socket gone, its packets are dropped.
 //!
@@ -541,16 +542,18 @@ pub fn porin_from_ep(ctx: TcContext) -> i32 {
         let d = Decision::none(direction::EGRESS, iface.endpoint, 0, 0);
         return drop_pkt(&ctx, reason::INVALID_SOURCE, &pkt, &d);
     }
-    if to_proxy_socket(&ctx, &pkt) {
-        count(counter::PROXY_SOCKET);
-        return TC_ACT_OK;
-    }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let hit = ct_lookup(&pkt, now);
-    if let CtHit::Established(flags) | CtHit::Reply(flags) = hit
-        && flags & ct_flag::PROXIED != 0
-    {
+    // Direct flows ride conntrack without a socket lookup. Proxied flows and flows conntrack does
+    // not know (new ones, and the server's replies to the proxy's upstream connections) look for a
+    // proxy socket first.
+    let proxied = matches!(hit, CtHit::Established(f) | CtHit::Reply(f) if f & ct_flag::PROXIED != 0);
+    if (proxied || matches!(hit, CtHit::Miss)) && to_proxy_socket(&ctx, &pkt) {
+        count(counter::PROXY_SOCKET);
+        return TC_ACT_OK;
+    }
+    if proxied {
         // A proxied flow whose proxy socket is gone (proxy restarted, connection closed): never the
         // direct path. A new SYN on the same tuple is judged (and redirected) as a new flow.
         let syn = pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -615,6 +618,11 @@ pub fn porin_to_ep(ctx: TcContext) -> i32 {
     // cleared when a packet crosses from a pod's namespace).
     // SAFETY: the context's skb pointer is valid for the program's run.
     if unsafe { (*ctx.skb.skb).mark } & mark::MASK == mark::FROM_PROXY {
+        // A new upstream connection reuses the client's address: a stale direct-flow entry for the
+        // same tuple would send the server's replies past the proxy socket.
+        if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            let _ = PORIN_CT.remove(&ct_key(&pkt, pkt.sport, pkt.dport, false));
+        }
         count(counter::PROXY_UPSTREAM);
         return TC_ACT_OK;
     }
