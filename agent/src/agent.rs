@@ -438,6 +438,15 @@ async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::map
     }
 }
 
+/// The version of the inputs last published at `path` (0 when there are none).
+fn published_version(path: &Path) -> u64 {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Version>(&b).ok()).map_or(0, |v| v.version)
+}
+
 /// Writes policy inputs where the proxy reads them: to a temporary file, then renamed over the
 /// published path, so a reader always sees one whole version.
 pub fn publish(path: &Path, inputs: &PolicyInputs) -> anyhow::Result<()> {
@@ -470,7 +479,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         datapath,
         allocator: IdentityAllocator::new(),
         snapshot: None,
-        version: 0,
+        // Versions keep growing across agent restarts: the proxy (and whoever waits for it) can
+        // tell a newer publication from an older one.
+        version: cfg.publish.as_deref().map_or(0, published_version),
         files: BTreeMap::new(),
         endpoints: EndpointsFile::default(),
         bindings: vec![],

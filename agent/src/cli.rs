@@ -374,6 +374,10 @@ fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Apply { name, files } => {
             lab::install_policies(&name, &files)?;
             let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &serde_json::json!({"cmd": "reload"}))?;
+            // Returns once the kernel and the proxy both enforce the new version.
+            if let Some(version) = r["version"].as_u64() {
+                lab::wait_proxy_version(&name, version)?;
+            }
             print_json(&r);
             if r["policy_errors"].as_array().is_some_and(|e| !e.is_empty()) {
                 return Ok(ExitCode::from(2));

@@ -713,6 +713,29 @@ pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
     Ok(child.id())
 }
 
+/// Waits until the lab's proxy enforces policy version `version` (or a newer one); no-op when the
+/// lab's proxy is not running.
+pub fn wait_proxy_version(name: &str, version: u64) -> anyhow::Result<()> {
+    let st = load_state(name)?;
+    if !st.proxy_pid.is_some_and(|p| alive(p, name)) {
+        return Ok(());
+    }
+    let sock = LabPaths::new(name).proxy_control();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = crate::agent::control(&sock, &serde_json::json!({"cmd": "status"}))
+            .ok()
+            .and_then(|s| s["snapshot"]["version"].as_u64());
+        if v.is_some_and(|v| v >= version) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the proxy did not take policy version {version} within 10 s (it has {v:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `porin lab restart-proxy`: stops the lab's proxy (if running) and starts it again.
 pub fn restart_proxy(name: &str) -> anyhow::Result<u32> {
     let mut st = load_state(name)?;
