@@ -358,8 +358,10 @@ impl Conn {
             return self.reject(&seen, grpc, "Host header differs from :authority");
         }
         let authority = uri_authority.or(host_hdr);
+        // Checked before judging, so that an allowed request is never refused afterwards for a
+        // value that could not be forwarded.
         if let Some(a) = &authority
-            && (a.is_empty() || a.contains('@'))
+            && (a.is_empty() || a.contains('@') || a.parse::<http::uri::Authority>().is_err())
         {
             return self.reject(&seen, grpc, "invalid authority");
         }
