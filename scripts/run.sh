@@ -34,7 +34,7 @@ fi
 lab="demo-$$"
 observer=
 cleanup() {
-    [ -n "$observer" ] && kill "$observer" 2>/dev/null
+    if [ -n "$observer" ]; then kill "$observer" 2>/dev/null || true; fi
     "$bin" lab down --name "$lab" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -58,7 +58,9 @@ request tiefighter PUT /v1/exhaust-port --http2-prior-knowledge
 request tiefighter POST /v1/request-landing/../../v1/exhaust-port --path-as-is
 request xwing POST /v1/request-landing
 sleep 0.5
-kill "$observer" 2>/dev/null; wait "$observer" 2>/dev/null; observer=
+kill "$observer" 2>/dev/null || true
+wait "$observer" 2>/dev/null || true
+observer=
 echo
 echo "== datapath counters"
 "$bin" lab counters --name "$lab"
