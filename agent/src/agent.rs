@@ -327,22 +327,16 @@ impl State {
         use redirect_common::counter as c;
         let v = self.datapath.counters()?;
         let get = |i: u32| v.get(i as usize).copied().unwrap_or(0);
-        Ok(serde_json::json!({
-            "forwarded": get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY),
-            "dropped": get(c::DROPPED),
-            "ct_new": get(c::CT_NEW),
-            "ct_established": get(c::CT_ESTABLISHED),
-            "ct_reply": get(c::CT_REPLY),
-            "drop_policy_deny": get(c::DROP_POLICY_DENY),
-            "drop_policy_denied": get(c::DROP_POLICY_DENIED),
-            "drop_invalid_source": get(c::DROP_INVALID_SOURCE),
-            "drop_proxy_unavailable": get(c::DROP_PROXY_UNAVAILABLE),
-            "drop_other": get(c::DROP_OTHER),
-            "events_lost": get(c::EVENTS_LOST),
-            "redirected": get(c::REDIRECTED),
-            "proxy_socket": get(c::PROXY_SOCKET),
-            "proxy_upstream": get(c::PROXY_UPSTREAM),
-        }))
+        let mut out = serde_json::Map::new();
+        for (i, name) in c::NAMES {
+            let n = if i == c::FORWARDED {
+                get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY) + get(c::UNTRACKED_PASS)
+            } else {
+                get(i)
+            };
+            out.insert(name.to_owned(), n.into());
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }
 

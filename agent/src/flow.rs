@@ -21,6 +21,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::FRAGMENT => "FRAGMENT_NOT_SUPPORTED",
         reason::PROXY_UNAVAILABLE => "PROXY_UNAVAILABLE",
         reason::MALFORMED => "MALFORMED_PACKET",
+        reason::NO_PROXY_CONNECTION => "NO_PROXY_CONNECTION",
+        reason::BYPASSES_PROXY => "PROXY_BYPASS",
         _ => "UNKNOWN",
     }
 }

@@ -13,6 +13,8 @@
 
 use core::mem::size_of;
 
+pub mod datapath;
+
 /// Map names (at most 15 bytes: the kernel's object-name limit).
 pub mod names {
     /// Address/prefix → identity (LPM trie).
@@ -42,7 +44,7 @@ pub mod sizes {
     /// Endpoint interfaces.
     pub const IFACES: u32 = 1 << 12;
     /// Tracked connections.
-    pub const CONNTRACK: u32 = 1 << 16;
+    pub const CONNTRACK: u32 = 1 << 18;
     /// Event ring buffer bytes (a power of two, a multiple of the page size).
     pub const EVENTS: u32 = 1 << 20;
     /// Proxy listeners.
@@ -103,6 +105,20 @@ pub mod reason {
     pub const PROXY_UNAVAILABLE: u8 = 202;
     /// A header could not be parsed.
     pub const MALFORMED: u8 = 203;
+    /// A TCP segment of a flow that needs the L7 proxy, which neither opens a connection nor
+    /// belongs to one the proxy holds: the proxy never saw the connection start.
+    pub const NO_PROXY_CONNECTION: u8 = 204;
+    /// A packet of a proxied flow's client side that did not come through the proxy.
+    pub const BYPASSES_PROXY: u8 = 205;
+}
+
+/// Reserved security identities the datapath itself assigns (Cilium's numbers; the policy
+/// engine's `identity::reserved` is the source of truth, a test ties the two).
+pub mod identity {
+    /// An IPv4 address the ipcache does not know.
+    pub const WORLD_IPV4: u32 = 9;
+    /// An IPv6 address the ipcache does not know.
+    pub const WORLD_IPV6: u32 = 10;
 }
 
 /// Indexes into [`names::CONFIG`] (each a `u32`).
@@ -125,7 +141,7 @@ pub mod config {
 
 /// Indexes into [`names::COUNTERS`] (each a per-CPU `u64`).
 pub mod counter {
-    /// Unused (forwarded packets are `CT_NEW + CT_ESTABLISHED + CT_REPLY`).
+    /// Unused (forwarded packets are `CT_NEW + CT_ESTABLISHED + CT_REPLY + UNTRACKED_PASS`).
     pub const FORWARDED: u32 = 0;
     /// Packets dropped (any reason).
     pub const DROPPED: u32 = 1;
@@ -154,8 +170,38 @@ pub mod counter {
     pub const PROXY_SOCKET: u32 = 12;
     /// Packets of the proxy's own upstream connections (marked; not judged again).
     pub const PROXY_UPSTREAM: u32 = 13;
-    /// Number of counters.
-    pub const LEN: u32 = 16;
+    /// TCP segments with no conntrack entry that policy allowed: passed without creating one
+    /// (only a SYN opens a TCP flow).
+    pub const UNTRACKED_PASS: u32 = 14;
+    /// Drops: a packet of an L7 flow that did not go through the proxy
+    /// ([`super::reason::NO_PROXY_CONNECTION`], [`super::reason::BYPASSES_PROXY`]).
+    pub const DROP_NOT_PROXIED: u32 = 15;
+    /// Conntrack entries that could not be written (the flow passes; its later packets are judged
+    /// again, or dropped when they need the proxy).
+    pub const CT_INSERT_FAILED: u32 = 16;
+    /// Number of counters (room to grow: the map is pinned across agent versions).
+    pub const LEN: u32 = 32;
+
+    /// Every counter with the name it is reported under.
+    pub const NAMES: [(u32, &str); 17] = [
+        (DROPPED, "dropped"),
+        (CT_NEW, "ct_new"),
+        (CT_ESTABLISHED, "ct_established"),
+        (CT_REPLY, "ct_reply"),
+        (UNTRACKED_PASS, "untracked_pass"),
+        (DROP_POLICY_DENY, "drop_policy_deny"),
+        (DROP_POLICY_DENIED, "drop_policy_denied"),
+        (DROP_INVALID_SOURCE, "drop_invalid_source"),
+        (DROP_PROXY_UNAVAILABLE, "drop_proxy_unavailable"),
+        (DROP_NOT_PROXIED, "drop_not_proxied"),
+        (DROP_OTHER, "drop_other"),
+        (EVENTS_LOST, "events_lost"),
+        (REDIRECTED, "redirected"),
+        (PROXY_SOCKET, "proxy_socket"),
+        (PROXY_UPSTREAM, "proxy_upstream"),
+        (CT_INSERT_FAILED, "ct_insert_failed"),
+        (FORWARDED, "forwarded"),
+    ];
 }
 
 /// Data part of an ipcache LPM key. Prefix length = 32 (generation, family, padding) + the address
@@ -256,7 +302,7 @@ pub mod iface_flag {
 
 /// Conntrack key: the flow's tuple in its original direction.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,

@@ -1,0 +1,549 @@
+//! The datapath's decisions: what the tc programs do with a parsed packet, written once over a
+//! [`Kernel`] that gives the maps, the socket helpers and the clock.
+//!
+//! `redirect-ebpf` implements [`Kernel`] with BPF maps and helpers and runs [`from_endpoint`] /
+//! [`to_endpoint`]; the tests implement it with a model of the node (sockets, clock, LRU
+//! eviction) and check, over random interleavings, the properties the proxy's security rests on
+//! (`tests/conntrack.rs`). Nothing here may allocate, loop without a bound or recurse: it is
+//! compiled for the BPF target.
+//!
+//! # Conntrack and the L7 proxy
+//!
+//! One entry per flow, keyed by the tuple of the packet that opened it. The rules that make "a flow
+//! whose policy requires L7 reaches its server only through the proxy" hold whatever ports the
+//! proxy or the clients choose:
+//!
+//! 1. **A TCP connection is judged by its SYN, always.** A segment that opens a connection (SYN
+//!    without ACK) never rides an existing entry at its source: it is judged by policy in its own
+//!    direction, and its verdict replaces whatever the tuple had (both directions). A SYN is never
+//!    a "reply".
+//! 2. **Only a SYN creates TCP state.** A TCP segment that matches no entry and no proxy socket is
+//!    judged, and passes (allowed) or drops (denied) *without* creating an entry; if its flow
+//!    needs the proxy it is dropped ([`reason::NO_PROXY_CONNECTION`]): the proxy never saw it start.
+//! 3. **A PROXIED entry is the client's.** Its packets go to a proxy socket or are dropped, never
+//!    the direct path. The server's packets on the same tuple (answers to the proxy's upstream
+//!    connection, whose port the kernel may pick equal to a client's) look for the proxy's socket
+//!    and never change the entry.
+//! 4. **The proxy's upstream connections never touch a PROXIED entry.** They are marked
+//!    ([`mark::FROM_PROXY`]) and pass unjudged; their SYN removes only *direct* entries of its
+//!    tuple (stale ones would carry the server's answers past the proxy's socket).
+//!
+//! UDP, SCTP and ICMP have no connection opener: any packet that is allowed creates an entry.
+
+use crate::{
+    CtKey, CtValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, config, counter, ct_flag, direction, event_kind,
+    family, identity, iface_flag, mark, reason, verdict,
+};
+
+/// IP protocol numbers the programs know.
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+}
+
+/// TCP flag bits (the 14th byte of the TCP header).
+pub mod tcp {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// What the programs need of a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packet {
+    /// [`family`].
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source address (IPv4 in the first 4 bytes).
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Host byte order; ICMP: 0.
+    pub sport: u16,
+    /// Host byte order; ICMP: the type.
+    pub dport: u16,
+    /// TCP flags ([`tcp`]); 0 for other protocols.
+    pub tcp_flags: u8,
+    /// Conntrack ports (host order): TCP/UDP/SCTP ports, ICMP echo identifier twice; `None`: untracked.
+    pub ct_ports: Option<(u16, u16)>,
+}
+
+impl Packet {
+    /// A packet of no flow (for drops before parsing).
+    pub const EMPTY: Self =
+        Self { family: 0, proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, tcp_flags: 0, ct_ports: None };
+
+    /// TCP.
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.proto == proto::TCP
+    }
+
+    /// A TCP segment that opens a connection: SYN without ACK (with or without other flags, as
+    /// the kernel's listen path takes it).
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN
+    }
+
+    /// The conntrack key of this packet's tuple, as sent (`reverse` = false) or turned around.
+    #[inline(always)]
+    pub fn ct_key(&self, reverse: bool) -> Option<CtKey> {
+        let (sport, dport) = self.ct_ports?;
+        let (s, d, sp, dp) =
+            if reverse { (self.daddr, self.saddr, dport, sport) } else { (self.saddr, self.daddr, sport, dport) };
+        Some(CtKey {
+            family: self.family,
+            proto: self.proto,
+            sport: sp.to_be_bytes(),
+            dport: dp.to_be_bytes(),
+            _pad: [0; 2],
+            saddr: s,
+            daddr: d,
+        })
+    }
+}
+
+/// Whose policy decided a packet, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// [`direction`] of the policy (0: none).
+    pub direction: u8,
+    /// Endpoint whose policy decided.
+    pub endpoint: u32,
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// The policy entry.
+    pub value: PolicyValue,
+}
+
+const NO_VERDICT: PolicyValue = PolicyValue { verdict: 0, listener: 0, _pad: [0; 2], rule: 0 };
+
+impl Decision {
+    /// No policy was consulted.
+    pub const fn none(direction: u8, endpoint: u32) -> Self {
+        Self { direction, endpoint, src_identity: 0, dst_identity: 0, value: NO_VERDICT }
+    }
+}
+
+/// What becomes of a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Forwarded on the normal path.
+    Pass,
+    /// Assigned to a proxy socket (a listener for a new flow, or a connection the proxy holds) and
+    /// marked [`mark::TO_PROXY`].
+    Proxy,
+    /// Dropped, for a [`reason`].
+    Drop(u8),
+}
+
+/// What the decisions need of the kernel: the maps, the socket helpers and the clock.
+pub trait Kernel {
+    /// Monotonic clock, nanoseconds.
+    fn now_ns(&self) -> u64;
+    /// A [`config`] value.
+    fn config(&self, index: u32, default: u32) -> u32;
+    /// The ipcache entry for an address (longest prefix) in `generation`.
+    fn ipcache(&self, generation: u8, family: u8, addr: &[u8; 16]) -> Option<IpcacheValue>;
+    /// The policy entry for a full key (longest prefix over protocol and port).
+    fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
+    /// The interface the packet is on, if it is an endpoint's.
+    fn iface(&self) -> Option<IfaceValue>;
+    /// The packet's mark.
+    fn mark(&self) -> u32;
+    /// A conntrack entry, to read and update in place.
+    fn ct_get(&mut self, key: &CtKey) -> Option<&mut CtValue>;
+    /// Creates or replaces a conntrack entry.
+    fn ct_insert(&mut self, key: &CtKey, value: &CtValue);
+    /// Removes a conntrack entry (if there is one).
+    fn ct_remove(&mut self, key: &CtKey);
+    /// Assigns the packet to the proxy socket that holds its TCP connection, if there is one: not
+    /// a listener, nor a TIME_WAIT socket for a SYN. Marks it [`mark::TO_PROXY`] when assigned.
+    fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool;
+    /// Assigns the packet to proxy listener `listener` (false when it is not there). Marks it.
+    fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool;
+    /// Adds one to a [`counter`].
+    fn count(&mut self, index: u32);
+    /// Reports an event.
+    fn emit(&mut self, kind: u8, why: u8, pkt: &Packet, d: &Decision);
+}
+
+#[inline(always)]
+fn drop_pkt<K: Kernel>(k: &mut K, why: u8, pkt: &Packet, d: &Decision) -> Action {
+    k.count(counter::DROPPED);
+    k.count(match why {
+        reason::POLICY_DENY => counter::DROP_POLICY_DENY,
+        reason::POLICY_DENIED => counter::DROP_POLICY_DENIED,
+        reason::INVALID_SOURCE => counter::DROP_INVALID_SOURCE,
+        reason::PROXY_UNAVAILABLE => counter::DROP_PROXY_UNAVAILABLE,
+        reason::NO_PROXY_CONNECTION | reason::BYPASSES_PROXY => counter::DROP_NOT_PROXIED,
+        _ => counter::DROP_OTHER,
+    });
+    k.emit(event_kind::DROP, why, pkt, d);
+    Action::Drop(why)
+}
+
+/// Drops a packet that could not be parsed (no flow to name).
+pub fn drop_unparsed<K: Kernel>(k: &mut K, why: u8) -> Action {
+    drop_pkt(k, why, &Packet::EMPTY, &Decision::none(0, 0))
+}
+
+fn identity_of<K: Kernel>(k: &K, generation: u8, fam: u8, addr: &[u8; 16]) -> IpcacheValue {
+    k.ipcache(generation, fam, addr).unwrap_or(IpcacheValue {
+        identity: if fam == family::V4 { identity::WORLD_IPV4 } else { identity::WORLD_IPV6 },
+        endpoint: 0,
+    })
+}
+
+/// Policy of `endpoint` for a peer: identity-specific entries first, then any-identity ones. No entry
+/// at all (an endpoint without resolved policy) fails closed.
+fn policy<K: Kernel>(k: &K, generation: u8, endpoint: u32, peer: u32, dir: u8, pkt: &Packet) -> PolicyValue {
+    let mut key = PolicyKey {
+        generation,
+        direction: dir,
+        _pad: [0; 2],
+        endpoint,
+        identity: peer,
+        proto: pkt.proto,
+        dport: pkt.dport.to_be_bytes(),
+        _pad2: 0,
+    };
+    if let Some(v) = k.policy(&key) {
+        return v;
+    }
+    key.identity = 0;
+    k.policy(&key).unwrap_or(PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 })
+}
+
+fn is_drop(v: &PolicyValue) -> Option<u8> {
+    match v.verdict {
+        verdict::ALLOW | verdict::REDIRECT => None,
+        verdict::DROP_DENY => Some(reason::POLICY_DENY),
+        _ => Some(reason::POLICY_DENIED),
+    }
+}
+
+/// Idle timeouts of one protocol's entries, read from [`config`] before an entry is borrowed.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    /// Established (TCP: reply seen, not closing), nanoseconds.
+    open: u64,
+    /// TCP before the reply is seen, and after FIN both ways or RST, nanoseconds.
+    closing: u64,
+}
+
+impl Timeouts {
+    fn of<K: Kernel>(k: &K, protocol: u8) -> Self {
+        let secs = |i, d| u64::from(k.config(i, d)) * NS_PER_SEC;
+        match protocol {
+            proto::TCP => Self { open: secs(config::CT_TCP_SECS, 21600), closing: secs(config::CT_TCP_CLOSE_SECS, 10) },
+            proto::ICMP | proto::ICMPV6 => {
+                let t = secs(config::CT_ICMP_SECS, 30);
+                Self { open: t, closing: t }
+            }
+            _ => {
+                let t = secs(config::CT_UDP_SECS, 60);
+                Self { open: t, closing: t }
+            }
+        }
+    }
+
+    /// Whether an entry with `flags`, last seen at `last`, has expired at `now`.
+    fn expired(self, protocol: u8, flags: u32, last: u64, now: u64) -> bool {
+        let tcp_closing = protocol == proto::TCP && (closed(flags) || flags & ct_flag::SEEN_REPLY == 0);
+        now.saturating_sub(last) > if tcp_closing { self.closing } else { self.open }
+    }
+}
+
+#[inline(always)]
+fn closed(flags: u32) -> bool {
+    flags & ct_flag::RST != 0 || flags & (ct_flag::FIN_FWD | ct_flag::FIN_REV) == (ct_flag::FIN_FWD | ct_flag::FIN_REV)
+}
+
+/// Which program looks: they see the two sides of a proxied flow differently.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// `porin_from_ep`: packets from an endpoint.
+    FromEndpoint,
+    /// `porin_to_ep`: packets to an endpoint.
+    ToEndpoint,
+}
+
+enum CtHit {
+    Miss,
+    /// The packet matched an entry: in its original direction (`reply` false) or turned around;
+    /// `proxied`: the entry's flow goes through the proxy.
+    Hit {
+        reply: bool,
+        proxied: bool,
+    },
+}
+
+/// Looks a packet that does not open a connection up in conntrack (both directions), expiring
+/// entries and recording the client leg's TCP state.
+fn ct_lookup<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, side: Side) -> CtHit {
+    let timeouts = Timeouts::of(k, pkt.proto);
+    for reverse in [false, true] {
+        let Some(key) = pkt.ct_key(reverse) else { return CtHit::Miss };
+        let Some(ct) = k.ct_get(&key) else { continue };
+        let proxied = ct.flags & ct_flag::PROXIED != 0;
+        // The server answering the proxy's upstream connection (rule 3): leave the client's entry be.
+        if proxied && reverse && side == Side::FromEndpoint {
+            return CtHit::Hit { reply: true, proxied };
+        }
+        if timeouts.expired(pkt.proto, ct.flags, ct.last_seen_ns, now) {
+            k.ct_remove(&key);
+            continue;
+        }
+        ct.last_seen_ns = now;
+        if pkt.is_tcp() {
+            if pkt.tcp_flags & tcp::RST != 0 {
+                ct.flags |= ct_flag::RST;
+            }
+            if pkt.tcp_flags & tcp::FIN != 0 {
+                ct.flags |= if reverse { ct_flag::FIN_REV } else { ct_flag::FIN_FWD };
+            }
+        }
+        if reverse {
+            ct.flags |= ct_flag::SEEN_REPLY;
+        }
+        return CtHit::Hit { reply: reverse, proxied };
+    }
+    CtHit::Miss
+}
+
+/// Records a new flow after its first packet was judged. A TCP opener's verdict replaces whatever
+/// the tuple had, in both directions (rule 1).
+fn ct_open<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision, proxied: bool) {
+    let Some(key) = pkt.ct_key(false) else { return };
+    let mut flags = if proxied { ct_flag::PROXIED } else { 0 };
+    if pkt.is_tcp() {
+        if pkt.tcp_flags & tcp::RST != 0 {
+            flags |= ct_flag::RST;
+        }
+        if pkt.tcp_flags & tcp::FIN != 0 {
+            flags |= ct_flag::FIN_FWD;
+        }
+        if let Some(rev) = pkt.ct_key(true) {
+            k.ct_remove(&rev);
+        }
+    }
+    let value = CtValue {
+        created_ns: now,
+        last_seen_ns: now,
+        flags,
+        src_identity: d.src_identity,
+        dst_identity: d.dst_identity,
+        rule: d.value.rule,
+    };
+    k.ct_insert(&key, &value);
+}
+
+/// Removes the entries of a tuple that are not PROXIED (rule 4).
+fn ct_clear_direct<K: Kernel>(k: &mut K, pkt: &Packet) {
+    for reverse in [false, true] {
+        let Some(key) = pkt.ct_key(reverse) else { return };
+        let direct = match k.ct_get(&key) {
+            Some(ct) => ct.flags & ct_flag::PROXIED == 0,
+            None => false,
+        };
+        if direct {
+            k.ct_remove(&key);
+        }
+    }
+}
+
+/// Forwards a judged, allowed packet: a packet that may open a flow records it (rule 2: for TCP
+/// only a SYN) and reports the verdict; any other passes as it is.
+fn admit<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
+    if pkt.is_tcp() && !pkt.opens_connection() {
+        k.count(counter::UNTRACKED_PASS);
+        return Action::Pass;
+    }
+    ct_open(k, pkt, now, d, false);
+    k.count(counter::CT_NEW);
+    if k.config(config::VERDICT_EVENTS, 1) != 0 {
+        k.emit(event_kind::VERDICT, reason::NONE, pkt, d);
+    }
+    Action::Pass
+}
+
+/// Hands a judged flow to the proxy: the connection it already holds for this tuple (a
+/// retransmitted SYN), else listener `d.value.listener`. Only a SYN can start a proxied flow.
+fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
+    if pkt.is_tcp() && !pkt.opens_connection() {
+        return drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d);
+    }
+    let assigned = (pkt.is_tcp() && k.assign_proxy_socket(pkt)) || k.assign_proxy_listener(pkt, d.value.listener);
+    if !assigned {
+        // The L7 proxy must take the flow; without its listener the flow must not pass unparsed.
+        return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, d);
+    }
+    ct_open(k, pkt, now, d, true);
+    k.count(counter::REDIRECTED);
+    if k.config(config::VERDICT_EVENTS, 1) != 0 {
+        k.emit(event_kind::VERDICT, reason::NONE, pkt, d);
+    }
+    Action::Proxy
+}
+
+/// `porin_from_ep`: a packet from the endpoint behind this interface.
+pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
+    let Some(iface) = k.iface() else {
+        return drop_pkt(k, reason::UNKNOWN_ENDPOINT, pkt, &Decision::none(0, 0));
+    };
+    // Anti-spoofing: the source must be the endpoint's own address.
+    let own = if pkt.family == family::V4 {
+        iface.flags & iface_flag::HAS_V4 != 0 && pkt.saddr[..4] == iface.ipv4
+    } else {
+        iface.flags & iface_flag::HAS_V6 != 0 && pkt.saddr == iface.ipv6
+    };
+    if !own {
+        return drop_pkt(k, reason::INVALID_SOURCE, pkt, &Decision::none(direction::EGRESS, iface.endpoint));
+    }
+    let now = k.now_ns();
+    if !pkt.opens_connection() {
+        match ct_lookup(k, pkt, now, Side::FromEndpoint) {
+            // Rule 3: the client's packets, and the server's answers to the proxy's upstream
+            // connection, go to the proxy's socket or nowhere.
+            CtHit::Hit { proxied: true, .. } => {
+                if k.assign_proxy_socket(pkt) {
+                    k.count(counter::PROXY_SOCKET);
+                    return Action::Proxy;
+                }
+                let d = Decision::none(direction::EGRESS, iface.endpoint);
+                return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
+            }
+            CtHit::Hit { reply: false, .. } => {
+                k.count(counter::CT_ESTABLISHED);
+                return Action::Pass;
+            }
+            CtHit::Hit { reply: true, .. } => {
+                k.count(counter::CT_REPLY);
+                return Action::Pass;
+            }
+            // No entry: a socket the proxy holds (the server answering an upstream connection whose
+            // tuple conntrack does not know; a proxied connection whose entry lapsed)?
+            CtHit::Miss => {
+                if k.assign_proxy_socket(pkt) {
+                    k.count(counter::PROXY_SOCKET);
+                    return Action::Proxy;
+                }
+            }
+        }
+    }
+    // A new flow (rule 1: every SYN): the endpoint's egress policy and, when the destination is a
+    // local endpoint, that endpoint's ingress policy. Any drop wins; a redirect at either side
+    // sends the flow to the proxy.
+    let generation = k.config(config::GENERATION, 0) as u8;
+    let src = identity_of(k, generation, pkt.family, &pkt.saddr);
+    let dst = identity_of(k, generation, pkt.family, &pkt.daddr);
+    let mut d = Decision {
+        direction: direction::EGRESS,
+        endpoint: iface.endpoint,
+        src_identity: src.identity,
+        dst_identity: dst.identity,
+        value: policy(k, generation, iface.endpoint, dst.identity, direction::EGRESS, pkt),
+    };
+    if let Some(why) = is_drop(&d.value) {
+        return drop_pkt(k, why, pkt, &d);
+    }
+    let mut proxied = d.value.verdict == verdict::REDIRECT;
+    if dst.endpoint != 0 {
+        let ingress = policy(k, generation, dst.endpoint, src.identity, direction::INGRESS, pkt);
+        let i = Decision { direction: direction::INGRESS, endpoint: dst.endpoint, value: ingress, ..d };
+        if let Some(why) = is_drop(&ingress) {
+            return drop_pkt(k, why, pkt, &i);
+        }
+        if ingress.verdict == verdict::REDIRECT || !proxied {
+            d = i;
+        }
+        proxied |= ingress.verdict == verdict::REDIRECT;
+    }
+    if proxied { redirect(k, pkt, now, &d) } else { admit(k, pkt, now, &d) }
+}
+
+/// `porin_to_ep`: a packet to the endpoint behind this interface (from another endpoint, after
+/// `from_endpoint` passed it; from the proxy; from the host or the world).
+pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
+    // The proxy's upstream connections were judged by the proxy (a pod cannot set this mark: it is
+    // cleared when a packet crosses from a pod's namespace). Rule 4.
+    if k.mark() & mark::MASK == mark::FROM_PROXY {
+        if pkt.opens_connection() {
+            ct_clear_direct(k, pkt);
+        }
+        k.count(counter::PROXY_UPSTREAM);
+        return Action::Pass;
+    }
+    let now = k.now_ns();
+    let hit = if pkt.opens_connection() {
+        // A SYN that a local endpoint sent was judged (and recorded) at its source a moment ago:
+        // it matches its entry in its own direction. A SYN is never a reply (rule 1).
+        let timeouts = Timeouts::of(k, pkt.proto);
+        match pkt.ct_key(false).and_then(|key| k.ct_get(&key)) {
+            Some(ct) if !closed(ct.flags) && !timeouts.expired(pkt.proto, ct.flags, ct.last_seen_ns, now) => {
+                ct.last_seen_ns = now;
+                CtHit::Hit { reply: false, proxied: ct.flags & ct_flag::PROXIED != 0 }
+            }
+            _ => CtHit::Miss,
+        }
+    } else {
+        ct_lookup(k, pkt, now, Side::ToEndpoint)
+    };
+    match hit {
+        // The client's side of a proxied flow reaches the server only from the proxy (marked).
+        CtHit::Hit { reply: false, proxied: true } => {
+            return drop_pkt(k, reason::BYPASSES_PROXY, pkt, &Decision::none(direction::INGRESS, 0));
+        }
+        CtHit::Hit { reply: false, .. } => {
+            k.count(counter::CT_ESTABLISHED);
+            return Action::Pass;
+        }
+        CtHit::Hit { reply: true, .. } => {
+            k.count(counter::CT_REPLY);
+            return Action::Pass;
+        }
+        CtHit::Miss => {}
+    }
+    let Some(iface) = k.iface() else {
+        return drop_pkt(k, reason::UNKNOWN_ENDPOINT, pkt, &Decision::none(0, 0));
+    };
+    let generation = k.config(config::GENERATION, 0) as u8;
+    let src = identity_of(k, generation, pkt.family, &pkt.saddr);
+    let dst = identity_of(k, generation, pkt.family, &pkt.daddr);
+    let d = Decision {
+        direction: direction::INGRESS,
+        endpoint: iface.endpoint,
+        src_identity: src.identity,
+        dst_identity: dst.identity,
+        value: policy(k, generation, iface.endpoint, src.identity, direction::INGRESS, pkt),
+    };
+    if let Some(why) = is_drop(&d.value) {
+        return drop_pkt(k, why, pkt, &d);
+    }
+    if d.value.verdict == verdict::REDIRECT {
+        // Flows from outside the node's endpoints (the host, the world) reach the pod here, at tc
+        // egress, where a socket cannot be assigned: they are not handed to the proxy yet.
+        return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
+    }
+    admit(k, pkt, now, &d)
+}

@@ -1,0 +1,369 @@
+//! The datapath's decisions ([`redirect_common::datapath`], the code the tc programs run) driven by
+//! a model of the node: a client pod T, a server pod D whose port 80 needs the L7 proxy, the proxy's
+//! sockets, a clock and LRU eviction. Random interleavings of client, proxy and server packets on
+//! equal tuples — the proxy's upstream ports are drawn from the same few ports the client uses —
+//! must never let a client packet of the L7 flow reach the server, nor leave a non-proxied
+//! conntrack entry for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto, tcp};
+use redirect_common::{
+    CtKey, CtValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, ct_flag, direction, family, iface_flag, mark,
+    reason, verdict,
+};
+
+const T_IP: [u8; 4] = [10, 0, 0, 1];
+const D_IP: [u8; 4] = [10, 0, 0, 2];
+const T_EP: u32 = 1;
+const D_EP: u32 = 2;
+const T_ID: u32 = 1001;
+const D_ID: u32 = 1002;
+/// The server port whose flows need the proxy.
+const L7_PORT: u16 = 80;
+/// A server port allowed without the proxy.
+const L4_PORT: u16 = 81;
+const NS: u64 = 1_000_000_000;
+
+fn addr(ip: [u8; 4]) -> [u8; 16] {
+    let mut a = [0; 16];
+    a[..4].copy_from_slice(&ip);
+    a
+}
+
+fn packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Packet {
+    Packet {
+        family: family::V4,
+        proto: proto::TCP,
+        saddr: addr(src.0),
+        daddr: addr(dst.0),
+        sport: src.1,
+        dport: dst.1,
+        tcp_flags: flags,
+        ct_ports: Some((src.1, dst.1)),
+    }
+}
+
+/// A socket of the node's network namespace (the proxy's), by (local, remote).
+type Sock = (([u8; 4], u16), ([u8; 4], u16));
+
+/// The node: conntrack, the proxy's sockets, the clock; which interface and mark the packet has.
+#[derive(Default)]
+struct Node {
+    now: u64,
+    ct: BTreeMap<CtKey, CtValue>,
+    /// Open proxy sockets; the bool: TIME_WAIT.
+    sockets: BTreeMap<Sock, bool>,
+    listener_up: bool,
+    iface: u32,
+    mark: u32,
+}
+
+impl Kernel for Node {
+    fn now_ns(&self) -> u64 {
+        self.now
+    }
+    fn config(&self, _index: u32, default: u32) -> u32 {
+        default
+    }
+    fn ipcache(&self, _generation: u8, _family: u8, a: &[u8; 16]) -> Option<IpcacheValue> {
+        match a[..4] {
+            [10, 0, 0, 1] => Some(IpcacheValue { identity: T_ID, endpoint: T_EP }),
+            [10, 0, 0, 2] => Some(IpcacheValue { identity: D_ID, endpoint: D_EP }),
+            _ => None,
+        }
+    }
+    fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
+        let allow = PolicyValue { verdict: verdict::ALLOW, listener: 0, _pad: [0; 2], rule: 1 };
+        // D's ingress from T: port 80 through the proxy, port 81 allowed. Everything else of
+        // every direction is allowed: the most a stray packet could ride on.
+        if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
+            return match u16::from_be_bytes(key.dport) {
+                L7_PORT => Some(PolicyValue { verdict: verdict::REDIRECT, listener: 1, _pad: [0; 2], rule: 2 }),
+                L4_PORT => Some(allow),
+                _ => None,
+            };
+        }
+        (key.identity == 0).then_some(allow)
+    }
+    fn iface(&self) -> Option<IfaceValue> {
+        let ip = if self.iface == T_EP { T_IP } else { D_IP };
+        Some(IfaceValue { endpoint: self.iface, flags: iface_flag::HAS_V4, ipv4: ip, _pad: [0; 4], ipv6: [0; 16] })
+    }
+    fn mark(&self) -> u32 {
+        self.mark
+    }
+    fn ct_get(&mut self, key: &CtKey) -> Option<&mut CtValue> {
+        self.ct.get_mut(key)
+    }
+    fn ct_insert(&mut self, key: &CtKey, value: &CtValue) {
+        self.ct.insert(*key, *value);
+    }
+    fn ct_remove(&mut self, key: &CtKey) {
+        self.ct.remove(key);
+    }
+    fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
+        let local = (ip4(&pkt.daddr), pkt.dport);
+        let remote = (ip4(&pkt.saddr), pkt.sport);
+        match self.sockets.get(&(local, remote)) {
+            Some(true) => !pkt.opens_connection(),
+            Some(false) => true,
+            None => false,
+        }
+    }
+    fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool {
+        assert_eq!(listener, 1);
+        if !self.listener_up {
+            return false;
+        }
+        if pkt.opens_connection() {
+            // The proxy accepts: its socket's local address is the original destination.
+            self.sockets.insert(((ip4(&pkt.daddr), pkt.dport), (ip4(&pkt.saddr), pkt.sport)), false);
+        }
+        true
+    }
+    fn count(&mut self, _index: u32) {}
+    fn emit(&mut self, _kind: u8, _why: u8, _pkt: &Packet, _d: &Decision) {}
+}
+
+fn ip4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+/// Where a packet went.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    /// Into a proxy socket.
+    Proxy,
+    /// Dropped by one of the programs.
+    Dropped(u8),
+    /// Delivered to the other pod.
+    Delivered,
+}
+
+impl Node {
+    /// A packet from pod `from` (its veth's tc ingress), routed to the other pod's veth (tc egress).
+    fn from_pod(&mut self, from: u32, pkt: &Packet) -> Fate {
+        self.iface = from;
+        self.mark = 0;
+        match datapath::from_endpoint(self, pkt) {
+            Action::Proxy => Fate::Proxy,
+            Action::Drop(r) => Fate::Dropped(r),
+            Action::Pass => self.to_pod(if from == T_EP { D_EP } else { T_EP }, pkt, 0),
+        }
+    }
+
+    /// A packet from the node (the proxy, marked or not) to a pod.
+    fn to_pod(&mut self, to: u32, pkt: &Packet, mark: u32) -> Fate {
+        self.iface = to;
+        self.mark = mark;
+        match datapath::to_endpoint(self, pkt) {
+            Action::Pass => Fate::Delivered,
+            Action::Drop(r) => Fate::Dropped(r),
+            Action::Proxy => unreachable!("tc egress never assigns sockets"),
+        }
+    }
+
+    /// Non-proxied entries of the L7 flow's tuples (client port `*` → D:80, or turned around).
+    fn direct_l7_entries(&self) -> Vec<CtKey> {
+        self.ct
+            .iter()
+            .filter(|(k, v)| {
+                let (s, d) = (ip4(&k.saddr), ip4(&k.daddr));
+                let (sp, dp) = (u16::from_be_bytes(k.sport), u16::from_be_bytes(k.dport));
+                let l7 = (s == T_IP && d == D_IP && dp == L7_PORT) || (s == D_IP && d == T_IP && sp == L7_PORT);
+                l7 && v.flags & ct_flag::PROXIED == 0
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// Ports both the client and the proxy's upstream connections use: collisions are the point.
+const PORTS: [u16; 3] = [40000, 40001, 40002];
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// The client sends on (port → D:80 or D:81) with any flags (a raw socket can).
+    Client { port: usize, l7: bool, flags: u8 },
+    /// The proxy opens an upstream connection from T's address, the kernel picking `port`.
+    ProxyConnect { port: usize },
+    /// The proxy sends on its upstream connection (marked).
+    ProxyUpstream { port: usize, flags: u8 },
+    /// The proxy answers the client on the connection it accepted (not marked).
+    ProxyAnswer { port: usize, flags: u8 },
+    /// The server sends on (D:80 → port) with flags that do not open a connection.
+    Server { port: usize, l7: bool, flags: u8 },
+    /// A proxy socket of this port closes (or enters TIME_WAIT).
+    Close { port: usize, upstream: bool, time_wait: bool },
+    /// The proxy stops (its listener leaves the SOCKMAP) or starts.
+    Listener { up: bool },
+    /// Time passes.
+    Tick { secs: u64 },
+    /// Conntrack evicts an entry (LRU pressure).
+    Evict { nth: usize },
+}
+
+fn flags() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        Just(tcp::SYN),
+        Just(tcp::SYN | tcp::ACK),
+        Just(tcp::ACK),
+        Just(tcp::ACK | tcp::FIN),
+        Just(tcp::RST),
+        Just(tcp::ACK | tcp::RST),
+        any::<u8>(),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let port = 0..PORTS.len();
+    prop_oneof![
+        4 => (port.clone(), prop::bool::weighted(0.8), flags()).prop_map(|(port, l7, flags)| Step::Client { port, l7, flags }),
+        2 => port.clone().prop_map(|port| Step::ProxyConnect { port }),
+        2 => (port.clone(), flags()).prop_map(|(port, flags)| Step::ProxyUpstream { port, flags }),
+        2 => (port.clone(), flags()).prop_map(|(port, flags)| Step::ProxyAnswer { port, flags }),
+        3 => (port.clone(), prop::bool::weighted(0.8), flags().prop_filter("server packets do not open connections", |f| f & (tcp::SYN | tcp::ACK) != tcp::SYN))
+            .prop_map(|(port, l7, flags)| Step::Server { port, l7, flags }),
+        2 => (port, any::<bool>(), any::<bool>()).prop_map(|(port, upstream, time_wait)| Step::Close { port, upstream, time_wait }),
+        1 => any::<bool>().prop_map(|up| Step::Listener { up }),
+        2 => prop_oneof![0..3u64, 9..12u64, Just(61), Just(7 * 3600)].prop_map(|secs| Step::Tick { secs }),
+        1 => (0..8usize).prop_map(|nth| Step::Evict { nth }),
+    ]
+}
+
+/// Runs a sequence of steps and checks the properties after each.
+fn run(steps: &[Step]) -> Result<(), TestCaseError> {
+    let mut node = Node { listener_up: true, now: 1_000 * NS, ..Node::default() };
+    for (i, s) in steps.iter().enumerate() {
+        match *s {
+            Step::Client { port, l7, flags } => {
+                let dport = if l7 { L7_PORT } else { L4_PORT };
+                let pkt = packet((T_IP, PORTS[port]), (D_IP, dport), flags);
+                let fate = node.from_pod(T_EP, &pkt);
+                // The L7 flow's client packets reach the proxy or nothing.
+                prop_assert!(
+                    !(l7 && fate == Fate::Delivered),
+                    "step {i} {s:?}: a client packet of the L7 flow reached the server directly"
+                );
+            }
+            Step::ProxyConnect { port } => {
+                let sock = ((T_IP, PORTS[port]), (D_IP, L7_PORT));
+                if !node.sockets.contains_key(&sock) {
+                    node.sockets.insert(sock, false);
+                    let syn = packet((T_IP, PORTS[port]), (D_IP, L7_PORT), tcp::SYN);
+                    prop_assert_eq!(node.to_pod(D_EP, &syn, mark::FROM_PROXY), Fate::Delivered);
+                }
+            }
+            Step::ProxyUpstream { port, flags } => {
+                if node.sockets.get(&((T_IP, PORTS[port]), (D_IP, L7_PORT))) == Some(&false) {
+                    let pkt = packet((T_IP, PORTS[port]), (D_IP, L7_PORT), flags & !tcp::SYN | tcp::ACK);
+                    prop_assert_eq!(node.to_pod(D_EP, &pkt, mark::FROM_PROXY), Fate::Delivered);
+                }
+            }
+            Step::ProxyAnswer { port, flags } => {
+                if node.sockets.get(&((D_IP, L7_PORT), (T_IP, PORTS[port]))) == Some(&false) {
+                    let pkt = packet((D_IP, L7_PORT), (T_IP, PORTS[port]), flags & !tcp::SYN | tcp::ACK);
+                    node.to_pod(T_EP, &pkt, 0);
+                }
+            }
+            Step::Server { port, l7, flags } => {
+                let sport = if l7 { L7_PORT } else { L4_PORT };
+                let upstream = node.sockets.get(&((T_IP, PORTS[port]), (D_IP, sport))) == Some(&false);
+                let pkt = packet((D_IP, sport), (T_IP, PORTS[port]), flags);
+                let fate = node.from_pod(D_EP, &pkt);
+                // The server's answers to the proxy's upstream connection never reach the client.
+                prop_assert!(
+                    !(upstream && fate == Fate::Delivered),
+                    "step {i} {s:?}: the server's packet for the proxy's upstream reached the client"
+                );
+            }
+            Step::Close { port, upstream, time_wait } => {
+                let sock = if upstream {
+                    ((T_IP, PORTS[port]), (D_IP, L7_PORT))
+                } else {
+                    ((D_IP, L7_PORT), (T_IP, PORTS[port]))
+                };
+                if time_wait && node.sockets.contains_key(&sock) {
+                    node.sockets.insert(sock, true);
+                } else {
+                    node.sockets.remove(&sock);
+                }
+            }
+            Step::Listener { up } => node.listener_up = up,
+            Step::Tick { secs } => node.now += secs * NS,
+            Step::Evict { nth } => {
+                if let Some(k) = node.ct.keys().nth(nth).copied() {
+                    node.ct.remove(&k);
+                }
+            }
+        }
+        let direct = node.direct_l7_entries();
+        prop_assert!(direct.is_empty(), "step {i} {s:?}: non-proxied conntrack entries for the L7 flow: {direct:?}");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4000, max_shrink_iters: 20_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn an_l7_flow_reaches_its_server_only_through_the_proxy(steps in prop::collection::vec(step(), 1..120)) {
+        run(&steps)?;
+    }
+}
+
+/// The sequence the load found: the proxy's upstream gets the client's own port, the
+/// server and the proxy answer, the sockets close, and the client's next SYN on that port must be
+/// judged again (before: it rode a direct entry created by the answers, and reached the server).
+#[test]
+fn the_upstream_taking_the_clients_port_opens_no_bypass() {
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    let p = PORTS[0];
+    let client = |f| packet((T_IP, p), (D_IP, L7_PORT), f);
+    let answer = |f| packet((D_IP, L7_PORT), (T_IP, p), f);
+    assert_eq!(node.from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.to_pod(T_EP, &answer(tcp::SYN | tcp::ACK), 0), Fate::Delivered);
+    assert_eq!(node.from_pod(T_EP, &client(tcp::ACK)), Fate::Proxy);
+    // Upstream from the same port: the client's entry stays PROXIED.
+    node.sockets.insert(((T_IP, p), (D_IP, L7_PORT)), false);
+    assert_eq!(node.to_pod(D_EP, &client(tcp::SYN), mark::FROM_PROXY), Fate::Delivered);
+    let key = client(0).ct_key(false).unwrap();
+    assert_ne!(node.ct[&key].flags & ct_flag::PROXIED, 0, "the upstream SYN left the client's entry alone");
+    // The server answers the upstream: to the proxy's socket; the proxy answers the client.
+    assert_eq!(node.from_pod(D_EP, &answer(tcp::SYN | tcp::ACK)), Fate::Proxy);
+    assert_eq!(node.to_pod(T_EP, &answer(tcp::ACK | tcp::FIN), 0), Fate::Delivered);
+    // Everything closes and the entries lapse; stray answers keep coming.
+    node.sockets.clear();
+    node.now += 20 * NS;
+    assert_eq!(node.to_pod(T_EP, &answer(tcp::ACK), 0), Fate::Delivered, "allowed stray passes");
+    // The server's stray on the tuple of a proxied flow: the proxy's or nothing (rule 3).
+    assert_eq!(node.from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    node.ct.clear();
+    assert_eq!(node.from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Delivered, "allowed stray passes");
+    assert!(node.direct_l7_entries().is_empty(), "strays created no state: {:?}", node.direct_l7_entries());
+    // The next connection from that port is judged, and goes to the proxy.
+    assert_eq!(node.from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    // A segment that does not open a connection, with no proxy socket, is dropped.
+    node.sockets.clear();
+    node.ct.clear();
+    assert_eq!(node.from_pod(T_EP, &client(tcp::ACK)), Fate::Dropped(reason::NO_PROXY_CONNECTION));
+}
+
+/// A direct flow is tracked by its SYN and its answers ride it; a stray segment creates nothing.
+#[test]
+fn direct_flows_are_opened_by_their_syn_only() {
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    let out = |f| packet((T_IP, 40000), (D_IP, L4_PORT), f);
+    let back = |f| packet((D_IP, L4_PORT), (T_IP, 40000), f);
+    assert_eq!(node.from_pod(T_EP, &out(tcp::ACK)), Fate::Delivered);
+    assert!(node.ct.is_empty(), "a non-SYN segment created an entry");
+    assert_eq!(node.from_pod(T_EP, &out(tcp::SYN)), Fate::Delivered);
+    assert_eq!(node.ct.len(), 1);
+    assert_eq!(node.from_pod(D_EP, &back(tcp::SYN | tcp::ACK)), Fate::Delivered);
+    let flags = node.ct.values().next().unwrap().flags;
+    assert_ne!(flags & ct_flag::SEEN_REPLY, 0);
+    let all: BTreeSet<_> = node.ct.keys().copied().collect();
+    assert_eq!(all.len(), 1, "one entry per flow");
+}
