@@ -47,8 +47,9 @@ lab_tools() {
 }
 
 l7_clients() {
-    # Real HTTP/2 and gRPC clients for the proxy tests: h2load (nghttp2-client), grpcio.
-    apt_install nghttp2-client
+    # Real HTTP/2 and gRPC clients for the proxy tests: h2load (nghttp2-client), grpcio; wrk for
+    # the load tests.
+    apt_install nghttp2-client wrk
     python3 -c 'import grpc' 2>/dev/null || { log "installing grpcio (pip)"; python3 -m pip install -q --disable-pip-version-check grpcio; }
 }
 

@@ -419,7 +419,9 @@ async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::map
             st.seq += 1;
             let f = flow::from_event(st.seq, &e, snap.as_deref());
             if f.verdict == "DROPPED" {
-                tracing::info!(
+                // Every drop is a flow record and a counter; the log only says that drops happen.
+                proxy::log_limited!(
+                    info,
                     src = %f.ip.source, dst = %f.ip.destination, reason = %f.drop_reason_desc,
                     direction = %f.traffic_direction, policy = f.policy.as_deref().unwrap_or("-"), "Packet dropped"
                 );

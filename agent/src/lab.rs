@@ -57,6 +57,9 @@ pub struct LabSettings {
     /// UDP idle timeout, seconds.
     #[serde(default)]
     pub ct_udp_secs: Option<u64>,
+    /// The proxy's limits (`limits:` of its configuration; docs/config.md).
+    #[serde(default)]
+    pub proxy_limits: Option<proxy::config::Limits>,
 }
 
 /// A pod of a lab file.
@@ -519,7 +522,7 @@ fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Re
     save_state(&st)?;
     st.agent_pid = Some(start_agent(name, &lab.settings)?);
     save_state(&st)?;
-    st.proxy_pid = Some(start_proxy(name)?);
+    st.proxy_pid = Some(start_proxy(name, &lab.settings)?);
     save_state(&st)?;
 
     // Servers and commands, then wait for the servers to listen.
@@ -661,7 +664,7 @@ pub const PROXY_PORT: u16 = 15001;
 
 /// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
 /// listeners (IPv4 and IPv6) registered in the lab's datapath, on the policy the agent publishes.
-pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
+pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     let paths = LabPaths::new(name);
     let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
     let listener = |addr: &str, tag: &str| {
@@ -671,13 +674,19 @@ pub fn start_proxy(name: &str) -> anyhow::Result<u32> {
             crate::mapstate::listener_of(policy_engine::model::L7Parser::Http)
         )
     };
-    let config = format!(
+    let mut config = format!(
         "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}",
         paths.snapshot().display(),
         paths.proxy_control().display(),
         listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4"),
         listener(&format!("[::]:{PROXY_PORT}"), "v6"),
     );
+    if let Some(limits) = &settings.proxy_limits {
+        config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+            "limits".into(),
+            serde_yaml::to_value(limits)?,
+        )]))?);
+    }
     let config_path = paths.dir.join("proxy.yaml");
     std::fs::write(&config_path, config)?;
     let ready = paths.dir.join("proxy.ready");
@@ -742,7 +751,7 @@ pub fn restart_proxy(name: &str) -> anyhow::Result<u32> {
     if let Some(pid) = st.proxy_pid {
         kill(pid, name);
     }
-    let pid = start_proxy(name)?;
+    let pid = start_proxy(name, &st.settings)?;
     st.proxy_pid = Some(pid);
     save_state(&st)?;
     Ok(pid)

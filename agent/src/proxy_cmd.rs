@@ -38,6 +38,7 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         crate::agent::enter_netns(ns)?;
     }
     let cfg = ProxyConfig::load(&a.config)?;
+    raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = a.threads {
         rt.worker_threads(n.max(1));
@@ -61,6 +62,21 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         drop(proxy);
         anyhow::Ok(())
     })
+}
+
+/// Raises the soft file-descriptor limit to the hard one: every client connection and every
+/// upstream connection is a descriptor (the proxy sizes `max_connections` to what it gets).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "Could not raise the file-descriptor limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "Could not read the file-descriptor limit"),
+    }
 }
 
 /// `porin policy publish`.

@@ -166,15 +166,26 @@ pub struct Limits {
     pub request_timeout_ms: u64,
     /// Connecting to the upstream.
     pub connect_timeout_ms: u64,
-    /// Concurrent client connections per listener; more are refused at accept.
+    /// Client connections the process holds. At the limit the oldest idle connection of the
+    /// heaviest source is closed to make room; only when every connection is busy is a new one
+    /// refused. Also capped by the file-descriptor limit (see `docs/config.md`).
     pub max_connections: usize,
+    /// Client connections one source address (one pod) holds; at the cap its own oldest idle
+    /// connection makes room, or the new one is refused.
+    pub max_connections_per_source: usize,
+    /// Idle timeouts (keep-alive, HTTP/2 idle) shrink towards this as the process nears
+    /// `max_connections` (from 80 % of it).
+    pub min_idle_timeout_ms: u64,
     /// Concurrent streams per HTTP/2 connection.
     pub max_concurrent_streams: u32,
     /// The body of a denied HTTP/1 request is read and discarded up to this size so that the
     /// connection stays usable; larger bodies close it.
     pub max_denied_body_drain: usize,
-    /// Idle pooled upstream connections kept per destination.
-    pub max_idle_upstream: usize,
+    /// HTTP/1 requests in flight per upstream pool (one destination, one client address), each
+    /// on its own connection; more wait for one to come free (within `request_timeout_ms`).
+    pub upstream_max_connections: usize,
+    /// Idle pooled upstream connections are closed after this time.
+    pub upstream_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -185,10 +196,13 @@ impl Default for Limits {
             idle_timeout_ms: 300_000,
             request_timeout_ms: 60_000,
             connect_timeout_ms: 5_000,
-            max_connections: 10_000,
+            max_connections: 20_000,
+            max_connections_per_source: 10_000,
+            min_idle_timeout_ms: 1_000,
             max_concurrent_streams: 256,
             max_denied_body_drain: 64 * 1024,
-            max_idle_upstream: 64,
+            upstream_max_connections: 1024,
+            upstream_idle_timeout_ms: 15_000,
         }
     }
 }
@@ -209,6 +223,14 @@ impl Limits {
     /// As a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// As a duration.
+    pub fn upstream_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_idle_timeout_ms)
+    }
+    /// As a duration.
+    pub fn min_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.min_idle_timeout_ms)
     }
 }
 
@@ -274,8 +296,12 @@ impl ProxyConfig {
         if lim.max_header_bytes < 1024 {
             return Err("limits.max_header_bytes: at least 1024".into());
         }
-        if lim.max_connections == 0 || lim.max_concurrent_streams == 0 {
-            return Err("limits: max_connections and max_concurrent_streams must be positive".into());
+        if lim.max_connections == 0
+            || lim.max_connections_per_source == 0
+            || lim.max_concurrent_streams == 0
+            || lim.upstream_max_connections == 0
+        {
+            return Err("limits: max_connections, max_connections_per_source, max_concurrent_streams and upstream_max_connections must be positive".into());
         }
         if lim.header_read_timeout_ms == 0 || lim.request_timeout_ms == 0 || lim.connect_timeout_ms == 0 {
             return Err("limits: timeouts must be positive".into());

@@ -35,7 +35,8 @@ pub fn status(p: &crate::ProxyInfo) -> serde_json::Value {
             "name": l.name, "listen": addr.to_string(), "upstream": l.upstream.map_or_else(|| "original destination".to_owned(), |u| u.to_string()),
             "transparent": l.transparent.is_some(),
         })).collect::<Vec<_>>(),
-        "counters": p.shared.counters.values(),
+        "counters": p.counters(),
+        "connections": p.shared.conns.len(),
     })
 }
 

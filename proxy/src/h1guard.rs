@@ -143,7 +143,7 @@ impl<I> H1Guard<I> {
     }
 
     fn reject(&mut self, status: u16, reason: String) {
-        tracing::info!(status, %reason, "HTTP/1 request rejected: ambiguous or malformed framing");
+        crate::log_limited!(info, status, %reason, "HTTP/1 request rejected: ambiguous or malformed framing");
         let text = if status == 431 { "Request Header Fields Too Large" } else { "Bad Request" };
         let body = format!("{text}: {reason}\r\n");
         let resp = format!(

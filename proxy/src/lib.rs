@@ -14,9 +14,11 @@
 pub mod h1guard;
 pub mod normalize;
 
+pub mod admission;
 pub mod config;
 pub mod control;
 pub mod flow;
+pub mod log_limit;
 pub mod policy;
 pub mod records;
 pub mod server;
@@ -32,6 +34,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::admission::{ConnTable, TableLimits};
 use crate::config::{ListenerConfig, ProxyConfig};
 use crate::records::{Counters, Records};
 use crate::service::Shared;
@@ -44,6 +47,13 @@ pub struct ProxyInfo {
     pub shared: Arc<Shared>,
     /// Listeners and the addresses they are bound to.
     pub listeners: Vec<(Arc<ListenerConfig>, SocketAddr)>,
+}
+
+impl ProxyInfo {
+    /// The counters, with the connection table's.
+    pub fn counters(&self) -> records::CounterValues {
+        self.shared.counters.values(self.shared.conns.shed_total.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// A running proxy; dropping it stops it.
@@ -67,9 +77,16 @@ impl Proxy {
         } else {
             tracing::warn!(path = %cfg.snapshot.display(), "no policy snapshot published yet: denying every request until one is");
         }
+        let conns = ConnTable::new(TableLimits {
+            max: connection_budget(cfg.limits.max_connections),
+            per_source: cfg.limits.max_connections_per_source,
+            min_idle: cfg.limits.min_idle_timeout(),
+        });
         let shared = Arc::new(Shared {
             policy: policy.clone(),
             upstreams: Upstreams::default(),
+            conns,
+            descriptions: policy::Descriptions::default(),
             records: Records::new(cfg.flow_log.as_deref())?,
             counters: Counters::default(),
             limits: cfg.limits.clone(),
@@ -93,6 +110,7 @@ impl Proxy {
             tracing::info!(listener = %l.name, upstream = ?l.upstream, transparent = l.transparent.is_some(), "listening");
             tasks.push(tokio::spawn(server::accept_loop(shared.clone(), l, sock)));
         }
+        tasks.push(tokio::spawn(sweep(shared.clone())));
         let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));
         tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
         let info = Arc::new(ProxyInfo { shared, listeners });
@@ -106,6 +124,47 @@ impl Proxy {
     /// The address listener `name` is bound to.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.info.listeners.iter().find(|(l, _)| l.name == name).map(|(_, a)| *a)
+    }
+}
+
+/// Descriptors kept free of client connections: upstream connections, the control socket, files.
+const FD_RESERVE: usize = 1024;
+
+/// `max_connections`, within what the file-descriptor limit allows (every client connection is a
+/// descriptor, and so is its upstream connection while a request is in flight).
+fn connection_budget(configured: usize) -> usize {
+    let nofile =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    let budget = configured.min(nofile.saturating_sub(FD_RESERVE).max(64));
+    if budget < configured {
+        tracing::warn!(configured, budget, nofile, "max_connections lowered to fit the file-descriptor limit");
+    } else if nofile / 2 < configured {
+        tracing::info!(
+            nofile,
+            max_connections = configured,
+            "The file-descriptor limit is below twice max_connections: with many busy upstreams, accepts may fail (and are retried)"
+        );
+    }
+    budget
+}
+
+/// Every half second: connections idle past their (pressure-scaled) timeout are let go, idle
+/// upstream connections past theirs closed, unused pools dropped.
+async fn sweep(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let h1 = shared.limits.header_read_timeout();
+    // HTTP/2 closes politely (GOAWAY) at its idle timeout; this is the backstop, and what
+    // shrinks under pressure.
+    let h2 = shared.limits.idle_timeout() + shared.limits.idle_timeout().min(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let gone = shared.conns.sweep(h1, h2, |c| c.h2.load(std::sync::atomic::Ordering::Relaxed));
+        if gone > 0 {
+            tracing::debug!(gone, "idle connections let go");
+        }
+        shared.upstreams.sweep();
     }
 }
 

@@ -8,8 +8,9 @@
 //! must allow a request; a direction that allows at L3/L4 without L7 rules allows every request.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use policy_engine::http::{HeaderLog, HeaderMap, HttpRequestInfo};
 use policy_engine::identity::IdentityId;
@@ -21,8 +22,8 @@ use crate::flow::{FlowEndpoint, Text};
 /// One end of the connection, resolved.
 #[derive(Clone, Debug)]
 pub struct End {
-    /// For flow records.
-    pub record: FlowEndpoint,
+    /// For flow records (shared by every connection with this peer under one snapshot).
+    pub record: Arc<FlowEndpoint>,
     /// Address.
     pub ip: IpAddr,
     /// Port.
@@ -94,18 +95,44 @@ fn origin(snap: &Snapshot, id: OriginId) -> Option<String> {
     snap.origin(id).map(|o| format!("{} {}", o.policy, o.path))
 }
 
-fn describe(snap: &Snapshot, identity: IdentityId, ep: Option<&EndpointPolicy>) -> FlowEndpoint {
-    FlowEndpoint {
-        identity,
-        namespace: ep.map(|e| e.namespace.clone()).unwrap_or_default(),
-        pod_name: ep.map(|e| e.name.clone()).unwrap_or_default(),
-        labels: snap.identity(identity).map(|i| i.labels.iter().map(ToString::to_string).collect()).unwrap_or_default(),
+/// Flow-record descriptions of the peers under one snapshot, made once and shared by the records
+/// of every connection (a record backlog full of per-connection copies would hold megabytes).
+#[derive(Debug, Default)]
+pub struct Descriptions {
+    cache: Mutex<DescriptionCache>,
+}
+
+/// The snapshot the descriptions belong to, and the descriptions by (identity, endpoint).
+type DescriptionCache = (Weak<Snapshot>, HashMap<(IdentityId, usize), Arc<FlowEndpoint>>);
+
+impl Descriptions {
+    /// The description of `identity` (and its endpoint, when local) under `snap`.
+    fn get(&self, snap: &Arc<Snapshot>, identity: IdentityId, ep: Option<&EndpointPolicy>) -> Arc<FlowEndpoint> {
+        let make = || {
+            Arc::new(FlowEndpoint {
+                identity,
+                namespace: ep.map(|e| e.namespace.clone()).unwrap_or_default(),
+                pod_name: ep.map(|e| e.name.clone()).unwrap_or_default(),
+                labels: snap
+                    .identity(identity)
+                    .map(|i| i.labels.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+            })
+        };
+        let Ok(mut cache) = self.cache.lock() else { return make() };
+        if cache.0.as_ptr() != Arc::as_ptr(snap) {
+            *cache = (Arc::downgrade(snap), HashMap::new());
+        }
+        // Endpoints are told apart by where the (immutable) snapshot keeps them.
+        let key = (identity, ep.map_or(0, |e| std::ptr::from_ref(e) as usize));
+        cache.1.entry(key).or_insert_with(make).clone()
     }
 }
 
 /// Resolves one end: its identity, the local endpoint (if any) and its description.
 fn resolve_end<'s>(
-    snap: &'s Snapshot,
+    snap: &'s Arc<Snapshot>,
+    descs: &Descriptions,
     peer: &PeerRef,
     socket: SocketAddr,
     port: u16,
@@ -113,7 +140,7 @@ fn resolve_end<'s>(
     let by_ip = |ip: IpAddr| {
         let ep = snap.endpoint_by_ip(ip);
         let id = ep.map_or_else(|| snap.identity_of(ip), |e| e.identity);
-        (End { record: describe(snap, id, ep), ip, port }, ep)
+        (End { record: descs.get(snap, id, ep), ip, port }, ep)
     };
     Ok(match peer {
         PeerRef::Pod(p) => {
@@ -122,11 +149,11 @@ fn resolve_end<'s>(
                 .endpoint(ns, name)
                 .ok_or_else(|| format!("endpoint {p} is not in policy snapshot {}", snap.version))?;
             let ip = ep.ips.first().copied().unwrap_or(socket.ip());
-            (End { record: describe(snap, ep.identity, Some(ep)), ip, port }, Some(ep))
+            (End { record: descs.get(snap, ep.identity, Some(ep)), ip, port }, Some(ep))
         }
         PeerRef::Ip(ip) => by_ip(*ip),
         PeerRef::Socket => by_ip(socket.ip()),
-        PeerRef::Identity(id) => (End { record: describe(snap, *id, None), ip: socket.ip(), port }, None),
+        PeerRef::Identity(id) => (End { record: descs.get(snap, *id, None), ip: socket.ip(), port }, None),
     })
 }
 
@@ -147,6 +174,7 @@ impl ConnPolicy {
     /// Takes the verdict of a connection from `client` to `local` on `listener` under `snap`.
     pub fn decide(
         snap: Option<Arc<Snapshot>>,
+        descs: &Descriptions,
         listener: &ListenerConfig,
         client: SocketAddr,
         local: SocketAddr,
@@ -157,8 +185,8 @@ impl ConnPolicy {
             (_, Some(up)) => up,
         };
         let port = listener.port.unwrap_or(dst_sock.port());
-        let blank = |ip: IpAddr, port: u16| End { record: FlowEndpoint::default(), ip, port };
-        let Some(s) = snap.as_deref() else {
+        let blank = |ip: IpAddr, port: u16| End { record: Arc::default(), ip, port };
+        let Some(s) = snap.as_ref() else {
             return Self::new(
                 None,
                 Ends {
@@ -173,8 +201,8 @@ impl ConnPolicy {
                 },
             );
         };
-        let ends = resolve_end(s, &listener.source, client, client.port()).and_then(|(src, sep)| {
-            resolve_end(s, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
+        let ends = resolve_end(s, descs, &listener.source, client, client.port()).and_then(|(src, sep)| {
+            resolve_end(s, descs, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
         });
         let (source, src_ep, destination, dst_ep) = match ends {
             Ok(e) => e,
@@ -260,7 +288,7 @@ impl ConnPolicy {
             match p.check_http(req, headers, &mut log) {
                 L7Verdict::Allow(o) => {
                     if !log.rejected.is_empty() || !log.missing.is_empty() {
-                        tracing::info!(side, rejected = ?log.rejected, missing = ?log.missing, "header match actions");
+                        crate::log_limited!(info, side, rejected = ?log.rejected, missing = ?log.missing, "header match actions");
                     }
                     if let Some(o) = o {
                         allowed_by = self.rule_name(snap, o);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::flow::{Flow, FlowIp, HttpInfo, Layer7, Text, rfc3339};
+use crate::flow::{Flow, FlowEndpoint, FlowIp, HttpInfo, Layer7, Text, rfc3339};
 use crate::policy::Ends;
 
 /// Records kept for queries.
@@ -21,9 +21,7 @@ pub const BACKLOG: usize = 8 * 1024;
 pub struct Counters {
     /// Connections accepted.
     pub connections: AtomicU64,
-    /// Connections open now.
-    pub connections_open: AtomicU64,
-    /// Connections refused at accept (over `max_connections`).
+    /// Connections refused at accept (a limit reached and every connection busy).
     pub connections_refused: AtomicU64,
     /// Requests seen.
     pub requests: AtomicU64,
@@ -35,19 +33,26 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Upstream failures (502 / 503 / 504).
     pub upstream_errors: AtomicU64,
+    /// Upstream connections that found no free port for the client's address (`EADDRNOTAVAIL`;
+    /// also counted in `upstream_errors`).
+    pub upstream_address_exhausted: AtomicU64,
+    /// Requests whose client broke off its body while it was forwarded.
+    pub downstream_errors: AtomicU64,
 }
 
 /// A snapshot of the counters.
 #[derive(Debug, Serialize)]
 pub struct CounterValues {
     connections: u64,
-    connections_open: u64,
     connections_refused: u64,
     requests: u64,
     forwarded: u64,
     denied: u64,
     rejected: u64,
     upstream_errors: u64,
+    upstream_address_exhausted: u64,
+    downstream_errors: u64,
+    connections_shed: u64,
 }
 
 impl Counters {
@@ -56,18 +61,20 @@ impl Counters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Current values.
-    pub fn values(&self) -> CounterValues {
+    /// Current values (`shed`: connections the connection table let go).
+    pub fn values(&self, shed: u64) -> CounterValues {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterValues {
             connections: g(&self.connections),
-            connections_open: g(&self.connections_open),
             connections_refused: g(&self.connections_refused),
             requests: g(&self.requests),
             forwarded: g(&self.forwarded),
             denied: g(&self.denied),
             rejected: g(&self.rejected),
             upstream_errors: g(&self.upstream_errors),
+            upstream_address_exhausted: g(&self.upstream_address_exhausted),
+            downstream_errors: g(&self.downstream_errors),
+            connections_shed: shed,
         }
     }
 }
@@ -126,8 +133,8 @@ impl Record {
                 ip_version: Cow::Borrowed(if src.ip.is_ipv4() { "IPv4" } else { "IPv6" }),
             },
             l4: BTreeMap::from([(Cow::Borrowed("TCP"), ports)]),
-            source: src.record.clone(),
-            destination: dst.record.clone(),
+            source: FlowEndpoint::clone(&src.record),
+            destination: FlowEndpoint::clone(&dst.record),
             l7: Some(Layer7 {
                 kind: Cow::Borrowed(if self.reply { "RESPONSE" } else { "REQUEST" }),
                 latency_ns: self.latency_ns,

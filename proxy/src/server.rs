@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
+use crate::admission::ConnState;
 use crate::config::ListenerConfig;
 use crate::h1guard::H1Guard;
+use crate::log_limited;
 use crate::records::Counters;
 use crate::service::{Conn, Shared};
 
@@ -28,30 +29,7 @@ pub struct Prefixed<I> {
     prefix: Vec<u8>,
     pos: usize,
     inner: I,
-    activity: Arc<Activity>,
-}
-
-/// When a connection last moved a byte.
-#[derive(Debug)]
-pub struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self { epoch: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed();
-        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
+    activity: Arc<ConnState>,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
@@ -110,31 +88,44 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
 /// Accepts connections on one listener until the task is dropped.
 pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, socket: TcpListener) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
         let (stream, client) = match socket.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                log_limited!(warn, listener = %listener.name, error = %e, "Accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            Counters::inc(&shared.counters.connections_refused);
-            drop(stream);
-            continue;
+        // One pod is one source, over IPv4 and IPv6 alike: its endpoint's first address.
+        let source = shared
+            .policy
+            .current()
+            .and_then(|s| s.endpoint_by_ip(client.ip()).and_then(|e| e.ips.first().copied()))
+            .unwrap_or(client.ip());
+        let admitted = match shared.conns.admit(source) {
+            Ok((a, _shed)) => a,
+            Err(why) => {
+                Counters::inc(&shared.counters.connections_refused);
+                log_limited!(info, %client, ?why, "Connection refused: every connection is busy");
+                drop(stream);
+                continue;
+            }
         };
         let (shared, listener) = (shared.clone(), listener.clone());
         tokio::spawn(async move {
             Counters::inc(&shared.counters.connections);
-            shared.counters.connections_open.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = serve(shared.clone(), listener, stream, client).await {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
+            let state = admitted.state.clone();
+            tokio::select! {
+                r = serve(shared.clone(), listener, stream, client, state.clone()) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%client, error = %e, "connection ended with an error");
+                    }
+                }
+                () = state.shed() => tracing::debug!(%client, "connection shed"),
             }
-            shared.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop(admitted);
         });
     }
 }
@@ -153,12 +144,13 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Serves one client connection.
+/// Serves one client connection (`state`: its entry in the connection table).
 pub async fn serve(
     shared: Arc<Shared>,
     listener: Arc<ListenerConfig>,
     mut stream: TcpStream,
     client: SocketAddr,
+    activity: Arc<ConnState>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr()?;
@@ -176,12 +168,12 @@ pub async fn serve(
     if prefix.is_empty() {
         return Ok(());
     }
-    let activity = Arc::new(Activity::new());
     activity.touch();
     let is_h2 = prefix.starts_with(H2_PREFACE);
+    activity.h2.store(is_h2, Ordering::Relaxed);
     let io = Prefixed { prefix, pos: 0, inner: stream, activity: activity.clone() };
     if is_h2 {
-        let conn = Arc::new(Conn::new(shared, listener, client, local, true, None));
+        let conn = Arc::new(Conn::new(shared, listener, client, local, activity.clone(), None));
         let svc = {
             let conn = conn.clone();
             service_fn(move |req| conn.clone().handle(req))
@@ -208,18 +200,18 @@ pub async fn serve(
             tokio::select! {
                 r = &mut served => return r.map_err(io::Error::other),
                 _ = check.tick() => match closing {
-                    None if conn.inflight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle => {
+                    None if activity.is_idle() && activity.idle_for() >= idle => {
                         served.as_mut().graceful_shutdown();
                         closing = Some(Instant::now());
                     }
-                    Some(since) if since.elapsed() >= grace && conn.inflight.load(Ordering::Relaxed) == 0 => return Ok(()),
+                    Some(since) if since.elapsed() >= grace && activity.is_idle() => return Ok(()),
                     _ => {}
                 }
             }
         }
     } else {
         let guard = H1Guard::new(io, limits.max_header_bytes);
-        let conn = Arc::new(Conn::new(shared, listener, client, local, false, Some(guard.shared())));
+        let conn = Arc::new(Conn::new(shared, listener, client, local, activity, Some(guard.shared())));
         let svc = service_fn(move |req| conn.clone().handle(req));
         http1::Builder::new()
             .timer(TokioTimer::new())

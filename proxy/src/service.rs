@@ -16,14 +16,15 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use policy_engine::http::HttpRequestInfo;
 
+use crate::admission::{ConnState, ConnTable};
 use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::flow::Text;
 use crate::h1guard::GuardShared;
 use crate::normalize::normalize;
-use crate::policy::{ConnPolicy, PolicyHeaders, RequestVerdict};
+use crate::policy::{ConnPolicy, Descriptions, PolicyHeaders, RequestVerdict};
 use crate::records::{Counters, Record, Records};
 use crate::snapshot::PolicyState;
-use crate::upstream::{Pool, UpstreamBody, UpstreamError, Upstreams};
+use crate::upstream::{Blame, Pool, UpstreamBody, UpstreamError, Upstreams};
 
 /// The body of the denial (Cilium's, byte for byte).
 pub const ACCESS_DENIED: &str = "Access denied\r\n";
@@ -36,6 +37,10 @@ pub struct Shared {
     pub policy: Arc<PolicyState>,
     /// Upstream pools.
     pub upstreams: Upstreams,
+    /// Client connections held, admitted and shed under pressure.
+    pub conns: Arc<ConnTable>,
+    /// Peer descriptions for flow records, shared across connections.
+    pub descriptions: Descriptions,
     /// Flow records.
     pub records: Records,
     /// Counters.
@@ -139,8 +144,9 @@ pub struct Conn {
     guard: Option<Arc<GuardShared>>,
     policy: Mutex<Arc<ConnPolicy>>,
     pool: Arc<Pool>,
-    /// Requests in progress (the idle watchdog leaves busy connections alone).
-    pub inflight: AtomicUsize,
+    /// The connection's entry in the connection table: requests in progress (idle connections
+    /// are the ones shed under pressure).
+    state: Arc<ConnState>,
 }
 
 struct Inflight<'a>(&'a AtomicUsize);
@@ -230,34 +236,32 @@ impl Conn {
         listener: Arc<ListenerConfig>,
         client: SocketAddr,
         local: SocketAddr,
-        http2: bool,
+        state: Arc<ConnState>,
         guard: Option<Arc<GuardShared>>,
     ) -> Self {
-        let policy = Arc::new(ConnPolicy::decide(shared.policy.current(), &listener, client, local));
+        let http2 = state.h2.load(Ordering::Relaxed);
+        let policy =
+            Arc::new(ConnPolicy::decide(shared.policy.current(), &shared.descriptions, &listener, client, local));
         // Transparent: to the original destination, from the client's own address.
         let (dst, bind) = match listener.upstream {
             Some(up) => (up, None),
             None => (local, Some(client.ip())),
         };
         let pool = shared.upstreams.pool(dst, bind, &shared.limits);
-        Self {
-            shared,
-            listener,
-            client,
-            local,
-            http2,
-            guard,
-            policy: Mutex::new(policy),
-            pool,
-            inflight: AtomicUsize::new(0),
-        }
+        Self { shared, listener, client, local, http2, guard, policy: Mutex::new(policy), pool, state }
     }
 
     /// The connection's policy under the snapshot in force (taken again after a swap).
     fn policy(&self) -> Arc<ConnPolicy> {
         let current = self.shared.policy.current();
         let Ok(mut p) = self.policy.lock() else {
-            return Arc::new(ConnPolicy::decide(current, &self.listener, self.client, self.local));
+            return Arc::new(ConnPolicy::decide(
+                current,
+                &self.shared.descriptions,
+                &self.listener,
+                self.client,
+                self.local,
+            ));
         };
         let same = match (&p.snapshot, &current) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -265,7 +269,13 @@ impl Conn {
             _ => false,
         };
         if !same {
-            *p = Arc::new(ConnPolicy::decide(current, &self.listener, self.client, self.local));
+            *p = Arc::new(ConnPolicy::decide(
+                current,
+                &self.shared.descriptions,
+                &self.listener,
+                self.client,
+                self.local,
+            ));
         }
         p.clone()
     }
@@ -298,8 +308,8 @@ impl Conn {
 
     /// Handles one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        let _inflight = Inflight(&self.inflight);
+        self.state.inflight.fetch_add(1, Ordering::Relaxed);
+        let _inflight = Inflight(&self.state.inflight);
         Counters::inc(&self.shared.counters.requests);
         Ok(self.handle_inner(req).await)
     }
@@ -480,12 +490,25 @@ impl Conn {
             let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
             return local(status, &format!("Bad Request: {}\r\n", v.reason), true);
         }
-        Counters::inc(&self.shared.counters.upstream_errors);
-        let status = match e {
-            UpstreamError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
+        let status = match (e.blame(), e) {
+            // The client broke off its own request: nobody is left to read the answer.
+            (Blame::Downstream, _) => {
+                Counters::inc(&self.shared.counters.downstream_errors);
+                StatusCode::BAD_REQUEST
+            }
+            (Blame::Upstream, UpstreamError::Connect { .. }) => {
+                Counters::inc(&self.shared.counters.upstream_errors);
+                if e.is_address_exhausted() {
+                    Counters::inc(&self.shared.counters.upstream_address_exhausted);
+                }
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            (Blame::Upstream, UpstreamError::Protocol(_)) => {
+                Counters::inc(&self.shared.counters.upstream_errors);
+                StatusCode::BAD_GATEWAY
+            }
         };
-        tracing::info!(error = %e, url = %seen.url, "upstream failure");
+        crate::log_limited!(info, error = %e, url = %seen.url, "Upstream request failed");
         self.record(seen, Some(status), "ERROR", Cow::Borrowed(""), e.to_string(), None);
         if grpc { grpc_local(14, "upstream%20unavailable") } else { local(status, &format!("{e}\r\n"), false) }
     }
@@ -493,7 +516,7 @@ impl Conn {
     /// A request refused before policy: malformed or ambiguous. Fails closed.
     fn reject(&self, seen: &Seen, grpc: bool, why: &str) -> Response<ProxyBody> {
         Counters::inc(&self.shared.counters.rejected);
-        tracing::info!(url = %seen.url, why, "request refused");
+        crate::log_limited!(info, url = %seen.url, why, "Request refused");
         self.record(seen, None, "DROPPED", Cow::Borrowed("MALFORMED_REQUEST"), why.to_owned(), None);
         if grpc {
             return grpc_local(13, "malformed%20request");
@@ -572,7 +595,7 @@ impl Conn {
                         tracing::debug!(error = %e, "tunnel ended");
                     }
                 }
-                Err(e) => tracing::info!(error = %e, "upgrade failed"),
+                Err(e) => crate::log_limited!(info, error = %e, "Upgrade failed"),
             }
         });
         resp.map(|_| ProxyBody::Local(None))

@@ -33,6 +33,12 @@ pub fn upstream_socket(s: &TcpSocket) -> io::Result<()> {
     Ok(())
 }
 
+/// `SO_LINGER` 0: closing the socket resets the connection instead of leaving it in TIME_WAIT
+/// (tokio's `set_linger` is deprecated for the blocking a non-zero linger causes; zero never blocks).
+pub fn close_with_reset(s: &TcpSocket) -> io::Result<()> {
+    setsockopt(s, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 }).map_err(os)
+}
+
 /// Binds a transparent listener on `addr` and registers it with the datapath.
 pub fn listen(addr: SocketAddr, t: &Transparent) -> io::Result<TcpListener> {
     let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -43,7 +49,8 @@ pub fn listen(addr: SocketAddr, t: &Transparent) -> io::Result<TcpListener> {
         setsockopt(&s, sockopt::Ipv6V6Only, &true).map_err(os)?;
     }
     s.bind(addr)?;
-    let listener = s.listen(1024)?;
+    // Bursts of thousands of connections (the kernel caps it at net.core.somaxconn).
+    let listener = s.listen(4096)?;
     register(&listener, addr.is_ipv6(), t)?;
     Ok(listener)
 }

@@ -1,18 +1,30 @@
 //! Connections to upstreams: pooled HTTP/1.1 keep-alive connections and one multiplexed h2c
-//! connection per destination, plus fresh connections for upgrades and CONNECT tunnels.
+//! connection per pool, plus connections of their own for upgrades and CONNECT tunnels.
+//!
+//! A pool is one (destination, source address) pair: transparent upstreams leave from the client's
+//! own address, so connections are never shared between clients. Pools are sized to demand: a
+//! request takes an idle connection or opens one, up to `upstream_max_connections` in flight per
+//! pool; over that it waits for a connection to come free (bounded by the request timeout) instead
+//! of opening more — one busy client can never exhaust the ports of its address or the proxy's
+//! file descriptors. Idle connections are kept `upstream_idle_timeout` and then closed; pools that
+//! nobody uses are dropped by [`Upstreams::sweep`].
+//!
+//! Pooled connections close abortively (`SO_LINGER` 0): the proxy only closes one when it is idle
+//! or abandoned, and a reset leaves no TIME_WAIT behind to hold the client's address and port.
+//! Tunnels close gracefully (their data must arrive).
 //!
 //! An HTTP/1.1 connection goes back to its pool only when the response body has been read to the
-//! end (so it is free for the next request); a body dropped early takes its connection with it.
-//! A request that fails on a reused connection before any of it was written (the upstream closed
-//! the idle connection meanwhile) is retried once on a new connection.
+//! end; a body dropped early takes its connection with it. A request that fails on a reused
+//! connection before any of it was written (the upstream closed the idle connection meanwhile) is
+//! retried once on a new connection.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -20,35 +32,57 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
+
+/// Who is at fault for a failure (pingora's `ErrorSource`): it decides the status code, the
+/// counter, and what the flow record blames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The client (its request body broke off or broke framing).
+    Downstream,
+    /// The upstream (refused, unreachable, reset, bad HTTP, too slow).
+    Upstream,
+}
 
 /// Why an upstream request failed.
 #[derive(Debug)]
 pub enum UpstreamError {
     /// Could not connect (refused, unreachable, timed out).
-    Connect(String),
+    Connect {
+        /// Where to.
+        addr: SocketAddr,
+        /// What happened.
+        error: std::io::Error,
+    },
     /// The connection broke or the upstream spoke bad HTTP.
     Protocol(hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whose fault it is: a request body that ended in an error is the client's.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::Protocol(e) if e.is_user() || e.is_body_write_aborted() => Blame::Downstream,
+            _ => Blame::Upstream,
+        }
+    }
+
+    /// The source address had no free port towards the destination (`EADDRNOTAVAIL`).
+    pub fn is_address_exhausted(&self) -> bool {
+        matches!(self, Self::Connect { error, .. } if error.kind() == std::io::ErrorKind::AddrNotAvailable)
+    }
 }
 
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Connect(e) => write!(f, "upstream connect error: {e}"),
+            Self::Connect { addr, error } => write!(f, "upstream connect error: {addr}: {error}"),
+            Self::Protocol(e) if self.blame() == Blame::Downstream => write!(f, "client request body failed: {e}"),
             Self::Protocol(e) => write!(f, "upstream error: {e}"),
         }
     }
-}
-
-/// Connections to one upstream address (from one source address, for transparent upstreams).
-pub struct Pool {
-    addr: SocketAddr,
-    bind: Option<IpAddr>,
-    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
-    max_idle: usize,
-    connect_timeout: Duration,
 }
 
 /// Upstream address, and the source address for transparent upstreams.
@@ -60,26 +94,65 @@ pub struct Upstreams {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Pools hold plain collections; a panic elsewhere cannot leave them half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Upstreams {
     /// The pool of `addr`; with `bind`, connections leave from that (client's) address, marked as
-    /// the proxy's (`IP_TRANSPARENT`, `SO_MARK` = `mark::FROM_PROXY`). Connections are never shared
-    /// between source addresses: the upstream sees each client as itself.
+    /// the proxy's (`IP_TRANSPARENT`, `SO_MARK` = `mark::FROM_PROXY`).
     pub fn pool(&self, addr: SocketAddr, bind: Option<IpAddr>, limits: &Limits) -> Arc<Pool> {
-        let mut pools = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        pools
+        lock(&self.pools)
             .entry((addr, bind))
             .or_insert_with(|| {
                 Arc::new(Pool {
                     addr,
                     bind,
                     idle: Mutex::new(Vec::new()),
+                    slots: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+                    max: limits.upstream_max_connections,
                     h2: tokio::sync::Mutex::new(None),
-                    max_idle: limits.max_idle_upstream,
                     connect_timeout: limits.connect_timeout(),
+                    idle_timeout: limits.upstream_idle_timeout(),
                 })
             })
             .clone()
     }
+
+    /// Closes idle connections past their time and drops pools nobody holds that have nothing open;
+    /// returns (pools, idle connections) left.
+    pub fn sweep(&self) -> (usize, usize) {
+        let mut pools = lock(&self.pools);
+        let now = Instant::now();
+        pools.retain(|_, p| {
+            p.evict_idle(now);
+            // Only the map holds it, no request is in flight, nothing idle, no h2 connection.
+            let h2_open = p.h2.try_lock().map_or(true, |h| h.as_ref().is_some_and(|s| !s.is_closed()));
+            Arc::strong_count(p) > 1 || p.slots.available_permits() < p.max || !lock(&p.idle).is_empty() || h2_open
+        });
+        let idle = pools.values().map(|p| lock(&p.idle).len()).sum();
+        (pools.len(), idle)
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Connections to one upstream address (from one source address, for transparent upstreams).
+pub struct Pool {
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    idle: Mutex<Vec<Idle>>,
+    /// One permit per HTTP/1 request in flight: at most `max` connections are ever busy, so at
+    /// most `max` are open.
+    slots: Arc<Semaphore>,
+    max: usize,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Pool {
@@ -88,26 +161,39 @@ impl Pool {
         self.addr
     }
 
-    async fn open(&self) -> std::io::Result<TcpStream> {
-        let Some(src) = self.bind else { return TcpStream::connect(self.addr).await };
+    async fn open(&self, pooled: bool) -> std::io::Result<TcpStream> {
         let s = if self.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        crate::transparent::upstream_socket(&s)?;
-        s.bind(SocketAddr::new(src, 0))?;
+        if pooled {
+            crate::transparent::close_with_reset(&s)?;
+        }
+        if let Some(src) = self.bind {
+            crate::transparent::upstream_socket(&s)?;
+            s.bind(SocketAddr::new(src, 0))?;
+        }
         s.connect(self.addr).await
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let s = tokio::time::timeout(self.connect_timeout, self.open())
+    async fn connect(&self, pooled: bool) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let err = |error| UpstreamError::Connect { addr: self.addr, error };
+        let s = tokio::time::timeout(self.connect_timeout, self.open(pooled))
             .await
-            .map_err(|_| UpstreamError::Connect(format!("{}: timed out after {:?}", self.addr, self.connect_timeout)))?
-            .map_err(|e| UpstreamError::Connect(format!("{}: {e}", self.addr)))?;
-        // Latency over batching: requests and responses are small and interactive.
-        let _ = s.set_nodelay(true);
+            .map_err(|_| {
+                err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timed out after {:?}", self.connect_timeout),
+                ))
+            })?
+            .map_err(err)?;
+        // Latency over batching: requests and responses are small and interactive. A socket
+        // that refuses the option still works.
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
         Ok(TokioIo::new(s))
     }
 
     async fn new_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        let io = self.connect().await?;
+        let io = self.connect(true).await?;
         let (sender, conn) = http1::handshake(io).await.map_err(UpstreamError::Protocol)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -119,7 +205,8 @@ impl Pool {
 
     async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
         loop {
-            let mut s = self.idle.lock().ok()?.pop()?;
+            // The most recently used connection first: the others age out.
+            let mut s = lock(&self.idle).pop()?.sender;
             if s.is_closed() {
                 continue;
             }
@@ -133,21 +220,32 @@ impl Pool {
     }
 
     fn checkin(&self, s: http1::SendRequest<Incoming>) {
-        if s.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < self.max_idle
-        {
-            idle.push(s);
+        if !s.is_closed() {
+            lock(&self.idle).push(Idle { sender: s, since: Instant::now() });
         }
     }
 
-    /// Sends an HTTP/1.1 request (origin-form URI, `Host` set) on a pooled connection.
+    /// Closes idle connections unused for longer than the idle timeout.
+    fn evict_idle(&self, now: Instant) {
+        // Oldest first (check-in order): dropping a sender ends its connection.
+        let mut idle = lock(&self.idle);
+        let stale = idle.iter().take_while(|i| now.duration_since(i.since) > self.idle_timeout).count();
+        idle.drain(..stale);
+        idle.retain(|i| !i.sender.is_closed());
+    }
+
+    /// Sends an HTTP/1.1 request (origin-form URI, `Host` set) on a pooled connection, waiting for
+    /// one to come free when the pool is at its cap.
     pub async fn send_http1(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        // The semaphore is never closed: an error here cannot happen, but fail the request rather
+        // than open an unbounded connection.
+        let permit = self.slots.clone().acquire_owned().await.map_err(|_| UpstreamError::Connect {
+            addr: self.addr,
+            error: std::io::Error::other("upstream pool closed"),
+        })?;
         loop {
             let (mut sender, reused) = match self.checkout().await {
                 Some(s) => (s, true),
@@ -155,7 +253,7 @@ impl Pool {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let ret = Some((self.clone(), sender));
+                    let ret = Some(Return { pool: self.clone(), sender, _permit: permit });
                     return Ok(resp.map(|inner| UpstreamBody { inner, ret }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -166,14 +264,14 @@ impl Pool {
         }
     }
 
-    /// Sends an h2c request (absolute URI) on the destination's shared connection.
+    /// Sends an h2c request (absolute URI) on the pool's shared connection.
     pub async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = self.connect().await?;
+                    let io = self.connect(true).await?;
                     let mut b = http2::Builder::new(TokioExecutor::new());
                     b.timer(TokioTimer::new())
                         .initial_stream_window_size(1 << 20)
@@ -198,7 +296,7 @@ impl Pool {
 
     /// Sends an upgrade or CONNECT request on a connection of its own (it becomes the tunnel).
     pub async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
-        let io = self.connect().await?;
+        let io = self.connect(false).await?;
         let (mut sender, conn) = http1::handshake(io).await.map_err(UpstreamError::Protocol)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -209,10 +307,17 @@ impl Pool {
     }
 }
 
+/// What a finished HTTP/1 response gives back: its connection to the pool, its slot.
+struct Return {
+    pool: Arc<Pool>,
+    sender: http1::SendRequest<Incoming>,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// A response body from upstream; at its end the HTTP/1.1 connection returns to the pool.
 pub struct UpstreamBody {
     inner: Incoming,
-    ret: Option<(Arc<Pool>, http1::SendRequest<Incoming>)>,
+    ret: Option<Return>,
 }
 
 impl UpstreamBody {
@@ -222,8 +327,8 @@ impl UpstreamBody {
     }
 
     fn finished(&mut self) {
-        if let Some((pool, sender)) = self.ret.take() {
-            pool.checkin(sender);
+        if let Some(r) = self.ret.take() {
+            r.pool.checkin(r.sender);
         }
     }
 }

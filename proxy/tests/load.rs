@@ -226,7 +226,7 @@ async fn slow_and_greedy_clients_cannot_pin_the_proxy() {
     .await;
     assert!(closed.is_ok(), "idle h2 connection kept open");
     assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
-    // More connections than allowed: the extra ones are closed at once, the others still work.
+    // More connections than allowed: the newcomer is served, the oldest idle connection makes room.
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut c = tokio::net::TcpStream::connect(a).await.unwrap();
@@ -236,15 +236,50 @@ async fn slow_and_greedy_clients_cannot_pin_the_proxy() {
         held.push(c);
     }
     let mut extra = tokio::net::TcpStream::connect(a).await.unwrap();
-    let _ = extra.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.unwrap().unwrap_or(0);
-    assert_eq!(n, 0, "connection over the limit was served");
-    assert!(
-        serde_json::to_value(fx.proxy.info.shared.counters.values()).unwrap()["connections_refused"].as_u64().unwrap()
-            >= 1
-    );
+    extra.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(statuses(&buf[..n]), vec![200], "the newcomer is served");
+    let n = tokio::time::timeout(Duration::from_secs(2), held[0].read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "the oldest idle connection was let go");
+    let counters = || serde_json::to_value(fx.proxy.info.counters()).unwrap();
+    assert!(counters()["connections_shed"].as_u64().unwrap() >= 1);
+    // Every connection busy (slow requests in flight): a newcomer is refused at once.
+    held.remove(0);
+    held.push(extra);
+    for c in &mut held {
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut refused = tokio::net::TcpStream::connect(a).await.unwrap();
+    let _ = refused.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let n = tokio::time::timeout(Duration::from_secs(2), refused.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "a connection over the limit was served while every other was busy");
+    assert!(counters()["connections_refused"].as_u64().unwrap() >= 1);
     drop(held);
+    // Their slow requests end (504) and free the table.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     // A slow upstream: 504 after the request timeout, and the connection goes on.
     let r = curl(a, "/slow", &[]).await;
     assert_eq!(r.status, 504, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_breaks_off_its_body_is_blamed_not_the_upstream() {
+    let fx = Fixture::new(&[&policy("/.*")], &eps(), &listeners()).await;
+    let counters = || serde_json::to_value(fx.proxy.info.counters()).unwrap();
+    // Promise 100 kB, send 10 bytes, stop sending.
+    let mut s = tokio::net::TcpStream::connect(fx.addr("h1")).await.unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counters()["downstream_errors"] == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = counters();
+    assert_eq!(c["downstream_errors"], 1, "{c}");
+    assert_eq!(c["upstream_errors"], 0, "{c}");
+    let f = fx.flows().into_iter().find(|f| f.verdict == "ERROR").expect("an error record");
+    assert!(f.summary.contains("client request body failed"), "{}", f.summary);
 }

@@ -144,18 +144,18 @@ enum Fate {
 
 impl Node {
     /// A packet from pod `from` (its veth's tc ingress), routed to the other pod's veth (tc egress).
-    fn from_pod(&mut self, from: u32, pkt: &Packet) -> Fate {
+    fn send_from_pod(&mut self, from: u32, pkt: &Packet) -> Fate {
         self.iface = from;
         self.mark = 0;
         match datapath::from_endpoint(self, pkt) {
             Action::Proxy => Fate::Proxy,
             Action::Drop(r) => Fate::Dropped(r),
-            Action::Pass => self.to_pod(if from == T_EP { D_EP } else { T_EP }, pkt, 0),
+            Action::Pass => self.send_to_pod(if from == T_EP { D_EP } else { T_EP }, pkt, 0),
         }
     }
 
     /// A packet from the node (the proxy, marked or not) to a pod.
-    fn to_pod(&mut self, to: u32, pkt: &Packet, mark: u32) -> Fate {
+    fn send_to_pod(&mut self, to: u32, pkt: &Packet, mark: u32) -> Fate {
         self.iface = to;
         self.mark = mark;
         match datapath::to_endpoint(self, pkt) {
@@ -241,7 +241,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             Step::Client { port, l7, flags } => {
                 let dport = if l7 { L7_PORT } else { L4_PORT };
                 let pkt = packet((T_IP, PORTS[port]), (D_IP, dport), flags);
-                let fate = node.from_pod(T_EP, &pkt);
+                let fate = node.send_from_pod(T_EP, &pkt);
                 // The L7 flow's client packets reach the proxy or nothing.
                 prop_assert!(
                     !(l7 && fate == Fate::Delivered),
@@ -250,29 +250,29 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             }
             Step::ProxyConnect { port } => {
                 let sock = ((T_IP, PORTS[port]), (D_IP, L7_PORT));
-                if !node.sockets.contains_key(&sock) {
-                    node.sockets.insert(sock, false);
+                if let std::collections::btree_map::Entry::Vacant(e) = node.sockets.entry(sock) {
+                    e.insert(false);
                     let syn = packet((T_IP, PORTS[port]), (D_IP, L7_PORT), tcp::SYN);
-                    prop_assert_eq!(node.to_pod(D_EP, &syn, mark::FROM_PROXY), Fate::Delivered);
+                    prop_assert_eq!(node.send_to_pod(D_EP, &syn, mark::FROM_PROXY), Fate::Delivered);
                 }
             }
             Step::ProxyUpstream { port, flags } => {
                 if node.sockets.get(&((T_IP, PORTS[port]), (D_IP, L7_PORT))) == Some(&false) {
                     let pkt = packet((T_IP, PORTS[port]), (D_IP, L7_PORT), flags & !tcp::SYN | tcp::ACK);
-                    prop_assert_eq!(node.to_pod(D_EP, &pkt, mark::FROM_PROXY), Fate::Delivered);
+                    prop_assert_eq!(node.send_to_pod(D_EP, &pkt, mark::FROM_PROXY), Fate::Delivered);
                 }
             }
             Step::ProxyAnswer { port, flags } => {
                 if node.sockets.get(&((D_IP, L7_PORT), (T_IP, PORTS[port]))) == Some(&false) {
                     let pkt = packet((D_IP, L7_PORT), (T_IP, PORTS[port]), flags & !tcp::SYN | tcp::ACK);
-                    node.to_pod(T_EP, &pkt, 0);
+                    node.send_to_pod(T_EP, &pkt, 0);
                 }
             }
             Step::Server { port, l7, flags } => {
                 let sport = if l7 { L7_PORT } else { L4_PORT };
                 let upstream = node.sockets.get(&((T_IP, PORTS[port]), (D_IP, sport))) == Some(&false);
                 let pkt = packet((D_IP, sport), (T_IP, PORTS[port]), flags);
-                let fate = node.from_pod(D_EP, &pkt);
+                let fate = node.send_from_pod(D_EP, &pkt);
                 // The server's answers to the proxy's upstream connection never reach the client.
                 prop_assert!(
                     !(upstream && fate == Fate::Delivered),
@@ -323,32 +323,32 @@ fn the_upstream_taking_the_clients_port_opens_no_bypass() {
     let p = PORTS[0];
     let client = |f| packet((T_IP, p), (D_IP, L7_PORT), f);
     let answer = |f| packet((D_IP, L7_PORT), (T_IP, p), f);
-    assert_eq!(node.from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
-    assert_eq!(node.to_pod(T_EP, &answer(tcp::SYN | tcp::ACK), 0), Fate::Delivered);
-    assert_eq!(node.from_pod(T_EP, &client(tcp::ACK)), Fate::Proxy);
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.send_to_pod(T_EP, &answer(tcp::SYN | tcp::ACK), 0), Fate::Delivered);
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::ACK)), Fate::Proxy);
     // Upstream from the same port: the client's entry stays PROXIED.
     node.sockets.insert(((T_IP, p), (D_IP, L7_PORT)), false);
-    assert_eq!(node.to_pod(D_EP, &client(tcp::SYN), mark::FROM_PROXY), Fate::Delivered);
+    assert_eq!(node.send_to_pod(D_EP, &client(tcp::SYN), mark::FROM_PROXY), Fate::Delivered);
     let key = client(0).ct_key(false).unwrap();
     assert_ne!(node.ct[&key].flags & ct_flag::PROXIED, 0, "the upstream SYN left the client's entry alone");
     // The server answers the upstream: to the proxy's socket; the proxy answers the client.
-    assert_eq!(node.from_pod(D_EP, &answer(tcp::SYN | tcp::ACK)), Fate::Proxy);
-    assert_eq!(node.to_pod(T_EP, &answer(tcp::ACK | tcp::FIN), 0), Fate::Delivered);
+    assert_eq!(node.send_from_pod(D_EP, &answer(tcp::SYN | tcp::ACK)), Fate::Proxy);
+    assert_eq!(node.send_to_pod(T_EP, &answer(tcp::ACK | tcp::FIN), 0), Fate::Delivered);
     // Everything closes and the entries lapse; stray answers keep coming.
     node.sockets.clear();
     node.now += 20 * NS;
-    assert_eq!(node.to_pod(T_EP, &answer(tcp::ACK), 0), Fate::Delivered, "allowed stray passes");
+    assert_eq!(node.send_to_pod(T_EP, &answer(tcp::ACK), 0), Fate::Delivered, "allowed stray passes");
     // The server's stray on the tuple of a proxied flow: the proxy's or nothing (rule 3).
-    assert_eq!(node.from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    assert_eq!(node.send_from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Dropped(reason::PROXY_UNAVAILABLE));
     node.ct.clear();
-    assert_eq!(node.from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Delivered, "allowed stray passes");
+    assert_eq!(node.send_from_pod(D_EP, &answer(tcp::ACK | tcp::FIN)), Fate::Delivered, "allowed stray passes");
     assert!(node.direct_l7_entries().is_empty(), "strays created no state: {:?}", node.direct_l7_entries());
     // The next connection from that port is judged, and goes to the proxy.
-    assert_eq!(node.from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
     // A segment that does not open a connection, with no proxy socket, is dropped.
     node.sockets.clear();
     node.ct.clear();
-    assert_eq!(node.from_pod(T_EP, &client(tcp::ACK)), Fate::Dropped(reason::NO_PROXY_CONNECTION));
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::ACK)), Fate::Dropped(reason::NO_PROXY_CONNECTION));
 }
 
 /// A direct flow is tracked by its SYN and its answers ride it; a stray segment creates nothing.
@@ -357,11 +357,11 @@ fn direct_flows_are_opened_by_their_syn_only() {
     let mut node = Node { listener_up: true, now: NS, ..Node::default() };
     let out = |f| packet((T_IP, 40000), (D_IP, L4_PORT), f);
     let back = |f| packet((D_IP, L4_PORT), (T_IP, 40000), f);
-    assert_eq!(node.from_pod(T_EP, &out(tcp::ACK)), Fate::Delivered);
+    assert_eq!(node.send_from_pod(T_EP, &out(tcp::ACK)), Fate::Delivered);
     assert!(node.ct.is_empty(), "a non-SYN segment created an entry");
-    assert_eq!(node.from_pod(T_EP, &out(tcp::SYN)), Fate::Delivered);
+    assert_eq!(node.send_from_pod(T_EP, &out(tcp::SYN)), Fate::Delivered);
     assert_eq!(node.ct.len(), 1);
-    assert_eq!(node.from_pod(D_EP, &back(tcp::SYN | tcp::ACK)), Fate::Delivered);
+    assert_eq!(node.send_from_pod(D_EP, &back(tcp::SYN | tcp::ACK)), Fate::Delivered);
     let flags = node.ct.values().next().unwrap().flags;
     assert_ne!(flags & ct_flag::SEEN_REPLY, 0);
     let all: BTreeSet<_> = node.ct.keys().copied().collect();
