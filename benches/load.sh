@@ -4,7 +4,8 @@
 #   porin  the L3/L4/L7 policy: every request through the node's proxy
 # For each concurrency in CONNS (default "1000 4000 10000"): wrk -t2 -cN -dSECS keep-alive
 # POST /v1/request-landing from the tiefighter pod. Prints req/s, errors (socket errors + non-2xx
-# + the proxy's refused connections and upstream errors), p99 latency, the proxy's RSS idle /
+# + the proxy's refused connections and upstream errors), p99 latency, the proxy's RSS idle (after
+# a few requests) /
 # during / AFTER seconds after the load, TIME-WAIT sockets in the node namespace, and porin/none.
 # Needs root. SECS=10 AFTER=30 by default.
 set -euo pipefail
@@ -50,6 +51,10 @@ for c in $CONNS; do
     for config in none porin; do
         if [ "$config" = none ]; then apply "$work/l4.yaml"; else apply "$PWD/config/examples/starwars/l3-l4-l7.yaml"; fi
         "$PORIN" lab restart-proxy --name "$lab" >/dev/null
+        sleep 1
+        # Idle after a few requests (code paged in, as a proxy that has served anything).
+        "$PORIN" lab exec --name "$lab" tiefighter -- bash -c \
+            'for i in $(seq 20); do curl -s -o /dev/null -XPOST http://deathstar/v1/request-landing; done'
         sleep 1
         idle=$(rss)
         refused0=$(proxy_counter connections_refused); uperr0=$(proxy_counter upstream_errors)

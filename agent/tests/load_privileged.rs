@@ -197,6 +197,12 @@ fn ten_thousand_keep_alive_clients_exhaust_no_ports_and_memory_comes_back_privil
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = starwars("tenk", "settings:\n  proxy_limits: {max_connections_per_source: 12000}\n");
     let pid = proxy_status(&lab)["pid"].as_u64().unwrap();
+    // Idle, after a few requests: a proxy that has served something (its code paged in).
+    lab.exec(
+        "tiefighter",
+        &["bash", "-c", "for i in $(seq 20); do curl -s -o /dev/null -XPOST http://deathstar/v1/request-landing; done"],
+    );
+    std::thread::sleep(Duration::from_secs(1));
     let idle = rss_kib(pid);
     let load = wrk(&lab, "tiefighter", "http://deathstar", 10_000, 10);
     let during = rss_kib(pid);

@@ -117,8 +117,12 @@ pub struct H1Guard<I> {
     shared: Arc<GuardShared>,
     reject_response: Option<BytesMut>,
     eof: bool,
-    /// Read buffer, allocated (and zeroed) once per connection.
-    scratch: Vec<u8>,
+}
+
+thread_local! {
+    /// The read buffer, one per worker thread (allocated and zeroed once): bytes are copied out
+    /// into `pending` / `ready` before `poll_read` returns, so no connection holds one while idle.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl<I> H1Guard<I> {
@@ -133,7 +137,6 @@ impl<I> H1Guard<I> {
             shared: Arc::new(GuardShared::default()),
             reject_response: None,
             eof: false,
-            scratch: Vec::new(),
         }
     }
 
@@ -410,7 +413,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
             if !this.ready.is_empty() {
                 continue;
             }
-            let mut scratch = std::mem::take(&mut this.scratch);
+            let mut scratch = SCRATCH.take();
             if scratch.is_empty() {
                 scratch = vec![0u8; READ_BUF];
             }
@@ -434,7 +437,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
                 Poll::Ready(Err(e)) => Some(Poll::Ready(Err(e))),
                 Poll::Pending => (settled || this.ready.is_empty()).then_some(Poll::Pending),
             };
-            this.scratch = scratch;
+            SCRATCH.set(scratch);
             if let Some(r) = result {
                 return r;
             }

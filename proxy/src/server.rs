@@ -41,6 +41,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
             let n = rest.len().min(buf.remaining());
             buf.put_slice(rest.get(..n).unwrap_or_default());
             this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Handed over whole: the connection keeps no copy.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
