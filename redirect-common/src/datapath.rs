@@ -372,6 +372,13 @@ fn ct_clear_direct<K: Kernel>(k: &mut K, pkt: &Packet) {
     }
 }
 
+/// Forwards a packet of a tracked flow, in its original direction or as a reply.
+#[inline(always)]
+fn pass_tracked<K: Kernel>(k: &mut K, reply: bool) -> Action {
+    k.count(if reply { counter::CT_REPLY } else { counter::CT_ESTABLISHED });
+    Action::Pass
+}
+
 /// Forwards a judged, allowed packet: a packet that may open a flow records it (rule 2: for TCP
 /// only a SYN) and reports the verdict; any other passes as it is.
 fn admit<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
@@ -433,14 +440,7 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
                 let d = Decision::none(direction::EGRESS, iface.endpoint);
                 return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
             }
-            CtHit::Hit { reply: false, .. } => {
-                k.count(counter::CT_ESTABLISHED);
-                return Action::Pass;
-            }
-            CtHit::Hit { reply: true, .. } => {
-                k.count(counter::CT_REPLY);
-                return Action::Pass;
-            }
+            CtHit::Hit { reply, proxied: false } => return pass_tracked(k, reply),
             // No entry: a socket the proxy holds (the server answering an upstream connection whose
             // tuple conntrack does not know; a proxied connection whose entry lapsed)?
             CtHit::Miss => {
@@ -514,14 +514,7 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         CtHit::Hit { reply: false, proxied: true } => {
             return drop_pkt(k, reason::BYPASSES_PROXY, pkt, &Decision::none(direction::INGRESS, 0));
         }
-        CtHit::Hit { reply: false, .. } => {
-            k.count(counter::CT_ESTABLISHED);
-            return Action::Pass;
-        }
-        CtHit::Hit { reply: true, .. } => {
-            k.count(counter::CT_REPLY);
-            return Action::Pass;
-        }
+        CtHit::Hit { reply, .. } => return pass_tracked(k, reply),
         CtHit::Miss => {}
     }
     let Some(iface) = k.iface() else {
