@@ -234,6 +234,34 @@ fn policy<K: Kernel>(k: &K, generation: u8, endpoint: u32, peer: u32, dir: u8, p
     k.policy(&key).unwrap_or(PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 })
 }
 
+/// The active generation and the packet's source and destination in its ipcache.
+fn identities<K: Kernel>(k: &K, pkt: &Packet) -> (u8, IpcacheValue, IpcacheValue) {
+    let generation = k.config(config::GENERATION, 0) as u8;
+    let src = identity_of(k, generation, pkt.family, &pkt.saddr);
+    let dst = identity_of(k, generation, pkt.family, &pkt.daddr);
+    (generation, src, dst)
+}
+
+/// `endpoint`'s policy in direction `dir` for the packet's peer (the destination for egress, the
+/// source for ingress).
+fn decide<K: Kernel>(
+    k: &K,
+    generation: u8,
+    endpoint: u32,
+    dir: u8,
+    (src, dst): (IpcacheValue, IpcacheValue),
+    pkt: &Packet,
+) -> Decision {
+    let peer = if dir == direction::EGRESS { dst.identity } else { src.identity };
+    Decision {
+        direction: dir,
+        endpoint,
+        src_identity: src.identity,
+        dst_identity: dst.identity,
+        value: policy(k, generation, endpoint, peer, dir, pkt),
+    }
+}
+
 fn is_drop(v: &PolicyValue) -> Option<u8> {
     match v.verdict {
         verdict::ALLOW | verdict::REDIRECT => None,
@@ -454,16 +482,8 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     // A new flow (rule 1: every SYN): the endpoint's egress policy and, when the destination is a
     // local endpoint, that endpoint's ingress policy. Any drop wins; a redirect at either side
     // sends the flow to the proxy.
-    let generation = k.config(config::GENERATION, 0) as u8;
-    let src = identity_of(k, generation, pkt.family, &pkt.saddr);
-    let dst = identity_of(k, generation, pkt.family, &pkt.daddr);
-    let mut d = Decision {
-        direction: direction::EGRESS,
-        endpoint: iface.endpoint,
-        src_identity: src.identity,
-        dst_identity: dst.identity,
-        value: policy(k, generation, iface.endpoint, dst.identity, direction::EGRESS, pkt),
-    };
+    let (generation, src, dst) = identities(k, pkt);
+    let mut d = decide(k, generation, iface.endpoint, direction::EGRESS, (src, dst), pkt);
     if let Some(why) = is_drop(&d.value) {
         return drop_pkt(k, why, pkt, &d);
     }
@@ -520,16 +540,8 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     let Some(iface) = k.iface() else {
         return drop_pkt(k, reason::UNKNOWN_ENDPOINT, pkt, &Decision::none(0, 0));
     };
-    let generation = k.config(config::GENERATION, 0) as u8;
-    let src = identity_of(k, generation, pkt.family, &pkt.saddr);
-    let dst = identity_of(k, generation, pkt.family, &pkt.daddr);
-    let d = Decision {
-        direction: direction::INGRESS,
-        endpoint: iface.endpoint,
-        src_identity: src.identity,
-        dst_identity: dst.identity,
-        value: policy(k, generation, iface.endpoint, src.identity, direction::INGRESS, pkt),
-    };
+    let (generation, src, dst) = identities(k, pkt);
+    let d = decide(k, generation, iface.endpoint, direction::INGRESS, (src, dst), pkt);
     if let Some(why) = is_drop(&d.value) {
         return drop_pkt(k, why, pkt, &d);
     }
