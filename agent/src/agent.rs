@@ -6,7 +6,7 @@
 //! is reported in `status` and the log. The agent never detaches on exit: enforcement continues with
 //! the pinned maps and links until `porin lab down` (or `detach`) removes them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,13 +18,14 @@ use policy_engine::identity::IdentityAllocator;
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use policy_engine::resolve::{Endpoint, Environment, NamedPort, resolve};
 use policy_engine::snapshot::{Proto, Snapshot};
+use porin_flow::backlog::Backlog;
+use porin_flow::control::{self, Handler, Reply, Request};
+use porin_flow::flow::{Flow, Verdict};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
 use crate::datapath::{ApplyStats, Datapath, Settings, ensure_bpffs};
-use crate::flow::{self, Flow};
+use crate::flow;
 use crate::mapstate::{self, Binding};
 
 /// How many flow records the agent keeps for `events` queries.
@@ -128,8 +129,9 @@ struct State {
     bindings: Vec<Binding>,
     attach_errors: Vec<String>,
     last_apply: Option<ApplyStats>,
-    flows: VecDeque<Flow>,
-    seq: u64,
+    flows: Backlog<Flow>,
+    /// Ring-buffer items that did not decode as events (counted, never silently lost).
+    events_undecodable: u64,
 }
 
 fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -207,8 +209,7 @@ impl State {
                 }
                 if entry.errors != errors {
                     for e in &errors {
-                        self.seq += 1;
-                        self.flows.push_back(flow::policy_error(self.seq, e));
+                        self.flows.push_numbered(|seq| Flow { seq, ..Flow::policy_error(e) });
                     }
                 }
                 entry.ok = false;
@@ -310,7 +311,6 @@ impl State {
             })
             .collect();
         serde_json::json!({
-            "ok": true,
             "pid": std::process::id(),
             "version": self.version,
             "generation": self.datapath.generation().ok(),
@@ -320,77 +320,53 @@ impl State {
                 .into_iter().chain(self.attach_errors.iter().cloned()).collect::<Vec<_>>(),
             "warnings": snap.map(|s| s.warnings.clone()).unwrap_or_default(),
             "last_apply": self.last_apply,
+            "records": {
+                "kept": self.flows.len(),
+                "evicted": self.flows.evicted(),
+                "events_undecodable": self.events_undecodable,
+            },
         })
     }
 
-    fn counters(&self) -> anyhow::Result<serde_json::Value> {
+    fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         use redirect_common::counter as c;
         let v = self.datapath.counters()?;
         let get = |i: u32| v.get(i as usize).copied().unwrap_or(0);
-        let mut out = serde_json::Map::new();
-        for (i, name) in c::NAMES {
-            let n = if i == c::FORWARDED {
-                get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY) + get(c::UNTRACKED_PASS)
-            } else {
-                get(i)
-            };
-            out.insert(name.to_owned(), n.into());
-        }
-        Ok(serde_json::Value::Object(out))
+        Ok(c::NAMES
+            .into_iter()
+            .map(|(i, name)| {
+                let n = if i == c::FORWARDED {
+                    get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY) + get(c::UNTRACKED_PASS)
+                } else {
+                    get(i)
+                };
+                (name.to_owned(), n)
+            })
+            .collect())
     }
 }
 
-/// A control request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-enum Request {
-    Status,
-    Reload,
-    Counters,
-    Events {
-        #[serde(default)]
-        after: u64,
-        #[serde(default)]
-        limit: Option<usize>,
-    },
-    Detach {
-        ifname: String,
-    },
-}
+/// The agent's side of the control protocol (`porin_flow::control`).
+struct Control(Arc<Mutex<State>>);
 
-async fn handle(state: &Mutex<State>, line: &str) -> serde_json::Value {
-    let req: Request = match serde_json::from_str(line) {
-        Ok(r) => r,
-        Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-    };
-    let mut st = state.lock().await;
-    let result: anyhow::Result<serde_json::Value> = match req {
-        Request::Status => Ok(st.status()),
-        Request::Reload => st.reload().map(|stats| {
-            let errors: Vec<String> = st.files.values().flat_map(|f| f.errors.clone()).collect();
-            serde_json::json!({"ok": true, "version": st.version, "stats": stats, "policy_errors": errors})
-        }),
-        Request::Counters => st.counters().map(|c| serde_json::json!({"ok": true, "counters": c})),
-        Request::Events { after, limit } => {
-            let limit = limit.unwrap_or(EVENT_BACKLOG);
-            let events: Vec<&Flow> = st.flows.iter().filter(|f| f.seq > after).take(limit).collect();
-            Ok(serde_json::json!({"ok": true, "last": st.seq, "events": events}))
-        }
-        Request::Detach { ifname } => st.datapath.detach(&ifname).map(|()| serde_json::json!({"ok": true})),
-    };
-    result.unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("{e:#}")}))
-}
-
-async fn serve_client(state: Arc<Mutex<State>>, stream: UnixStream) {
-    let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let resp = handle(&state, &line).await;
-        let mut out = resp.to_string();
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
-            break;
-        }
+impl Handler for Control {
+    async fn handle(&self, request: Request) -> Reply {
+        let mut st = self.0.lock().await;
+        let result: anyhow::Result<Reply> = match request {
+            Request::Status => Ok(Reply::Status(st.status())),
+            Request::Reload => st.reload().and_then(|stats| {
+                let policy_errors = st.files.values().flat_map(|f| f.errors.clone()).collect();
+                Ok(Reply::Reloaded { version: st.version, stats: serde_json::to_value(stats)?, policy_errors })
+            }),
+            Request::Counters => st.counters().map(|counters| Reply::Counters { counters }),
+            Request::Flows { after, limit } => {
+                let page = st.flows.after(after, limit.unwrap_or(EVENT_BACKLOG));
+                let flows = page.items.into_iter().map(|(_, f)| f.clone()).collect();
+                Ok(Reply::Flows { last: page.last, missed: page.missed, flows })
+            }
+            Request::Detach { ifname } => st.datapath.detach(&ifname).map(|()| Reply::Done),
+        };
+        result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
     }
 }
 
@@ -404,32 +380,29 @@ async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::map
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
+        let mut undecodable = 0;
         while let Some(item) = ring.next() {
-            if let Some(e) = redirect_common::Event::from_bytes(&item) {
-                batch.push(e);
+            match redirect_common::Event::from_bytes(&item) {
+                Some(e) => batch.push(e),
+                None => undecodable += 1,
             }
         }
         guard.clear_ready();
-        if batch.is_empty() {
+        if batch.is_empty() && undecodable == 0 {
             continue;
         }
         let mut st = state.lock().await;
+        st.events_undecodable += undecodable;
         let snap = st.snapshot.clone();
         for e in batch {
-            st.seq += 1;
-            let f = flow::from_event(st.seq, &e, snap.as_deref());
-            if f.verdict == "DROPPED" {
-                // Every drop is a flow record and a counter; the log only says that drops happen.
-                proxy::log_limited!(
-                    info,
-                    src = %f.ip.source, dst = %f.ip.destination, reason = %f.drop_reason_desc,
-                    direction = %f.traffic_direction, policy = f.policy.as_deref().unwrap_or("-"), "Packet dropped"
-                );
-            }
-            st.flows.push_back(f);
-            if st.flows.len() > EVENT_BACKLOG {
-                st.flows.pop_front();
-            }
+            st.flows.push_numbered(|seq| {
+                let f = flow::from_event(seq, &e, snap.as_deref());
+                if f.verdict == Verdict::Dropped {
+                    // Every drop is a flow record and a counter; the log only says that drops happen.
+                    proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");
+                }
+                f
+            });
         }
     }
 }
@@ -483,26 +456,22 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         bindings: vec![],
         attach_errors: vec![],
         last_apply: None,
-        flows: VecDeque::new(),
-        seq: 0,
+        flows: Backlog::new(EVENT_BACKLOG),
+        events_undecodable: 0,
     };
     state.reload().context("initial policy load")?;
     let state = Arc::new(Mutex::new(state));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let _ = std::fs::remove_file(&cfg.control);
-        let listener = UnixListener::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
+        let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
+        let server = tokio::spawn(control::serve(listener, Arc::new(Control(state.clone()))));
         let events = tokio::spawn(read_events(state.clone(), ring));
         let watch = tokio::spawn(watch_inputs(state.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
-                conn = listener.accept() => {
-                    let (stream, _) = conn?;
-                    tokio::spawn(serve_client(state.clone(), stream));
-                }
                 _ = hup.recv() => {
                     if let Err(e) = state.lock().await.reload() {
                         tracing::error!(error = %format!("{e:#}"), "Reload failed: the last good policy keeps enforcing");
@@ -514,7 +483,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         events.abort();
         watch.abort();
-        let _ = std::fs::remove_file(&cfg.control);
+        server.abort();
+        if let Err(e) = std::fs::remove_file(&cfg.control) {
+            tracing::debug!(error = %e, "Control socket not removed");
+        }
         tracing::info!("Agent stopping; the datapath keeps enforcing");
         Ok::<(), anyhow::Error>(())
     })
@@ -552,20 +524,16 @@ async fn watch_inputs(state: Arc<Mutex<State>>, policies: PathBuf, endpoints: Pa
     }
 }
 
-/// Sends one control request and returns the response.
-pub fn control(socket: &Path, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    use std::io::{BufRead as _, Write as _};
-    let mut s =
-        std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = request.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut resp = String::new();
-    std::io::BufReader::new(&s).read_line(&mut resp)?;
-    let v: serde_json::Value = serde_json::from_str(&resp).map_err(|e| anyhow!("bad response {resp:?}: {e}"))?;
-    if v.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
-        return Err(anyhow!("{}", v.get("error").and_then(serde_json::Value::as_str).unwrap_or("request failed")));
+/// Sends one control request to a process (agent or proxy) and returns its reply; a refusal is an
+/// error.
+pub fn control(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    Ok(control::call(socket, request)?.ok()?)
+}
+
+/// The status a process (agent or proxy) reports on its control socket.
+pub fn status_of(socket: &Path) -> anyhow::Result<serde_json::Value> {
+    match control(socket, &Request::Status)? {
+        Reply::Status(v) => Ok(v),
+        other => Err(anyhow!("{}: unexpected reply {other:?}", socket.display())),
     }
-    Ok(v)
 }

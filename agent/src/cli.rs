@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use porin_flow::control::{Reply, Request};
 
 use crate::policy_cmd;
 
@@ -306,14 +307,6 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// A flow record from the control socket, as one line of text.
-fn text_flow(e: &serde_json::Value) -> String {
-    match serde_json::from_value::<crate::flow::Flow>(e.clone()) {
-        Ok(f) => f.to_text(),
-        Err(_) => e.to_string(),
-    }
-}
-
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
@@ -373,32 +366,34 @@ fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Apply { name, files } => {
             lab::install_policies(&name, &files)?;
-            let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &serde_json::json!({"cmd": "reload"}))?;
+            let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Reload)?;
+            print_json(&serde_json::to_value(&r)?);
             // Returns once the kernel and the proxy both enforce the new version.
-            if let Some(version) = r["version"].as_u64() {
+            if let Reply::Reloaded { version, policy_errors, .. } = r {
                 lab::wait_proxy_version(&name, version)?;
-            }
-            print_json(&r);
-            if r["policy_errors"].as_array().is_some_and(|e| !e.is_empty()) {
-                return Ok(ExitCode::from(2));
+                if !policy_errors.is_empty() {
+                    return Ok(ExitCode::from(2));
+                }
             }
         }
         LabCommand::Events { name, after, output } => {
-            let r = crate::agent::control(
-                &lab::LabPaths::new(&name).control(),
-                &serde_json::json!({"cmd": "events", "after": after}),
-            )?;
-            for e in r["events"].as_array().into_iter().flatten() {
-                match output {
-                    Output::Json => println!("{e}"),
-                    Output::Text => println!("{}", text_flow(e)),
+            let r =
+                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Flows { after, limit: None })?;
+            if let Reply::Flows { flows, .. } = r {
+                for f in &flows {
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string(f)?),
+                        Output::Text => println!("{}", crate::render::text(f)),
+                    }
                 }
             }
         }
         LabCommand::Counters { name } => {
-            let r =
-                crate::agent::control(&lab::LabPaths::new(&name).control(), &serde_json::json!({"cmd": "counters"}))?;
-            print_json(&r["counters"]);
+            if let Reply::Counters { counters } =
+                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Counters)?
+            {
+                print_json(&serde_json::to_value(counters)?);
+            }
         }
         LabCommand::RestartAgent { name } => {
             let pid = lab::restart_agent(&name)?;

@@ -240,13 +240,19 @@ fn alive(pid: u32, tag: &str) -> bool {
     false
 }
 
+/// The process a pid names, if it names exactly one: 0 and values past `i32::MAX` would become
+/// `kill(0, ..)` / `kill(-n, ..)`, which signal whole process groups (this command's included).
+fn signal_target(pid: u32) -> Option<nix::unistd::Pid> {
+    i32::try_from(pid).ok().filter(|p| *p > 0).map(nix::unistd::Pid::from_raw)
+}
+
+/// Stops a process of this lab: SIGTERM, then SIGKILL after 3 s.
 fn kill(pid: u32, tag: &str) {
     use nix::sys::signal::{Signal, kill as send};
-    use nix::unistd::Pid;
+    let Some(p) = signal_target(pid) else { return };
     if !alive(pid, tag) {
         return;
     }
-    let p = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
     let _ = send(p, Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(3);
     while alive(pid, tag) && Instant::now() < deadline {
@@ -322,7 +328,7 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     // Ready when the control socket answers with every endpoint attached.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(status) = crate::agent::control(&paths.control(), &serde_json::json!({"cmd": "status"})) {
+        if let Ok(status) = crate::agent::status_of(&paths.control()) {
             let eps = status["endpoints"].as_array().cloned().unwrap_or_default();
             if eps.iter().all(|e| e["attached"] == serde_json::Value::Bool(true)) {
                 return Ok(pid);
@@ -576,8 +582,9 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     let prefix = format!("porin-{name}-");
     for ns in netns_list().into_iter().filter(|n| n.starts_with(&prefix)) {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            for pid in listed.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter_map(signal_target) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
         }
         let _ = ip(&["netns", "del", &ns]);
@@ -614,11 +621,7 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
     let st = load_state(name)?;
     let paths = LabPaths::new(name);
     let running = st.agent_pid.is_some_and(|p| alive(p, name));
-    let agent = if running {
-        crate::agent::control(&paths.control(), &serde_json::json!({"cmd": "status"})).ok()
-    } else {
-        None
-    };
+    let agent = if running { crate::agent::status_of(&paths.control()).ok() } else { None };
     let identity_of = |pod: &Pod| -> Option<u64> {
         agent.as_ref()?["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str())?["identity"].as_u64()
     };
@@ -640,7 +643,7 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
         "proxy": {
             "pid": st.proxy_pid,
             "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
-            "status": crate::agent::control(&paths.proxy_control(), &serde_json::json!({"cmd": "status"})).ok(),
+            "status": crate::agent::status_of(&paths.proxy_control()).ok(),
         },
         "pods": pods,
     }))
@@ -732,9 +735,7 @@ pub fn wait_proxy_version(name: &str, version: u64) -> anyhow::Result<()> {
     let sock = LabPaths::new(name).proxy_control();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = crate::agent::control(&sock, &serde_json::json!({"cmd": "status"}))
-            .ok()
-            .and_then(|s| s["snapshot"]["version"].as_u64());
+        let v = crate::agent::status_of(&sock).ok().and_then(|s| s["snapshot"]["version"].as_u64());
         if v.is_some_and(|v| v >= version) {
             return Ok(());
         }
@@ -771,7 +772,7 @@ pub fn detach(name: &str) -> anyhow::Result<()> {
     let st = load_state(name)?;
     let control = LabPaths::new(name).control();
     for p in st.pods.iter().filter(|p| !p.external) {
-        crate::agent::control(&control, &serde_json::json!({"cmd": "detach", "ifname": p.ifname}))?;
+        crate::agent::control(&control, &porin_flow::control::Request::Detach { ifname: p.ifname.clone() })?;
     }
     Ok(())
 }
@@ -786,4 +787,17 @@ pub fn table(st: &LabState) -> String {
         let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} {}", p.name, ns, p.ipv4, p.ipv6, labels.join(","));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_single_process_is_ever_signalled() {
+        assert_eq!(signal_target(0), None);
+        assert_eq!(signal_target(u32::MAX), None);
+        assert_eq!(signal_target(1 << 31), None);
+        assert_eq!(signal_target(42), Some(nix::unistd::Pid::from_raw(42)));
+    }
 }

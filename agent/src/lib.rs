@@ -18,4 +18,5 @@ pub mod lab;
 pub mod mapstate;
 pub mod policy_cmd;
 pub mod proxy_cmd;
+pub mod render;
 pub mod servers;

@@ -10,8 +10,9 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use policy_engine::api::{LoadOptions, load_str};
 use policy_engine::inputs::{PolicyInputs, PolicyText};
+use porin_flow::control::{Reply, Request};
+use porin_flow::flow::Flow;
 use proxy::config::ProxyConfig;
-use proxy::flow::Flow;
 
 use crate::agent::{EndpointsFile, control, environment, publish as write_inputs};
 
@@ -162,11 +163,9 @@ pub enum ObserveOutput {
     Table,
 }
 
-/// A source of records.
+/// A source of records: the agent's or the proxy's control socket.
 struct Source {
     socket: PathBuf,
-    cmd: &'static str,
-    field: &'static str,
     after: u64,
     required: bool,
 }
@@ -174,19 +173,27 @@ struct Source {
 impl Source {
     /// New records, or `None` when the source is not there.
     fn poll(&mut self) -> anyhow::Result<Option<Vec<Flow>>> {
-        let r = match control(&self.socket, &serde_json::json!({"cmd": self.cmd, "after": self.after})) {
+        let r = match control(&self.socket, &Request::Flows { after: self.after, limit: None }) {
             Ok(r) => r,
             Err(e) if self.required => return Err(e.context(format!("read {}", self.socket.display()))),
             Err(_) => return Ok(None),
         };
-        self.after = r["last"].as_u64().unwrap_or(self.after);
-        let flows = r[self.field].as_array().cloned().unwrap_or_default();
-        Ok(Some(flows.into_iter().filter_map(|f| serde_json::from_value(f).ok()).collect()))
+        let Reply::Flows { last, missed, flows } = r else {
+            bail!("{}: not a flows reply: {r:?}", self.socket.display());
+        };
+        if missed > 0 {
+            eprintln!(
+                "porin observe: {missed} records from {} were let go before they were read",
+                self.socket.display()
+            );
+        }
+        self.after = last;
+        Ok(Some(flows))
     }
 }
 
 fn matches(a: &ObserveArgs, f: &Flow) -> bool {
-    (a.verdict.is_empty() || a.verdict.iter().any(|v| v.eq_ignore_ascii_case(&f.verdict)))
+    (a.verdict.is_empty() || a.verdict.iter().any(|v| v.eq_ignore_ascii_case(f.verdict.name())))
         && (a.pod.is_empty() || a.pod.iter().any(|p| f.involves_pod(p)))
         && (a.protocol.is_empty() || a.protocol.iter().any(|p| f.has_protocol(p)))
 }
@@ -204,26 +211,14 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
     };
     let mut sources = Vec::new();
     if let Some(s) = agent {
-        sources.push(Source {
-            socket: s,
-            cmd: "events",
-            field: "events",
-            after: 0,
-            required: explicit && a.agent.is_some(),
-        });
+        sources.push(Source { socket: s, after: 0, required: explicit && a.agent.is_some() });
     }
     if let Some(s) = proxy {
-        sources.push(Source {
-            socket: s,
-            cmd: "flows",
-            field: "flows",
-            after: 0,
-            required: explicit && a.proxy.is_some(),
-        });
+        sources.push(Source { socket: s, after: 0, required: explicit && a.proxy.is_some() });
     }
     let mut first = true;
     if a.output == ObserveOutput::Table {
-        println!("{}", Flow::TABLE_HEADER);
+        println!("{}", crate::render::TABLE_HEADER);
     }
     loop {
         let mut batch = Vec::new();
@@ -247,8 +242,8 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
         for f in &batch {
             match a.output {
                 ObserveOutput::Json => println!("{}", serde_json::to_string(f)?),
-                ObserveOutput::Text => println!("{} {}", f.time, f.to_text()),
-                ObserveOutput::Table => println!("{}", f.to_row()),
+                ObserveOutput::Text => println!("{} {}", f.time, crate::render::text(f)),
+                ObserveOutput::Table => println!("{}", crate::render::row(f)),
             }
         }
         use std::io::Write as _;

@@ -10,7 +10,9 @@
 //!    with compiled HTTP ([`http`]), Kafka ([`kafka`]) and DNS ([`dns`]) rule sets. A snapshot is
 //!    immutable and versioned; the proxy and the kernel map writer both consume it.
 //!
-//! [`policy_test`] runs `porin policy test` files against the same resolver and matchers.
+//! [`pair`] composes the verdict of a flow's two sides (source egress, destination ingress) once,
+//! for the proxy and [`policy_test`], which runs `porin policy test` files against the same
+//! resolver and matchers.
 //!
 //! This crate does no network I/O and has no async runtime, sockets, Kubernetes client or eBPF: it is
 //! pure policy logic, so it can run in a CI job, the agent and the proxy alike.
@@ -23,6 +25,7 @@ pub mod inputs;
 pub mod kafka;
 pub mod labels;
 pub mod model;
+pub mod pair;
 pub mod policy_test;
 pub mod resolve;
 pub mod selector;

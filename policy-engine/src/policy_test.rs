@@ -20,7 +20,7 @@ use crate::dns::normalize_name;
 use crate::http::{HeaderLog, HttpRequestInfo, SimpleHeaders};
 use crate::identity::{IdentityId, reserved};
 use crate::kafka::{KafkaRequest, api_key_by_name};
-use crate::model::Direction;
+use crate::pair::{PairVerdict, Peer, SideVerdict};
 use crate::resolve::{Endpoint, Environment, resolve};
 use crate::snapshot::{DropReason, EndpointPolicy, L4Verdict, L7Policy, L7Set, L7Verdict, OriginId, Proto, Snapshot};
 
@@ -532,40 +532,32 @@ impl Scenario {
         let from_id = self.identity(from);
         let to_id = self.identity(to);
         let mut explanation = Vec::new();
-        let mut sides: Vec<(Direction, &EndpointPolicy, IdentityId, String)> = Vec::new();
-        if let Party::Endpoint(i) = from
-            && let Some(ep) = self.endpoint_policy(*i)
-        {
-            sides.push((Direction::Egress, ep, to_id, format!("egress of {}/{}", ep.namespace, ep.name)));
-        }
-        if let Party::Endpoint(i) = to
-            && let Some(ep) = self.endpoint_policy(*i)
-        {
-            sides.push((Direction::Ingress, ep, from_id, format!("ingress of {}/{}", ep.namespace, ep.name)));
-        }
+        let peer = |p: &Party, identity: IdentityId| Peer {
+            identity,
+            endpoint: match p {
+                Party::Endpoint(i) => self.endpoint_policy(*i),
+                _ => None,
+            },
+        };
+        let pair = PairVerdict::judge(peer(from, from_id), peer(to, to_id), proto, port);
+        let label = |s: &SideVerdict<'_>| format!("{} of {}/{}", s.direction, s.endpoint.namespace, s.endpoint.name);
         if explain {
             explanation.push(format!(
                 "flow {} (identity {from_id}) -> {} (identity {to_id}) {proto}/{port}",
                 self.party_name(from),
                 self.party_name(to)
             ));
-        }
-        let mut verdicts = Vec::new();
-        for (dir, ep, peer, label) in &sides {
-            let policy = ep.direction(*dir);
-            let verdict = policy.l4_verdict(*peer, proto, port);
-            if explain {
-                self.explain_direction(&mut explanation, label, policy, *peer, proto, port, &verdict);
+            for s in pair.sides() {
+                let policy = s.endpoint.direction(s.direction);
+                self.explain_direction(&mut explanation, &label(s), policy, s.peer, proto, port, &s.verdict);
             }
-            verdicts.push((label.clone(), verdict));
         }
         // L3/L4 first: a drop on either side is final.
-        for (label, v) in &verdicts {
-            if let L4Verdict::Drop(reason) = v {
-                let (reason, deciding) = self.drop_reason(label, reason, proto, port);
-                return Evaluation { outcome: Outcome::Drop, reason, deciding, explanation };
-            }
+        if let Some((side, reason)) = pair.drop() {
+            let (reason, deciding) = self.drop_reason(&label(side), reason, proto, port);
+            return Evaluation { outcome: Outcome::Drop, reason, deciding, explanation };
         }
+        let verdicts: Vec<(String, &L4Verdict)> = pair.sides().map(|s| (label(s), &s.verdict)).collect();
         let mut allow_rules: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         // Ingress decides last, so list its rules first.
@@ -604,7 +596,7 @@ impl Scenario {
                 }
             }
         }
-        if sides.is_empty() {
+        if verdicts.is_empty() {
             notes.push("neither side is an endpoint: nothing enforces this flow".into());
         }
         Evaluation { outcome: Outcome::Allow, reason: notes.join("; "), deciding: allow_rules, explanation }

@@ -1,34 +1,15 @@
-//! The proxy's control socket: one JSON request per line, one JSON answer per line.
-//!
-//! * `{"cmd":"status"}` → snapshot version and source status, listeners, counters;
-//! * `{"cmd":"flows","after":N,"limit":M}` → records numbered above N (`porin observe` follows
-//!   by asking again with the last number it saw).
+//! The proxy's side of the control protocol (`porin_flow::control`): `status` (snapshot version
+//! and source, listeners, connections, counters) and `flows` (records numbered above N; `porin
+//! observe` follows by asking again with the last number it saw). Anything else is refused.
 
-use std::path::Path;
-use std::sync::Arc;
+use porin_flow::control::{Handler, Reply, Request};
 
-use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-
+use crate::ProxyInfo;
 use crate::records::BACKLOG;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-enum Command {
-    Status,
-    Flows {
-        #[serde(default)]
-        after: u64,
-        #[serde(default)]
-        limit: Option<usize>,
-    },
-}
-
 /// Status of a running proxy, as the control socket reports it.
-pub fn status(p: &crate::ProxyInfo) -> serde_json::Value {
+pub fn status(p: &ProxyInfo) -> serde_json::Value {
     serde_json::json!({
-        "ok": true,
         "pid": std::process::id(),
         "snapshot": p.shared.policy.status(),
         "listeners": p.listeners.iter().map(|(l, addr)| serde_json::json!({
@@ -40,38 +21,15 @@ pub fn status(p: &crate::ProxyInfo) -> serde_json::Value {
     })
 }
 
-fn answer(p: &crate::ProxyInfo, line: &str) -> serde_json::Value {
-    match serde_json::from_str::<Command>(line) {
-        Ok(Command::Status) => status(p),
-        Ok(Command::Flows { after, limit }) => {
-            let (flows, last) = p.shared.records.after(after, limit.unwrap_or(BACKLOG));
-            serde_json::json!({"ok": true, "last": last, "flows": flows})
+impl Handler for ProxyInfo {
+    async fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::Status => Reply::Status(status(self)),
+            Request::Flows { after, limit } => {
+                let (flows, last, missed) = self.shared.records.after(after, limit.unwrap_or(BACKLOG));
+                Reply::Flows { last, missed, flows }
+            }
+            other => Reply::error(format!("the proxy does not serve {other:?}")),
         }
-        Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-    }
-}
-
-async fn client(p: Arc<crate::ProxyInfo>, stream: UnixStream) {
-    let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let mut out = answer(&p, &line).to_string();
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
-            break;
-        }
-    }
-}
-
-/// Binds the socket (replacing a stale one).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
-}
-
-/// Serves the socket until the task is dropped.
-pub async fn serve(p: Arc<crate::ProxyInfo>, sock: UnixListener) {
-    while let Ok((s, _)) = sock.accept().await {
-        tokio::spawn(client(p.clone(), s));
     }
 }

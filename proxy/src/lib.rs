@@ -9,7 +9,8 @@
 //! accept, the proxy computes the L3/L4 verdict of both ends (source egress, destination ingress)
 //! and, per request, the L7 verdict on the normalised request ([`normalize`]). HTTP/1 framing is
 //! checked strictly before hyper sees a byte ([`h1guard`]); HTTP/2 is h2c with prior knowledge.
-//! Every request and response leaves a Hubble-shaped [`flow`] record.
+//! Every request and response leaves a Hubble-shaped flow record (`porin_flow::flow`, through
+//! [`records`]).
 
 pub mod h1guard;
 pub mod normalize;
@@ -17,7 +18,6 @@ pub mod normalize;
 pub mod admission;
 pub mod config;
 pub mod control;
-pub mod flow;
 pub mod log_limit;
 pub mod policy;
 pub mod records;
@@ -52,7 +52,8 @@ pub struct ProxyInfo {
 impl ProxyInfo {
     /// The counters, with the connection table's.
     pub fn counters(&self) -> records::CounterValues {
-        self.shared.counters.values(self.shared.conns.shed_total.load(std::sync::atomic::Ordering::Relaxed))
+        let shed = self.shared.conns.shed_total.load(std::sync::atomic::Ordering::Relaxed);
+        self.shared.counters.values(shed, self.shared.records.evicted())
     }
 }
 
@@ -115,8 +116,8 @@ impl Proxy {
         tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
         let info = Arc::new(ProxyInfo { shared, listeners });
         if let Some(path) = &cfg.control_socket {
-            let sock = control::bind(path)?;
-            tasks.push(tokio::spawn(control::serve(info.clone(), sock)));
+            let sock = porin_flow::control::bind(path)?;
+            tasks.push(tokio::spawn(porin_flow::control::serve(sock, info.clone())));
         }
         Ok(Self { info, tasks, control: cfg.control_socket.clone() })
     }

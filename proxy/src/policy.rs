@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use policy_engine::http::{HeaderLog, HeaderMap, HttpRequestInfo};
 use policy_engine::identity::IdentityId;
-use policy_engine::snapshot::{DropReason, EndpointPolicy, L4Verdict, L7Policy, L7Verdict, OriginId, Proto, Snapshot};
+use policy_engine::model::Direction;
+use policy_engine::pair::{PairVerdict, Peer};
+use policy_engine::snapshot::{DropReason, EndpointPolicy, L7Policy, L7Verdict, OriginId, Proto, Snapshot};
+use porin_flow::flow::{DropReason as FlowDropReason, FlowEndpoint, TrafficDirection};
 
 use crate::config::{ListenerConfig, PeerRef};
-use crate::flow::{FlowEndpoint, Text};
 
 /// One end of the connection, resolved.
 #[derive(Clone, Debug)]
@@ -35,8 +37,8 @@ pub struct End {
 pub enum ConnVerdict {
     /// Every request is denied.
     Drop {
-        /// Cilium drop reason name.
-        reason: Text,
+        /// Why, for the flow record (its drop reason).
+        reason: FlowDropReason,
         /// Why, for the flow record.
         summary: String,
         /// The deciding rule.
@@ -58,8 +60,8 @@ pub struct Ends {
     pub source: End,
     /// Server side.
     pub destination: End,
-    /// `INGRESS` or `EGRESS`: which side's policy judges (ingress when both do).
-    pub direction: Text,
+    /// Which side's policy judges (ingress when both do).
+    pub direction: TrafficDirection,
 }
 
 /// Policy for one connection under one snapshot.
@@ -82,8 +84,8 @@ pub enum RequestVerdict {
     Allow(Option<Arc<str>>),
     /// Denied by policy.
     Deny {
-        /// Cilium drop reason name.
-        reason: Text,
+        /// The flow record's drop reason.
+        reason: FlowDropReason,
         /// Why.
         summary: String,
         /// The deciding rule, when one is known.
@@ -157,16 +159,25 @@ fn resolve_end<'s>(
     })
 }
 
-fn drop_of(snap: &Snapshot, reason: &DropReason, side: &str) -> ConnVerdict {
-    let (name, ids, what): (&'static str, &[OriginId], &str) = match reason {
-        DropReason::Denied { by } => ("POLICY_DENY", by, "a deny rule matches"),
-        DropReason::NoAllow { enforced_by } => ("POLICY_DENIED", enforced_by, "no rule allows it"),
-        DropReason::ConflictingParsers { by } => ("POLICY_DENIED", by, "rules with different L7 parsers cover it"),
+fn drop_of(snap: &Snapshot, reason: &DropReason, side: Direction) -> ConnVerdict {
+    let (name, ids, what): (FlowDropReason, &[OriginId], &str) = match reason {
+        DropReason::Denied { by } => (FlowDropReason::PolicyDeny, by, "a deny rule matches"),
+        DropReason::NoAllow { enforced_by } => (FlowDropReason::PolicyDenied, enforced_by, "no rule allows it"),
+        DropReason::ConflictingParsers { by } => {
+            (FlowDropReason::PolicyDenied, by, "rules with different L7 parsers cover it")
+        }
     };
     ConnVerdict::Drop {
-        reason: Cow::Borrowed(name),
+        reason: name,
         summary: format!("{side} policy drops the connection: {what}"),
         policy: ids.first().and_then(|o| origin(snap, *o)),
+    }
+}
+
+fn traffic_direction(d: Direction) -> TrafficDirection {
+    match d {
+        Direction::Ingress => TrafficDirection::Ingress,
+        Direction::Egress => TrafficDirection::Egress,
     }
 }
 
@@ -192,10 +203,10 @@ impl ConnPolicy {
                 Ends {
                     source: blank(client.ip(), client.port()),
                     destination: blank(local.ip(), port),
-                    direction: Cow::Borrowed("INGRESS"),
+                    direction: TrafficDirection::Ingress,
                 },
                 ConnVerdict::Drop {
-                    reason: Cow::Borrowed("POLICY_DENIED"),
+                    reason: FlowDropReason::PolicyDenied,
                     summary: "no policy snapshot yet: failing closed".into(),
                     policy: None,
                 },
@@ -212,39 +223,27 @@ impl ConnPolicy {
                     Ends {
                         source: blank(client.ip(), client.port()),
                         destination: blank(dst_sock.ip(), port),
-                        direction: Cow::Borrowed("INGRESS"),
+                        direction: TrafficDirection::Ingress,
                     },
-                    ConnVerdict::Drop { reason: Cow::Borrowed("UNKNOWN_ENDPOINT"), summary, policy: None },
+                    ConnVerdict::Drop { reason: FlowDropReason::UnknownEndpoint, summary, policy: None },
                 );
             }
         };
-        let mut l7 = [None, None];
-        let mut verdict = None;
-        let sides = [
-            (src_ep.map(|e| &e.egress), destination.record.identity, "egress"),
-            (dst_ep.map(|e| &e.ingress), source.record.identity, "ingress"),
-        ];
-        for (i, (dir, peer, side)) in sides.into_iter().enumerate() {
-            let Some(dir) = dir else { continue };
-            match dir.l4_verdict(peer, Proto::Tcp, port) {
-                L4Verdict::Allow { .. } => {}
-                L4Verdict::Redirect(p) => {
-                    if let Some(slot) = l7.get_mut(i) {
-                        *slot = Some(p);
-                    }
-                }
-                L4Verdict::Drop(r) => {
-                    verdict.get_or_insert(drop_of(s, &r, side));
-                }
-            }
-        }
-        let [egress, ingress] = l7;
-        let direction = if ingress.is_some() || (egress.is_none() && dst_ep.is_some()) { "INGRESS" } else { "EGRESS" };
-        Self::new(
-            snap.clone(),
-            Ends { source, destination, direction: Cow::Borrowed(direction) },
-            verdict.unwrap_or(ConnVerdict::Judge { egress, ingress }),
-        )
+        let pair = PairVerdict::judge(
+            Peer { identity: source.record.identity, endpoint: src_ep },
+            Peer { identity: destination.record.identity, endpoint: dst_ep },
+            Proto::Tcp,
+            port,
+        );
+        let verdict = match pair.drop() {
+            Some((side, why)) => drop_of(s, why, side.direction),
+            None => ConnVerdict::Judge {
+                egress: pair.l7(Direction::Egress).cloned(),
+                ingress: pair.l7(Direction::Ingress).cloned(),
+            },
+        };
+        let direction = traffic_direction(pair.reported_direction());
+        Self::new(snap.clone(), Ends { source, destination, direction }, verdict)
     }
 
     fn new(snapshot: Option<Arc<Snapshot>>, ends: Ends, verdict: ConnVerdict) -> Self {
@@ -266,29 +265,25 @@ impl ConnPolicy {
     pub fn check_http(&self, req: &HttpRequestInfo<'_>, headers: &mut dyn HeaderMap) -> RequestVerdict {
         let (egress, ingress) = match &self.verdict {
             ConnVerdict::Drop { reason, summary, policy } => {
-                return RequestVerdict::Deny {
-                    reason: reason.clone(),
-                    summary: summary.clone(),
-                    policy: policy.clone(),
-                };
+                return RequestVerdict::Deny { reason: *reason, summary: summary.clone(), policy: policy.clone() };
             }
             ConnVerdict::Judge { egress, ingress } => (egress, ingress),
         };
         let Some(snap) = self.snapshot.as_deref() else {
             return RequestVerdict::Deny {
-                reason: Cow::Borrowed("POLICY_DENIED"),
+                reason: FlowDropReason::PolicyDenied,
                 summary: "no snapshot".into(),
                 policy: None,
             };
         };
         let mut allowed_by = None;
-        for (p, side) in [(egress, "egress"), (ingress, "ingress")] {
+        for (p, side) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
             let Some(p) = p else { continue };
             let mut log = HeaderLog::default();
             match p.check_http(req, headers, &mut log) {
                 L7Verdict::Allow(o) => {
                     if !log.rejected.is_empty() || !log.missing.is_empty() {
-                        crate::log_limited!(info, side, rejected = ?log.rejected, missing = ?log.missing, "header match actions");
+                        crate::log_limited!(info, %side, rejected = ?log.rejected, missing = ?log.missing, "Header match actions");
                     }
                     if let Some(o) = o {
                         allowed_by = self.rule_name(snap, o);
@@ -296,7 +291,7 @@ impl ConnPolicy {
                 }
                 L7Verdict::Deny => {
                     return RequestVerdict::Deny {
-                        reason: Cow::Borrowed("POLICY_DENIED"),
+                        reason: FlowDropReason::PolicyDenied,
                         summary: format!("no {side} HTTP rule allows the request"),
                         policy: None,
                     };

@@ -1,16 +1,18 @@
-//! Where flow records go: a bounded backlog the control socket serves (`flows after N`), and
-//! optionally a JSON-lines file. Counters for `status`.
+//! Where the proxy's flow records go: the shared bounded [`Backlog`] the control socket serves
+//! (`flows after N`), and optionally a JSON-lines file. Counters for `status`.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use porin_flow::backlog::Backlog;
+use porin_flow::flow::{
+    DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion, L7Type,
+    Layer4, Layer7, Ports, Verdict, rfc3339,
+};
 use serde::Serialize;
 
-use crate::flow::{Flow, FlowEndpoint, FlowIp, HttpInfo, Layer7, Text, rfc3339};
 use crate::policy::Ends;
 
 /// Records kept for queries.
@@ -38,6 +40,8 @@ pub struct Counters {
     pub upstream_address_exhausted: AtomicU64,
     /// Requests whose client broke off its body while it was forwarded.
     pub downstream_errors: AtomicU64,
+    /// Flow records the JSON-lines file could not take (write or serialisation errors).
+    pub flow_log_errors: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -52,6 +56,8 @@ pub struct CounterValues {
     upstream_errors: u64,
     upstream_address_exhausted: u64,
     downstream_errors: u64,
+    flow_log_errors: u64,
+    records_evicted: u64,
     connections_shed: u64,
 }
 
@@ -61,8 +67,9 @@ impl Counters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Current values (`shed`: connections the connection table let go).
-    pub fn values(&self, shed: u64) -> CounterValues {
+    /// Current values (`shed`: connections the connection table let go; `evicted`: records the
+    /// backlog let go).
+    pub fn values(&self, shed: u64, evicted: u64) -> CounterValues {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterValues {
             connections: g(&self.connections),
@@ -74,6 +81,8 @@ impl Counters {
             upstream_errors: g(&self.upstream_errors),
             upstream_address_exhausted: g(&self.upstream_address_exhausted),
             downstream_errors: g(&self.downstream_errors),
+            flow_log_errors: g(&self.flow_log_errors),
+            records_evicted: evicted,
             connections_shed: shed,
         }
     }
@@ -87,18 +96,18 @@ pub struct Record {
     pub time_ns: u64,
     /// A response (travels from the server back to the client).
     pub reply: bool,
-    /// `FORWARDED`, `DROPPED`, `ERROR`.
-    pub verdict: &'static str,
-    /// Drop reason name (empty when not dropped).
-    pub reason: Text,
+    /// Forwarded, dropped (denied or refused), or an error.
+    pub verdict: Verdict,
+    /// Why it was dropped.
+    pub reason: Option<DropReason>,
     /// The connection's ends.
     pub ends: Arc<Ends>,
     /// Method.
     pub method: http::Method,
     /// URL as judged.
     pub url: Arc<str>,
-    /// `HTTP/1.1`, `HTTP/2`.
-    pub protocol: Text,
+    /// The version the client spoke.
+    pub protocol: HttpProtocol,
     /// Response status (responses).
     pub code: u16,
     /// Request to response headers (responses).
@@ -114,35 +123,32 @@ impl Record {
     pub fn to_flow(&self, seq: u64) -> Flow {
         let e = &self.ends;
         let (src, dst) = if self.reply { (&e.destination, &e.source) } else { (&e.source, &e.destination) };
-        let ports =
-            BTreeMap::from([(Cow::Borrowed("source_port"), src.port), (Cow::Borrowed("destination_port"), dst.port)]);
         Flow {
             time: rfc3339(self.time_ns / 1_000_000_000, u32::try_from(self.time_ns % 1_000_000_000).unwrap_or(0)),
             seq,
-            emitter: Cow::Borrowed("proxy"),
-            verdict: Cow::Borrowed(self.verdict),
-            drop_reason: 0,
-            drop_reason_desc: self.reason.clone(),
-            flow_type: Cow::Borrowed("L7"),
-            event_type: Cow::Borrowed("access-log"),
-            traffic_direction: e.direction.clone(),
+            emitter: Emitter::Proxy,
+            verdict: self.verdict,
+            drop_reason: self.reason,
+            flow_type: FlowType::L7,
+            event_type: EventType::AccessLog,
+            traffic_direction: e.direction,
             is_reply: self.reply,
-            ip: FlowIp {
+            ip: Some(FlowIp {
                 source: src.ip.to_string(),
                 destination: dst.ip.to_string(),
-                ip_version: Cow::Borrowed(if src.ip.is_ipv4() { "IPv4" } else { "IPv6" }),
-            },
-            l4: BTreeMap::from([(Cow::Borrowed("TCP"), ports)]),
+                ip_version: if src.ip.is_ipv4() { IpVersion::IPv4 } else { IpVersion::IPv6 },
+            }),
+            l4: Some(Layer4::Tcp(Ports { source_port: src.port, destination_port: dst.port })),
             source: FlowEndpoint::clone(&src.record),
             destination: FlowEndpoint::clone(&dst.record),
             l7: Some(Layer7 {
-                kind: Cow::Borrowed(if self.reply { "RESPONSE" } else { "REQUEST" }),
+                kind: if self.reply { L7Type::Response } else { L7Type::Request },
                 latency_ns: self.latency_ns,
                 http: Some(HttpInfo {
                     code: self.code,
                     method: self.method.as_str().to_owned(),
                     url: self.url.to_string(),
-                    protocol: self.protocol.clone(),
+                    protocol: self.protocol,
                 }),
             }),
             policy: self.policy.as_deref().map(str::to_owned),
@@ -155,9 +161,13 @@ impl Record {
 /// The record sink.
 #[derive(Debug)]
 pub struct Records {
-    seq: AtomicU64,
-    backlog: Mutex<VecDeque<(u64, Record)>>,
+    backlog: Mutex<Backlog<Record>>,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Records and a file handle: a panic elsewhere cannot leave them half-written in memory.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Records {
@@ -169,39 +179,46 @@ impl Records {
             ))),
             None => None,
         };
-        Ok(Self { seq: AtomicU64::new(0), backlog: Mutex::new(VecDeque::with_capacity(1024)), file })
+        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), file })
     }
 
-    /// Numbers and stores a record.
-    pub fn emit(&self, r: Record) {
+    /// Numbers and stores a record (and appends it to the file); a record the file could not
+    /// take is counted in `counters.flow_log_errors`.
+    pub fn emit(&self, r: Record, counters: &Counters) {
         let line = {
             // Numbered under the lock: the backlog is in sequence order, so a follower asking for
             // records after N never skips one.
-            let Ok(mut b) = self.backlog.lock() else { return };
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-            let line = self.file.as_ref().and_then(|_| serde_json::to_string(&r.to_flow(seq)).ok());
-            if b.len() >= BACKLOG {
-                b.pop_front();
-            }
-            b.push_back((seq, r));
+            let mut b = lock(&self.backlog);
+            let line = self.file.as_ref().map(|_| serde_json::to_string(&r.to_flow(b.last() + 1)));
+            b.push(r);
             line
         };
-        if let (Some(file), Some(line)) = (&self.file, line)
-            && let Ok(mut w) = file.lock()
-        {
-            let _ = writeln!(w, "{line}");
-            let _ = w.flush();
+        let written = match (&self.file, line) {
+            (Some(file), Some(Ok(line))) => {
+                let mut w = lock(file);
+                writeln!(w, "{line}").and_then(|()| w.flush()).is_ok()
+            }
+            (_, Some(Err(_))) => false,
+            _ => true,
+        };
+        if !written {
+            Counters::inc(&counters.flow_log_errors);
         }
     }
 
-    /// Records numbered above `after`, at most `limit`; and the newest number.
-    pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64) {
-        let last = self.seq.load(Ordering::Relaxed);
-        let picked: Vec<(u64, Record)> = self
-            .backlog
-            .lock()
-            .map(|b| b.iter().filter(|(s, _)| *s > after).take(limit).cloned().collect())
-            .unwrap_or_default();
-        (picked.iter().map(|(s, r)| r.to_flow(*s)).collect(), last)
+    /// Records numbered above `after`, at most `limit`; the newest number; how many after `after`
+    /// the backlog let go before this was asked.
+    pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64, u64) {
+        let (picked, last, missed): (Vec<(u64, Record)>, u64, u64) = {
+            let b = lock(&self.backlog);
+            let page = b.after(after, limit);
+            (page.items.into_iter().map(|(n, r)| (n, r.clone())).collect(), page.last, page.missed)
+        };
+        (picked.iter().map(|(n, r)| r.to_flow(*n)).collect(), last, missed)
+    }
+
+    /// Records the backlog let go because it was full.
+    pub fn evicted(&self) -> u64 {
+        lock(&self.backlog).evicted()
     }
 }

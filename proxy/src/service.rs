@@ -1,6 +1,5 @@
 //! The per-request work: normalise, judge, answer or forward, record.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,13 +17,13 @@ use policy_engine::http::HttpRequestInfo;
 
 use crate::admission::{ConnState, ConnTable};
 use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
-use crate::flow::Text;
 use crate::h1guard::GuardShared;
 use crate::normalize::normalize;
 use crate::policy::{ConnPolicy, Descriptions, PolicyHeaders, RequestVerdict};
 use crate::records::{Counters, Record, Records};
 use crate::snapshot::PolicyState;
 use crate::upstream::{Blame, Pool, UpstreamBody, UpstreamError, Upstreams};
+use porin_flow::flow::{DropReason, HttpProtocol, Verdict};
 
 /// The body of the denial (Cilium's, byte for byte).
 pub const ACCESS_DENIED: &str = "Access denied\r\n";
@@ -225,7 +224,7 @@ struct Seen {
     start: Instant,
     method: Method,
     url: Arc<str>,
-    protocol: Text,
+    protocol: HttpProtocol,
     policy: Arc<ConnPolicy>,
 }
 
@@ -284,26 +283,29 @@ impl Conn {
         &self,
         seen: &Seen,
         response: Option<StatusCode>,
-        verdict: &'static str,
-        reason: Text,
+        verdict: Verdict,
+        reason: Option<DropReason>,
         summary: String,
         rule: Option<Arc<str>>,
     ) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        self.shared.records.emit(Record {
-            time_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
-            reply: response.is_some(),
-            verdict,
-            reason,
-            ends: seen.policy.ends.clone(),
-            method: seen.method.clone(),
-            url: seen.url.clone(),
-            protocol: seen.protocol.clone(),
-            code: response.map_or(0, |s| s.as_u16()),
-            latency_ns: response.map_or(0, |_| u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-            policy: rule,
-            summary,
-        });
+        self.shared.records.emit(
+            Record {
+                time_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+                reply: response.is_some(),
+                verdict,
+                reason,
+                ends: seen.policy.ends.clone(),
+                method: seen.method.clone(),
+                url: seen.url.clone(),
+                protocol: seen.protocol,
+                code: response.map_or(0, |s| s.as_u16()),
+                latency_ns: response.map_or(0, |_| u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+                policy: rule,
+                summary,
+            },
+            &self.shared.counters,
+        );
     }
 
     /// Handles one request.
@@ -339,11 +341,11 @@ impl Conn {
         // a late answer for one request can never settle a pipelined upgrade behind it.
         let held = is_connect || req.headers().contains_key(header::UPGRADE);
         let decision = UpgradeDecision(if self.http2 || !held { None } else { self.guard.clone() });
-        let protocol: Text = Cow::Borrowed(match (self.http2, req.version()) {
-            (true, _) => "HTTP/2",
-            (false, Version::HTTP_10) => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        });
+        let protocol = match (self.http2, req.version()) {
+            (true, _) => HttpProtocol::Http2,
+            (false, Version::HTTP_10) => HttpProtocol::Http10,
+            _ => HttpProtocol::Http11,
+        };
         let (mut parts, body) = req.into_parts();
         let grpc = is_grpc(&parts.headers);
         let mut seen = Seen { start, method: parts.method.clone(), url: Arc::from(""), protocol, policy };
@@ -409,14 +411,14 @@ impl Conn {
         let rule = match verdict {
             RequestVerdict::Deny { reason, summary, policy } => {
                 Counters::inc(&self.shared.counters.denied);
-                self.record(&seen, None, "DROPPED", reason, summary, policy.map(Arc::from));
+                self.record(&seen, None, Verdict::Dropped, Some(reason), summary, policy.map(Arc::from));
                 drop(decision);
                 return self.deny(body, grpc, expect_continue).await;
             }
             RequestVerdict::Allow(rule) => rule,
         };
         Counters::inc(&self.shared.counters.forwarded);
-        self.record(&seen, None, "FORWARDED", Cow::Borrowed(""), String::new(), rule.clone());
+        self.record(&seen, None, Verdict::Forwarded, None, String::new(), rule.clone());
 
         let up_h2 = match self.listener.upstream_protocol {
             UpstreamProtocol::Auto => self.http2,
@@ -463,7 +465,7 @@ impl Conn {
         match sent {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut(), false, false);
-                self.record(&seen, Some(resp.status()), "FORWARDED", Cow::Borrowed(""), String::new(), rule);
+                self.record(&seen, Some(resp.status()), Verdict::Forwarded, None, String::new(), rule);
                 *resp.version_mut() = Version::default();
                 resp.map(ProxyBody::Upstream)
             }
@@ -471,7 +473,7 @@ impl Conn {
             Err(_) => {
                 Counters::inc(&self.shared.counters.upstream_errors);
                 let summary = format!("upstream did not answer within {timeout:?}");
-                self.record(&seen, Some(StatusCode::GATEWAY_TIMEOUT), "ERROR", Cow::Borrowed(""), summary, None);
+                self.record(&seen, Some(StatusCode::GATEWAY_TIMEOUT), Verdict::Error, None, summary, None);
                 if grpc {
                     grpc_local(4, "upstream%20timeout")
                 } else {
@@ -486,7 +488,7 @@ impl Conn {
         // fault, and the answer is the guard's refusal, not an upstream error.
         if let Some(v) = self.guard.as_ref().and_then(|g| g.answer_violation()) {
             Counters::inc(&self.shared.counters.rejected);
-            self.record(seen, None, "DROPPED", Cow::Borrowed("MALFORMED_REQUEST"), v.reason.clone(), None);
+            self.record(seen, None, Verdict::Dropped, Some(DropReason::MalformedRequest), v.reason.clone(), None);
             let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
             return local(status, &format!("Bad Request: {}\r\n", v.reason), true);
         }
@@ -509,7 +511,7 @@ impl Conn {
             }
         };
         crate::log_limited!(info, error = %e, url = %seen.url, "Upstream request failed");
-        self.record(seen, Some(status), "ERROR", Cow::Borrowed(""), e.to_string(), None);
+        self.record(seen, Some(status), Verdict::Error, None, e.to_string(), None);
         if grpc { grpc_local(14, "upstream%20unavailable") } else { local(status, &format!("{e}\r\n"), false) }
     }
 
@@ -517,7 +519,7 @@ impl Conn {
     fn reject(&self, seen: &Seen, grpc: bool, why: &str) -> Response<ProxyBody> {
         Counters::inc(&self.shared.counters.rejected);
         crate::log_limited!(info, url = %seen.url, why, "Request refused");
-        self.record(seen, None, "DROPPED", Cow::Borrowed("MALFORMED_REQUEST"), why.to_owned(), None);
+        self.record(seen, None, Verdict::Dropped, Some(DropReason::MalformedRequest), why.to_owned(), None);
         if grpc {
             return grpc_local(13, "malformed%20request");
         }
@@ -579,7 +581,7 @@ impl Conn {
         };
         let switched =
             if is_connect { resp.status().is_success() } else { resp.status() == StatusCode::SWITCHING_PROTOCOLS };
-        self.record(seen, Some(resp.status()), "FORWARDED", Cow::Borrowed(""), String::new(), rule);
+        self.record(seen, Some(resp.status()), Verdict::Forwarded, None, String::new(), rule);
         if !switched {
             drop(decision);
             strip_hop_by_hop(resp.headers_mut(), false, false);

@@ -17,7 +17,7 @@ use policy_engine::inputs::PolicyInputs;
 use policy_engine::snapshot::Snapshot;
 use serde::Serialize;
 
-use crate::flow::now_rfc3339;
+use porin_flow::flow::now_rfc3339;
 
 /// What the status command reports about the snapshot source.
 #[derive(Clone, Debug, Default, Serialize)]

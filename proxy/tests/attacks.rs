@@ -308,7 +308,8 @@ async fn http1_bypass_attempts_are_denied_or_refused() {
     assert_eq!(forwarded, 5, "{:?}", fx.h1.targets());
     // Every refusal left a flow record that says why.
     let flows = fx.flows();
-    assert!(flows.iter().any(|f| f.drop_reason_desc == "MALFORMED_REQUEST" && f.summary.contains("encoded slash")));
+    assert!(flows.iter().any(|f| f.drop_reason == Some(porin_flow::flow::DropReason::MalformedRequest)
+        && f.summary.contains("encoded slash")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

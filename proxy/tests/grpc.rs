@@ -162,7 +162,7 @@ async fn grpc_methods_are_judged_per_call() {
     let flows = fx.flows();
     let denied: Vec<_> = flows
         .iter()
-        .filter(|f| f.verdict == "DROPPED")
+        .filter(|f| f.verdict == porin_flow::flow::Verdict::Dropped)
         .map(|f| f.l7.as_ref().unwrap().http.as_ref().unwrap().url.clone())
         .collect();
     assert_eq!(denied.len(), 3, "{denied:?}");

@@ -13,6 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use porin_flow::flow::{DropReason, Flow, HttpProtocol, L7Type, TrafficDirection, Verdict};
 use proxy::config::PeerRef;
 
 const STARWARS_L7: &str = include_str!("../../config/examples/starwars/l3-l4-l7.yaml");
@@ -65,34 +66,37 @@ async fn starwars_l7_over_http1_and_h2c() {
 
     // Flow records: request + response for the allowed, one DROPPED request for each denial.
     let flows = fx.flows();
-    let l7 = |f: &proxy::flow::Flow| {
+    fn l7(f: &Flow) -> (Verdict, L7Type, &str, u16, HttpProtocol) {
         let l = f.l7.as_ref().unwrap();
         let h = l.http.as_ref().unwrap();
-        (f.verdict.to_string(), l.kind.to_string(), h.method.clone(), h.code, h.protocol.to_string())
-    };
+        (f.verdict, l.kind, h.method.as_str(), h.code, h.protocol)
+    }
     let got: Vec<_> = flows.iter().map(l7).collect();
+    let (fwd, drop) = (Verdict::Forwarded, Verdict::Dropped);
+    let (req, resp) = (L7Type::Request, L7Type::Response);
+    let (h1, h2) = (HttpProtocol::Http11, HttpProtocol::Http2);
     assert_eq!(
         got,
         vec![
-            ("FORWARDED".into(), "REQUEST".into(), "POST".into(), 0, "HTTP/1.1".into()),
-            ("FORWARDED".into(), "RESPONSE".into(), "POST".into(), 200, "HTTP/1.1".into()),
-            ("DROPPED".into(), "REQUEST".into(), "PUT".into(), 0, "HTTP/1.1".into()),
-            ("FORWARDED".into(), "REQUEST".into(), "POST".into(), 0, "HTTP/2".into()),
-            ("FORWARDED".into(), "RESPONSE".into(), "POST".into(), 200, "HTTP/2".into()),
-            ("DROPPED".into(), "REQUEST".into(), "PUT".into(), 0, "HTTP/2".into()),
-            ("DROPPED".into(), "REQUEST".into(), "POST".into(), 0, "HTTP/1.1".into()),
+            (fwd, req, "POST", 0, h1),
+            (fwd, resp, "POST", 200, h1),
+            (drop, req, "PUT", 0, h1),
+            (fwd, req, "POST", 0, h2),
+            (fwd, resp, "POST", 200, h2),
+            (drop, req, "PUT", 0, h2),
+            (drop, req, "POST", 0, h1),
         ]
     );
     let req = &flows[0];
     assert_eq!(req.source.pod_name, "tiefighter");
     assert_eq!(req.destination.pod_name, "deathstar");
     assert!(req.source.labels.contains(&"k8s:class=tiefighter".to_owned()), "{:?}", req.source.labels);
-    assert_eq!(req.traffic_direction, "INGRESS");
+    assert_eq!(req.traffic_direction, TrafficDirection::Ingress);
     assert_eq!(req.policy.as_deref(), Some("default/rule1 spec.ingress[0]"));
     assert!(req.l7.as_ref().unwrap().http.as_ref().unwrap().url.ends_with("/v1/request-landing"));
     let resp = &flows[1];
     assert!(resp.is_reply && resp.source.pod_name == "deathstar" && resp.l7.as_ref().unwrap().latency_ns > 0);
-    assert_eq!(flows[2].drop_reason_desc, "POLICY_DENIED");
+    assert_eq!(flows[2].drop_reason, Some(DropReason::PolicyDenied));
     assert_eq!(flows[6].summary, "ingress policy drops the connection: no rule allows it");
 }
 

@@ -280,6 +280,6 @@ async fn a_client_that_breaks_off_its_body_is_blamed_not_the_upstream() {
     let c = counters();
     assert_eq!(c["downstream_errors"], 1, "{c}");
     assert_eq!(c["upstream_errors"], 0, "{c}");
-    let f = fx.flows().into_iter().find(|f| f.verdict == "ERROR").expect("an error record");
+    let f = fx.flows().into_iter().find(|f| f.verdict == porin_flow::flow::Verdict::Error).expect("an error record");
     assert!(f.summary.contains("client request body failed"), "{}", f.summary);
 }

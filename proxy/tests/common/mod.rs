@@ -312,7 +312,7 @@ impl Fixture {
     }
 
     /// Flow records so far.
-    pub(crate) fn flows(&self) -> Vec<proxy::flow::Flow> {
+    pub(crate) fn flows(&self) -> Vec<porin_flow::flow::Flow> {
         self.proxy.info.shared.records.after(0, usize::MAX).0
     }
 
