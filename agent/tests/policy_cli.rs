@@ -170,3 +170,29 @@ fn trace_explains_the_rules_considered() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("verdict: DROP (L3/L4)"), "{}", stdout(&o));
 }
+
+#[test]
+fn the_blog_example_without_a_protocol_is_refused_with_the_fix() {
+    let s = Scratch::new("seed");
+    let seed = s.write(
+        "seed.yaml",
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: seed}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - toPorts:
+    - ports: [{port: "8080"}]
+      rules:
+        http: [{method: GET, path: "/public"}]
+"#,
+    );
+    let o = porin(&["policy", "validate", &seed]);
+    let out = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    // Cilium's words, then the fix.
+    assert!(out.contains("L7 rules can only apply to TCP (not ANY) except for DNS rules"), "{out}");
+    assert!(out.contains("add `protocol: TCP`"), "{out}");
+    assert!(out.contains("ports[0]"), "the message names the field: {out}");
+}

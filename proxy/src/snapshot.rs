@@ -10,9 +10,10 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use policy_engine::inputs::PolicyInputs;
 use policy_engine::snapshot::Snapshot;
 use serde::Serialize;
@@ -36,10 +37,11 @@ pub struct SnapshotStatus {
     pub loads: u64,
 }
 
-/// The snapshot in force, shared by every connection.
+/// The snapshot in force, shared by every connection: swapped atomically (`arc-swap`, no lock to
+/// poison), read without blocking on every connection and after every swap.
 #[derive(Debug, Default)]
 pub struct PolicyState {
-    current: RwLock<Option<Arc<Snapshot>>>,
+    current: ArcSwapOption<Snapshot>,
     status: Mutex<SnapshotStatus>,
 }
 
@@ -71,43 +73,45 @@ impl PolicyState {
     /// An empty state: no snapshot, every request denied.
     pub fn new(path: &Path) -> Self {
         Self {
-            current: RwLock::new(None),
+            current: ArcSwapOption::empty(),
             status: Mutex::new(SnapshotStatus { path: path.display().to_string(), ..Default::default() }),
         }
     }
 
     /// The snapshot in force.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
-        self.current.read().ok().and_then(|c| c.clone())
+        self.current.load_full()
     }
 
-    /// Puts a snapshot in force.
+    fn status_mut(&self) -> MutexGuard<'_, SnapshotStatus> {
+        // Plain values: a panic elsewhere cannot leave them half-written, so a poisoned lock is
+        // taken as it is (the status must keep telling the truth).
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts a snapshot in force; the status says so only once it is.
     pub fn install(&self, snap: Snapshot) {
         let (version, endpoints) = (snap.version, snap.endpoints().len());
-        if let Ok(mut c) = self.current.write() {
-            *c = Some(Arc::new(snap));
-        }
-        if let Ok(mut s) = self.status.lock() {
-            s.version = Some(version);
-            s.endpoints = endpoints;
-            s.loaded_at = Some(now_rfc3339());
-            s.last_error = None;
-            s.loads += 1;
-        }
-        tracing::info!(version, endpoints, "policy snapshot in force");
+        self.current.store(Some(Arc::new(snap)));
+        let mut s = self.status_mut();
+        s.version = Some(version);
+        s.endpoints = endpoints;
+        s.loaded_at = Some(now_rfc3339());
+        s.last_error = None;
+        s.loads += 1;
+        drop(s);
+        tracing::info!(version, endpoints, "Policy snapshot in force");
     }
 
     /// Records why a published version was not taken.
     pub fn reject(&self, error: String) {
-        tracing::warn!(%error, "policy snapshot not taken; the last good one keeps enforcing");
-        if let Ok(mut s) = self.status.lock() {
-            s.last_error = Some(error);
-        }
+        tracing::warn!(%error, "Policy snapshot not taken; the last good one keeps enforcing");
+        self.status_mut().last_error = Some(error);
     }
 
     /// The status.
     pub fn status(&self) -> SnapshotStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status_mut().clone()
     }
 }
 

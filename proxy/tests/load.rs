@@ -283,3 +283,19 @@ async fn a_client_that_breaks_off_its_body_is_blamed_not_the_upstream() {
     let f = fx.flows().into_iter().find(|f| f.verdict == porin_flow::flow::Verdict::Error).expect("an error record");
     assert!(f.summary.contains("client request body failed"), "{}", f.summary);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_upstream_is_slow_gets_a_504_and_a_record() {
+    let limits = Limits { request_timeout_ms: 150, ..Limits::default() };
+    let fx = Fixture::with_limits(&[&policy("/.*")], &eps(), &listeners(), limits, &[]).await;
+    let out = raw(
+        fx.addr("h1"),
+        b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        Duration::from_millis(600),
+    )
+    .await;
+    assert_eq!(statuses(&out), vec![504], "{}", String::from_utf8_lossy(&out));
+    let f = fx.flows().into_iter().find(|f| f.verdict == porin_flow::flow::Verdict::Error).expect("an error record");
+    assert_eq!(f.l7.unwrap().http.unwrap().code, 504);
+    assert!(f.summary.contains("did not answer"), "{}", f.summary);
+}

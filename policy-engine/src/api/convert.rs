@@ -430,7 +430,12 @@ fn port_rule(
         if let Some(p) = port_protocol(pp, has_dns, ctx, &ppath) {
             have_zero |= p.zero;
             if has_l7 && !has_dns && p.protocol != Protocol::Tcp {
-                ctx.err(&ppath, format!("L7 rules can only apply to TCP (not {}) except for DNS rules", p.protocol));
+                let mut msg = format!("L7 rules can only apply to TCP (not {}) except for DNS rules", p.protocol);
+                if pp.protocol.as_deref().is_none_or(str::is_empty) {
+                    // The example every blog post shows: Cilium's message alone does not say the fix.
+                    msg.push_str(" (an omitted protocol means ANY: add `protocol: TCP` to the port)");
+                }
+                ctx.err(&ppath, msg);
             }
             ports.push(PortProto { port: p.port, protocol: p.protocol });
         }
