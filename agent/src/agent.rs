@@ -24,9 +24,9 @@ use porin_flow::flow::{Flow, Verdict};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::datapath::{ApplyStats, Datapath, Settings, ensure_bpffs};
-use crate::flow;
-use crate::mapstate::{self, Binding};
+use porin_datapath::events::{self, Events};
+use porin_datapath::loader::{ApplyStats, Datapath, Settings, ensure_bpffs};
+use porin_datapath::mapstate::{self, Binding};
 
 /// How many flow records the agent keeps for `events` queries.
 const EVENT_BACKLOG: usize = 8192;
@@ -371,32 +371,24 @@ impl Handler for Control {
 }
 
 /// Moves datapath events into the flow backlog.
-async fn read_events(state: Arc<Mutex<State>>, ring: aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
+async fn read_events(state: Arc<Mutex<State>>, events: Events) -> anyhow::Result<()> {
     // The AsyncFd owns the ring buffer, which owns the fd: it stays open for as long as it is
     // registered, which is what `register`'s safety contract asks for.
     #[expect(deprecated, reason = "`register` is the same call marked unsafe; the fd is owned by the wrapped value")]
-    let mut fd = tokio::io::unix::AsyncFd::new(ring).context("poll the event ring buffer")?;
+    let mut fd = tokio::io::unix::AsyncFd::new(events).context("poll the event ring buffer")?;
     loop {
         let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
-        let mut undecodable = 0;
-        while let Some(item) = ring.next() {
-            match redirect_common::Event::from_bytes(&item) {
-                Some(e) => batch.push(e),
-                None => undecodable += 1,
-            }
-        }
+        let drained = guard.get_inner_mut().drain();
         guard.clear_ready();
-        if batch.is_empty() && undecodable == 0 {
+        if drained.events.is_empty() && drained.undecodable == 0 {
             continue;
         }
         let mut st = state.lock().await;
-        st.events_undecodable += undecodable;
+        st.events_undecodable += drained.undecodable;
         let snap = st.snapshot.clone();
-        for e in batch {
+        for e in drained.events {
             st.flows.push_numbered(|seq| {
-                let f = flow::from_event(seq, &e, snap.as_deref());
+                let f = events::from_event(seq, &e, snap.as_deref());
                 if f.verdict == Verdict::Dropped {
                     // Every drop is a flow record and a counter; the log only says that drops happen.
                     proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");

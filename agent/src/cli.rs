@@ -320,7 +320,7 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
         endpoints: a.endpoints.clone(),
         control: a.control.clone(),
         publish: Some(a.publish.clone()),
-        settings: crate::datapath::Settings {
+        settings: porin_datapath::loader::Settings {
             ct_tcp: secs(a.ct_tcp_secs),
             ct_tcp_close: secs(a.ct_tcp_close_secs),
             ct_udp: secs(a.ct_udp_secs),

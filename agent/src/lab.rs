@@ -495,7 +495,7 @@ fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Re
         std::fs::write(dir.join("hosts"), &hosts)?;
     }
 
-    crate::datapath::ensure_bpffs(&paths.bpffs())?;
+    porin_datapath::loader::ensure_bpffs(&paths.bpffs())?;
     let endpoints = EndpointsFile {
         cluster: None,
         node_ips: vec![NODE_IP_V4.parse()?, NODE_IP_V6.parse()?, NODE_GW_V4.parse()?],
@@ -590,7 +590,7 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         let _ = ip(&["netns", "del", &ns]);
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
     }
-    if crate::datapath::is_bpffs(&paths.bpffs()) {
+    if porin_datapath::loader::is_bpffs(&paths.bpffs()) {
         nix::mount::umount2(&paths.bpffs(), nix::mount::MntFlags::MNT_DETACH).context("unmount the lab's bpffs")?;
     }
     if paths.dir.exists() {
@@ -672,9 +672,8 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
     let listener = |addr: &str, tag: &str| {
         format!(
-            "- {{name: http-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, listener_id: {}}}, source: socket, destination: socket}}\n",
+            "- {{name: http-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, protocol: http}}, source: socket, destination: socket}}\n",
             sockmap.display(),
-            crate::mapstate::listener_of(policy_engine::model::L7Parser::Http)
         )
     };
     let mut config = format!(

@@ -12,10 +12,7 @@
 
 pub mod agent;
 pub mod cli;
-pub mod datapath;
-pub mod flow;
 pub mod lab;
-pub mod mapstate;
 pub mod policy_cmd;
 pub mod proxy_cmd;
 pub mod render;

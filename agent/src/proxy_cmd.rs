@@ -46,7 +46,10 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
     }
     let rt = rt.enable_all().build().context("start the runtime")?;
     rt.block_on(async {
-        let proxy = proxy::Proxy::start(cfg).await?;
+        let register: proxy::transparent::Register = std::sync::Arc::new(|t, sock, v6| {
+            porin_datapath::sockmap::register(&t.sockmap, t.protocol.id(), v6, sock).map_err(std::io::Error::other)
+        });
+        let proxy = proxy::Proxy::start_with(cfg, Some(register)).await?;
         if let Some(ready) = &a.ready {
             let addrs: BTreeMap<String, String> =
                 proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();
@@ -253,5 +256,14 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_proxys_listener_ids_are_the_datapaths() {
+        use policy_engine::model::L7Parser;
+        assert_eq!(proxy::config::ListenerProtocol::Http.id(), porin_datapath::mapstate::listener_of(L7Parser::Http));
     }
 }

@@ -139,16 +139,35 @@ pub struct ListenerConfig {
 }
 
 /// A listener the kernel datapath hands flows to. It listens with `IP_TRANSPARENT` and puts its
-/// socket into the datapath's pinned SOCKMAP at `redirect_common::proxy_index(listener_id, v6)`; the
-/// accepted socket's local address is the original destination, its peer the original client. Upstream
-/// connections keep the client's address (`IP_TRANSPARENT` + bind) and carry `mark::FROM_PROXY`.
+/// socket into the datapath's pinned SOCKMAP at `redirect_common::proxy_index(id, v6)`, where `id`
+/// is its protocol's listener id; the accepted socket's local address is the original destination,
+/// its peer the original client. Upstream connections keep the client's address
+/// (`IP_TRANSPARENT` + bind) and carry `mark::FROM_PROXY`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transparent {
     /// The pinned SOCKMAP (`<bpffs>/maps/PORIN_PROXY`).
     pub sockmap: PathBuf,
-    /// The listener id policy entries carry (1: HTTP).
-    pub listener_id: u8,
+    /// Which flows the datapath hands to it.
+    pub protocol: ListenerProtocol,
+}
+
+/// The protocol of a transparent listener: the datapath hands it the flows whose policy has rules
+/// of that kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1, h2c, gRPC.
+    Http,
+}
+
+impl ListenerProtocol {
+    /// The listener id policy entries carry for it (`redirect_common::listener`).
+    pub fn id(self) -> u8 {
+        match self {
+            Self::Http => redirect_common::listener::HTTP,
+        }
+    }
 }
 
 /// Limits and timeouts. Every field has a default; times are in milliseconds.
@@ -333,9 +352,12 @@ mod tests {
         assert!(e.contains("listeners[0].source.pod"), "{e}");
         let e = ProxyConfig::parse("snapshot: x\nlisteners: []\nbogus: 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        let e = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, listener_id: 1}, source: {identity: 2}, destination: socket}\n").unwrap_err();
+        let e = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, protocol: http}, source: {identity: 2}, destination: socket}\n").unwrap_err();
         assert!(e.contains("source: socket"), "{e}");
-        let ok = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, listener_id: 1}, source: socket, destination: socket}\n").unwrap();
-        assert_eq!(ok.listeners[0].transparent.as_ref().map(|t| t.listener_id), Some(1));
+        let ok = ProxyConfig::parse("snapshot: x\nlisteners:\n- {name: t, listen: \"0.0.0.0:1\", transparent: {sockmap: /x, protocol: http}, source: socket, destination: socket}\n").unwrap();
+        assert_eq!(
+            ok.listeners[0].transparent.as_ref().map(|t| t.protocol.id()),
+            Some(redirect_common::listener::HTTP)
+        );
     }
 }

@@ -69,9 +69,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Loads the published snapshot (if there is one), binds every listener and the control
-    /// socket, and starts serving. Call within a Tokio runtime.
+    /// Loads the published snapshot (if there is one), binds every (explicit) listener and the
+    /// control socket, and starts serving. Call within a Tokio runtime. A configuration with
+    /// transparent listeners needs [`Proxy::start_with`].
     pub async fn start(cfg: ProxyConfig) -> std::io::Result<Self> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// As [`Proxy::start`], announcing transparent listeners to the datapath with `register`.
+    pub async fn start_with(cfg: ProxyConfig, register: Option<transparent::Register>) -> std::io::Result<Self> {
         let policy = Arc::new(PolicyState::new(&cfg.snapshot));
         if cfg.snapshot.exists() {
             match snapshot::load(&cfg.snapshot) {
@@ -99,9 +105,12 @@ impl Proxy {
         let mut listeners = Vec::new();
         let mut sockets = Vec::new();
         for l in &cfg.listeners {
-            let bound = match &l.transparent {
-                Some(t) => transparent::listen(l.listen, t),
-                None => tokio::net::TcpListener::bind(l.listen).await,
+            let bound = match (&l.transparent, &register) {
+                (Some(t), Some(register)) => {
+                    transparent::listen(l.listen).and_then(|sock| register(t, &sock, l.listen.is_ipv6()).map(|()| sock))
+                }
+                (Some(_), None) => Err(std::io::Error::other("a transparent listener needs the datapath")),
+                (None, _) => tokio::net::TcpListener::bind(l.listen).await,
             };
             let sock = bound
                 .map_err(|e| std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.listen)))?;

@@ -1,11 +1,11 @@
 //! Sockets for the transparent path: listeners the kernel datapath hands flows to, and upstream
 //! connections that keep the client's address.
 //!
-//! * A transparent listener sets `IP_TRANSPARENT` (needs `CAP_NET_ADMIN`), binds, listens and puts
-//!   its socket into the datapath's pinned SOCKMAP at `proxy_index(listener_id, v6)`. The tc program
-//!   `bpf_sk_assign`s new L7 flows to it; the accepted socket's local address is the original
-//!   destination and its peer the original client. The kernel drops a closed listener from the map
-//!   by itself, so with the proxy gone the datapath finds no listener and fails closed.
+//! * A transparent listener sets `IP_TRANSPARENT` (needs `CAP_NET_ADMIN`), binds and listens; the
+//!   process that started the proxy puts it into the datapath's SOCKMAP ([`Register`]: `porin
+//!   proxy` does it with `porin_datapath::sockmap`, so this crate never links the eBPF loader). The
+//!   tc program `bpf_sk_assign`s new L7 flows to it; the accepted socket's local address is the
+//!   original destination and its peer the original client.
 //! * An upstream connection sets `IP_TRANSPARENT`, `IP_BIND_ADDRESS_NO_PORT` and `SO_MARK` =
 //!   `mark::FROM_PROXY`, binds to the client's address and connects to the original destination:
 //!   the server sees the client, and the datapath lets the marked packets through unjudged (the
@@ -13,13 +13,16 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use aya::maps::{Map, MapData, SockMap};
 use nix::sys::socket::{setsockopt, sockopt};
-use redirect_common::{mark, proxy_index};
+use redirect_common::mark;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::Transparent;
+
+/// Announces a bound transparent listener to the datapath (`true`: the IPv6 one).
+pub type Register = Arc<dyn Fn(&Transparent, &TcpListener, bool) -> io::Result<()> + Send + Sync>;
 
 fn os(e: nix::Error) -> io::Error {
     io::Error::from(e)
@@ -39,8 +42,8 @@ pub fn close_with_reset(s: &TcpSocket) -> io::Result<()> {
     setsockopt(s, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 }).map_err(os)
 }
 
-/// Binds a transparent listener on `addr` and registers it with the datapath.
-pub fn listen(addr: SocketAddr, t: &Transparent) -> io::Result<TcpListener> {
+/// Binds a transparent listener on `addr`.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;
     // IP_TRANSPARENT also applies to IPv6 sockets (the kernel takes SOL_IP options on them).
@@ -50,17 +53,5 @@ pub fn listen(addr: SocketAddr, t: &Transparent) -> io::Result<TcpListener> {
     }
     s.bind(addr)?;
     // Bursts of thousands of connections (the kernel caps it at net.core.somaxconn).
-    let listener = s.listen(4096)?;
-    register(&listener, addr.is_ipv6(), t)?;
-    Ok(listener)
-}
-
-/// Puts the listener into the datapath's SOCKMAP (pinned: agent restarts keep the entry).
-pub fn register(listener: &TcpListener, v6: bool, t: &Transparent) -> io::Result<()> {
-    let err = |e: &dyn std::fmt::Display| io::Error::other(format!("proxy SOCKMAP {}: {e}", t.sockmap.display()));
-    let data = MapData::from_pin(&t.sockmap).map_err(|e| err(&e))?;
-    let mut map: SockMap<MapData> = SockMap::try_from(Map::SockMap(data)).map_err(|e| err(&e))?;
-    map.set(proxy_index(t.listener_id, v6), listener, 0).map_err(|e| err(&e))?;
-    tracing::info!(sockmap = %t.sockmap.display(), index = proxy_index(t.listener_id, v6), "transparent listener registered with the datapath");
-    Ok(())
+    s.listen(4096)
 }

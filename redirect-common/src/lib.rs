@@ -331,6 +331,17 @@ pub mod mark {
     pub const FROM_PROXY: u32 = 0x400;
 }
 
+/// Proxy listener ids (`PolicyValue::listener`): which of the proxy's listeners a redirected flow goes
+/// to. The agent maps L7 parsers to them, the proxy its listeners.
+pub mod listener {
+    /// HTTP/1.1, HTTP/2 and gRPC.
+    pub const HTTP: u8 = 1;
+    /// Kafka.
+    pub const KAFKA: u8 = 2;
+    /// DNS.
+    pub const DNS: u8 = 3;
+}
+
 /// Index of a proxy listener in [`names::PROXY`]: one IPv4 and one IPv6 socket per listener id.
 pub const fn proxy_index(listener: u8, v6: bool) -> u32 {
     listener as u32 * 2 + v6 as u32

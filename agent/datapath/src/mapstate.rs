@@ -22,7 +22,7 @@ use policy_engine::identity::IdentityId;
 use policy_engine::model::L7Parser;
 use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
 use redirect_common::{
-    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, verdict,
+    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, listener, verdict,
 };
 
 /// The protocols that have ports (or ICMP types) in policy keys.
@@ -35,9 +35,9 @@ const NOBODY: IdentityId = u32::MAX;
 /// Proxy listener id of each L7 parser (index into the proxy SOCKMAP).
 pub fn listener_of(parser: L7Parser) -> u8 {
     match parser {
-        L7Parser::Http => 1,
-        L7Parser::Kafka => 2,
-        L7Parser::Dns => 3,
+        L7Parser::Http => listener::HTTP,
+        L7Parser::Kafka => listener::KAFKA,
+        L7Parser::Dns => listener::DNS,
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
@@ -142,8 +142,8 @@ impl Datapath {
     }
 
     /// The event ring buffer (call once).
-    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        take(&mut self.ebpf, names::EVENTS)
+    pub fn take_events(&mut self) -> anyhow::Result<crate::events::Events> {
+        take(&mut self.ebpf, names::EVENTS).map(crate::events::Events)
     }
 
     fn link_pin(&self, ifname: &str, suffix: &str) -> PathBuf {

@@ -115,3 +115,18 @@ fn identities_like_the_wildcard_get_no_entries() {
     assert_eq!(lookup(&map, direction::INGRESS, 1, 3, 6, 443).verdict, verdict::ALLOW);
     assert_eq!(lookup(&map, direction::INGRESS, 1, 2, 6, 80).verdict, verdict::ALLOW);
 }
+
+#[test]
+fn the_kernels_numbers_are_the_engines() {
+    use policy_engine::identity::reserved;
+    // The datapath assigns world identities to addresses the ipcache does not know.
+    assert_eq!(redirect_common::identity::WORLD_IPV4, reserved::WORLD_IPV4);
+    assert_eq!(redirect_common::identity::WORLD_IPV6, reserved::WORLD_IPV6);
+    // Every L7 parser has its own listener id.
+    let ids = [L7Parser::Http, L7Parser::Kafka, L7Parser::Dns].map(listener_of);
+    assert_eq!(
+        ids,
+        [redirect_common::listener::HTTP, redirect_common::listener::KAFKA, redirect_common::listener::DNS]
+    );
+    assert!(ids.iter().all(|id| redirect_common::proxy_index(*id, true) < redirect_common::sizes::PROXY));
+}

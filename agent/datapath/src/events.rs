@@ -1,7 +1,10 @@
-//! Datapath events become flow records here (`porin_flow::flow::Flow`, shaped like Hubble's, the
-//! same type the proxy's records take).
+//! Datapath events: read from the ring buffer ([`Events`]) and turned into flow records
+//! (`porin_flow::flow::Flow`, shaped like Hubble's, the same type the proxy's records take).
 
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use aya::maps::{MapData, RingBuf};
 
 use policy_engine::snapshot::Snapshot;
 use porin_flow::flow::{
@@ -9,6 +12,38 @@ use porin_flow::flow::{
     TrafficDirection, Verdict, rfc3339,
 };
 use redirect_common::{Event, direction, event_kind, family, verdict};
+
+/// The datapath's event ring buffer. Poll its descriptor for readiness, then [`Events::drain`].
+pub struct Events(pub(crate) RingBuf<MapData>);
+
+/// What one drain found.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// The events, in order.
+    pub events: Vec<Event>,
+    /// Items that did not decode as events (counted, never silently lost).
+    pub undecodable: u64,
+}
+
+impl Events {
+    /// Takes every event the ring buffer holds.
+    pub fn drain(&mut self) -> Drained {
+        let mut out = Drained::default();
+        while let Some(item) = self.0.next() {
+            match Event::from_bytes(&item) {
+                Some(e) => out.events.push(e),
+                None => out.undecodable += 1,
+            }
+        }
+        out
+    }
+}
+
+impl AsRawFd for Events {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 fn addr(fam: u8, a: &[u8; 16]) -> String {
     if fam == family::V4 { IpAddr::from([a[0], a[1], a[2], a[3]]).to_string() } else { IpAddr::from(*a).to_string() }

@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`redirect-ebpf`) for the BPF target with aya-build (nightly +
-//! `build-std=core` + bpf-linker); `datapath.rs` embeds the object.
+//! `build-std=core` + bpf-linker); `loader.rs` embeds the object.
 
 use anyhow::{Context as _, anyhow};
 
