@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use porin_flow::control::{Reply, Request};
 
 use crate::policy_cmd;
 
@@ -26,8 +25,9 @@ pub enum Command {
     /// Run the node agent: resolve policy, write the kernel maps, attach the datapath.
     Agent(Box<AgentArgs>),
     /// A local lab: a node and pods in network namespaces, with real traffic.
+    #[cfg(feature = "lab")]
     #[command(subcommand)]
-    Lab(LabCommand),
+    Lab(crate::lab::cli::LabCommand),
     /// Run the L7 proxy (HTTP/1.1, HTTP/2, gRPC) on the agent's published policy.
     Proxy(crate::proxy_cmd::ProxyArgs),
     /// Print flow records from the agent (datapath) and the proxy (L7), with filters.
@@ -67,119 +67,6 @@ pub struct AgentArgs {
     /// ICMP echo idle timeout, seconds.
     #[arg(long, default_value_t = 30)]
     pub ct_icmp_secs: u64,
-}
-
-/// `porin lab ...`
-#[derive(Debug, Subcommand)]
-pub enum LabCommand {
-    /// Create the lab described by FILE and start its agent and servers.
-    Up {
-        /// Lab file.
-        file: PathBuf,
-        /// Lab name (labs side by side need different names).
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Remove everything a lab made (also after a crash).
-    Down {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Pods (name, namespace, labels, addresses) and the agent's state.
-    Status {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Run a command inside a pod; every pod's name resolves to its address.
-    Exec {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-        /// Pod.
-        pod: String,
-        /// Command and arguments.
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
-    },
-    /// Replace the lab's policies with FILEs and apply them.
-    Apply {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-        /// Policy files.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
-    /// Datapath flow records (drops and verdicts).
-    Events {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-        /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
-        /// Output format (`json`: one Hubble-shaped flow per line).
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Datapath counters (JSON).
-    Counters {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Start the lab's agent again (after it stopped or was killed).
-    RestartAgent {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Start the lab's L7 proxy again (after it stopped, was stopped or was killed).
-    RestartProxy {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Stop the lab's L7 proxy: flows that need L7 policy are refused until it is back.
-    StopProxy {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Take the datapath off every endpoint (benchmark baselines; `restart-agent` attaches again).
-    Detach {
-        /// Lab name.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// (internal) Run a pod's built-in servers inside its network namespace.
-    #[command(hide = true)]
-    Serve {
-        /// Network namespace.
-        #[arg(long)]
-        netns: String,
-        /// Server spec (JSON).
-        #[arg(long)]
-        spec: PathBuf,
-        /// Ready file.
-        #[arg(long)]
-        ready: Option<PathBuf>,
-    },
-    /// (internal) Run a command inside a network namespace.
-    #[command(hide = true)]
-    RunIn {
-        /// Network namespace.
-        #[arg(long)]
-        netns: String,
-        /// Command.
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
-    },
 }
 
 /// Output format.
@@ -303,10 +190,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
@@ -328,96 +211,6 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
             verdict_events: true,
         },
     })
-}
-
-fn lab(cmd: LabCommand) -> anyhow::Result<ExitCode> {
-    use crate::lab;
-    match cmd {
-        LabCommand::Up { file, name } => {
-            let st = lab::up(&file, &name)?;
-            print!("{}", lab::table(&st));
-        }
-        LabCommand::Down { name } => lab::down(&name)?,
-        LabCommand::Status { name, output } => {
-            let st = lab::status(&name)?;
-            match output {
-                Output::Json => print_json(&st),
-                Output::Text => {
-                    let state = lab::load_state(&name)?;
-                    print!("{}", lab::table(&state));
-                    let running = st["agent"]["running"].as_bool().unwrap_or(false);
-                    let agent = &st["agent"]["status"];
-                    println!(
-                        "agent: {} (pid {}), policy version {}, generation {}",
-                        if running { "running" } else { "NOT RUNNING (enforcement continues from pinned maps)" },
-                        st["agent"]["pid"],
-                        agent["version"],
-                        agent["generation"]
-                    );
-                    for e in agent["errors"].as_array().into_iter().flatten() {
-                        println!("error: {}", e.as_str().unwrap_or_default());
-                    }
-                }
-            }
-        }
-        LabCommand::Exec { name, pod, cmd } => {
-            let code = lab::exec(&name, &pod, &cmd)?;
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
-        }
-        LabCommand::Apply { name, files } => {
-            lab::install_policies(&name, &files)?;
-            let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Reload)?;
-            print_json(&serde_json::to_value(&r)?);
-            // Returns once the kernel and the proxy both enforce the new version.
-            if let Reply::Reloaded { version, policy_errors, .. } = r {
-                lab::wait_proxy_version(&name, version)?;
-                if !policy_errors.is_empty() {
-                    return Ok(ExitCode::from(2));
-                }
-            }
-        }
-        LabCommand::Events { name, after, output } => {
-            let r =
-                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Flows { after, limit: None })?;
-            if let Reply::Flows { flows, .. } = r {
-                for f in &flows {
-                    match output {
-                        Output::Json => println!("{}", serde_json::to_string(f)?),
-                        Output::Text => println!("{}", crate::render::text(f)),
-                    }
-                }
-            }
-        }
-        LabCommand::Counters { name } => {
-            if let Reply::Counters { counters } =
-                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Counters)?
-            {
-                print_json(&serde_json::to_value(counters)?);
-            }
-        }
-        LabCommand::RestartAgent { name } => {
-            let pid = lab::restart_agent(&name)?;
-            println!("agent running (pid {pid})");
-        }
-        LabCommand::Detach { name } => lab::detach(&name)?,
-        LabCommand::RestartProxy { name } => {
-            let pid = lab::restart_proxy(&name)?;
-            println!("proxy running (pid {pid})");
-        }
-        LabCommand::StopProxy { name } => lab::stop_proxy(&name)?,
-        LabCommand::Serve { netns, spec, ready } => {
-            crate::agent::enter_netns(&netns)?;
-            let text = std::fs::read_to_string(&spec)?;
-            crate::servers::run(serde_json::from_str(&text)?, ready)?;
-        }
-        LabCommand::RunIn { netns, cmd } => {
-            use std::os::unix::process::CommandExt as _;
-            crate::agent::enter_netns(&netns)?;
-            let (prog, args) = cmd.split_first().ok_or_else(|| anyhow::anyhow!("no command"))?;
-            return Err(std::process::Command::new(prog).args(args).exec().into());
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the command line.
@@ -442,9 +235,10 @@ pub fn main() -> ExitCode {
             init_tracing();
             report(agent(&a))
         }
+        #[cfg(feature = "lab")]
         Command::Lab(cmd) => {
             init_tracing();
-            lab(cmd).unwrap_or_else(|e| {
+            crate::lab::cli::run(cmd).unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
             })

@@ -12,8 +12,8 @@
 
 pub mod agent;
 pub mod cli;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod policy_cmd;
 pub mod proxy_cmd;
 pub mod render;
-pub mod servers;

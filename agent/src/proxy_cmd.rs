@@ -125,6 +125,7 @@ pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Resul
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// Read the agent and proxy of this lab.
+    #[cfg(feature = "lab")]
     #[arg(long)]
     pub lab: Option<String>,
     /// Agent control socket (default /run/porin/agent.sock).
@@ -204,11 +205,12 @@ fn matches(a: &ObserveArgs, f: &Flow) -> bool {
 /// `porin observe`.
 pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
     let explicit = a.agent.is_some() || a.proxy.is_some();
-    let (agent, proxy) = match &a.lab {
-        Some(name) => {
-            let p = crate::lab::LabPaths::new(name);
-            (Some(p.control()), Some(p.proxy_control()))
-        }
+    #[cfg(feature = "lab")]
+    let lab = a.lab.as_deref().map(crate::lab::LabPaths::new).map(|p| (Some(p.control()), Some(p.proxy_control())));
+    #[cfg(not(feature = "lab"))]
+    let lab = None;
+    let (agent, proxy) = match lab {
+        Some(sockets) => sockets,
         None if explicit => (a.agent.clone(), a.proxy.clone()),
         None => (Some(PathBuf::from("/run/porin/agent.sock")), Some(PathBuf::from("/run/porin/proxy.sock"))),
     };

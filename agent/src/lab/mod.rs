@@ -1,0 +1,354 @@
+//! `porin lab`: a local cluster node in network namespaces, with real traffic.
+//!
+//! `up` creates a node namespace and one namespace per pod joined to it by a veth pair, addresses them
+//! from private ranges (inside these namespaces only: every lab has its own node, so labs side by side
+//! never collide), mounts a lab-private bpffs, starts each pod's built-in server and the agent inside
+//! the node namespace, and returns once everything is ready. `down` removes everything the lab made,
+//! working from whatever is left after a crash. State lives in `/run/porin/labs/<name>/`.
+//!
+//! Addressing: pod `i` gets `10.244.0.(10+i)/32` and `fd00:244::(10+i)/128`, default routes via
+//! `169.254.1.1` / `fe80::1`, which the node side of its veth owns. External pods (`external: true`,
+//! "the world") get `198.51.100.(10+i)` / `2001:db8:1::(10+i)` and no policy. The node itself is
+//! `10.244.255.1` / `fd00:244::ffff` (identity `host`).
+
+pub mod cli;
+mod net;
+mod process;
+pub mod servers;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use self::net::{ip, netns_list, setup};
+use self::process::{alive, kill, signal_target};
+use self::servers::ServerSpec;
+
+pub use self::process::{
+    PROXY_PORT, detach, restart_agent, restart_proxy, start_agent, start_proxy, stop_proxy, wait_proxy_version,
+};
+
+/// Where labs keep their state.
+pub const LABS_DIR: &str = "/run/porin/labs";
+const NODE_GW_V4: &str = "169.254.1.1";
+const NODE_GW_V6: &str = "fe80::1";
+const NODE_IP_V4: &str = "10.244.255.1";
+const NODE_IP_V6: &str = "fd00:244::ffff";
+
+/// A lab file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabFile {
+    /// Must be 1.
+    pub version: u32,
+    /// Policy files, relative to the lab file.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Pods.
+    pub pods: Vec<PodDef>,
+    /// Datapath settings.
+    #[serde(default)]
+    pub settings: LabSettings,
+}
+
+/// Datapath settings of a lab.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSettings {
+    /// TCP timeout before the reply and while closing, seconds.
+    #[serde(default)]
+    pub ct_tcp_close_secs: Option<u64>,
+    /// UDP idle timeout, seconds.
+    #[serde(default)]
+    pub ct_udp_secs: Option<u64>,
+    /// The proxy's limits (`limits:` of its configuration; docs/config.md).
+    #[serde(default)]
+    pub proxy_limits: Option<proxy::config::Limits>,
+}
+
+/// A pod of a lab file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodDef {
+    /// Name (`[a-z0-9-]`, resolvable from every pod).
+    pub name: String,
+    /// Kubernetes namespace (labels, policy scope).
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Outside the cluster: not an endpoint, no policy (the world).
+    #[serde(default)]
+    pub external: bool,
+    /// Built-in servers.
+    #[serde(default)]
+    pub server: Option<ServerSpec>,
+    /// A command to run in the pod (in the background).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+/// A pod as set up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pod {
+    /// Name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Network namespace.
+    pub netns: String,
+    /// Node-side interface.
+    pub ifname: String,
+    /// IPv4 address.
+    pub ipv4: IpAddr,
+    /// IPv6 address.
+    pub ipv6: IpAddr,
+    /// Endpoint id (0 for external pods).
+    pub endpoint: u32,
+    /// Not an endpoint.
+    pub external: bool,
+    /// Server / command process.
+    pub pid: Option<u32>,
+}
+
+/// A lab's recorded state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabState {
+    /// Lab name.
+    pub name: String,
+    /// The lab file it came from.
+    pub file: PathBuf,
+    /// Node network namespace.
+    pub node_netns: String,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Agent process.
+    pub agent_pid: Option<u32>,
+    /// L7 proxy process.
+    #[serde(default)]
+    pub proxy_pid: Option<u32>,
+    /// Datapath settings.
+    pub settings: LabSettings,
+}
+
+/// Paths of a lab.
+pub struct LabPaths {
+    /// State directory.
+    pub dir: PathBuf,
+}
+
+impl LabPaths {
+    /// Paths of lab `name`.
+    pub fn new(name: &str) -> Self {
+        Self { dir: Path::new(LABS_DIR).join(name) }
+    }
+    /// `lab.json`.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("lab.json")
+    }
+    /// Policy directory the agent watches.
+    pub fn policies(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+    /// Endpoints file.
+    pub fn endpoints(&self) -> PathBuf {
+        self.dir.join("endpoints.json")
+    }
+    /// The lab's bpffs.
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+    /// Agent control socket.
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// Agent log.
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    /// The policy inputs the agent publishes for the proxy.
+    pub fn snapshot(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
+    /// The proxy's control socket.
+    pub fn proxy_control(&self) -> PathBuf {
+        self.dir.join("proxy.sock")
+    }
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 24
+        || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        bail!("lab name {name:?}: use 1-24 characters of [a-z0-9-]");
+    }
+    Ok(())
+}
+
+/// Reads a lab's state.
+pub fn load_state(name: &str) -> anyhow::Result<LabState> {
+    let p = LabPaths::new(name).state();
+    let text = std::fs::read_to_string(&p).with_context(|| format!("lab {name:?} is not up ({})", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", p.display()))
+}
+
+fn save_state(st: &LabState) -> anyhow::Result<()> {
+    let p = LabPaths::new(&st.name).state();
+    std::fs::write(&p, serde_json::to_string_pretty(st)?).with_context(|| format!("write {}", p.display()))
+}
+
+/// Copies policy files into the lab's policy directory, replacing what was there.
+pub fn install_policies(name: &str, files: &[PathBuf]) -> anyhow::Result<()> {
+    let dir = LabPaths::new(name).policies();
+    std::fs::create_dir_all(&dir)?;
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    for (i, f) in files.iter().enumerate() {
+        let base = f.file_name().and_then(|n| n.to_str()).unwrap_or("policy.yaml");
+        let dest = dir.join(format!("{i:02}-{base}"));
+        std::fs::copy(f, &dest).with_context(|| format!("copy {} to {}", f.display(), dest.display()))?;
+    }
+    Ok(())
+}
+
+/// `porin lab up`.
+pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
+    check_name(name)?;
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("porin lab needs root (network namespaces, eBPF)");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let lab: LabFile = serde_yaml::from_str(&text).with_context(|| format!("parse lab file {}", file.display()))?;
+    if lab.version != 1 {
+        bail!("{}: version {} is not supported (expected 1)", file.display(), lab.version);
+    }
+    let paths = LabPaths::new(name);
+    if let Ok(st) = load_state(name)
+        && st.agent_pid.is_some_and(|p| alive(p, name))
+    {
+        bail!("lab {name:?} is already up (porin lab down --name {name})");
+    }
+    down(name)?;
+    std::fs::create_dir_all(&paths.dir)?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let policy_files: Vec<PathBuf> = lab.policies.iter().map(|p| base.join(p)).collect();
+    install_policies(name, &policy_files)?;
+    match setup(&lab, name, file, &paths) {
+        Ok(st) => Ok(st),
+        Err(e) => {
+            let log = std::fs::read_to_string(paths.agent_log()).unwrap_or_default();
+            let _ = down(name);
+            Err(e.context(if log.is_empty() { String::new() } else { format!("agent log:\n{log}") }))
+        }
+    }
+}
+
+/// `porin lab down`: removes everything lab `name` made; fine to run on a half-made or crashed lab.
+pub fn down(name: &str) -> anyhow::Result<()> {
+    check_name(name)?;
+    let paths = LabPaths::new(name);
+    if let Ok(st) = load_state(name) {
+        for pid in st.pods.iter().filter_map(|p| p.pid).chain(st.agent_pid).chain(st.proxy_pid) {
+            kill(pid, name);
+        }
+    }
+    // Every process still in the lab's namespaces belongs to the lab (they are its own): pod commands,
+    // and anything a crash left without state.
+    let prefix = format!("porin-{name}-");
+    for ns in netns_list().into_iter().filter(|n| n.starts_with(&prefix)) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            for pid in listed.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter_map(signal_target) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = ip(&["netns", "del", &ns]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
+    }
+    if porin_datapath::loader::is_bpffs(&paths.bpffs()) {
+        nix::mount::umount2(&paths.bpffs(), nix::mount::MntFlags::MNT_DETACH).context("unmount the lab's bpffs")?;
+    }
+    if paths.dir.exists() {
+        std::fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Enters a pod's network namespace by lab and pod name, for tests and tools.
+pub fn netns_of(name: &str, pod: &str) -> anyhow::Result<String> {
+    let st = load_state(name)?;
+    st.pods
+        .iter()
+        .find(|p| p.name == pod)
+        .map(|p| p.netns.clone())
+        .ok_or_else(|| anyhow!("lab {name:?} has no pod {pod:?}"))
+}
+
+/// `porin lab exec`: runs a command in a pod (names of all pods resolve). Returns its exit code.
+pub fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<i32> {
+    let netns = netns_of(name, pod)?;
+    let status = Command::new("ip").args(["netns", "exec", &netns]).args(cmd).status().context("run ip netns exec")?;
+    Ok(status.code().unwrap_or(128))
+}
+
+/// `porin lab status`.
+pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
+    let st = load_state(name)?;
+    let paths = LabPaths::new(name);
+    let running = st.agent_pid.is_some_and(|p| alive(p, name));
+    let agent = if running { crate::agent::status_of(&paths.control()).ok() } else { None };
+    let identity_of = |pod: &Pod| -> Option<u64> {
+        agent.as_ref()?["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str())?["identity"].as_u64()
+    };
+    let pods: Vec<serde_json::Value> = st
+        .pods
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name, "namespace": p.namespace, "labels": p.labels,
+                "addresses": [p.ipv4, p.ipv6], "netns": p.netns, "external": p.external,
+                "endpoint": (p.endpoint != 0).then_some(p.endpoint), "identity": identity_of(p),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "name": st.name,
+        "node_netns": st.node_netns,
+        "agent": {"pid": st.agent_pid, "running": running, "status": agent},
+        "proxy": {
+            "pid": st.proxy_pid,
+            "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
+            "status": crate::agent::status_of(&paths.proxy_control()).ok(),
+        },
+        "pods": pods,
+    }))
+}
+
+/// Renders the pods of a lab as a table.
+pub fn table(st: &LabState) -> String {
+    let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
+    let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
+    for p in &st.pods {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let ns = if p.external { "(external)".to_owned() } else { p.namespace.clone() };
+        let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} {}", p.name, ns, p.ipv4, p.ipv6, labels.join(","));
+    }
+    s
+}

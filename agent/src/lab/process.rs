@@ -1,0 +1,260 @@
+//! The lab's processes: the agent, the proxy and the pods' servers, started detached as `porin`
+//! subcommands and stopped by pid (only ever one process: never a process group).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use super::*;
+
+/// Whether `pid` is a live porin process of this lab. The command line reads empty for a moment
+/// while a process is inside `execve` (and for zombies): read it a few times before deciding.
+pub(super) fn alive(pid: u32, tag: &str) -> bool {
+    for _ in 0..20 {
+        match std::fs::read(format!("/proc/{pid}/cmdline")) {
+            Err(_) => return false,
+            Ok(c) if c.is_empty() => {
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|st| st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+                    .unwrap_or(true);
+                if zombie {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(c) => {
+                let c = String::from_utf8_lossy(&c);
+                return c.contains("porin") && c.contains(tag);
+            }
+        }
+    }
+    false
+}
+
+/// The process a pid names, if it names exactly one: 0 and values past `i32::MAX` would become
+/// `kill(0, ..)` / `kill(-n, ..)`, which signal whole process groups (this command's included).
+pub(super) fn signal_target(pid: u32) -> Option<nix::unistd::Pid> {
+    i32::try_from(pid).ok().filter(|p| *p > 0).map(nix::unistd::Pid::from_raw)
+}
+
+/// Stops a process of this lab: SIGTERM, then SIGKILL after 3 s.
+pub(super) fn kill(pid: u32, tag: &str) {
+    use nix::sys::signal::{Signal, kill as send};
+    let Some(p) = signal_target(pid) else { return };
+    if !alive(pid, tag) {
+        return;
+    }
+    let _ = send(p, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(pid, tag) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid, tag) {
+        let _ = send(p, Signal::SIGKILL);
+    }
+}
+
+/// Spawns `porin ARGS` detached (own session), logging to `log`.
+pub(super) fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("locate the porin binary")?;
+    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new("setsid")
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .context("start a background porin process")?;
+    Ok(child)
+}
+
+/// Starts the agent of a lab (also used to restart it).
+pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
+    let paths = LabPaths::new(name);
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        "--netns".into(),
+        format!("porin-{name}-node"),
+        "--bpffs".into(),
+        paths.bpffs().display().to_string(),
+        "--policies".into(),
+        paths.policies().display().to_string(),
+        "--endpoints".into(),
+        paths.endpoints().display().to_string(),
+        "--control".into(),
+        paths.control().display().to_string(),
+        "--publish".into(),
+        paths.snapshot().display().to_string(),
+    ];
+    if let Some(s) = settings.ct_tcp_close_secs {
+        args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);
+    }
+    if let Some(s) = settings.ct_udp_secs {
+        args.extend(["--ct-udp-secs".into(), s.to_string()]);
+    }
+    let _ = std::fs::remove_file(paths.control());
+    let mut child = spawn_porin(&args, &paths.agent_log())?;
+    let pid = child.id();
+    // Ready when the control socket answers with every endpoint attached.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(status) = crate::agent::status_of(&paths.control()) {
+            let eps = status["endpoints"].as_array().cloned().unwrap_or_default();
+            if eps.iter().all(|e| e["attached"] == serde_json::Value::Bool(true)) {
+                return Ok(pid);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(paths.agent_log()).unwrap_or_default();
+            bail!("the agent exited during start-up ({status}):\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not become ready in 60 s (log: {})", paths.agent_log().display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restarts the agent of a running lab (after it was stopped or killed).
+pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
+    let mut st = load_state(name)?;
+    if let Some(pid) = st.agent_pid {
+        kill(pid, name);
+    }
+    let pid = start_agent(name, &st.settings)?;
+    st.agent_pid = Some(pid);
+    save_state(&st)?;
+    Ok(pid)
+}
+
+/// The port of the lab proxy's transparent listeners (in the node namespace). Flows whose original
+/// destination port is this one cannot be proxied (the listener refuses connections to itself).
+pub const PROXY_PORT: u16 = 15001;
+
+/// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
+/// listeners (IPv4 and IPv6) registered in the lab's datapath, on the policy the agent publishes.
+pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
+    let paths = LabPaths::new(name);
+    let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
+    let listener = |addr: &str, tag: &str| {
+        format!(
+            "- {{name: http-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, protocol: http}}, source: socket, destination: socket}}\n",
+            sockmap.display(),
+        )
+    };
+    let mut config = format!(
+        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}",
+        paths.snapshot().display(),
+        paths.proxy_control().display(),
+        listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4"),
+        listener(&format!("[::]:{PROXY_PORT}"), "v6"),
+    );
+    if let Some(limits) = &settings.proxy_limits {
+        config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+            "limits".into(),
+            serde_yaml::to_value(limits)?,
+        )]))?);
+    }
+    let config_path = paths.dir.join("proxy.yaml");
+    std::fs::write(&config_path, config)?;
+    let ready = paths.dir.join("proxy.ready");
+    let _ = std::fs::remove_file(&ready);
+    let mut args: Vec<String> = vec![
+        "proxy".into(),
+        "--netns".into(),
+        format!("porin-{name}-node"),
+        "--config".into(),
+        config_path.display().to_string(),
+        "--ready".into(),
+        ready.display().to_string(),
+    ];
+    // Benchmarks compare proxies with the same number of worker threads.
+    if let Ok(n) = std::env::var("PORIN_PROXY_THREADS") {
+        args.extend(["--threads".into(), n]);
+    }
+    let log = paths.dir.join("proxy.log");
+    let mut child = spawn_porin(&args, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the proxy exited during start-up ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the proxy did not become ready in 20 s (log: {})", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.id())
+}
+
+/// Waits until the lab's proxy enforces policy version `version` (or a newer one); no-op when the
+/// lab's proxy is not running.
+pub fn wait_proxy_version(name: &str, version: u64) -> anyhow::Result<()> {
+    let st = load_state(name)?;
+    if !st.proxy_pid.is_some_and(|p| alive(p, name)) {
+        return Ok(());
+    }
+    let sock = LabPaths::new(name).proxy_control();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = crate::agent::status_of(&sock).ok().and_then(|s| s["snapshot"]["version"].as_u64());
+        if v.is_some_and(|v| v >= version) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the proxy did not take policy version {version} within 10 s (it has {v:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `porin lab restart-proxy`: stops the lab's proxy (if running) and starts it again.
+pub fn restart_proxy(name: &str) -> anyhow::Result<u32> {
+    let mut st = load_state(name)?;
+    if let Some(pid) = st.proxy_pid {
+        kill(pid, name);
+    }
+    let pid = start_proxy(name, &st.settings)?;
+    st.proxy_pid = Some(pid);
+    save_state(&st)?;
+    Ok(pid)
+}
+
+/// `porin lab stop-proxy`: stops the lab's proxy; L7 flows are refused until it is back.
+pub fn stop_proxy(name: &str) -> anyhow::Result<()> {
+    let mut st = load_state(name)?;
+    if let Some(pid) = st.proxy_pid.take() {
+        kill(pid, name);
+    }
+    save_state(&st)
+}
+
+/// Takes the datapath off every endpoint of a lab (benchmark baselines); `restart-agent` re-attaches.
+pub fn detach(name: &str) -> anyhow::Result<()> {
+    let st = load_state(name)?;
+    let control = LabPaths::new(name).control();
+    for p in st.pods.iter().filter(|p| !p.external) {
+        crate::agent::control(&control, &porin_flow::control::Request::Detach { ifname: p.ifname.clone() })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_single_process_is_ever_signalled() {
+        assert_eq!(signal_target(0), None);
+        assert_eq!(signal_target(u32::MAX), None);
+        assert_eq!(signal_target(1 << 31), None);
+        assert_eq!(signal_target(42), Some(nix::unistd::Pid::from_raw(42)));
+    }
+}
