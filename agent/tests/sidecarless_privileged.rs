@@ -256,3 +256,48 @@ fn policy_files_are_watched_privileged() {
         "{files:?}"
     );
 }
+
+#[test]
+fn a_failed_publication_is_retried_until_the_proxy_follows_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = starwars("publish");
+    let labdir = std::path::PathBuf::from(format!("/run/porin/labs/{}", lab.name));
+    let published = labdir.join("snapshot.json");
+    let proxy_version = || lab.status()["proxy"]["status"]["snapshot"]["version"].as_u64().unwrap_or(0);
+    let before = proxy_version();
+    // The proxy's file can no longer be written: a directory stands where it goes.
+    std::fs::remove_file(&published).unwrap();
+    std::fs::create_dir(&published).unwrap();
+    let open = std::fs::read_to_string(repo().join("config/examples/starwars/l3-l4-l7.yaml"))
+        .unwrap()
+        .replace("name: rule1", "name: rule2")
+        .replace("method: POST", "method: PUT")
+        .replace("path: /v1/request-landing", "path: /v1/exhaust-port");
+    std::fs::write(labdir.join("policies/zz-exhaust.yaml"), &open).unwrap();
+    // The kernel applies the new version at once; the publication waits.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let agent = loop {
+        let st = lab.status()["agent"]["status"].clone();
+        if st["publish"]["pending"].as_u64().is_some_and(|v| v > before) {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no pending publication: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let version = agent["version"].as_u64().unwrap();
+    assert!(agent["publish"]["last_error"].as_str().is_some_and(|e| e.contains("snapshot.json")), "{agent}");
+    assert_eq!(proxy_version(), before, "the proxy keeps its last good version");
+    // The way clears: the retry lands and the proxy follows, without another reload.
+    std::fs::remove_dir(&published).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy_version() < version {
+        assert!(Instant::now() < deadline, "the proxy did not follow version {version}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
+    let st = lab.status()["agent"]["status"].clone();
+    assert_eq!(st["publish"]["published_version"], version, "{st}");
+    assert!(st["publish"]["pending"].is_null(), "{st}");
+}

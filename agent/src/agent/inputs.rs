@@ -1,0 +1,149 @@
+//! The agent's inputs in standalone mode: the endpoints file (JSON, written by `porin lab` or the
+//! operator), the policy directory, and what the agent publishes for the proxy (the policy inputs
+//! of every applied version, written whole: temporary file, then rename).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use policy_engine::api::Loaded;
+use policy_engine::inputs::PolicyInputs;
+use policy_engine::resolve::{Endpoint, Environment, NamedPort};
+use policy_engine::snapshot::Proto;
+use serde::{Deserialize, Serialize};
+
+/// One endpoint in the endpoints file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// Endpoint id (policy map key), non-zero, unique on the node.
+    pub id: u32,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Addresses.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Host-side interface (in the agent's network namespace).
+    pub ifname: String,
+    /// Named container ports.
+    #[serde(default)]
+    pub named_ports: Vec<NamedPortSpec>,
+    /// Service account.
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// A named port.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPortSpec {
+    /// Name.
+    pub name: String,
+    /// Number.
+    pub port: u16,
+    /// `TCP` (default), `UDP`, `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// The endpoints file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsFile {
+    /// Cluster name.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Addresses of this node (identity `host`).
+    #[serde(default)]
+    pub node_ips: Vec<IpAddr>,
+    /// Namespace labels.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// A policy file's state.
+#[derive(Clone, Debug, Serialize)]
+pub(super) struct FileState {
+    pub(super) file: String,
+    pub(super) ok: bool,
+    pub(super) errors: Vec<String>,
+    #[serde(skip)]
+    pub(super) last_good: Option<Loaded>,
+    /// The text of the last good version (published to the proxy).
+    #[serde(skip)]
+    pub(super) last_good_text: Option<String>,
+}
+
+/// The policy files of a directory (`*.yaml`, `*.yml`), sorted.
+pub(super) fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The engine's environment for an endpoints file.
+pub fn environment(eps: &EndpointsFile) -> Environment {
+    let mut env = Environment::default();
+    if let Some(c) = &eps.cluster {
+        env.cluster = c.clone();
+    }
+    env.namespace_labels = eps.namespaces.clone();
+    env.endpoints = eps
+        .endpoints
+        .iter()
+        .map(|e| Endpoint {
+            name: e.name.clone(),
+            namespace: e.namespace.clone(),
+            labels: e.labels.clone(),
+            ips: e.ips.clone(),
+            named_ports: e
+                .named_ports
+                .iter()
+                .map(|n| NamedPort {
+                    name: n.name.to_ascii_lowercase(),
+                    port: n.port,
+                    protocol: n.protocol.as_deref().and_then(Proto::parse).unwrap_or(Proto::Tcp),
+                })
+                .collect(),
+            service_account: e.service_account.clone(),
+        })
+        .collect();
+    env
+}
+
+/// The version of the inputs last published at `path` (0 when there are none).
+pub(super) fn published_version(path: &Path) -> u64 {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Version>(&b).ok()).map_or(0, |v| v.version)
+}
+
+/// Writes policy inputs where the proxy reads them: to a temporary file, then renamed over the
+/// published path, so a reader always sees one whole version.
+pub fn publish(path: &Path, inputs: &PolicyInputs) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let json = serde_json::to_vec(inputs)?;
+    std::fs::write(&tmp, json).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! `porin agent`: reads endpoints and policies, resolves them, keeps the kernel maps in step, attaches
+//! the datapath to endpoints, publishes the policy inputs for the proxy, and serves the control
+//! protocol (status, flows, reload, counters, detach).
+//!
+//! Inputs (standalone mode, [`inputs`]): an endpoints file and a policy directory, watched. A policy
+//! file that fails to load keeps its last good version enforcing; its error is reported in `status`,
+//! the log and a flow record. The agent never detaches on exit: enforcement continues with the
+//! pinned maps and links until `porin lab down` (or `detach`) removes them.
+//!
+//! Shape: one thread, the [`reloader`], owns the datapath and the policy state and does every
+//! blocking job (resolving, bpf syscalls, publishing); the async runtime drains kernel events into
+//! the flow backlog, serves the control socket and watches the inputs, reading only the shared
+//! view. A reload never stalls them.
+
+pub mod inputs;
+mod reloader;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Sender, channel};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use porin_datapath::events::{self, Events};
+use porin_datapath::loader::{Datapath, Settings, ensure_bpffs};
+use porin_flow::control::{self, Handler, Reply, Request};
+use porin_flow::flow::Verdict;
+use tokio::sync::oneshot;
+
+pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, environment, publish};
+use self::reloader::{Job, Reloader, View};
+
+/// How many flow records the agent keeps for `flows` queries.
+const EVENT_BACKLOG: usize = 8192;
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// bpffs directory for pins.
+    pub bpffs: PathBuf,
+    /// Policy directory (`*.yaml`, `*.yml`).
+    pub policies: PathBuf,
+    /// Endpoints file.
+    pub endpoints: PathBuf,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Where the policy inputs of every applied version are published for the L7 proxy.
+    pub publish: Option<PathBuf>,
+    /// Datapath settings.
+    pub settings: Settings,
+}
+
+/// The agent's side of the control protocol: reads from the view, hands kernel work to the
+/// reloader and waits for its answer.
+struct Control {
+    view: Arc<View>,
+    jobs: Sender<Job>,
+}
+
+impl Control {
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Job) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(job(tx)).map_err(|_| anyhow!("the reloader is gone"))?;
+        rx.await.map_err(|_| anyhow!("the reloader dropped the request"))?
+    }
+}
+
+impl Handler for Control {
+    async fn handle(&self, request: Request) -> Reply {
+        let result = match request {
+            Request::Status => {
+                let view = self.view.lock();
+                let mut status = view.status.clone();
+                if let Some(s) = status.as_object_mut() {
+                    s.insert(
+                        "records".into(),
+                        serde_json::json!({
+                            "kept": view.flows.len(),
+                            "evicted": view.flows.evicted(),
+                            "events_undecodable": view.events_undecodable,
+                        }),
+                    );
+                }
+                Ok(Reply::Status(status))
+            }
+            Request::Flows { after, limit } => {
+                let view = self.view.lock();
+                let page = view.flows.after(after, limit.unwrap_or(EVENT_BACKLOG));
+                let flows = page.items.into_iter().map(|(_, f)| f.clone()).collect();
+                Ok(Reply::Flows { last: page.last, missed: page.missed, flows })
+            }
+            Request::Reload => self.ask(|tx| Job::Reload(Some(tx))).await,
+            Request::Counters => self.ask(Job::Counters).await.map(|counters| Reply::Counters { counters }),
+            Request::Detach { ifname } => self.ask(|tx| Job::Detach(ifname, tx)).await.map(|()| Reply::Done),
+        };
+        result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
+    }
+}
+
+/// Moves datapath events into the flow backlog.
+async fn read_events(view: Arc<View>, events: Events) -> anyhow::Result<()> {
+    // The AsyncFd owns the ring buffer, which owns the fd: it stays open for as long as it is
+    // registered, which is what `register`'s safety contract asks for.
+    #[expect(deprecated, reason = "`register` is the same call marked unsafe; the fd is owned by the wrapped value")]
+    let mut fd = tokio::io::unix::AsyncFd::new(events).context("poll the event ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let drained = guard.get_inner_mut().drain();
+        guard.clear_ready();
+        if drained.events.is_empty() && drained.undecodable == 0 {
+            continue;
+        }
+        let mut v = view.lock();
+        v.events_undecodable += drained.undecodable;
+        let snap = v.snapshot.clone();
+        for e in drained.events {
+            v.flows.push_numbered(|seq| {
+                let f = events::from_event(seq, &e, snap.as_deref());
+                if f.verdict == Verdict::Dropped {
+                    // Every drop is a flow record and a counter; the log only says that drops happen.
+                    proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");
+                }
+                f
+            });
+        }
+    }
+}
+
+/// Enters a named network namespace (`/run/netns/NAME`). Call before any thread exists.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {name}"))
+}
+
+/// Runs the agent until SIGTERM / SIGINT.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    ensure_bpffs(&cfg.bpffs)?;
+    let mut datapath = Datapath::open(&cfg.bpffs)?;
+    datapath.configure(&cfg.settings)?;
+    let ring = datapath.take_events()?;
+    let view = Arc::new(View::new(EVENT_BACKLOG));
+    // Versions keep growing across agent restarts: the proxy (and whoever waits for it) can tell a
+    // newer publication from an older one.
+    let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
+    let mut reloader = Reloader::new(cfg.clone(), datapath, version, view.clone());
+    reloader.reload().context("initial policy load")?;
+    reloader.refresh_view();
+    let (jobs, queue) = channel();
+    let worker = std::thread::Builder::new().name("reloader".into()).spawn(move || reloader.run(queue))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let served = rt.block_on(async {
+        let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
+        tracing::info!(control = %cfg.control.display(), "Agent ready");
+        let handler = Arc::new(Control { view: view.clone(), jobs: jobs.clone() });
+        let server = tokio::spawn(control::serve(listener, handler));
+        let events = tokio::spawn(read_events(view.clone(), ring));
+        let watch = tokio::spawn(watch_inputs(jobs.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    if jobs.send(Job::Reload(None)).is_err() {
+                        break;
+                    }
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        events.abort();
+        watch.abort();
+        server.abort();
+        anyhow::Ok(())
+    });
+    // Dropping every sender ends the reloader once it has finished what it was doing.
+    drop(jobs);
+    drop(rt);
+    if worker.join().is_err() {
+        tracing::error!("The reloader panicked");
+    }
+    if let Err(e) = std::fs::remove_file(&cfg.control) {
+        tracing::debug!(error = %e, "Control socket not removed");
+    }
+    tracing::info!("Agent stopping; the datapath keeps enforcing");
+    served
+}
+
+/// What the inputs look like on disk: every policy file's and the endpoints file's identity.
+fn inputs_stamp(policies: &Path, endpoints: &Path) -> Vec<(PathBuf, u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files = inputs::policy_files(policies).unwrap_or_default();
+    files.push(endpoints.to_path_buf());
+    files
+        .into_iter()
+        .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.len(), m.mtime(), m.mtime_nsec(), m.ino())))
+        .collect()
+}
+
+/// Standalone mode: asks for a reload whenever a policy file or the endpoints file changes
+/// (checked every 200 ms, so a change is enforced well within a second). An invalid file is reported
+/// (log, an error record in the flow backlog) and its last good version keeps enforcing.
+async fn watch_inputs(jobs: Sender<Job>, policies: PathBuf, endpoints: PathBuf) {
+    let mut seen = inputs_stamp(&policies, &endpoints);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = inputs_stamp(&policies, &endpoints);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        tracing::info!("Inputs changed on disk: reloading");
+        if jobs.send(Job::Reload(None)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends one control request to a process (agent or proxy) and returns its reply; a refusal is an
+/// error.
+pub fn control(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    Ok(control::call(socket, request)?.ok()?)
+}
+
+/// The status a process (agent or proxy) reports on its control socket.
+pub fn status_of(socket: &Path) -> anyhow::Result<serde_json::Value> {
+    match control(socket, &Request::Status)? {
+        Reply::Status(v) => Ok(v),
+        other => Err(anyhow!("{}: unexpected reply {other:?}", socket.display())),
+    }
+}

@@ -1,0 +1,358 @@
+//! The reloader: the one thread that owns the datapath and the policy state. It applies the inputs
+//! (read → resolve → kernel maps → publish for the proxy), answers the requests that touch the
+//! kernel (counters, detach), and retries a publication that failed until it lands. It runs apart
+//! from the async runtime, so event draining and the control socket never wait behind a reload;
+//! after every job it puts what the rest of the agent reads (the snapshot, the status) into the
+//! shared [`View`].
+//!
+//! Order of a reload: the kernel maps first (they enforce), then the agent's own state (so status
+//! and records describe what the kernel does), then the publication. A publication that fails is
+//! kept and retried every second; status says which version the proxy can read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use policy_engine::api::{LoadOptions, Loaded, load_file, load_str};
+use policy_engine::identity::IdentityAllocator;
+use policy_engine::inputs::{PolicyInputs, PolicyText};
+use policy_engine::resolve::resolve;
+use policy_engine::snapshot::Snapshot;
+use porin_datapath::loader::{ApplyStats, Datapath};
+use porin_datapath::mapstate::{self, Binding};
+use porin_flow::backlog::Backlog;
+use porin_flow::control::Reply;
+use porin_flow::flow::Flow;
+use tokio::sync::oneshot;
+
+use super::AgentConfig;
+use super::inputs::{EndpointsFile, FileState, environment, policy_files, publish};
+
+/// What the reloader is asked to do.
+pub(super) enum Job {
+    /// Apply the inputs again; answer the control request that asked, if one did.
+    Reload(Option<oneshot::Sender<anyhow::Result<Reply>>>),
+    /// Read the datapath's counters.
+    Counters(oneshot::Sender<anyhow::Result<BTreeMap<String, u64>>>),
+    /// Take the datapath off an interface.
+    Detach(String, oneshot::Sender<anyhow::Result<()>>),
+}
+
+/// What the rest of the agent reads: the snapshot in force (to describe events), the status of
+/// the last job, and the flow records.
+#[derive(Debug)]
+pub(super) struct ViewState {
+    /// The snapshot the kernel enforces.
+    pub(super) snapshot: Option<Arc<Snapshot>>,
+    /// The status after the last job.
+    pub(super) status: serde_json::Value,
+    /// Flow records: kernel events, refused policy files.
+    pub(super) flows: Backlog<Flow>,
+    /// Ring-buffer items that did not decode as events (counted, never silently lost).
+    pub(super) events_undecodable: u64,
+}
+
+/// The shared view (held for short moments only).
+#[derive(Debug)]
+pub(super) struct View(Mutex<ViewState>);
+
+impl View {
+    pub(super) fn new(backlog: usize) -> Self {
+        Self(Mutex::new(ViewState {
+            snapshot: None,
+            status: serde_json::Value::Null,
+            flows: Backlog::new(backlog),
+            events_undecodable: 0,
+        }))
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, ViewState> {
+        // Plain values: a panic elsewhere cannot leave them half-written.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The owner of the datapath and the policy state.
+pub(super) struct Reloader {
+    cfg: AgentConfig,
+    datapath: Datapath,
+    allocator: IdentityAllocator,
+    snapshot: Option<Arc<Snapshot>>,
+    version: u64,
+    files: BTreeMap<PathBuf, FileState>,
+    endpoints: EndpointsFile,
+    bindings: Vec<Binding>,
+    attach_errors: Vec<String>,
+    last_apply: Option<ApplyStats>,
+    /// A publication not written yet.
+    pending: Option<PolicyInputs>,
+    /// The last version written for the proxy.
+    published: Option<u64>,
+    publish_error: Option<String>,
+    view: Arc<View>,
+}
+
+impl Reloader {
+    /// A reloader over an opened datapath; versions continue from `version`.
+    pub(super) fn new(cfg: AgentConfig, datapath: Datapath, version: u64, view: Arc<View>) -> Self {
+        Self {
+            cfg,
+            datapath,
+            allocator: IdentityAllocator::new(),
+            snapshot: None,
+            version,
+            files: BTreeMap::new(),
+            endpoints: EndpointsFile::default(),
+            bindings: vec![],
+            attach_errors: vec![],
+            last_apply: None,
+            pending: None,
+            published: None,
+            publish_error: None,
+            view,
+        }
+    }
+
+    /// Serves jobs until every sender is gone; retries a pending publication every second.
+    pub(super) fn run(mut self, jobs: Receiver<Job>) {
+        loop {
+            let job = if self.pending.is_some() {
+                match jobs.recv_timeout(Duration::from_secs(1)) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                }
+            };
+            match job {
+                Some(Job::Reload(reply)) => {
+                    let result = self.reload().and_then(|stats| {
+                        let policy_errors = self.files.values().flat_map(|f| f.errors.clone()).collect();
+                        Ok(Reply::Reloaded {
+                            version: self.version,
+                            stats: serde_json::to_value(stats)?,
+                            policy_errors,
+                        })
+                    });
+                    match reply {
+                        // The asker may have gone: the reload happened all the same.
+                        Some(tx) => drop(tx.send(result)),
+                        None => {
+                            if let Err(e) = result {
+                                tracing::error!(error = %format!("{e:#}"), "Reload failed: the last good policy keeps enforcing");
+                            }
+                        }
+                    }
+                }
+                Some(Job::Counters(tx)) => drop(tx.send(self.counters())),
+                Some(Job::Detach(ifname, tx)) => drop(tx.send(self.datapath.detach(&ifname))),
+                None => self.try_publish(),
+            }
+            self.refresh_view();
+        }
+    }
+
+    /// Writes the pending publication; keeps it (and the error) when that fails.
+    fn try_publish(&mut self) {
+        let (Some(path), Some(inputs)) = (&self.cfg.publish, &self.pending) else { return };
+        match publish(path, inputs).with_context(|| format!("publish the policy inputs to {}", path.display())) {
+            Ok(()) => {
+                self.published = Some(inputs.version);
+                self.pending = None;
+                self.publish_error = None;
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                if self.publish_error.as_deref() != Some(error.as_str()) {
+                    tracing::error!(%error, version = inputs.version, "Publication failed: retrying every second; the proxy keeps its last good version");
+                }
+                self.publish_error = Some(error);
+            }
+        }
+    }
+
+    /// Puts the snapshot and the status where the rest of the agent reads them.
+    pub(super) fn refresh_view(&self) {
+        let status = self.status();
+        let mut view = self.view.lock();
+        view.snapshot = self.snapshot.clone();
+        view.status = status;
+    }
+
+    /// Re-reads inputs, resolves, attaches new endpoints and writes the maps.
+    pub(super) fn reload(&mut self) -> anyhow::Result<ApplyStats> {
+        let text = std::fs::read_to_string(&self.cfg.endpoints)
+            .with_context(|| format!("read endpoints file {}", self.cfg.endpoints.display()))?;
+        let eps: EndpointsFile =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", self.cfg.endpoints.display()))?;
+        let mut seen = Vec::new();
+        for path in policy_files(&self.cfg.policies)? {
+            // Read once: what is loaded is exactly what is published.
+            let (loaded, text) = match std::fs::read_to_string(&path) {
+                Ok(text) => (load_str(&path.display().to_string(), &text, &LoadOptions::default()), Some(text)),
+                Err(_) => (load_file(&path, &LoadOptions::default()), None),
+            };
+            let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+            let entry = self.files.entry(path.clone()).or_insert_with(|| FileState {
+                file: path.display().to_string(),
+                ok: true,
+                errors: vec![],
+                last_good: None,
+                last_good_text: None,
+            });
+            if errors.is_empty() {
+                entry.ok = true;
+                entry.errors.clear();
+                entry.last_good = Some(loaded);
+                entry.last_good_text = text;
+            } else {
+                for e in &errors {
+                    tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
+                }
+                if entry.errors != errors {
+                    let mut view = self.view.lock();
+                    for e in &errors {
+                        view.flows.push_numbered(|seq| Flow { seq, ..Flow::policy_error(e) });
+                    }
+                }
+                entry.ok = false;
+                entry.errors = errors;
+            }
+            seen.push(path);
+        }
+        self.files.retain(|p, _| seen.contains(p));
+        let mut all = Loaded::default();
+        for f in self.files.values() {
+            if let Some(l) = &f.last_good {
+                all.extend(l.clone());
+            }
+        }
+        let env = environment(&eps);
+        self.version += 1;
+        let snap = resolve(&all.policies, &all.cidr_groups, &env, &mut self.allocator, self.version);
+        for e in &snap.errors {
+            tracing::warn!(error = %e, "Policy resolution problem (the affected rules allow nothing)");
+        }
+        // Bind and attach endpoints (interfaces in this network namespace).
+        let mut bindings = Vec::new();
+        self.attach_errors.clear();
+        for e in &eps.endpoints {
+            match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
+                Ok(ifindex) => bindings.push(Binding {
+                    endpoint: e.id,
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    ifindex,
+                }),
+                Err(err) => {
+                    self.attach_errors.push(format!("{}/{}: interface {}: {err}", e.namespace, e.name, e.ifname))
+                }
+            }
+        }
+        let want = mapstate::desired(&snap, &bindings, &eps.node_ips);
+        // Maps first, then programs: a freshly attached interface must find its policy.
+        let stats = self.datapath.apply(&want)?;
+        for e in &eps.endpoints {
+            if bindings.iter().any(|b| b.endpoint == e.id)
+                && let Err(err) = self.datapath.attach(&e.ifname)
+            {
+                self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
+            }
+        }
+        for err in &self.attach_errors {
+            tracing::error!(error = %err, "Endpoint not enforced");
+        }
+        tracing::info!(
+            version = self.version,
+            generation = stats.generation,
+            policy_entries = stats.policy_entries,
+            written = stats.written,
+            removed = stats.removed,
+            micros = stats.micros as u64,
+            "Policy applied"
+        );
+        // The state first: the kernel enforces this version now, whatever becomes of the publication.
+        self.snapshot = Some(Arc::new(snap));
+        self.endpoints = eps;
+        self.bindings = bindings;
+        self.last_apply = Some(stats.clone());
+        if self.cfg.publish.is_some() {
+            let (identities, prefixes) = self.allocator.assignments();
+            self.pending = Some(PolicyInputs {
+                version: self.version,
+                policies: self
+                    .files
+                    .values()
+                    .filter_map(|f| f.last_good_text.clone().map(|text| PolicyText { name: f.file.clone(), text }))
+                    .collect(),
+                environment: env,
+                node_ips: self.endpoints.node_ips.clone(),
+                identities,
+                prefixes,
+            });
+            self.try_publish();
+        }
+        Ok(stats)
+    }
+    fn status(&self) -> serde_json::Value {
+        let snap = self.snapshot.as_deref();
+        let attached = self.datapath.attached();
+        let endpoints: Vec<serde_json::Value> = self
+            .endpoints
+            .endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id,
+                    "name": e.name,
+                    "namespace": e.namespace,
+                    "ifname": e.ifname,
+                    "ips": e.ips,
+                    "identity": snap.and_then(|s| s.endpoint(&e.namespace, &e.name)).map(|p| p.identity),
+                    "attached": attached.contains(&e.ifname),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "version": self.version,
+            "generation": self.datapath.generation().ok(),
+            "endpoints": endpoints,
+            "policy_files": self.files.values().collect::<Vec<_>>(),
+            "errors": snap.map(|s| s.errors.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default()
+                .into_iter().chain(self.attach_errors.iter().cloned()).collect::<Vec<_>>(),
+            "warnings": snap.map(|s| s.warnings.clone()).unwrap_or_default(),
+            "last_apply": self.last_apply,
+            "publish": {
+                "path": self.cfg.publish,
+                "published_version": self.published,
+                "pending": self.pending.as_ref().map(|p| p.version),
+                "last_error": self.publish_error,
+            },
+        })
+    }
+
+    fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        use redirect_common::counter as c;
+        let v = self.datapath.counters()?;
+        let get = |i: u32| v.get(i as usize).copied().unwrap_or(0);
+        Ok(c::NAMES
+            .into_iter()
+            .map(|(i, name)| {
+                let n = if i == c::FORWARDED {
+                    get(c::CT_NEW) + get(c::CT_ESTABLISHED) + get(c::CT_REPLY) + get(c::UNTRACKED_PASS)
+                } else {
+                    get(i)
+                };
+                (name.to_owned(), n)
+            })
+            .collect())
+    }
+}
