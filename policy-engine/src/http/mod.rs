@@ -8,8 +8,10 @@
 //!   from a secret. When a rule set has header matches, every matching rule runs its actions (no
 //!   short-circuit), exactly as cilium-envoy does.
 //!
-//! A rule set compiles its paths into one index: literal paths in a hash map, regex paths in one
-//! `RegexSet`, so a request costs one hash lookup plus one automaton pass however many rules there are.
+//! A rule set compiles its paths into one index ([`index`]): literal paths in a hash map, regex paths
+//! in one overlapping lazy DFA (a `RegexSet` only when the DFA cannot be built), so a request costs
+//! one hash lookup plus one automaton pass however many rules there are. Header rules and their
+//! mismatch actions are [`headers`].
 //! This module knows nothing of sockets or HTTP parsing; the proxy hands it method, path, authority and
 //! a header map.
 
@@ -28,6 +30,15 @@ use regex_automata::{Anchored, Input, MatchKind, nfa::thompson};
 use regex_syntax::hir::{HirKind, Look};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
+
+mod headers;
+mod index;
+#[cfg(test)]
+mod tests;
+
+use self::headers::apply_header_match;
+pub use self::headers::{HeaderLog, HeaderMap, SimpleHeaders};
+use self::index::{PathAutomaton, PathIndex, PathRegexes, RegexCache, literal_of};
 
 /// Upper bound for one compiled regex program (bytes).
 const REGEX_SIZE_LIMIT: usize = 16 << 20;
@@ -178,27 +189,6 @@ pub fn compile_full_match(re: &str) -> Result<Regex, regex::Error> {
     RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build()
 }
 
-/// If a regex can only ever match one exact string (`/v1/x`, `^/v1/x$`), returns it.
-fn literal_of(re: &str) -> Option<Vec<u8>> {
-    let hir = regex_syntax::Parser::new().parse(re).ok()?;
-    let items: Vec<&regex_syntax::hir::Hir> = match hir.kind() {
-        HirKind::Concat(items) => items.iter().collect(),
-        HirKind::Empty => return Some(Vec::new()),
-        _ => vec![&hir],
-    };
-    let mut out = Vec::new();
-    let last = items.len().saturating_sub(1);
-    for (i, item) in items.iter().enumerate() {
-        match item.kind() {
-            HirKind::Literal(lit) => out.extend_from_slice(&lit.0),
-            HirKind::Look(Look::Start) if i == 0 => {}
-            HirKind::Look(Look::End) if i == last => {}
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
 #[derive(Clone, Debug)]
 enum Matcher {
     Exact(Box<[u8]>),
@@ -228,135 +218,6 @@ struct CompiledRule {
     host: Option<Matcher>,
     headers: Vec<CompiledHeaderMatcher>,
     header_matches: Vec<HeaderMatch>,
-}
-
-/// Shares compiled regexes between rules (10,000 rules with `method: GET` compile `GET` once).
-#[derive(Default)]
-struct RegexCache(HashMap<String, Arc<Regex>>);
-
-impl RegexCache {
-    fn get(&mut self, re: &str) -> Result<Arc<Regex>, regex::Error> {
-        if let Some(r) = self.0.get(re) {
-            return Ok(r.clone());
-        }
-        let r = Arc::new(compile_full_match(re)?);
-        self.0.insert(re.to_owned(), r.clone());
-        Ok(r)
-    }
-
-    fn matcher(&mut self, m: &StrMatch) -> Result<Matcher, regex::Error> {
-        Ok(match m {
-            StrMatch::Exact(s) => Matcher::Exact(s.as_bytes().into()),
-            StrMatch::Regex(re) => match literal_of(re) {
-                Some(lit) => Matcher::Exact(lit.into()),
-                None => Matcher::Regex(self.get(re)?),
-            },
-        })
-    }
-}
-
-type CacheFn = Box<dyn Fn() -> Cache + Send + Sync + UnwindSafe + RefUnwindSafe>;
-
-/// All regex paths of a rule set as one lazy DFA, searched in overlapping mode: a search costs one pass
-/// over the path plus one step per *matching* pattern, however many patterns there are.
-struct PathAutomaton {
-    dfa: Arc<DFA>,
-    caches: Pool<Cache, CacheFn>,
-}
-
-impl fmt::Debug for PathAutomaton {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PathAutomaton").field("patterns", &self.dfa.pattern_len()).finish()
-    }
-}
-
-impl PathAutomaton {
-    fn build(patterns: &[String]) -> Option<Self> {
-        let dfa = DFA::builder()
-            .configure(
-                DFA::config().match_kind(MatchKind::All).cache_capacity(PATH_DFA_CACHE).skip_cache_capacity_check(true),
-            )
-            .syntax(syntax::Config::new().utf8(false))
-            .thompson(thompson::Config::new().utf8(false).nfa_size_limit(Some(REGEX_SET_SIZE_LIMIT)))
-            .build_many(patterns)
-            .ok()?;
-        let dfa = Arc::new(dfa);
-        let for_caches = dfa.clone();
-        let create: CacheFn = Box::new(move || for_caches.create_cache());
-        Some(Self { dfa, caches: Pool::new(create) })
-    }
-
-    /// Calls `hit` with the index of every pattern matching all of `path`; `false` if the search gave up.
-    fn matches(&self, path: &[u8], mut hit: impl FnMut(usize)) -> bool {
-        let mut cache = self.caches.get();
-        let input = Input::new(path).anchored(Anchored::Yes);
-        let mut state = OverlappingState::start();
-        loop {
-            if self.dfa.try_search_overlapping_fwd(&mut cache, &input, &mut state).is_err() {
-                return false;
-            }
-            match state.get_match() {
-                Some(m) => hit(m.pattern().as_usize()),
-                None => return true,
-            }
-        }
-    }
-}
-
-/// How the regex paths of a rule set are searched.
-#[derive(Debug)]
-enum PathRegexes {
-    None,
-    /// The normal case.
-    Automaton(PathAutomaton),
-    /// When the lazy DFA cannot be built (e.g. Unicode word boundaries): the regex crate's set.
-    Set(RegexSet),
-}
-
-/// Path index: which rules can match a given path.
-#[derive(Debug)]
-struct PathIndex {
-    /// Policy-controlled keys: a fast, non-keyed hash is safe here.
-    exact: FxHashMap<Box<[u8]>, Vec<u32>>,
-    regexes: PathRegexes,
-    /// Each regex pattern alone, for a search the automaton gives up on.
-    one_by_one: Vec<Arc<Regex>>,
-    set_rules: Vec<Vec<u32>>,
-    any: Vec<u32>,
-}
-
-/// Candidate rules of one request (rarely more than a handful: kept inline).
-type Candidates = SmallVec<[u32; 8]>;
-
-impl PathIndex {
-    fn candidates(&self, path: &[u8]) -> Candidates {
-        let mut out: Candidates = SmallVec::from_slice(&self.any);
-        if let Some(ids) = self.exact.get(path) {
-            out.extend_from_slice(ids);
-        }
-        let mut add = |pattern: usize| {
-            if let Some(ids) = self.set_rules.get(pattern) {
-                out.extend_from_slice(ids);
-            }
-        };
-        match &self.regexes {
-            PathRegexes::None => {}
-            PathRegexes::Automaton(a) => {
-                let mut hits: SmallVec<[usize; 8]> = SmallVec::new();
-                if a.matches(path, |p| hits.push(p)) {
-                    hits.into_iter().for_each(&mut add);
-                } else {
-                    // The lazy DFA gave up: check each pattern on its own (slow, but correct).
-                    self.one_by_one.iter().enumerate().filter(|(_, re)| re.is_match(path)).for_each(|(i, _)| add(i));
-                }
-            }
-            PathRegexes::Set(set) => set.matches(path).iter().for_each(&mut add),
-        }
-        if out.len() > 1 {
-            out.sort_unstable();
-        }
-        out
-    }
 }
 
 /// The compiled HTTP rules of one L7 entry.
@@ -550,68 +411,6 @@ fn rule_basic_match(rule: &CompiledRule, req: &HttpRequestInfo<'_>, headers: &dy
     })
 }
 
-/// Equality without an early exit on the first differing byte (secret values).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Cilium's `HeaderMatch::allowed`: returns whether matching can continue, applying the action.
-fn apply_header_match(hm: &HeaderMatch, headers: &mut dyn HeaderMap, log: &mut HeaderLog) -> bool {
-    let current: Option<Vec<u8>> = headers.get(&hm.name).map(Cow::into_owned);
-    let presence = hm.value.is_empty();
-    let matches = match &current {
-        None => false,
-        Some(_) if presence => true,
-        Some(v) => constant_time_eq(v, hm.value.as_bytes()),
-    };
-    let shown = |v: &str| if hm.secret { "[redacted]".to_owned() } else { v.to_owned() };
-    if matches {
-        match hm.match_action {
-            MatchAction::Continue => true,
-            MatchAction::Fail => {
-                log.rejected.push((hm.name.clone(), shown(&hm.value)));
-                false
-            }
-            MatchAction::Delete => {
-                log.rejected.push((hm.name.clone(), shown(&hm.value)));
-                headers.remove(&hm.name);
-                true
-            }
-        }
-    } else {
-        match hm.mismatch_action {
-            MismatchAction::Fail => {
-                log.missing.push((hm.name.clone(), shown(&hm.value)));
-                false
-            }
-            MismatchAction::Continue => {
-                log.missing.push((hm.name.clone(), shown(&hm.value)));
-                true
-            }
-            MismatchAction::Add => {
-                headers.append(&hm.name, hm.value.as_bytes());
-                log.missing.push((hm.name.clone(), shown(&hm.value)));
-                true
-            }
-            MismatchAction::Delete => {
-                if let (false, Some(v)) = (presence, &current) {
-                    headers.remove(&hm.name);
-                    log.rejected.push((hm.name.clone(), String::from_utf8_lossy(v).into_owned()));
-                }
-                true
-            }
-            MismatchAction::Replace => {
-                if let Some(v) = &current {
-                    log.rejected.push((hm.name.clone(), String::from_utf8_lossy(v).into_owned()));
-                }
-                headers.set(&hm.name, hm.value.as_bytes());
-                log.missing.push((hm.name.clone(), shown(&hm.value)));
-                true
-            }
-        }
-    }
-}
-
 /// What policy reads of a request besides headers.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpRequestInfo<'a> {
@@ -621,166 +420,4 @@ pub struct HttpRequestInfo<'a> {
     pub path: &'a [u8],
     /// `:authority` or `Host`.
     pub authority: Option<&'a [u8]>,
-}
-
-/// Header access for policy. Names are lower case. The proxy implements it over its request headers.
-pub trait HeaderMap {
-    /// All values of a header joined with `,`, or `None` when absent.
-    fn get(&self, name: &str) -> Option<Cow<'_, [u8]>>;
-    /// Adds a value (keeps existing ones).
-    fn append(&mut self, name: &str, value: &[u8]);
-    /// Replaces every value with one.
-    fn set(&mut self, name: &str, value: &[u8]);
-    /// Removes the header.
-    fn remove(&mut self, name: &str);
-}
-
-/// A small ordered header list (offline evaluation, tests).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SimpleHeaders(pub Vec<(String, Vec<u8>)>);
-
-impl SimpleHeaders {
-    /// Builds from name/value pairs (names are lower-cased).
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec())).collect())
-    }
-}
-
-impl HeaderMap for SimpleHeaders {
-    fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        let mut vals = self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_slice());
-        let first = vals.next()?;
-        match vals.next() {
-            None => Some(Cow::Borrowed(first)),
-            Some(second) => {
-                let mut joined = first.to_vec();
-                for v in std::iter::once(second).chain(vals) {
-                    joined.push(b',');
-                    joined.extend_from_slice(v);
-                }
-                Some(Cow::Owned(joined))
-            }
-        }
-    }
-    fn append(&mut self, name: &str, value: &[u8]) {
-        self.0.push((name.to_owned(), value.to_vec()));
-    }
-    fn set(&mut self, name: &str, value: &[u8]) {
-        self.remove(name);
-        self.append(name, value);
-    }
-    fn remove(&mut self, name: &str) {
-        self.0.retain(|(k, _)| k != name);
-    }
-}
-
-/// Header findings for the access log (values of secret matches are `[redacted]`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HeaderLog {
-    /// Headers that were present with a rejected value (removed or replaced).
-    pub rejected: Vec<(String, String)>,
-    /// Expected headers that were missing (or added).
-    pub missing: Vec<(String, String)>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req<'a>(method: &'a str, path: &'a str) -> HttpRequestInfo<'a> {
-        HttpRequestInfo { method: method.as_bytes(), path: path.as_bytes(), authority: None }
-    }
-
-    fn rule(method: &str, path: &str) -> HttpRule {
-        HttpRule {
-            method: (!method.is_empty()).then(|| StrMatch::Regex(method.into())),
-            path: (!path.is_empty()).then(|| StrMatch::Regex(path.into())),
-            ..Default::default()
-        }
-    }
-
-    fn allows(set: &HttpRuleSet, r: &HttpRequestInfo<'_>) -> bool {
-        set.evaluate(r, &mut SimpleHeaders::default(), &mut HeaderLog::default()).is_some()
-    }
-
-    #[test]
-    fn full_match_regexes() {
-        let set =
-            HttpRuleSet::compile(vec![rule("GET", "/v1/"), rule("POST", "/v1/request-landing$"), rule("", "/api/.*")])
-                .unwrap();
-        assert!(allows(&set, &req("GET", "/v1/")));
-        assert!(!allows(&set, &req("GET", "/v1/x")), "path is a full match");
-        assert!(allows(&set, &req("POST", "/v1/request-landing")));
-        assert!(!allows(&set, &req("POST", "/v1/request-landing/extra")));
-        assert!(allows(&set, &req("DELETE", "/api/anything?q=1")));
-        assert!(!allows(&set, &req("GETX", "/v1/")), "method is a full match");
-    }
-
-    #[test]
-    fn literal_detection() {
-        assert_eq!(literal_of("/v1/request-landing"), Some(b"/v1/request-landing".to_vec()));
-        assert_eq!(literal_of("^/v1/x$"), Some(b"/v1/x".to_vec()));
-        assert_eq!(literal_of("/v1/.*"), None);
-        assert_eq!(literal_of("/a|/b"), None);
-        assert_eq!(literal_of("/a\\.b"), Some(b"/a.b".to_vec()));
-    }
-
-    #[test]
-    fn empty_set_allows_everything() {
-        let set = HttpRuleSet::compile(vec![]).unwrap();
-        assert!(allows(&set, &req("PUT", "/anything")));
-        let any = HttpRuleSet::compile(vec![HttpRule::default()]).unwrap();
-        assert!(allows(&any, &req("PUT", "/anything")));
-    }
-
-    #[test]
-    fn header_exact_and_presence() {
-        let set = HttpRuleSet::compile(vec![HttpRule {
-            headers: vec![
-                HeaderMatcher { name: "x-has-force".into(), kind: HeaderMatcherKind::Exact("True".into()) },
-                HeaderMatcher { name: "x-trace".into(), kind: HeaderMatcherKind::Present },
-            ],
-            ..Default::default()
-        }])
-        .unwrap();
-        let r = req("PUT", "/");
-        let mut ok = SimpleHeaders::from_pairs([("X-Has-Force", "True"), ("x-trace", "")]);
-        assert!(set.evaluate(&r, &mut ok, &mut HeaderLog::default()).is_some());
-        let mut wrong = SimpleHeaders::from_pairs([("X-Has-Force", "true"), ("x-trace", "1")]);
-        assert!(set.evaluate(&r, &mut wrong, &mut HeaderLog::default()).is_none());
-    }
-
-    #[test]
-    fn replace_on_mismatch_sets_the_header() {
-        let set = HttpRuleSet::compile(vec![HttpRule {
-            header_matches: vec![HeaderMatch {
-                name: "authorization".into(),
-                value: "Bearer 123456".into(),
-                secret: true,
-                match_action: MatchAction::Continue,
-                mismatch_action: MismatchAction::Replace,
-            }],
-            ..Default::default()
-        }])
-        .unwrap();
-        let mut h = SimpleHeaders::from_pairs([("Authorization", "Bearer wrong")]);
-        let mut log = HeaderLog::default();
-        assert!(set.evaluate(&req("POST", "/"), &mut h, &mut log).is_some());
-        assert_eq!(h.get("authorization").as_deref(), Some(&b"Bearer 123456"[..]));
-        assert_eq!(log.missing, vec![("authorization".to_owned(), "[redacted]".to_owned())]);
-    }
-
-    #[test]
-    fn many_rules_are_indexed() {
-        let mut rules = Vec::new();
-        for i in 0..2000 {
-            rules.push(rule("GET", &format!("/svc{i}/items/[0-9]+")));
-            rules.push(rule("POST", &format!("/svc{i}/create")));
-        }
-        let set = HttpRuleSet::compile(rules).unwrap();
-        assert!(allows(&set, &req("GET", "/svc1999/items/42")));
-        assert!(allows(&set, &req("POST", "/svc7/create")));
-        assert!(!allows(&set, &req("GET", "/svc7/create")));
-        assert!(!allows(&set, &req("GET", "/svc2000/items/1")));
-    }
 }

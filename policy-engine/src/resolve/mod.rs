@@ -1,0 +1,320 @@
+//! Resolution: validated policies + the cluster's endpoints → a [`Snapshot`].
+//!
+//! Steps: label every endpoint the way Cilium does (pod labels, namespace, namespace labels, service
+//! account, cluster), keep the security-relevant ones and allocate identities; give every prefix the
+//! policies can select (CIDRs, CIDR groups, service backends, IPs learned from DNS) a CIDR identity and
+//! build the ipcache; turn each selector into the set of identities it selects (once per distinct
+//! selector); then, per endpoint and direction, expand the selecting rules into entries, merge entries
+//! with the same selector and port, and compile their L7 rules (once per distinct rule list).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::dns::{DnsRuleSet, NamePattern, normalize_name};
+use crate::http::{HttpRule, HttpRuleSet};
+use crate::identity::{self, Identity, IdentityAllocator, IdentityId, IdentityKind, IpCache, reserved};
+use crate::kafka::{KafkaRule, KafkaRuleSet};
+use crate::labels::{self, Label, LabelKey, LabelSource, Labels};
+use crate::model::{
+    Action, CidrGroup, CidrGroupRef, Direction, Element, Entity, HttpRuleSpec, IcmpFamily, L4Spec, L7Parser, L7Spec,
+    Peer, Peers, Policy, PortSel, Protocol, SecretSource, ServiceRef, Subject,
+};
+use crate::selector::Selector;
+use crate::snapshot::{
+    DirectionPolicy, EndpointPolicy, EntryAction, L7Set, Origin, OriginId, PeerSet, PolicyEntry, Proto, ProtoMatch,
+    ResolveError, Snapshot,
+};
+
+/// A named container port.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NamedPort {
+    /// Name (lower case).
+    pub name: String,
+    /// Number.
+    pub port: u16,
+    /// Protocol (IP protocol number: 6 TCP, 17 UDP, 132 SCTP).
+    #[serde(with = "proto_number")]
+    pub protocol: Proto,
+}
+
+mod proto_number {
+    use super::Proto;
+    pub(super) fn serialize<S: serde::Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(p.number())
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
+        <u8 as serde::Deserialize>::deserialize(d).map(Proto::from_number)
+    }
+}
+
+/// A workload endpoint (pod).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Endpoint {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod labels (`k8s:` unless the key says otherwise).
+    pub labels: BTreeMap<String, String>,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// Named container ports.
+    pub named_ports: Vec<NamedPort>,
+    /// Service account (`default` when none).
+    pub service_account: Option<String>,
+}
+
+/// A Kubernetes service.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service labels (for `k8sServiceSelector`).
+    pub labels: BTreeMap<String, String>,
+    /// Pod selector; none for services backed by external endpoints.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Backend addresses of a selector-less service.
+    pub backends: Vec<IpAddr>,
+}
+
+/// Everything besides policies that resolution needs.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Environment {
+    /// Local cluster name.
+    pub cluster: String,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Namespace labels.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// What the DNS proxy learned: name → addresses.
+    pub fqdn_cache: BTreeMap<String, Vec<IpAddr>>,
+    /// Services.
+    pub services: Vec<Service>,
+    /// Secret values by `namespace/name`.
+    pub secrets: BTreeMap<String, String>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self {
+            cluster: labels::DEFAULT_CLUSTER.into(),
+            endpoints: vec![],
+            namespace_labels: BTreeMap::new(),
+            fqdn_cache: BTreeMap::new(),
+            services: vec![],
+            secrets: BTreeMap::new(),
+        }
+    }
+}
+
+impl SecretSource for Environment {
+    fn secret(&self, namespace: &str, name: &str) -> Option<String> {
+        self.secrets.get(&format!("{namespace}/{name}")).cloned()
+    }
+}
+
+impl Environment {
+    /// Every label of an endpoint, as Cilium derives them.
+    pub fn endpoint_labels(&self, ep: &Endpoint) -> Labels {
+        let mut ls: Vec<Label> =
+            ep.labels.iter().map(|(k, v)| Label::new(LabelKey::parse(k, LabelSource::K8s), v.clone())).collect();
+        ls.push(Label::new(LabelKey::k8s(labels::POD_NAMESPACE), ep.namespace.clone()));
+        let mut ns_labels = self.namespace_labels.get(&ep.namespace).cloned().unwrap_or_default();
+        ns_labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| ep.namespace.clone());
+        for (k, v) in ns_labels {
+            ls.push(Label::new(LabelKey::k8s(format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX)), v));
+        }
+        ls.push(Label::new(
+            LabelKey::k8s(labels::SERVICE_ACCOUNT),
+            ep.service_account.clone().unwrap_or_else(|| "default".into()),
+        ));
+        ls.push(Label::new(LabelKey::k8s(labels::CLUSTER), self.cluster.clone()));
+        Labels::new(ls)
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+/// `inner` is a sub-prefix of (or equal to) `outer`.
+fn within(inner: &IpNet, outer: &IpNet) -> bool {
+    outer.contains(&inner.network()) && inner.prefix_len() >= outer.prefix_len()
+}
+
+/// The merge key of a peer: per selector, as Cilium keeps per-selector policies.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerKey {
+    All,
+    Peer(Peer),
+    Identity(IdentityId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ActionKind {
+    Deny,
+    Allow,
+    Redirect(L7Parser),
+}
+
+#[derive(Default)]
+struct Merged {
+    peers: Option<PeerSet>,
+    origins: Vec<OriginId>,
+    http: Vec<(HttpRuleSpec, OriginId)>,
+    kafka: Vec<(KafkaRule, OriginId)>,
+    dns: Vec<(NamePattern, OriginId)>,
+}
+
+type EntryKey = (ProtoMatch, u16, u16, PeerKey, ActionKind);
+
+/// One expanded port of an element: protocol, first and last port, L7 rules, and the named port to
+/// resolve (if any).
+type L4Item = (ProtoMatch, u16, u16, L7Spec, Option<(String, Protocol)>);
+
+struct Resolver<'a> {
+    env: &'a Environment,
+    cidr_groups: &'a [CidrGroup],
+    identities: BTreeMap<IdentityId, Identity>,
+    endpoint_ips: BTreeSet<IpAddr>,
+    ip_identity: HashMap<IpAddr, IdentityId>,
+    peer_cache: HashMap<Peer, PeerSet>,
+    http_cache: HashMap<Vec<HttpRule>, Option<Arc<HttpRuleSet>>>,
+    origins: Vec<Origin>,
+    origin_ids: HashMap<(usize, String), OriginId>,
+    warnings: BTreeSet<String>,
+    errors: Vec<ResolveError>,
+}
+
+/// Resolves policies against an environment. Identities come from `alloc`, which keeps them stable
+/// across calls.
+///
+/// ```
+/// use policy_engine::api::{load_str, LoadOptions};
+/// use policy_engine::identity::IdentityAllocator;
+/// use policy_engine::resolve::{resolve, Endpoint, Environment};
+/// use policy_engine::snapshot::{L4Verdict, Proto};
+/// let loaded = load_str("p.yaml", r#"
+/// apiVersion: cilium.io/v2
+/// kind: CiliumNetworkPolicy
+/// metadata: {name: rule1}
+/// spec:
+///   endpointSelector: {matchLabels: {class: deathstar}}
+///   ingress: [{fromEndpoints: [{matchLabels: {org: empire}}], toPorts: [{ports: [{port: "80", protocol: TCP}]}]}]
+/// "#, &LoadOptions::default());
+/// let ep = |name: &str, org: &str, class: &str| Endpoint {
+///     name: name.into(), namespace: "default".into(),
+///     labels: [("org".to_string(), org.to_string()), ("class".to_string(), class.to_string())].into(),
+///     ..Default::default()
+/// };
+/// let env = Environment { endpoints: vec![ep("deathstar", "empire", "deathstar"), ep("xwing", "alliance", "xwing")], ..Default::default() };
+/// let snap = resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1);
+/// let ds = snap.endpoint("default", "deathstar").unwrap();
+/// let xwing = snap.endpoint("default", "xwing").unwrap().identity;
+/// assert!(matches!(ds.ingress.l4_verdict(xwing, Proto::Tcp, 80), L4Verdict::Drop(_)));
+/// ```
+pub fn resolve(
+    policies: &[Policy],
+    cidr_groups: &[CidrGroup],
+    env: &Environment,
+    alloc: &mut IdentityAllocator,
+    version: u64,
+) -> Snapshot {
+    let mut r = Resolver {
+        env,
+        cidr_groups,
+        identities: BTreeMap::new(),
+        endpoint_ips: env.endpoints.iter().flat_map(|e| e.ips.iter().copied()).collect(),
+        ip_identity: HashMap::new(),
+        peer_cache: HashMap::new(),
+        http_cache: HashMap::new(),
+        origins: Vec::new(),
+        origin_ids: HashMap::new(),
+        warnings: BTreeSet::new(),
+        errors: Vec::new(),
+    };
+    let mut ipcache = IpCache::default();
+    for (id, name) in reserved::ALL {
+        r.identities
+            .insert(*id, Identity { id: *id, labels: identity::reserved_labels(name), kind: IdentityKind::Reserved });
+    }
+
+    // Endpoint identities, allocated in label order so a fresh allocator is deterministic.
+    let all_labels: Vec<Labels> = env.endpoints.iter().map(|e| env.endpoint_labels(e)).collect();
+    let id_labels: Vec<Labels> = all_labels.iter().map(Labels::identity_relevant).collect();
+    let mut distinct: Vec<&Labels> = id_labels.iter().collect();
+    distinct.sort();
+    distinct.dedup();
+    for l in distinct {
+        let id = alloc.endpoint(l);
+        r.identities.insert(id, Identity { id, labels: l.clone(), kind: IdentityKind::Endpoint });
+    }
+    let ep_ids: Vec<IdentityId> = id_labels.iter().map(|l| alloc.endpoint(l)).collect();
+    for (ep, id) in env.endpoints.iter().zip(&ep_ids) {
+        for ip in &ep.ips {
+            r.ip_identity.insert(*ip, *id);
+        }
+    }
+
+    // CIDR identities for every prefix a selector could name.
+    let prefixes = r.collect_prefixes(policies);
+    for p in &prefixes {
+        let id = alloc.cidr(*p);
+        r.identities.insert(id, Identity { id, labels: identity::cidr_labels(p), kind: IdentityKind::Cidr(*p) });
+        ipcache.insert(*p, id);
+    }
+    // Endpoint addresses win over any prefix of the same length.
+    for (ep, id) in env.endpoints.iter().zip(&ep_ids) {
+        for ip in &ep.ips {
+            ipcache.insert(host_prefix(*ip), *id);
+        }
+    }
+
+    for p in policies {
+        for w in &p.warnings {
+            r.warnings
+                .insert(format!("{}: document {} ({} {}): {w}", p.source.file, p.source.document, p.id.kind, p.id));
+        }
+    }
+
+    let mut endpoints = Vec::with_capacity(env.endpoints.len());
+    for ((ep, labels), (idl, id)) in env.endpoints.iter().zip(all_labels).zip(id_labels.iter().zip(&ep_ids)) {
+        let ingress = r.direction(policies, ep, idl, Direction::Ingress);
+        let egress = r.direction(policies, ep, idl, Direction::Egress);
+        endpoints.push(EndpointPolicy {
+            name: ep.name.clone(),
+            namespace: ep.namespace.clone(),
+            identity: *id,
+            ips: ep.ips.clone(),
+            labels,
+            ingress,
+            egress,
+        });
+    }
+    Snapshot {
+        version,
+        identities: r.identities.into_iter().collect(),
+        ipcache,
+        endpoints,
+        origins: r.origins,
+        warnings: r.warnings.into_iter().collect(),
+        errors: r.errors,
+    }
+}
+
+fn ids(mut v: Vec<IdentityId>) -> PeerSet {
+    v.sort_unstable();
+    v.dedup();
+    PeerSet::Ids(v.into())
+}
+
+mod entries;
+mod peers;
+#[cfg(test)]
+mod tests;

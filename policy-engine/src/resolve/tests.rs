@@ -1,0 +1,57 @@
+use super::*;
+use crate::api::{LoadOptions, load_str};
+use crate::snapshot::L4Verdict;
+use proptest::prelude::*;
+use std::net::Ipv4Addr;
+
+fn snapshot(policy: &str) -> Snapshot {
+    let loaded = load_str("p.yaml", policy, &LoadOptions::default());
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let env = Environment {
+        endpoints: vec![Endpoint {
+            name: "client".into(),
+            namespace: "default".into(),
+            labels: [("app".to_owned(), "client".to_owned())].into(),
+            ips: vec!["10.99.0.1".parse().unwrap()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1)
+}
+
+proptest! {
+    // toCIDRSet selects exactly the addresses inside the CIDR and outside every except; pods are
+    // never selected by CIDR, even when their address is inside.
+    #[test]
+    fn cidr_with_except(a in 0u8..4, b in 0u8..4, len in 8u8..=24, ex_c in 0u8..4, ex_len in 24u8..=30, ip in any::<[u8; 4]>()) {
+        let cidr = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, a, b, 0)), len).unwrap().trunc();
+        let except = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, a, ex_c, 128)), ex_len).unwrap().trunc();
+        let except_list = if cidr.contains(&except.network()) { format!("[{except}]") } else { "[]".into() };
+        let policy = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{}}\n  egress:\n  - toCIDRSet: [{{cidr: {cidr}, except: {except_list}}}]\n"
+        );
+        let snap = snapshot(&policy);
+        let client = snap.endpoint("default", "client").unwrap();
+        let target = IpAddr::V4(Ipv4Addr::new(10, ip[1] % 4, ip[2] % 4, ip[3]));
+        let id = snap.identity_of(target);
+        let allowed = !matches!(client.egress.l4_verdict(id, Proto::Tcp, 443), L4Verdict::Drop(_));
+        let want = cidr.contains(&target)
+            && !(except_list != "[]" && except.contains(&target))
+            && target != "10.99.0.1".parse::<IpAddr>().unwrap();
+        prop_assert_eq!(allowed, want, "cidr {} except {} target {} (identity {})", cidr, except_list, target, id);
+    }
+}
+
+#[test]
+fn pods_are_not_selected_by_cidr() {
+    let snap = snapshot(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [10.99.0.0/16]\n",
+    );
+    let client = snap.endpoint("default", "client").unwrap();
+    let own = snap.identity_of("10.99.0.1".parse().unwrap());
+    assert_eq!(own, client.identity);
+    assert!(matches!(client.egress.l4_verdict(own, Proto::Tcp, 1), L4Verdict::Drop(_)));
+    let other = snap.identity_of("10.99.3.3".parse().unwrap());
+    assert!(matches!(client.egress.l4_verdict(other, Proto::Tcp, 1), L4Verdict::Allow { .. }));
+}
