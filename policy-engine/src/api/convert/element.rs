@@ -118,6 +118,44 @@ pub(super) struct PeerFields<'a> {
     nodes: Option<&'a [raw::LabelSelector]>,
 }
 
+/// The peer fields of an ingress list item: its `from…` fields.
+macro_rules! from_fields {
+    ($e:expr) => {
+        PeerFields {
+            endpoints: $e.from_endpoints.as_deref(),
+            requires: $e.from_requires.as_deref(),
+            cidr: $e.from_cidr.as_deref(),
+            cidr_set: $e.from_cidr_set.as_deref(),
+            entities: $e.from_entities.as_deref(),
+            services: None,
+            fqdns: None,
+            groups: $e.from_groups.as_deref(),
+            nodes: $e.from_nodes.as_deref(),
+        }
+    };
+}
+
+/// The peer fields of an egress list item: its `to…` fields (`toFQDNs` only on allow lists).
+macro_rules! to_fields {
+    ($e:expr, $fqdns:expr) => {
+        PeerFields {
+            endpoints: $e.to_endpoints.as_deref(),
+            requires: $e.to_requires.as_deref(),
+            cidr: $e.to_cidr.as_deref(),
+            cidr_set: $e.to_cidr_set.as_deref(),
+            entities: $e.to_entities.as_deref(),
+            services: $e.to_services.as_deref(),
+            fqdns: $fqdns,
+            groups: $e.to_groups.as_deref(),
+            nodes: $e.to_nodes.as_deref(),
+        }
+    };
+}
+
+fn non_empty<T>(list: Option<&[T]>) -> bool {
+    list.is_some_and(|l| !l.is_empty())
+}
+
 /// An item of one of a rule's four lists, read uniformly.
 pub(super) trait RawElement {
     /// Its peers are sources (`from…`: ingress lists) or destinations (`to…`: egress lists).
@@ -152,20 +190,10 @@ impl RawElement for raw::IngressRule {
     const ACTION: Action = Action::Allow;
     const LIST: &'static str = "ingress";
     fn peers(&self) -> PeerFields<'_> {
-        PeerFields {
-            endpoints: self.from_endpoints.as_deref(),
-            requires: self.from_requires.as_deref(),
-            cidr: self.from_cidr.as_deref(),
-            cidr_set: self.from_cidr_set.as_deref(),
-            entities: self.from_entities.as_deref(),
-            services: None,
-            fqdns: None,
-            groups: self.from_groups.as_deref(),
-            nodes: self.from_nodes.as_deref(),
-        }
+        from_fields!(self)
     }
     fn has_ports(&self) -> bool {
-        self.to_ports.as_ref().is_some_and(|p| !p.is_empty())
+        non_empty(self.to_ports.as_deref())
     }
     fn authentication(&self) -> Option<&raw::Authentication> {
         self.authentication.as_ref()
@@ -192,20 +220,10 @@ impl RawElement for raw::IngressDenyRule {
     const ACTION: Action = Action::Deny;
     const LIST: &'static str = "ingressDeny";
     fn peers(&self) -> PeerFields<'_> {
-        PeerFields {
-            endpoints: self.from_endpoints.as_deref(),
-            requires: self.from_requires.as_deref(),
-            cidr: self.from_cidr.as_deref(),
-            cidr_set: self.from_cidr_set.as_deref(),
-            entities: self.from_entities.as_deref(),
-            services: None,
-            fqdns: None,
-            groups: self.from_groups.as_deref(),
-            nodes: self.from_nodes.as_deref(),
-        }
+        from_fields!(self)
     }
     fn has_ports(&self) -> bool {
-        self.to_ports.as_ref().is_some_and(|p| !p.is_empty())
+        non_empty(self.to_ports.as_deref())
     }
     fn l4(&self, ctx: &mut Ctx, path: &str, _namespace: Option<&str>) -> L4Spec {
         l4_spec(self.to_ports.as_deref(), self.icmps.as_deref(), ctx, path, deny_port_rule)
@@ -217,20 +235,10 @@ impl RawElement for raw::EgressRule {
     const ACTION: Action = Action::Allow;
     const LIST: &'static str = "egress";
     fn peers(&self) -> PeerFields<'_> {
-        PeerFields {
-            endpoints: self.to_endpoints.as_deref(),
-            requires: self.to_requires.as_deref(),
-            cidr: self.to_cidr.as_deref(),
-            cidr_set: self.to_cidr_set.as_deref(),
-            entities: self.to_entities.as_deref(),
-            services: self.to_services.as_deref(),
-            fqdns: self.to_fqdns.as_deref(),
-            groups: self.to_groups.as_deref(),
-            nodes: self.to_nodes.as_deref(),
-        }
+        to_fields!(self, self.to_fqdns.as_deref())
     }
     fn has_ports(&self) -> bool {
-        self.to_ports.as_ref().is_some_and(|p| !p.is_empty())
+        non_empty(self.to_ports.as_deref())
     }
     fn authentication(&self) -> Option<&raw::Authentication> {
         self.authentication.as_ref()
@@ -255,20 +263,10 @@ impl RawElement for raw::EgressDenyRule {
     const ACTION: Action = Action::Deny;
     const LIST: &'static str = "egressDeny";
     fn peers(&self) -> PeerFields<'_> {
-        PeerFields {
-            endpoints: self.to_endpoints.as_deref(),
-            requires: self.to_requires.as_deref(),
-            cidr: self.to_cidr.as_deref(),
-            cidr_set: self.to_cidr_set.as_deref(),
-            entities: self.to_entities.as_deref(),
-            services: self.to_services.as_deref(),
-            fqdns: None,
-            groups: self.to_groups.as_deref(),
-            nodes: self.to_nodes.as_deref(),
-        }
+        to_fields!(self, None)
     }
     fn has_ports(&self) -> bool {
-        self.to_ports.as_ref().is_some_and(|p| !p.is_empty())
+        non_empty(self.to_ports.as_deref())
     }
     fn l4(&self, ctx: &mut Ctx, path: &str, _namespace: Option<&str>) -> L4Spec {
         l4_spec(self.to_ports.as_deref(), self.icmps.as_deref(), ctx, path, deny_port_rule)
