@@ -4,11 +4,12 @@
 //! traffic. It reads the policy inputs the agent publishes ([`snapshot`]), resolves them with the
 //! same engine the agent uses, and keeps enforcing the last good snapshot when the agent is gone.
 //!
-//! Each listener knows (from its configuration now, from the socket's original addresses once the
-//! transparent datapath hands flows over) who the client is and which destination it reaches. On
-//! accept, the proxy computes the L3/L4 verdict of both ends (source egress, destination ingress)
-//! and, per request, the L7 verdict on the normalised request ([`normalize`]). HTTP/1 framing is
-//! checked strictly before hyper sees a byte ([`h1guard`]); HTTP/2 is h2c with prior knowledge.
+//! A listener knows who the client is and which destination it reaches: from its configuration
+//! (explicit listeners), or from the accepted socket's own addresses (transparent listeners, the
+//! flows the kernel datapath hands over). On accept the connection is admitted per source
+//! ([`admission`]) and its L3/L4 verdict taken for both ends (`policy_engine::pair`); per request,
+//! the L7 verdict on the normalised request ([`normalize`], [`head`]). HTTP/1 framing is checked
+//! strictly before hyper sees a byte ([`h1guard`]); HTTP/2 is h2c with prior knowledge.
 //! Every request and response leaves a Hubble-shaped flow record (`porin_flow::flow`, through
 //! [`records`]).
 
