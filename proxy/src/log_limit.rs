@@ -1,5 +1,5 @@
 //! Log lines with a budget: a line that can repeat once per request or per packet (a refused
-//! request, an upstream failure, a dropped packet) goes through [`log_limited!`], which lets at most
+//! request, an upstream failure, a dropped packet) goes through `log_limited!`, which lets at most
 //! [`LINES_PER_WINDOW`] of each call site through per [`WINDOW`] and counts the rest. The next line
 //! let through carries `suppressed = N`: nothing is lost silently, and a flood cannot fill a disk.
 //! Per-request and per-packet facts belong in flow records and counters; logs say that something

@@ -7,7 +7,7 @@
 //! 3. **forward** ([`crate::forward`]): to the upstream pool, or into a tunnel for an allowed
 //!    upgrade / CONNECT — failures answered with the blame where it belongs.
 //!
-//! Every request leaves a flow record (and every response from upstream another): [`Outcome`].
+//! Every request leaves a flow record (and every response from upstream another): `Outcome`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
