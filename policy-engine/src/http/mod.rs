@@ -8,10 +8,10 @@
 //!   from a secret. When a rule set has header matches, every matching rule runs its actions (no
 //!   short-circuit), exactly as cilium-envoy does.
 //!
-//! A rule set compiles its paths into one index ([`index`]): literal paths in a hash map, regex paths
+//! A rule set compiles its paths into one index (`index`): literal paths in a hash map, regex paths
 //! in one overlapping lazy DFA (a `RegexSet` only when the DFA cannot be built), so a request costs
 //! one hash lookup plus one automaton pass however many rules there are. Header rules and their
-//! mismatch actions are [`headers`].
+//! mismatch actions are `headers`.
 //! This module knows nothing of sockets or HTTP parsing; the proxy hands it method, path, authority and
 //! a header map.
 

@@ -8,8 +8,8 @@
 //!
 //! This module reads the files a test names; it prints nothing (the binary formats results).
 //!
-//! [`scenario`] turns policies and endpoints into a snapshot and names the parties of a flow;
-//! [`evaluate`] judges a flow with the engine's pair verdict and L7 matchers.
+//! `scenario` turns policies and endpoints into a snapshot and names the parties of a flow;
+//! `evaluate` judges a flow with the engine's pair verdict and L7 matchers.
 
 mod evaluate;
 mod scenario;
