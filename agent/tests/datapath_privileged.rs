@@ -289,3 +289,73 @@ pods:
     let eps = st["agent"]["status"]["endpoints"].as_array().unwrap().clone();
     assert!(eps.iter().all(|e| e["attached"] == true), "{eps:?}");
 }
+
+/// Sends one raw IP packet of protocol `proto` from `from` to `to` and says whether `to` got it.
+fn raw_ip_delivered(lab: &Lab, from: &str, to: &str, proto: u8) -> bool {
+    let dst = lab.addr(to, false);
+    let listen = format!(
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_RAW, {proto}); s.settimeout(2)\n\
+         try:\n  print('got' if s.recv(100) else '')\nexcept socket.timeout:\n  print('none')"
+    );
+    let receiver = std::thread::spawn({
+        let (name, to) = (lab.name.clone(), to.to_owned());
+        move || {
+            let o = common::porin()
+                .args(["lab", "exec", "--name", &name, &to, "--", "python3", "-c", &listen])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).trim() == "got"
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let send = format!(
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_RAW, {proto}); s.sendto(b'porin-ip-test', ('{dst}', 0))"
+    );
+    assert!(lab.exec(from, &["python3", "-c", &send]).status.success());
+    receiver.join().unwrap()
+}
+
+#[test]
+fn extended_ip_protocols_are_enforced_in_the_kernel_privileged() {
+    if !privileged() {
+        return;
+    }
+    let policy = |protocols: &str| {
+        format!(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: routers}}
+spec:
+  endpointSelector: {{matchLabels: {{role: router}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{role: router}}}}]
+    toPorts: [{{ports: [{protocols}]}}]
+"#
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("porin-vrrp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("vrrp.yaml"), policy(r#"{protocol: VRRP}, {protocol: IGMP, port: "0"}"#)).unwrap();
+    let lab = Lab::up(
+        "vrrp",
+        &format!(
+            "version: 1\npolicies: [{}]\npods:\n  - {{name: r1, labels: {{role: router}}}}\n  - {{name: r2, labels: {{role: router}}}}\n",
+            dir.join("vrrp.yaml").display()
+        ),
+    );
+    // VRRP (112) and IGMP (2) pass between the routers; GRE (47) is not allowed.
+    assert!(raw_ip_delivered(&lab, "r1", "r2", 112), "VRRP allowed");
+    assert!(raw_ip_delivered(&lab, "r1", "r2", 2), "IGMP allowed");
+    let seq = lab.last_seq();
+    assert!(!raw_ip_delivered(&lab, "r1", "r2", 47), "GRE dropped");
+    let drop = lab.wait_event(seq, |e| e["verdict"] == "DROPPED" && e["destination"]["pod_name"] == "r2");
+    assert_eq!(drop["drop_reason_desc"], "POLICY_DENIED");
+    // Only TCP allowed now: VRRP is dropped too, and recorded as VRRP.
+    lab.apply(&[&policy(r#"{port: "80", protocol: TCP}"#)]);
+    let seq = lab.last_seq();
+    assert!(!raw_ip_delivered(&lab, "r1", "r2", 112), "VRRP dropped once the policy no longer names it");
+    let drop = lab.wait_event(seq, |e| e["verdict"] == "DROPPED" && e["l4"].get("VRRP").is_some());
+    assert_eq!(drop["destination"]["pod_name"], "r2");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -364,17 +364,71 @@ pub enum Protocol {
     Sctp,
     /// TCP, UDP and SCTP.
     Any,
+    /// An IP protocol without ports (Cilium's extended IP protocols).
+    Extended(ExtendedProto),
+}
+
+/// IP protocols without transport ports that policy can name (Cilium's
+/// `--enable-extended-ip-protocols` list). A port, when given, must be `0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExtendedProto {
+    /// Virtual Router Redundancy Protocol (112).
+    Vrrp,
+    /// Internet Group Management Protocol (2).
+    Igmp,
+    /// Generic Routing Encapsulation (47).
+    Gre,
+    /// IP in IP (4).
+    Ipip,
+    /// IPv6 encapsulated in IPv4 (41).
+    Ipv6,
+    /// Encapsulating Security Payload (50).
+    Esp,
+    /// Authentication Header (51).
+    Ah,
+}
+
+impl ExtendedProto {
+    /// Every extended protocol.
+    pub const ALL: [Self; 7] = [Self::Vrrp, Self::Igmp, Self::Gre, Self::Ipip, Self::Ipv6, Self::Esp, Self::Ah];
+
+    /// The name policies use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vrrp => "VRRP",
+            Self::Igmp => "IGMP",
+            Self::Gre => "GRE",
+            Self::Ipip => "IPIP",
+            Self::Ipv6 => "IPV6",
+            Self::Esp => "ESP",
+            Self::Ah => "AH",
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Vrrp => 112,
+            Self::Igmp => 2,
+            Self::Gre => 47,
+            Self::Ipip => 4,
+            Self::Ipv6 => 41,
+            Self::Esp => 50,
+            Self::Ah => 51,
+        }
+    }
 }
 
 impl Protocol {
     /// Parses Cilium's protocol names (case-insensitive; empty = ANY).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_uppercase().as_str() {
+        let upper = s.to_ascii_uppercase();
+        Some(match upper.as_str() {
             "TCP" => Self::Tcp,
             "UDP" => Self::Udp,
             "SCTP" => Self::Sctp,
             "ANY" | "" => Self::Any,
-            _ => return None,
+            other => Self::Extended(ExtendedProto::ALL.into_iter().find(|e| e.name() == other)?),
         })
     }
 }
@@ -386,6 +440,7 @@ impl fmt::Display for Protocol {
             Self::Udp => "UDP",
             Self::Sctp => "SCTP",
             Self::Any => "ANY",
+            Self::Extended(e) => e.name(),
         })
     }
 }

@@ -70,15 +70,17 @@ impl Proto {
         }
     }
 
-    /// Parses `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` (case-insensitive).
+    /// Parses `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` and the extended protocols (`VRRP`, `IGMP`, ...;
+    /// case-insensitive).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_uppercase().as_str() {
+        let upper = s.to_ascii_uppercase();
+        Some(match upper.as_str() {
             "TCP" => Self::Tcp,
             "UDP" => Self::Udp,
             "SCTP" => Self::Sctp,
             "ICMP" => Self::Icmp,
             "ICMPV6" => Self::Icmpv6,
-            _ => return None,
+            other => Self::Other(crate::model::ExtendedProto::ALL.into_iter().find(|e| e.name() == other)?.number()),
         })
     }
 
@@ -103,7 +105,12 @@ impl fmt::Display for Proto {
             Self::Sctp => "SCTP",
             Self::Icmp => "ICMP",
             Self::Icmpv6 => "ICMPv6",
-            Self::Other(n) => return write!(f, "proto-{n}"),
+            Self::Other(n) => {
+                return match crate::model::ExtendedProto::ALL.into_iter().find(|e| e.number() == *n) {
+                    Some(e) => f.write_str(e.name()),
+                    None => write!(f, "proto-{n}"),
+                };
+            }
         })
     }
 }

@@ -8,7 +8,7 @@ use aya::maps::{MapData, RingBuf};
 
 use policy_engine::snapshot::Snapshot;
 use porin_flow::flow::{
-    DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, IcmpType, IpVersion, Layer4, Ports,
+    DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, IcmpType, IpVersion, Layer4, NoFields, Ports,
     TrafficDirection, Verdict, rfc3339,
 };
 use redirect_common::{Event, direction, event_kind, family, verdict};
@@ -85,6 +85,8 @@ fn layer4(e: &Event) -> Option<Layer4> {
         132 => Some(Layer4::Sctp(ports)),
         1 => Some(Layer4::Icmpv4(icmp)),
         58 => Some(Layer4::Icmpv6(icmp)),
+        112 => Some(Layer4::Vrrp(NoFields {})),
+        2 => Some(Layer4::Igmp(NoFields {})),
         _ => None,
     }
 }

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use policy_engine::identity::IdentityId;
-use policy_engine::model::L7Parser;
+use policy_engine::model::{ExtendedProto, L7Parser};
 use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
 use redirect_common::{
     IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, listener, verdict,
@@ -27,7 +27,12 @@ use redirect_common::{
 
 /// The protocols that have ports (or ICMP types) in policy keys.
 pub const PORT_PROTOS: [Proto; 5] = [Proto::Tcp, Proto::Udp, Proto::Sctp, Proto::Icmp, Proto::Icmpv6];
-/// A protocol no rule can name: stands for every protocol without ports.
+/// Protocols without ports that rules can name (VRRP, IGMP, ...): each gets its own any-port entry
+/// where its verdict differs from the other protocols'.
+fn extended_protos() -> impl Iterator<Item = Proto> {
+    ExtendedProto::ALL.into_iter().map(|e| Proto::Other(e.number()))
+}
+/// A protocol no rule can name: stands for every other protocol without ports.
 const OTHER_PROTO: Proto = Proto::Other(255);
 /// An identity no entry names: stands for the wildcard class.
 const NOBODY: IdentityId = u32::MAX;
@@ -150,6 +155,8 @@ pub fn port_blocks(start: u16, end: u16) -> Vec<(u16, u32)> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Profile {
     per_proto: Vec<Vec<(u16, u16, PolicyValue)>>,
+    /// Per extended protocol (in `extended_protos` order).
+    extended: Vec<PolicyValue>,
     other: PolicyValue,
 }
 
@@ -170,7 +177,11 @@ fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile
             segs
         })
         .collect();
-    Profile { per_proto, other: value_of(&dp.l4_verdict(id, OTHER_PROTO, 0)) }
+    Profile {
+        per_proto,
+        extended: extended_protos().map(|p| value_of(&dp.l4_verdict(id, p, 0))).collect(),
+        other: value_of(&dp.l4_verdict(id, OTHER_PROTO, 0)),
+    }
 }
 
 /// Segment starts per protocol: 0 and every entry boundary.
@@ -195,6 +206,11 @@ fn boundaries(dp: &DirectionPolicy) -> Vec<Vec<u16>> {
 fn write_profile(out: &mut BTreeMap<PolicySlot, PolicyValue>, dir: u8, endpoint: u32, identity: u32, prof: &Profile) {
     let slot = |prefix_len, proto, port| PolicySlot { prefix_len, direction: dir, endpoint, identity, proto, port };
     out.insert(slot(POLICY_EXACT_BITS, 0, 0), prof.other);
+    for (p, v) in extended_protos().zip(&prof.extended) {
+        if *v != prof.other {
+            out.insert(slot(POLICY_EXACT_BITS + 8, p.number(), 0), *v);
+        }
+    }
     for (p, segs) in PORT_PROTOS.iter().zip(&prof.per_proto) {
         for (start, end, v) in segs {
             for (port, bits) in port_blocks(*start, *end) {

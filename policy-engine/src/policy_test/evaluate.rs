@@ -38,6 +38,8 @@ impl Scenario {
             (Some(p), _) => p,
             (None, Proto::Icmp) => 8,
             (None, Proto::Icmpv6) => 128,
+            // Protocols without ports.
+            (None, Proto::Other(_)) => 0,
             (None, _) => return Err("port: required".into()),
         };
         let kinds =

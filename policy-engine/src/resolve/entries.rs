@@ -68,11 +68,16 @@ impl Resolver<'_> {
                         continue;
                     }
                     for pp in &pr.ports {
+                        let extended;
                         let protos: &[Proto] = match pp.protocol {
                             Protocol::Tcp => &[Proto::Tcp],
                             Protocol::Udp => &[Proto::Udp],
                             Protocol::Sctp => &[Proto::Sctp],
                             Protocol::Any => &[Proto::Tcp, Proto::Udp, Proto::Sctp],
+                            Protocol::Extended(e) => {
+                                extended = [Proto::Other(e.number())];
+                                &extended
+                            }
                         };
                         for proto in protos {
                             match &pp.port {

@@ -300,7 +300,17 @@ pub enum Layer4 {
     /// ICMPv6.
     #[serde(rename = "ICMPv6")]
     Icmpv6(IcmpType),
+    /// VRRP (no fields recorded).
+    #[serde(rename = "VRRP")]
+    Vrrp(NoFields),
+    /// IGMP (no fields recorded).
+    #[serde(rename = "IGMP")]
+    Igmp(NoFields),
 }
+
+/// A transport recorded by protocol alone.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NoFields {}
 
 impl Layer4 {
     /// Hubble's name of the protocol.
@@ -311,6 +321,8 @@ impl Layer4 {
             Self::Sctp(_) => "SCTP",
             Self::Icmpv4(_) => "ICMPv4",
             Self::Icmpv6(_) => "ICMPv6",
+            Self::Vrrp(_) => "VRRP",
+            Self::Igmp(_) => "IGMP",
         }
     }
 
@@ -318,7 +330,7 @@ impl Layer4 {
     pub fn destination_port(&self) -> Option<u16> {
         match self {
             Self::Tcp(p) | Self::Udp(p) | Self::Sctp(p) => Some(p.destination_port),
-            Self::Icmpv4(_) | Self::Icmpv6(_) => None,
+            Self::Icmpv4(_) | Self::Icmpv6(_) | Self::Vrrp(_) | Self::Igmp(_) => None,
         }
     }
 }

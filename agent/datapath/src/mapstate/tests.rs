@@ -32,7 +32,13 @@ enum Act {
 fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
     (
         proptest::option::of(proptest::collection::vec(1u32..6, 1..3)),
-        proptest::option::of(prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Icmp)]),
+        proptest::option::of(prop_oneof![
+            Just(Proto::Tcp),
+            Just(Proto::Udp),
+            Just(Proto::Icmp),
+            Just(Proto::Other(112)),
+            Just(Proto::Other(2))
+        ]),
         0u16..20,
         prop_oneof![Just(0u16), Just(1), Just(3), Just(30), Just(u16::MAX)],
         prop_oneof![Just(Act::Deny), Just(Act::Allow), Just(Act::Redirect)],
@@ -75,7 +81,7 @@ proptest! {
     fn kernel_lookup_equals_engine(
         entries in proptest::collection::vec(arb_entry(), 0..7),
         enforced: bool,
-        flows in proptest::collection::vec((0u32..8, prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Sctp), Just(Proto::Icmp), Just(Proto::Icmpv6), Just(Proto::Other(47))], prop_oneof![0u16..40, Just(65535u16), 65000u16..65535]), 40),
+        flows in proptest::collection::vec((0u32..8, prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Sctp), Just(Proto::Icmp), Just(Proto::Icmpv6), Just(Proto::Other(47)), Just(Proto::Other(112)), Just(Proto::Other(2)), Just(Proto::Other(99))], prop_oneof![0u16..40, Just(65535u16), 65000u16..65535]), 40),
     ) {
         let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], ..Default::default() };
         let mut map = BTreeMap::new();

@@ -43,15 +43,26 @@ pub(super) struct ParsedPort {
 
 pub(super) fn port_protocol(pp: &raw::PortProtocol, has_dns: bool, ctx: &mut Ctx, path: &str) -> Option<ParsedPort> {
     let port_str = pp.port.as_ref().map(|p| p.0.as_str()).unwrap_or("");
+    let proto_str = pp.protocol.as_deref().unwrap_or("");
+    let parsed = Protocol::parse(proto_str);
+    if let Some(protocol @ Protocol::Extended(_)) = parsed {
+        // No transport ports: every packet of the protocol.
+        if !port_str.is_empty() && port_str != "0" {
+            ctx.err(format!("{path}.port"), "port must be empty or 0");
+            return None;
+        }
+        return Some(ParsedPort { port: PortSel::All, protocol, zero: true });
+    }
     if port_str.is_empty() {
         ctx.err(format!("{path}.port"), "port must be specified");
         return None;
     }
-    let proto_str = pp.protocol.as_deref().unwrap_or("");
-    let Some(protocol) = Protocol::parse(proto_str) else {
+    let Some(protocol) = parsed else {
         ctx.err(
             format!("{path}.protocol"),
-            format!("invalid protocol {proto_str:?}, supported protocols are [TCP, UDP, SCTP, ANY]"),
+            format!(
+                "invalid protocol {proto_str:?}, supported protocols are [TCP, UDP, SCTP, ANY, VRRP, IGMP, GRE, IPIP, IPV6, ESP, AH]"
+            ),
         );
         return None;
     };
