@@ -69,6 +69,23 @@ pub struct AgentArgs {
     pub ct_icmp_secs: u64,
 }
 
+/// How `porin policy` commands read policy files.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct LoadArgs {
+    /// Skip documents that are not policies (Deployments, Services, ConfigMaps, ...) and list them
+    /// as skipped, so a directory of manifests can be checked as it is. Misspelt policy kinds and
+    /// obsolete policy versions stay errors.
+    #[arg(long)]
+    pub skip_other_kinds: bool,
+}
+
+impl LoadArgs {
+    /// The engine's load options.
+    pub fn options(self) -> policy_engine::api::LoadOptions {
+        policy_engine::api::LoadOptions { skip_other_kinds: self.skip_other_kinds, ..Default::default() }
+    }
+}
+
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Output {
@@ -82,21 +99,28 @@ pub enum Output {
 /// `porin policy ...`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Validate policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy).
-    /// Exit 0 when valid, 2 when any document is invalid.
+    /// Validate policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy,
+    /// CiliumCIDRGroup). Exit 0 when valid, 2 when any document is invalid.
     Validate {
-        /// Policy files (multi-document YAML).
+        /// Policy files (multi-document YAML), or directories: every `*.yaml`/`*.yml` under one.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// How documents are read.
+        #[command(flatten)]
+        load: LoadArgs,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
     /// Run policy test files. Exit 0 when every case passes, 1 when one fails, 2 when a file is invalid.
     Test {
-        /// Test files.
+        /// Test files, or directories: every test file under one (other YAML files there are
+        /// policies the tests name).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// How the policies the tests name are read.
+        #[command(flatten)]
+        load: LoadArgs,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -125,6 +149,9 @@ pub struct TraceArgs {
     /// fqdn_cache and secrets; its cases are ignored).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// How policy files are read.
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Source: an endpoint name, `cidr:IP`, `entity:NAME`, or `labels:k=v,k=v[@namespace]`.
     #[arg(long)]
     pub from: String,
@@ -217,8 +244,12 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Policy(PolicyCommand::Validate { files, output }) => policy_cmd::validate(&files, output),
-        Command::Policy(PolicyCommand::Test { files, output }) => policy_cmd::test(&files, output),
+        Command::Policy(PolicyCommand::Validate { files, load, output }) => {
+            policy_cmd::validate(&files, &load.options(), output)
+        }
+        Command::Policy(PolicyCommand::Test { files, load, output }) => {
+            policy_cmd::test(&files, &load.options(), output)
+        }
         Command::Policy(PolicyCommand::Trace(args)) => policy_cmd::trace(&args),
         Command::Policy(PolicyCommand::Publish { endpoints, out, files }) => {
             report(crate::proxy_cmd::publish(&endpoints, &out, &files))

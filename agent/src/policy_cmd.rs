@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use policy_engine::api::{LoadOptions, load_file};
+use policy_engine::api::{LoadOptions, OtherObject, load_file};
 use policy_engine::policy_test::{
     ApiKey, DnsCase, Flow, HttpCase, KafkaCase, Outcome, ScenarioBuilder, load_suite, parse_test_file,
 };
@@ -27,35 +27,143 @@ fn out_line(line: &str) {
     let _ = writeln!(out, "{line}");
 }
 
-/// `porin policy validate`.
-pub fn validate(files: &[PathBuf], output: Output) -> ExitCode {
+/// What a directory on the command line stands for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// Every YAML file.
+    Yaml,
+    /// The YAML files that are test files.
+    TestFiles,
+}
+
+/// The files named on the command line, a directory standing for the YAML files under it
+/// (recursively, sorted; hidden entries skipped). A file named directly is always taken.
+fn expand(paths: &[PathBuf], wanted: Wanted) -> Result<Vec<PathBuf>, String> {
+    fn walk(dir: &Path, wanted: Wanted, out: &mut Vec<PathBuf>) -> Result<(), String> {
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: cannot read directory: {e}", dir.display()))?;
+        let mut paths = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| format!("{}: cannot read directory: {e}", dir.display()))?;
+            if !e.file_name().to_string_lossy().starts_with('.') {
+                paths.push(e.path());
+            }
+        }
+        paths.sort();
+        for p in paths {
+            if p.is_dir() {
+                walk(&p, wanted, out)?;
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && (wanted == Wanted::Yaml || std::fs::read_to_string(&p).is_ok_and(|t| is_test_file(&t)))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let before = out.len();
+            walk(p, wanted, &mut out)?;
+            if out.len() == before {
+                let what = if wanted == Wanted::Yaml { "YAML files" } else { "test files" };
+                return Err(format!("{}: no {what} in this directory", p.display()));
+            }
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What `validate` found in one file.
+struct FileReport {
+    /// `N policies` or `test file, N cases`.
+    summary: String,
+    policies: usize,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    skipped: Vec<String>,
+}
+
+/// Checks a file of policy documents.
+fn check_policies(f: &Path, opts: &LoadOptions) -> FileReport {
+    let loaded = load_file(f, opts);
+    let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let skipped = if opts.skip_other_kinds {
+        loaded.other_objects.iter().map(ToString::to_string).collect()
+    } else {
+        if !loaded.other_objects.is_empty() {
+            errors.push(format!("{}: {}", f.display(), OtherObject::hint(loaded.other_objects.len())));
+        }
+        Vec::new()
+    };
+    FileReport {
+        summary: format!("{} policies", loaded.policies.len()),
+        policies: loaded.policies.len(),
+        errors,
+        warnings: loaded.warnings(),
+        skipped,
+    }
+}
+
+/// Checks a test file as `policy test` loads it (its policies valid, every case evaluable),
+/// without running the cases.
+fn check_test_file(f: &Path, opts: &LoadOptions) -> FileReport {
+    match load_suite(f, opts) {
+        Ok(suite) => FileReport {
+            summary: format!("test file, {} cases", suite.cases.len()),
+            policies: 0,
+            errors: Vec::new(),
+            warnings: suite.scenario.warnings.clone(),
+            skipped: suite.scenario.skipped.iter().map(ToString::to_string).collect(),
+        },
+        Err(errors) => {
+            FileReport { summary: String::new(), policies: 0, errors, warnings: Vec::new(), skipped: Vec::new() }
+        }
+    }
+}
+
+/// `porin policy validate`: policy files, and test files found among them.
+pub fn validate(paths: &[PathBuf], opts: &LoadOptions, output: Output) -> ExitCode {
+    let files = match expand(paths, Wanted::Yaml) {
+        Ok(f) => f,
+        Err(e) => {
+            out_line(&format!("ERROR {e}"));
+            return ExitCode::from(INVALID);
+        }
+    };
     let mut code = OK;
-    for f in files {
-        let loaded = load_file(f, &LoadOptions::default());
-        let warnings = loaded.warnings();
-        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-        if !errors.is_empty() {
+    for f in &files {
+        let test_file = std::fs::read_to_string(f).is_ok_and(|t| is_test_file(&t));
+        let r = if test_file { check_test_file(f, opts) } else { check_policies(f, opts) };
+        if !r.errors.is_empty() {
             code = INVALID;
         }
         match output {
             Output::Json => out_line(
                 &serde_json::json!({
                     "file": f.display().to_string(),
-                    "valid": errors.is_empty(),
-                    "policies": loaded.policies.len(),
-                    "errors": errors,
-                    "warnings": warnings,
+                    "valid": r.errors.is_empty(),
+                    "test_file": test_file,
+                    "policies": r.policies,
+                    "errors": r.errors,
+                    "warnings": r.warnings,
+                    "skipped": r.skipped,
                 })
                 .to_string(),
             ),
             Output::Text => {
-                for w in &warnings {
+                for w in &r.warnings {
                     eprintln!("warning: {w}");
                 }
-                if errors.is_empty() {
-                    out_line(&format!("OK    {} ({} policies)", f.display(), loaded.policies.len()));
+                for s in &r.skipped {
+                    out_line(&format!("SKIP  {s}: not a policy"));
+                }
+                if r.errors.is_empty() {
+                    out_line(&format!("OK    {} ({})", f.display(), r.summary));
                 } else {
-                    for e in &errors {
+                    for e in &r.errors {
                         out_line(&format!("ERROR {e}"));
                     }
                 }
@@ -66,11 +174,18 @@ pub fn validate(files: &[PathBuf], output: Output) -> ExitCode {
 }
 
 /// `porin policy test`.
-pub fn test(files: &[PathBuf], output: Output) -> ExitCode {
+pub fn test(paths: &[PathBuf], opts: &LoadOptions, output: Output) -> ExitCode {
+    let files = match expand(paths, Wanted::TestFiles) {
+        Ok(f) => f,
+        Err(e) => {
+            out_line(&format!("ERROR {e}"));
+            return ExitCode::from(INVALID);
+        }
+    };
     let (mut passed, mut failed, mut invalid) = (0usize, 0usize, false);
     let many = files.len() > 1;
-    for f in files {
-        let suite = match load_suite(f) {
+    for f in &files {
+        let suite = match load_suite(f, opts) {
             Ok(s) => s,
             Err(errors) => {
                 invalid = true;
@@ -89,6 +204,9 @@ pub fn test(files: &[PathBuf], output: Output) -> ExitCode {
         };
         for w in &suite.scenario.warnings {
             eprintln!("warning: {w}");
+        }
+        for s in &suite.scenario.skipped {
+            eprintln!("skipped: {s}: not a policy");
         }
         for r in suite.run() {
             if r.pass {
@@ -178,7 +296,7 @@ fn build_flow(a: &TraceArgs) -> Result<Flow, String> {
 
 /// `porin policy trace`.
 pub fn trace(a: &TraceArgs) -> ExitCode {
-    let mut b = ScenarioBuilder::new();
+    let mut b = ScenarioBuilder::with_options(a.load.options());
     for f in &a.files {
         let text = match std::fs::read_to_string(f) {
             Ok(t) => t,
@@ -217,6 +335,9 @@ pub fn trace(a: &TraceArgs) -> ExitCode {
     };
     for w in &scenario.warnings {
         eprintln!("warning: {w}");
+    }
+    for s in &scenario.skipped {
+        eprintln!("skipped: {s}: not a policy");
     }
     let flow = match build_flow(a) {
         Ok(f) => f,

@@ -7,6 +7,10 @@
 //!   case-insensitively. Policies written for Cilium rely on it (Cilium's own example writes
 //!   `rules: {HTTP: [...]}`), so struct keys are matched the same way here. Unknown keys stay errors.
 //!
+//! The object envelope is the exception: Kubernetes decodes `apiVersion`, `kind` and `metadata`
+//! (and `ObjectMeta`'s fields) case-sensitively, so a key there that differs only in case is an
+//! error that names the right spelling ([`CASE_SENSITIVE`]).
+//!
 //! Only `deserialize_any`, `deserialize_option` and `deserialize_struct` need real work; everything
 //! else is forwarded to `deserialize_any`.
 
@@ -75,6 +79,14 @@ pub(crate) fn from_value<T: de::DeserializeOwned>(value: &Value, root: &str) -> 
     T::deserialize(ValueDe { value, path: &path }).map_err(|e| e.at(&path))
 }
 
+/// Structs whose keys Kubernetes matches exactly: the document envelopes and `ObjectMeta`.
+const CASE_SENSITIVE: &[&str] = &["ObjectMeta", "CiliumPolicyDoc", "NetworkPolicyDoc", "CidrGroupDoc"];
+
+/// The message for a key that differs from a field only in case.
+pub(crate) fn wrong_case(found: &str, expected: &str) -> String {
+    format!("found `{found}`; keys are case-sensitive: `{expected}`")
+}
+
 struct ValueDe<'a> {
     value: &'a Value,
     path: &'a Path<'a>,
@@ -115,7 +127,7 @@ impl<'de> de::Deserializer<'de> for ValueDe<'_> {
             Value::String(s) => visitor.visit_str(s),
             Value::Sequence(items) => visitor.visit_seq(SeqDe { iter: items.iter().enumerate(), path: self.path }),
             Value::Mapping(m) => {
-                visitor.visit_map(MapDe { iter: m.iter(), path: self.path, fields: None, pending: None })
+                visitor.visit_map(MapDe { iter: m.iter(), path: self.path, fields: Fields::Any, pending: None })
             }
             Value::Tagged(t) => ValueDe { value: &t.value, path: self.path }.deserialize_any(visitor),
         }
@@ -130,15 +142,16 @@ impl<'de> de::Deserializer<'de> for ValueDe<'_> {
 
     fn deserialize_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
         match self.value {
             Value::Mapping(m) => {
-                visitor.visit_map(MapDe { iter: m.iter(), path: self.path, fields: Some(fields), pending: None })
+                let fields = if CASE_SENSITIVE.contains(&name) { Fields::Exact(fields) } else { Fields::Go(fields) };
+                visitor.visit_map(MapDe { iter: m.iter(), path: self.path, fields, pending: None })
             }
-            Value::Tagged(t) => ValueDe { value: &t.value, path: self.path }.deserialize_struct(_name, fields, visitor),
+            Value::Tagged(t) => ValueDe { value: &t.value, path: self.path }.deserialize_struct(name, fields, visitor),
             other => Err(de::Error::invalid_type(unexpected(other), &visitor)),
         }
     }
@@ -180,21 +193,39 @@ impl<'de, 'a, I: Iterator<Item = (usize, &'a Value)>> SeqAccess<'de> for SeqDe<'
     }
 }
 
+/// How a map's keys are matched to names.
+#[derive(Clone, Copy)]
+enum Fields {
+    /// A map: keys are data.
+    Any,
+    /// A struct, matched as Go's `encoding/json` does: exactly, else case-insensitively.
+    Go(&'static [&'static str]),
+    /// A struct Kubernetes matches exactly; a key differing only in case is an error.
+    Exact(&'static [&'static str]),
+}
+
 struct MapDe<'a, I> {
     iter: I,
     path: &'a Path<'a>,
-    fields: Option<&'static [&'static str]>,
+    fields: Fields,
     pending: Option<(String, &'a Value)>,
 }
 
 impl<'a, I> MapDe<'a, I> {
-    /// Go's rule: an exact field name first, else the first case-insensitive match.
-    fn canonical(&self, key: &str) -> String {
-        match self.fields {
-            Some(fields) if !fields.contains(&key) => {
-                fields.iter().find(|f| f.eq_ignore_ascii_case(key)).map_or_else(|| key.to_owned(), |f| (*f).to_owned())
-            }
-            _ => key.to_owned(),
+    /// The field a key names.
+    fn canonical(&self, key: &str) -> Result<String, DeError> {
+        let (fields, exact) = match self.fields {
+            Fields::Go(f) => (f, false),
+            Fields::Exact(f) => (f, true),
+            Fields::Any => return Ok(key.to_owned()),
+        };
+        if fields.contains(&key) {
+            return Ok(key.to_owned());
+        }
+        match fields.iter().find(|f| f.eq_ignore_ascii_case(key)) {
+            Some(f) if exact => Err(DeError { path: Some(self.path.to_string()), message: wrong_case(key, f) }),
+            Some(f) => Ok((*f).to_owned()),
+            None => Ok(key.to_owned()),
         }
     }
 }
@@ -205,7 +236,7 @@ impl<'de, 'a, I: Iterator<Item = (&'a Value, &'a Value)>> MapAccess<'de> for Map
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
         let Some((k, v)) = self.iter.next() else { return Ok(None) };
         let key = match k {
-            Value::String(s) => self.canonical(s),
+            Value::String(s) => self.canonical(s)?,
             // Go map keys and field names are strings; YAML lets people write `80:` or `true:`.
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),

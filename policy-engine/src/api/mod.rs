@@ -7,6 +7,7 @@
 
 mod convert;
 mod de;
+mod envelope;
 pub mod types;
 
 use std::fmt;
@@ -18,6 +19,8 @@ use serde_yaml::Value;
 
 pub use convert::Problem;
 use convert::{Ctx, Scope};
+pub use envelope::OtherObject;
+use envelope::{DocKind, NotPolicy};
 
 use crate::labels::{self, Label, LabelKey, Labels};
 use crate::model::{CidrGroup, Policy, PolicyKind, PolicyRef, Rule, Source};
@@ -60,11 +63,15 @@ pub struct LoadOptions {
     pub default_namespace: String,
     /// The local cluster name (peers are confined to it, as `policy-default-local-cluster`).
     pub cluster: String,
+    /// Documents of other kinds (Deployments, Services, anything that is not a policy) are listed
+    /// in [`Loaded::other_objects`] and not errors. Near misses of a policy kind (wrong case, an
+    /// obsolete version) stay errors.
+    pub skip_other_kinds: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { default_namespace: "default".into(), cluster: labels::DEFAULT_CLUSTER.into() }
+        Self { default_namespace: "default".into(), cluster: labels::DEFAULT_CLUSTER.into(), skip_other_kinds: false }
     }
 }
 
@@ -77,6 +84,8 @@ pub struct Loaded {
     pub cidr_groups: Vec<CidrGroup>,
     /// Documents that were rejected.
     pub errors: Vec<PolicyError>,
+    /// Documents of other kinds: errors too, unless [`LoadOptions::skip_other_kinds`].
+    pub other_objects: Vec<OtherObject>,
 }
 
 impl Loaded {
@@ -85,6 +94,7 @@ impl Loaded {
         self.policies.extend(other.policies);
         self.cidr_groups.extend(other.cidr_groups);
         self.errors.extend(other.errors);
+        self.other_objects.extend(other.other_objects);
     }
 
     /// Warnings of every loaded policy, prefixed with where they are.
@@ -186,12 +196,26 @@ fn load_document(value: &Value, source: Source, opts: &LoadOptions, out: &mut Lo
             return;
         }
     };
-    let field = |k: &str| map.get(k).and_then(Value::as_str).unwrap_or("");
-    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let doc_kind = match envelope::classify(map) {
+        Ok(k) => k,
+        Err(NotPolicy::Mistake { path, message }) => {
+            out.errors.push(error(None, path, message));
+            return;
+        }
+        Err(NotPolicy::Other) => {
+            let other = OtherObject::new(&source.file, source.document, map);
+            if !opts.skip_other_kinds {
+                out.errors.push(error(None, None, other.error()));
+            }
+            out.other_objects.push(other);
+            return;
+        }
+    };
+    let kind = doc_kind.name();
     let meta_name = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("");
-    match (api_version, kind) {
-        ("cilium.io/v2", "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy") => {
-            let pkind = if kind == "CiliumNetworkPolicy" {
+    match doc_kind {
+        DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy => {
+            let pkind = if doc_kind == DocKind::CiliumNetworkPolicy {
                 PolicyKind::CiliumNetworkPolicy
             } else {
                 PolicyKind::CiliumClusterwideNetworkPolicy
@@ -237,7 +261,7 @@ fn load_document(value: &Value, source: Source, opts: &LoadOptions, out: &mut Lo
             }
             finish(out, ctx, id, source, rules, object);
         }
-        ("networking.k8s.io/v1", "NetworkPolicy") => {
+        DocKind::NetworkPolicy => {
             let ns = map
                 .get("metadata")
                 .and_then(|m| m.get("namespace"))
@@ -264,7 +288,7 @@ fn load_document(value: &Value, source: Source, opts: &LoadOptions, out: &mut Lo
             let rules: Vec<Rule> = convert::network_policy(&spec, &scope, &mut ctx).into_iter().collect();
             finish(out, ctx, id, source, rules, object);
         }
-        ("cilium.io/v2" | "cilium.io/v2alpha1", "CiliumCIDRGroup") => {
+        DocKind::CiliumCidrGroup => {
             let object = Some(format!("{kind} {meta_name}"));
             let doc: types::CidrGroupDoc = match de::from_value(value, "") {
                 Ok(d) => d,
@@ -292,14 +316,6 @@ fn load_document(value: &Value, source: Source, opts: &LoadOptions, out: &mut Lo
             );
             out.cidr_groups.push(CidrGroup { name: meta_name.to_owned(), labels, cidrs });
         }
-        _ => out.errors.push(error(
-            None,
-            None,
-            format!(
-                "unsupported kind {kind:?} (apiVersion {api_version:?}): expected cilium.io/v2 CiliumNetworkPolicy, \
-                 CiliumClusterwideNetworkPolicy or CiliumCIDRGroup, or networking.k8s.io/v1 NetworkPolicy"
-            ),
-        )),
     }
 }
 

@@ -10,8 +10,11 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-/// `metadata` (only what policy needs; other keys are accepted and ignored, as `kubectl` output has many).
+/// `metadata`: what policy needs, and the other fields of Kubernetes' `ObjectMeta` (accepted as
+/// `kubectl get -o yaml` prints them, not used). Anything else is an error, as everywhere in a
+/// policy: a misspelt `namespace` must not silently put a policy into `default`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
     /// Object name.
     pub name: Option<String>,
@@ -19,6 +22,30 @@ pub struct ObjectMeta {
     pub namespace: Option<String>,
     /// Object labels.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Annotations (not used).
+    pub annotations: Option<serde_yaml::Value>,
+    /// Not used.
+    pub generate_name: Option<serde_yaml::Value>,
+    /// Not used.
+    pub uid: Option<serde_yaml::Value>,
+    /// Not used.
+    pub resource_version: Option<serde_yaml::Value>,
+    /// Not used.
+    pub generation: Option<serde_yaml::Value>,
+    /// Not used.
+    pub creation_timestamp: Option<serde_yaml::Value>,
+    /// Not used.
+    pub deletion_timestamp: Option<serde_yaml::Value>,
+    /// Not used.
+    pub deletion_grace_period_seconds: Option<serde_yaml::Value>,
+    /// Not used.
+    pub self_link: Option<serde_yaml::Value>,
+    /// Not used.
+    pub owner_references: Option<serde_yaml::Value>,
+    /// Not used.
+    pub finalizers: Option<serde_yaml::Value>,
+    /// Not used.
+    pub managed_fields: Option<serde_yaml::Value>,
 }
 
 /// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy document.

@@ -282,12 +282,13 @@ pub fn parse_test_file(name: &str, text: &str) -> Result<TestFile, String> {
     crate::api::typed(&value, "").map_err(|e| format!("{name}: {e}"))
 }
 
-/// Loads a test file: parses it, loads its policies and resolves. Errors make the file invalid.
-pub fn load_suite(path: &Path) -> Result<TestSuite, Vec<String>> {
+/// Loads a test file: parses it, loads its policies (with `opts`) and resolves. Errors make the
+/// file invalid.
+pub fn load_suite(path: &Path, opts: &LoadOptions) -> Result<TestSuite, Vec<String>> {
     let name = path.display().to_string();
     let tf = read_test_file(path).map_err(|e| vec![e])?;
     let base: PathBuf = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut b = ScenarioBuilder::new();
+    let mut b = ScenarioBuilder::with_options(opts.clone());
     b.test_file(&name, &tf, &base);
     let scenario = b.build()?;
     // Every case must be evaluable; a case naming an unknown endpoint makes the file invalid.

@@ -14,11 +14,14 @@ pub struct Scenario {
     names: BTreeMap<String, usize>,
     /// Warnings (features enforced fail-closed).
     pub warnings: Vec<String>,
+    /// Documents of other kinds that were skipped ([`LoadOptions::skip_other_kinds`]).
+    pub skipped: Vec<api::OtherObject>,
 }
 
 /// Builds scenarios from policy files, test files and ad-hoc endpoints.
 #[derive(Debug, Default)]
 pub struct ScenarioBuilder {
+    opts: LoadOptions,
     loaded: Loaded,
     env: Environment,
     names: BTreeMap<String, usize>,
@@ -31,15 +34,20 @@ impl ScenarioBuilder {
         Self::default()
     }
 
+    /// An empty builder that reads policy files with `opts`.
+    pub fn with_options(opts: LoadOptions) -> Self {
+        Self { opts, ..Self::default() }
+    }
+
     /// Adds the policies of a YAML file.
     pub fn policy_file(&mut self, path: &Path) -> &mut Self {
-        self.loaded.extend(api::load_file(path, &LoadOptions::default()));
+        self.loaded.extend(api::load_file(path, &self.opts));
         self
     }
 
     /// Adds the policies in YAML text (`name` is used in error messages).
     pub fn policy_text(&mut self, name: &str, text: &str) -> &mut Self {
-        self.loaded.extend(api::load_str(name, text, &LoadOptions::default()));
+        self.loaded.extend(api::load_str(name, text, &self.opts));
         self
     }
 
@@ -63,11 +71,11 @@ impl ScenarioBuilder {
         for (i, src) in tf.policies.iter().enumerate() {
             match (&src.file, &src.inline) {
                 (Some(f), None) => {
-                    self.loaded.extend(api::load_file(&base.join(f), &LoadOptions::default()));
+                    self.loaded.extend(api::load_file(&base.join(f), &self.opts));
                 }
                 (None, Some(text)) => {
                     let name = format!("{file_name}: policies[{i}].inline");
-                    self.loaded.extend(api::load_str(&name, text, &LoadOptions::default()));
+                    self.loaded.extend(api::load_str(&name, text, &self.opts));
                 }
                 _ => self.errors.push(format!("{file_name}: policies[{i}]: exactly one of file or inline is required")),
             }
@@ -110,13 +118,17 @@ impl ScenarioBuilder {
     pub fn build(self) -> Result<Scenario, Vec<String>> {
         let mut errors = self.errors;
         errors.extend(self.loaded.errors.iter().map(ToString::to_string));
+        if !self.opts.skip_other_kinds && !self.loaded.other_objects.is_empty() {
+            errors.push(api::OtherObject::hint(self.loaded.other_objects.len()));
+        }
         let snapshot = resolve(&self.loaded.policies, &self.loaded.cidr_groups, &self.env, &mut Default::default(), 1);
         errors.extend(snapshot.errors.iter().map(ToString::to_string));
         if !errors.is_empty() {
             return Err(errors);
         }
         let warnings = snapshot.warnings.clone();
-        Ok(Scenario { snapshot, env: self.env, names: self.names, warnings })
+        let skipped = self.loaded.other_objects;
+        Ok(Scenario { snapshot, env: self.env, names: self.names, warnings, skipped })
     }
 }
 

@@ -55,3 +55,48 @@ fn pods_are_not_selected_by_cidr() {
     let other = snap.identity_of("10.99.3.3".parse().unwrap());
     assert!(matches!(client.egress.l4_verdict(other, Proto::Tcp, 1), L4Verdict::Allow { .. }));
 }
+
+/// `toServices` as Cilium reads an entry: the selector when there is one, else the name; an entry
+/// with neither selects nothing (and still puts the endpoint into default deny).
+#[test]
+fn to_services_selector_wins_and_an_empty_entry_selects_nothing() {
+    let service = |name: &str, labels: &[(&str, &str)], backend: &str| Service {
+        name: name.into(),
+        namespace: "default".into(),
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        selector: None,
+        backends: vec![backend.parse().unwrap()],
+    };
+    let env = Environment {
+        endpoints: vec![Endpoint {
+            name: "client".into(),
+            namespace: "default".into(),
+            labels: [("app".to_owned(), "client".to_owned())].into(),
+            ips: vec!["10.99.0.1".parse().unwrap()],
+            ..Default::default()
+        }],
+        services: vec![service("db", &[], "192.0.2.10"), service("replica", &[("tier", "db")], "192.0.2.20")],
+        ..Default::default()
+    };
+    let verdicts = |egress: &str| {
+        let policy = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{}}\n  egress:\n{egress}"
+        );
+        let loaded = load_str("p.yaml", &policy, &LoadOptions::default());
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let snap = resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1);
+        let client = snap.endpoint("default", "client").unwrap();
+        ["192.0.2.10", "192.0.2.20"].map(|ip| {
+            let id = snap.identity_of(ip.parse().unwrap());
+            !matches!(client.egress.l4_verdict(id, Proto::Tcp, 5432), L4Verdict::Drop(_))
+        })
+    };
+    assert_eq!(verdicts("  - toServices: [{k8sService: {serviceName: db}}]\n"), [true, false]);
+    assert_eq!(
+        verdicts(
+            "  - toServices: [{k8sService: {serviceName: db}, k8sServiceSelector: {selector: {matchLabels: {tier: db}}}}]\n"
+        ),
+        [false, true]
+    );
+    assert_eq!(verdicts("  - toServices: [{}]\n"), [false, false]);
+}

@@ -377,7 +377,22 @@ fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx
         let mut v = Vec::new();
         for (i, s) in svcs.iter().enumerate() {
             let spath = format!("{path}.toServices[{i}]");
+            // Cilium looks at the selector first and at the name only without one; an entry with
+            // neither selects nothing (`ServiceSelector` in Cilium's `service.go`).
             match (&s.k8s_service, &s.k8s_service_selector) {
+                (named, Some(k)) => {
+                    if named.is_some() {
+                        ctx.warn(
+                            &spath,
+                            "both k8sService and k8sServiceSelector are set: k8sServiceSelector is used, as in Cilium",
+                        );
+                    }
+                    if let Some(sel) = selector(&k.selector, ctx, &format!("{spath}.k8sServiceSelector.selector")) {
+                        let namespace =
+                            k.namespace.clone().filter(|n| !n.is_empty()).or(scope.namespace.map(str::to_owned));
+                        v.push(Peer::Service(ServiceRef::Selector { namespace, selector: sel }));
+                    }
+                }
                 (Some(k), None) => {
                     let name = k.service_name.clone().unwrap_or_default();
                     if name.is_empty() {
@@ -392,14 +407,9 @@ fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx
                         .unwrap_or_else(|| "default".into());
                     v.push(Peer::Service(ServiceRef::Name { namespace, name }));
                 }
-                (None, Some(k)) => {
-                    if let Some(sel) = selector(&k.selector, ctx, &format!("{spath}.k8sServiceSelector.selector")) {
-                        let namespace =
-                            k.namespace.clone().filter(|n| !n.is_empty()).or(scope.namespace.map(str::to_owned));
-                        v.push(Peer::Service(ServiceRef::Selector { namespace, selector: sel }));
-                    }
+                (None, None) => {
+                    ctx.warn(&spath, "empty entry (neither k8sService nor k8sServiceSelector) selects no service");
                 }
-                _ => ctx.err(&spath, "exactly one of k8sService or k8sServiceSelector must be set"),
             }
         }
         peers = Some(v);
