@@ -427,5 +427,19 @@ fn extended_ip_protocols_are_accepted_without_ports() {
     let bad = s.write("bad.yaml", &doc("{protocol: VRRP, port: \"112\"}"));
     let o = porin(&["policy", "validate", &bad]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stdout(&o).contains("spec.ingress[0].toPorts[0].ports[0].port: port must be empty or 0"), "{}", stdout(&o));
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "ERROR {bad}: document 1 (CiliumNetworkPolicy default/vrrp): spec.ingress[0].toPorts[0].ports[0].port: port must be empty or 0\n"
+        )
+    );
+    let unknown = s.write("unknown.yaml", &doc("{protocol: OSPF, port: \"0\"}"));
+    let o = porin(&["policy", "validate", &unknown]);
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "ERROR {unknown}: document 1 (CiliumNetworkPolicy default/vrrp): spec.ingress[0].toPorts[0].ports[0].protocol: \
+             invalid protocol \"OSPF\", supported protocols are [TCP, UDP, SCTP, ANY, VRRP, IGMP, GRE, IPIP, IPV6, ESP, AH]\n"
+        )
+    );
 }
