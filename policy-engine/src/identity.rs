@@ -71,6 +71,8 @@ pub mod reserved {
 pub const MIN_CLUSTER_IDENTITY: IdentityId = 256;
 /// Scope bit of node-local (CIDR / FQDN) identities.
 pub const LOCAL_SCOPE: IdentityId = 1 << 24;
+/// First FQDN selector identity (node-local; CIDR identities stay below it).
+pub const FQDN_BASE: IdentityId = LOCAL_SCOPE | (1 << 22);
 
 /// What an identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,8 +81,11 @@ pub enum IdentityKind {
     Reserved,
     /// A set of endpoint labels.
     Endpoint,
-    /// A prefix outside the cluster (from a CIDR rule, a CIDR group, a service backend or a DNS answer).
+    /// A prefix outside the cluster (from a CIDR rule, a CIDR group or a service backend).
     Cidr(IpNet),
+    /// A `toFQDNs` selector (its normalised name or pattern): the addresses the DNS proxy learned
+    /// for names it matches carry it besides their own identity (see [`crate::fqdn`]).
+    Fqdn(String),
 }
 
 /// An identity and its labels.
@@ -109,11 +114,41 @@ pub fn cidr_labels(prefix: &IpNet) -> Labels {
     ])
 }
 
+/// The labels of an FQDN selector identity.
+pub fn fqdn_labels(selector: &str) -> Labels {
+    Labels::new([Label::new(LabelKey { source: crate::labels::LabelSource::Fqdn, key: selector.to_owned() }, "")])
+}
+
+/// FQDN selector identities handed out: `(selector, id)` and the next number. Numbers are never
+/// handed out twice: the kernel's FQDN map, written by another process, may still name a retired
+/// selector's number for a moment, and must never grant it another selector's rights.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FqdnAssignments {
+    /// Selectors and their identities.
+    pub selectors: Vec<(String, IdentityId)>,
+    /// The next number to hand out.
+    pub next: IdentityId,
+}
+
+impl Default for FqdnAssignments {
+    fn default() -> Self {
+        Self { selectors: Vec::new(), next: FQDN_BASE }
+    }
+}
+
 /// Hands out identities and remembers them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct IdentityAllocator {
     by_labels: BTreeMap<Labels, IdentityId>,
     by_prefix: BTreeMap<IpNet, IdentityId>,
+    by_fqdn: BTreeMap<String, IdentityId>,
+    fqdn_next: IdentityId,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        Self { by_labels: BTreeMap::new(), by_prefix: BTreeMap::new(), by_fqdn: BTreeMap::new(), fqdn_next: FQDN_BASE }
+    }
 }
 
 impl IdentityAllocator {
@@ -142,6 +177,33 @@ impl IdentityAllocator {
         id
     }
 
+    /// The identity of an FQDN selector (its normalised name or pattern), allocating a number
+    /// never handed out before if new.
+    pub fn fqdn(&mut self, selector: &str) -> IdentityId {
+        if let Some(id) = self.by_fqdn.get(selector) {
+            return *id;
+        }
+        let id = self.fqdn_next;
+        self.fqdn_next += 1;
+        self.by_fqdn.insert(selector.to_owned(), id);
+        id
+    }
+
+    /// The FQDN selector identities handed out.
+    pub fn fqdn_assignments(&self) -> FqdnAssignments {
+        FqdnAssignments {
+            selectors: self.by_fqdn.iter().map(|(s, id)| (s.clone(), *id)).collect(),
+            next: self.fqdn_next,
+        }
+    }
+
+    /// Continues from another allocator's FQDN selector identities.
+    pub fn restore_fqdn(&mut self, a: &FqdnAssignments) {
+        self.by_fqdn = a.selectors.iter().cloned().collect();
+        let past = a.selectors.iter().map(|(_, id)| id + 1).max().unwrap_or(FQDN_BASE);
+        self.fqdn_next = a.next.max(past).max(FQDN_BASE);
+    }
+
     /// What has been handed out: `(labels, id)` and `(prefix, id)`, for another process to start from.
     pub fn assignments(&self) -> (Vec<LabelAssignment>, Vec<PrefixAssignment>) {
         (
@@ -158,13 +220,16 @@ impl IdentityAllocator {
         Self {
             by_labels: labels.iter().map(|(l, id)| (parse(l), *id)).collect(),
             by_prefix: prefixes.iter().map(|(p, id)| (p.trunc(), *id)).collect(),
+            ..Self::default()
         }
     }
 
-    /// Forgets label sets and prefixes not in use, so their numbers can be reused later.
-    pub fn retain(&mut self, labels_in_use: &[&Labels], prefixes_in_use: &[IpNet]) {
+    /// Forgets label sets, prefixes and FQDN selectors not in use; label and prefix numbers can be
+    /// reused later, FQDN selector numbers never are.
+    pub fn retain(&mut self, labels_in_use: &[&Labels], prefixes_in_use: &[IpNet], fqdn_in_use: &[&str]) {
         self.by_labels.retain(|l, _| labels_in_use.contains(&l));
         self.by_prefix.retain(|p, _| prefixes_in_use.contains(p));
+        self.by_fqdn.retain(|s, _| fqdn_in_use.contains(&s.as_str()));
     }
 }
 
@@ -240,10 +305,27 @@ mod tests {
         assert_eq!((x, y), (256, 257));
         assert_eq!(a.endpoint(&labels(&["app=x"])), 256);
         let keep = labels(&["app=y"]);
-        a.retain(&[&keep], &[]);
+        a.retain(&[&keep], &[], &[]);
         assert_eq!(a.endpoint(&labels(&["app=z"])), 256);
         assert_eq!(a.endpoint(&keep), 257);
         assert_eq!(a.cidr("10.0.0.0/8".parse().unwrap()), LOCAL_SCOPE | 1);
+    }
+
+    #[test]
+    fn fqdn_selector_numbers_are_never_reused() {
+        let mut a = IdentityAllocator::new();
+        let api = a.fqdn("api.example.com.");
+        let any = a.fqdn("*.example.com.");
+        assert_eq!((api, any), (FQDN_BASE, FQDN_BASE + 1));
+        assert_eq!(a.fqdn("api.example.com."), api);
+        a.retain(&[], &[], &["*.example.com."]);
+        // The retired selector's number is not handed to the next one, nor after a restart.
+        let next = a.fqdn("evil.example.com.");
+        assert_eq!(next, FQDN_BASE + 2);
+        let mut b = IdentityAllocator::new();
+        b.restore_fqdn(&a.fqdn_assignments());
+        assert_eq!(b.fqdn("*.example.com."), any);
+        assert_eq!(b.fqdn("other.example.com."), FQDN_BASE + 3);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod dns;
+pub mod fqdn;
 pub mod http;
 pub mod identity;
 pub mod inputs;

@@ -40,24 +40,39 @@ pub struct PairVerdict<'s> {
 pub struct Peer<'s> {
     /// Security identity.
     pub identity: IdentityId,
+    /// FQDN selector identities of its address (the names the DNS proxy learned it under,
+    /// [`crate::fqdn`]); empty for endpoints and unnamed addresses.
+    pub fqdn: &'s [IdentityId],
     /// The endpoint's policy, for a local endpoint.
     pub endpoint: Option<&'s EndpointPolicy>,
+}
+
+impl<'s> Peer<'s> {
+    /// A peer known by its identity alone.
+    pub fn new(identity: IdentityId, endpoint: Option<&'s EndpointPolicy>) -> Self {
+        Self { identity, fqdn: &[], endpoint }
+    }
 }
 
 impl<'s> PairVerdict<'s> {
     /// Judges a flow from `src` to `dst` on `proto`/`port` (ICMP: the type).
     pub fn judge(src: Peer<'s>, dst: Peer<'s>, proto: Proto, port: u16) -> Self {
-        let side = |direction: Direction, ep: Option<&'s EndpointPolicy>, peer: IdentityId| {
-            ep.map(|endpoint| SideVerdict {
-                direction,
-                endpoint,
-                peer,
-                verdict: endpoint.direction(direction).l4_verdict(peer, proto, port),
+        let side = |direction: Direction, ep: Option<&'s EndpointPolicy>, peer: &Peer<'s>| {
+            ep.map(|endpoint| {
+                let mut ids = smallvec::SmallVec::<[IdentityId; 4]>::new();
+                ids.push(peer.identity);
+                ids.extend_from_slice(peer.fqdn);
+                SideVerdict {
+                    direction,
+                    endpoint,
+                    peer: peer.identity,
+                    verdict: endpoint.direction(direction).l4_verdict_for(&ids, proto, port),
+                }
             })
         };
         Self {
-            egress: side(Direction::Egress, src.endpoint, dst.identity),
-            ingress: side(Direction::Ingress, dst.endpoint, src.identity),
+            egress: side(Direction::Egress, src.endpoint, &dst),
+            ingress: side(Direction::Ingress, dst.endpoint, &src),
         }
     }
 
@@ -133,7 +148,7 @@ mod tests {
     fn peers(s: &crate::snapshot::Snapshot) -> (Peer<'_>, Peer<'_>) {
         let c = s.endpoint("default", "client").unwrap();
         let d = s.endpoint("default", "server").unwrap();
-        (Peer { identity: c.identity, endpoint: Some(c) }, Peer { identity: d.identity, endpoint: Some(d) })
+        (Peer::new(c.identity, Some(c)), Peer::new(d.identity, Some(d)))
     }
 
     const INGRESS_L7: &str = r#"
@@ -182,7 +197,7 @@ spec:
         assert_eq!(side.direction, Direction::Egress, "egress is asked first");
         assert!(matches!(why, DropReason::Denied { .. }));
         // From the world: only the destination has a say.
-        let world = Peer { identity: crate::identity::reserved::WORLD, endpoint: None };
+        let world = Peer::new(crate::identity::reserved::WORLD, None);
         let v = PairVerdict::judge(world, d, Proto::Tcp, 80);
         assert!(v.egress.is_none());
         assert!(v.drop().is_some(), "the server only lets the client in");

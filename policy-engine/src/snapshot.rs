@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::dns::DnsRuleSet;
+use crate::fqdn::FqdnSelectors;
 use crate::http::{HeaderLog, HeaderMap, HttpRequestInfo, HttpRuleSet};
 use crate::identity::{Identity, IdentityId, IpCache};
 use crate::kafka::{KafkaRequest, KafkaRuleSet};
@@ -211,9 +212,15 @@ pub struct PolicyEntry {
 impl PolicyEntry {
     /// Whether the entry covers a flow.
     pub fn matches(&self, peer: IdentityId, proto: Proto, port: u16) -> bool {
+        self.matches_any(&[peer], proto, port)
+    }
+
+    /// Whether the entry covers a flow with a peer that is any of `peers` (an identity and the
+    /// FQDN selector identities of its address).
+    pub fn matches_any(&self, peers: &[IdentityId], proto: Proto, port: u16) -> bool {
         self.proto.matches(proto)
             && (self.proto == ProtoMatch::Any || (self.port_start..=self.port_end).contains(&port))
-            && self.peers.contains(peer)
+            && peers.iter().any(|p| self.peers.contains(*p))
     }
 
     /// True for deny entries.
@@ -357,7 +364,14 @@ impl DirectionPolicy {
     /// Deny entries win over everything; an unenforced direction allows the rest; otherwise a flow needs
     /// an allow entry. Any matching redirect entry sends the flow to the proxy.
     pub fn l4_verdict(&self, peer: IdentityId, proto: Proto, port: u16) -> L4Verdict {
-        let matching: Vec<&PolicyEntry> = self.entries.iter().filter(|e| e.matches(peer, proto, port)).collect();
+        self.l4_verdict_for(&[peer], proto, port)
+    }
+
+    /// The L3/L4 verdict for a flow to a peer that is several identities at once: an address's own
+    /// identity and the FQDN selector identities of the names the DNS proxy learned it under
+    /// ([`crate::fqdn`]). The entries matching any of them are merged as entries of one identity.
+    pub fn l4_verdict_for(&self, peers: &[IdentityId], proto: Proto, port: u16) -> L4Verdict {
+        let matching: Vec<&PolicyEntry> = self.entries.iter().filter(|e| e.matches_any(peers, proto, port)).collect();
         let denies: Vec<OriginId> =
             matching.iter().filter(|e| e.is_deny()).flat_map(|e| e.origins.iter().copied()).collect();
         if !denies.is_empty() {
@@ -449,6 +463,7 @@ pub struct Snapshot {
     pub(crate) ipcache: IpCache,
     pub(crate) endpoints: Vec<EndpointPolicy>,
     pub(crate) origins: Vec<Origin>,
+    pub(crate) fqdn: FqdnSelectors,
     /// Features that are not enforced (fail closed), per policy.
     pub warnings: Vec<String>,
     /// Resolution problems (the affected entries were left out).
@@ -489,6 +504,11 @@ impl Snapshot {
     /// The ipcache.
     pub fn ipcache(&self) -> &IpCache {
         &self.ipcache
+    }
+
+    /// The `toFQDNs` selectors and their identities.
+    pub fn fqdn(&self) -> &FqdnSelectors {
+        &self.fqdn
     }
 
     /// An origin.

@@ -230,8 +230,8 @@ impl ConnPolicy {
             }
         };
         let pair = PairVerdict::judge(
-            Peer { identity: source.record.identity, endpoint: src_ep },
-            Peer { identity: destination.record.identity, endpoint: dst_ep },
+            Peer::new(source.record.identity, src_ep),
+            Peer::new(destination.record.identity, dst_ep),
             Proto::Tcp,
             port,
         );

@@ -28,11 +28,20 @@
 //!    ([`mark::FROM_PROXY`]) and pass unjudged; their SYN removes only *direct* entries of its
 //!    tuple (stale ones would carry the server's answers past the proxy's socket).
 //!
-//! UDP, SCTP and ICMP have no connection opener: any packet that is allowed creates an entry.
+//! UDP, SCTP and ICMP have no connection opener: any packet that is allowed creates an entry. A
+//! proxied UDP flow (DNS) remembers its listener in the entry: the client's later packets go to
+//! that listener; the server's answers to the proxy's upstream socket find that socket.
+//!
+//! # Addresses learned from DNS
+//!
+//! An address the DNS proxy learned carries, besides its own identity, the identities of the
+//! `toFQDNs` selectors that match its names ([`crate::FqdnValue`]). An endpoint's egress verdict
+//! towards it is the [`combine`]d verdict over all of them: what the policy engine decides for a
+//! peer that is several identities at once.
 
 use crate::{
-    CtKey, CtValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, config, counter, ct_flag, direction, event_kind,
-    family, identity, iface_flag, mark, reason, verdict,
+    CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, config, counter,
+    ct_flag, direction, event_kind, family, identity, iface_flag, mark, reason, verdict,
 };
 
 /// IP protocol numbers the programs know.
@@ -93,6 +102,12 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == proto::TCP
+    }
+
+    /// UDP.
+    #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == proto::UDP
     }
 
     /// A TCP segment that opens a connection: SYN without ACK (with or without other flags, as
@@ -166,6 +181,8 @@ pub trait Kernel {
     fn ipcache(&self, generation: u8, family: u8, addr: &[u8; 16]) -> Option<IpcacheValue>;
     /// The policy entry for a full key (longest prefix over protocol and port).
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
+    /// The FQDN selector identities of an address the DNS proxy learned.
+    fn fqdn(&self, family: u8, addr: &[u8; 16]) -> Option<&FqdnValue>;
     /// The interface the packet is on, if it is an endpoint's.
     fn iface(&self) -> Option<IfaceValue>;
     /// The packet's mark.
@@ -176,10 +193,12 @@ pub trait Kernel {
     fn ct_insert(&mut self, key: &CtKey, value: &CtValue);
     /// Removes a conntrack entry (if there is one).
     fn ct_remove(&mut self, key: &CtKey);
-    /// Assigns the packet to the proxy socket that holds its TCP connection, if there is one: not
-    /// a listener, nor a TIME_WAIT socket for a SYN. Marks it [`mark::TO_PROXY`] when assigned.
+    /// Assigns the packet to the proxy socket that holds its connection, if there is one: TCP not
+    /// a listener, nor a TIME_WAIT socket for a SYN; UDP a connected socket of the proxy's own
+    /// (marked [`mark::FROM_PROXY`]). Marks the packet [`mark::TO_PROXY`] when assigned.
     fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool;
-    /// Assigns the packet to proxy listener `listener` (false when it is not there). Marks it.
+    /// Assigns the packet to proxy listener `listener` of its protocol (TCP or UDP; false when it
+    /// is not there). Marks it.
     fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool;
     /// Adds one to a [`counter`].
     fn count(&mut self, index: u32);
@@ -187,7 +206,9 @@ pub trait Kernel {
     fn emit(&mut self, kind: u8, why: u8, pkt: &Packet, d: &Decision);
 }
 
-#[inline(always)]
+/// Counts and reports a drop. Not inlined: the event it builds stays off its callers' stacks (the
+/// BPF stack is 512 bytes for a whole call chain).
+#[inline(never)]
 fn drop_pkt<K: Kernel>(k: &mut K, why: u8, pkt: &Packet, d: &Decision) -> Action {
     k.count(counter::DROPPED);
     k.count(match why {
@@ -234,7 +255,9 @@ fn policy<K: Kernel>(k: &K, generation: u8, endpoint: u32, peer: u32, dir: u8, p
     k.policy(&key).unwrap_or(PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 })
 }
 
-/// The active generation and the packet's source and destination in its ipcache.
+/// The active generation and the packet's source and destination in its ipcache. Not inlined:
+/// its lookup keys stay off the callers' stacks.
+#[inline(never)]
 fn identities<K: Kernel>(k: &K, pkt: &Packet) -> (u8, IpcacheValue, IpcacheValue) {
     let generation = k.config(config::GENERATION, 0) as u8;
     let src = identity_of(k, generation, pkt.family, &pkt.saddr);
@@ -253,13 +276,35 @@ fn decide<K: Kernel>(
     pkt: &Packet,
 ) -> Decision {
     let peer = if dir == direction::EGRESS { dst.identity } else { src.identity };
-    Decision {
-        direction: dir,
-        endpoint,
-        src_identity: src.identity,
-        dst_identity: dst.identity,
-        value: policy(k, generation, endpoint, peer, dir, pkt),
+    let mut value = policy(k, generation, endpoint, peer, dir, pkt);
+    // Egress to an address learned from DNS: its FQDN selectors judge too.
+    if dir == direction::EGRESS && value.verdict != verdict::DROP_DENY {
+        value = with_fqdn_selectors(k, generation, endpoint, pkt, value);
     }
+    Decision { direction: dir, endpoint, src_identity: src.identity, dst_identity: dst.identity, value }
+}
+
+/// `value` combined with the endpoint's egress verdict towards each FQDN selector identity of the
+/// destination, if the DNS proxy learned it. Not inlined: its keys stay off the caller's stack
+/// (the BPF stack is 512 bytes for a whole call chain).
+#[inline(never)]
+fn with_fqdn_selectors<K: Kernel>(
+    k: &K,
+    generation: u8,
+    endpoint: u32,
+    pkt: &Packet,
+    value: PolicyValue,
+) -> PolicyValue {
+    let Some(f) = k.fqdn(pkt.family, &pkt.daddr) else { return value };
+    let mut value = value;
+    for i in 0..FQDN_MAX_SELECTORS {
+        if i as u32 >= f.count {
+            break;
+        }
+        let Some(sel) = f.selectors.get(i) else { break };
+        value = combine(value, policy(k, generation, endpoint, *sel, direction::EGRESS, pkt));
+    }
+    value
 }
 
 fn is_drop(v: &PolicyValue) -> Option<u8> {
@@ -268,6 +313,26 @@ fn is_drop(v: &PolicyValue) -> Option<u8> {
         verdict::DROP_DENY => Some(reason::POLICY_DENY),
         _ => Some(reason::POLICY_DENIED),
     }
+}
+
+/// The verdict towards a peer that is two identities at once (an address and an FQDN selector of
+/// its names), from the verdict towards each: a deny wins, then a parser conflict (redirects to
+/// different listeners conflict too); otherwise a redirect wins over an allow, an allow over no
+/// allow.
+/// This is the policy engine's merge of the entries matching either identity.
+#[inline(always)]
+pub fn combine(a: PolicyValue, b: PolicyValue) -> PolicyValue {
+    let rank = |v: &PolicyValue| match v.verdict {
+        verdict::DROP_DENY => 5,
+        verdict::DROP_CONFLICT => 4,
+        verdict::REDIRECT => 3,
+        verdict::ALLOW => 2,
+        _ => 1,
+    };
+    if a.verdict == verdict::REDIRECT && b.verdict == verdict::REDIRECT && a.listener != b.listener {
+        return PolicyValue { verdict: verdict::DROP_CONFLICT, listener: 0, _pad: [0; 2], rule: a.rule };
+    }
+    if rank(&b) > rank(&a) { b } else { a }
 }
 
 /// Idle timeouts of one protocol's entries, read from [`config`] before an entry is borrowed.
@@ -316,14 +381,32 @@ enum Side {
     ToEndpoint,
 }
 
-enum CtHit {
-    Miss,
-    /// The packet matched an entry: in its original direction (`reply` false) or turned around;
-    /// `proxied`: the entry's flow goes through the proxy.
-    Hit {
-        reply: bool,
-        proxied: bool,
-    },
+/// What conntrack knows of a packet. A plain struct, every field set on every path (an enum
+/// whose variants leave bytes undefined compiles to code that reads them, which the verifier
+/// refuses).
+#[derive(Clone, Copy)]
+struct CtHit {
+    /// The packet matched an entry.
+    found: bool,
+    /// In its original direction (false) or turned around.
+    reply: bool,
+    /// The entry's flow goes through the proxy (for UDP, to `listener`).
+    proxied: bool,
+    listener: u8,
+}
+
+impl CtHit {
+    const MISS: Self = Self { found: false, reply: false, proxied: false, listener: 0 };
+
+    #[inline(always)]
+    fn hit(reply: bool, flags: u32) -> Self {
+        Self { found: true, reply, proxied: flags & ct_flag::PROXIED != 0, listener: listener_of(flags) }
+    }
+}
+
+#[inline(always)]
+fn listener_of(flags: u32) -> u8 {
+    ((flags & ct_flag::LISTENER_MASK) >> ct_flag::LISTENER_SHIFT) as u8
 }
 
 /// Looks a packet that does not open a connection up in conntrack (both directions), expiring
@@ -331,12 +414,12 @@ enum CtHit {
 fn ct_lookup<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, side: Side) -> CtHit {
     let timeouts = Timeouts::of(k, pkt.proto);
     for reverse in [false, true] {
-        let Some(key) = pkt.ct_key(reverse) else { return CtHit::Miss };
+        let Some(key) = pkt.ct_key(reverse) else { return CtHit::MISS };
         let Some(ct) = k.ct_get(&key) else { continue };
         let proxied = ct.flags & ct_flag::PROXIED != 0;
         // The server answering the proxy's upstream connection (rule 3): leave the client's entry be.
         if proxied && reverse && side == Side::FromEndpoint {
-            return CtHit::Hit { reply: true, proxied };
+            return CtHit::hit(true, ct.flags);
         }
         if timeouts.expired(pkt.proto, ct.flags, ct.last_seen_ns, now) {
             k.ct_remove(&key);
@@ -354,16 +437,21 @@ fn ct_lookup<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, side: Side) -> CtHit 
         if reverse {
             ct.flags |= ct_flag::SEEN_REPLY;
         }
-        return CtHit::Hit { reply: reverse, proxied };
+        return CtHit::hit(reverse, ct.flags);
     }
-    CtHit::Miss
+    CtHit::MISS
 }
 
 /// Records a new flow after its first packet was judged. A TCP opener's verdict replaces whatever
 /// the tuple had, in both directions (rule 1).
+#[inline(always)]
 fn ct_open<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision, proxied: bool) {
     let Some(key) = pkt.ct_key(false) else { return };
-    let mut flags = if proxied { ct_flag::PROXIED } else { 0 };
+    let mut flags = if proxied {
+        ct_flag::PROXIED | (u32::from(d.value.listener) << ct_flag::LISTENER_SHIFT) & ct_flag::LISTENER_MASK
+    } else {
+        0
+    };
     if pkt.is_tcp() {
         if pkt.tcp_flags & tcp::RST != 0 {
             flags |= ct_flag::RST;
@@ -423,12 +511,14 @@ fn admit<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
 }
 
 /// Hands a judged flow to the proxy: the connection it already holds for this tuple (a
-/// retransmitted SYN), else listener `d.value.listener`. Only a SYN can start a proxied flow.
+/// retransmitted SYN), else listener `d.value.listener`. Only a SYN can start a proxied TCP flow;
+/// only TCP and UDP flows can be proxied.
 fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
     if pkt.is_tcp() && !pkt.opens_connection() {
         return drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d);
     }
-    let assigned = (pkt.is_tcp() && k.assign_proxy_socket(pkt)) || k.assign_proxy_listener(pkt, d.value.listener);
+    let assigned = (pkt.is_tcp() || pkt.is_udp())
+        && ((pkt.is_tcp() && k.assign_proxy_socket(pkt)) || k.assign_proxy_listener(pkt, d.value.listener));
     if !assigned {
         // The L7 proxy must take the flow; without its listener the flow must not pass unparsed.
         return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, d);
@@ -457,26 +547,31 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     }
     let now = k.now_ns();
     if !pkt.opens_connection() {
-        match ct_lookup(k, pkt, now, Side::FromEndpoint) {
+        let hit = ct_lookup(k, pkt, now, Side::FromEndpoint);
+        if hit.found && hit.proxied {
             // Rule 3: the client's packets, and the server's answers to the proxy's upstream
-            // connection, go to the proxy's socket or nowhere.
-            CtHit::Hit { proxied: true, .. } => {
-                if k.assign_proxy_socket(pkt) {
-                    k.count(counter::PROXY_SOCKET);
-                    return Action::Proxy;
-                }
-                let d = Decision::none(direction::EGRESS, iface.endpoint);
-                return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
+            // connection, go to the proxy's socket or nowhere. A UDP client's next datagram goes
+            // to the listener again (there is no connection to find).
+            let assigned = if pkt.is_udp() && !hit.reply {
+                k.assign_proxy_listener(pkt, hit.listener)
+            } else {
+                k.assign_proxy_socket(pkt)
+            };
+            if assigned {
+                k.count(counter::PROXY_SOCKET);
+                return Action::Proxy;
             }
-            CtHit::Hit { reply, proxied: false } => return pass_tracked(k, reply),
-            // No entry: a socket the proxy holds (the server answering an upstream connection whose
-            // tuple conntrack does not know; a proxied connection whose entry lapsed)?
-            CtHit::Miss => {
-                if k.assign_proxy_socket(pkt) {
-                    k.count(counter::PROXY_SOCKET);
-                    return Action::Proxy;
-                }
-            }
+            let d = Decision::none(direction::EGRESS, iface.endpoint);
+            return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
+        }
+        if hit.found {
+            return pass_tracked(k, hit.reply);
+        }
+        // No entry: a socket the proxy holds (the server answering an upstream connection whose
+        // tuple conntrack does not know; a proxied connection whose entry lapsed)?
+        if k.assign_proxy_socket(pkt) {
+            k.count(counter::PROXY_SOCKET);
+            return Action::Proxy;
         }
     }
     // A new flow (rule 1: every SYN): the endpoint's egress policy and, when the destination is a
@@ -522,20 +617,19 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         match pkt.ct_key(false).and_then(|key| k.ct_get(&key)) {
             Some(ct) if !closed(ct.flags) && !timeouts.expired(pkt.proto, ct.flags, ct.last_seen_ns, now) => {
                 ct.last_seen_ns = now;
-                CtHit::Hit { reply: false, proxied: ct.flags & ct_flag::PROXIED != 0 }
+                CtHit::hit(false, ct.flags)
             }
-            _ => CtHit::Miss,
+            _ => CtHit::MISS,
         }
     } else {
         ct_lookup(k, pkt, now, Side::ToEndpoint)
     };
-    match hit {
+    if hit.found {
         // The client's side of a proxied flow reaches the server only from the proxy (marked).
-        CtHit::Hit { reply: false, proxied: true } => {
+        if hit.proxied && !hit.reply {
             return drop_pkt(k, reason::BYPASSES_PROXY, pkt, &Decision::none(direction::INGRESS, 0));
         }
-        CtHit::Hit { reply, .. } => return pass_tracked(k, reply),
-        CtHit::Miss => {}
+        return pass_tracked(k, hit.reply);
     }
     let Some(iface) = k.iface() else {
         return drop_pkt(k, reason::UNKNOWN_ENDPOINT, pkt, &Decision::none(0, 0));

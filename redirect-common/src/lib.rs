@@ -33,6 +33,10 @@ pub mod names {
     pub const EVENTS: &str = "PORIN_EVENTS";
     /// Proxy listener sockets (SOCKMAP), indexed by listener id.
     pub const PROXY: &str = "PORIN_PROXY";
+    /// Proxy UDP listener sockets (SOCKMAP), indexed as [`PROXY`].
+    pub const PROXY_UDP: &str = "PORIN_PROXY_UDP";
+    /// Addresses the DNS proxy learned → their FQDN selector identities (hash).
+    pub const FQDN: &str = "PORIN_FQDN";
 }
 
 /// Map capacities.
@@ -49,6 +53,10 @@ pub mod sizes {
     pub const EVENTS: u32 = 1 << 20;
     /// Proxy listeners.
     pub const PROXY: u32 = 8;
+    /// Proxy UDP listeners.
+    pub const PROXY_UDP: u32 = 8;
+    /// Addresses learned from DNS.
+    pub const FQDN: u32 = 1 << 16;
 }
 
 /// Program names (the functions in `redirect-ebpf`).
@@ -85,6 +93,9 @@ pub mod verdict {
     pub const DROP_DENY: u8 = 3;
     /// Drop: default deny and no allow.
     pub const DROP_NO_ALLOW: u8 = 4;
+    /// Drop: rules with different L7 parsers cover the flow (whatever other identities of the
+    /// peer allow; only a deny says more).
+    pub const DROP_CONFLICT: u8 = 5;
 }
 
 /// Drop reasons in events (Cilium's numbers where Cilium has the reason).
@@ -342,9 +353,37 @@ pub mod listener {
     pub const DNS: u8 = 3;
 }
 
-/// Index of a proxy listener in [`names::PROXY`]: one IPv4 and one IPv6 socket per listener id.
+/// Index of a proxy listener in [`names::PROXY`] (TCP) and [`names::PROXY_UDP`]: one IPv4 and one
+/// IPv6 socket per listener id.
 pub const fn proxy_index(listener: u8, v6: bool) -> u32 {
     listener as u32 * 2 + v6 as u32
+}
+
+/// Most FQDN selector identities one learned address carries in [`FqdnValue`].
+pub const FQDN_MAX_SELECTORS: usize = 15;
+
+/// [`names::FQDN`] key: an address the DNS proxy learned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnKey {
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+    /// Address, network byte order (IPv4 in the first 4 bytes, the rest zero).
+    pub addr: [u8; 16],
+}
+
+/// [`names::FQDN`] value: the FQDN selector identities of the names the address was learned under
+/// (sorted, host byte order). A flow to the address is judged as if it were each of them as well as
+/// its own identity (`datapath::combine`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FqdnValue {
+    /// How many of `selectors` are set.
+    pub count: u32,
+    /// Selector identities.
+    pub selectors: [u32; FQDN_MAX_SELECTORS],
 }
 
 /// Conntrack flags.
@@ -359,6 +398,11 @@ pub mod ct_flag {
     pub const RST: u32 = 8;
     /// The flow goes through the proxy.
     pub const PROXIED: u32 = 16;
+    /// Bits 8–15: the proxy listener id of a PROXIED flow without connections (UDP): its later
+    /// packets go to that listener again.
+    pub const LISTENER_SHIFT: u32 = 8;
+    /// Mask of the listener bits.
+    pub const LISTENER_MASK: u32 = 0xff00;
 }
 
 /// Conntrack value.
@@ -464,6 +508,8 @@ const _: () = assert!(size_of::<IfaceValue>() == 32);
 const _: () = assert!(size_of::<CtKey>() == 40);
 const _: () = assert!(size_of::<CtValue>() == 32);
 const _: () = assert!(size_of::<Event>() == 72);
+const _: () = assert!(size_of::<FqdnKey>() == 20);
+const _: () = assert!(size_of::<FqdnValue>() == 64);
 
 #[cfg(feature = "user")]
 mod user {
@@ -480,4 +526,6 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for FqdnKey {}
+    unsafe impl aya::Pod for FqdnValue {}
 }

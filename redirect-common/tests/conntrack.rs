@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto, tcp};
 use redirect_common::{
-    CtKey, CtValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, ct_flag, direction, family, iface_flag, mark,
-    reason, verdict,
+    CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, ct_flag,
+    direction, family, iface_flag, listener, mark, reason, verdict,
 };
 
 const T_IP: [u8; 4] = [10, 0, 0, 1];
@@ -48,6 +48,17 @@ fn packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Packet {
 /// A socket of the node's network namespace (the proxy's), by (local, remote).
 type Sock = (([u8; 4], u16), ([u8; 4], u16));
 
+/// The DNS server's port (T's egress to D sends it to the DNS proxy).
+const DNS_PORT: u16 = 53;
+/// An address outside the cluster (world).
+const W_IP: [u8; 4] = [192, 0, 2, 7];
+/// FQDN selector identities in T's egress policy towards learned addresses: port 80 through the
+/// HTTP proxy; ports 80 and 443 allowed; port 22 denied; port 80 through the Kafka proxy.
+const S_HTTP: u32 = 0x0140_0000;
+const S_ALLOW: u32 = 0x0140_0001;
+const S_DENY: u32 = 0x0140_0002;
+const S_KAFKA: u32 = 0x0140_0003;
+
 /// The node: conntrack, the proxy's sockets, the clock; which interface and mark the packet has.
 #[derive(Default)]
 struct Node {
@@ -55,9 +66,21 @@ struct Node {
     ct: BTreeMap<CtKey, CtValue>,
     /// Open proxy sockets; the bool: TIME_WAIT.
     sockets: BTreeMap<Sock, bool>,
+    /// The DNS proxy's connected upstream UDP sockets.
+    udp_sockets: BTreeSet<Sock>,
+    /// Datagrams the DNS proxy's UDP listener received.
+    udp_received: usize,
     listener_up: bool,
     iface: u32,
     mark: u32,
+    /// What the DNS proxy learned.
+    fqdn: BTreeMap<[u8; 16], FqdnValue>,
+}
+
+fn learned(selectors: &[u32]) -> FqdnValue {
+    let mut v = FqdnValue { count: u32::try_from(selectors.len()).unwrap(), selectors: [0; FQDN_MAX_SELECTORS] };
+    v.selectors[..selectors.len()].copy_from_slice(selectors);
+    v
 }
 
 impl Kernel for Node {
@@ -76,6 +99,22 @@ impl Kernel for Node {
     }
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
         let allow = PolicyValue { verdict: verdict::ALLOW, listener: 0, _pad: [0; 2], rule: 1 };
+        let v = |verdict, listener| Some(PolicyValue { verdict, listener, _pad: [0; 2], rule: 3 });
+        let port = u16::from_be_bytes(key.dport);
+        // T's egress: DNS to D through the DNS proxy; world only by FQDN selectors.
+        if key.endpoint == T_EP && key.direction == direction::EGRESS {
+            match (key.identity, key.proto, port) {
+                (D_ID, proto::UDP | proto::TCP, DNS_PORT) => return v(verdict::REDIRECT, listener::DNS),
+                (S_HTTP, proto::TCP, 80) => return v(verdict::REDIRECT, listener::HTTP),
+                (S_KAFKA, proto::TCP, 80) => return v(verdict::REDIRECT, listener::KAFKA),
+                (S_ALLOW, proto::TCP, 80 | 443) => return v(verdict::ALLOW, 0),
+                (S_DENY, proto::TCP, 22) => return v(verdict::DROP_DENY, 0),
+                (redirect_common::identity::WORLD_IPV4, _, _) | (S_HTTP | S_ALLOW | S_DENY | S_KAFKA, _, _) => {
+                    return v(verdict::DROP_NO_ALLOW, 0);
+                }
+                _ => {}
+            }
+        }
         // D's ingress from T: port 80 through the proxy, port 81 allowed. Everything else of
         // every direction is allowed: the most a stray packet could ride on.
         if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
@@ -86,6 +125,9 @@ impl Kernel for Node {
             };
         }
         (key.identity == 0).then_some(allow)
+    }
+    fn fqdn(&self, _family: u8, a: &[u8; 16]) -> Option<&FqdnValue> {
+        self.fqdn.get(a)
     }
     fn iface(&self) -> Option<IfaceValue> {
         let ip = if self.iface == T_EP { T_IP } else { D_IP };
@@ -106,17 +148,25 @@ impl Kernel for Node {
     fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
         let local = (ip4(&pkt.daddr), pkt.dport);
         let remote = (ip4(&pkt.saddr), pkt.sport);
+        if pkt.proto == proto::UDP {
+            return self.udp_sockets.contains(&(local, remote));
+        }
         match self.sockets.get(&(local, remote)) {
             Some(true) => !pkt.opens_connection(),
             Some(false) => true,
             None => false,
         }
     }
-    fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool {
-        assert_eq!(listener, 1);
+    fn assign_proxy_listener(&mut self, pkt: &Packet, id: u8) -> bool {
         if !self.listener_up {
             return false;
         }
+        if pkt.proto == proto::UDP {
+            assert_eq!(id, listener::DNS);
+            self.udp_received += 1;
+            return true;
+        }
+        assert!(id == listener::HTTP || id == listener::DNS || id == listener::KAFKA);
         if pkt.opens_connection() {
             // The proxy accepts: its socket's local address is the original destination.
             self.sockets.insert(((ip4(&pkt.daddr), pkt.dport), (ip4(&pkt.saddr), pkt.sport)), false);
@@ -366,4 +416,79 @@ fn direct_flows_are_opened_by_their_syn_only() {
     assert_ne!(flags & ct_flag::SEEN_REPLY, 0);
     let all: BTreeSet<_> = node.ct.keys().copied().collect();
     assert_eq!(all.len(), 1, "one entry per flow");
+}
+
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Packet {
+    Packet { proto: proto::UDP, tcp_flags: 0, ..packet(src, dst, 0) }
+}
+
+/// DNS over UDP: the client's datagrams reach the DNS proxy's listener (the first one judged, the
+/// rest by their PROXIED entry), never the server; the server's answers reach the proxy's upstream
+/// socket, also when the kernel gave that socket the client's own port; the proxy's answers reach
+/// the client; a server datagram no proxy socket waits for is dropped, not delivered.
+#[test]
+fn dns_over_udp_goes_through_the_proxy_both_ways() {
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    let query = udp((T_IP, 5000), (D_IP, DNS_PORT));
+    assert_eq!(node.send_from_pod(T_EP, &query), Fate::Proxy);
+    let key = query.ct_key(false).unwrap();
+    assert_ne!(node.ct[&key].flags & ct_flag::PROXIED, 0);
+    assert_eq!((node.ct[&key].flags & ct_flag::LISTENER_MASK) >> ct_flag::LISTENER_SHIFT, u32::from(listener::DNS));
+    // The client's next datagram on the same tuple: to the listener again.
+    assert_eq!(node.send_from_pod(T_EP, &query), Fate::Proxy);
+    assert_eq!(node.udp_received, 2);
+    // The proxy forwards from the client's address (marked): the server gets it.
+    for upstream_port in [6000, 5000] {
+        node.udp_sockets.insert(((T_IP, upstream_port), (D_IP, DNS_PORT)));
+        let fwd = udp((T_IP, upstream_port), (D_IP, DNS_PORT));
+        assert_eq!(node.send_to_pod(D_EP, &fwd, mark::FROM_PROXY), Fate::Delivered);
+        // The server answers the upstream socket: the proxy gets it, not the client.
+        let answer = udp((D_IP, DNS_PORT), (T_IP, upstream_port));
+        assert_eq!(node.send_from_pod(D_EP, &answer), Fate::Proxy, "upstream port {upstream_port}");
+        node.udp_sockets.clear();
+    }
+    // The proxy answers the client from the server's address (marked).
+    let reply = udp((D_IP, DNS_PORT), (T_IP, 5000));
+    assert_eq!(node.send_to_pod(T_EP, &reply, mark::FROM_PROXY), Fate::Delivered);
+    // A server datagram to the client's port that no proxy socket waits for: dropped (it would
+    // be an answer the proxy never judged).
+    assert_eq!(node.send_from_pod(D_EP, &reply), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    // Without the proxy the client's datagrams go nowhere.
+    node.listener_up = false;
+    assert_eq!(node.send_from_pod(T_EP, &query), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    assert_eq!(
+        node.send_from_pod(T_EP, &udp((T_IP, 5001), (D_IP, DNS_PORT))),
+        Fate::Dropped(reason::PROXY_UNAVAILABLE)
+    );
+    assert!(node.direct_l7_entries().is_empty());
+}
+
+/// Egress to an address learned from DNS is judged on its own identity and its names' FQDN
+/// selector identities, combined as the policy engine merges them.
+#[test]
+fn fqdn_selectors_judge_egress_to_learned_addresses() {
+    let mut node = Node { listener_up: true, now: NS, iface: T_EP, ..Node::default() };
+    let syn = |port| packet((T_IP, 40000), (W_IP, port), tcp::SYN);
+    let verdict_for = |node: &mut Node, sels: &[u32], port: u16| {
+        node.ct.clear();
+        node.sockets.clear();
+        node.fqdn.clear();
+        if !sels.is_empty() {
+            node.fqdn.insert(addr(W_IP), learned(sels));
+        }
+        node.iface = T_EP;
+        datapath::from_endpoint(node, &syn(port))
+    };
+    assert_eq!(verdict_for(&mut node, &[], 80), Action::Drop(reason::POLICY_DENIED), "not learned: world, dropped");
+    assert_eq!(verdict_for(&mut node, &[S_HTTP], 80), Action::Proxy);
+    assert_eq!(verdict_for(&mut node, &[S_HTTP], 443), Action::Drop(reason::POLICY_DENIED));
+    assert_eq!(verdict_for(&mut node, &[S_ALLOW], 443), Action::Pass);
+    assert_eq!(verdict_for(&mut node, &[S_ALLOW, S_HTTP], 80), Action::Proxy, "a redirect wins over an allow");
+    assert_eq!(verdict_for(&mut node, &[S_ALLOW, S_DENY], 22), Action::Drop(reason::POLICY_DENY));
+    assert_eq!(verdict_for(&mut node, &[S_DENY, S_ALLOW], 443), Action::Pass, "the deny is for port 22 only");
+    assert_eq!(
+        verdict_for(&mut node, &[S_HTTP, S_KAFKA], 80),
+        Action::Drop(reason::POLICY_DENIED),
+        "two parsers for one flow: fail closed"
+    );
 }

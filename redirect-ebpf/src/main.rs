@@ -33,15 +33,17 @@ use aya_ebpf::bindings::{
     BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
 };
 use aya_ebpf::cty::c_void;
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp};
+use aya_ebpf::helpers::{
+    bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap};
 use aya_ebpf::programs::TcContext;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto};
 use redirect_common::{
-    CtKey, CtValue, Event, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue, POLICY_FULL_BITS, PolicyKey,
-    PolicyValue, config, counter, family, mark, proxy_index, reason, sizes,
+    CtKey, CtValue, Event, FqdnKey, FqdnValue, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue,
+    POLICY_FULL_BITS, PolicyKey, PolicyValue, config, counter, family, mark, proxy_index, reason, sizes,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -61,6 +63,13 @@ static PORIN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 static PORIN_EVENTS: RingBuf = RingBuf::pinned(sizes::EVENTS, 0);
 #[map]
 static PORIN_PROXY: SockMap = SockMap::pinned(sizes::PROXY, 0);
+#[map]
+static PORIN_PROXY_UDP: SockMap = SockMap::pinned(sizes::PROXY_UDP, 0);
+#[map]
+static PORIN_FQDN: HashMap<FqdnKey, FqdnValue> = HashMap::pinned(sizes::FQDN, 0);
+
+/// `TCP_ESTABLISHED`: also the state of a connected UDP socket.
+const SK_ESTABLISHED: u32 = 1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -209,6 +218,13 @@ impl Kernel for Tc<'_> {
         PORIN_POLICY.get(&Key::new(POLICY_FULL_BITS, *key)).copied()
     }
 
+    fn fqdn(&self, fam: u8, addr: &[u8; 16]) -> Option<&FqdnValue> {
+        let key = FqdnKey { family: fam, _pad: [0; 3], addr: *addr };
+        // SAFETY: a value of a map the agent and the proxy only ever replace whole; read within
+        // this program's run.
+        unsafe { PORIN_FQDN.get(&key) }
+    }
+
     fn iface(&self) -> Option<IfaceValue> {
         // SAFETY: the value is copied out at once.
         unsafe { PORIN_IFACES.get(&self.ifindex()) }.copied()
@@ -238,9 +254,10 @@ impl Kernel for Tc<'_> {
         let _ = PORIN_CT.remove(key);
     }
 
-    /// `bpf_skc_lookup_tcp` on the packet's tuple in this namespace.
+    /// `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp` on the packet's tuple in this namespace.
     fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
-        if !pkt.is_tcp() {
+        let udp = pkt.proto == datapath::proto::UDP;
+        if !pkt.is_tcp() && !udp {
             return false;
         }
         // SAFETY: an all-zero tuple is a valid value of this plain-data union.
@@ -257,7 +274,13 @@ impl Kernel for Tc<'_> {
             tuple.__bindgen_anon_1.ipv4.sport = sport;
             tuple.__bindgen_anon_1.ipv4.dport = dport;
             // SAFETY: the context pointer and the tuple are valid for the call.
-            unsafe { bpf_skc_lookup_tcp(ctx, &mut tuple, 12, netns, 0) }
+            unsafe {
+                if udp {
+                    bpf_sk_lookup_udp(ctx, &mut tuple, 12, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx, &mut tuple, 12, netns, 0)
+                }
+            }
         } else {
             tuple.__bindgen_anon_1.ipv6.saddr =
                 [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
@@ -266,27 +289,42 @@ impl Kernel for Tc<'_> {
             tuple.__bindgen_anon_1.ipv6.sport = sport;
             tuple.__bindgen_anon_1.ipv6.dport = dport;
             // SAFETY: as above.
-            unsafe { bpf_skc_lookup_tcp(ctx, &mut tuple, 36, netns, 0) }
+            unsafe {
+                if udp {
+                    bpf_sk_lookup_udp(ctx, &mut tuple, 36, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx, &mut tuple, 36, netns, 0)
+                }
+            }
         };
         if sk.is_null() {
             return false;
         }
         // SAFETY: a socket reference the helper returned; released below on every path.
-        let state = unsafe { (*sk).state };
-        let usable = state != BPF_TCP_LISTEN && !(pkt.opens_connection() && state == BPF_TCP_TIME_WAIT);
+        let (state, sk_mark) = unsafe { ((*sk).state, (*sk).mark) };
+        let usable = if udp {
+            // Only the proxy's own connected upstream sockets: never a host socket that happens
+            // to be bound to the port.
+            state == SK_ESTABLISHED && sk_mark & mark::MASK == mark::FROM_PROXY
+        } else {
+            state != BPF_TCP_LISTEN && !(pkt.opens_connection() && state == BPF_TCP_TIME_WAIT)
+        };
         let assigned = usable && self.assign(sk.cast());
         // SAFETY: releases the reference taken by the lookup.
         unsafe { bpf_sk_release(sk.cast()) };
         assigned
     }
 
-    /// The listener from the SOCKMAP.
+    /// The listener from the SOCKMAP of the packet's protocol.
     fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool {
-        if !pkt.is_tcp() {
+        let map = if pkt.is_tcp() {
+            core::ptr::addr_of!(PORIN_PROXY).cast_mut().cast::<c_void>()
+        } else if pkt.proto == datapath::proto::UDP {
+            core::ptr::addr_of!(PORIN_PROXY_UDP).cast_mut().cast::<c_void>()
+        } else {
             return false;
-        }
+        };
         let index = proxy_index(listener, pkt.family == family::V6);
-        let map = core::ptr::addr_of!(PORIN_PROXY).cast_mut().cast::<c_void>();
         // SAFETY: a SOCKMAP lookup returns a referenced socket (or null), released below.
         let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
         if sk.is_null() {

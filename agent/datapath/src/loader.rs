@@ -121,10 +121,13 @@ impl Datapath {
         for d in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(EBPF_OBJECT)
-            .context("load the eBPF object (needs root / CAP_BPF)")?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        // The whole verifier log, for working on the programs: PORIN_BPF_VERIFIER_LOG=1.
+        if std::env::var_os("PORIN_BPF_VERIFIER_LOG").is_some() {
+            loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object (needs root / CAP_BPF)")?;
         for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -129,7 +129,7 @@ pub fn value_of(v: &L4Verdict) -> PolicyValue {
         L4Verdict::Drop(DropReason::NoAllow { enforced_by }) => {
             (verdict::DROP_NO_ALLOW, 0, rule_id(enforced_by.first()))
         }
-        L4Verdict::Drop(DropReason::ConflictingParsers { by }) => (verdict::DROP_NO_ALLOW, 0, rule_id(by.first())),
+        L4Verdict::Drop(DropReason::ConflictingParsers { by }) => (verdict::DROP_CONFLICT, 0, rule_id(by.first())),
     };
     PolicyValue { verdict, listener, _pad: [0; 2], rule }
 }
@@ -282,6 +282,25 @@ pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -
         );
     }
     d
+}
+
+/// The kernel's verdict towards an address that is identity `identity` and the FQDN selector
+/// identities `fqdn` (`redirect_common::datapath::combine` over each lookup), in userspace.
+pub fn lookup_learned(
+    policy: &BTreeMap<PolicySlot, PolicyValue>,
+    endpoint: u32,
+    identity: u32,
+    fqdn: &[u32],
+    proto: u8,
+    port: u16,
+) -> PolicyValue {
+    let own = lookup(policy, direction::EGRESS, endpoint, identity, proto, port);
+    if own.verdict == verdict::DROP_DENY {
+        return own;
+    }
+    fqdn.iter().fold(own, |v, s| {
+        redirect_common::datapath::combine(v, lookup(policy, direction::EGRESS, endpoint, *s, proto, port))
+    })
 }
 
 /// The kernel's policy lookup, in userspace (for tests and `porin` diagnostics): the longest prefix

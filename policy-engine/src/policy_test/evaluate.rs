@@ -106,14 +106,17 @@ impl Scenario {
         let from_id = self.identity(from);
         let to_id = self.identity(to);
         let mut explanation = Vec::new();
-        let peer = |p: &Party, identity: IdentityId| Peer {
-            identity,
-            endpoint: match p {
-                Party::Endpoint(i) => self.endpoint_policy(*i),
-                _ => None,
-            },
+        let (from_fqdn, to_fqdn) = (self.fqdn_identities(from), self.fqdn_identities(to));
+        let endpoint = |p: &Party| match p {
+            Party::Endpoint(i) => self.endpoint_policy(*i),
+            _ => None,
         };
-        let pair = PairVerdict::judge(peer(from, from_id), peer(to, to_id), proto, port);
+        let pair = PairVerdict::judge(
+            Peer { identity: from_id, fqdn: &from_fqdn, endpoint: endpoint(from) },
+            Peer { identity: to_id, fqdn: &to_fqdn, endpoint: endpoint(to) },
+            proto,
+            port,
+        );
         let label = |s: &SideVerdict<'_>| format!("{} of {}/{}", s.direction, s.endpoint.namespace, s.endpoint.name);
         if explain {
             explanation.push(format!(
@@ -123,7 +126,12 @@ impl Scenario {
             ));
             for s in pair.sides() {
                 let policy = s.endpoint.direction(s.direction);
-                self.explain_direction(&mut explanation, &label(s), policy, s.peer, proto, port, &s.verdict);
+                let (id, fqdn) = match s.direction {
+                    crate::model::Direction::Egress => (to_id, &to_fqdn),
+                    crate::model::Direction::Ingress => (from_id, &from_fqdn),
+                };
+                let peers: Vec<IdentityId> = std::iter::once(id).chain(fqdn.iter().copied()).collect();
+                self.explain_direction(&mut explanation, &label(s), policy, &peers, proto, port, &s.verdict);
             }
         }
         // L3/L4 first: a drop on either side is final.
@@ -304,7 +312,7 @@ impl Scenario {
         out: &mut Vec<String>,
         label: &str,
         policy: &crate::snapshot::DirectionPolicy,
-        peer: IdentityId,
+        peers: &[IdentityId],
         proto: Proto,
         port: u16,
         verdict: &L4Verdict,
@@ -327,16 +335,16 @@ impl Scenario {
                 crate::snapshot::ProtoMatch::Only(p) if e.port_start == 0 && e.port_end == u16::MAX => format!("{p}/*"),
                 crate::snapshot::ProtoMatch::Only(p) => format!("{p}/{}-{}", e.port_start, e.port_end),
             };
-            let peers = match &e.peers {
+            let selects = match &e.peers {
                 crate::snapshot::PeerSet::All => "all peers".to_owned(),
                 crate::snapshot::PeerSet::Ids(ids) => format!("identities {ids:?}"),
             };
             let origins: Vec<String> = e.origins.iter().map(|o| self.origin_name(*o).1).collect();
-            let peer_ok = e.peers.contains(peer);
+            let peer_ok = peers.iter().any(|p| e.peers.contains(*p));
             let port_ok = e.proto.matches(proto)
                 && (e.proto == crate::snapshot::ProtoMatch::Any || (e.port_start..=e.port_end).contains(&port));
             out.push(format!(
-                "  {action} {ports} from/to {peers} [{}]: peer {}, port {} -> {}",
+                "  {action} {ports} from/to {selects} [{}]: peer {}, port {} -> {}",
                 origins.join(", "),
                 if peer_ok { "matches" } else { "no match" },
                 if port_ok { "matches" } else { "no match" },

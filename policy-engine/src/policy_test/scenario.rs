@@ -14,6 +14,8 @@ pub struct Scenario {
     names: BTreeMap<String, usize>,
     /// Warnings (features enforced fail-closed).
     pub warnings: Vec<String>,
+    /// What the DNS proxy learned, as the test file says (names never expire).
+    pub(super) fqdn: crate::fqdn::FqdnCache,
     /// Documents of other kinds that were skipped ([`LoadOptions::skip_other_kinds`]).
     pub skipped: Vec<api::OtherObject>,
 }
@@ -128,7 +130,8 @@ impl ScenarioBuilder {
         }
         let warnings = snapshot.warnings.clone();
         let skipped = self.loaded.other_objects;
-        Ok(Scenario { snapshot, env: self.env, names: self.names, warnings, skipped })
+        let fqdn = crate::fqdn::FqdnCache::fixed(&self.env.fqdn_cache);
+        Ok(Scenario { snapshot, env: self.env, names: self.names, warnings, fqdn, skipped })
     }
 }
 
@@ -175,6 +178,14 @@ impl Scenario {
         self.snapshot.endpoint(&ep.namespace, &ep.name)
     }
 
+    /// The FQDN selector identities of a party's address (from the names in `fqdn_cache`).
+    pub(super) fn fqdn_identities(&self, p: &Party) -> Vec<IdentityId> {
+        match p {
+            Party::Ip(ip) => self.snapshot.fqdn().identities_of(self.fqdn.names_of(*ip)),
+            _ => Vec::new(),
+        }
+    }
+
     pub(super) fn identity(&self, p: &Party) -> IdentityId {
         match p {
             Party::Endpoint(i) => self.endpoint_policy(*i).map_or(reserved::UNKNOWN, |e| e.identity),
@@ -188,7 +199,19 @@ impl Scenario {
             Party::Endpoint(i) => {
                 self.env.endpoints.get(*i).map_or_else(String::new, |e| format!("{}/{}", e.namespace, e.name))
             }
-            Party::Ip(ip) => format!("{ip} (identity {})", self.snapshot.identity_of(*ip)),
+            Party::Ip(ip) => {
+                let fqdn = self.fqdn_identities(p);
+                if fqdn.is_empty() {
+                    format!("{ip} (identity {})", self.snapshot.identity_of(*ip))
+                } else {
+                    let names: Vec<String> = fqdn
+                        .iter()
+                        .filter_map(|id| self.snapshot.identity(*id))
+                        .flat_map(|i| i.labels.iter().map(ToString::to_string).collect::<Vec<_>>())
+                        .collect();
+                    format!("{ip} (identity {}; FQDN selectors {})", self.snapshot.identity_of(*ip), names.join(", "))
+                }
+            }
             Party::Identity(id, n) => format!("{n} (identity {id})"),
         }
     }

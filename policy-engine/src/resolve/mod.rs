@@ -2,9 +2,10 @@
 //!
 //! Steps: label every endpoint the way Cilium does (pod labels, namespace, namespace labels, service
 //! account, cluster), keep the security-relevant ones and allocate identities; give every prefix the
-//! policies can select (CIDRs, CIDR groups, service backends, IPs learned from DNS) a CIDR identity and
-//! build the ipcache; turn each selector into the set of identities it selects (once per distinct
-//! selector); then, per endpoint and direction, expand the selecting rules into entries, merge entries
+//! policies can select (CIDRs, CIDR groups, service backends) a CIDR identity and build the ipcache;
+//! give every `toFQDNs` selector an identity of its own (what the DNS proxy learns is matched to
+//! it at run time, [`crate::fqdn`]); turn each selector into the set of identities it selects
+//! (once per distinct selector); then, per endpoint and direction, expand the selecting rules into entries, merge entries
 //! with the same selector and port, and compile their L7 rules (once per distinct rule list).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,7 +14,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::dns::{DnsRuleSet, NamePattern, normalize_name};
+use crate::dns::{DnsRuleSet, NamePattern};
+use crate::fqdn::FqdnSelectors;
 use crate::http::{HttpRule, HttpRuleSet};
 use crate::identity::{self, Identity, IdentityAllocator, IdentityId, IdentityKind, IpCache, reserved};
 use crate::kafka::{KafkaRule, KafkaRuleSet};
@@ -185,6 +187,7 @@ struct Resolver<'a> {
     endpoint_ips: BTreeSet<IpAddr>,
     ip_identity: HashMap<IpAddr, IdentityId>,
     peer_cache: HashMap<Peer, PeerSet>,
+    fqdn_ids: BTreeMap<NamePattern, IdentityId>,
     http_cache: HashMap<Vec<HttpRule>, Option<Arc<HttpRuleSet>>>,
     origins: Vec<Origin>,
     origin_ids: HashMap<(usize, String), OriginId>,
@@ -233,6 +236,7 @@ pub fn resolve(
         endpoint_ips: env.endpoints.iter().flat_map(|e| e.ips.iter().copied()).collect(),
         ip_identity: HashMap::new(),
         peer_cache: HashMap::new(),
+        fqdn_ids: BTreeMap::new(),
         http_cache: HashMap::new(),
         origins: Vec::new(),
         origin_ids: HashMap::new(),
@@ -260,6 +264,15 @@ pub fn resolve(
         for ip in &ep.ips {
             r.ip_identity.insert(*ip, *id);
         }
+    }
+
+    // FQDN selector identities (see `crate::fqdn`).
+    let fqdn_patterns = collect_fqdn(policies);
+    for pat in &fqdn_patterns {
+        let key = crate::fqdn::selector_key(pat);
+        let id = alloc.fqdn(&key);
+        r.identities.insert(id, Identity { id, labels: identity::fqdn_labels(&key), kind: IdentityKind::Fqdn(key) });
+        r.fqdn_ids.insert(pat.clone(), id);
     }
 
     // CIDR identities for every prefix a selector could name.
@@ -297,15 +310,34 @@ pub fn resolve(
             egress,
         });
     }
+    let fqdn = FqdnSelectors::new(r.fqdn_ids.iter().map(|(p, id)| (p.clone(), *id)));
     Snapshot {
         version,
         identities: r.identities.into_iter().collect(),
         ipcache,
         endpoints,
         origins: r.origins,
+        fqdn,
         warnings: r.warnings.into_iter().collect(),
         errors: r.errors,
     }
+}
+
+/// Every `toFQDNs` selector of the policies, once each, in a stable order.
+fn collect_fqdn(policies: &[Policy]) -> BTreeSet<NamePattern> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for rule in &p.rules {
+            for el in rule.ingress.iter().chain(&rule.egress) {
+                let Peers::List(peers) = &el.peers else { continue };
+                out.extend(peers.iter().filter_map(|peer| match peer {
+                    Peer::Fqdn(pat) => Some(pat.clone()),
+                    _ => None,
+                }));
+            }
+        }
+    }
+    out
 }
 
 fn ids(mut v: Vec<IdentityId>) -> PeerSet {

@@ -26,9 +26,6 @@ impl Resolver<'_> {
                 }
             }
         }
-        for ips in self.env.fqdn_cache.values() {
-            out.extend(ips.iter().filter(|ip| !self.endpoint_ips.contains(ip)).map(|ip| host_prefix(*ip)));
-        }
         for svc in &self.env.services {
             out.extend(svc.backends.iter().filter(|ip| !self.endpoint_ips.contains(ip)).map(|ip| host_prefix(*ip)));
         }
@@ -98,18 +95,8 @@ impl Resolver<'_> {
                 }
                 ids(prefixes.iter().flat_map(|p| self.cidr_set(p, except)).collect())
             }
-            Peer::Fqdn(pattern) => {
-                let re = pattern.to_regex();
-                let mut out = Vec::new();
-                for (name, addrs) in &self.env.fqdn_cache {
-                    if re.is_match(&normalize_name(name)) {
-                        for ip in addrs.iter().filter(|ip| !self.endpoint_ips.contains(ip)) {
-                            out.extend(self.cidr_identity(&host_prefix(*ip)));
-                        }
-                    }
-                }
-                ids(out)
-            }
+            // The selector's own identity: addresses the DNS proxy learns carry it (`crate::fqdn`).
+            Peer::Fqdn(pattern) => ids(self.fqdn_ids.get(pattern).copied().into_iter().collect()),
             Peer::Service(svc) => self.service_set(svc),
         };
         self.peer_cache.insert(peer.clone(), set.clone());

@@ -27,6 +27,7 @@ enum Act {
     Deny,
     Allow,
     Redirect,
+    RedirectKafka,
 }
 
 fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
@@ -41,7 +42,7 @@ fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
         ]),
         0u16..20,
         prop_oneof![Just(0u16), Just(1), Just(3), Just(30), Just(u16::MAX)],
-        prop_oneof![Just(Act::Deny), Just(Act::Allow), Just(Act::Redirect)],
+        prop_oneof![4 => Just(Act::Deny), 4 => Just(Act::Allow), 4 => Just(Act::Redirect), 1 => Just(Act::RedirectKafka)],
         0u32..4,
     )
         .prop_map(|(peers, proto, start, len, act, origin)| {
@@ -58,6 +59,10 @@ fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
                 Act::Allow => EntryAction::Allow,
                 Act::Redirect => EntryAction::Redirect {
                     rules: L7Set::Http(Arc::new(HttpRuleSet::compile(vec![]).unwrap())),
+                    rule_origins: Arc::from([OriginId(origin)]),
+                },
+                Act::RedirectKafka => EntryAction::Redirect {
+                    rules: L7Set::Kafka(Arc::new(policy_engine::kafka::KafkaRuleSet::new(vec![]))),
                     rule_origins: Arc::from([OriginId(origin)]),
                 },
             };
@@ -90,6 +95,34 @@ proptest! {
             let want = value_of(&dp.l4_verdict(id, proto, if matches!(proto, Proto::Other(_)) { 0 } else { port }));
             let got = lookup(&map, direction::INGRESS, 7, id, proto.number(), port);
             prop_assert_eq!(got, want, "identity {} {} port {}", id, proto, port);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    // An address learned from DNS is its own identity and its names' FQDN selector identities: the
+    // kernel combines its lookups for each (`datapath::combine`) into the engine's verdict on the
+    // union (`l4_verdict_for`).
+    #[test]
+    fn kernel_combination_equals_engine_for_learned_addresses(
+        entries in proptest::collection::vec(arb_entry(), 0..7),
+        enforced: bool,
+        flows in proptest::collection::vec((0u32..8, proptest::collection::vec(1u32..6, 0..4), prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Other(112))], prop_oneof![0u16..40, Just(65535u16)]), 40),
+    ) {
+        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], ..Default::default() };
+        let mut map = BTreeMap::new();
+        direction_entries(&dp, direction::EGRESS, 7, &mut map);
+        for (id, mut fqdn, proto, port) in flows {
+            fqdn.sort_unstable();
+            fqdn.dedup();
+            let port = if matches!(proto, Proto::Other(_)) { 0 } else { port };
+            let peers: Vec<u32> = std::iter::once(id).chain(fqdn.iter().copied()).collect();
+            let want = value_of(&dp.l4_verdict_for(&peers, proto, port));
+            let got = lookup_learned(&map, 7, id, &fqdn, proto.number(), port);
+            // The deciding rule may be another of the merged ones; the verdict and listener may not.
+            prop_assert_eq!((got.verdict, got.listener), (want.verdict, want.listener), "identity {} fqdn {:?} {} port {}", id, fqdn, proto, port);
         }
     }
 }
