@@ -12,7 +12,10 @@ use policy_engine::api::{LoadOptions, load_str};
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use porin_flow::control::{Reply, Request};
 use porin_flow::flow::Flow;
+use std::sync::Arc;
+
 use proxy::config::ProxyConfig;
+use proxy::transparent::Announce;
 
 use crate::agent::{EndpointsFile, control, environment, publish as write_inputs};
 
@@ -45,11 +48,31 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.enable_all().build().context("start the runtime")?;
+    // The DNS proxy writes the kernel's FQDN map, pinned beside the SOCKMAP.
+    let fqdn: Option<Arc<dyn proxy::fqdn::FqdnDatapath>> = match cfg
+        .listeners
+        .iter()
+        .filter_map(|l| l.transparent.as_ref())
+        .find(|t| t.protocol == proxy::config::ListenerProtocol::Dns)
+    {
+        Some(t) => {
+            let dir = t.sockmap.parent().unwrap_or(Path::new("."));
+            Some(Arc::new(KernelFqdn(porin_datapath::fqdn::FqdnMaps::open(dir)?)))
+        }
+        None => None,
+    };
     rt.block_on(async {
-        let register: proxy::transparent::Register = std::sync::Arc::new(|t, sock, v6| {
-            porin_datapath::sockmap::register(&t.sockmap, t.protocol.id(), v6, sock).map_err(std::io::Error::other)
+        let register: proxy::transparent::Register = Arc::new(|t, sock, v6| {
+            let id = t.protocol.id();
+            match sock {
+                Announce::Tcp(s) => porin_datapath::sockmap::register(&t.sockmap, id, v6, s),
+                Announce::Udp(s) => {
+                    porin_datapath::sockmap::register(&t.map(redirect_common::names::PROXY_UDP), id, v6, s)
+                }
+            }
+            .map_err(std::io::Error::other)
         });
-        let proxy = proxy::Proxy::start_with(cfg, Some(register)).await?;
+        let proxy = proxy::Proxy::start_with(cfg, proxy::Hooks { register: Some(register), fqdn }).await?;
         if let Some(ready) = &a.ready {
             let addrs: BTreeMap<String, String> =
                 proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();
@@ -66,6 +89,21 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         drop(proxy);
         anyhow::Ok(())
     })
+}
+
+/// The kernel's FQDN map and conntrack for the DNS proxy.
+struct KernelFqdn(porin_datapath::fqdn::FqdnMaps);
+
+impl proxy::fqdn::FqdnDatapath for KernelFqdn {
+    fn set(&self, ip: std::net::IpAddr, selectors: &[u32]) -> std::io::Result<()> {
+        self.0.set(ip, selectors)
+    }
+    fn entries(&self) -> std::io::Result<Vec<(std::net::IpAddr, Vec<u32>)>> {
+        self.0.entries()
+    }
+    fn live_destinations(&self) -> std::io::Result<std::collections::BTreeSet<std::net::IpAddr>> {
+        self.0.live_destinations()
+    }
 }
 
 /// Raises the soft file-descriptor limit to the hard one: every client connection and every

@@ -1,7 +1,7 @@
 //! Flow records for humans: one text line (`porin observe`, `porin lab events`) or a row of a live
 //! table (`porin observe -o table`). JSON is the record itself (`porin_flow::flow::Flow`).
 
-use porin_flow::flow::{DropReason, EventType, Flow, FlowEndpoint, L7Type, Layer4, Verdict};
+use porin_flow::flow::{DnsInfo, DropReason, EventType, Flow, FlowEndpoint, L7Type, Layer4, Verdict};
 
 /// The header of [`row`]'s table.
 pub const TABLE_HEADER: &str =
@@ -15,6 +15,36 @@ fn transport(l4: Option<&Layer4>, types: bool) -> String {
         Some(l @ (Layer4::Icmpv4(t) | Layer4::Icmpv6(t))) if types => format!("{} type {}", l.name(), t.kind),
         Some(l) => l.name().to_owned(),
         None => String::new(),
+    }
+}
+
+/// DNS response code names (RFC 1035, 2136).
+fn rcode_name(rcode: u32) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+/// `A api.example.com.` for a query; with the answer's addresses for a response.
+fn dns_what(kind: L7Type, d: &DnsInfo) -> String {
+    let q = format!("{} {}", d.qtypes.join(","), d.query);
+    if kind == L7Type::Response {
+        let mut s = format!("{q} {}", rcode_name(d.rcode));
+        if !d.cnames.is_empty() {
+            s.push_str(&format!(" via {}", d.cnames.join(" ")));
+        }
+        if !d.ips.is_empty() {
+            s.push_str(&format!(" {} TTL {}", d.ips.join(","), d.ttl));
+        }
+        s
+    } else {
+        q
     }
 }
 
@@ -52,6 +82,10 @@ pub fn text(f: &Flow) -> String {
             line.push_str(&format!(" http-request {proto} {} {}", h.method, h.url));
         }
     }
+    if let Some((l7, d)) = f.l7.as_ref().and_then(|l| l.dns.as_ref().map(|d| (l, d))) {
+        let kind = if l7.kind == L7Type::Response { "dns-response" } else { "dns-request" };
+        line.push_str(&format!(" {kind} {}", dns_what(l7.kind, d)));
+    }
     if let Some(r) = f.drop_reason {
         line.push(' ');
         line.push_str(r.name());
@@ -79,6 +113,26 @@ pub fn row(f: &Flow) -> String {
         p.unwrap_or_else(|| url.to_owned())
     };
     let reason = f.drop_reason.map_or("", DropReason::name);
+    if let Some((l7, d)) = f.l7.as_ref().and_then(|l| l.dns.as_ref().map(|d| (l, d))) {
+        let what = format!("DNS {}", dns_what(l7.kind, d));
+        let verdict = match (l7.kind, f.verdict) {
+            (L7Type::Request, Verdict::Forwarded) => "ALLOWED".to_owned(),
+            (L7Type::Request, Verdict::Dropped) if f.drop_reason == Some(DropReason::MalformedRequest) => {
+                "REFUSED".to_owned()
+            }
+            (L7Type::Request, Verdict::Dropped) => "DENIED".to_owned(),
+            (L7Type::Response, Verdict::Forwarded) => rcode_name(d.rcode),
+            (_, v) => v.name().to_owned(),
+        };
+        let why = match (&f.policy, f.summary.is_empty()) {
+            (Some(p), true) => p.clone(),
+            (Some(p), false) => format!("{} [{p}]", f.summary),
+            (None, _) => f.summary.clone(),
+        };
+        let (src, dst) = addresses(f);
+        let (src, dst) = (who(&f.source, src), who(&f.destination, dst));
+        return format!("{time}  {src:<14} {dst:<17} {what:<37} {verdict:<12} {why}");
+    }
     let (what, verdict, why) = match http {
         Some((l7, h)) if l7.kind == L7Type::Response => (
             format!("{} {} {}", h.protocol.name(), h.method, path(&h.url)),
@@ -146,6 +200,7 @@ mod tests {
                     url: "http://deathstar/v1/exhaust-port".into(),
                     protocol: HttpProtocol::Http11,
                 }),
+                dns: None,
             }),
             ..Flow::default()
         };

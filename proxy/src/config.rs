@@ -27,6 +27,50 @@ pub struct ProxyConfig {
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
+    /// The DNS proxy (listeners with `protocol: dns`).
+    #[serde(default)]
+    pub dns: DnsSettings,
+}
+
+/// How a denied DNS query is answered (Cilium's `--tofqdns-dns-reject-response-code`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RejectCode {
+    /// `REFUSED` (Cilium's default).
+    #[default]
+    Refused,
+    /// `NXDOMAIN`.
+    NameError,
+}
+
+/// The DNS proxy's settings. Every field has a default.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSettings {
+    /// The answer to a denied query.
+    pub reject_response_code: RejectCode,
+    /// Learned names are kept at least this long, seconds (Cilium's `--tofqdns-min-ttl`).
+    pub min_ttl: u32,
+    /// The DNS server must answer an allowed query within this time (milliseconds); the client
+    /// gets no answer otherwise, as from Cilium.
+    pub forward_timeout_ms: u64,
+    /// Queries in flight at once; more are answered `SERVFAIL` (Cilium's
+    /// `--dnsproxy-concurrency-limit`).
+    pub max_inflight: usize,
+    /// Where the learned names are kept across restarts (none: not kept).
+    pub cache_file: Option<PathBuf>,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            reject_response_code: RejectCode::Refused,
+            min_ttl: 0,
+            forward_timeout_ms: 10_000,
+            max_inflight: 10_000,
+            cache_file: None,
+        }
+    }
 }
 
 fn default_poll_ms() -> u64 {
@@ -146,10 +190,18 @@ pub struct ListenerConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transparent {
-    /// The pinned SOCKMAP (`<bpffs>/maps/PORIN_PROXY`).
+    /// The pinned SOCKMAP (`<bpffs>/maps/PORIN_PROXY`). The datapath's other maps the proxy uses
+    /// (the UDP SOCKMAP, the FQDN map, conntrack) are pinned beside it.
     pub sockmap: PathBuf,
     /// Which flows the datapath hands to it.
     pub protocol: ListenerProtocol,
+}
+
+impl Transparent {
+    /// A map pinned beside the SOCKMAP.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.sockmap.parent().unwrap_or(Path::new(".")).join(name)
+    }
 }
 
 /// The protocol of a transparent listener: the datapath hands it the flows whose policy has rules
@@ -159,6 +211,8 @@ pub struct Transparent {
 pub enum ListenerProtocol {
     /// HTTP/1.1, h2c, gRPC.
     Http,
+    /// DNS over UDP and TCP (one UDP socket and one TCP listener on the same address).
+    Dns,
 }
 
 impl ListenerProtocol {
@@ -166,6 +220,7 @@ impl ListenerProtocol {
     pub fn id(self) -> u8 {
         match self {
             Self::Http => redirect_common::listener::HTTP,
+            Self::Dns => redirect_common::listener::DNS,
         }
     }
 }
@@ -324,6 +379,9 @@ impl ProxyConfig {
         }
         if lim.header_read_timeout_ms == 0 || lim.request_timeout_ms == 0 || lim.connect_timeout_ms == 0 {
             return Err("limits: timeouts must be positive".into());
+        }
+        if self.dns.forward_timeout_ms == 0 || self.dns.max_inflight == 0 {
+            return Err("dns: forward_timeout_ms and max_inflight must be positive".into());
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The proxy's side of the control protocol (`porin_flow::control`): `status` (snapshot version
 //! and source, listeners, connections, counters) and `flows` (records numbered above N; `porin
-//! observe` follows by asking again with the last number it saw). Anything else is refused.
+//! observe` follows by asking again with the last number it saw), `fqdn_cache` (what the DNS
+//! proxy learned). Anything else is refused.
 
-use porin_flow::control::{Handler, Reply, Request};
+use porin_flow::control::{FqdnEntry, Handler, Reply, Request};
 
 use crate::ProxyInfo;
 use crate::records::BACKLOG;
@@ -18,6 +19,7 @@ pub fn status(p: &ProxyInfo) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "counters": p.counters(),
         "connections": p.shared.conns.len(),
+        "fqdn": p.shared.fqdn.status(),
     })
 }
 
@@ -29,6 +31,21 @@ impl Handler for ProxyInfo {
                 let (flows, last, missed) = self.shared.records.after(after, limit.unwrap_or(BACKLOG));
                 Reply::Flows { last, missed, flows }
             }
+            Request::FqdnCache => Reply::FqdnCache {
+                entries: self
+                    .shared
+                    .fqdn
+                    .rows()
+                    .into_iter()
+                    .map(|r| FqdnEntry {
+                        name: r.name,
+                        ip: r.ip,
+                        ttl_left: r.ttl_left,
+                        endpoints: r.endpoints,
+                        zombie: r.zombie,
+                    })
+                    .collect(),
+            },
             other => Reply::error(format!("the proxy does not serve {other:?}")),
         }
     }

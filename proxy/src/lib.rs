@@ -19,7 +19,9 @@ pub mod normalize;
 pub mod admission;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod forward;
+pub mod fqdn;
 pub mod head;
 pub mod log_limit;
 pub mod policy;
@@ -39,7 +41,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::admission::{ConnTable, TableLimits};
-use crate::config::{ListenerConfig, ProxyConfig};
+use crate::config::{ListenerConfig, ListenerProtocol, ProxyConfig};
+use crate::fqdn::{FqdnDatapath, FqdnState};
 use crate::records::{Counters, Records};
 use crate::service::Shared;
 use crate::snapshot::PolicyState;
@@ -61,6 +64,16 @@ impl ProxyInfo {
     }
 }
 
+/// What the process that runs the proxy gives it of the datapath (`porin proxy` passes both; a
+/// proxy with explicit listeners only needs neither).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Announces transparent sockets to the datapath.
+    pub register: Option<transparent::Register>,
+    /// The kernel's FQDN map and conntrack, for the DNS proxy.
+    pub fqdn: Option<Arc<dyn FqdnDatapath>>,
+}
+
 /// A running proxy; dropping it stops it.
 pub struct Proxy {
     /// Its state.
@@ -74,11 +87,13 @@ impl Proxy {
     /// control socket, and starts serving. Call within a Tokio runtime. A configuration with
     /// transparent listeners needs [`Proxy::start_with`].
     pub async fn start(cfg: ProxyConfig) -> std::io::Result<Self> {
-        Self::start_with(cfg, None).await
+        Self::start_with(cfg, Hooks::default()).await
     }
 
-    /// As [`Proxy::start`], announcing transparent listeners to the datapath with `register`.
-    pub async fn start_with(cfg: ProxyConfig, register: Option<transparent::Register>) -> std::io::Result<Self> {
+    /// As [`Proxy::start`], with the datapath's hooks: transparent listeners are announced with
+    /// `hooks.register`; what the DNS proxy learns goes into the kernel through `hooks.fqdn`.
+    pub async fn start_with(cfg: ProxyConfig, hooks: Hooks) -> std::io::Result<Self> {
+        let register = hooks.register.clone();
         let policy = Arc::new(PolicyState::new(&cfg.snapshot));
         if cfg.snapshot.exists() {
             match snapshot::load(&cfg.snapshot) {
@@ -101,30 +116,56 @@ impl Proxy {
             records: Records::new(cfg.flow_log.as_deref())?,
             counters: Counters::default(),
             limits: cfg.limits.clone(),
+            fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),
+            dns: cfg.dns.clone(),
         });
+        // What was learned before (the cache file, the pinned kernel map) made to agree with the
+        // snapshot in force before the first query is served.
+        if let Some(snap) = policy.current()
+            && let Err(e) = shared.fqdn.sync_to(&snap)
+        {
+            tracing::warn!(error = %e, "FQDN map not in sync with the cache; retried with every snapshot");
+        }
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        let mut sockets = Vec::new();
         for l in &cfg.listeners {
-            let bound = match (&l.transparent, &register) {
-                (Some(t), Some(register)) => {
-                    transparent::listen(l.listen).and_then(|sock| register(t, &sock, l.listen.is_ipv6()).map(|()| sock))
+            let err =
+                |e: std::io::Error| std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.listen));
+            let la = Arc::new(l.clone());
+            match (&l.transparent, &register) {
+                (Some(t), Some(register)) if t.protocol == ListenerProtocol::Dns => {
+                    // DNS: a UDP socket and a TCP listener on the same address.
+                    let v6 = l.listen.is_ipv6();
+                    let udp = dns::udp::listen(l.listen).map_err(err)?;
+                    register(t, transparent::Announce::Udp(&udp), v6).map_err(err)?;
+                    let tcp = transparent::listen(udp.local_addr()?).map_err(err)?;
+                    register(t, transparent::Announce::Tcp(&tcp), v6).map_err(err)?;
+                    listeners.push((la.clone(), tcp.local_addr()?));
+                    tracing::info!(listener = %l.name, "listening (DNS, UDP and TCP)");
+                    tasks.push(tokio::spawn(dns::udp::serve(shared.clone(), la.clone(), udp)));
+                    tasks.push(tokio::spawn(dns::tcp::accept_loop(shared.clone(), la, tcp)));
                 }
-                (Some(_), None) => Err(std::io::Error::other("a transparent listener needs the datapath")),
-                (None, _) => tokio::net::TcpListener::bind(l.listen).await,
-            };
-            let sock = bound
-                .map_err(|e| std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.listen)))?;
-            let addr = sock.local_addr()?;
-            let l = Arc::new(l.clone());
-            listeners.push((l.clone(), addr));
-            sockets.push((l, sock));
-        }
-        for (l, sock) in sockets {
-            tracing::info!(listener = %l.name, upstream = ?l.upstream, transparent = l.transparent.is_some(), "listening");
-            tasks.push(tokio::spawn(server::accept_loop(shared.clone(), l, sock)));
+                (Some(t), Some(register)) => {
+                    let sock = transparent::listen(l.listen)
+                        .and_then(|sock| {
+                            register(t, transparent::Announce::Tcp(&sock), l.listen.is_ipv6()).map(|()| sock)
+                        })
+                        .map_err(err)?;
+                    listeners.push((la.clone(), sock.local_addr()?));
+                    tracing::info!(listener = %l.name, "listening (transparent)");
+                    tasks.push(tokio::spawn(server::accept_loop(shared.clone(), la, sock)));
+                }
+                (Some(_), None) => return Err(err(std::io::Error::other("a transparent listener needs the datapath"))),
+                (None, _) => {
+                    let sock = tokio::net::TcpListener::bind(l.listen).await.map_err(err)?;
+                    listeners.push((la.clone(), sock.local_addr()?));
+                    tracing::info!(listener = %l.name, upstream = ?l.upstream, "listening");
+                    tasks.push(tokio::spawn(server::accept_loop(shared.clone(), la, sock)));
+                }
+            }
         }
         tasks.push(tokio::spawn(sweep(shared.clone())));
+        tasks.push(tokio::spawn(fqdn_upkeep(shared.clone())));
         let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));
         tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
         let info = Arc::new(ProxyInfo { shared, listeners });
@@ -182,11 +223,39 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
+/// What the DNS proxy learned, kept current: re-derived for each new snapshot (within a quarter
+/// second; a query in between derives it first), expired and persisted every second.
+async fn fqdn_upkeep(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let s = shared.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            if let Some(snap) = s.policy.current()
+                && let Err(e) = s.fqdn.sync_to(&snap)
+            {
+                crate::log_limited!(warn, error = %e, "FQDN map not in sync; retrying");
+            }
+            if n.is_multiple_of(4) {
+                s.fqdn.expire();
+                s.fqdn.persist();
+            }
+        });
+        if let Err(e) = work.await {
+            crate::log_limited!(warn, error = %e, "FQDN upkeep failed");
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
+        self.info.shared.fqdn.persist();
         if let Some(p) = &self.control {
             let _ = std::fs::remove_file(p);
         }

@@ -20,6 +20,7 @@ use policy_engine::snapshot::{DropReason, EndpointPolicy, L7Policy, L7Verdict, O
 use porin_flow::flow::{DropReason as FlowDropReason, FlowEndpoint, TrafficDirection};
 
 use crate::config::{ListenerConfig, PeerRef};
+use crate::fqdn::{FqdnState, LearnedAddr};
 
 /// One end of the connection, resolved.
 #[derive(Clone, Debug)]
@@ -30,6 +31,15 @@ pub struct End {
     pub ip: IpAddr,
     /// Port.
     pub port: u16,
+    /// Names the DNS proxy learned the address under (with their FQDN selector identities).
+    pub learned: Option<Arc<LearnedAddr>>,
+}
+
+impl End {
+    /// The learned names (none for unnamed addresses).
+    pub fn names(&self) -> &[String] {
+        self.learned.as_deref().map_or(&[], |l| &l.names[..])
+    }
 }
 
 /// The connection-level verdict.
@@ -104,45 +114,70 @@ pub struct Descriptions {
     cache: Mutex<DescriptionCache>,
 }
 
-/// The snapshot the descriptions belong to, and the descriptions by (identity, endpoint).
-type DescriptionCache = (Weak<Snapshot>, HashMap<(IdentityId, usize), Arc<FlowEndpoint>>);
+/// The snapshot the descriptions belong to, and the descriptions by (identity, endpoint, FQDN
+/// selector identities).
+type DescriptionCache = (Weak<Snapshot>, HashMap<(IdentityId, usize, Arc<[IdentityId]>), Arc<FlowEndpoint>>);
+
+/// Most descriptions kept per snapshot (learned addresses can make many distinct ones).
+const MAX_DESCRIPTIONS: usize = 4096;
 
 impl Descriptions {
-    /// The description of `identity` (and its endpoint, when local) under `snap`.
-    fn get(&self, snap: &Arc<Snapshot>, identity: IdentityId, ep: Option<&EndpointPolicy>) -> Arc<FlowEndpoint> {
+    /// The description of `identity` (and its endpoint, when local; its FQDN selector
+    /// identities, when learned) under `snap`: the selectors' `fqdn:` labels join the identity's.
+    fn get(
+        &self,
+        snap: &Arc<Snapshot>,
+        identity: IdentityId,
+        ep: Option<&EndpointPolicy>,
+        fqdn: &Arc<[IdentityId]>,
+    ) -> Arc<FlowEndpoint> {
         let make = || {
+            let labels = std::iter::once(identity)
+                .chain(fqdn.iter().copied())
+                .filter_map(|id| snap.identity(id))
+                .flat_map(|i| i.labels.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .collect();
             Arc::new(FlowEndpoint {
                 identity,
                 namespace: ep.map(|e| e.namespace.clone()).unwrap_or_default(),
                 pod_name: ep.map(|e| e.name.clone()).unwrap_or_default(),
-                labels: snap
-                    .identity(identity)
-                    .map(|i| i.labels.iter().map(ToString::to_string).collect())
-                    .unwrap_or_default(),
+                labels,
             })
         };
         let Ok(mut cache) = self.cache.lock() else { return make() };
-        if cache.0.as_ptr() != Arc::as_ptr(snap) {
+        if cache.0.as_ptr() != Arc::as_ptr(snap) || cache.1.len() >= MAX_DESCRIPTIONS {
             *cache = (Arc::downgrade(snap), HashMap::new());
         }
         // Endpoints are told apart by where the (immutable) snapshot keeps them.
-        let key = (identity, ep.map_or(0, |e| std::ptr::from_ref(e) as usize));
+        let key = (identity, ep.map_or(0, |e| std::ptr::from_ref(e) as usize), fqdn.clone());
         cache.1.entry(key).or_insert_with(make).clone()
     }
+}
+
+/// How the ends of a flow are looked up: the peer descriptions and what the DNS proxy learned.
+#[derive(Clone, Copy)]
+pub struct Lookup<'a> {
+    /// Shared peer descriptions.
+    pub descriptions: &'a Descriptions,
+    /// Learned addresses.
+    pub fqdn: &'a FqdnState,
 }
 
 /// Resolves one end: its identity, the local endpoint (if any) and its description.
 fn resolve_end<'s>(
     snap: &'s Arc<Snapshot>,
-    descs: &Descriptions,
+    lookup: Lookup<'_>,
     peer: &PeerRef,
     socket: SocketAddr,
     port: u16,
 ) -> Result<(End, Option<&'s EndpointPolicy>), String> {
+    let none: Arc<[IdentityId]> = Arc::from([]);
     let by_ip = |ip: IpAddr| {
         let ep = snap.endpoint_by_ip(ip);
         let id = ep.map_or_else(|| snap.identity_of(ip), |e| e.identity);
-        (End { record: descs.get(snap, id, ep), ip, port }, ep)
+        let learned = if ep.is_none() { lookup.fqdn.lookup(ip) } else { None };
+        let fqdn = learned.as_ref().map_or_else(|| none.clone(), |l| l.selectors.clone());
+        (End { record: lookup.descriptions.get(snap, id, ep, &fqdn), ip, port, learned }, ep)
     };
     Ok(match peer {
         PeerRef::Pod(p) => {
@@ -151,11 +186,17 @@ fn resolve_end<'s>(
                 .endpoint(ns, name)
                 .ok_or_else(|| format!("endpoint {p} is not in policy snapshot {}", snap.version))?;
             let ip = ep.ips.first().copied().unwrap_or(socket.ip());
-            (End { record: descs.get(snap, ep.identity, Some(ep)), ip, port }, Some(ep))
+            (
+                End { record: lookup.descriptions.get(snap, ep.identity, Some(ep), &none), ip, port, learned: None },
+                Some(ep),
+            )
         }
         PeerRef::Ip(ip) => by_ip(*ip),
         PeerRef::Socket => by_ip(socket.ip()),
-        PeerRef::Identity(id) => (End { record: descs.get(snap, *id, None), ip: socket.ip(), port }, None),
+        PeerRef::Identity(id) => (
+            End { record: lookup.descriptions.get(snap, *id, None, &none), ip: socket.ip(), port, learned: None },
+            None,
+        ),
     })
 }
 
@@ -182,13 +223,15 @@ fn traffic_direction(d: Direction) -> TrafficDirection {
 }
 
 impl ConnPolicy {
-    /// Takes the verdict of a connection from `client` to `local` on `listener` under `snap`.
+    /// Takes the verdict of a flow (`proto`: TCP, or UDP for DNS) from `client` to `local` on
+    /// `listener` under `snap`.
     pub fn decide(
         snap: Option<Arc<Snapshot>>,
-        descs: &Descriptions,
+        lookup: Lookup<'_>,
         listener: &ListenerConfig,
         client: SocketAddr,
         local: SocketAddr,
+        proto: Proto,
     ) -> Self {
         // The destination: the original one (transparent, `socket`), else the configured upstream.
         let dst_sock = match (&listener.destination, listener.upstream) {
@@ -196,7 +239,7 @@ impl ConnPolicy {
             (_, Some(up)) => up,
         };
         let port = listener.port.unwrap_or(dst_sock.port());
-        let blank = |ip: IpAddr, port: u16| End { record: Arc::default(), ip, port };
+        let blank = |ip: IpAddr, port: u16| End { record: Arc::default(), ip, port, learned: None };
         let Some(s) = snap.as_ref() else {
             return Self::new(
                 None,
@@ -212,8 +255,8 @@ impl ConnPolicy {
                 },
             );
         };
-        let ends = resolve_end(s, descs, &listener.source, client, client.port()).and_then(|(src, sep)| {
-            resolve_end(s, descs, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
+        let ends = resolve_end(s, lookup, &listener.source, client, client.port()).and_then(|(src, sep)| {
+            resolve_end(s, lookup, &listener.destination, dst_sock, port).map(|(dst, dep)| (src, sep, dst, dep))
         });
         let (source, src_ep, destination, dst_ep) = match ends {
             Ok(e) => e,
@@ -229,10 +272,12 @@ impl ConnPolicy {
                 );
             }
         };
+        let fqdn = |e: &End| e.learned.as_ref().map(|l| l.selectors.clone());
+        let (src_fqdn, dst_fqdn) = (fqdn(&source), fqdn(&destination));
         let pair = PairVerdict::judge(
-            Peer::new(source.record.identity, src_ep),
-            Peer::new(destination.record.identity, dst_ep),
-            Proto::Tcp,
+            Peer { identity: source.record.identity, fqdn: src_fqdn.as_deref().unwrap_or(&[]), endpoint: src_ep },
+            Peer { identity: destination.record.identity, fqdn: dst_fqdn.as_deref().unwrap_or(&[]), endpoint: dst_ep },
+            proto,
             port,
         );
         let verdict = match pair.drop() {
@@ -293,6 +338,45 @@ impl ConnPolicy {
                     return RequestVerdict::Deny {
                         reason: FlowDropReason::PolicyDenied,
                         summary: format!("no {side} HTTP rule allows the request"),
+                        policy: None,
+                    };
+                }
+            }
+        }
+        RequestVerdict::Allow(allowed_by)
+    }
+}
+
+impl ConnPolicy {
+    /// Judges one DNS query name (normalised, fully qualified). A side without DNS rules for the
+    /// flow allows every name (Cilium: no DNS rules for the port, everything allowed).
+    pub fn check_dns(&self, qname: &str) -> RequestVerdict {
+        let (egress, ingress) = match &self.verdict {
+            ConnVerdict::Drop { reason, summary, policy } => {
+                return RequestVerdict::Deny { reason: *reason, summary: summary.clone(), policy: policy.clone() };
+            }
+            ConnVerdict::Judge { egress, ingress } => (egress, ingress),
+        };
+        let Some(snap) = self.snapshot.as_deref() else {
+            return RequestVerdict::Deny {
+                reason: FlowDropReason::PolicyDenied,
+                summary: "no snapshot".into(),
+                policy: None,
+            };
+        };
+        let mut allowed_by = None;
+        for (p, side) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
+            let Some(p) = p else { continue };
+            match p.check_dns(qname) {
+                L7Verdict::Allow(o) => {
+                    if let Some(o) = o {
+                        allowed_by = self.rule_name(snap, o);
+                    }
+                }
+                L7Verdict::Deny => {
+                    return RequestVerdict::Deny {
+                        reason: FlowDropReason::PolicyDenied,
+                        summary: format!("no {side} DNS rule allows {qname}"),
                         policy: None,
                     };
                 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use porin_flow::backlog::Backlog;
 use porin_flow::flow::{
-    DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion, L7Type,
-    Layer4, Layer7, Ports, Verdict, rfc3339,
+    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion,
+    L7Type, Layer4, Layer7, Ports, Verdict, rfc3339,
 };
 use serde::Serialize;
 
@@ -88,6 +88,33 @@ impl Counters {
     }
 }
 
+/// The transport a proxied request came over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// What a record says about the request or response itself.
+#[derive(Clone, Debug)]
+pub enum Detail {
+    /// HTTP (and gRPC).
+    Http {
+        /// Method.
+        method: http::Method,
+        /// URL as judged.
+        url: Arc<str>,
+        /// The version the client spoke.
+        protocol: HttpProtocol,
+        /// Response status (responses).
+        code: u16,
+    },
+    /// DNS.
+    Dns(Box<DnsInfo>),
+}
+
 /// One request or response, as recorded on the hot path: what differs per request, and an `Arc`
 /// of what the connection shares. Turned into a Hubble-shaped [`Flow`] when someone asks.
 #[derive(Clone, Debug)]
@@ -102,15 +129,11 @@ pub struct Record {
     pub reason: Option<DropReason>,
     /// The connection's ends.
     pub ends: Arc<Ends>,
-    /// Method.
-    pub method: http::Method,
-    /// URL as judged.
-    pub url: Arc<str>,
-    /// The version the client spoke.
-    pub protocol: HttpProtocol,
-    /// Response status (responses).
-    pub code: u16,
-    /// Request to response headers (responses).
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// The request or response.
+    pub detail: Detail,
+    /// Request to response (responses).
     pub latency_ns: u64,
     /// The deciding rule.
     pub policy: Option<Arc<str>>,
@@ -118,11 +141,30 @@ pub struct Record {
     pub summary: String,
 }
 
+/// Now, nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Record {
     /// The Hubble-shaped record.
     pub fn to_flow(&self, seq: u64) -> Flow {
         let e = &self.ends;
         let (src, dst) = if self.reply { (&e.destination, &e.source) } else { (&e.source, &e.destination) };
+        let ports = Ports { source_port: src.port, destination_port: dst.port };
+        let (http, dns) = match &self.detail {
+            Detail::Http { method, url, protocol, code } => (
+                Some(HttpInfo {
+                    code: *code,
+                    method: method.as_str().to_owned(),
+                    url: url.to_string(),
+                    protocol: *protocol,
+                }),
+                None,
+            ),
+            Detail::Dns(d) => (None, Some(DnsInfo::clone(d))),
+        };
         Flow {
             time: rfc3339(self.time_ns / 1_000_000_000, u32::try_from(self.time_ns % 1_000_000_000).unwrap_or(0)),
             seq,
@@ -138,18 +180,18 @@ impl Record {
                 destination: dst.ip.to_string(),
                 ip_version: if src.ip.is_ipv4() { IpVersion::IPv4 } else { IpVersion::IPv6 },
             }),
-            l4: Some(Layer4::Tcp(Ports { source_port: src.port, destination_port: dst.port })),
+            l4: Some(match self.transport {
+                Transport::Tcp => Layer4::Tcp(ports),
+                Transport::Udp => Layer4::Udp(ports),
+            }),
             source: FlowEndpoint::clone(&src.record),
             destination: FlowEndpoint::clone(&dst.record),
+            destination_names: dst.names().to_vec(),
             l7: Some(Layer7 {
                 kind: if self.reply { L7Type::Response } else { L7Type::Request },
                 latency_ns: self.latency_ns,
-                http: Some(HttpInfo {
-                    code: self.code,
-                    method: self.method.as_str().to_owned(),
-                    url: self.url.to_string(),
-                    protocol: self.protocol,
-                }),
+                http,
+                dns,
             }),
             policy: self.policy.as_deref().map(str::to_owned),
             ifindex: 0,

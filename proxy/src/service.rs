@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 use policy_engine::http::HttpRequestInfo;
+use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, HttpProtocol, Verdict};
 
 use crate::admission::{ConnState, ConnTable};
@@ -50,6 +51,17 @@ pub struct Shared {
     pub counters: Counters,
     /// Limits.
     pub limits: Limits,
+    /// What the DNS proxy learned.
+    pub fqdn: Arc<crate::fqdn::FqdnState>,
+    /// The DNS proxy's settings.
+    pub dns: crate::config::DnsSettings,
+}
+
+impl Shared {
+    /// How the ends of flows are looked up.
+    pub fn lookup(&self) -> crate::policy::Lookup<'_> {
+        crate::policy::Lookup { descriptions: &self.descriptions, fqdn: &self.fqdn }
+    }
 }
 
 /// One client connection.
@@ -117,7 +129,7 @@ impl Conn {
         guard: Option<Arc<GuardShared>>,
     ) -> Self {
         let http2 = state.h2.load(Ordering::Relaxed);
-        let policy = ConnPolicy::decide(shared.policy.current(), &shared.descriptions, &listener, client, local);
+        let policy = ConnPolicy::decide(shared.policy.current(), shared.lookup(), &listener, client, local, Proto::Tcp);
         // Transparent: to the original destination, from the client's own address.
         let (dst, bind) = match listener.upstream {
             Some(up) => (up, None),
@@ -139,8 +151,14 @@ impl Conn {
         if same {
             return p;
         }
-        let fresh =
-            Arc::new(ConnPolicy::decide(current, &self.shared.descriptions, &self.listener, self.client, self.local));
+        let fresh = Arc::new(ConnPolicy::decide(
+            current,
+            self.shared.lookup(),
+            &self.listener,
+            self.client,
+            self.local,
+            Proto::Tcp,
+        ));
         self.policy.store(fresh.clone());
         fresh
     }
@@ -153,18 +171,20 @@ impl Conn {
             Outcome::Answered(status, rule) => (true, Verdict::Forwarded, None, status.as_u16(), rule, String::new()),
             Outcome::Failed(status, why) => (true, Verdict::Error, None, status.as_u16(), None, why),
         };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         self.shared.records.emit(
             Record {
-                time_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+                time_ns: crate::records::now_ns(),
                 reply,
                 verdict,
                 reason,
                 ends: seen.policy.ends.clone(),
-                method: seen.method.clone(),
-                url: seen.url.clone(),
-                protocol: seen.protocol,
-                code,
+                transport: crate::records::Transport::Tcp,
+                detail: crate::records::Detail::Http {
+                    method: seen.method.clone(),
+                    url: seen.url.clone(),
+                    protocol: seen.protocol,
+                    code,
+                },
                 latency_ns: if reply { u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX) } else { 0 },
                 policy: rule,
                 summary,

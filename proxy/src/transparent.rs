@@ -21,8 +21,17 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::Transparent;
 
-/// Announces a bound transparent listener to the datapath (`true`: the IPv6 one).
-pub type Register = Arc<dyn Fn(&Transparent, &TcpListener, bool) -> io::Result<()> + Send + Sync>;
+/// A bound transparent socket to announce to the datapath.
+#[derive(Clone, Copy, Debug)]
+pub enum Announce<'a> {
+    /// A TCP listener (into `PORIN_PROXY`).
+    Tcp(&'a TcpListener),
+    /// A UDP socket (into `PORIN_PROXY_UDP`).
+    Udp(&'a tokio::net::UdpSocket),
+}
+
+/// Announces a bound transparent socket to the datapath (`true`: the IPv6 one).
+pub type Register = Arc<dyn Fn(&Transparent, Announce<'_>, bool) -> io::Result<()> + Send + Sync>;
 
 fn os(e: nix::Error) -> io::Error {
     io::Error::from(e)

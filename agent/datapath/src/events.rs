@@ -125,6 +125,8 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         l4: layer4(e),
         source: peer(snap, e.src_identity, &src),
         destination: peer(snap, e.dst_identity, &dst),
+        // The names live in the proxy's FQDN cache; the kernel's record carries the address.
+        destination_names: Vec::new(),
         l7: None,
         policy,
         ifindex: e.ifindex,

@@ -6,13 +6,15 @@
 //! * [`mapstate`]: what the maps must hold for a snapshot (pure; a property test holds the kernel's
 //!   lookup equal to the engine's verdict);
 //! * [`events`]: kernel events turned into flow records (`porin_flow::flow::Flow`);
-//! * [`sockmap`]: putting a proxy listener into the pinned SOCKMAP the programs hand flows to.
+//! * [`sockmap`]: putting a proxy listener into the pinned SOCKMAP the programs hand flows to;
+//! * [`fqdn`]: the FQDN map the DNS proxy writes (and conntrack, which it asks).
 //!
-//! The agent drives the first three; `porin proxy` uses [`sockmap`]. The programs' decisions are
+//! The agent drives the first three; `porin proxy` uses [`sockmap`] and [`fqdn`]. The programs' decisions are
 //! `redirect_common::datapath`'s; the map layouts and the numbers (reasons, listener ids,
 //! reserved identities) are `redirect-common`'s.
 
 pub mod events;
+pub mod fqdn;
 pub mod loader;
 pub mod mapstate;
 pub mod sockmap;

@@ -92,6 +92,7 @@ impl Handler for Control {
             Request::Reload => self.ask(|tx| Job::Reload(Some(tx))).await,
             Request::Counters => self.ask(Job::Counters).await.map(|counters| Reply::Counters { counters }),
             Request::Detach { ifname } => self.ask(|tx| Job::Detach(ifname, tx)).await.map(|()| Reply::Done),
+            Request::FqdnCache => Err(anyhow::anyhow!("the agent does not keep the FQDN cache: ask the proxy")),
         };
         result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
     }

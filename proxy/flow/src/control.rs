@@ -47,6 +47,23 @@ pub enum Request {
         /// The interface.
         ifname: String,
     },
+    /// What the DNS proxy learned (proxy).
+    FqdnCache,
+}
+
+/// One learned address of a name (`porin fqdn cache list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnEntry {
+    /// The name (fully qualified).
+    pub name: String,
+    /// An address of it.
+    pub ip: std::net::IpAddr,
+    /// Seconds until it expires (0 for a zombie).
+    pub ttl_left: u64,
+    /// Endpoints (`namespace/name`) whose lookups taught it.
+    pub endpoints: Vec<String>,
+    /// Kept past its expiry while a connection to it lives.
+    pub zombie: bool,
 }
 
 /// A reply.
@@ -77,6 +94,11 @@ pub enum Reply {
     Counters {
         /// The counters.
         counters: BTreeMap<String, u64>,
+    },
+    /// What the DNS proxy learned, by name then address.
+    FqdnCache {
+        /// The entries.
+        entries: Vec<FqdnEntry>,
     },
     /// Done.
     Done,

@@ -386,6 +386,33 @@ pub struct HttpInfo {
     pub protocol: HttpProtocol,
 }
 
+/// The DNS part of an L7 record (Hubble's `DNS`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsInfo {
+    /// The name asked for (fully qualified, as asked).
+    pub query: String,
+    /// Addresses in the answer (the A/AAAA records reached through the CNAME chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// The lowest TTL of the records used, seconds.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub ttl: u32,
+    /// The CNAME chain from the query to the addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cnames: Vec<String>,
+    /// Who saw it (`proxy`).
+    pub observation_source: String,
+    /// Response code (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, 5 REFUSED, ...; responses only).
+    #[serde(default)]
+    pub rcode: u32,
+    /// Query types (`A`, `AAAA`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qtypes: Vec<String>,
+    /// Types of the answer records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rrtypes: Vec<String>,
+}
+
 /// The L7 part of a record.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Layer7 {
@@ -398,6 +425,9 @@ pub struct Layer7 {
     /// HTTP details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpInfo>,
+    /// DNS details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsInfo>,
 }
 
 /// A flow record.
@@ -438,6 +468,9 @@ pub struct Flow {
     /// Destination.
     #[serde(default)]
     pub destination: FlowEndpoint,
+    /// Names the DNS proxy learned the destination address under.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_names: Vec<String>,
     /// L7 details (proxy records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,
@@ -472,12 +505,15 @@ impl Flow {
         is(&self.source) || is(&self.destination)
     }
 
-    /// The protocol a filter names: `tcp`, `udp`, `sctp`, `icmp`, `http`, `http/1.1`, `http/2`, `l7`.
+    /// The protocol a filter names: `tcp`, `udp`, `sctp`, `icmp`, `http`, `http/1.1`, `http/2`,
+    /// `dns`, `l7`.
     pub fn has_protocol(&self, proto: &str) -> bool {
         let p = proto.to_ascii_lowercase();
         let http = self.l7.as_ref().and_then(|l| l.http.as_ref());
         match p.as_str() {
-            "http" | "l7" => http.is_some(),
+            "l7" => self.l7.is_some(),
+            "http" => http.is_some(),
+            "dns" => self.l7.as_ref().is_some_and(|l| l.dns.is_some()),
             "http/1.0" | "http/1.1" | "http/2" => http.is_some_and(|h| h.protocol.name().eq_ignore_ascii_case(&p)),
             "icmp" => matches!(self.l4, Some(Layer4::Icmpv4(_) | Layer4::Icmpv6(_))),
             _ => self.l4.as_ref().is_some_and(|l| l.name().eq_ignore_ascii_case(&p)),
@@ -553,9 +589,41 @@ mod tests {
                     code: 0,
                 }),
                 latency_ns: 0,
+                dns: None,
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn dns_records_use_hubbles_names() {
+        let f = Flow {
+            l4: Some(Layer4::Udp(Ports { source_port: 5353, destination_port: 53 })),
+            destination_names: vec!["api.example.com.".into()],
+            l7: Some(Layer7 {
+                kind: L7Type::Response,
+                dns: Some(DnsInfo {
+                    query: "api.example.com.".into(),
+                    ips: vec!["198.51.100.10".into()],
+                    ttl: 30,
+                    cnames: vec![],
+                    observation_source: "proxy".into(),
+                    rcode: 0,
+                    qtypes: vec!["A".into()],
+                    rrtypes: vec!["A".into()],
+                }),
+                ..Layer7::default()
+            }),
+            ..sample()
+        };
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json["l7"]["dns"]["query"], "api.example.com.");
+        assert_eq!(json["l7"]["dns"]["ips"][0], "198.51.100.10");
+        assert_eq!(json["l7"]["dns"]["qtypes"][0], "A");
+        assert_eq!(json["destination_names"][0], "api.example.com.");
+        assert!(f.has_protocol("dns") && f.has_protocol("l7") && f.has_protocol("udp") && !f.has_protocol("http"));
+        let back: Flow = serde_json::from_value(json).unwrap();
+        assert_eq!(back, f);
     }
 
     #[test]

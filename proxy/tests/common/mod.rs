@@ -284,6 +284,7 @@ impl Fixture {
             snapshot_poll_ms: 20,
             control_socket: Some(dir.0.join("proxy.sock")),
             flow_log: None,
+            dns: Default::default(),
             listeners: listeners
                 .iter()
                 .map(|l| ListenerConfig {
