@@ -144,6 +144,7 @@ pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Resul
         node_ips: eps.node_ips.clone(),
         identities: vec![],
         prefixes: vec![],
+        fqdn: Default::default(),
     };
     let snap = inputs.resolve().map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
     for e in &snap.errors {

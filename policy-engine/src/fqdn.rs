@@ -233,6 +233,11 @@ impl FqdnCache {
         changed.into_iter().collect()
     }
 
+    /// Whether addresses are kept past expiry for live connections.
+    pub fn has_zombies(&self) -> bool {
+        !self.zombies.is_empty()
+    }
+
     /// The earliest expiry (Unix seconds), if anything expires.
     pub fn next_expiry(&self) -> Option<u64> {
         self.names.values().flat_map(|e| e.ips.values().copied()).min()

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{LoadOptions, Loaded, load_str};
-use crate::identity::{IdentityAllocator, IdentityId};
+use crate::identity::{FqdnAssignments, IdentityAllocator, IdentityId};
 use crate::resolve::{Environment, resolve};
 use crate::snapshot::Snapshot;
 
@@ -39,6 +39,9 @@ pub struct PolicyInputs {
     /// Identities of prefixes.
     #[serde(default)]
     pub prefixes: Vec<(IpNet, IdentityId)>,
+    /// Identities of FQDN selectors (numbers never handed out twice).
+    #[serde(default)]
+    pub fqdn: FqdnAssignments,
 }
 
 impl PolicyInputs {
@@ -54,6 +57,7 @@ impl PolicyInputs {
     ///     node_ips: vec![],
     ///     identities: vec![],
     ///     prefixes: vec![],
+    ///     fqdn: Default::default(),
     /// };
     /// let snap = inputs.resolve().unwrap();
     /// assert_eq!(snap.version, 7);
@@ -66,7 +70,14 @@ impl PolicyInputs {
         if !loaded.errors.is_empty() {
             return Err(loaded.errors.iter().map(ToString::to_string).collect());
         }
-        let mut alloc = IdentityAllocator::from_assignments(&self.identities, &self.prefixes);
+        let mut alloc = self.allocator();
         Ok(resolve(&loaded.policies, &loaded.cidr_groups, &self.environment, &mut alloc, self.version))
+    }
+
+    /// An allocator that hands out what these inputs record.
+    pub fn allocator(&self) -> IdentityAllocator {
+        let mut alloc = IdentityAllocator::from_assignments(&self.identities, &self.prefixes);
+        alloc.restore_fqdn(&self.fqdn);
+        alloc
     }
 }

@@ -134,8 +134,8 @@ impl FqdnState {
         inner.selectors = selectors;
         inner.synced = version;
         let now = unix_now();
-        let live = self.live();
-        inner.cache.expire(now, |ip| live.contains(&ip));
+        let live = std::cell::OnceCell::new();
+        inner.cache.expire(now, |ip| live.get_or_init(|| self.live()).contains(&ip));
         let want: HashMap<IpAddr, Arc<LearnedAddr>> = inner
             .cache
             .ips()
@@ -171,6 +171,7 @@ impl FqdnState {
         result
     }
 
+    /// Destinations of live connections (none known without the datapath).
     fn live(&self) -> BTreeSet<IpAddr> {
         self.datapath.as_ref().and_then(|d| d.live_destinations().ok()).unwrap_or_default()
     }
@@ -228,9 +229,13 @@ impl FqdnState {
     /// Drops expired names; addresses with live connections stay until those end. Returns how
     /// many addresses changed.
     pub fn expire(&self) -> usize {
-        let live = self.live();
         let mut inner = lock(&self.inner);
-        let changed = inner.cache.expire(unix_now(), |ip| live.contains(&ip));
+        if inner.cache.next_expiry().is_none_or(|t| t > unix_now()) && !inner.cache.has_zombies() {
+            return 0;
+        }
+        // Conntrack is read only when something expired (a scan of the whole table).
+        let live = std::cell::OnceCell::new();
+        let changed = inner.cache.expire(unix_now(), |ip| live.get_or_init(|| self.live()).contains(&ip));
         if changed.is_empty() {
             return 0;
         }

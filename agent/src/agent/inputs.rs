@@ -135,6 +135,13 @@ pub(super) fn published_version(path: &Path) -> u64 {
     std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Version>(&b).ok()).map_or(0, |v| v.version)
 }
 
+/// The identities the last published inputs handed out (a restarted agent keeps them, so
+/// conntrack, the proxy and the kernel's FQDN map go on meaning the same peers).
+pub(super) fn published_identities(path: &Path) -> Option<policy_engine::identity::IdentityAllocator> {
+    let inputs: PolicyInputs = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Some(inputs.allocator())
+}
+
 /// Writes policy inputs where the proxy reads them: to a temporary file, then renamed over the
 /// published path, so a reader always sees one whole version.
 pub fn publish(path: &Path, inputs: &PolicyInputs) -> anyhow::Result<()> {

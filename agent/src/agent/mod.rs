@@ -145,7 +145,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Versions keep growing across agent restarts: the proxy (and whoever waits for it) can tell a
     // newer publication from an older one.
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
-    let mut reloader = Reloader::new(cfg.clone(), datapath, version, view.clone());
+    let allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
+    let mut reloader = Reloader::new(cfg.clone(), datapath, version, allocator, view.clone());
     reloader.reload().context("initial policy load")?;
     reloader.refresh_view();
     let (jobs, queue) = channel();

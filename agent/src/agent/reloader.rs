@@ -96,12 +96,19 @@ pub(super) struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader over an opened datapath; versions continue from `version`.
-    pub(super) fn new(cfg: AgentConfig, datapath: Datapath, version: u64, view: Arc<View>) -> Self {
+    /// A reloader over an opened datapath; versions continue from `version`, identities from
+    /// `allocator`.
+    pub(super) fn new(
+        cfg: AgentConfig,
+        datapath: Datapath,
+        version: u64,
+        allocator: IdentityAllocator,
+        view: Arc<View>,
+    ) -> Self {
         Self {
             cfg,
             datapath,
-            allocator: IdentityAllocator::new(),
+            allocator,
             snapshot: None,
             version,
             files: BTreeMap::new(),
@@ -285,6 +292,7 @@ impl Reloader {
         self.last_apply = Some(stats.clone());
         if self.cfg.publish.is_some() {
             let (identities, prefixes) = self.allocator.assignments();
+            let fqdn = self.allocator.fqdn_assignments();
             self.pending = Some(PolicyInputs {
                 version: self.version,
                 policies: self
@@ -296,6 +304,7 @@ impl Reloader {
                 node_ips: self.endpoints.node_ips.clone(),
                 identities,
                 prefixes,
+                fqdn,
             });
             self.try_publish();
         }

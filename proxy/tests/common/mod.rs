@@ -224,6 +224,7 @@ pub(crate) fn publish(path: &Path, version: u64, policies: &[&str], endpoints: &
         node_ips: vec![],
         identities: vec![],
         prefixes: vec![],
+        fqdn: Default::default(),
     };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(&inputs).unwrap()).unwrap();
