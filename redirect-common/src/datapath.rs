@@ -646,3 +646,46 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     }
     admit(k, pkt, now, &d)
 }
+
+/// `porin_from_world`: a packet arriving on the node's uplink, from outside the node's endpoints
+/// (tc ingress, where — unlike at an endpoint's tc egress — a socket can be assigned).
+///
+/// It hands the proxy what belongs to it: the answers of servers outside the node to the proxy's
+/// upstream connections (rule 3: on the tuple of a proxied flow, the proxy's socket or nothing),
+/// the rest of outside clients' proxied flows, and new flows to a local endpoint whose ingress
+/// policy needs the proxy. Everything else passes on: `porin_to_ep` judges it at the endpoint.
+pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
+    let now = k.now_ns();
+    if !pkt.opens_connection() {
+        let hit = ct_lookup(k, pkt, now, Side::FromEndpoint);
+        if hit.found && hit.proxied {
+            let assigned = if pkt.is_udp() && !hit.reply {
+                k.assign_proxy_listener(pkt, hit.listener)
+            } else {
+                k.assign_proxy_socket(pkt)
+            };
+            if assigned {
+                k.count(counter::PROXY_SOCKET);
+                return Action::Proxy;
+            }
+            return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &Decision::none(direction::INGRESS, 0));
+        }
+        if hit.found {
+            return Action::Pass;
+        }
+        if k.assign_proxy_socket(pkt) {
+            k.count(counter::PROXY_SOCKET);
+            return Action::Proxy;
+        }
+    }
+    let (generation, src, dst) = identities(k, pkt);
+    if dst.endpoint == 0 {
+        return Action::Pass;
+    }
+    let d = decide(k, generation, dst.endpoint, direction::INGRESS, (src, dst), pkt);
+    if d.value.verdict == verdict::REDIRECT {
+        return redirect(k, pkt, now, &d);
+    }
+    // Allowed or dropped, the endpoint's interface judges it again and records it.
+    Action::Pass
+}

@@ -65,6 +65,8 @@ pub mod programs {
     pub const FROM_ENDPOINT: &str = "porin_from_ep";
     /// tc egress on an endpoint's host-side interface: traffic *to* the endpoint.
     pub const TO_ENDPOINT: &str = "porin_to_ep";
+    /// tc ingress on the node's uplink: traffic from outside the node's endpoints.
+    pub const FROM_WORLD: &str = "porin_from_world";
 }
 
 /// Address families (`family` fields).

@@ -5,6 +5,15 @@
 //!   egress policy and, when the destination is a local endpoint, that endpoint's ingress policy.
 //! * `porin_to_ep` (tc egress): traffic *to* an endpoint that did not come from a local endpoint
 //!   (the host, the world): judges the endpoint's ingress policy for new flows.
+//! * `porin_from_world` (tc ingress on the node's uplink): hands the proxy what comes from outside
+//!   for it — servers' answers to its upstream connections, outside clients' proxied flows, and new
+//!   flows to an endpoint whose ingress policy needs L7 — and passes the rest on.
+//!
+//! DNS over UDP is proxied too: a new UDP flow to redirect goes to the proxy's UDP socket (from
+//! `PORIN_PROXY_UDP`), its later datagrams to the same socket, and the DNS server's answers to the
+//! proxy's connected upstream socket (`bpf_sk_lookup_udp`, only sockets the proxy marked). Egress
+//! to an address the DNS proxy learned is judged with its FQDN selector identities too
+//! (`PORIN_FQDN`, written by the proxy).
 //!
 //! L7 flows go to the node's proxy without leaving the kernel's normal path: a new flow whose policy
 //! says "redirect" is `bpf_sk_assign`ed to the proxy's transparent listener (from `PORIN_PROXY`) and
@@ -397,6 +406,17 @@ pub fn porin_to_ep(ctx: TcContext) -> i32 {
         Ok(Parsed::Pass) => Action::Pass,
         Ok(Parsed::Ip(pkt)) => datapath::to_endpoint(&mut k, &pkt),
         Err(why) => datapath::drop_unparsed(&mut k, why),
+    })
+}
+
+#[classifier]
+pub fn porin_from_world(ctx: TcContext) -> i32 {
+    let mut k = Tc { ctx: &ctx };
+    tc_action(match parse(&ctx) {
+        Ok(Parsed::Pass) => Action::Pass,
+        Ok(Parsed::Ip(pkt)) => datapath::from_world(&mut k, &pkt),
+        // What the uplink brings that does not parse is the endpoints' business (or nobody's).
+        Err(_) => Action::Pass,
     })
 }
 

@@ -128,7 +128,7 @@ impl Datapath {
             loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object (needs root / CAP_BPF)")?;
-        for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT] {
+        for name in [programs::FROM_ENDPOINT, programs::TO_ENDPOINT, programs::FROM_WORLD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
@@ -161,37 +161,48 @@ impl Datapath {
             (programs::FROM_ENDPOINT, TcAttachType::Ingress, "in"),
             (programs::TO_ENDPOINT, TcAttachType::Egress, "out"),
         ] {
-            let pin = self.link_pin(ifname, suffix);
-            let prog: &mut SchedClassifier =
-                self.ebpf.program_mut(prog_name).ok_or_else(|| anyhow!("program {prog_name}"))?.try_into()?;
-            match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link: SchedClassifierLink = FdLink::from(old).try_into().context("pinned link is not TCX")?;
-                    match prog.attach_to_link(link) {
-                        // Still pinned; the program now runs on it.
-                        Ok(_) => continue,
-                        Err(e) => {
-                            // The interface behind the pin is gone (re-created): start over.
-                            tracing::debug!(%ifname, error = %e, "Stale link pin replaced");
-                            let _ = std::fs::remove_file(&pin);
-                        }
+            self.attach_one(ifname, prog_name, attach, suffix)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the uplink program to the node's uplink interface (tc ingress): what comes from
+    /// outside the node for the proxy reaches it there.
+    pub fn attach_uplink(&mut self, ifname: &str) -> anyhow::Result<()> {
+        self.attach_one(ifname, programs::FROM_WORLD, TcAttachType::Ingress, "world")
+    }
+
+    fn attach_one(&mut self, ifname: &str, prog_name: &str, attach: TcAttachType, suffix: &str) -> anyhow::Result<()> {
+        let pin = self.link_pin(ifname, suffix);
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(prog_name).ok_or_else(|| anyhow!("program {prog_name}"))?.try_into()?;
+        match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link: SchedClassifierLink = FdLink::from(old).try_into().context("pinned link is not TCX")?;
+                match prog.attach_to_link(link) {
+                    // Still pinned; the program now runs on it.
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        // The interface behind the pin is gone (re-created): start over.
+                        tracing::debug!(%ifname, error = %e, "Stale link pin replaced");
+                        let _ = std::fs::remove_file(&pin);
                     }
                 }
-                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
             }
-            let id = prog
-                .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .with_context(|| format!("attach {prog_name} to {ifname}"))?;
-            let link: FdLink = prog.take_link(id)?.try_into().context("TCX link")?;
-            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
         }
+        let id = prog
+            .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .with_context(|| format!("attach {prog_name} to {ifname}"))?;
+        let link: FdLink = prog.take_link(id)?.try_into().context("TCX link")?;
+        link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
         Ok(())
     }
 
     /// Detaches from an interface (removes the pinned links).
     pub fn detach(&mut self, ifname: &str) -> anyhow::Result<()> {
-        for suffix in ["in", "out"] {
+        for suffix in ["in", "out", "world"] {
             let pin = self.link_pin(ifname, suffix);
             match PinnedLink::from_pin(&pin) {
                 Ok(link) => drop(link.unpin().with_context(|| format!("unpin {}", pin.display()))?),
@@ -208,7 +219,11 @@ impl Datapath {
         if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(ifname) = name.strip_suffix("_in").or_else(|| name.strip_suffix("_out")) {
+                if let Some(ifname) = name
+                    .strip_suffix("_in")
+                    .or_else(|| name.strip_suffix("_out"))
+                    .or_else(|| name.strip_suffix("_world"))
+                {
                     out.insert(ifname.to_owned());
                 }
             }

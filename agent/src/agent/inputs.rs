@@ -68,6 +68,10 @@ pub struct EndpointsFile {
     /// Endpoints.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// The node's uplink interfaces: traffic from outside the node arrives there (the datapath's
+    /// uplink program hands the proxy what is its).
+    #[serde(default)]
+    pub uplinks: Vec<String>,
 }
 
 /// A policy file's state.

@@ -273,6 +273,11 @@ impl Reloader {
                 self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
             }
         }
+        for u in &eps.uplinks {
+            if let Err(err) = self.datapath.attach_uplink(u) {
+                self.attach_errors.push(format!("uplink {u}: attach: {err:#}"));
+            }
+        }
         for err in &self.attach_errors {
             tracing::error!(error = %err, "Endpoint not enforced");
         }

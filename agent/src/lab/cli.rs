@@ -200,7 +200,8 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Serve { netns, spec, ready } => {
             crate::agent::enter_netns(&netns)?;
             let text = std::fs::read_to_string(&spec)?;
-            crate::lab::servers::run(serde_json::from_str(&text)?, ready)?;
+            let state = spec.with_extension("state");
+            crate::lab::servers::run(serde_json::from_str(&text)?, ready, &state)?;
         }
         LabCommand::RunIn { netns, cmd } => {
             use std::os::unix::process::CommandExt as _;

@@ -30,7 +30,8 @@ use self::process::{alive, kill, signal_target};
 use self::servers::ServerSpec;
 
 pub use self::process::{
-    PROXY_PORT, detach, restart_agent, restart_proxy, start_agent, start_proxy, stop_proxy, wait_proxy_version,
+    DNS_PROXY_PORT, PROXY_PORT, detach, restart_agent, restart_proxy, start_agent, start_proxy, stop_proxy,
+    wait_proxy_version,
 };
 
 /// Where labs keep their state.
@@ -51,6 +52,10 @@ pub struct LabFile {
     pub policies: Vec<String>,
     /// Pods.
     pub pods: Vec<PodDef>,
+    /// The pod every pod's resolver asks (`/etc/resolv.conf` in each pod): a pod with a `dns`
+    /// server, like a cluster's kube-dns.
+    #[serde(default)]
+    pub resolver: Option<String>,
     /// Datapath settings.
     #[serde(default)]
     pub settings: LabSettings,
@@ -69,6 +74,10 @@ pub struct LabSettings {
     /// The proxy's limits (`limits:` of its configuration; docs/config.md).
     #[serde(default)]
     pub proxy_limits: Option<proxy::config::Limits>,
+    /// The DNS proxy's settings (`dns:` of the proxy's configuration; the cache file defaults to
+    /// the lab's directory).
+    #[serde(default)]
+    pub proxy_dns: Option<proxy::config::DnsSettings>,
 }
 
 /// A pod of a lab file.

@@ -57,6 +57,25 @@ pub(super) fn hosts_file(pods: &[Pod]) -> String {
     s
 }
 
+/// A server spec with its DNS records' `pod:` references turned into the pods' addresses.
+fn with_pod_addresses(server: &ServerSpec, pods: &[Pod]) -> anyhow::Result<ServerSpec> {
+    let mut s = server.clone();
+    if let Some(dns) = &mut s.dns {
+        for z in &mut dns.zones {
+            for r in &mut z.records {
+                if let Some(name) = r.pod.take() {
+                    let p = pods
+                        .iter()
+                        .find(|p| p.name == name)
+                        .ok_or_else(|| anyhow::anyhow!("dns zone {}: record {}: no pod {name:?}", z.name, r.name))?;
+                    r.addresses.extend([p.ipv4, p.ipv6]);
+                }
+            }
+        }
+    }
+    Ok(s)
+}
+
 pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Result<LabState> {
     let node = format!("porin-{name}-node");
     ip(&["netns", "add", &node])?;
@@ -139,10 +158,21 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         });
     }
     let hosts = hosts_file(&pods);
+    let resolv = match &lab.resolver {
+        Some(name) => {
+            let r =
+                pods.iter().find(|p| &p.name == name).ok_or_else(|| anyhow::anyhow!("resolver: no pod {name:?}"))?;
+            Some(format!("nameserver {}\noptions timeout:2 attempts:2\n", r.ipv4))
+        }
+        None => None,
+    };
     for p in &pods {
         let dir = Path::new("/etc/netns").join(&p.netns);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("hosts"), &hosts)?;
+        if let Some(r) = &resolv {
+            std::fs::write(dir.join("resolv.conf"), r)?;
+        }
     }
 
     porin_datapath::loader::ensure_bpffs(&paths.bpffs())?;
@@ -164,6 +194,8 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
                 service_account: None,
             })
             .collect(),
+        // External pods are the world: their veths are the node's uplinks.
+        uplinks: pods.iter().filter(|p| p.external).map(|p| p.ifname.clone()).collect(),
     };
     std::fs::write(paths.endpoints(), serde_json::to_string_pretty(&endpoints)?)?;
     let mut st = LabState {
@@ -187,7 +219,7 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         let log = paths.dir.join(format!("{}.log", pod.name));
         if let Some(server) = &def.server {
             let spec = paths.dir.join(format!("{}.server.json", pod.name));
-            std::fs::write(&spec, serde_json::to_string(server)?)?;
+            std::fs::write(&spec, serde_json::to_string(&with_pod_addresses(server, &pods)?)?)?;
             let ready = paths.dir.join(format!("{}.ready", pod.name));
             let args = vec![
                 "lab".into(),

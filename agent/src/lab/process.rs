@@ -39,21 +39,21 @@ pub(super) fn signal_target(pid: u32) -> Option<nix::unistd::Pid> {
     i32::try_from(pid).ok().filter(|p| *p > 0).map(nix::unistd::Pid::from_raw)
 }
 
-/// Stops a process of this lab: SIGTERM, then SIGKILL after 3 s.
+/// Stops a process of this lab and what it started (its process group: every lab process leads
+/// its own, `setsid`): SIGTERM, then SIGKILL after 3 s.
 pub(super) fn kill(pid: u32, tag: &str) {
-    use nix::sys::signal::{Signal, kill as send};
+    use nix::sys::signal::{Signal, killpg};
     let Some(p) = signal_target(pid) else { return };
     if !alive(pid, tag) {
         return;
     }
-    let _ = send(p, Signal::SIGTERM);
+    // Gone already is fine: the point is that it is gone.
+    let _ = killpg(p, Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(3);
     while alive(pid, tag) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if alive(pid, tag) {
-        let _ = send(p, Signal::SIGKILL);
-    }
+    let _ = killpg(p, Signal::SIGKILL);
 }
 
 /// Spawns `porin ARGS` detached (own session), logging to `log`.
@@ -134,24 +134,28 @@ pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
 /// The port of the lab proxy's transparent listeners (in the node namespace). Flows whose original
 /// destination port is this one cannot be proxied (the listener refuses connections to itself).
 pub const PROXY_PORT: u16 = 15001;
+/// The port of the lab proxy's DNS listeners (UDP and TCP).
+pub const DNS_PROXY_PORT: u16 = 15053;
 
 /// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
 /// listeners (IPv4 and IPv6) registered in the lab's datapath, on the policy the agent publishes.
 pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     let paths = LabPaths::new(name);
     let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
-    let listener = |addr: &str, tag: &str| {
+    let listener = |addr: &str, tag: &str, protocol: &str| {
         format!(
-            "- {{name: http-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, protocol: http}}, source: socket, destination: socket}}\n",
+            "- {{name: {protocol}-{tag}, listen: \"{addr}\", transparent: {{sockmap: {}, protocol: {protocol}}}, source: socket, destination: socket}}\n",
             sockmap.display(),
         )
     };
     let mut config = format!(
-        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}",
+        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}{}{}",
         paths.snapshot().display(),
         paths.proxy_control().display(),
-        listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4"),
-        listener(&format!("[::]:{PROXY_PORT}"), "v6"),
+        listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4", "http"),
+        listener(&format!("[::]:{PROXY_PORT}"), "v6", "http"),
+        listener(&format!("0.0.0.0:{DNS_PROXY_PORT}"), "v4", "dns"),
+        listener(&format!("[::]:{DNS_PROXY_PORT}"), "v6", "dns"),
     );
     if let Some(limits) = &settings.proxy_limits {
         config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
@@ -159,6 +163,12 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
             serde_yaml::to_value(limits)?,
         )]))?);
     }
+    let mut dns = settings.proxy_dns.clone().unwrap_or_default();
+    dns.cache_file.get_or_insert_with(|| paths.dir.join("fqdn-cache.json"));
+    config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+        "dns".into(),
+        serde_yaml::to_value(&dns)?,
+    )]))?);
     let config_path = paths.dir.join("proxy.yaml");
     std::fs::write(&config_path, config)?;
     let ready = paths.dir.join("proxy.ready");

@@ -1,6 +1,7 @@
 //! Built-in servers for lab pods: an HTTP responder with canned routes (hyper), a UDP echo and a TCP
-//! echo server. They run inside a pod's network namespace (`porin lab serve`), listen on both IPv4
-//! and IPv6, and write a ready file once every socket is bound.
+//! echo server, and an authoritative DNS server (the real `nsd`, configured from the lab file).
+//! They run inside a pod's network namespace (`porin lab serve`), listen on both IPv4 and IPv6,
+//! and write a ready file once every socket is bound (for DNS: once nsd answers).
 
 use std::convert::Infallible;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -48,6 +49,158 @@ pub struct ServerSpec {
     /// TCP echo port.
     #[serde(default)]
     pub tcp_echo: Option<u16>,
+    /// Authoritative DNS (nsd).
+    #[serde(default)]
+    pub dns: Option<DnsSpec>,
+}
+
+/// An authoritative DNS server for the lab's zones (served by `nsd`, on UDP and TCP).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSpec {
+    /// Port (default 53).
+    #[serde(default = "dns_port")]
+    pub port: u16,
+    /// Zones.
+    pub zones: Vec<ZoneSpec>,
+}
+
+fn dns_port() -> u16 {
+    53
+}
+
+fn default_ttl() -> u32 {
+    30
+}
+
+/// One zone.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSpec {
+    /// The zone's name (`example.com`).
+    pub name: String,
+    /// TTL of its records, seconds (default 30).
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    /// Records.
+    #[serde(default)]
+    pub records: Vec<RecordSpec>,
+}
+
+/// One name of a zone: addresses (directly, or a lab pod's), a CNAME, or TXT.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSpec {
+    /// Name relative to the zone (`api`), or `@` for the zone itself.
+    pub name: String,
+    /// A lab pod: its IPv4 and IPv6 addresses (A and AAAA).
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// Addresses (A for IPv4, AAAA for IPv6).
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// An alias: a CNAME to this name (fully qualified, or relative to the zone).
+    #[serde(default)]
+    pub cname: Option<String>,
+    /// TXT strings.
+    #[serde(default)]
+    pub txt: Vec<String>,
+    /// This record's TTL (default: the zone's).
+    #[serde(default)]
+    pub ttl: Option<u32>,
+}
+
+impl DnsSpec {
+    /// nsd's configuration for serving from `dir` (pid file, state, zone files all there).
+    fn nsd_conf(&self, dir: &std::path::Path) -> String {
+        let d = dir.display();
+        let mut c = format!(
+            "server:\n  ip-address: 0.0.0.0\n  ip-address: ::0\n  port: {}\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  database: \"\"\n  logfile: \"{d}/nsd.log\"\n  server-count: 1\n  verbosity: 1\n  hide-version: yes\nremote-control:\n  control-enable: no\n",
+            self.port
+        );
+        for z in &self.zones {
+            c.push_str(&format!("zone:\n  name: {}\n  zonefile: {}.zone\n", z.name, z.name));
+        }
+        c
+    }
+}
+
+impl ZoneSpec {
+    /// The zone file.
+    fn file(&self) -> String {
+        use std::fmt::Write as _;
+        let origin = format!("{}.", self.name.trim_end_matches('.'));
+        let mut z = format!(
+            "$ORIGIN {origin}\n$TTL {}\n@ IN SOA ns.{origin} admin.{origin} 1 3600 600 86400 {}\n@ IN NS ns.{origin}\nns IN A 127.0.0.1\n",
+            self.ttl, self.ttl
+        );
+        for r in &self.records {
+            let ttl = r.ttl.map(|t| format!("{t} ")).unwrap_or_default();
+            for a in &r.addresses {
+                let kind = if a.is_ipv4() { "A" } else { "AAAA" };
+                let _ = writeln!(z, "{} {ttl}IN {kind} {a}", r.name);
+            }
+            if let Some(c) = &r.cname {
+                let _ = writeln!(z, "{} {ttl}IN CNAME {c}", r.name);
+            }
+            for t in &r.txt {
+                let _ = writeln!(z, "{} {ttl}IN TXT \"{t}\"", r.name);
+            }
+        }
+        z
+    }
+}
+
+/// Writes nsd's files into `dir`, starts it in the foreground (same process group: `lab down`
+/// stops it with this process), and waits until it answers.
+fn start_nsd(spec: &DnsSpec, dir: &std::path::Path) -> anyhow::Result<std::process::Child> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for z in &spec.zones {
+        std::fs::write(dir.join(format!("{}.zone", z.name)), z.file())?;
+    }
+    let conf = dir.join("nsd.conf");
+    std::fs::write(&conf, spec.nsd_conf(dir))?;
+    let mut child = std::process::Command::new("nsd")
+        .args(["-d", "-c"])
+        .arg(&conf)
+        .spawn()
+        .context("start nsd (install the nsd package)")?;
+    // Ready when it answers a query for the first zone's SOA.
+    let zone = spec.zones.first().map_or("example.com", |z| z.name.as_str());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if soa_answered(zone, spec.port) {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!("nsd exited ({status}): see {}", dir.join("nsd.log").display());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("nsd did not answer in 10 s: see {}", dir.join("nsd.log").display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Whether a DNS server on localhost:`port` answers an SOA query for `zone`.
+fn soa_answered(zone: &str, port: u16) -> bool {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let Ok(name) = Name::from_ascii(format!("{}.", zone.trim_end_matches('.'))) else { return false };
+    let mut m = Message::query();
+    m.metadata.id = 4242;
+    m.add_query(Query::query(name, RecordType::SOA));
+    let Ok(bytes) = m.to_vec() else { return false };
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else { return false };
+    if sock.set_read_timeout(Some(std::time::Duration::from_millis(200))).is_err()
+        || sock.send_to(&bytes, ("127.0.0.1", port)).is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 4096];
+    sock.recv(&mut buf)
+        .is_ok_and(|n| Message::from_vec(buf.get(..n).unwrap_or_default()).is_ok_and(|r| r.metadata.id == 4242))
 }
 
 /// HTTP responder settings.
@@ -88,8 +241,22 @@ async fn respond(
     Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
 
-/// Runs the servers until killed; writes `ready` once all sockets are bound.
-pub fn run(spec: ServerSpec, ready: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the servers until killed; writes `ready` once all sockets are bound. nsd keeps its files in
+/// `state_dir`.
+pub fn run(spec: ServerSpec, ready: Option<PathBuf>, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut nsd = match &spec.dns {
+        Some(d) => Some(start_nsd(d, state_dir)?),
+        None => None,
+    };
+    if nsd.is_some() && spec.http.is_none() && spec.udp_echo.is_none() && spec.tcp_echo.is_none() {
+        if let Some(r) = &ready {
+            std::fs::write(r, b"ready").with_context(|| format!("write {}", r.display()))?;
+        }
+        if let Some(child) = nsd.as_mut() {
+            let status = child.wait().context("wait for nsd")?;
+            anyhow::bail!("nsd exited: {status}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let mut tasks = Vec::new();
