@@ -32,6 +32,24 @@ pub enum Command {
     Proxy(crate::proxy_cmd::ProxyArgs),
     /// Print flow records from the agent (datapath) and the proxy (L7), with filters.
     Observe(crate::proxy_cmd::ObserveArgs),
+    /// What the DNS proxy learned (`toFQDNs`).
+    #[command(subcommand)]
+    Fqdn(FqdnCommand),
+}
+
+/// `porin fqdn ...`
+#[derive(Debug, Subcommand)]
+pub enum FqdnCommand {
+    /// The learned names.
+    #[command(subcommand)]
+    Cache(FqdnCacheCommand),
+}
+
+/// `porin fqdn cache ...`
+#[derive(Debug, Subcommand)]
+pub enum FqdnCacheCommand {
+    /// Every learned name and address, with the time left and the endpoints that asked.
+    List(crate::proxy_cmd::FqdnListArgs),
 }
 
 /// `porin agent` arguments.
@@ -258,6 +276,7 @@ pub fn main() -> ExitCode {
             init_tracing();
             report(crate::proxy_cmd::run(&a))
         }
+        Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
         Command::Observe(a) => crate::proxy_cmd::observe(&a).unwrap_or_else(|e| {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

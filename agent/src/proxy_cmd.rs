@@ -121,6 +121,50 @@ fn raise_fd_limit() {
     }
 }
 
+/// `porin fqdn cache list` arguments.
+#[derive(Debug, Args)]
+pub struct FqdnListArgs {
+    /// Ask the proxy of this lab.
+    #[cfg(feature = "lab")]
+    #[arg(long)]
+    pub lab: Option<String>,
+    /// Proxy control socket (default /run/porin/proxy.sock).
+    #[arg(long)]
+    pub proxy: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: crate::cli::Output,
+}
+
+/// `porin fqdn cache list`: what the DNS proxy learned, like `cilium fqdn cache list`.
+pub fn fqdn_cache_list(a: &FqdnListArgs) -> anyhow::Result<()> {
+    #[cfg(feature = "lab")]
+    let lab = a.lab.as_deref().map(|n| crate::lab::LabPaths::new(n).proxy_control());
+    #[cfg(not(feature = "lab"))]
+    let lab: Option<PathBuf> = None;
+    let socket = lab.or_else(|| a.proxy.clone()).unwrap_or_else(|| PathBuf::from("/run/porin/proxy.sock"));
+    let entries = match control(&socket, &Request::FqdnCache)? {
+        Reply::FqdnCache { entries } => entries,
+        Reply::Error { error } => bail!("{}: {error}", socket.display()),
+        other => bail!("{}: unexpected reply {other:?}", socket.display()),
+    };
+    match a.output {
+        crate::cli::Output::Json => {
+            for e in &entries {
+                println!("{}", serde_json::to_string(e)?);
+            }
+        }
+        crate::cli::Output::Text => {
+            println!("{:<32} {:<40} {:>8}  ENDPOINTS", "FQDN", "IP", "TTL");
+            for e in &entries {
+                let ttl = if e.zombie { "zombie".to_owned() } else { e.ttl_left.to_string() };
+                println!("{:<32} {:<40} {:>8}  {}", e.name, e.ip, ttl, e.endpoints.join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `porin policy publish`.
 pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(endpoints).with_context(|| format!("read {}", endpoints.display()))?;

@@ -6,6 +6,11 @@
 //! The selector identities of an address depend on the snapshot (its `toFQDNs` selectors): a new
 //! snapshot re-derives every address ([`FqdnState::resync`]). Expiry ([`FqdnState::expire`])
 //! keeps addresses with live connections (the datapath's conntrack says which) until those end.
+//!
+//! Persistence: every answer learned is appended to a journal (`<cache_file>.journal`, one JSON
+//! line, before the answer is released), and the whole cache is written every second, emptying
+//! the journal. A proxy killed at any moment comes back with everything it had released: the
+//! cache file plus the journal's lines.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -72,6 +77,27 @@ pub struct FqdnState {
     view: ArcSwap<HashMap<IpAddr, Arc<LearnedAddr>>>,
     datapath: Option<Arc<dyn FqdnDatapath>>,
     persist: Option<PathBuf>,
+    journal: Mutex<Option<std::fs::File>>,
+}
+
+/// One journal line: an answer learned.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Learned {
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+    /// Unix seconds.
+    expires: u64,
+    endpoint: String,
+}
+
+fn journal_path(cache_file: &Path) -> PathBuf {
+    let mut p = cache_file.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+fn open_journal(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
 impl std::fmt::Debug for FqdnState {
@@ -98,7 +124,7 @@ impl FqdnState {
     /// writing the kernel through `datapath`.
     pub fn new(datapath: Option<Arc<dyn FqdnDatapath>>, persist: Option<PathBuf>) -> Self {
         let mut status = FqdnStatus::default();
-        let cache = match persist.as_deref().map(read_cache) {
+        let mut cache = match persist.as_deref().map(read_cache) {
             Some(Ok(Some(c))) => c,
             Some(Err(e)) => {
                 status.last_error = Some(e);
@@ -106,11 +132,34 @@ impl FqdnState {
             }
             _ => FqdnCache::new(),
         };
+        let mut journal = None;
+        let mut dirty = false;
+        if let Some(file) = &persist {
+            let jp = journal_path(file);
+            let now = unix_now();
+            if let Ok(text) = std::fs::read_to_string(&jp) {
+                // A line cut short by a crash is the last one: the ones before it are whole.
+                for l in text.lines().filter_map(|l| serde_json::from_str::<Learned>(l).ok()) {
+                    if l.expires > now {
+                        cache.learn(&l.names, &l.ips, l.expires - now, now, &l.endpoint);
+                        dirty = true;
+                    }
+                }
+            }
+            match open_journal(&jp) {
+                Ok(f) => journal = Some(f),
+                Err(e) => {
+                    status.persist_errors += 1;
+                    status.last_error = Some(format!("{}: {e}", jp.display()));
+                }
+            }
+        }
         Self {
-            inner: Mutex::new(Inner { cache, selectors: Arc::default(), synced: None, status, dirty: false }),
+            inner: Mutex::new(Inner { cache, selectors: Arc::default(), synced: None, status, dirty }),
             view: ArcSwap::from_pointee(HashMap::new()),
             datapath,
             persist,
+            journal: Mutex::new(journal),
         }
     }
 
@@ -198,8 +247,16 @@ impl FqdnState {
             return Ok(());
         }
         let mut inner = lock(&self.inner);
-        let changed = inner.cache.learn(names, ips, ttl, unix_now(), endpoint);
+        let now = unix_now();
+        let changed = inner.cache.learn(names, ips, ttl, now, endpoint);
         inner.dirty = true;
+        let line = Learned {
+            names: names.to_vec(),
+            ips: ips.to_vec(),
+            expires: now.saturating_add(ttl),
+            endpoint: endpoint.to_owned(),
+        };
+        self.append_journal(&mut inner.status, &line);
         if changed.is_empty() {
             return Ok(());
         }
@@ -261,28 +318,43 @@ impl FqdnState {
         changed.len()
     }
 
-    /// Writes the cache to its file if it changed (atomically: a temporary file renamed over it).
+    /// Appends a learned answer to the journal (a failure is counted; the cache file, written
+    /// every second, still takes it).
+    fn append_journal(&self, status: &mut FqdnStatus, line: &Learned) {
+        use std::io::Write as _;
+        let mut j = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file) = j.as_mut() else { return };
+        let written = serde_json::to_vec(line).map_err(io::Error::other).and_then(|mut bytes| {
+            bytes.push(b'\n');
+            file.write_all(&bytes)
+        });
+        if let Err(e) = written {
+            status.persist_errors += 1;
+            status.last_error = Some(format!("FQDN journal: {e}"));
+        }
+    }
+
+    /// Writes the cache to its file if it changed (atomically: a temporary file renamed over it),
+    /// then empties the journal (under the lock: no answer is learned in between).
     pub fn persist(&self) {
         let Some(path) = &self.persist else { return };
         let mut inner = lock(&self.inner);
         if !inner.dirty {
             return;
         }
-        inner.dirty = false;
-        let text = match serde_json::to_vec(&inner.cache) {
-            Ok(t) => t,
+        let written = serde_json::to_vec(&inner.cache)
+            .map_err(io::Error::other)
+            .and_then(|text| write_atomic(path, &text))
+            .and_then(|()| {
+                let j = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+                j.as_ref().map_or(Ok(()), |f| f.set_len(0))
+            });
+        match written {
+            Ok(()) => inner.dirty = false,
             Err(e) => {
                 inner.status.persist_errors += 1;
-                inner.status.last_error = Some(format!("serialise the FQDN cache: {e}"));
-                return;
+                inner.status.last_error = Some(format!("{}: {e}", path.display()));
             }
-        };
-        drop(inner);
-        if let Err(e) = write_atomic(path, &text) {
-            let mut inner = lock(&self.inner);
-            inner.status.persist_errors += 1;
-            inner.status.last_error = Some(format!("{}: {e}", path.display()));
-            inner.dirty = true;
         }
     }
 
@@ -379,10 +451,12 @@ mod tests {
         assert_eq!(&a.names[..], ["alias.example.com.", "api.example.com."]);
         assert_eq!(&a.selectors[..], [100]);
         // A name no selector matches: in the cache, nothing in the kernel.
+        s.persist();
+        // Learned after the last write of the cache: only in the journal when the proxy dies.
         s.learn(&["other.test.".into()], &[ip("192.0.2.2")], 60, "default/client").unwrap();
         assert!(!table.0.lock().unwrap().contains_key(&ip("192.0.2.2")));
-        s.persist();
-        // A new proxy: restored from the file; a new snapshot selects more.
+        drop(s);
+        // A new proxy: restored from the file and the journal; a new snapshot selects more.
         let s2 = FqdnState::new(Some(table.clone()), Some(file));
         let more = Arc::new(FqdnSelectors::new([
             (NamePattern::Name("api.example.com.".into()), 100),

@@ -346,7 +346,12 @@ struct Timeouts {
 
 impl Timeouts {
     fn of<K: Kernel>(k: &K, protocol: u8) -> Self {
-        let secs = |i, d| u64::from(k.config(i, d)) * NS_PER_SEC;
+        Self::from_config(protocol, |i, d| k.config(i, d))
+    }
+
+    /// From [`config`] values (`config(index, default)`).
+    fn from_config(protocol: u8, config: impl Fn(u32, u32) -> u32) -> Self {
+        let secs = |i, d| u64::from(config(i, d)) * NS_PER_SEC;
         match protocol {
             proto::TCP => Self { open: secs(config::CT_TCP_SECS, 21600), closing: secs(config::CT_TCP_CLOSE_SECS, 10) },
             proto::ICMP | proto::ICMPV6 => {
@@ -365,6 +370,13 @@ impl Timeouts {
         let tcp_closing = protocol == proto::TCP && (closed(flags) || flags & ct_flag::SEEN_REPLY == 0);
         now.saturating_sub(last) > if tcp_closing { self.closing } else { self.open }
     }
+}
+
+/// Whether a conntrack entry of `protocol` has expired at `now` (`bpf_ktime_get_ns` time), with the
+/// timeouts `config(index, default)` gives: what the programs would decide on its next packet.
+/// User space asks it to know which flows still live.
+pub fn ct_entry_expired(protocol: u8, value: &CtValue, now: u64, config: impl Fn(u32, u32) -> u32) -> bool {
+    Timeouts::from_config(protocol, config).expired(protocol, value.flags, value.last_seen_ns, now)
 }
 
 #[inline(always)]

@@ -8,13 +8,14 @@ use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use redirect_common::{CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnKey, FqdnValue, family, names};
 
 /// The two maps.
 pub struct FqdnMaps {
     fqdn: Mutex<HashMap<MapData, FqdnKey, FqdnValue>>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    config: Array<MapData, u32>,
 }
 
 fn key(ip: IpAddr) -> FqdnKey {
@@ -49,7 +50,8 @@ impl FqdnMaps {
         };
         let fqdn = HashMap::try_from(Map::HashMap(open(names::FQDN)?)).context(names::FQDN)?;
         let conntrack = HashMap::try_from(Map::LruHashMap(open(names::CONNTRACK)?)).context(names::CONNTRACK)?;
-        Ok(Self { fqdn: Mutex::new(fqdn), conntrack })
+        let config = Array::try_from(Map::Array(open(names::CONFIG)?)).context(names::CONFIG)?;
+        Ok(Self { fqdn: Mutex::new(fqdn), conntrack, config })
     }
 
     /// Sets an address's selector identities (at most [`FQDN_MAX_SELECTORS`]; none removes it).
@@ -88,12 +90,19 @@ impl FqdnMaps {
         Ok(out)
     }
 
-    /// Destinations of the flows conntrack tracks (the original direction's destination).
+    /// Destinations of the flows conntrack tracks and has not expired (the original direction's
+    /// destination): the programs' own expiry rule, with their timeouts.
     pub fn live_destinations(&self) -> std::io::Result<BTreeSet<IpAddr>> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(std::io::Error::from)?;
+        let now = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap_or(0);
+        let config = |i: u32, d: u32| self.config.get(&i, 0).unwrap_or(d);
         let mut out = BTreeSet::new();
-        for k in self.conntrack.keys() {
+        for item in self.conntrack.iter() {
             // An entry that vanished between listing and reading is simply gone.
-            let Ok(k) = k else { continue };
+            let Ok((k, v)) = item else { continue };
+            if redirect_common::datapath::ct_entry_expired(k.proto, &v, now, config) {
+                continue;
+            }
             if let Some(ip) = ip_of(k.family, &k.daddr) {
                 out.insert(ip);
             }

@@ -332,7 +332,7 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
         .map(|p| {
             serde_json::json!({
                 "name": p.name, "namespace": p.namespace, "labels": p.labels,
-                "addresses": [p.ipv4, p.ipv6], "netns": p.netns, "external": p.external,
+                "addresses": [p.ipv4, p.ipv6], "netns": p.netns, "ifname": p.ifname, "external": p.external,
                 "endpoint": (p.endpoint != 0).then_some(p.endpoint), "identity": identity_of(p),
             })
         })
