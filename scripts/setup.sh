@@ -53,9 +53,19 @@ l7_clients() {
     python3 -c 'import grpc' 2>/dev/null || { log "installing grpcio (pip)"; python3 -m pip install -q --disable-pip-version-check grpcio; }
 }
 
+dns_tools() {
+    # The DNS lab and its tests: a real authoritative server (nsd), real clients (dig).
+    apt_install nsd bind9-dnsutils
+}
+
+fuzz_tools() {
+    # cargo-fuzz, installed once per machine (~2 min to build) and reused.
+    command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz (once per machine)"; cargo install cargo-fuzz --locked; }
+}
+
 bench_tools() {
     # Load generators for benches/ (not needed by the tests).
-    apt_install wrk nghttp2-client
+    apt_install wrk nghttp2-client dnsperf dnsmasq-base
 }
 
 setup_main() {
@@ -63,6 +73,7 @@ setup_main() {
     ebpf_toolchain
     lab_tools
     l7_clients
+    dns_tools
 }
 
 setup_tests() {
@@ -70,6 +81,8 @@ setup_tests() {
     ebpf_toolchain
     lab_tools
     l7_clients
+    dns_tools
+    fuzz_tools
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

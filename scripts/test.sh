@@ -11,3 +11,5 @@ cargo fmt --all --check
 cargo clippy --workspace --exclude redirect-ebpf --all-targets --locked -- -D warnings
 cargo +nightly clippy -p redirect-ebpf --target bpfel-unknown-none -Z build-std=core --release --locked -- -D warnings
 cargo test --workspace --exclude redirect-ebpf --locked
+# Every parser of untrusted bytes, fuzzed for a bounded time (FUZZ_SECS each, default 20).
+scripts/fuzz.sh

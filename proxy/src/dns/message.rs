@@ -8,7 +8,8 @@
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query as Question, ResponseCode};
+pub use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, MessageType, OpCode, Query as Question};
 use hickory_proto::rr::{RData, RecordType};
 use policy_engine::dns::normalize_name;
 
