@@ -7,10 +7,10 @@
 //! snapshot re-derives every address ([`FqdnState::resync`]). Expiry ([`FqdnState::expire`])
 //! keeps addresses with live connections (the datapath's conntrack says which) until those end.
 //!
-//! Persistence: every answer learned is appended to a journal (`<cache_file>.journal`, one JSON
-//! line, before the answer is released), and the whole cache is written every second, emptying
-//! the journal. A proxy killed at any moment comes back with everything it had released: the
-//! cache file plus the journal's lines.
+//! Persistence: every answer that teaches a new address of a name is appended to a journal
+//! (`<cache_file>.journal`, one JSON line, before the answer is released), and the whole cache is
+//! written every second, emptying the journal. A proxy killed at any moment comes back with every
+//! address it had released (refreshed expiries of the last second may come back shorter).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -250,6 +250,11 @@ impl FqdnState {
         let now = unix_now();
         let changed = inner.cache.learn(names, ips, ttl, now, endpoint);
         inner.dirty = true;
+        if changed.is_empty() {
+            // A refresh of what is known: the cache file, written within a second, takes it (a
+            // crash in between can only make the name expire earlier).
+            return Ok(());
+        }
         let line = Learned {
             names: names.to_vec(),
             ips: ips.to_vec(),
@@ -257,9 +262,6 @@ impl FqdnState {
             endpoint: endpoint.to_owned(),
         };
         self.append_journal(&mut inner.status, &line);
-        if changed.is_empty() {
-            return Ok(());
-        }
         let mut view: HashMap<IpAddr, Arc<LearnedAddr>> = HashMap::clone(&self.view.load());
         let mut result = Ok(());
         for ip in changed {

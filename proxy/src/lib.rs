@@ -79,6 +79,7 @@ pub struct Proxy {
     /// Its state.
     pub info: Arc<ProxyInfo>,
     tasks: Vec<JoinHandle<()>>,
+    dns_threads: Vec<dns::udp::DnsThread>,
     control: Option<PathBuf>,
 }
 
@@ -127,6 +128,7 @@ impl Proxy {
             tracing::warn!(error = %e, "FQDN map not in sync with the cache; retried with every snapshot");
         }
         let mut tasks = Vec::new();
+        let mut dns_threads = Vec::new();
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let err =
@@ -142,7 +144,7 @@ impl Proxy {
                     register(t, transparent::Announce::Tcp(&tcp), v6).map_err(err)?;
                     listeners.push((la.clone(), tcp.local_addr()?));
                     tracing::info!(listener = %l.name, "listening (DNS, UDP and TCP)");
-                    tasks.push(tokio::spawn(dns::udp::serve(shared.clone(), la.clone(), udp)));
+                    dns_threads.push(dns::udp::DnsThread::start(shared.clone(), la.clone(), udp).map_err(err)?);
                     tasks.push(tokio::spawn(dns::tcp::accept_loop(shared.clone(), la, tcp)));
                 }
                 (Some(t), Some(register)) => {
@@ -173,7 +175,7 @@ impl Proxy {
             let sock = porin_flow::control::bind(path)?;
             tasks.push(tokio::spawn(porin_flow::control::serve(sock, info.clone())));
         }
-        Ok(Self { info, tasks, control: cfg.control_socket.clone() })
+        Ok(Self { info, tasks, dns_threads, control: cfg.control_socket.clone() })
     }
 
     /// The address listener `name` is bound to.
@@ -255,6 +257,7 @@ impl Drop for Proxy {
         for t in &self.tasks {
             t.abort();
         }
+        self.dns_threads.clear();
         self.info.shared.fqdn.persist();
         if let Some(p) = &self.control {
             let _ = std::fs::remove_file(p);

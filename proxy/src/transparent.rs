@@ -27,7 +27,7 @@ pub enum Announce<'a> {
     /// A TCP listener (into `PORIN_PROXY`).
     Tcp(&'a TcpListener),
     /// A UDP socket (into `PORIN_PROXY_UDP`).
-    Udp(&'a tokio::net::UdpSocket),
+    Udp(&'a std::net::UdpSocket),
 }
 
 /// Announces a bound transparent socket to the datapath (`true`: the IPv6 one).

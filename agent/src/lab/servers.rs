@@ -115,7 +115,7 @@ impl DnsSpec {
     fn nsd_conf(&self, dir: &std::path::Path) -> String {
         let d = dir.display();
         let mut c = format!(
-            "server:\n  ip-address: 0.0.0.0\n  ip-address: ::0\n  port: {}\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  database: \"\"\n  logfile: \"{d}/nsd.log\"\n  server-count: 1\n  verbosity: 1\n  hide-version: yes\nremote-control:\n  control-enable: no\n",
+            "server:\n  ip-address: 0.0.0.0\n  ip-address: ::0\n  port: {}\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  database: \"\"\n  logfile: \"{d}/nsd.log\"\n  server-count: 1\n  verbosity: 1\n  hide-version: yes\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\n",
             self.port
         );
         for z in &self.zones {
