@@ -277,11 +277,12 @@ impl Forwarder {
                 id = up.next_id.fetch_add(1, Relaxed);
                 tries += 1;
             }
-            if pending.contains_key(&id) {
-                Err(ex)
-            } else {
-                pending.insert(id, Pending { exchange: ex, client, client_id, deadline });
-                Ok(id)
+            match pending.entry(id) {
+                std::collections::hash_map::Entry::Occupied(_) => Err(ex),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Pending { exchange: ex, client, client_id, deadline });
+                    Ok(id)
+                }
             }
         };
         let id = match taken {
@@ -316,7 +317,8 @@ async fn read_answers(fwd: Arc<Forwarder>, up: Arc<Upstream>, key: (IpAddr, Sock
         match tokio::time::timeout(Duration::from_secs(1), up.sock.recv(&mut buf)).await {
             Ok(Ok(n)) => {
                 let answer = buf.get_mut(..n).unwrap_or_default();
-                let Some(id) = answer.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else { continue };
+                let (Some(&hi), Some(&lo)) = (answer.first(), answer.get(1)) else { continue };
+                let id = u16::from_be_bytes([hi, lo]);
                 let p = up.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
                 let Some(p) = p else {
                     crate::log_limited!(info, %server, id, "DNS answer for no pending query: ignored");
