@@ -91,8 +91,10 @@ fn dnsproxy_check_allowed() {
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), all.len(), failures.join("\n"));
     assert_eq!(all.len(), 12, "every decision case of the file is evaluated");
 
-    // Not applicable to the policy engine: the wire cases assert the DNS proxy's replies (REFUSED or
-    // NXDOMAIN for a denied query, SERVFAIL on internal errors, forwarding over the client's transport,
-    // question case preserved). They belong to the DNS proxy, which is not built yet.
+    // The wire cases assert the DNS proxy's replies, not the engine's decision: REFUSED / NXDOMAIN /
+    // SERVFAIL and the question's case are checked in `proxy::dns::message::tests::cilium_wire_cases`,
+    // forwarding over the client's transport by `agent/tests/fqdn_privileged.rs` (dig +tcp through
+    // the real proxy). wire-03 (no original destination) cannot be answered transparently: the proxy
+    // drops such a datagram and counts it (docs/semantics.md).
     assert_eq!(cases(&v, "wire_cases").len(), 5);
 }

@@ -23,6 +23,9 @@ const MAX_CHAIN: usize = 16;
 pub struct Query {
     /// The message as parsed.
     pub message: Message,
+    /// Header and question exactly as received (answers echo the question byte for byte: case
+    /// included, which resolvers that randomise it check).
+    head: Vec<u8>,
     /// The question's name: lower case, fully qualified (`api.example.com.`); bytes outside
     /// printable ASCII escaped (`\DDD`), so they never match a name pattern.
     pub name: String,
@@ -105,20 +108,44 @@ pub fn parse_query(raw: &[u8]) -> Result<Query, Unjudgeable> {
         Some(q) => (normalize_name(&q.name().to_lowercase().to_ascii()), q.query_type()),
         None => return Err(Unjudgeable::Drop("no question".into())),
     };
-    Ok(Query { message, name, qtype })
+    let head = raw.get(..question_end(raw).unwrap_or(HEADER_LEN)).unwrap_or(raw).to_vec();
+    Ok(Query { message, head, name, qtype })
 }
 
-/// The proxy's own answer to a query: same id, opcode, question and recursion-desired bit, this
-/// response code, no records.
-pub fn answer(query: &Query, rcode: ResponseCode) -> Vec<u8> {
-    let mut m = Message::response(query.id(), query.message.metadata.op_code);
-    m.metadata.recursion_desired = query.message.metadata.recursion_desired;
-    m.metadata.recursion_available = true;
-    m.metadata.response_code = rcode;
-    if let Some(q) = query.question() {
-        m.add_query(q.clone());
+/// Where the (only) question of a well-formed query ends: its name's labels (or a pointer), then
+/// type and class.
+fn question_end(raw: &[u8]) -> Option<usize> {
+    let mut at = HEADER_LEN;
+    loop {
+        let len = *raw.get(at)?;
+        match len {
+            0 => break at.checked_add(1 + 4).filter(|end| *end <= raw.len()),
+            l if l & 0xc0 == 0xc0 => break at.checked_add(2 + 4).filter(|end| *end <= raw.len()),
+            l => at = at.checked_add(1 + usize::from(l))?,
+        }
     }
-    m.to_vec().unwrap_or_else(|_| header_only(&query.id().to_be_bytes(), rcode))
+}
+
+/// The proxy's own answer to a query: its header and question byte for byte (id, opcode,
+/// recursion-desired, the question's case), marked a response, recursion available, this response
+/// code, no records.
+pub fn answer(query: &Query, rcode: ResponseCode) -> Vec<u8> {
+    let mut out = query.head.clone();
+    if out.len() < HEADER_LEN {
+        return header_only(&query.id().to_be_bytes(), rcode);
+    }
+    if let Some(flags) = out.get_mut(2) {
+        // QR, the opcode and RD kept; AA and TC cleared.
+        *flags = 0x80 | (*flags & 0x79);
+    }
+    if let Some(flags) = out.get_mut(3) {
+        *flags = 0x80 | (u16::from(rcode) & 0x0f) as u8;
+    }
+    // One question, no answer, authority or additional records.
+    if let Some(counts) = out.get_mut(4..HEADER_LEN) {
+        counts.copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+    out
 }
 
 /// What an upstream answer says.
@@ -282,6 +309,33 @@ mod tests {
         odd.add_query(Question::query(Name::from_labels(vec![&b"a b"[..], b"test"]).unwrap(), RecordType::A));
         let q = parse_query(&odd.to_vec().unwrap()).unwrap();
         assert!(q.name.contains('\\'), "{}", q.name);
+    }
+
+    /// Cilium's wire cases (`dnsproxy_check_allowed.yaml`): a denied query is answered with the
+    /// configured code; the question's case is kept end to end while matching ignores it.
+    #[test]
+    fn cilium_wire_cases() {
+        let q = parse_query(&query_bytes("notcilium.io.", RecordType::A, 11)).unwrap();
+        for (rcode, value) in [(ResponseCode::Refused, 5u16), (ResponseCode::NXDomain, 3), (ResponseCode::ServFail, 2)]
+        {
+            let r = Message::from_vec(&answer(&q, rcode)).unwrap();
+            assert_eq!(u16::from(r.metadata.response_code), value);
+        }
+        // Built by hand: hickory-proto writes names in lower case.
+        let mut raw = vec![0, 12, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 6];
+        raw.extend_from_slice(b"CILIUM");
+        raw.extend_from_slice(&[2, b'i', b'o', 0, 0, 1, 0, 1]);
+        let q = parse_query(&raw).unwrap();
+        assert_eq!(q.name, "cilium.io.", "matched case-insensitively");
+        let r = answer(&q, ResponseCode::Refused);
+        assert_eq!(&r[12..], &raw[12..], "the question is echoed byte for byte, case included");
+        assert_eq!((r[0], r[1], r[2], r[3] & 0x0f), (0, 12, 0x81, 5));
+        assert_eq!(Message::from_vec(&r).unwrap().metadata.response_code, ResponseCode::Refused);
+        // An upstream answer echoing the mixed case is the answer to this question.
+        let n = Name::from_str("CILIUM.io.").unwrap();
+        let raw = answer_with(&q, vec![Record::from_rdata(n, 60, RData::A(A::new(1, 1, 1, 1)))]);
+        let a = read_answer(&raw, &q).unwrap();
+        assert_eq!((a.ips.len(), a.ttl), (1, 60));
     }
 
     fn answer_with(q: &Query, records: Vec<Record>) -> Vec<u8> {
