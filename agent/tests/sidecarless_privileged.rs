@@ -301,3 +301,50 @@ fn a_failed_publication_is_retried_until_the_proxy_follows_privileged() {
     assert_eq!(st["publish"]["published_version"], version, "{st}");
     assert!(st["publish"]["pending"].is_null(), "{st}");
 }
+
+/// L7 ingress for clients outside the node: the uplink program hands their flows to the proxy (at
+/// tc egress on the pod's veth a socket cannot be assigned; before it, such flows were dropped).
+#[test]
+fn clients_from_outside_get_l7_ingress_policy_through_the_uplink_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up(
+        "wl7",
+        r#"version: 1
+pods:
+  - name: deathstar
+    labels: {org: empire, class: deathstar}
+    server:
+      http:
+        port: 80
+        routes:
+          - {method: POST, path: /v1/request-landing, body: "Ship landed\n"}
+          - {method: PUT, path: /v1/exhaust-port, body: "Panic: deathstar exploded\n"}
+  - name: outsider
+    external: true
+"#,
+    );
+    lab.apply(&[r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: world-l7}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEntities: [world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+"#]);
+    for host in [lab.addr("deathstar", false), format!("[{}]", lab.addr("deathstar", true))] {
+        let land = curl(&lab, "outsider", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+        assert_eq!((land.1.as_str(), land.2.as_str()), ("200", "Ship landed\n"), "{host}");
+        let boom = curl(&lab, "outsider", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
+        assert_eq!((boom.1.as_str(), boom.2.as_str()), ("403", "Access denied\r\n"), "{host}");
+    }
+    // The proxy judged them, as ingress of the deathstar from the world.
+    let flows = proxy_flows(&lab);
+    let denied = flows.iter().find(|f| f["verdict"] == "DROPPED").expect("a denied request recorded");
+    assert_eq!(denied["traffic_direction"], "INGRESS");
+    assert_eq!(denied["destination"]["pod_name"], "deathstar");
+}
