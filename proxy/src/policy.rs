@@ -57,9 +57,9 @@ pub enum ConnVerdict {
     /// Requests are judged by these (none: that direction allows everything).
     Judge {
         /// The source endpoint's egress L7 rules.
-        egress: Option<L7Policy>,
+        egress: Option<Arc<L7Policy>>,
         /// The destination endpoint's ingress L7 rules.
-        ingress: Option<L7Policy>,
+        ingress: Option<Arc<L7Policy>>,
     },
 }
 
@@ -74,6 +74,9 @@ pub struct Ends {
     pub direction: TrafficDirection,
 }
 
+/// Names of allowing rules, formatted once: `(origin, "namespace/name path")`.
+type RuleNames = Mutex<Vec<(OriginId, Arc<str>)>>;
+
 /// Policy for one connection under one snapshot.
 #[derive(Debug)]
 pub struct ConnPolicy {
@@ -83,8 +86,9 @@ pub struct ConnPolicy {
     pub ends: Arc<Ends>,
     /// The verdict.
     pub verdict: ConnVerdict,
-    /// Names of rules that allowed requests, formatted once.
-    rule_names: Mutex<Vec<(OriginId, Arc<str>)>>,
+    /// Names of rules that allowed requests, formatted once (shared with the policies made from
+    /// this one for other client ports).
+    rule_names: Arc<RuleNames>,
 }
 
 /// The verdict on one request.
@@ -283,8 +287,8 @@ impl ConnPolicy {
         let verdict = match pair.drop() {
             Some((side, why)) => drop_of(s, why, side.direction),
             None => ConnVerdict::Judge {
-                egress: pair.l7(Direction::Egress).cloned(),
-                ingress: pair.l7(Direction::Ingress).cloned(),
+                egress: pair.l7(Direction::Egress).cloned().map(Arc::new),
+                ingress: pair.l7(Direction::Ingress).cloned().map(Arc::new),
             },
         };
         let direction = traffic_direction(pair.reported_direction());
@@ -292,7 +296,20 @@ impl ConnPolicy {
     }
 
     fn new(snapshot: Option<Arc<Snapshot>>, ends: Ends, verdict: ConnVerdict) -> Self {
-        Self { snapshot, ends: Arc::new(ends), verdict, rule_names: Mutex::new(Vec::new()) }
+        Self { snapshot, ends: Arc::new(ends), verdict, rule_names: Arc::default() }
+    }
+
+    /// The same verdict for another flow between the same two addresses (another client port):
+    /// what a DNS proxy judging many datagrams of one client needs, without deciding again.
+    pub fn for_client_port(&self, port: u16) -> Self {
+        let mut ends = Ends::clone(&self.ends);
+        ends.source.port = port;
+        Self {
+            snapshot: self.snapshot.clone(),
+            ends: Arc::new(ends),
+            verdict: self.verdict.clone(),
+            rule_names: self.rule_names.clone(),
+        }
     }
 
     /// The name of an allowing rule, formatted once per connection policy.

@@ -74,9 +74,51 @@ fn qtype_names(q: &Query) -> Vec<String> {
     vec![q.qtype.to_string()]
 }
 
+/// Flow verdicts already taken, per (client address, server), under one snapshot: the L3/L4 side
+/// of a query is the same for every datagram of a client to a server (only its port differs).
+#[derive(Default)]
+pub(crate) struct Verdicts {
+    snapshot: Option<std::sync::Weak<policy_engine::snapshot::Snapshot>>,
+    by_flow: std::collections::HashMap<(std::net::IpAddr, SocketAddr), Arc<ConnPolicy>>,
+}
+
+/// Most flows remembered (clients × servers); past it the set starts over.
+const MAX_VERDICTS: usize = 65_536;
+
+impl Verdicts {
+    fn get(
+        &mut self,
+        shared: &Shared,
+        listener: &ListenerConfig,
+        client: SocketAddr,
+        server: SocketAddr,
+        transport: Transport,
+    ) -> Arc<ConnPolicy> {
+        let current = shared.policy.current();
+        let same = match (&self.snapshot, &current) {
+            (Some(w), Some(c)) => std::ptr::eq(w.as_ptr(), Arc::as_ptr(c)),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same || self.by_flow.len() >= MAX_VERDICTS {
+            self.snapshot = current.as_ref().map(Arc::downgrade);
+            self.by_flow.clear();
+        }
+        let decided = self.by_flow.entry((client.ip(), server)).or_insert_with(|| {
+            Arc::new(ConnPolicy::decide(current, shared.lookup(), listener, client, server, transport_proto(transport)))
+        });
+        if decided.ends.source.port == client.port() {
+            decided.clone()
+        } else {
+            Arc::new(decided.for_client_port(client.port()))
+        }
+    }
+}
+
 /// Phases 1 and 2 for one message from `client` to `server`.
 pub(crate) fn judge(
     shared: &Shared,
+    verdicts: &mut Verdicts,
     listener: &ListenerConfig,
     client: SocketAddr,
     server: SocketAddr,
@@ -84,16 +126,7 @@ pub(crate) fn judge(
     raw: &[u8],
 ) -> Decision {
     Counters::inc(&shared.counters.requests);
-    let policy = || {
-        Arc::new(ConnPolicy::decide(
-            shared.policy.current(),
-            shared.lookup(),
-            listener,
-            client,
-            server,
-            transport_proto(transport),
-        ))
-    };
+    let mut policy = || verdicts.get(shared, listener, client, server, transport);
     let query = match message::parse_query(raw) {
         Ok(q) => q,
         Err(e) => {

@@ -74,9 +74,10 @@ async fn serve(
     server: SocketAddr,
 ) {
     let mut upstream: Option<TcpStream> = None;
+    let mut verdicts = super::Verdicts::default();
     let forward_timeout = Duration::from_millis(shared.dns.forward_timeout_ms);
     while let Some(raw) = read_message(&mut client_stream, IDLE).await {
-        let answer = match super::judge(shared, listener, client, server, Transport::Tcp, &raw) {
+        let answer = match super::judge(shared, &mut verdicts, listener, client, server, Transport::Tcp, &raw) {
             // Not a query: the stream cannot be trusted to be DNS; close it.
             Decision::Drop => return,
             Decision::Answer(a) => a,

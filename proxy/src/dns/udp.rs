@@ -376,6 +376,7 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<ListenerConfig>, sock: Udp
         started: std::time::Instant::now(),
     });
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut verdicts = super::Verdicts::default();
     loop {
         let got = sock.async_io(Interest::READABLE, || receive(&sock, &mut buf)).await;
         let (client, server, n) = match got {
@@ -392,7 +393,7 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<ListenerConfig>, sock: Udp
             }
         };
         let raw = buf.get(..n).unwrap_or_default();
-        match super::judge(&shared, &listener, client, server, Transport::Udp, raw) {
+        match super::judge(&shared, &mut verdicts, &listener, client, server, Transport::Udp, raw) {
             Decision::Drop => {}
             Decision::Answer(a) => fwd.reply(client, server, &a).await,
             Decision::Forward(ex) => fwd.forward(ex, client, server, raw).await,
