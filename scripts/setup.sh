@@ -65,7 +65,7 @@ fuzz_tools() {
 
 bench_tools() {
     # Load generators for benches/ (not needed by the tests).
-    apt_install wrk nghttp2-client dnsperf dnsmasq-base
+    apt_install wrk nghttp2-client dnsperf dnsmasq-base dnsdist
 }
 
 setup_main() {
