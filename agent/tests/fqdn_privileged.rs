@@ -335,3 +335,46 @@ fn hostile_dns_messages_are_never_forwarded_privileged() {
     let malformed = dns_flows(&lab).iter().filter(|f| f["drop_reason_desc"] == "MALFORMED_REQUEST").count();
     assert_eq!(malformed, 8, "each recorded as malformed");
 }
+
+/// An answer teaches addresses only for names the client could have asked about: a CNAME from an
+/// allowed name to one the DNS rules do not allow does not make the target's `toFQDNs` rule apply.
+#[test]
+fn a_cname_cannot_vouch_for_a_name_the_rules_do_not_allow_privileged() {
+    if !privileged() {
+        return;
+    }
+    let text = std::fs::read_to_string(common::repo().join("config/labs/fqdn.yaml")).unwrap();
+    let text = text.replace("../examples/", "@REPO@/config/examples/").replace(
+        "              - {name: alias, cname: api.example.com.}\n",
+        "              - {name: alias, cname: api.example.com.}\n              - {name: sneaky, cname: api.other.test.}\n          - name: other.test\n            records:\n              - {name: api, pod: api}\n",
+    );
+    let lab = Lab::up("fqcname", &text);
+    let policy = |dns: &str| {
+        format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: cname}}
+spec:
+  endpointSelector: {{matchLabels: {{app: client}}}}
+  egress:
+  - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s:k8s-app: kube-dns}}}}]
+    toPorts: [{{ports: [{{port: "53", protocol: UDP}}], rules: {{dns: [{dns}]}}}}]
+  - toFQDNs: [{{matchName: api.other.test}}]
+    toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]
+"#
+        )
+    };
+    let api = lab.addr("api", false);
+    let connect =
+        |lab: &Lab| curl(lab, &["--resolve", &format!("api.other.test:80:{api}")], "http://api.other.test/").0;
+    // Only *.example.com may be asked about: the chain's other.test name teaches nothing.
+    lab.apply(&[&policy(r#"{matchPattern: "*.example.com"}"#)]);
+    let out = dig(&lab, &["sneaky.example.com"]);
+    assert!(out.contains("api.other.test.") && out.contains(&api), "nsd answers the whole chain: {out}");
+    assert_eq!(connect(&lab), 28, "api.other.test was not learned through the CNAME");
+    assert!(!cache(&lab).iter().any(|e| e["name"] == "api.other.test."));
+    // Once the rules allow asking about other.test too, the same answer teaches it.
+    lab.apply(&[&policy(r#"{matchPattern: "*.example.com"}, {matchPattern: "*.other.test"}"#)]);
+    assert!(dig(&lab, &["sneaky.example.com"]).contains(&api));
+    assert_eq!(connect(&lab), 0);
+}

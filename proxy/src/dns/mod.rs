@@ -234,8 +234,19 @@ impl Exchange {
         if let Some(snap) = shared.policy.current() {
             shared.fqdn.sync_to(&snap)?;
         }
+        // The question's name, and the names of its CNAME chain that the same DNS rules would let
+        // the client ask about: an answer never teaches addresses for a name the client could not
+        // have looked up itself (a server allowed for `*.test` must not be able to vouch for
+        // `api.example.com` through a CNAME).
+        let names: Vec<String> = answer
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i == 0 || matches!(self.policy.check_dns(n), RequestVerdict::Allow(_)))
+            .map(|(_, n)| n.clone())
+            .collect();
         let ttl = answer.ttl.max(shared.dns.min_ttl);
-        shared.fqdn.learn(&answer.names, &answer.ips, u64::from(ttl), &endpoint)
+        shared.fqdn.learn(&names, &answer.ips, u64::from(ttl), &endpoint)
     }
 
     /// The server did not answer in time: recorded; the client gets nothing (as from Cilium).
