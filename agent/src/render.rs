@@ -201,6 +201,7 @@ mod tests {
                     protocol: HttpProtocol::Http11,
                 }),
                 dns: None,
+                kafka: None,
             }),
             ..Flow::default()
         };

@@ -57,6 +57,12 @@ pub const TOPIC_EXTRACTED_KEYS: &[i16] = &[0, 1, 2, 3, 8, 9];
 pub const MAX_TOPIC_LEN: usize = 255;
 /// Kafka error code sent for denied requests.
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+/// Kafka error code `GROUP_AUTHORIZATION_FAILED`: a denied request about a consumer group.
+pub const GROUP_AUTHORIZATION_FAILED: i16 = 30;
+/// Kafka error code `CLUSTER_AUTHORIZATION_FAILED`: a denied request about the cluster.
+pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
+/// Kafka error code `TRANSACTIONAL_ID_AUTHORIZATION_FAILED`: a denied transactional request.
+pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
 
 /// Looks up an API key by Cilium's name (case-insensitive).
 pub fn api_key_by_name(name: &str) -> Option<i16> {

@@ -213,6 +213,8 @@ pub enum ListenerProtocol {
     Http,
     /// DNS over UDP and TCP (one UDP socket and one TCP listener on the same address).
     Dns,
+    /// Kafka.
+    Kafka,
 }
 
 impl ListenerProtocol {
@@ -221,6 +223,7 @@ impl ListenerProtocol {
         match self {
             Self::Http => redirect_common::listener::HTTP,
             Self::Dns => redirect_common::listener::DNS,
+            Self::Kafka => redirect_common::listener::KAFKA,
         }
     }
 }

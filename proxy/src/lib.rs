@@ -23,6 +23,7 @@ pub mod dns;
 pub mod forward;
 pub mod fqdn;
 pub mod head;
+pub mod kafka;
 pub mod log_limit;
 pub mod policy;
 pub mod records;
@@ -119,6 +120,7 @@ impl Proxy {
             limits: cfg.limits.clone(),
             fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),
             dns: cfg.dns.clone(),
+            kafka_topic_ids: kafka::request::TopicIds::default(),
         });
         // What was learned before (the cache file, the pinned kernel map) made to agree with the
         // snapshot in force before the first query is served.

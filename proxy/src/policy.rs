@@ -323,8 +323,9 @@ impl ConnPolicy {
         Some(n)
     }
 
-    /// Judges one request; header actions of matching rules are applied to `headers`.
-    pub fn check_http(&self, req: &HttpRequestInfo<'_>, headers: &mut dyn HeaderMap) -> RequestVerdict {
+    /// Judges one request with each side's L7 rules (`check`), egress first: any side that denies
+    /// denies (`what` names the rules in the summary); a side without L7 rules allows.
+    fn judge(&self, what: &str, mut check: impl FnMut(&L7Policy, Direction) -> L7Verdict) -> RequestVerdict {
         let (egress, ingress) = match &self.verdict {
             ConnVerdict::Drop { reason, summary, policy } => {
                 return RequestVerdict::Deny { reason: *reason, summary: summary.clone(), policy: policy.clone() };
@@ -341,12 +342,8 @@ impl ConnPolicy {
         let mut allowed_by = None;
         for (p, side) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
             let Some(p) = p else { continue };
-            let mut log = HeaderLog::default();
-            match p.check_http(req, headers, &mut log) {
+            match check(p, side) {
                 L7Verdict::Allow(o) => {
-                    if !log.rejected.is_empty() || !log.missing.is_empty() {
-                        crate::log_limited!(info, %side, rejected = ?log.rejected, missing = ?log.missing, "Header match actions");
-                    }
                     if let Some(o) = o {
                         allowed_by = self.rule_name(snap, o);
                     }
@@ -354,7 +351,7 @@ impl ConnPolicy {
                 L7Verdict::Deny => {
                     return RequestVerdict::Deny {
                         reason: FlowDropReason::PolicyDenied,
-                        summary: format!("no {side} HTTP rule allows the request"),
+                        summary: format!("no {side} {what}"),
                         policy: None,
                     };
                 }
@@ -362,44 +359,28 @@ impl ConnPolicy {
         }
         RequestVerdict::Allow(allowed_by)
     }
-}
 
-impl ConnPolicy {
+    /// Judges one HTTP request; header actions of matching rules are applied to `headers`.
+    pub fn check_http(&self, req: &HttpRequestInfo<'_>, headers: &mut dyn HeaderMap) -> RequestVerdict {
+        self.judge("HTTP rule allows the request", |p, side| {
+            let mut log = HeaderLog::default();
+            let v = p.check_http(req, headers, &mut log);
+            if matches!(v, L7Verdict::Allow(_)) && (!log.rejected.is_empty() || !log.missing.is_empty()) {
+                crate::log_limited!(info, %side, rejected = ?log.rejected, missing = ?log.missing, "Header match actions");
+            }
+            v
+        })
+    }
+
     /// Judges one DNS query name (normalised, fully qualified). A side without DNS rules for the
     /// flow allows every name (Cilium: no DNS rules for the port, everything allowed).
     pub fn check_dns(&self, qname: &str) -> RequestVerdict {
-        let (egress, ingress) = match &self.verdict {
-            ConnVerdict::Drop { reason, summary, policy } => {
-                return RequestVerdict::Deny { reason: *reason, summary: summary.clone(), policy: policy.clone() };
-            }
-            ConnVerdict::Judge { egress, ingress } => (egress, ingress),
-        };
-        let Some(snap) = self.snapshot.as_deref() else {
-            return RequestVerdict::Deny {
-                reason: FlowDropReason::PolicyDenied,
-                summary: "no snapshot".into(),
-                policy: None,
-            };
-        };
-        let mut allowed_by = None;
-        for (p, side) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
-            let Some(p) = p else { continue };
-            match p.check_dns(qname) {
-                L7Verdict::Allow(o) => {
-                    if let Some(o) = o {
-                        allowed_by = self.rule_name(snap, o);
-                    }
-                }
-                L7Verdict::Deny => {
-                    return RequestVerdict::Deny {
-                        reason: FlowDropReason::PolicyDenied,
-                        summary: format!("no {side} DNS rule allows {qname}"),
-                        policy: None,
-                    };
-                }
-            }
-        }
-        RequestVerdict::Allow(allowed_by)
+        self.judge(&format!("DNS rule allows {qname}"), |p, _| p.check_dns(qname))
+    }
+
+    /// Judges one Kafka request.
+    pub fn check_kafka(&self, req: &policy_engine::kafka::KafkaRequest<'_>) -> RequestVerdict {
+        self.judge("Kafka rule allows the request", |p, _| p.check_kafka(req))
     }
 }
 

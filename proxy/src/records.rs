@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use porin_flow::backlog::Backlog;
 use porin_flow::flow::{
     DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion,
-    L7Type, Layer4, Layer7, Ports, Verdict, rfc3339,
+    KafkaInfo, L7Type, Layer4, Layer7, Ports, Verdict, rfc3339,
 };
 use serde::Serialize;
 
@@ -113,6 +113,8 @@ pub enum Detail {
     },
     /// DNS.
     Dns(Box<DnsInfo>),
+    /// Kafka.
+    Kafka(Box<KafkaInfo>),
 }
 
 /// One request or response, as recorded on the hot path: what differs per request, and an `Arc`
@@ -153,18 +155,19 @@ impl Record {
         let e = &self.ends;
         let (src, dst) = if self.reply { (&e.destination, &e.source) } else { (&e.source, &e.destination) };
         let ports = Ports { source_port: src.port, destination_port: dst.port };
-        let (http, dns) = match &self.detail {
-            Detail::Http { method, url, protocol, code } => (
-                Some(HttpInfo {
+        let (mut http, mut dns, mut kafka) = (None, None, None);
+        match &self.detail {
+            Detail::Http { method, url, protocol, code } => {
+                http = Some(HttpInfo {
                     code: *code,
                     method: method.as_str().to_owned(),
                     url: url.to_string(),
                     protocol: *protocol,
-                }),
-                None,
-            ),
-            Detail::Dns(d) => (None, Some(DnsInfo::clone(d))),
-        };
+                });
+            }
+            Detail::Dns(d) => dns = Some(DnsInfo::clone(d)),
+            Detail::Kafka(k) => kafka = Some(KafkaInfo::clone(k)),
+        }
         Flow {
             time: rfc3339(self.time_ns / 1_000_000_000, u32::try_from(self.time_ns % 1_000_000_000).unwrap_or(0)),
             seq,
@@ -192,6 +195,7 @@ impl Record {
                 latency_ns: self.latency_ns,
                 http,
                 dns,
+                kafka,
             }),
             policy: self.policy.as_deref().map(str::to_owned),
             ifindex: 0,

@@ -55,6 +55,8 @@ pub struct Shared {
     pub fqdn: Arc<crate::fqdn::FqdnState>,
     /// The DNS proxy's settings.
     pub dns: crate::config::DnsSettings,
+    /// Kafka topic ids the brokers' Metadata answers named.
+    pub kafka_topic_ids: crate::kafka::request::TopicIds,
 }
 
 impl Shared {

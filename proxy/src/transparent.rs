@@ -51,6 +51,21 @@ pub fn close_with_reset(s: &TcpSocket) -> io::Result<()> {
     setsockopt(s, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 }).map_err(os)
 }
 
+/// A connection to `server` from the client's address `client` (the kernel picks the port), set up
+/// as [`upstream_socket`]: what the proxy opens for each proxied TCP flow it forwards.
+pub async fn connect_from(
+    client: std::net::IpAddr,
+    server: SocketAddr,
+    timeout: std::time::Duration,
+) -> io::Result<tokio::net::TcpStream> {
+    let s = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    upstream_socket(&s)?;
+    s.bind(SocketAddr::new(client, 0))?;
+    tokio::time::timeout(timeout, s.connect(server))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
 /// Binds a transparent listener on `addr`.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };

@@ -57,9 +57,13 @@ pub(super) fn hosts_file(pods: &[Pod]) -> String {
     s
 }
 
-/// A server spec with its DNS records' `pod:` references turned into the pods' addresses.
-fn with_pod_addresses(server: &ServerSpec, pods: &[Pod]) -> anyhow::Result<ServerSpec> {
+/// A server spec with its DNS records' `pod:` references turned into the pods' addresses, and the
+/// Kafka broker advertising its own pod's address.
+fn with_pod_addresses(server: &ServerSpec, own: &Pod, pods: &[Pod]) -> anyhow::Result<ServerSpec> {
     let mut s = server.clone();
+    if let Some(k) = &mut s.kafka {
+        k.advertise.get_or_insert(own.ipv4);
+    }
     if let Some(dns) = &mut s.dns {
         for z in &mut dns.zones {
             for r in &mut z.records {
@@ -219,7 +223,7 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         let log = paths.dir.join(format!("{}.log", pod.name));
         if let Some(server) = &def.server {
             let spec = paths.dir.join(format!("{}.server.json", pod.name));
-            std::fs::write(&spec, serde_json::to_string(&with_pod_addresses(server, &pods)?)?)?;
+            std::fs::write(&spec, serde_json::to_string(&with_pod_addresses(server, pod, &pods)?)?)?;
             let ready = paths.dir.join(format!("{}.ready", pod.name));
             let args = vec![
                 "lab".into(),

@@ -136,9 +136,11 @@ pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
 pub const PROXY_PORT: u16 = 15001;
 /// The port of the lab proxy's DNS listeners (UDP and TCP).
 pub const DNS_PROXY_PORT: u16 = 15053;
+/// The port of the lab proxy's Kafka listeners.
+pub(super) const KAFKA_PROXY_PORT: u16 = 15092;
 
 /// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
-/// listeners (IPv4 and IPv6) registered in the lab's datapath, on the policy the agent publishes.
+/// listeners (IPv4 and IPv6; HTTP, DNS and Kafka) registered in the lab's datapath, on the policy the agent publishes.
 pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     let paths = LabPaths::new(name);
     let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
@@ -149,13 +151,15 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         )
     };
     let mut config = format!(
-        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}{}{}",
+        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}{}{}{}{}",
         paths.snapshot().display(),
         paths.proxy_control().display(),
         listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4", "http"),
         listener(&format!("[::]:{PROXY_PORT}"), "v6", "http"),
         listener(&format!("0.0.0.0:{DNS_PROXY_PORT}"), "v4", "dns"),
         listener(&format!("[::]:{DNS_PROXY_PORT}"), "v6", "dns"),
+        listener(&format!("0.0.0.0:{KAFKA_PROXY_PORT}"), "v4", "kafka"),
+        listener(&format!("[::]:{KAFKA_PROXY_PORT}"), "v6", "kafka"),
     );
     if let Some(limits) = &settings.proxy_limits {
         config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(

@@ -1,5 +1,6 @@
 //! Built-in servers for lab pods: an HTTP responder with canned routes (hyper), a UDP echo and a TCP
-//! echo server, and an authoritative DNS server (the real `nsd`, configured from the lab file).
+//! echo server, an authoritative DNS server (the real `nsd`, configured from the lab file) and a
+//! Kafka broker (the real `tansu`, in memory, with the lab's topics created).
 //! They run inside a pod's network namespace (`porin lab serve`), listen on both IPv4 and IPv6,
 //! and write a ready file once every socket is bound (for DNS: once nsd answers).
 
@@ -52,6 +53,29 @@ pub struct ServerSpec {
     /// Authoritative DNS (nsd).
     #[serde(default)]
     pub dns: Option<DnsSpec>,
+    /// A Kafka broker (tansu).
+    #[serde(default)]
+    pub kafka: Option<KafkaSpec>,
+}
+
+/// A Kafka broker for the lab (the real `tansu`, storage in memory), listening on IPv4 and IPv6 and
+/// advertising the pod's address in its Metadata answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSpec {
+    /// Port (default 9092).
+    #[serde(default = "kafka_port")]
+    pub port: u16,
+    /// Topics created before the pod is ready (one partition each).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// The address advertised to clients (set by the lab: the pod's IPv4 address).
+    #[serde(default)]
+    pub advertise: Option<std::net::IpAddr>,
+}
+
+fn kafka_port() -> u16 {
+    9092
 }
 
 /// An authoritative DNS server for the lab's zones (served by `nsd`, on UDP and TCP).
@@ -183,6 +207,59 @@ fn start_nsd(spec: &DnsSpec, dir: &std::path::Path) -> anyhow::Result<std::proce
     }
 }
 
+/// The tansu binary: on PATH, else where `cargo install` put it.
+fn tansu_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+        home.join("bin").join("tansu")
+    })
+}
+
+/// Starts tansu in the foreground (same process group: `lab down` stops it with this process),
+/// waits until it accepts connections, then creates the topics.
+fn start_kafka(spec: &KafkaSpec) -> anyhow::Result<std::process::Child> {
+    let bin = tansu_bin();
+    let advertise = match spec.advertise {
+        Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(ip) => ip.to_string(),
+        None => "localhost".to_owned(),
+    };
+    let broker = format!("tcp://localhost:{}", spec.port);
+    let mut child = std::process::Command::new(&bin)
+        .args(["broker", "--listener-url", &format!("tcp://[::]:{}", spec.port)])
+        .args(["--advertised-listener-url", &format!("tcp://{advertise}:{}", spec.port)])
+        .args(["--storage-engine", "memory://tansu/"])
+        .spawn()
+        .with_context(|| format!("start {} (scripts/setup.sh installs tansu once per machine)", bin.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", spec.port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!("tansu exited ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("tansu did not listen on port {} in 15 s", spec.port);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for topic in &spec.topics {
+        let status = std::process::Command::new(&bin)
+            .args(["topic", "create", topic, "--broker", &broker, "--partitions", "1"])
+            .status()
+            .with_context(|| format!("run tansu topic create {topic}"))?;
+        anyhow::ensure!(status.success(), "tansu topic create {topic}: {status}");
+    }
+    Ok(child)
+}
+
 /// Whether a DNS server on localhost:`port` answers an SOA query for `zone`.
 fn soa_answered(zone: &str, port: u16) -> bool {
     use hickory_proto::op::{Message, Query};
@@ -244,17 +321,21 @@ async fn respond(
 /// Runs the servers until killed; writes `ready` once all sockets are bound. nsd keeps its files in
 /// `state_dir`.
 pub fn run(spec: ServerSpec, ready: Option<PathBuf>, state_dir: &std::path::Path) -> anyhow::Result<()> {
-    let mut nsd = match &spec.dns {
-        Some(d) => Some(start_nsd(d, state_dir)?),
-        None => None,
-    };
-    if nsd.is_some() && spec.http.is_none() && spec.udp_echo.is_none() && spec.tcp_echo.is_none() {
+    // Real servers run as children; this process waits for them when it serves nothing itself.
+    let mut children = Vec::new();
+    if let Some(d) = &spec.dns {
+        children.push(("nsd", start_nsd(d, state_dir)?));
+    }
+    if let Some(k) = &spec.kafka {
+        children.push(("tansu", start_kafka(k)?));
+    }
+    if !children.is_empty() && spec.http.is_none() && spec.udp_echo.is_none() && spec.tcp_echo.is_none() {
         if let Some(r) = &ready {
             std::fs::write(r, b"ready").with_context(|| format!("write {}", r.display()))?;
         }
-        if let Some(child) = nsd.as_mut() {
-            let status = child.wait().context("wait for nsd")?;
-            anyhow::bail!("nsd exited: {status}");
+        if let Some((name, child)) = children.first_mut() {
+            let status = child.wait().with_context(|| format!("wait for {name}"))?;
+            anyhow::bail!("{name} exited: {status}");
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -413,6 +413,23 @@ pub struct DnsInfo {
     pub rrtypes: Vec<String>,
 }
 
+/// The Kafka part of an L7 record (Hubble's `Kafka`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KafkaInfo {
+    /// Error code of the response (0 on requests and successful responses the proxy did not read).
+    #[serde(default)]
+    pub error_code: i32,
+    /// API version.
+    pub api_version: i32,
+    /// API key name (`produce`, `fetch`, ...).
+    pub api_key: String,
+    /// Correlation id.
+    pub correlation_id: i32,
+    /// The request's topics, comma-separated (Hubble records one topic).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub topic: String,
+}
+
 /// The L7 part of a record.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Layer7 {
@@ -428,6 +445,9 @@ pub struct Layer7 {
     /// DNS details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsInfo>,
+    /// Kafka details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaInfo>,
 }
 
 /// A flow record.
@@ -514,6 +534,7 @@ impl Flow {
             "l7" => self.l7.is_some(),
             "http" => http.is_some(),
             "dns" => self.l7.as_ref().is_some_and(|l| l.dns.is_some()),
+            "kafka" => self.l7.as_ref().is_some_and(|l| l.kafka.is_some()),
             "http/1.0" | "http/1.1" | "http/2" => http.is_some_and(|h| h.protocol.name().eq_ignore_ascii_case(&p)),
             "icmp" => matches!(self.l4, Some(Layer4::Icmpv4(_) | Layer4::Icmpv6(_))),
             _ => self.l4.as_ref().is_some_and(|l| l.name().eq_ignore_ascii_case(&p)),
@@ -590,6 +611,7 @@ mod tests {
                 }),
                 latency_ns: 0,
                 dns: None,
+                kafka: None,
             }),
             ..Default::default()
         }

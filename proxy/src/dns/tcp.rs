@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::{Decision, Released};
@@ -83,7 +83,7 @@ async fn serve(
             Decision::Answer(a) => a,
             Decision::Forward(ex) => {
                 if upstream.is_none() {
-                    match connect(client, server, shared).await {
+                    match crate::transparent::connect_from(client.ip(), server, shared.limits.connect_timeout()).await {
                         Ok(s) => upstream = Some(s),
                         Err(e) => {
                             ex.timed_out(shared, &format!("connect to {server}: {e}"));
@@ -116,14 +116,4 @@ async fn serve(
             return;
         }
     }
-}
-
-/// A connection to the server from the client's address, marked as the proxy's.
-async fn connect(client: SocketAddr, server: SocketAddr, shared: &Shared) -> std::io::Result<TcpStream> {
-    let s = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    crate::transparent::upstream_socket(&s)?;
-    s.bind(SocketAddr::new(client.ip(), 0))?;
-    tokio::time::timeout(shared.limits.connect_timeout(), s.connect(server))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }

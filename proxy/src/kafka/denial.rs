@@ -1,0 +1,393 @@
+//! The proxy's answer to a denied Kafka request: a well-formed response of the request's own API
+//! key and version, with its correlation id, saying it was not authorized — error 29
+//! `TOPIC_AUTHORIZATION_FAILED` per topic and partition where the API carries topics, the group,
+//! transactional-id or cluster authorization error where it carries those. The client's connection
+//! stays usable; the request never reaches the broker.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiVersionsResponse, CreateTopicsResponse, DeleteTopicsResponse, DescribeGroupsResponse, FetchResponse,
+    FindCoordinatorResponse, HeartbeatResponse, InitProducerIdResponse, JoinGroupResponse, LeaveGroupResponse,
+    ListGroupsResponse, ListOffsetsResponse, MetadataResponse, OffsetCommitResponse, OffsetFetchResponse,
+    ProduceResponse, RequestKind, ResponseHeader, ResponseKind, SyncGroupResponse, TopicName,
+};
+use kafka_protocol::protocol::{Encodable as _, StrBytes};
+
+use super::request::Request;
+
+use policy_engine::kafka::{
+    CLUSTER_AUTHORIZATION_FAILED, GROUP_AUTHORIZATION_FAILED, TOPIC_AUTHORIZATION_FAILED,
+    TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+};
+
+/// The response to a denied request and its error code, framed (with the 4-byte length), or none
+/// for an API the proxy has no answer for (the connection is then closed: never left hanging).
+pub fn denial(req: &Request) -> Option<(Bytes, i16)> {
+    let (body, code) = body(req)?;
+    let version = req.version();
+    let mut header = ResponseHeader::default();
+    header.correlation_id = req.correlation_id();
+    let mut buf = BytesMut::with_capacity(64);
+    buf.extend_from_slice(&[0; 4]);
+    header.encode(&mut buf, req.api_key.response_header_version(version)).ok()?;
+    body.encode(&mut buf, version).ok()?;
+    let len = u32::try_from(buf.len() - 4).ok()?;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    Some((buf.freeze(), code))
+}
+
+fn name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_owned()))
+}
+
+/// The response body of a denial.
+fn body(req: &Request) -> Option<(ResponseKind, i16)> {
+    use kafka_protocol::messages::{
+        create_topics_response as ct, delete_topics_response as dt, describe_groups_response as dg,
+        fetch_response as f, find_coordinator_response as fc, list_offsets_response as lo, metadata_response as md,
+        offset_commit_response as oc, offset_fetch_response as of, produce_response as pr,
+    };
+    const T: i16 = TOPIC_AUTHORIZATION_FAILED;
+    const G: i16 = GROUP_AUTHORIZATION_FAILED;
+    Some(match &req.body {
+        RequestKind::Produce(r) => {
+            let mut resp = ProduceResponse::default();
+            resp.responses = r
+                .topic_data
+                .iter()
+                .map(|t| {
+                    let mut tr = pr::TopicProduceResponse::default();
+                    tr.name = t.name.clone();
+                    tr.topic_id = t.topic_id;
+                    tr.partition_responses = t
+                        .partition_data
+                        .iter()
+                        .map(|p| {
+                            let mut pp = pr::PartitionProduceResponse::default();
+                            pp.index = p.index;
+                            pp.error_code = T;
+                            pp.base_offset = -1;
+                            pp.log_append_time_ms = -1;
+                            pp.log_start_offset = -1;
+                            pp
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            (ResponseKind::Produce(resp), T)
+        }
+        RequestKind::Fetch(r) => {
+            let mut resp = FetchResponse::default();
+            resp.session_id = r.session_id;
+            resp.responses = r
+                .topics
+                .iter()
+                .map(|t| {
+                    let mut tr = f::FetchableTopicResponse::default();
+                    tr.topic = t.topic.clone();
+                    tr.topic_id = t.topic_id;
+                    tr.partitions = t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let mut pd = f::PartitionData::default();
+                            pd.partition_index = p.partition;
+                            pd.error_code = T;
+                            pd.high_watermark = -1;
+                            pd.last_stable_offset = -1;
+                            pd.log_start_offset = -1;
+                            pd
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            (ResponseKind::Fetch(resp), T)
+        }
+        RequestKind::ListOffsets(r) => {
+            let mut resp = ListOffsetsResponse::default();
+            resp.topics = r
+                .topics
+                .iter()
+                .map(|t| {
+                    let mut tr = lo::ListOffsetsTopicResponse::default();
+                    tr.name = t.name.clone();
+                    tr.partitions = t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let mut pp = lo::ListOffsetsPartitionResponse::default();
+                            pp.partition_index = p.partition_index;
+                            pp.error_code = T;
+                            pp.timestamp = -1;
+                            pp.offset = -1;
+                            pp
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            (ResponseKind::ListOffsets(resp), T)
+        }
+        RequestKind::Metadata(r) => {
+            let mut resp = MetadataResponse::default();
+            resp.controller_id = kafka_protocol::messages::BrokerId(-1);
+            resp.topics = r
+                .topics
+                .iter()
+                .flatten()
+                .map(|t| {
+                    let mut tr = md::MetadataResponseTopic::default();
+                    tr.error_code = T;
+                    tr.name = t.name.clone().or_else(|| Some(name("")));
+                    tr.topic_id = t.topic_id;
+                    tr
+                })
+                .collect();
+            (ResponseKind::Metadata(resp), T)
+        }
+        RequestKind::OffsetCommit(r) => {
+            let mut resp = OffsetCommitResponse::default();
+            resp.topics = r
+                .topics
+                .iter()
+                .map(|t| {
+                    let mut tr = oc::OffsetCommitResponseTopic::default();
+                    tr.name = t.name.clone();
+                    tr.topic_id = t.topic_id;
+                    tr.partitions = t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let mut pp = oc::OffsetCommitResponsePartition::default();
+                            pp.partition_index = p.partition_index;
+                            pp.error_code = T;
+                            pp
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            (ResponseKind::OffsetCommit(resp), T)
+        }
+        RequestKind::OffsetFetch(r) => {
+            let mut resp = OffsetFetchResponse::default();
+            resp.topics = r
+                .topics
+                .iter()
+                .flatten()
+                .map(|t| {
+                    let mut tr = of::OffsetFetchResponseTopic::default();
+                    tr.name = t.name.clone();
+                    tr.partitions = t
+                        .partition_indexes
+                        .iter()
+                        .map(|i| {
+                            let mut pp = of::OffsetFetchResponsePartition::default();
+                            pp.partition_index = *i;
+                            pp.committed_offset = -1;
+                            pp.committed_leader_epoch = -1;
+                            pp.error_code = T;
+                            pp
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            resp.groups = r
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut gr = of::OffsetFetchResponseGroup::default();
+                    gr.group_id = g.group_id.clone();
+                    gr.error_code = T;
+                    gr.topics = g
+                        .topics
+                        .iter()
+                        .flatten()
+                        .map(|t| {
+                            let mut tr = of::OffsetFetchResponseTopics::default();
+                            tr.name = t.name.clone();
+                            tr.topic_id = t.topic_id;
+                            tr.partitions = t
+                                .partition_indexes
+                                .iter()
+                                .map(|i| {
+                                    let mut pp = of::OffsetFetchResponsePartitions::default();
+                                    pp.partition_index = *i;
+                                    pp.committed_offset = -1;
+                                    pp.committed_leader_epoch = -1;
+                                    pp.error_code = T;
+                                    pp
+                                })
+                                .collect();
+                            tr
+                        })
+                        .collect();
+                    gr
+                })
+                .collect();
+            (ResponseKind::OffsetFetch(resp), T)
+        }
+        RequestKind::FindCoordinator(r) => {
+            let mut resp = FindCoordinatorResponse::default();
+            resp.error_code = G;
+            resp.node_id = kafka_protocol::messages::BrokerId(-1);
+            resp.port = -1;
+            resp.coordinators = r
+                .coordinator_keys
+                .iter()
+                .map(|k| {
+                    let mut c = fc::Coordinator::default();
+                    c.key = k.clone();
+                    c.node_id = kafka_protocol::messages::BrokerId(-1);
+                    c.port = -1;
+                    c.error_code = G;
+                    c
+                })
+                .collect();
+            (ResponseKind::FindCoordinator(resp), G)
+        }
+        RequestKind::JoinGroup(r) => {
+            let mut resp = JoinGroupResponse::default();
+            resp.error_code = G;
+            resp.generation_id = -1;
+            resp.member_id = r.member_id.clone();
+            (ResponseKind::JoinGroup(resp), G)
+        }
+        RequestKind::SyncGroup(_) => {
+            let mut resp = SyncGroupResponse::default();
+            resp.error_code = G;
+            (ResponseKind::SyncGroup(resp), G)
+        }
+        RequestKind::Heartbeat(_) => {
+            let mut resp = HeartbeatResponse::default();
+            resp.error_code = G;
+            (ResponseKind::Heartbeat(resp), G)
+        }
+        RequestKind::LeaveGroup(_) => {
+            let mut resp = LeaveGroupResponse::default();
+            resp.error_code = G;
+            (ResponseKind::LeaveGroup(resp), G)
+        }
+        RequestKind::DescribeGroups(r) => {
+            let mut resp = DescribeGroupsResponse::default();
+            resp.groups = r
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut d = dg::DescribedGroup::default();
+                    d.group_id = g.clone();
+                    d.error_code = G;
+                    d
+                })
+                .collect();
+            (ResponseKind::DescribeGroups(resp), G)
+        }
+        RequestKind::ListGroups(_) => {
+            let mut resp = ListGroupsResponse::default();
+            resp.error_code = CLUSTER_AUTHORIZATION_FAILED;
+            (ResponseKind::ListGroups(resp), CLUSTER_AUTHORIZATION_FAILED)
+        }
+        RequestKind::ApiVersions(_) => {
+            let mut resp = ApiVersionsResponse::default();
+            resp.error_code = CLUSTER_AUTHORIZATION_FAILED;
+            (ResponseKind::ApiVersions(resp), CLUSTER_AUTHORIZATION_FAILED)
+        }
+        RequestKind::CreateTopics(r) => {
+            let mut resp = CreateTopicsResponse::default();
+            resp.topics = r
+                .topics
+                .iter()
+                .map(|t| {
+                    let mut c = ct::CreatableTopicResult::default();
+                    c.name = t.name.clone();
+                    c.error_code = T;
+                    c.num_partitions = -1;
+                    c.replication_factor = -1;
+                    c
+                })
+                .collect();
+            (ResponseKind::CreateTopics(resp), T)
+        }
+        RequestKind::DeleteTopics(r) => {
+            let mut resp = DeleteTopicsResponse::default();
+            let names = r.topic_names.iter().map(|n| (Some(n.clone()), uuid::Uuid::nil()));
+            let states = r.topics.iter().map(|t| (t.name.clone(), t.topic_id));
+            resp.responses = names
+                .chain(states)
+                .map(|(n, id)| {
+                    let mut d = dt::DeletableTopicResult::default();
+                    d.name = n;
+                    d.topic_id = id;
+                    d.error_code = T;
+                    d
+                })
+                .collect();
+            (ResponseKind::DeleteTopics(resp), T)
+        }
+        RequestKind::InitProducerId(_) => {
+            let mut resp = InitProducerIdResponse::default();
+            resp.error_code = TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+            resp.producer_id = kafka_protocol::messages::ProducerId(-1);
+            resp.producer_epoch = -1;
+            (ResponseKind::InitProducerId(resp), TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::request::tests::{frame, produce};
+    use crate::kafka::request::{TopicIds, parse};
+    use kafka_protocol::messages::{ApiKey, JoinGroupRequest, MetadataRequest, metadata_request::MetadataRequestTopic};
+    use kafka_protocol::protocol::Decodable as _;
+
+    fn decode<T: kafka_protocol::protocol::Decodable>(bytes: &Bytes, key: ApiKey, version: i16) -> (i32, T) {
+        let mut b = bytes.slice(4..);
+        assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize, b.len(), "framed");
+        let h = ResponseHeader::decode(&mut b, key.response_header_version(version)).unwrap();
+        let body = T::decode(&mut b, version).unwrap();
+        assert!(b.is_empty(), "nothing left over");
+        (h.correlation_id, body)
+    }
+
+    #[test]
+    fn denied_produce_gets_topic_authorization_failed_per_partition_in_every_version() {
+        let ids = TopicIds::default();
+        for version in 3..=13 {
+            let r = parse(frame(ApiKey::Produce, version, 77, &produce(&["payments"], 1)), &ids).unwrap();
+            let (bytes, code) = denial(&r).unwrap();
+            assert_eq!(code, TOPIC_AUTHORIZATION_FAILED);
+            let (cid, resp): (i32, ProduceResponse) = decode(&bytes, ApiKey::Produce, version);
+            assert_eq!(cid, 77);
+            assert_eq!(resp.responses[0].partition_responses[0].error_code, 29, "v{version}");
+        }
+    }
+
+    #[test]
+    fn metadata_and_groups_get_their_errors() {
+        let ids = TopicIds::default();
+        let mut m = MetadataRequest::default();
+        let mut t = MetadataRequestTopic::default();
+        t.name = Some(name("payments"));
+        m.topics = Some(vec![t]);
+        for version in [4, 9, 12] {
+            let r = parse(frame(ApiKey::Metadata, version, 5, &m), &ids).unwrap();
+            let (bytes, _) = denial(&r).unwrap();
+            let (cid, resp): (i32, MetadataResponse) = decode(&bytes, ApiKey::Metadata, version);
+            assert_eq!((cid, resp.topics[0].error_code), (5, 29));
+        }
+        let mut j = JoinGroupRequest::default();
+        j.group_id = kafka_protocol::messages::GroupId(StrBytes::from_static_str("g"));
+        j.protocol_type = StrBytes::from_static_str("consumer");
+        let r = parse(frame(ApiKey::JoinGroup, 5, 6, &j), &ids).unwrap();
+        let (bytes, code) = denial(&r).unwrap();
+        assert_eq!(code, GROUP_AUTHORIZATION_FAILED);
+        let (_, resp): (i32, JoinGroupResponse) = decode(&bytes, ApiKey::JoinGroup, 5);
+        assert_eq!(resp.error_code, 30);
+    }
+}

@@ -1,0 +1,266 @@
+//! Kafka requests as the proxy judges them: the frame read off the wire, decoded with the
+//! `kafka-protocol` crate (every API and version it knows, flexible versions included), and the
+//! topics of the keys Cilium's rules look at (Produce, Fetch, ListOffsets, Metadata, OffsetCommit,
+//! OffsetFetch; `policy_engine::kafka`).
+//!
+//! Topics named by id (Produce v13+, Fetch v13+, OffsetCommit v10+, Metadata, OffsetFetch v10+)
+//! are named through the ids the broker's Metadata answers taught ([`TopicIds`]); an id not yet
+//! seen stands for no topic a rule names, so the request is denied (fail closed).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
+use kafka_protocol::protocol::Decodable as _;
+
+/// Topic ids → names, from the broker's Metadata answers.
+#[derive(Debug, Default)]
+pub struct TopicIds(Mutex<HashMap<[u8; 16], String>>);
+
+/// Most ids remembered; past it the map starts over (they are learned again from Metadata).
+const MAX_TOPIC_IDS: usize = 100_000;
+
+impl TopicIds {
+    /// The name of a topic id.
+    pub fn name(&self, id: &uuid::Uuid) -> Option<String> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(id.as_bytes()).cloned()
+    }
+
+    /// Remembers what a Metadata answer says.
+    pub fn learn(&self, pairs: impl IntoIterator<Item = (uuid::Uuid, String)>) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, name) in pairs {
+            if id.is_nil() || name.is_empty() {
+                continue;
+            }
+            if m.len() >= MAX_TOPIC_IDS {
+                m.clear();
+            }
+            m.insert(*id.as_bytes(), name);
+        }
+    }
+}
+
+/// A request the proxy can judge.
+#[derive(Debug)]
+pub struct Request {
+    /// The header.
+    pub header: RequestHeader,
+    /// The API.
+    pub api_key: ApiKey,
+    /// The body.
+    pub body: RequestKind,
+    /// Topics of the keys Cilium's rules look at (named; ids named through [`TopicIds`]).
+    pub topics: Vec<String>,
+    /// Whether the broker answers it (a Produce with `acks: 0` gets no answer).
+    pub expects_response: bool,
+}
+
+impl Request {
+    /// The correlation id.
+    pub fn correlation_id(&self) -> i32 {
+        self.header.correlation_id
+    }
+
+    /// The API version.
+    pub fn version(&self) -> i16 {
+        self.header.request_api_version
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> Option<&str> {
+        self.header.client_id.as_deref()
+    }
+}
+
+/// Why a frame cannot be judged (the connection is closed: nothing unjudged reaches the broker).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unparseable {
+    /// Shorter than a request header's fixed part.
+    #[error("{0} bytes: shorter than a request header")]
+    Short(usize),
+    /// An API key `kafka-protocol` does not know.
+    #[error("unknown API key {0}")]
+    UnknownKey(i16),
+    /// A version of the API outside what `kafka-protocol` decodes.
+    #[error("API key {key} version {version}: not a version this proxy decodes ({min}..={max})")]
+    Version {
+        /// Key.
+        key: i16,
+        /// Version.
+        version: i16,
+        /// Lowest known.
+        min: i16,
+        /// Highest known.
+        max: i16,
+    },
+    /// The header or the body does not decode, or bytes are left over.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// Decodes one request frame (the bytes after the 4-byte length).
+pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
+    if frame.len() < 8 {
+        return Err(Unparseable::Short(frame.len()));
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let api_key = ApiKey::try_from(key).map_err(|()| Unparseable::UnknownKey(key))?;
+    let range = api_key.valid_versions();
+    if version < range.min || version > range.max {
+        return Err(Unparseable::Version { key, version, min: range.min, max: range.max });
+    }
+    let mut buf = frame;
+    let header = RequestHeader::decode(&mut buf, api_key.request_header_version(version))
+        .map_err(|e| Unparseable::Malformed(format!("request header: {e}")))?;
+    let body = RequestKind::decode(api_key, &mut buf, version)
+        .map_err(|e| Unparseable::Malformed(format!("{api_key:?} v{version}: {e}")))?;
+    if !buf.is_empty() {
+        return Err(Unparseable::Malformed(format!("{api_key:?} v{version}: {} bytes after the request", buf.len())));
+    }
+    let expects_response = !matches!(&body, RequestKind::Produce(p) if p.acks == 0);
+    let topics = topics(&body, ids);
+    Ok(Request { header, api_key, body, topics, expects_response })
+}
+
+/// A topic's name: the name when the request gives one, else the name of its id.
+fn named(name: &str, id: &uuid::Uuid, ids: &TopicIds) -> String {
+    if !name.is_empty() || id.is_nil() {
+        return name.to_owned();
+    }
+    // An id never seen in a Metadata answer: a name no rule can name.
+    ids.name(id).unwrap_or_else(|| format!("<topic id {id}>"))
+}
+
+/// The topics Cilium's Kafka parser extracts (`setTopics`: keys 0, 1, 2, 3, 8, 9); other keys carry
+/// none as far as rules are concerned.
+fn topics(body: &RequestKind, ids: &TopicIds) -> Vec<String> {
+    let mut out: Vec<String> = match body {
+        RequestKind::Produce(r) => r.topic_data.iter().map(|t| named(&t.name, &t.topic_id, ids)).collect(),
+        RequestKind::Fetch(r) => r
+            .topics
+            .iter()
+            .map(|t| named(&t.topic, &t.topic_id, ids))
+            .chain(r.forgotten_topics_data.iter().map(|t| named(&t.topic, &t.topic_id, ids)))
+            .collect(),
+        RequestKind::ListOffsets(r) => r.topics.iter().map(|t| t.name.to_string()).collect(),
+        // No list (or an empty one) asks about every topic: no topic a rule could consume.
+        RequestKind::Metadata(r) => r
+            .topics
+            .iter()
+            .flatten()
+            .map(|t| named(t.name.as_deref().map_or("", |n| n.as_str()), &t.topic_id, ids))
+            .collect(),
+        RequestKind::OffsetCommit(r) => r.topics.iter().map(|t| named(&t.name, &t.topic_id, ids)).collect(),
+        RequestKind::OffsetFetch(r) => r
+            .topics
+            .iter()
+            .flatten()
+            .map(|t| t.name.to_string())
+            .chain(r.groups.iter().flat_map(|g| g.topics.iter().flatten()).map(|t| named(&t.name, &t.topic_id, ids)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{MetadataRequest, ProduceRequest, TopicName};
+    use kafka_protocol::protocol::{Encodable as _, StrBytes};
+
+    /// A request frame as a client sends it (without the length).
+    pub(crate) fn frame(
+        key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        body: &impl kafka_protocol::protocol::Encodable,
+    ) -> Bytes {
+        let mut h = RequestHeader::default();
+        h.request_api_key = key as i16;
+        h.request_api_version = version;
+        h.correlation_id = correlation_id;
+        h.client_id = Some(StrBytes::from_static_str("test-client"));
+        let mut buf = BytesMut::new();
+        h.encode(&mut buf, key.request_header_version(version)).unwrap();
+        body.encode(&mut buf, version).unwrap();
+        buf.freeze()
+    }
+
+    pub(crate) fn produce(topics: &[&str], acks: i16) -> ProduceRequest {
+        let mut p = ProduceRequest::default();
+        p.acks = acks;
+        p.timeout_ms = 1000;
+        p.topic_data = topics
+            .iter()
+            .map(|t| {
+                let mut d = TopicProduceData::default();
+                d.name = TopicName(StrBytes::from_string((*t).to_owned()));
+                let mut part = PartitionProduceData::default();
+                part.index = 0;
+                d.partition_data = vec![part];
+                d
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn requests_decode_with_their_topics() {
+        let ids = TopicIds::default();
+        for version in [3, 7, 9, 12] {
+            let r = parse(frame(ApiKey::Produce, version, 42, &produce(&["payments", "orders", "orders"], 1)), &ids)
+                .unwrap();
+            assert_eq!((r.api_key, r.version(), r.correlation_id()), (ApiKey::Produce, version, 42));
+            assert_eq!(r.client_id(), Some("test-client"));
+            assert_eq!(r.topics, ["orders", "payments"], "v{version}");
+            assert!(r.expects_response);
+        }
+        let r = parse(frame(ApiKey::Produce, 9, 1, &produce(&["orders"], 0)), &ids).unwrap();
+        assert!(!r.expects_response, "acks=0 gets no answer");
+        // Metadata for every topic names none.
+        let r = parse(frame(ApiKey::Metadata, 12, 2, &MetadataRequest::default()), &ids).unwrap();
+        assert!(r.topics.is_empty());
+    }
+
+    #[test]
+    fn topics_named_by_id_are_named_from_metadata_or_by_no_rule() {
+        let ids = TopicIds::default();
+        let id = uuid::Uuid::from_u128(0x1234);
+        let mut p = produce(&[""], 1);
+        p.topic_data[0].topic_id = id;
+        let r = parse(frame(ApiKey::Produce, 13, 3, &p), &ids).unwrap();
+        assert!(r.topics[0].starts_with("<topic id"), "{:?}", r.topics);
+        ids.learn([(id, "orders".to_owned())]);
+        let r = parse(frame(ApiKey::Produce, 13, 3, &p), &ids).unwrap();
+        assert_eq!(r.topics, ["orders"]);
+    }
+
+    #[test]
+    fn what_cannot_be_judged_is_named() {
+        let ids = TopicIds::default();
+        assert_eq!(parse(Bytes::from_static(b"\0\0"), &ids).unwrap_err(), Unparseable::Short(2));
+        assert!(matches!(
+            parse(Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 1]), &ids),
+            Err(Unparseable::UnknownKey(_))
+        ));
+        assert!(matches!(
+            parse(Bytes::from_static(&[0, 0, 0x7f, 0, 0, 0, 0, 1]), &ids),
+            Err(Unparseable::Version { .. })
+        ));
+        // A truncated body.
+        let f = frame(ApiKey::Produce, 9, 1, &produce(&["orders"], 1));
+        assert!(matches!(parse(f.slice(..f.len() - 3), &ids), Err(Unparseable::Malformed(_))));
+        // Trailing bytes.
+        let mut long = BytesMut::from(&f[..]);
+        long.extend_from_slice(b"xx");
+        assert!(matches!(parse(long.freeze(), &ids), Err(Unparseable::Malformed(_))));
+    }
+}

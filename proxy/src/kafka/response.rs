@@ -1,0 +1,149 @@
+//! What the proxy reads in the broker's responses (everything else passes as it came):
+//!
+//! * the correlation id, which must be the one of the request it answers (else the connection is
+//!   closed: a response out of order would be given to the wrong request);
+//! * ApiVersions: the versions the broker offers, narrowed to those this proxy decodes, so that a
+//!   client never sends a request the proxy must refuse as undecodable;
+//! * Metadata: topic ids and names, for requests that name topics by id.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, MetadataResponse, ResponseHeader};
+use kafka_protocol::protocol::{Decodable as _, Encodable as _};
+
+use super::request::TopicIds;
+
+/// Why a response cannot be given to the client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadResponse {
+    /// The header does not decode.
+    #[error("the broker's response header does not decode: {0}")]
+    Header(String),
+    /// Not the answer to the request it should answer.
+    #[error("the broker answered correlation id {got}, the request was {want}")]
+    Correlation {
+        /// The request's.
+        want: i32,
+        /// The response's.
+        got: i32,
+    },
+}
+
+/// Checks one response frame (without its length) to a request of `api_key` `version` with
+/// `correlation_id`, learns from it, and returns the frame to give the client.
+pub fn inspect(
+    frame: Bytes,
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    ids: &TopicIds,
+) -> Result<Bytes, BadResponse> {
+    let mut body = frame.clone();
+    let header_version = api_key.response_header_version(version);
+    let header = ResponseHeader::decode(&mut body, header_version).map_err(|e| BadResponse::Header(e.to_string()))?;
+    if header.correlation_id != correlation_id {
+        return Err(BadResponse::Correlation { want: correlation_id, got: header.correlation_id });
+    }
+    match api_key {
+        ApiKey::Metadata => {
+            if let Ok(m) = MetadataResponse::decode(&mut body, version) {
+                ids.learn(m.topics.iter().filter_map(|t| t.name.as_ref().map(|n| (t.topic_id, n.to_string()))));
+            }
+            Ok(frame)
+        }
+        ApiKey::ApiVersions => Ok(narrow_api_versions(&header, header_version, body, version).unwrap_or(frame)),
+        _ => Ok(frame),
+    }
+}
+
+/// An ApiVersions answer with each API's range cut to what `kafka-protocol` decodes, and APIs it
+/// does not know left out. `None` when the body does not decode at this version (a broker that does
+/// not support the client's ApiVersions version answers in v0; the client then asks again) or says
+/// an error: it passes as it came.
+fn narrow_api_versions(header: &ResponseHeader, header_version: i16, mut body: Bytes, version: i16) -> Option<Bytes> {
+    let mut resp = ApiVersionsResponse::decode(&mut body, version).ok()?;
+    if resp.error_code != 0 || !body.is_empty() {
+        return None;
+    }
+    resp.api_keys.retain_mut(|a| {
+        let Ok(key) = ApiKey::try_from(a.api_key) else { return false };
+        let known = key.valid_versions();
+        a.min_version = a.min_version.max(known.min);
+        a.max_version = a.max_version.min(known.max);
+        a.min_version <= a.max_version
+    });
+    let mut out = BytesMut::new();
+    header.encode(&mut out, header_version).ok()?;
+    resp.encode(&mut out, version).ok()?;
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::api_versions_response::ApiVersion;
+
+    fn response(
+        api_key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        body: &impl kafka_protocol::protocol::Encodable,
+    ) -> Bytes {
+        let mut h = ResponseHeader::default();
+        h.correlation_id = correlation_id;
+        let mut buf = BytesMut::new();
+        h.encode(&mut buf, api_key.response_header_version(version)).unwrap();
+        body.encode(&mut buf, version).unwrap();
+        buf.freeze()
+    }
+
+    fn range(key: i16, min: i16, max: i16) -> ApiVersion {
+        let mut a = ApiVersion::default();
+        a.api_key = key;
+        a.min_version = min;
+        a.max_version = max;
+        a
+    }
+
+    #[test]
+    fn api_versions_are_narrowed_to_what_the_proxy_decodes() {
+        let mut r = ApiVersionsResponse::default();
+        // Produce 0..=99 (beyond what is known), Fetch 4..=5, an unknown key 999.
+        r.api_keys = vec![range(0, 0, 99), range(1, 4, 5), range(999, 0, 1)];
+        let ids = TopicIds::default();
+        for version in [0, 3] {
+            let frame = response(ApiKey::ApiVersions, version, 7, &r);
+            let out = inspect(frame, ApiKey::ApiVersions, version, 7, &ids).unwrap();
+            let mut body = out;
+            let h = ResponseHeader::decode(&mut body, ApiKey::ApiVersions.response_header_version(version)).unwrap();
+            assert_eq!(h.correlation_id, 7);
+            let got = ApiVersionsResponse::decode(&mut body, version).unwrap();
+            let produce = ApiKey::Produce.valid_versions();
+            let keys: Vec<(i16, i16, i16)> =
+                got.api_keys.iter().map(|a| (a.api_key, a.min_version, a.max_version)).collect();
+            assert_eq!(keys, [(0, produce.min, produce.max), (1, 4, 5)], "v{version}");
+        }
+    }
+
+    #[test]
+    fn a_response_to_another_request_is_refused() {
+        let frame = response(ApiKey::Heartbeat, 4, 8, &kafka_protocol::messages::HeartbeatResponse::default());
+        let err = inspect(frame, ApiKey::Heartbeat, 4, 9, &TopicIds::default()).unwrap_err();
+        assert_eq!(err, BadResponse::Correlation { want: 9, got: 8 });
+        assert!(inspect(Bytes::from_static(b"\x00"), ApiKey::Heartbeat, 4, 9, &TopicIds::default()).is_err());
+    }
+
+    #[test]
+    fn metadata_teaches_topic_ids() {
+        use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
+        let id = uuid::Uuid::from_u128(77);
+        let mut t = MetadataResponseTopic::default();
+        t.name =
+            Some(kafka_protocol::messages::TopicName(kafka_protocol::protocol::StrBytes::from_static_str("orders")));
+        t.topic_id = id;
+        let mut m = MetadataResponse::default();
+        m.topics = vec![t];
+        let ids = TopicIds::default();
+        inspect(response(ApiKey::Metadata, 12, 1, &m), ApiKey::Metadata, 12, 1, &ids).unwrap();
+        assert_eq!(ids.name(&id).as_deref(), Some("orders"));
+    }
+}
