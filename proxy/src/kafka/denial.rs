@@ -20,7 +20,7 @@ use policy_engine::kafka::{
     TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
 };
 
-/// The response to a denied request and its error code, framed (with the 4-byte length), or none
+/// The response to a denied request (a frame, without its length) and its error code, or none
 /// for an API the proxy has no answer for (the connection is then closed: never left hanging).
 pub fn denial(req: &Request) -> Option<(Bytes, i16)> {
     let (body, code) = body(req)?;
@@ -28,11 +28,8 @@ pub fn denial(req: &Request) -> Option<(Bytes, i16)> {
     let mut header = ResponseHeader::default();
     header.correlation_id = req.correlation_id();
     let mut buf = BytesMut::with_capacity(64);
-    buf.extend_from_slice(&[0; 4]);
     header.encode(&mut buf, req.api_key.response_header_version(version)).ok()?;
     body.encode(&mut buf, version).ok()?;
-    let len = u32::try_from(buf.len() - 4).ok()?;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
     Some((buf.freeze(), code))
 }
 
@@ -347,8 +344,7 @@ mod tests {
     use kafka_protocol::protocol::Decodable as _;
 
     fn decode<T: kafka_protocol::protocol::Decodable>(bytes: &Bytes, key: ApiKey, version: i16) -> (i32, T) {
-        let mut b = bytes.slice(4..);
-        assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize, b.len(), "framed");
+        let mut b = bytes.clone();
         let h = ResponseHeader::decode(&mut b, key.response_header_version(version)).unwrap();
         let body = T::decode(&mut b, version).unwrap();
         assert!(b.is_empty(), "nothing left over");

@@ -3,7 +3,7 @@
 //!
 //! Per connection, two halves:
 //!
-//! * **requests** (client → broker): read a frame (a 4-byte length, at most [`MAX_FRAME`]) → parse
+//! * **requests** (client → broker): read a frame ([`frame`]: a 4-byte length, at most 64 MiB) → parse
 //!   ([`request::parse`], `kafka-protocol`) → judge (the pair verdict of the flow, then the Kafka
 //!   rules: role, key, version, client id, every topic) → allowed: forwarded as it came; denied:
 //!   its answer ([`denial::denial`]) is queued in its place. A frame that cannot be judged (too
@@ -19,6 +19,7 @@
 //! the same policy, so the datapath hands them to the proxy too.
 
 pub mod denial;
+pub mod frame;
 pub mod request;
 pub mod response;
 
@@ -26,23 +27,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 use policy_engine::kafka::{KafkaRequest, api_key_name};
 use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, KafkaInfo, Verdict};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use self::frame::FrameError;
 use self::request::Request;
 use crate::config::ListenerConfig;
 use crate::policy::{ConnPolicy, RequestVerdict};
 use crate::records::{Counters, Detail, Record, Transport, now_ns};
 use crate::service::Shared;
 
-/// The largest request or response frame (a record batch of up to this size passes).
-pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Requests in flight per connection before the proxy stops reading the client.
 const PIPELINE: usize = 1024;
 
@@ -64,39 +64,6 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, soc
             serve(shared, listener, stream, client, local).await;
         });
     }
-}
-
-/// Why a frame could not be read.
-enum FrameError {
-    /// The stream ended (cleanly, between frames).
-    Closed,
-    /// Over [`MAX_FRAME`].
-    Oversized(usize),
-    /// The stream broke off inside a frame, or failed.
-    Broken(String),
-}
-
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Bytes, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(FrameError::Broken(e.to_string())),
-    }
-    let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_FRAME {
-        return Err(FrameError::Oversized(n));
-    }
-    let mut buf = BytesMut::zeroed(n);
-    r.read_exact(&mut buf).await.map_err(|e| FrameError::Broken(format!("frame of {n} bytes cut short: {e}")))?;
-    Ok(buf.freeze())
-}
-
-fn framed(frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len() + 4);
-    out.extend_from_slice(&u32::try_from(frame.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(frame);
-    out
 }
 
 /// What the response half owes the client next.
@@ -210,23 +177,18 @@ async fn serve(
             return;
         }
     };
-    let (mut client_r, client_w) = client_stream.into_split();
+    let (client_r, client_w) = client_stream.into_split();
     let (up_r, mut up_w) = upstream.into_split();
+    let mut client_r = frame::reader(client_r);
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
     let responses = tokio::spawn(respond(shared.clone(), policy.get(), rx, up_r, client_w));
     let ids = &shared.kafka_topic_ids;
     loop {
-        let frame = match read_frame(&mut client_r).await {
+        let frame = match frame::next(&mut client_r).await {
             Ok(f) => f,
             Err(FrameError::Closed) => break,
             Err(e) => {
-                let why = match e {
-                    FrameError::Oversized(n) => {
-                        format!("a frame of {n} bytes is over the limit of {MAX_FRAME}: connection closed")
-                    }
-                    FrameError::Broken(why) => format!("{why}: connection closed"),
-                    FrameError::Closed => String::new(),
-                };
+                let why = format!("{e}: connection closed");
                 Counters::inc(&shared.counters.rejected);
                 let p = policy.get();
                 emit(
@@ -274,7 +236,7 @@ async fn serve(
         });
         match judged {
             RequestVerdict::Allow(rule) => {
-                if let Err(e) = up_w.write_all(&framed(&frame)).await {
+                if let Err(e) = frame::write(&mut up_w, &frame).await {
                     Counters::inc(&shared.counters.upstream_errors);
                     emit(
                         &shared,
@@ -343,14 +305,15 @@ async fn respond(
     shared: Arc<Shared>,
     policy: Arc<ConnPolicy>,
     mut rx: mpsc::Receiver<Pending>,
-    mut up_r: tokio::net::tcp::OwnedReadHalf,
+    up_r: tokio::net::tcp::OwnedReadHalf,
     mut client_w: tokio::net::tcp::OwnedWriteHalf,
 ) {
+    let mut up_r = frame::reader(up_r);
     while let Some(p) = rx.recv().await {
         let bytes = match p {
-            Pending::Injected(b) => b.to_vec(),
+            Pending::Injected(b) => b,
             Pending::Forwarded { api_key, version, correlation_id, mut info, rule, start } => {
-                let frame = match read_frame(&mut up_r).await {
+                let frame = match frame::next(&mut up_r).await {
                     Ok(f) => f,
                     Err(_) => {
                         Counters::inc(&shared.counters.upstream_errors);
@@ -380,10 +343,10 @@ async fn respond(
                 info.error_code = 0;
                 let latency = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 emit(&shared, &policy, true, Verdict::Forwarded, None, info, latency, rule, String::new());
-                framed(&frame)
+                frame
             }
         };
-        if client_w.write_all(&bytes).await.is_err() {
+        if frame::write(&mut client_w, &bytes).await.is_err() {
             Counters::inc(&shared.counters.downstream_errors);
             break;
         }
