@@ -7,6 +7,7 @@ error codes (29 = TOPIC_AUTHORIZATION_FAILED), so tests and people read the same
   kafka-client.py consume  --topic orders --count 3 [--group g] [--lib confluent|python]
   kafka-client.py bench-produce --topic t --count 100000 --size 100
   kafka-client.py bench-consume --topic t --count 100000
+  kafka-client.py bench-latency --topic t --count 2000      # one produce request at a time
 Options: --bootstrap kafka:9092, --client-id ID, --timeout SECONDS.
 """
 import argparse
@@ -28,6 +29,7 @@ def confluent_produce(a):
         "acks": "all",
         "message.timeout.ms": int(a.timeout * 1000),
         "linger.ms": 5,
+        "message.max.bytes": max(1_000_000, a.size + 100_000),
     })
     res = {"delivered": 0, "errors": []}
 
@@ -180,6 +182,24 @@ def bench_produce(a):
             "mb_per_s": a.count * a.size / secs / 1e6, "p99_ms": p99 * 1000 if p99 is not None else None}
 
 
+def bench_latency(a):
+    """One produce request at a time (linger 0, each waited for): the round trip of each."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": a.bootstrap, "client.id": a.client_id, "acks": "1", "linger.ms": 0})
+    p.produce(a.topic, value=b"warm-up")
+    p.flush(10)
+    rtts = []
+    payload = b"x" * a.size
+    for _ in range(a.count):
+        t = time.perf_counter()
+        p.produce(a.topic, value=payload)
+        p.flush(10)
+        rtts.append(time.perf_counter() - t)
+    rtts.sort()
+    return {"requests": len(rtts), "p50_ms": rtts[len(rtts) // 2] * 1000, "p99_ms": rtts[int(len(rtts) * 0.99)] * 1000}
+
+
 def bench_consume(a):
     from confluent_kafka import Consumer
 
@@ -213,7 +233,7 @@ def bench_consume(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["produce", "consume", "bench-produce", "bench-consume"])
+    ap.add_argument("action", choices=["produce", "consume", "bench-produce", "bench-consume", "bench-latency"])
     ap.add_argument("--topic", required=True)
     ap.add_argument("--count", type=int, default=1)
     ap.add_argument("--size", type=int, default=100)
@@ -228,6 +248,8 @@ def main():
         res = bench_produce(a)
     elif a.action == "bench-consume":
         res = bench_consume(a)
+    elif a.action == "bench-latency":
+        res = bench_latency(a)
     elif a.action == "produce":
         res = (confluent_produce if a.lib == "confluent" else python_produce)(a)
     else:

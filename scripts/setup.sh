@@ -58,6 +58,21 @@ dns_tools() {
     apt_install nsd bind9-dnsutils
 }
 
+kafka_tools() {
+    # The Kafka lab and its tests: a real broker (tansu, built once per machine into ~/.cargo/bin:
+    # ~12 min or more on two cores, then reused) and real clients (confluent-kafka with the
+    # librdkafka its wheel ships, kafka-python).
+    local tansu=${CARGO_HOME:-$HOME/.cargo}/bin/tansu
+    if ! [ -x "$tansu" ] && ! command -v tansu >/dev/null; then
+        log "building the tansu Kafka broker (once per machine, ~12+ min)"
+        cargo install tansu@0.6.0 --locked --features dynostore
+    fi
+    python3 -c 'import confluent_kafka, kafka' 2>/dev/null || {
+        log "installing confluent-kafka and kafka-python (pip)"
+        python3 -m pip install -q --disable-pip-version-check confluent-kafka kafka-python
+    }
+}
+
 fuzz_tools() {
     # cargo-fuzz, installed once per machine (~2 min to build) and reused.
     command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz (once per machine)"; cargo install cargo-fuzz --locked; }
@@ -82,6 +97,7 @@ setup_tests() {
     lab_tools
     l7_clients
     dns_tools
+    kafka_tools
     fuzz_tools
 }
 

@@ -205,6 +205,20 @@ fn kafka_lab_with_two_real_clients_privileged() {
     let msgs: Vec<&str> = v["messages"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(msgs, ["confluent-0", "confluent-1", "confluent-2", "python-0", "python-1", "python-2"], "{v}");
 
+    // Bootstrapped over IPv6, the client goes where the Metadata answer points (the broker's IPv4
+    // address): that connection is intercepted and judged too.
+    let (kafka4, kafka6) = (lab.addr("kafka", false), lab.addr("kafka", true));
+    let bootstrap = format!("[{kafka6}]:9092");
+    let v = client(&lab, "producer", &["produce", "--topic", "orders", "--bootstrap", &bootstrap, "--value", "v6"]);
+    assert_eq!(v["delivered"], 1, "{v}");
+    let flows = kafka_flows(&lab);
+    let to = |key: &str, ip: &str| {
+        flows
+            .iter()
+            .any(|f| f["l7"]["kafka"]["api_key"] == key && f["IP"]["destination"] == ip && f["verdict"] == "FORWARDED")
+    };
+    assert!(to("metadata", &kafka6) && to("produce", &kafka4), "{flows:#?}");
+
     // The intruder never reaches the broker: dropped in the kernel.
     let seq = lab.last_seq();
     let v = client(&lab, "intruder", &["produce", "--topic", "orders", "--timeout", "3"]);

@@ -322,7 +322,7 @@ async fn respond(
                         break;
                     }
                 };
-                let frame = match response::inspect(frame, api_key, version, correlation_id, &shared.kafka_topic_ids) {
+                let answer = match response::inspect(frame, api_key, version, correlation_id, &shared.kafka_topic_ids) {
                     Ok(f) => f,
                     Err(e) => {
                         Counters::inc(&shared.counters.upstream_errors);
@@ -340,10 +340,10 @@ async fn respond(
                         break;
                     }
                 };
-                info.error_code = 0;
+                info.error_code = i32::from(answer.error_code);
                 let latency = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 emit(&shared, &policy, true, Verdict::Forwarded, None, info, latency, rule, String::new());
-                frame
+                answer.frame
             }
         };
         if frame::write(&mut client_w, &bytes).await.is_err() {

@@ -4,7 +4,8 @@
 //!   closed: a response out of order would be given to the wrong request);
 //! * ApiVersions: the versions the broker offers, narrowed to those this proxy decodes, so that a
 //!   client never sends a request the proxy must refuse as undecodable;
-//! * Metadata: topic ids and names, for requests that name topics by id.
+//! * Metadata: topic ids and names, for requests that name topics by id;
+//! * the error code the flow record of the response carries ([`error_code`]).
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, MetadataResponse, ResponseHeader};
@@ -28,15 +29,25 @@ pub enum BadResponse {
     },
 }
 
+/// A response the client is given: its frame and the error code it says (the first one that is
+/// not 0, top level or per topic / partition; 0 for none).
+#[derive(Debug)]
+pub struct Inspected {
+    /// The frame (narrowed for ApiVersions).
+    pub frame: Bytes,
+    /// The error code for the flow record.
+    pub error_code: i16,
+}
+
 /// Checks one response frame (without its length) to a request of `api_key` `version` with
-/// `correlation_id`, learns from it, and returns the frame to give the client.
+/// `correlation_id`, learns from it, and returns what to give the client.
 pub fn inspect(
     frame: Bytes,
     api_key: ApiKey,
     version: i16,
     correlation_id: i32,
     ids: &TopicIds,
-) -> Result<Bytes, BadResponse> {
+) -> Result<Inspected, BadResponse> {
     let mut body = frame.clone();
     let header_version = api_key.response_header_version(version);
     let header = ResponseHeader::decode(&mut body, header_version).map_err(|e| BadResponse::Header(e.to_string()))?;
@@ -45,13 +56,58 @@ pub fn inspect(
     }
     match api_key {
         ApiKey::Metadata => {
+            let mut error_code = 0;
             if let Ok(m) = MetadataResponse::decode(&mut body, version) {
                 ids.learn(m.topics.iter().filter_map(|t| t.name.as_ref().map(|n| (t.topic_id, n.to_string()))));
+                error_code = first_error(m.topics.iter().map(|t| t.error_code));
             }
-            Ok(frame)
+            Ok(Inspected { frame, error_code })
         }
-        ApiKey::ApiVersions => Ok(narrow_api_versions(&header, header_version, body, version).unwrap_or(frame)),
-        _ => Ok(frame),
+        ApiKey::ApiVersions => {
+            let error_code = peek_i16(&body);
+            let frame = narrow_api_versions(&header, header_version, body, version).unwrap_or(frame);
+            Ok(Inspected { frame, error_code })
+        }
+        _ => Ok(Inspected { error_code: error_code(api_key, body, version), frame }),
+    }
+}
+
+fn first_error(codes: impl IntoIterator<Item = i16>) -> i16 {
+    codes.into_iter().find(|c| *c != 0).unwrap_or(0)
+}
+
+fn peek_i16(body: &[u8]) -> i16 {
+    body.get(..2).map_or(0, |b| i16::from_be_bytes([b[0], b[1]]))
+}
+
+/// The error a response body says, for the APIs Kafka rules are about (others: 0). Records are not
+/// copied: record batches stay slices of the frame.
+pub fn error_code(api_key: ApiKey, mut body: Bytes, version: i16) -> i16 {
+    use kafka_protocol::messages::ResponseKind as R;
+    let Ok(resp) = R::decode(api_key, &mut body, version) else { return 0 };
+    match resp {
+        R::Produce(r) => {
+            first_error(r.responses.iter().flat_map(|t| t.partition_responses.iter().map(|p| p.error_code)))
+        }
+        R::Fetch(r) => first_error(
+            std::iter::once(r.error_code)
+                .chain(r.responses.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
+        ),
+        R::ListOffsets(r) => first_error(r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
+        R::OffsetCommit(r) => first_error(r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
+        R::OffsetFetch(r) => first_error(
+            std::iter::once(r.error_code)
+                .chain(r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)))
+                .chain(r.groups.iter().map(|g| g.error_code)),
+        ),
+        R::FindCoordinator(r) => {
+            first_error(std::iter::once(r.error_code).chain(r.coordinators.iter().map(|c| c.error_code)))
+        }
+        R::JoinGroup(r) => r.error_code,
+        R::SyncGroup(r) => r.error_code,
+        R::Heartbeat(r) => r.error_code,
+        R::LeaveGroup(r) => r.error_code,
+        _ => 0,
     }
 }
 
@@ -113,7 +169,8 @@ mod tests {
         for version in [0, 3] {
             let frame = response(ApiKey::ApiVersions, version, 7, &r);
             let out = inspect(frame, ApiKey::ApiVersions, version, 7, &ids).unwrap();
-            let mut body = out;
+            assert_eq!(out.error_code, 0);
+            let mut body = out.frame;
             let h = ResponseHeader::decode(&mut body, ApiKey::ApiVersions.response_header_version(version)).unwrap();
             assert_eq!(h.correlation_id, 7);
             let got = ApiVersionsResponse::decode(&mut body, version).unwrap();
@@ -143,7 +200,26 @@ mod tests {
         let mut m = MetadataResponse::default();
         m.topics = vec![t];
         let ids = TopicIds::default();
-        inspect(response(ApiKey::Metadata, 12, 1, &m), ApiKey::Metadata, 12, 1, &ids).unwrap();
+        let out = inspect(response(ApiKey::Metadata, 12, 1, &m), ApiKey::Metadata, 12, 1, &ids).unwrap();
         assert_eq!(ids.name(&id).as_deref(), Some("orders"));
+        assert_eq!(out.error_code, 0);
+    }
+
+    #[test]
+    fn the_error_a_response_says_is_read() {
+        use kafka_protocol::messages::ProduceResponse;
+        use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+        let mut p = PartitionProduceResponse::default();
+        p.error_code = 3;
+        let mut t = TopicProduceResponse::default();
+        t.partition_responses = vec![PartitionProduceResponse::default(), p];
+        let mut r = ProduceResponse::default();
+        r.responses = vec![t];
+        let out = inspect(response(ApiKey::Produce, 9, 4, &r), ApiKey::Produce, 9, 4, &TopicIds::default()).unwrap();
+        assert_eq!(out.error_code, 3);
+        let hb = kafka_protocol::messages::HeartbeatResponse::default().with_error_code(27);
+        let out =
+            inspect(response(ApiKey::Heartbeat, 4, 5, &hb), ApiKey::Heartbeat, 4, 5, &TopicIds::default()).unwrap();
+        assert_eq!(out.error_code, 27);
     }
 }
