@@ -228,8 +228,10 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
             (ResponseKind::OffsetFetch(resp), T)
         }
         RequestKind::FindCoordinator(r) => {
+            // Key type 1 is a transactional id, 0 a group.
+            let code = if r.key_type == 1 { TRANSACTIONAL_ID_AUTHORIZATION_FAILED } else { G };
             let mut resp = FindCoordinatorResponse::default();
-            resp.error_code = G;
+            resp.error_code = code;
             resp.node_id = kafka_protocol::messages::BrokerId(-1);
             resp.port = -1;
             resp.coordinators = r
@@ -240,11 +242,11 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
                     c.key = k.clone();
                     c.node_id = kafka_protocol::messages::BrokerId(-1);
                     c.port = -1;
-                    c.error_code = G;
+                    c.error_code = code;
                     c
                 })
                 .collect();
-            (ResponseKind::FindCoordinator(resp), G)
+            (ResponseKind::FindCoordinator(resp), code)
         }
         RequestKind::JoinGroup(r) => {
             let mut resp = JoinGroupResponse::default();
@@ -386,4 +388,72 @@ mod tests {
         let (_, resp): (i32, JoinGroupResponse) = decode(&bytes, ApiKey::JoinGroup, 5);
         assert_eq!(resp.error_code, 30);
     }
+
+    /// A request of `key` naming topic `t` (partition 0) where the API carries topics.
+    fn request_naming_t(key: ApiKey) -> Bytes {
+        use kafka_protocol::messages::*;
+        let t = || name("t");
+        let version = key.valid_versions().max.min(9);
+        match key {
+            ApiKey::Produce => frame(key, version, 9, &produce(&["t"], 1)),
+            ApiKey::Fetch => {
+                let p = fetch_request::FetchPartition::default().with_partition(0);
+                let topic = fetch_request::FetchTopic::default().with_topic(t()).with_partitions(vec![p]);
+                frame(key, version, 9, &FetchRequest::default().with_topics(vec![topic]))
+            }
+            ApiKey::ListOffsets => {
+                let p = list_offsets_request::ListOffsetsPartition::default();
+                let topic = list_offsets_request::ListOffsetsTopic::default().with_name(t()).with_partitions(vec![p]);
+                frame(key, version, 9, &ListOffsetsRequest::default().with_topics(vec![topic]))
+            }
+            ApiKey::Metadata => {
+                let topic = metadata_request::MetadataRequestTopic::default().with_name(Some(t()));
+                frame(key, version, 9, &MetadataRequest::default().with_topics(Some(vec![topic])))
+            }
+            ApiKey::OffsetCommit => {
+                let p = offset_commit_request::OffsetCommitRequestPartition::default();
+                let topic =
+                    offset_commit_request::OffsetCommitRequestTopic::default().with_name(t()).with_partitions(vec![p]);
+                frame(key, version, 9, &OffsetCommitRequest::default().with_topics(vec![topic]))
+            }
+            ApiKey::OffsetFetch => {
+                let version = 7;
+                let topic = offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(t())
+                    .with_partition_indexes(vec![0]);
+                frame(key, version, 9, &OffsetFetchRequest::default().with_topics(Some(vec![topic])))
+            }
+            ApiKey::FindCoordinator => {
+                let r = FindCoordinatorRequest::default().with_key(StrBytes::from_static_str("group"));
+                frame(key, 3, 9, &r)
+            }
+            other => panic!("no request built for {other:?}"),
+        }
+    }
+
+    /// Cilium's proxylib synthesises a denial for these keys (`kafka_semantics.yaml`,
+    /// `deny_response_synthesized_for`): Porin does for each of them, well-formed at the request's
+    /// version, for its correlation id, with 29 where the API carries topics. FindCoordinator carries a
+    /// group, not a topic: it gets GROUP_AUTHORIZATION_FAILED (30), Kafka's own answer to a group the
+    /// client may not use (Cilium sends 29; docs/semantics.md).
+    #[test]
+    fn every_key_cilium_answers_is_answered() {
+        let v = porin_tests::load_vectors("kafka_semantics.yaml");
+        let keys = v["topic_handling"]["deny_response_synthesized_for (CreateResponse)"].as_mapping().unwrap();
+        assert_eq!(keys.len(), 7);
+        let ids = TopicIds::default();
+        for (key, what) in keys {
+            let key: i16 = key.as_str().unwrap().parse().unwrap();
+            let api_key = ApiKey::try_from(key).unwrap();
+            let r = parse(request_naming_t(api_key), &ids).unwrap_or_else(|e| panic!("{what:?}: {e}"));
+            let (bytes, code) = denial(&r).unwrap_or_else(|| panic!("{what:?}: no denial"));
+            let want = if api_key == ApiKey::FindCoordinator { GROUP_AUTHORIZATION_FAILED } else { T_CODE };
+            assert_eq!(code, want, "{what:?}");
+            let answer = crate::kafka::response::inspect(bytes, api_key, r.version(), 9, &ids)
+                .unwrap_or_else(|e| panic!("{what:?}: {e}"));
+            assert_eq!(answer.error_code, want, "{what:?}: the response itself says it");
+        }
+    }
+
+    const T_CODE: i16 = TOPIC_AUTHORIZATION_FAILED;
 }
