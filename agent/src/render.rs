@@ -1,7 +1,7 @@
 //! Flow records for humans: one text line (`porin observe`, `porin lab events`) or a row of a live
 //! table (`porin observe -o table`). JSON is the record itself (`porin_flow::flow::Flow`).
 
-use porin_flow::flow::{DnsInfo, DropReason, EventType, Flow, FlowEndpoint, L7Type, Layer4, Verdict};
+use porin_flow::flow::{DnsInfo, DropReason, EventType, Flow, FlowEndpoint, KafkaInfo, L7Type, Layer4, Verdict};
 
 /// The header of [`row`]'s table.
 pub const TABLE_HEADER: &str =
@@ -48,6 +48,16 @@ fn dns_what(kind: L7Type, d: &DnsInfo) -> String {
     }
 }
 
+/// `produce v10 orders` (the topics, when the request names any).
+fn kafka_what(k: &KafkaInfo) -> String {
+    let mut s = format!("{} v{}", k.api_key, k.api_version);
+    if !k.topic.is_empty() {
+        s.push(' ');
+        s.push_str(&k.topic);
+    }
+    s
+}
+
 fn addresses(f: &Flow) -> (&str, &str) {
     f.ip.as_ref().map_or(("", ""), |ip| (ip.source.as_str(), ip.destination.as_str()))
 }
@@ -85,6 +95,17 @@ pub fn text(f: &Flow) -> String {
     if let Some((l7, d)) = f.l7.as_ref().and_then(|l| l.dns.as_ref().map(|d| (l, d))) {
         let kind = if l7.kind == L7Type::Response { "dns-response" } else { "dns-request" };
         line.push_str(&format!(" {kind} {}", dns_what(l7.kind, d)));
+    }
+    if let Some((l7, k)) = f.l7.as_ref().and_then(|l| l.kafka.as_ref().map(|k| (l, k))) {
+        if l7.kind == L7Type::Response {
+            let ms = l7.latency_ns as f64 / 1e6;
+            line.push_str(&format!(" kafka-response {} error {} ({ms:.3} ms)", kafka_what(k), k.error_code));
+        } else {
+            line.push_str(&format!(" kafka-request {} correlation {}", kafka_what(k), k.correlation_id));
+            if k.error_code != 0 {
+                line.push_str(&format!(" answered error {}", k.error_code));
+            }
+        }
     }
     if let Some(r) = f.drop_reason {
         line.push(' ');
@@ -129,6 +150,30 @@ pub fn row(f: &Flow) -> String {
             (Some(p), false) => format!("{} [{p}]", f.summary),
             (None, _) => f.summary.clone(),
         };
+        let (src, dst) = addresses(f);
+        let (src, dst) = (who(&f.source, src), who(&f.destination, dst));
+        return format!("{time}  {src:<14} {dst:<17} {what:<37} {verdict:<12} {why}");
+    }
+    if let Some((l7, k)) = f.l7.as_ref().and_then(|l| l.kafka.as_ref().map(|k| (l, k))) {
+        let what = format!("Kafka {}", kafka_what(k));
+        let verdict = match (l7.kind, f.verdict) {
+            (L7Type::Request, Verdict::Forwarded) => "ALLOWED".to_owned(),
+            (L7Type::Request, Verdict::Dropped) if f.drop_reason == Some(DropReason::MalformedRequest) => {
+                "REFUSED".to_owned()
+            }
+            (L7Type::Request, Verdict::Dropped) if k.error_code != 0 => format!("DENIED {}", k.error_code),
+            (L7Type::Request, Verdict::Dropped) => "DENIED".to_owned(),
+            (L7Type::Response, Verdict::Forwarded) if k.error_code == 0 => "OK".to_owned(),
+            (L7Type::Response, Verdict::Forwarded) => format!("ERROR {}", k.error_code),
+            (_, v) => v.name().to_owned(),
+        };
+        let latency =
+            if l7.kind == L7Type::Response { format!("{:.2} ms", l7.latency_ns as f64 / 1e6) } else { String::new() };
+        let why = [latency, f.summary.clone(), f.policy.clone().unwrap_or_default()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         let (src, dst) = addresses(f);
         let (src, dst) = (who(&f.source, src), who(&f.destination, dst));
         return format!("{time}  {src:<14} {dst:<17} {what:<37} {verdict:<12} {why}");

@@ -215,6 +215,21 @@ pub struct KafkaRequest<'a> {
     pub client_id: Option<&'a str>,
     /// Topics named by the request.
     pub topics: Vec<&'a str>,
+    /// The request asks about no topic at all: a Metadata request (v1+) with an empty topic list
+    /// wants the brokers and the cluster only (how clients bootstrap). Topic rules do not restrict it
+    /// (key, version and client id still must match); a null list (every topic) is not this.
+    pub cluster_only: bool,
+}
+
+impl<'a> KafkaRequest<'a> {
+    /// How an InitProducerId request *without* a transactional id is judged: as the right to produce
+    /// to some topic (key Produce, any topic, no version), so that `role: produce` (or an `apiKey:
+    /// produce` rule) admits the idempotent producers today's clients default to. Kafka's own ACLs
+    /// do the same since 2.8 (idempotent writes need WRITE on any topic). A rule pinning `apiVersion`
+    /// does not grant it; a transactional InitProducerId is judged as itself (key 22).
+    pub fn idempotent_producer_id(client_id: Option<&'a str>) -> Self {
+        Self { api_key: 0, api_version: None, client_id, topics: Vec::new(), cluster_only: true }
+    }
 }
 
 /// The rules of one L7 Kafka entry.
@@ -245,7 +260,7 @@ impl KafkaRuleSet {
         } else {
             BTreeSet::new()
         };
-        let topic_key = TOPIC_API_KEYS.contains(&req.api_key);
+        let topic_key = TOPIC_API_KEYS.contains(&req.api_key) && !req.cluster_only;
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.header_matches(req) {
                 continue;
@@ -278,7 +293,13 @@ mod tests {
     }
 
     fn req(key: i16, topics: &[&'static str]) -> KafkaRequest<'static> {
-        KafkaRequest { api_key: key, api_version: Some(0), client_id: None, topics: topics.to_vec() }
+        KafkaRequest {
+            api_key: key,
+            api_version: Some(0),
+            client_id: None,
+            topics: topics.to_vec(),
+            cluster_only: false,
+        }
     }
 
     #[test]
@@ -295,6 +316,16 @@ mod tests {
         let set = KafkaRuleSet::new(vec![rule(PRODUCE_KEYS, "a")]);
         assert!(set.allows(&req(18, &[])).is_some(), "ApiVersions carries no topic");
         assert!(set.allows(&req(3, &[])).is_none(), "Metadata for all topics");
+        let brokers_only = KafkaRequest { cluster_only: true, ..req(3, &[]) };
+        assert!(set.allows(&brokers_only).is_some(), "Metadata for no topic: brokers and cluster only");
+        assert!(set.allows(&KafkaRequest::idempotent_producer_id(None)).is_some(), "a producer id for produce");
+        assert!(set.allows(&req(22, &[])).is_none(), "InitProducerId judged as itself is not produce");
+        let fetch_rules = KafkaRuleSet::new(vec![rule(&[1], "a")]);
+        assert!(
+            fetch_rules.allows(&KafkaRequest::idempotent_producer_id(None)).is_none(),
+            "no producer id for consume"
+        );
+        assert!(fetch_rules.allows(&KafkaRequest { cluster_only: true, ..req(3, &[]) }).is_none(), "still the key");
         let create = KafkaRuleSet::new(vec![rule(&[19], "a")]);
         assert!(create.allows(&req(19, &["a"])).is_none(), "CreateTopics topics are not extracted");
     }

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,10 @@ pub struct ConnState {
     epoch: Instant,
     /// Milliseconds since `epoch` when a byte last moved.
     last_ms: AtomicU64,
-    /// Requests in progress (HTTP/2 streams, or the one HTTP/1 request).
+    /// Requests in progress (HTTP/2 streams, the one HTTP/1 request, Kafka requests owed an answer).
     pub inflight: AtomicUsize,
-    /// The connection speaks HTTP/2 (set once the preface is seen).
-    pub h2: AtomicBool,
+    /// What the connection speaks ([`ConnKind`] as a number; set once known).
+    kind: AtomicU8,
     shed: AtomicBool,
     notify: Notify,
 }
@@ -47,10 +47,24 @@ impl ConnState {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
-            h2: AtomicBool::new(false),
+            kind: AtomicU8::new(ConnKind::Http1 as u8),
             shed: AtomicBool::new(false),
             notify: Notify::new(),
         }
+    }
+
+    /// What the connection speaks.
+    pub fn kind(&self) -> ConnKind {
+        match self.kind.load(Ordering::Relaxed) {
+            1 => ConnKind::Http2,
+            2 => ConnKind::Kafka,
+            _ => ConnKind::Http1,
+        }
+    }
+
+    /// Says what the connection speaks.
+    pub fn set_kind(&self, kind: ConnKind) {
+        self.kind.store(kind as u8, Ordering::Relaxed);
     }
 
     /// Notes that the connection moved a byte.
@@ -84,6 +98,18 @@ impl ConnState {
         self.shed.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
+}
+
+/// What an admitted connection speaks: each has its own idle timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnKind {
+    /// HTTP/1 (and connections not yet identified).
+    Http1 = 0,
+    /// HTTP/2 (h2c).
+    Http2 = 1,
+    /// Kafka.
+    Kafka = 2,
 }
 
 /// Why a connection was not admitted.
@@ -227,17 +253,17 @@ impl ConnTable {
         scale(timeout, self.limits.min_idle, occupancy)
     }
 
-    /// Lets go of every idle connection that has been silent for longer than its scaled timeout
-    /// (`h1` for HTTP/1 keep-alive and connections not yet identified, `h2` for HTTP/2); returns
-    /// how many.
-    pub fn sweep(&self, h1: Duration, h2: Duration, is_h2: impl Fn(&ConnState) -> bool) -> usize {
+    /// Lets go of every idle connection that has been silent for longer than the timeout of its
+    /// kind (`timeout`), scaled for pressure; returns how many.
+    pub fn sweep(&self, timeout: impl Fn(ConnKind) -> Duration) -> usize {
         let mut inner = self.lock();
         let occupancy = inner.total as f64 / self.limits.max.max(1) as f64;
-        let (h1, h2) = (scale(h1, self.limits.min_idle, occupancy), scale(h2, self.limits.min_idle, occupancy));
+        let limits = [ConnKind::Http1, ConnKind::Http2, ConnKind::Kafka]
+            .map(|k| scale(timeout(k), self.limits.min_idle, occupancy));
         let mut gone = 0;
         for conns in inner.sources.values_mut() {
             conns.retain(|_, c| {
-                let limit = if is_h2(c) { h2 } else { h1 };
+                let limit = limits[c.kind() as usize];
                 let expired = c.is_idle() && c.idle_for() > limit;
                 if expired {
                     c.let_go();
@@ -335,7 +361,7 @@ mod tests {
             async move { s.shed().await }
         });
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(t.sweep(Duration::from_millis(10), Duration::from_secs(60), |_| false), 1);
+        assert_eq!(t.sweep(|_| Duration::from_millis(10)), 1);
         waiter.await.unwrap();
         assert_eq!(t.len(), 1);
     }

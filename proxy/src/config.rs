@@ -263,6 +263,9 @@ pub struct Limits {
     pub upstream_max_connections: usize,
     /// Idle pooled upstream connections are closed after this time.
     pub upstream_idle_timeout_ms: u64,
+    /// A Kafka connection with no request owed an answer and no traffic is closed after this time
+    /// (Kafka brokers' own `connections.max.idle.ms` default); shrinks under pressure like the others.
+    pub kafka_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -280,11 +283,16 @@ impl Default for Limits {
             max_denied_body_drain: 64 * 1024,
             upstream_max_connections: 1024,
             upstream_idle_timeout_ms: 15_000,
+            kafka_idle_timeout_ms: 540_000,
         }
     }
 }
 
 impl Limits {
+    /// As a duration.
+    pub fn kafka_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.kafka_idle_timeout_ms)
+    }
     /// As a duration.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)

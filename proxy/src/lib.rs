@@ -217,9 +217,14 @@ async fn sweep(shared: Arc<Shared>) {
     // HTTP/2 closes politely (GOAWAY) at its idle timeout; this is the backstop, and what
     // shrinks under pressure.
     let h2 = shared.limits.idle_timeout() + shared.limits.idle_timeout().min(Duration::from_secs(10));
+    let kafka = shared.limits.kafka_idle_timeout();
     loop {
         tick.tick().await;
-        let gone = shared.conns.sweep(h1, h2, |c| c.h2.load(std::sync::atomic::Ordering::Relaxed));
+        let gone = shared.conns.sweep(|kind| match kind {
+            admission::ConnKind::Http1 => h1,
+            admission::ConnKind::Http2 => h2,
+            admission::ConnKind::Kafka => kafka,
+        });
         if gone > 0 {
             tracing::debug!(gone, "idle connections let go");
         }

@@ -4,7 +4,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::admission::ConnState;
-use crate::config::ListenerConfig;
+use crate::admission::{ConnKind, ConnState};
+use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::h1guard::H1Guard;
 use crate::log_limited;
 use crate::records::Counters;
@@ -122,8 +121,20 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, soc
         tokio::spawn(async move {
             Counters::inc(&shared.counters.connections);
             let state = admitted.state.clone();
+            let kafka = listener.transparent.as_ref().is_some_and(|t| t.protocol == ListenerProtocol::Kafka);
+            let work = {
+                let (shared, state) = (shared.clone(), state.clone());
+                async move {
+                    if kafka {
+                        crate::kafka::serve(shared, listener, stream, client, state).await;
+                        Ok(())
+                    } else {
+                        serve(shared, listener, stream, client, state).await
+                    }
+                }
+            };
             tokio::select! {
-                r = serve(shared.clone(), listener, stream, client, state.clone()) => {
+                r = work => {
                     if let Err(e) = r {
                         tracing::debug!(%client, error = %e, "connection ended with an error");
                     }
@@ -175,7 +186,7 @@ pub async fn serve(
     }
     activity.touch();
     let is_h2 = prefix.starts_with(H2_PREFACE);
-    activity.h2.store(is_h2, Ordering::Relaxed);
+    activity.set_kind(if is_h2 { ConnKind::Http2 } else { ConnKind::Http1 });
     let io = Prefixed { prefix, pos: 0, inner: stream, activity: activity.clone() };
     if is_h2 {
         let conn = Arc::new(Conn::new(shared, listener, client, local, activity.clone(), None));

@@ -130,7 +130,7 @@ impl Conn {
         state: Arc<ConnState>,
         guard: Option<Arc<GuardShared>>,
     ) -> Self {
-        let http2 = state.h2.load(Ordering::Relaxed);
+        let http2 = state.kind() == crate::admission::ConnKind::Http2;
         let policy = ConnPolicy::decide(shared.policy.current(), shared.lookup(), &listener, client, local, Proto::Tcp);
         // Transparent: to the original destination, from the client's own address.
         let (dst, bind) = match listener.upstream {

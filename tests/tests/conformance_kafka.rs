@@ -42,6 +42,7 @@ fn kafka_rule_match() {
             api_version: Some(i16::try_from(int(req, "api_version")).unwrap()),
             client_id: Some(s(req, "client_id")).filter(|x| !x.is_empty()),
             topics,
+            cluster_only: false,
         };
         let want = c.get("expect").and_then(Value::as_bool).unwrap();
         assert_eq!(KafkaRuleSet::new(rules).allows(&request).is_some(), want, "{id}");

@@ -70,6 +70,8 @@ impl Scenario {
                 api_version: k.api_version,
                 client_id: k.client_id.as_deref(),
                 topics: k.topics.iter().map(String::as_str).collect(),
+                // The test format names topics; an empty list is Cilium's "every topic".
+                cluster_only: false,
             })
         } else if let Some(d) = &flow.dns {
             if d.query.trim().is_empty() {

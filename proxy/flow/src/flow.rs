@@ -416,7 +416,8 @@ pub struct DnsInfo {
 /// The Kafka part of an L7 record (Hubble's `Kafka`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KafkaInfo {
-    /// Error code of the response (0 on requests and successful responses the proxy did not read).
+    /// The error code: of the broker's response on a response record; of the proxy's answer on a
+    /// denied request; 0 otherwise.
     #[serde(default)]
     pub error_code: i32,
     /// API version.

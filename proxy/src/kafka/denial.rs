@@ -326,12 +326,56 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
                 .collect();
             (ResponseKind::DeleteTopics(resp), T)
         }
-        RequestKind::InitProducerId(_) => {
+        RequestKind::InitProducerId(r) => {
+            // As Kafka answers: an idempotent producer (no transactional id) lacks a cluster right,
+            // a transactional one the right to its transactional id.
+            let code = if r.transactional_id.is_none() {
+                CLUSTER_AUTHORIZATION_FAILED
+            } else {
+                TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            };
             let mut resp = InitProducerIdResponse::default();
-            resp.error_code = TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+            resp.error_code = code;
             resp.producer_id = kafka_protocol::messages::ProducerId(-1);
             resp.producer_epoch = -1;
-            (ResponseKind::InitProducerId(resp), TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+            (ResponseKind::InitProducerId(resp), code)
+        }
+        RequestKind::OffsetForLeaderEpoch(r) => {
+            use kafka_protocol::messages::offset_for_leader_epoch_response as ofle;
+            let mut resp = kafka_protocol::messages::OffsetForLeaderEpochResponse::default();
+            resp.topics = r
+                .topics
+                .iter()
+                .map(|t| {
+                    let mut tr = ofle::OffsetForLeaderTopicResult::default();
+                    tr.topic = t.topic.clone();
+                    tr.partitions = t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let mut e = ofle::EpochEndOffset::default();
+                            e.partition = p.partition;
+                            e.error_code = T;
+                            e.leader_epoch = -1;
+                            e.end_offset = -1;
+                            e
+                        })
+                        .collect();
+                    tr
+                })
+                .collect();
+            (ResponseKind::OffsetForLeaderEpoch(resp), T)
+        }
+        // Client telemetry (KIP-714): the client backs off and asks again later.
+        RequestKind::GetTelemetrySubscriptions(_) => {
+            let mut resp = kafka_protocol::messages::GetTelemetrySubscriptionsResponse::default();
+            resp.error_code = CLUSTER_AUTHORIZATION_FAILED;
+            (ResponseKind::GetTelemetrySubscriptions(resp), CLUSTER_AUTHORIZATION_FAILED)
+        }
+        RequestKind::PushTelemetry(_) => {
+            let mut resp = kafka_protocol::messages::PushTelemetryResponse::default();
+            resp.error_code = CLUSTER_AUTHORIZATION_FAILED;
+            (ResponseKind::PushTelemetry(resp), CLUSTER_AUTHORIZATION_FAILED)
         }
         _ => return None,
     })

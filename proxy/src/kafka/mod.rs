@@ -25,60 +25,61 @@ pub mod response;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 use policy_engine::kafka::{KafkaRequest, api_key_name};
 use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, KafkaInfo, Verdict};
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use self::frame::FrameError;
 use self::request::Request;
+use crate::admission::{ConnKind, ConnState};
 use crate::config::ListenerConfig;
 use crate::policy::{ConnPolicy, RequestVerdict};
 use crate::records::{Counters, Detail, Record, Transport, now_ns};
 use crate::service::Shared;
 
-/// Requests in flight per connection before the proxy stops reading the client.
+/// Requests owed an answer per connection before the proxy stops reading the client.
 const PIPELINE: usize = 1024;
 
-/// Accepts Kafka connections until the task is dropped.
-pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, socket: TcpListener) {
-    loop {
-        let (stream, client) = match socket.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                crate::log_limited!(warn, listener = %listener.name, error = %e, "Kafka accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        Counters::inc(&shared.counters.connections);
-        let (shared, listener) = (shared.clone(), listener.clone());
-        tokio::spawn(async move {
-            let Ok(local) = stream.local_addr() else { return };
-            serve(shared, listener, stream, client, local).await;
-        });
-    }
-}
-
 /// What the response half owes the client next.
+#[derive(Debug)]
 enum Pending {
     /// The broker's next response, for this request.
-    Forwarded {
-        api_key: ApiKey,
-        version: i16,
-        correlation_id: i32,
-        info: KafkaInfo,
-        rule: Option<Arc<str>>,
-        start: Instant,
-    },
+    Forwarded(Owed),
     /// The proxy's answer to a denied request.
     Injected(Bytes),
+}
+
+/// A forwarded request whose answer the broker owes.
+#[derive(Debug)]
+struct Owed {
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    info: KafkaInfo,
+    rule: Option<Arc<str>>,
+    start: Instant,
+}
+
+/// What one request frame comes to (parse → judge; the records are written, no I/O is done).
+#[derive(Debug)]
+enum Step {
+    /// Write the frame to the broker; the client is owed its answer (none for `acks: 0`).
+    Forward(Option<Owed>),
+    /// Nothing goes to the broker; the client is owed this answer.
+    Answer(Bytes),
+    /// Nothing goes anywhere (a denied `acks: 0` Produce).
+    Nothing,
+    /// The connection closes (after what is owed).
+    Close,
 }
 
 /// The connection's policy, taken again when a new snapshot is in force.
@@ -105,14 +106,8 @@ impl<'a> Policy<'a> {
             _ => false,
         };
         if !same {
-            self.current = Arc::new(ConnPolicy::decide(
-                now,
-                self.shared.lookup(),
-                self.listener,
-                self.client,
-                self.local,
-                Proto::Tcp,
-            ));
+            let (l, c, s) = (self.listener, self.client, self.local);
+            self.current = Arc::new(ConnPolicy::decide(now, self.shared.lookup(), l, c, s, Proto::Tcp));
         }
         self.current.clone()
     }
@@ -123,16 +118,28 @@ fn info(req: &Request, error_code: i16) -> KafkaInfo {
     KafkaInfo {
         error_code: i32::from(error_code),
         api_version: i32::from(req.version()),
-        api_key: api_key_name(key).map_or_else(|| key.to_string(), str::to_owned),
+        // Cilium's names where it has one (keys 0–33), else the protocol's own, lower-cased.
+        api_key: api_key_name(key).map_or_else(|| format!("{:?}", req.api_key).to_lowercase(), str::to_owned),
         correlation_id: req.correlation_id(),
         topic: req.topics.join(","),
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one record's fields, named at each call")]
-fn emit(
-    shared: &Shared,
-    policy: &ConnPolicy,
+/// One flow record of this connection.
+struct Emit<'a> {
+    shared: &'a Shared,
+    policy: &'a ConnPolicy,
+}
+
+impl Emit<'_> {
+    fn record(&self, reply: bool, verdict: Verdict, reason: Option<DropReason>, info: KafkaInfo) -> RecordBuilder<'_> {
+        RecordBuilder { emit: self, reply, verdict, reason, info, latency_ns: 0, rule: None, summary: String::new() }
+    }
+}
+
+/// A record being filled in; written by [`RecordBuilder::send`].
+struct RecordBuilder<'a> {
+    emit: &'a Emit<'a>,
     reply: bool,
     verdict: Verdict,
     reason: Option<DropReason>,
@@ -140,218 +147,254 @@ fn emit(
     latency_ns: u64,
     rule: Option<Arc<str>>,
     summary: String,
-) {
-    shared.records.emit(
-        Record {
-            time_ns: now_ns(),
-            reply,
-            verdict,
-            reason,
-            ends: policy.ends.clone(),
-            transport: Transport::Tcp,
-            detail: Detail::Kafka(Box::new(info)),
-            latency_ns,
-            policy: rule,
-            summary,
-        },
-        &shared.counters,
-    );
 }
 
-/// One client connection.
-async fn serve(
+impl RecordBuilder<'_> {
+    fn rule(mut self, rule: Option<Arc<str>>) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    fn summary(mut self, summary: impl Into<String>) -> Self {
+        self.summary = summary.into();
+        self
+    }
+
+    fn latency(mut self, since: Instant) -> Self {
+        self.latency_ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    fn send(self) {
+        let shared = self.emit.shared;
+        shared.records.emit(
+            Record {
+                time_ns: now_ns(),
+                reply: self.reply,
+                verdict: self.verdict,
+                reason: self.reason,
+                ends: self.emit.policy.ends.clone(),
+                transport: Transport::Tcp,
+                detail: Detail::Kafka(Box::new(self.info)),
+                latency_ns: self.latency_ns,
+                policy: self.rule,
+                summary: self.summary,
+            },
+            &shared.counters,
+        );
+    }
+}
+
+/// Parse and judge one request frame.
+fn step(shared: &Shared, policy: &ConnPolicy, frame: Bytes) -> Step {
+    let emit = Emit { shared, policy };
+    Counters::inc(&shared.counters.requests);
+    let req = match request::parse(frame, &shared.kafka_topic_ids) {
+        Ok(r) => r,
+        Err(e) => {
+            Counters::inc(&shared.counters.rejected);
+            let record = emit.record(false, Verdict::Dropped, Some(DropReason::MalformedRequest), KafkaInfo::default());
+            record.summary(format!("{e}: connection closed")).send();
+            return Step::Close;
+        }
+    };
+    let judged = policy.check_kafka(&if req.idempotent_producer_id() {
+        KafkaRequest::idempotent_producer_id(req.client_id())
+    } else {
+        KafkaRequest {
+            api_key: req.api_key as i16,
+            api_version: Some(req.version()),
+            client_id: req.client_id(),
+            topics: req.topics.iter().map(String::as_str).collect(),
+            cluster_only: req.cluster_only,
+        }
+    });
+    match judged {
+        RequestVerdict::Allow(rule) => {
+            Counters::inc(&shared.counters.forwarded);
+            emit.record(false, Verdict::Forwarded, None, info(&req, 0)).rule(rule.clone()).send();
+            Step::Forward(req.expects_response.then(|| Owed {
+                api_key: req.api_key,
+                version: req.version(),
+                correlation_id: req.correlation_id(),
+                info: info(&req, 0),
+                rule,
+                start: Instant::now(),
+            }))
+        }
+        RequestVerdict::Deny { reason, summary, policy: deciding } => {
+            Counters::inc(&shared.counters.denied);
+            let answer = if req.expects_response { denial::denial(&req) } else { None };
+            let code = answer.as_ref().map_or(0, |(_, c)| *c);
+            let record = emit.record(false, Verdict::Dropped, Some(reason), info(&req, code));
+            match answer {
+                Some((bytes, _)) => {
+                    record.rule(deciding.map(Arc::from)).summary(summary).send();
+                    Step::Answer(bytes)
+                }
+                None if !req.expects_response => {
+                    record.rule(deciding.map(Arc::from)).summary(summary).send();
+                    Step::Nothing
+                }
+                None => {
+                    let why = format!("{summary}; no answer for {:?} in its place: connection closed", req.api_key);
+                    record.rule(deciding.map(Arc::from)).summary(why).send();
+                    Step::Close
+                }
+            }
+        }
+    }
+}
+
+/// One client connection, admitted by the listener's accept loop (`state`: its entry in the
+/// connection table; requests owed an answer make it busy). Both halves run in this task, so a
+/// connection the table lets go of stops whole.
+pub async fn serve(
     shared: Arc<Shared>,
     listener: Arc<ListenerConfig>,
     client_stream: TcpStream,
     client: SocketAddr,
-    local: SocketAddr,
+    state: Arc<ConnState>,
 ) {
+    state.set_kind(ConnKind::Kafka);
+    let Ok(local) = client_stream.local_addr() else { return };
     let mut policy = Policy::new(&shared, &listener, client, local);
     let upstream = match crate::transparent::connect_from(client.ip(), local, shared.limits.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             Counters::inc(&shared.counters.upstream_errors);
             let p = policy.get();
-            let summary = format!("broker {local} unreachable: {e}");
-            emit(&shared, &p, false, Verdict::Error, None, KafkaInfo::default(), 0, None, summary);
+            let emit = Emit { shared: &shared, policy: &p };
+            emit.record(false, Verdict::Error, None, KafkaInfo::default())
+                .summary(format!("broker {local} unreachable: {e}"))
+                .send();
             return;
         }
     };
     let (client_r, client_w) = client_stream.into_split();
-    let (up_r, mut up_w) = upstream.into_split();
-    let mut client_r = frame::reader(client_r);
+    let (up_r, up_w) = upstream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
-    let responses = tokio::spawn(respond(shared.clone(), policy.get(), rx, up_r, client_w));
-    let ids = &shared.kafka_topic_ids;
+    let first = policy.get();
+    tokio::join!(
+        requests(&shared, &mut policy, &state, frame::reader(client_r), up_w, tx),
+        respond(&shared, &first, &state, rx, frame::reader(up_r), client_w),
+    );
+}
+
+/// The request half: frames from the client, each judged; allowed ones to the broker.
+async fn requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    policy: &mut Policy<'_>,
+    state: &ConnState,
+    mut client: FramedRead<R, LengthDelimitedCodec>,
+    mut broker: W,
+    owed: mpsc::Sender<Pending>,
+) {
     loop {
-        let frame = match frame::next(&mut client_r).await {
+        let frame = match frame::next(&mut client).await {
             Ok(f) => f,
             Err(FrameError::Closed) => break,
             Err(e) => {
-                let why = format!("{e}: connection closed");
                 Counters::inc(&shared.counters.rejected);
                 let p = policy.get();
-                emit(
-                    &shared,
-                    &p,
-                    false,
-                    Verdict::Dropped,
-                    Some(DropReason::MalformedRequest),
-                    KafkaInfo::default(),
-                    0,
-                    None,
-                    why,
-                );
+                let emit = Emit { shared, policy: &p };
+                let record =
+                    emit.record(false, Verdict::Dropped, Some(DropReason::MalformedRequest), KafkaInfo::default());
+                record.summary(format!("{e}: connection closed")).send();
                 break;
             }
         };
-        Counters::inc(&shared.counters.requests);
-        let req = match request::parse(frame.clone(), ids) {
-            Ok(r) => r,
-            Err(e) => {
-                Counters::inc(&shared.counters.rejected);
-                let p = policy.get();
-                let summary = format!("{e}: connection closed");
-                emit(
-                    &shared,
-                    &p,
-                    false,
-                    Verdict::Dropped,
-                    Some(DropReason::MalformedRequest),
-                    KafkaInfo::default(),
-                    0,
-                    None,
-                    summary,
-                );
-                break;
-            }
-        };
+        state.touch();
         let p = policy.get();
-        let topics: Vec<&str> = req.topics.iter().map(String::as_str).collect();
-        let judged = p.check_kafka(&KafkaRequest {
-            api_key: req.api_key as i16,
-            api_version: Some(req.version()),
-            client_id: req.client_id(),
-            topics,
-        });
-        match judged {
-            RequestVerdict::Allow(rule) => {
-                if let Err(e) = frame::write(&mut up_w, &frame).await {
+        let pending = match step(shared, &p, frame.clone()) {
+            Step::Forward(owes) => {
+                if let Err(e) = frame::write(&mut broker, &frame).await {
                     Counters::inc(&shared.counters.upstream_errors);
-                    emit(
-                        &shared,
-                        &p,
-                        false,
-                        Verdict::Error,
-                        None,
-                        info(&req, 0),
-                        0,
-                        None,
-                        format!("broker write: {e}"),
-                    );
+                    let emit = Emit { shared, policy: &p };
+                    emit.record(false, Verdict::Error, None, KafkaInfo::default())
+                        .summary(format!("broker write: {e}"))
+                        .send();
                     break;
                 }
-                Counters::inc(&shared.counters.forwarded);
-                emit(&shared, &p, false, Verdict::Forwarded, None, info(&req, 0), 0, rule.clone(), String::new());
-                if req.expects_response {
-                    let pending = Pending::Forwarded {
-                        api_key: req.api_key,
-                        version: req.version(),
-                        correlation_id: req.correlation_id(),
-                        info: info(&req, 0),
-                        rule,
-                        start: Instant::now(),
-                    };
-                    if tx.send(pending).await.is_err() {
-                        break;
-                    }
-                }
+                owes.map(Pending::Forwarded)
             }
-            RequestVerdict::Deny { reason, summary, policy: deciding } => {
-                Counters::inc(&shared.counters.denied);
-                let answer = if req.expects_response { denial::denial(&req) } else { None };
-                let code = answer.as_ref().map_or(0, |(_, c)| *c);
-                let rule = deciding.map(Arc::from);
-                emit(&shared, &p, false, Verdict::Dropped, Some(reason), info(&req, code), 0, rule, summary);
-                match answer {
-                    Some((bytes, _)) => {
-                        if tx.send(Pending::Injected(bytes)).await.is_err() {
-                            break;
-                        }
-                    }
-                    // acks=0: the client waits for nothing.
-                    None if !req.expects_response => {}
-                    None => {
-                        let summary = format!("no denial answer for {:?}: connection closed", req.api_key);
-                        emit(&shared, &p, false, Verdict::Error, None, info(&req, 0), 0, None, summary);
-                        break;
-                    }
-                }
+            Step::Answer(bytes) => Some(Pending::Injected(bytes)),
+            Step::Nothing => None,
+            Step::Close => break,
+        };
+        if let Some(pending) = pending {
+            state.inflight.fetch_add(1, Ordering::Relaxed);
+            if owed.send(pending).await.is_err() {
+                break;
             }
         }
     }
     // The client is done (or broke the protocol): what is owed still goes back, then both close.
-    drop(tx);
-    if let Err(e) = up_w.shutdown().await {
+    drop(owed);
+    if let Err(e) = broker.shutdown().await {
         crate::log_limited!(debug, error = %e, "Kafka upstream shutdown");
-    }
-    if let Err(e) = responses.await {
-        crate::log_limited!(warn, error = %e, "Kafka response task failed");
     }
 }
 
 /// The response half: what is owed, in request order.
-async fn respond(
-    shared: Arc<Shared>,
-    policy: Arc<ConnPolicy>,
-    mut rx: mpsc::Receiver<Pending>,
-    up_r: tokio::net::tcp::OwnedReadHalf,
-    mut client_w: tokio::net::tcp::OwnedWriteHalf,
+async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    policy: &ConnPolicy,
+    state: &ConnState,
+    mut owed: mpsc::Receiver<Pending>,
+    mut broker: FramedRead<R, LengthDelimitedCodec>,
+    mut client: W,
 ) {
-    let mut up_r = frame::reader(up_r);
-    while let Some(p) = rx.recv().await {
+    let emit = Emit { shared, policy };
+    while let Some(p) = owed.recv().await {
         let bytes = match p {
             Pending::Injected(b) => b,
-            Pending::Forwarded { api_key, version, correlation_id, mut info, rule, start } => {
-                let frame = match frame::next(&mut up_r).await {
-                    Ok(f) => f,
-                    Err(_) => {
-                        Counters::inc(&shared.counters.upstream_errors);
-                        let summary = "the broker closed the connection before answering".to_owned();
-                        emit(&shared, &policy, true, Verdict::Error, None, info, 0, None, summary);
-                        break;
-                    }
-                };
-                let answer = match response::inspect(frame, api_key, version, correlation_id, &shared.kafka_topic_ids) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        Counters::inc(&shared.counters.upstream_errors);
-                        emit(
-                            &shared,
-                            &policy,
-                            true,
-                            Verdict::Error,
-                            None,
-                            info,
-                            0,
-                            None,
-                            format!("{e}: connection closed"),
-                        );
-                        break;
-                    }
-                };
-                info.error_code = i32::from(answer.error_code);
-                let latency = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                emit(&shared, &policy, true, Verdict::Forwarded, None, info, latency, rule, String::new());
-                answer.frame
-            }
+            Pending::Forwarded(o) => match answer(shared, &emit, &mut broker, o).await {
+                Some(b) => b,
+                None => break,
+            },
         };
-        if frame::write(&mut client_w, &bytes).await.is_err() {
+        if frame::write(&mut client, &bytes).await.is_err() {
             Counters::inc(&shared.counters.downstream_errors);
             break;
         }
+        state.inflight.fetch_sub(1, Ordering::Relaxed);
+        state.touch();
     }
-    if let Err(e) = client_w.shutdown().await {
+    // Closing the receiver stops the request half at its next request.
+    owed.close();
+    if let Err(e) = client.shutdown().await {
         crate::log_limited!(debug, error = %e, "Kafka client shutdown");
+    }
+}
+
+/// The broker's answer to one forwarded request, checked; `None` closes the connection.
+async fn answer<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    emit: &Emit<'_>,
+    broker: &mut FramedRead<R, LengthDelimitedCodec>,
+    o: Owed,
+) -> Option<Bytes> {
+    let Owed { api_key, version, correlation_id, mut info, rule, start } = o;
+    let frame = match frame::next(broker).await {
+        Ok(f) => f,
+        Err(e) => {
+            Counters::inc(&shared.counters.upstream_errors);
+            let why = format!("no answer from the broker ({e}): connection closed");
+            emit.record(true, Verdict::Error, None, info).summary(why).send();
+            return None;
+        }
+    };
+    match response::inspect(frame, api_key, version, correlation_id, &shared.kafka_topic_ids) {
+        Ok(answer) => {
+            info.error_code = i32::from(answer.error_code);
+            emit.record(true, Verdict::Forwarded, None, info).rule(rule).latency(start).send();
+            Some(answer.frame)
+        }
+        Err(e) => {
+            Counters::inc(&shared.counters.upstream_errors);
+            emit.record(true, Verdict::Error, None, info).summary(format!("{e}: connection closed")).send();
+            None
+        }
     }
 }

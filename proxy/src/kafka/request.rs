@@ -55,6 +55,9 @@ pub struct Request {
     pub topics: Vec<String>,
     /// Whether the broker answers it (a Produce with `acks: 0` gets no answer).
     pub expects_response: bool,
+    /// A Metadata request (v1+) with an empty topic list: it asks for brokers and the cluster only
+    /// (null asks for every topic; so does an empty list in v0).
+    pub cluster_only: bool,
 }
 
 impl Request {
@@ -71,6 +74,12 @@ impl Request {
     /// The client id.
     pub fn client_id(&self) -> Option<&str> {
         self.header.client_id.as_deref()
+    }
+
+    /// An InitProducerId without a transactional id: an idempotent producer asking for its id
+    /// (judged by [`policy_engine::kafka::KafkaRequest::idempotent_producer_id`]).
+    pub fn idempotent_producer_id(&self) -> bool {
+        matches!(&self.body, RequestKind::InitProducerId(r) if r.transactional_id.is_none())
     }
 }
 
@@ -122,7 +131,9 @@ pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
     }
     let expects_response = !matches!(&body, RequestKind::Produce(p) if p.acks == 0);
     let topics = topics(&body, ids);
-    Ok(Request { header, api_key, body, topics, expects_response })
+    let cluster_only =
+        matches!(&body, RequestKind::Metadata(m) if version >= 1 && m.topics.as_ref().is_some_and(Vec::is_empty));
+    Ok(Request { header, api_key, body, topics, expects_response, cluster_only })
 }
 
 /// A topic's name: the name when the request gives one, else the name of its id.
@@ -225,9 +236,15 @@ pub(crate) mod tests {
         }
         let r = parse(frame(ApiKey::Produce, 9, 1, &produce(&["orders"], 0)), &ids).unwrap();
         assert!(!r.expects_response, "acks=0 gets no answer");
-        // Metadata for every topic names none.
-        let r = parse(frame(ApiKey::Metadata, 12, 2, &MetadataRequest::default()), &ids).unwrap();
-        assert!(r.topics.is_empty());
+        // Metadata for every topic (null) names none; for no topic (empty, v1+) asks for the cluster only.
+        let mut every = MetadataRequest::default();
+        every.topics = None;
+        let r = parse(frame(ApiKey::Metadata, 12, 2, &every), &ids).unwrap();
+        assert!(r.topics.is_empty() && !r.cluster_only);
+        let mut none = MetadataRequest::default();
+        none.topics = Some(Vec::new());
+        assert!(parse(frame(ApiKey::Metadata, 12, 2, &none), &ids).unwrap().cluster_only);
+        assert!(!parse(frame(ApiKey::Metadata, 0, 2, &none), &ids).unwrap().cluster_only, "v0: empty is every topic");
     }
 
     #[test]
