@@ -20,6 +20,17 @@ def out(obj):
     print(json.dumps(obj), flush=True)
 
 
+def python_error(e):
+    """kafka-python's error as {code, name, str}: its errno, else the "[Error N]" it wraps."""
+    import re
+
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"\[Error (-?\d+)\]", str(e))
+        code = int(m.group(1)) if m else -1
+    return {"code": code, "name": type(e).__name__, "str": str(e)}
+
+
 def confluent_produce(a):
     from confluent_kafka import KafkaException, Producer
 
@@ -65,7 +76,7 @@ def python_produce(a):
         p = KafkaProducer(bootstrap_servers=a.bootstrap, client_id=a.client_id, acks="all",
                           max_block_ms=int(a.timeout * 1000), request_timeout_ms=int(a.timeout * 1000))
     except KafkaError as e:
-        res["errors"].append({"code": getattr(e, "errno", -1), "name": type(e).__name__, "str": str(e)})
+        res["errors"].append(python_error(e))
         return res
     futures = []
     for i in range(a.count):
@@ -73,13 +84,13 @@ def python_produce(a):
         try:
             futures.append(p.send(a.topic, value=value))
         except KafkaError as e:
-            res["errors"].append({"code": getattr(e, "errno", -1), "name": type(e).__name__, "str": str(e)})
+            res["errors"].append(python_error(e))
     for f in futures:
         try:
             f.get(timeout=a.timeout)
             res["delivered"] += 1
         except KafkaError as e:
-            res["errors"].append({"code": getattr(e, "errno", -1), "name": type(e).__name__, "str": str(e)})
+            res["errors"].append(python_error(e))
     p.close(timeout=5)
     return res
 
@@ -136,7 +147,7 @@ def python_consume(a):
             res["committed"] = True
         c.close()
     except KafkaError as e:
-        res["errors"].append({"code": getattr(e, "errno", -1), "name": type(e).__name__, "str": str(e)})
+        res["errors"].append(python_error(e))
     return res
 
 

@@ -195,10 +195,12 @@ fn kafka_lab_with_two_real_clients_privileged() {
         assert!(msgs.iter().filter(|m| m.starts_with(lib)).count() >= 3 || lib == "python", "{lib}: {v}");
         assert!(msgs.len() >= 3, "{lib}: {v}");
         assert_eq!((v["committed"].as_bool(), error_codes(&v)), (Some(true), vec![]), "{lib}: {v}");
-        // ... and may not produce.
+        // ... and may not produce: librdkafka is refused the Produce (29); kafka-python, an
+        // idempotent producer, already its producer id (31, as Kafka answers it).
         let v = client(&lab, "consumer", &["produce", "--lib", lib, "--topic", "orders", "--timeout", "5"]);
         assert_eq!(v["delivered"], 0, "{lib}: {v}");
-        assert!(error_codes(&v).contains(&29), "{lib}: {v}");
+        let want = if lib == "confluent" { 29 } else { 31 };
+        assert!(!error_codes(&v).is_empty() && error_codes(&v).iter().all(|c| *c == want), "{lib}: {v}");
     }
     // The consumer's group read everything both clients produced.
     let v = client(&lab, "consumer", &["consume", "--topic", "orders", "--count", "6", "--group", "all"]);
