@@ -263,7 +263,7 @@ impl ConnTable {
         let mut gone = 0;
         for conns in inner.sources.values_mut() {
             conns.retain(|_, c| {
-                let limit = limits[c.kind() as usize];
+                let limit = limits.get(c.kind() as usize).copied().unwrap_or(Duration::ZERO);
                 let expired = c.is_idle() && c.idle_for() > limit;
                 if expired {
                     c.let_go();

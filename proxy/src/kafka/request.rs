@@ -111,11 +111,11 @@ pub enum Unparseable {
 
 /// Decodes one request frame (the bytes after the 4-byte length).
 pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
-    if frame.len() < 8 {
+    let (Some(&[k0, k1, v0, v1]), true) = (frame.first_chunk::<4>(), frame.len() >= 8) else {
         return Err(Unparseable::Short(frame.len()));
-    }
-    let key = i16::from_be_bytes([frame[0], frame[1]]);
-    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    };
+    let key = i16::from_be_bytes([k0, k1]);
+    let version = i16::from_be_bytes([v0, v1]);
     let api_key = ApiKey::try_from(key).map_err(|()| Unparseable::UnknownKey(key))?;
     let range = api_key.valid_versions();
     if version < range.min || version > range.max {

@@ -77,7 +77,7 @@ fn first_error(codes: impl IntoIterator<Item = i16>) -> i16 {
 }
 
 fn peek_i16(body: &[u8]) -> i16 {
-    body.get(..2).map_or(0, |b| i16::from_be_bytes([b[0], b[1]]))
+    body.first_chunk::<2>().map_or(0, |b| i16::from_be_bytes(*b))
 }
 
 /// The error a response body says, for the APIs Kafka rules are about (others: 0). Records are not
