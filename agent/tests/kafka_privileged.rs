@@ -343,6 +343,7 @@ fn kafka_frames_that_cannot_be_judged_close_the_connection_privileged() {
         ("unknown version", [0, 0, 0, 8, 0, 0, 0x7f, 0, 0, 0, 0, 1].to_vec()),
         ("oversized", [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 9].to_vec()),
         ("short", [0, 0, 0, 2, 0, 0].to_vec()),
+        ("a topic count of 2^31 - 1", [0, 0, 0, 14, 0, 3, 0, 0, 0, 0, 0xff, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff].to_vec()),
         ("truncated", [0, 0, 0, 100, 0, 0, 0, 9, 0, 0, 0, 1].to_vec()),
         ("trailing bytes", {
             let mut f = request(ApiKey::Metadata, 12, 1, "x", &metadata(&["orders"]));

@@ -123,9 +123,9 @@ pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
     }
     let mut buf = frame;
     let header = RequestHeader::decode(&mut buf, api_key.request_header_version(version))
-        .map_err(|e| Unparseable::Malformed(format!("request header: {e}")))?;
+        .map_err(|e| Unparseable::Malformed(format!("request header: {e:#}")))?;
     let body = RequestKind::decode(api_key, &mut buf, version)
-        .map_err(|e| Unparseable::Malformed(format!("{api_key:?} v{version}: {e}")))?;
+        .map_err(|e| Unparseable::Malformed(format!("{api_key:?} v{version}: {e:#}")))?;
     if !buf.is_empty() {
         return Err(Unparseable::Malformed(format!("{api_key:?} v{version}: {} bytes after the request", buf.len())));
     }
@@ -275,6 +275,10 @@ pub(crate) mod tests {
         // A truncated body.
         let f = frame(ApiKey::Produce, 9, 1, &produce(&["orders"], 1));
         assert!(matches!(parse(f.slice(..f.len() - 3), &ids), Err(Unparseable::Malformed(_))));
+        // A count of 2^31 - 1 topics in 14 bytes: refused before any memory is reserved for it
+        // (proxy/vendor/kafka-protocol/PORIN-PATCH.md).
+        let huge = Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0xff, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
+        assert!(matches!(parse(huge, &ids), Err(Unparseable::Malformed(m)) if m.contains("exceeds")));
         // Trailing bytes.
         let mut long = BytesMut::from(&f[..]);
         long.extend_from_slice(b"xx");

@@ -50,7 +50,8 @@ pub fn inspect(
 ) -> Result<Inspected, BadResponse> {
     let mut body = frame.clone();
     let header_version = api_key.response_header_version(version);
-    let header = ResponseHeader::decode(&mut body, header_version).map_err(|e| BadResponse::Header(e.to_string()))?;
+    let header =
+        ResponseHeader::decode(&mut body, header_version).map_err(|e| BadResponse::Header(format!("{e:#}")))?;
     if header.correlation_id != correlation_id {
         return Err(BadResponse::Correlation { want: correlation_id, got: header.correlation_id });
     }
