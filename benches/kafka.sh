@@ -5,6 +5,8 @@
 #   direct   an L3/L4 allow on 9092: the client talks to the broker
 #   porin    Kafka rules (role produce + role consume on the bench topics): every request through the
 #            transparent Kafka proxy, judged, forwarded, recorded
+#   tansu    tansu's own Kafka proxy (`tansu proxy`, no policy) in a pod of its own, the client
+#            bootstrapped at it (it rewrites Metadata to point at itself): a Kafka-aware relay, for scale
 # For each mode: produce COUNT 100-byte records and COUNT_BIG 10 KiB records (acks=1, linger 5 ms,
 # batches up to 1 MB), consume them back (fetches up to 50 MB), and LAT single produce requests one at
 # a time for the request round trip. Prints messages/s, MB/s, the ratios porin/direct, and the p99
@@ -23,10 +25,14 @@ PORIN=$PWD/target/release/porin
 CLIENT=$PWD/scripts/kafka-client.py
 work=$(mktemp -d /tmp/porin-kafka-bench.XXXXXX)
 lab="bench-kafka-$$"
-cleanup() { "$PORIN" lab down --name "$lab" >/dev/null 2>&1 || true; rm -rf "$work"; }
+cleanup() { [ -n "${KEEP:-}" ] || { "$PORIN" lab down --name "$lab" >/dev/null 2>&1 || true; rm -rf "$work"; }; }
 trap cleanup EXIT
 
-topics="small-direct, big-direct, lat-direct, small-porin, big-porin, lat-porin"
+topics="small-direct, big-direct, lat-direct, small-porin, big-porin, lat-porin, small-tansu, big-tansu, lat-tansu"
+TANSU=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
+# Pods get 10.244.0.(10 + index): kafka .10, client .11, kproxy .12.
+kafka=10.244.0.10
+kproxy=10.244.0.12
 cat > "$work/lab.yaml" <<LAB
 version: 1
 policies: [$work/direct.yaml]
@@ -36,6 +42,9 @@ pods:
     server:
       kafka: {port: 9092, topics: [$topics]}
   - {name: client, labels: {app: client}}
+  - name: kproxy
+    labels: {app: kproxy}
+    command: [$TANSU, proxy, --listener-url, "tcp://0.0.0.0:9092", --advertised-listener-url, "tcp://$kproxy:9092", --origin-url, "tcp://$kafka:9092"]
 LAB
 cat > "$work/direct.yaml" <<'EOF2'
 apiVersion: cilium.io/v2
@@ -44,9 +53,10 @@ metadata: {name: kafka-l4}
 spec:
   endpointSelector: {matchLabels: {app: kafka}}
   ingress:
-  - fromEndpoints: [{matchLabels: {app: client}}]
+  - fromEndpoints: [{matchLabels: {app: client}}, {matchLabels: {app: kproxy}}]
     toPorts: [{ports: [{port: "9092", protocol: TCP}]}]
 EOF2
+cp "$work/direct.yaml" "$work/tansu.yaml"
 {
     cat <<'EOF2'
 apiVersion: cilium.io/v2
@@ -67,11 +77,13 @@ EOF2
 } > "$work/porin.yaml"
 
 "$PORIN" lab up "$work/lab.yaml" --name "$lab" >/dev/null
-run() { "$PORIN" lab exec --name "$lab" client -- python3 "$CLIENT" "$@"; }
+run() { "$PORIN" lab exec --name "$lab" client -- python3 "$CLIENT" --bootstrap "$bootstrap" "$@"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 declare -A R
-for mode in direct porin; do
+for mode in ${MODES:-direct porin tansu}; do
+    bootstrap=$kafka:9092
+    [ "$mode" = tansu ] && bootstrap=$kproxy:9092
     "$PORIN" lab apply --name "$lab" "$work/$mode.yaml" >/dev/null
     sleep 1
     R[$mode.p100]=$(run bench-produce --topic "small-$mode" --count "$COUNT" --size 100)
@@ -89,15 +101,17 @@ for mode in direct porin; do
     done
 done
 
-printf '\n%-34s %14s %14s %8s\n' "" "direct" "porin" "ratio"
+printf '\n%-30s %12s %12s %12s %12s %12s\n' "" "direct" "porin" "tansu-proxy" "porin/direct" "tansu/direct"
 for k in p100:"produce 100 B" p10k:"produce 10 KiB" c100:"consume 100 B" c10k:"consume 10 KiB"; do
     key=${k%%:*}; label=${k#*:}
     for unit in msgs_per_s mb_per_s; do
-        d=$(field "${R[direct.$key]}" $unit); p=$(field "${R[porin.$key]}" $unit)
-        printf '%-34s %14.1f %14.1f %8.2f\n' "$label ($unit)" "$d" "$p" "$(python3 -c "print($p / $d)")"
+        d=$(field "${R[direct.$key]}" $unit); p=$(field "${R[porin.$key]}" $unit); t=$(field "${R[tansu.$key]}" $unit)
+        printf '%-30s %12.1f %12.1f %12.1f %12.2f %12.2f\n' "$label ($unit)" "$d" "$p" "$t" \
+            "$(python3 -c "print($p / $d)")" "$(python3 -c "print($t / $d)")"
     done
 done
-d50=$(field "${R[direct.lat]}" p50_ms); d99=$(field "${R[direct.lat]}" p99_ms)
-p50=$(field "${R[porin.lat]}" p50_ms); p99=$(field "${R[porin.lat]}" p99_ms)
-printf '%-34s %11.3f ms %11.3f ms\n' "one produce request p50" "$d50" "$p50"
-printf '%-34s %11.3f ms %11.3f ms   added p99: %.3f ms\n' "one produce request p99" "$d99" "$p99" "$(python3 -c "print($p99 - $d99)")"
+for q in p50 p99; do
+    d=$(field "${R[direct.lat]}" ${q}_ms); p=$(field "${R[porin.lat]}" ${q}_ms); t=$(field "${R[tansu.lat]}" ${q}_ms)
+    printf '%-30s %9.3f ms %9.3f ms %9.3f ms   porin adds %.3f ms\n' "one produce request $q" "$d" "$p" "$t" \
+        "$(python3 -c "print($p - $d)")"
+done

@@ -205,7 +205,8 @@ def bench_latency(a):
     for _ in range(a.count):
         t = time.perf_counter()
         p.produce(a.topic, value=payload)
-        p.flush(10)
+        if p.flush(10) != 0:
+            return {"requests": len(rtts), "error": "a produce request got no answer in 10 s"}
         rtts.append(time.perf_counter() - t)
     rtts.sort()
     return {"requests": len(rtts), "p50_ms": rtts[len(rtts) // 2] * 1000, "p99_ms": rtts[int(len(rtts) * 0.99)] * 1000}
@@ -221,6 +222,7 @@ def bench_consume(a):
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "fetch.max.bytes": 52_428_800,
+        "max.partition.fetch.bytes": 52_428_800,
         "fetch.wait.max.ms": 100,
     })
     c.subscribe([a.topic])
