@@ -11,14 +11,14 @@
 # batches up to 1 MB), consume them back (fetches up to 50 MB), and LAT single produce requests one at
 # a time for the request round trip. Prints messages/s, MB/s, the ratios porin/direct, and the p99
 # round trip of one produce request with the p99 Porin adds. Needs root.
-# COUNT=200000 COUNT_BIG=20000 LAT=2000 by default.
+# COUNT=200000 COUNT_BIG=100000 LAT=2000 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 setup_main
 kafka_tools
 COUNT=${COUNT:-200000}
-COUNT_BIG=${COUNT_BIG:-20000}
+COUNT_BIG=${COUNT_BIG:-100000}
 LAT=${LAT:-2000}
 cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
 PORIN=$PWD/target/release/porin
@@ -101,17 +101,19 @@ for mode in ${MODES:-direct porin tansu}; do
     done
 done
 
+# A mode left out (MODES) prints as 0.
+val() { if [ -n "${R[$1]:-}" ]; then field "${R[$1]}" "$2"; else echo 0; fi; }
+ratio() { python3 -c "print($1 / $2 if $2 else 0)"; }
 printf '\n%-30s %12s %12s %12s %12s %12s\n' "" "direct" "porin" "tansu-proxy" "porin/direct" "tansu/direct"
 for k in p100:"produce 100 B" p10k:"produce 10 KiB" c100:"consume 100 B" c10k:"consume 10 KiB"; do
     key=${k%%:*}; label=${k#*:}
     for unit in msgs_per_s mb_per_s; do
-        d=$(field "${R[direct.$key]}" $unit); p=$(field "${R[porin.$key]}" $unit); t=$(field "${R[tansu.$key]}" $unit)
-        printf '%-30s %12.1f %12.1f %12.1f %12.2f %12.2f\n' "$label ($unit)" "$d" "$p" "$t" \
-            "$(python3 -c "print($p / $d)")" "$(python3 -c "print($t / $d)")"
+        d=$(val "direct.$key" $unit); p=$(val "porin.$key" $unit); t=$(val "tansu.$key" $unit)
+        printf '%-30s %12.1f %12.1f %12.1f %12.2f %12.2f\n' "$label ($unit)" "$d" "$p" "$t" "$(ratio "$p" "$d")" "$(ratio "$t" "$d")"
     done
 done
 for q in p50 p99; do
-    d=$(field "${R[direct.lat]}" ${q}_ms); p=$(field "${R[porin.lat]}" ${q}_ms); t=$(field "${R[tansu.lat]}" ${q}_ms)
+    d=$(val direct.lat ${q}_ms); p=$(val porin.lat ${q}_ms); t=$(val tansu.lat ${q}_ms)
     printf '%-30s %9.3f ms %9.3f ms %9.3f ms   porin adds %.3f ms\n' "one produce request $q" "$d" "$p" "$t" \
         "$(python3 -c "print($p - $d)")"
 done
