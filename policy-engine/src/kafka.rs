@@ -51,6 +51,19 @@ pub const PRODUCE_KEYS: &[i16] = &[0, 3, 18];
 pub const CONSUME_KEYS: &[i16] = &[1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18];
 /// Keys whose requests carry topics (`isTopicAPIKey`): a topic rule is only checked for these.
 pub const TOPIC_API_KEYS: &[i16] = &[0, 1, 2, 3, 4, 5, 6, 8, 9, 19, 20, 21, 23, 24, 27, 28, 34, 35, 37];
+/// Keys past Cilium's table (which ends at 37) that carry no topic: delegation tokens (38–41),
+/// DeleteGroups (42), SCRAM credentials (50, 51), DescribeCluster (60), client telemetry (71, 72).
+pub const TOPIC_FREE_NEW_KEYS: &[i16] = &[38, 39, 40, 41, 42, 50, 51, 60, 71, 72];
+
+/// Whether a rule's `topic` restricts requests of `key`. Cilium's `isTopicAPIKey` keys, plus what
+/// Cilium's table left out and can name topics: DescribeConfigs / AlterConfigs (32, 33, whose
+/// resources can be topics) and every key after 37 not known to be topic-free (ShareFetch,
+/// IncrementalAlterConfigs, OffsetDelete, DescribeTopicPartitions, ...). Topics are extracted only
+/// for [`TOPIC_EXTRACTED_KEYS`], so a topic rule never matches the others: fail closed.
+pub fn topic_rules_apply(key: i16) -> bool {
+    TOPIC_API_KEYS.contains(&key) || key == 32 || key == 33 || (key > 37 && !TOPIC_FREE_NEW_KEYS.contains(&key))
+}
+
 /// Keys whose topics the parser extracts (`setTopics`); other topic-carrying keys count as carrying none.
 pub const TOPIC_EXTRACTED_KEYS: &[i16] = &[0, 1, 2, 3, 8, 9];
 /// Maximum topic length.
@@ -260,7 +273,7 @@ impl KafkaRuleSet {
         } else {
             BTreeSet::new()
         };
-        let topic_key = TOPIC_API_KEYS.contains(&req.api_key) && !req.cluster_only;
+        let topic_key = topic_rules_apply(req.api_key) && !req.cluster_only;
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.header_matches(req) {
                 continue;
@@ -326,6 +339,14 @@ mod tests {
             "no producer id for consume"
         );
         assert!(fetch_rules.allows(&KafkaRequest { cluster_only: true, ..req(3, &[]) }).is_none(), "still the key");
+        // A rule with a topic and no key: it never grants what Cilium's table left out.
+        let any_key = KafkaRuleSet::new(vec![rule(&[], "public")]);
+        for key in [32, 33, 44, 47, 61, 68, 75, 78, 79] {
+            assert!(any_key.allows(&req(key, &[])).is_none(), "key {key} can name topics");
+        }
+        for key in [10, 11, 18, 22, 42, 60, 71] {
+            assert!(any_key.allows(&req(key, &[])).is_some(), "key {key} carries no topic");
+        }
         let create = KafkaRuleSet::new(vec![rule(&[19], "a")]);
         assert!(create.allows(&req(19, &["a"])).is_none(), "CreateTopics topics are not extracted");
     }

@@ -228,12 +228,15 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
             (ResponseKind::OffsetFetch(resp), T)
         }
         RequestKind::FindCoordinator(r) => {
-            // Key type 1 is a transactional id, 0 a group.
+            // Key type 1 is a transactional id, 0 a group. Up to v3 one key and the answer at the
+            // top level; from v4 a list of keys, each answered (the top-level fields must stay unset).
             let code = if r.key_type == 1 { TRANSACTIONAL_ID_AUTHORIZATION_FAILED } else { G };
             let mut resp = FindCoordinatorResponse::default();
-            resp.error_code = code;
-            resp.node_id = kafka_protocol::messages::BrokerId(-1);
-            resp.port = -1;
+            if req.version() <= 3 {
+                resp.error_code = code;
+                resp.node_id = kafka_protocol::messages::BrokerId(-1);
+                resp.port = -1;
+            }
             resp.coordinators = r
                 .coordinator_keys
                 .iter()
@@ -468,8 +471,9 @@ mod tests {
                 frame(key, version, 9, &OffsetFetchRequest::default().with_topics(Some(vec![topic])))
             }
             ApiKey::FindCoordinator => {
-                let r = FindCoordinatorRequest::default().with_key(StrBytes::from_static_str("group"));
-                frame(key, 3, 9, &r)
+                let r =
+                    FindCoordinatorRequest::default().with_coordinator_keys(vec![StrBytes::from_static_str("group")]);
+                frame(key, 6, 9, &r)
             }
             other => panic!("no request built for {other:?}"),
         }
@@ -500,4 +504,23 @@ mod tests {
     }
 
     const T_CODE: i16 = TOPIC_AUTHORIZATION_FAILED;
+
+    #[test]
+    fn find_coordinator_is_answered_in_every_version() {
+        use kafka_protocol::messages::FindCoordinatorRequest;
+        let ids = TopicIds::default();
+        for version in 0..=6 {
+            let g = StrBytes::from_static_str("g");
+            let r = if version >= 4 {
+                FindCoordinatorRequest::default().with_coordinator_keys(vec![g])
+            } else {
+                FindCoordinatorRequest::default().with_key(g)
+            };
+            let req = parse(frame(ApiKey::FindCoordinator, version, 4, &r), &ids).unwrap();
+            let (bytes, code) = denial(&req).unwrap_or_else(|| panic!("v{version}: no answer"));
+            assert_eq!(code, GROUP_AUTHORIZATION_FAILED);
+            let answer = crate::kafka::response::inspect(bytes, ApiKey::FindCoordinator, version, 4, &ids).unwrap();
+            assert_eq!(answer.error_code, GROUP_AUTHORIZATION_FAILED, "v{version}");
+        }
+    }
 }
