@@ -121,9 +121,25 @@ fn info(req: &Request, error_code: i16) -> KafkaInfo {
         // Cilium's names where it has one (keys 0–33), else the protocol's own, lower-cased.
         api_key: api_key_name(key).map_or_else(|| format!("{:?}", req.api_key).to_lowercase(), str::to_owned),
         correlation_id: req.correlation_id(),
-        topic: req.topics.join(","),
+        topic: record_topics(&req.topics),
     }
 }
+
+/// Topics as a record shows them: at most [`RECORD_TOPICS`] names of at most 255 bytes each, then how
+/// many more (a request may name millions: records are kept, their size must not follow it).
+fn record_topics(topics: &[String]) -> String {
+    let mut out: Vec<&str> =
+        topics.iter().take(RECORD_TOPICS).map(|t| t.get(..t.floor_char_boundary(255)).unwrap_or_default()).collect();
+    let more;
+    if topics.len() > RECORD_TOPICS {
+        more = format!("(+{} more)", topics.len() - RECORD_TOPICS);
+        out.push(&more);
+    }
+    out.join(",")
+}
+
+/// Topic names a flow record lists.
+const RECORD_TOPICS: usize = 16;
 
 /// One flow record of this connection.
 struct Emit<'a> {
@@ -396,5 +412,20 @@ async fn answer<R: AsyncRead + Unpin>(
             emit.record(true, Verdict::Error, None, info).summary(format!("{e}: connection closed")).send();
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_list_a_bounded_number_of_topics() {
+        let many: Vec<String> = (0..1000).map(|i| format!("t{i}")).collect();
+        let shown = record_topics(&many);
+        assert!(shown.starts_with("t0,t1,") && shown.ends_with(",t15,(+984 more)"), "{shown}");
+        assert_eq!(record_topics(&["x".repeat(300)]).len(), 255);
+        assert_eq!(record_topics(&["é".repeat(200)]).len(), 254, "cut on a character boundary");
+        assert_eq!(record_topics(&["a".into(), "b".into()]), "a,b");
     }
 }

@@ -14,30 +14,48 @@ use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
 use kafka_protocol::protocol::Decodable as _;
 
-/// Topic ids → names, from the broker's Metadata answers.
+/// Topic ids → names, from the brokers' Metadata answers (one map per node proxy).
+///
+/// Only names Kafka could have (at most 249 of `[a-zA-Z0-9._-]`) are learned. An id once named
+/// keeps its name: an answer naming it otherwise poisons it (it then names no topic a rule allows,
+/// fail closed), so a broker that lies about ids cannot relabel one the proxy already knows. When
+/// full, new ids are not learned (requests naming them are denied) rather than forgetting others.
 #[derive(Debug, Default)]
-pub struct TopicIds(Mutex<HashMap<[u8; 16], String>>);
+pub struct TopicIds(Mutex<HashMap<[u8; 16], Option<String>>>);
 
-/// Most ids remembered; past it the map starts over (they are learned again from Metadata).
+/// Most ids remembered (~30 MB at most).
 const MAX_TOPIC_IDS: usize = 100_000;
 
+/// Whether Kafka could have a topic of this name.
+pub fn valid_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 impl TopicIds {
-    /// The name of a topic id.
+    /// The name of a topic id (none for an unknown or poisoned one).
     pub fn name(&self, id: &uuid::Uuid) -> Option<String> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(id.as_bytes()).cloned()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(id.as_bytes()).cloned().flatten()
     }
 
     /// Remembers what a Metadata answer says.
     pub fn learn(&self, pairs: impl IntoIterator<Item = (uuid::Uuid, String)>) {
         let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         for (id, name) in pairs {
-            if id.is_nil() || name.is_empty() {
+            if id.is_nil() || !valid_topic_name(&name) {
                 continue;
             }
-            if m.len() >= MAX_TOPIC_IDS {
-                m.clear();
+            let len = m.len();
+            match m.entry(*id.as_bytes()) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if e.get().as_deref() != Some(name.as_str()) {
+                        e.insert(None);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(e) if len < MAX_TOPIC_IDS => {
+                    e.insert(Some(name));
+                }
+                std::collections::hash_map::Entry::Vacant(_) => {}
             }
-            m.insert(*id.as_bytes(), name);
         }
     }
 }
@@ -136,25 +154,25 @@ pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
     Ok(Request { header, api_key, body, topics, expects_response, cluster_only })
 }
 
-/// A topic's name: the name when the request gives one, else the name of its id.
-fn named(name: &str, id: &uuid::Uuid, ids: &TopicIds) -> String {
-    if !name.is_empty() || id.is_nil() {
-        return name.to_owned();
-    }
-    // An id never seen in a Metadata answer: a name no rule can name.
-    ids.name(id).unwrap_or_else(|| format!("<topic id {id}>"))
+/// The names a topic entry stands for: its name, and the name of its id when it has one (a broker
+/// resolves by id when one is set, so both are judged). An id the proxy has not learned (or that is
+/// poisoned) names `<topic id ...>`, which no rule allows.
+fn named(name: &str, id: &uuid::Uuid, ids: &TopicIds) -> impl Iterator<Item = String> {
+    let by_name = (!name.is_empty() || id.is_nil()).then(|| name.to_owned());
+    let by_id = (!id.is_nil()).then(|| ids.name(id).unwrap_or_else(|| format!("<topic id {id}>")));
+    by_name.into_iter().chain(by_id)
 }
 
 /// The topics Cilium's Kafka parser extracts (`setTopics`: keys 0, 1, 2, 3, 8, 9); other keys carry
 /// none as far as rules are concerned.
 fn topics(body: &RequestKind, ids: &TopicIds) -> Vec<String> {
     let mut out: Vec<String> = match body {
-        RequestKind::Produce(r) => r.topic_data.iter().map(|t| named(&t.name, &t.topic_id, ids)).collect(),
+        RequestKind::Produce(r) => r.topic_data.iter().flat_map(|t| named(&t.name, &t.topic_id, ids)).collect(),
         RequestKind::Fetch(r) => r
             .topics
             .iter()
-            .map(|t| named(&t.topic, &t.topic_id, ids))
-            .chain(r.forgotten_topics_data.iter().map(|t| named(&t.topic, &t.topic_id, ids)))
+            .flat_map(|t| named(&t.topic, &t.topic_id, ids))
+            .chain(r.forgotten_topics_data.iter().flat_map(|t| named(&t.topic, &t.topic_id, ids)))
             .collect(),
         RequestKind::ListOffsets(r) => r.topics.iter().map(|t| t.name.to_string()).collect(),
         // No list (or an empty one) asks about every topic: no topic a rule could consume.
@@ -162,15 +180,17 @@ fn topics(body: &RequestKind, ids: &TopicIds) -> Vec<String> {
             .topics
             .iter()
             .flatten()
-            .map(|t| named(t.name.as_deref().map_or("", |n| n.as_str()), &t.topic_id, ids))
+            .flat_map(|t| named(t.name.as_deref().map_or("", |n| n.as_str()), &t.topic_id, ids))
             .collect(),
-        RequestKind::OffsetCommit(r) => r.topics.iter().map(|t| named(&t.name, &t.topic_id, ids)).collect(),
+        RequestKind::OffsetCommit(r) => r.topics.iter().flat_map(|t| named(&t.name, &t.topic_id, ids)).collect(),
         RequestKind::OffsetFetch(r) => r
             .topics
             .iter()
             .flatten()
             .map(|t| t.name.to_string())
-            .chain(r.groups.iter().flat_map(|g| g.topics.iter().flatten()).map(|t| named(&t.name, &t.topic_id, ids)))
+            .chain(
+                r.groups.iter().flat_map(|g| g.topics.iter().flatten()).flat_map(|t| named(&t.name, &t.topic_id, ids)),
+            )
             .collect(),
         _ => Vec::new(),
     };
@@ -183,6 +203,7 @@ fn topics(body: &RequestKind, ids: &TopicIds) -> Vec<String> {
 pub(crate) mod tests {
     use super::*;
     use bytes::BytesMut;
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{MetadataRequest, ProduceRequest, TopicName};
     use kafka_protocol::protocol::{Encodable as _, StrBytes};
@@ -258,6 +279,21 @@ pub(crate) mod tests {
         ids.learn([(id, "orders".to_owned())]);
         let r = parse(frame(ApiKey::Produce, 13, 3, &p), &ids).unwrap();
         assert_eq!(r.topics, ["orders"]);
+        // A second answer naming the id otherwise poisons it; names Kafka cannot have are not learned.
+        ids.learn([(id, "payments".to_owned())]);
+        assert_eq!(ids.name(&id), None);
+        let other = uuid::Uuid::from_u128(0x99);
+        ids.learn([(other, "a/b".to_owned()), (other, "x".repeat(250))]);
+        assert_eq!(ids.name(&other), None);
+        // A Metadata topic with a name and an id stands for both.
+        let known = uuid::Uuid::from_u128(0x42);
+        ids.learn([(known, "secret".to_owned())]);
+        let t = MetadataRequestTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_static_str("public"))))
+            .with_topic_id(known);
+        let r = parse(frame(ApiKey::Metadata, 12, 4, &MetadataRequest::default().with_topics(Some(vec![t]))), &ids)
+            .unwrap();
+        assert_eq!(r.topics, ["public", "secret"]);
     }
 
     #[test]
