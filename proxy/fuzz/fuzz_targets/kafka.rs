@@ -1,14 +1,20 @@
-//! Untrusted Kafka bytes, both ways. As a client's stream: split into frames by the proxy's codec,
+//! Untrusted Kafka bytes, both ways. As a client's stream: split into frames as the proxy reads them,
 //! each frame decoded as a request; a request that decodes gets the denial the proxy would send,
 //! which must read back as the response to that very request. As a request frame on its own. As a
 //! broker's answer to a request of the key and version in the first four bytes. No input may panic.
 #![no_main]
 
-use bytes::{Bytes, BytesMut};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 use libfuzzer_sys::fuzz_target;
 use proxy::kafka::{denial, frame, request, response};
-use tokio_util::codec::Decoder as _;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("a runtime"))
+}
 
 fuzz_target!(|data: &[u8]| {
     let ids = request::TopicIds::default();
@@ -21,10 +27,16 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     };
-    let mut stream = BytesMut::from(data);
-    let mut codec = frame::codec();
-    while let Ok(Some(f)) = codec.decode(&mut stream) {
-        judge(f.freeze());
+    let frames = runtime().block_on(async {
+        let mut r = frame::reader(data);
+        let mut frames = Vec::new();
+        while let Ok(f) = frame::next(&mut r).await {
+            frames.push(f);
+        }
+        frames
+    });
+    for f in frames {
+        judge(f);
     }
     judge(Bytes::copy_from_slice(data));
     if let (Some(head), Some(rest)) = (data.get(..4), data.get(4..)) {

@@ -33,10 +33,9 @@ use kafka_protocol::messages::ApiKey;
 use policy_engine::kafka::{KafkaRequest, api_key_name};
 use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, KafkaInfo, Verdict};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use self::frame::FrameError;
 use self::request::Request;
@@ -48,15 +47,24 @@ use crate::service::Shared;
 
 /// Requests owed an answer per connection before the proxy stops reading the client.
 const PIPELINE: usize = 1024;
+/// Bytes of the proxy's own answers owed per connection before it stops reading the client (a
+/// client that pipelines denied requests and never reads cannot make the proxy hold more).
+const OWED_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// What the response half owes the client next.
 #[derive(Debug)]
 enum Pending {
     /// The broker's next response, for this request.
     Forwarded(Owed),
-    /// The proxy's answer to a denied request.
-    Injected(Bytes),
+    /// The proxy's answer to a denied request, holding its share of [`OWED_ANSWER_BYTES`].
+    Injected(Bytes, OwedBytes),
 }
+
+/// A share of [`OWED_ANSWER_BYTES`], given back when the answer is written.
+#[derive(Debug)]
+struct OwedBytes(
+    #[expect(dead_code, reason = "held, not read: dropping it gives the bytes back")] OwnedSemaphorePermit,
+);
 
 /// A forwarded request whose answer the broker owes.
 #[derive(Debug)]
@@ -291,10 +299,16 @@ pub async fn serve(
     let (up_r, up_w) = upstream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
     let first = policy.get();
-    tokio::join!(
-        requests(&shared, &mut policy, &state, frame::reader(client_r), up_w, tx),
-        respond(&shared, &first, &state, rx, frame::reader(up_r), client_w),
-    );
+    let requests = requests(&shared, &mut policy, &state, frame::reader(client_r), up_w, tx);
+    let responses = respond(&shared, &first, &state, rx, frame::reader(up_r), client_w);
+    tokio::pin!(requests, responses);
+    tokio::select! {
+        // The response half ended on its own (the broker or the client broke off): the connection
+        // is over, the request half stops with it.
+        () = &mut responses => {}
+        // The client is done: what is owed still goes back.
+        () = &mut requests => responses.await,
+    }
 }
 
 /// The request half: frames from the client, each judged; allowed ones to the broker.
@@ -302,10 +316,11 @@ async fn requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     shared: &Shared,
     policy: &mut Policy<'_>,
     state: &ConnState,
-    mut client: FramedRead<R, LengthDelimitedCodec>,
+    mut client: BufReader<R>,
     mut broker: W,
     owed: mpsc::Sender<Pending>,
 ) {
+    let budget = Arc::new(Semaphore::new(OWED_ANSWER_BYTES));
     loop {
         let frame = match frame::next(&mut client).await {
             Ok(f) => f,
@@ -334,7 +349,11 @@ async fn requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 owes.map(Pending::Forwarded)
             }
-            Step::Answer(bytes) => Some(Pending::Injected(bytes)),
+            Step::Answer(bytes) => {
+                let share = u32::try_from(bytes.len().min(OWED_ANSWER_BYTES)).unwrap_or(u32::MAX);
+                let Ok(permit) = budget.clone().acquire_many_owned(share).await else { break };
+                Some(Pending::Injected(bytes, OwedBytes(permit)))
+            }
             Step::Nothing => None,
             Step::Close => break,
         };
@@ -358,21 +377,31 @@ async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     policy: &ConnPolicy,
     state: &ConnState,
     mut owed: mpsc::Receiver<Pending>,
-    mut broker: FramedRead<R, LengthDelimitedCodec>,
+    mut broker: BufReader<R>,
     mut client: W,
 ) {
     let emit = Emit { shared, policy };
+    // A client that stops reading is let go after this long without progress.
+    let stalled = shared.limits.request_timeout();
     while let Some(p) = owed.recv().await {
-        let bytes = match p {
-            Pending::Injected(b) => b,
+        let (bytes, _share) = match p {
+            Pending::Injected(b, share) => (b, Some(share)),
             Pending::Forwarded(o) => match answer(shared, &emit, &mut broker, o).await {
-                Some(b) => b,
+                Some(b) => (b, None),
                 None => break,
             },
         };
-        if frame::write(&mut client, &bytes).await.is_err() {
-            Counters::inc(&shared.counters.downstream_errors);
-            break;
+        match tokio::time::timeout(stalled, frame::write(&mut client, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                Counters::inc(&shared.counters.downstream_errors);
+                break;
+            }
+            Err(_) => {
+                Counters::inc(&shared.counters.downstream_errors);
+                crate::log_limited!(info, "Kafka client read nothing for {stalled:?}: connection closed");
+                break;
+            }
         }
         state.inflight.fetch_sub(1, Ordering::Relaxed);
         state.touch();
@@ -388,7 +417,7 @@ async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 async fn answer<R: AsyncRead + Unpin>(
     shared: &Shared,
     emit: &Emit<'_>,
-    broker: &mut FramedRead<R, LengthDelimitedCodec>,
+    broker: &mut BufReader<R>,
     o: Owed,
 ) -> Option<Bytes> {
     let Owed { api_key, version, correlation_id, mut info, rule, start } = o;

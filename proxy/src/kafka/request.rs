@@ -125,6 +125,43 @@ pub enum Unparseable {
     /// The header or the body does not decode, or bytes are left over.
     #[error("{0}")]
     Malformed(String),
+    /// More topics, partitions or groups than [`MAX_ENTRIES`].
+    #[error("{0} topics, partitions or groups in one request: over the limit of {MAX_ENTRIES}")]
+    TooMany(usize),
+}
+
+/// The most topics, partitions and groups one request may name (the proxy's answer to a denied one
+/// holds an entry for each, and no client needs more in one request).
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// How many entries a request names (what a denial answers, per partition where there are any).
+fn entries(body: &RequestKind) -> usize {
+    let parts = |n: usize, sum: usize| n.saturating_add(sum);
+    match body {
+        RequestKind::Produce(r) => r.topic_data.iter().fold(0, |a, t| parts(a, t.partition_data.len().max(1))),
+        RequestKind::Fetch(r) => r
+            .topics
+            .iter()
+            .map(|t| t.partitions.len().max(1))
+            .chain(r.forgotten_topics_data.iter().map(|t| t.partitions.len().max(1)))
+            .fold(0, parts),
+        RequestKind::ListOffsets(r) => r.topics.iter().fold(0, |a, t| parts(a, t.partitions.len().max(1))),
+        RequestKind::OffsetCommit(r) => r.topics.iter().fold(0, |a, t| parts(a, t.partitions.len().max(1))),
+        RequestKind::OffsetFetch(r) => r
+            .topics
+            .iter()
+            .flatten()
+            .map(|t| t.partition_indexes.len().max(1))
+            .chain(r.groups.iter().flat_map(|g| g.topics.iter().flatten()).map(|t| t.partition_indexes.len().max(1)))
+            .fold(r.groups.len(), parts),
+        RequestKind::Metadata(r) => r.topics.as_ref().map_or(0, Vec::len),
+        RequestKind::FindCoordinator(r) => r.coordinator_keys.len(),
+        RequestKind::DescribeGroups(r) => r.groups.len(),
+        RequestKind::CreateTopics(r) => r.topics.len(),
+        RequestKind::DeleteTopics(r) => r.topics.len().max(r.topic_names.len()),
+        RequestKind::OffsetForLeaderEpoch(r) => r.topics.iter().fold(0, |a, t| parts(a, t.partitions.len().max(1))),
+        _ => 0,
+    }
 }
 
 /// Decodes one request frame (the bytes after the 4-byte length).
@@ -146,6 +183,10 @@ pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
         .map_err(|e| Unparseable::Malformed(format!("{api_key:?} v{version}: {e:#}")))?;
     if !buf.is_empty() {
         return Err(Unparseable::Malformed(format!("{api_key:?} v{version}: {} bytes after the request", buf.len())));
+    }
+    let n = entries(&body);
+    if n > MAX_ENTRIES {
+        return Err(Unparseable::TooMany(n));
     }
     let expects_response = !matches!(&body, RequestKind::Produce(p) if p.acks == 0);
     let topics = topics(&body, ids);
@@ -315,6 +356,10 @@ pub(crate) mod tests {
         // (proxy/vendor/kafka-protocol/PORIN-PATCH.md).
         let huge = Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0xff, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
         assert!(matches!(parse(huge, &ids), Err(Unparseable::Malformed(m)) if m.contains("exceeds")));
+        // Too many partitions for one request.
+        let mut p = produce(&["orders"], 1);
+        p.topic_data[0].partition_data = vec![PartitionProduceData::default(); MAX_ENTRIES + 1];
+        assert_eq!(parse(frame(ApiKey::Produce, 9, 1, &p), &ids).unwrap_err(), Unparseable::TooMany(MAX_ENTRIES + 1));
         // Trailing bytes.
         let mut long = BytesMut::from(&f[..]);
         long.extend_from_slice(b"xx");

@@ -990,7 +990,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
                 bail!("Array length {n} exceeds the {} bytes left", buf.remaining());
             }
             n if n >= 0 => {
-                let mut result = Vec::with_capacity(n as usize);
+                // Porin patch: reserve for what is plausible, grow with what decodes.
+                let mut result = Vec::with_capacity((n as usize).min(1024));
                 for _ in 0..n {
                     result.push(self.0.decode(buf)?);
                 }
@@ -1102,7 +1103,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
                 bail!("Compact array length {} exceeds the {} bytes left", n - 1, buf.remaining());
             }
             n => {
-                let mut result = Vec::with_capacity((n - 1) as usize);
+                // Porin patch: as for `Array`.
+                let mut result = Vec::with_capacity(((n - 1) as usize).min(1024));
                 for _ in 1..n {
                     result.push(self.0.decode(buf)?);
                 }
