@@ -8,7 +8,7 @@
 //! seen stands for no topic a rule names, so the request is denied (fail closed).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
@@ -164,6 +164,30 @@ fn entries(body: &RequestKind) -> usize {
     }
 }
 
+/// The versions of `key` whose requests `kafka-protocol` decodes: its request type's own range
+/// (`ApiKey::valid_versions` can be wider: OffsetCommit says 10, its request stops at 9). Found
+/// once per key by asking the decoder, which refuses a version it does not know before reading.
+pub fn decodable_versions(key: ApiKey) -> Option<(i16, i16)> {
+    static RANGES: OnceLock<HashMap<i16, (i16, i16)>> = OnceLock::new();
+    let ranges = RANGES.get_or_init(|| {
+        let mut out = HashMap::new();
+        for k in (0..=i16::from(u8::MAX)).filter_map(|k| ApiKey::try_from(k).ok()) {
+            let range = k.valid_versions();
+            let known = (range.min..=range.max)
+                .filter(|v| {
+                    let err = RequestKind::decode(k, &mut Bytes::new(), *v).err().map(|e| format!("{e:#}"));
+                    !err.is_some_and(|e| e.contains("version not supported"))
+                })
+                .collect::<Vec<_>>();
+            if let (Some(lo), Some(hi)) = (known.first(), known.last()) {
+                out.insert(k as i16, (*lo, *hi));
+            }
+        }
+        out
+    });
+    ranges.get(&(key as i16)).copied()
+}
+
 /// Decodes one request frame (the bytes after the 4-byte length).
 pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
     let (Some(&[k0, k1, v0, v1]), true) = (frame.first_chunk::<4>(), frame.len() >= 8) else {
@@ -172,9 +196,9 @@ pub fn parse(frame: Bytes, ids: &TopicIds) -> Result<Request, Unparseable> {
     let key = i16::from_be_bytes([k0, k1]);
     let version = i16::from_be_bytes([v0, v1]);
     let api_key = ApiKey::try_from(key).map_err(|()| Unparseable::UnknownKey(key))?;
-    let range = api_key.valid_versions();
-    if version < range.min || version > range.max {
-        return Err(Unparseable::Version { key, version, min: range.min, max: range.max });
+    let (min, max) = decodable_versions(api_key).unwrap_or((0, -1));
+    if version < min || version > max {
+        return Err(Unparseable::Version { key, version, min, max });
     }
     let mut buf = frame;
     let header = RequestHeader::decode(&mut buf, api_key.request_header_version(version))
@@ -356,6 +380,10 @@ pub(crate) mod tests {
         // (proxy/vendor/kafka-protocol/PORIN-PATCH.md).
         let huge = Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0xff, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
         assert!(matches!(parse(huge, &ids), Err(Unparseable::Malformed(m)) if m.contains("exceeds")));
+        // The decoder's own ranges: OffsetCommit's request stops at 9 whatever the key table says.
+        assert_eq!(decodable_versions(ApiKey::OffsetCommit), Some((2, 9)));
+        assert_eq!(decodable_versions(ApiKey::Produce), Some((3, 13)));
+        assert!(matches!(parse(frame(ApiKey::Produce, 9, 1, &produce(&["o"], 1)), &ids), Ok(_)));
         // Too many partitions for one request.
         let mut p = produce(&["orders"], 1);
         p.topic_data[0].partition_data = vec![PartitionProduceData::default(); MAX_ENTRIES + 1];
