@@ -310,6 +310,25 @@ fn kafka_requests_are_judged_one_by_one_in_order_privileged() {
     assert_eq!((cid, produce_errors(&p)), (11, vec![("orders".into(), 0)]), "1 MiB batch");
     drop(s);
 
+    // An incremental fetch (KIP-227) names only what changed since the session began: in a session
+    // the proxy did not see begin, under the policy in force, it is answered
+    // FETCH_SESSION_ID_NOT_FOUND and the client must start over with a full fetch, judged whole.
+    let mut c = connect(&lab, "consumer");
+    let mut incremental = fetch("orders");
+    incremental.session_id = 777;
+    incremental.session_epoch = 3;
+    incremental.topics.clear();
+    c.write_all(&request(ApiKey::Fetch, 12, 21, "raw", &incremental)).unwrap();
+    let (cid, f): (i32, FetchResponse) = decode(response(&mut c).unwrap(), ApiKey::Fetch, 12);
+    assert_eq!((cid, f.error_code, f.responses.len()), (21, 70, 0));
+    c.write_all(&request(ApiKey::Fetch, 12, 22, "raw", &fetch("orders"))).unwrap();
+    // (the broker's answer: its header, then throttle time and the top-level error code)
+    let mut b = response(&mut c).unwrap();
+    let h = ResponseHeader::decode(&mut b, ApiKey::Fetch.response_header_version(12)).unwrap();
+    let error = i16::from_be_bytes([b[4], b[5]]);
+    assert_eq!((h.correlation_id, error), (22, 0), "a full fetch on the same connection is judged and served");
+    drop(c);
+
     // What the broker holds: the allowed records, none of the denied ones.
     let v = client(
         &lab,

@@ -37,6 +37,27 @@ fn name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_owned()))
 }
 
+/// Kafka's `FETCH_SESSION_ID_NOT_FOUND`: the client starts a new session with a full fetch.
+pub const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
+
+/// The answer to an incremental Fetch in a session the proxy cannot vouch for (not begun on this
+/// connection, or begun under another policy): the session is unknown, the client starts a new one
+/// with a full fetch, which is judged on every topic it names. `None` for a request that is not a
+/// Fetch or whose version has no sessions.
+pub fn fetch_session_not_found(req: &Request) -> Option<Bytes> {
+    if req.api_key != kafka_protocol::messages::ApiKey::Fetch || req.version() < 7 {
+        return None;
+    }
+    let mut resp = FetchResponse::default();
+    resp.error_code = FETCH_SESSION_ID_NOT_FOUND;
+    let mut header = ResponseHeader::default();
+    header.correlation_id = req.correlation_id();
+    let mut buf = BytesMut::with_capacity(32);
+    header.encode(&mut buf, req.api_key.response_header_version(req.version())).ok()?;
+    resp.encode(&mut buf, req.version()).ok()?;
+    Some(buf.freeze())
+}
+
 /// The response body of a denial.
 fn body(req: &Request) -> Option<(ResponseKind, i16)> {
     use kafka_protocol::messages::{
@@ -521,6 +542,26 @@ mod tests {
             assert_eq!(code, GROUP_AUTHORIZATION_FAILED);
             let answer = crate::kafka::response::inspect(bytes, ApiKey::FindCoordinator, version, 4, &ids).unwrap();
             assert_eq!(answer.error_code, GROUP_AUTHORIZATION_FAILED, "v{version}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use crate::kafka::request::tests::frame;
+    use crate::kafka::request::{TopicIds, parse};
+    use kafka_protocol::messages::{ApiKey, FetchRequest};
+
+    #[test]
+    fn an_unknown_fetch_session_is_answered_70() {
+        let ids = TopicIds::default();
+        for version in [7, 12, 16] {
+            let f = FetchRequest::default().with_session_id(777).with_session_epoch(3);
+            let req = parse(frame(ApiKey::Fetch, version, 21, &f), &ids).unwrap();
+            let bytes = fetch_session_not_found(&req).unwrap();
+            let answer = crate::kafka::response::inspect(bytes, ApiKey::Fetch, version, 21, &ids).unwrap();
+            assert_eq!(answer.error_code, FETCH_SESSION_ID_NOT_FOUND, "v{version}");
         }
     }
 }

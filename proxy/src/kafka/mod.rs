@@ -66,6 +66,37 @@ struct OwedBytes(
     #[expect(dead_code, reason = "held, not read: dropping it gives the bytes back")] OwnedSemaphorePermit,
 );
 
+/// Fetch sessions (KIP-227) begun on this connection: session id → the snapshot version its full
+/// fetch was judged under. An incremental fetch names only what changed, so the proxy lets one
+/// through only in a session it saw begin under the policy in force; any other is answered
+/// `FETCH_SESSION_ID_NOT_FOUND` and the client starts over with a full fetch, judged whole.
+#[derive(Debug, Default)]
+struct Sessions(std::sync::Mutex<std::collections::HashMap<i32, u64>>);
+
+/// At most this many sessions per connection (a client uses one per broker).
+const MAX_SESSIONS: usize = 64;
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, u64>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn current(&self, id: i32, version: u64) -> bool {
+        self.lock().get(&id) == Some(&version)
+    }
+
+    fn begun(&self, id: i32, version: u64) {
+        let mut m = self.lock();
+        if m.len() < MAX_SESSIONS || m.contains_key(&id) {
+            m.insert(id, version);
+        }
+    }
+
+    fn end(&self, id: i32) {
+        self.lock().remove(&id);
+    }
+}
+
 /// A forwarded request whose answer the broker owes.
 #[derive(Debug)]
 struct Owed {
@@ -75,6 +106,8 @@ struct Owed {
     info: KafkaInfo,
     rule: Option<Arc<str>>,
     start: Instant,
+    /// A full Fetch asking for a session: the snapshot version it was judged under.
+    session: Option<u64>,
 }
 
 /// What one request frame comes to (parse → judge; the records are written, no I/O is done).
@@ -210,7 +243,7 @@ impl RecordBuilder<'_> {
 }
 
 /// Parse and judge one request frame.
-fn step(shared: &Shared, policy: &ConnPolicy, frame: Bytes) -> Step {
+fn step(shared: &Shared, policy: &ConnPolicy, sessions: &Sessions, frame: Bytes) -> Step {
     let emit = Emit { shared, policy };
     Counters::inc(&shared.counters.requests);
     let req = match request::parse(frame, &shared.kafka_topic_ids) {
@@ -222,6 +255,33 @@ fn step(shared: &Shared, policy: &ConnPolicy, frame: Bytes) -> Step {
             return Step::Close;
         }
     };
+    let version = policy.snapshot.as_ref().map_or(0, |s| s.version);
+    let mut new_session = None;
+    let mut in_session = false;
+    match req.fetch_session() {
+        Some((id, epoch)) if epoch > 0 => {
+            if !sessions.current(id, version) {
+                sessions.end(id);
+                let Some(bytes) = denial::fetch_session_not_found(&req) else { return Step::Close };
+                let record = emit.record(false, Verdict::Dropped, None, info(&req, denial::FETCH_SESSION_ID_NOT_FOUND));
+                record
+                    .summary("an incremental fetch in a session not begun on this connection under the policy in force: the client starts a new one")
+                    .send();
+                return Step::Answer(bytes);
+            }
+            in_session = true;
+        }
+        Some((id, epoch)) => {
+            if id != 0 {
+                sessions.end(id);
+            }
+            // Epoch 0 asks for a session (-1: none).
+            if epoch == 0 {
+                new_session = Some(version);
+            }
+        }
+        None => {}
+    }
     let judged = policy.check_kafka(&if req.idempotent_producer_id() {
         KafkaRequest::idempotent_producer_id(req.client_id())
     } else {
@@ -230,7 +290,8 @@ fn step(shared: &Shared, policy: &ConnPolicy, frame: Bytes) -> Step {
             api_version: Some(req.version()),
             client_id: req.client_id(),
             topics: req.topics.iter().map(String::as_str).collect(),
-            cluster_only: req.cluster_only,
+            // An incremental fetch naming nothing new: its topics were judged when the session began.
+            cluster_only: req.cluster_only || (in_session && req.topics.is_empty()),
         }
     });
     match judged {
@@ -244,6 +305,7 @@ fn step(shared: &Shared, policy: &ConnPolicy, frame: Bytes) -> Step {
                 info: info(&req, 0),
                 rule,
                 start: Instant::now(),
+                session: new_session,
             }))
         }
         RequestVerdict::Deny { reason, summary, policy: deciding } => {
@@ -299,8 +361,9 @@ pub async fn serve(
     let (up_r, up_w) = upstream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
     let first = policy.get();
-    let requests = requests(&shared, &mut policy, &state, frame::reader(client_r), up_w, tx);
-    let responses = respond(&shared, &first, &state, rx, frame::reader(up_r), client_w);
+    let sessions = Sessions::default();
+    let requests = requests(&shared, &mut policy, &state, frame::reader(client_r), up_w, tx, &sessions);
+    let responses = respond(&shared, &first, &state, rx, frame::reader(up_r), client_w, &sessions);
     tokio::pin!(requests, responses);
     tokio::select! {
         // The response half ended on its own (the broker or the client broke off): the connection
@@ -319,6 +382,7 @@ async fn requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut client: BufReader<R>,
     mut broker: W,
     owed: mpsc::Sender<Pending>,
+    sessions: &Sessions,
 ) {
     let budget = Arc::new(Semaphore::new(OWED_ANSWER_BYTES));
     loop {
@@ -337,7 +401,7 @@ async fn requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         };
         state.touch();
         let p = policy.get();
-        let pending = match step(shared, &p, frame.clone()) {
+        let pending = match step(shared, &p, sessions, frame.clone()) {
             Step::Forward(owes) => {
                 if let Err(e) = frame::write(&mut broker, &frame).await {
                     Counters::inc(&shared.counters.upstream_errors);
@@ -379,6 +443,7 @@ async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut owed: mpsc::Receiver<Pending>,
     mut broker: BufReader<R>,
     mut client: W,
+    sessions: &Sessions,
 ) {
     let emit = Emit { shared, policy };
     // A client that stops reading is let go after this long without progress.
@@ -386,7 +451,7 @@ async fn respond<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     while let Some(p) = owed.recv().await {
         let (bytes, _share) = match p {
             Pending::Injected(b, share) => (b, Some(share)),
-            Pending::Forwarded(o) => match answer(shared, &emit, &mut broker, o).await {
+            Pending::Forwarded(o) => match answer(shared, &emit, &mut broker, o, sessions).await {
                 Some(b) => (b, None),
                 None => break,
             },
@@ -419,8 +484,9 @@ async fn answer<R: AsyncRead + Unpin>(
     emit: &Emit<'_>,
     broker: &mut BufReader<R>,
     o: Owed,
+    sessions: &Sessions,
 ) -> Option<Bytes> {
-    let Owed { api_key, version, correlation_id, mut info, rule, start } = o;
+    let Owed { api_key, version, correlation_id, mut info, rule, start, session } = o;
     let frame = match frame::next(broker).await {
         Ok(f) => f,
         Err(e) => {
@@ -433,6 +499,9 @@ async fn answer<R: AsyncRead + Unpin>(
     match response::inspect(frame, api_key, version, correlation_id, &shared.kafka_topic_ids) {
         Ok(answer) => {
             info.error_code = i32::from(answer.error_code);
+            if let (Some(judged_under), Some(id)) = (session, answer.fetch_session) {
+                sessions.begun(id, judged_under);
+            }
             emit.record(true, Verdict::Forwarded, None, info).rule(rule).latency(start).send();
             Some(answer.frame)
         }

@@ -94,6 +94,15 @@ impl Request {
         self.header.client_id.as_deref()
     }
 
+    /// A Fetch's session (KIP-227): `(session id, epoch)`; epoch > 0 is an incremental fetch that names
+    /// only what changed since the last one.
+    pub fn fetch_session(&self) -> Option<(i32, i32)> {
+        match &self.body {
+            RequestKind::Fetch(f) if self.version() >= 7 => Some((f.session_id, f.session_epoch)),
+            _ => None,
+        }
+    }
+
     /// An InitProducerId without a transactional id: an idempotent producer asking for its id
     /// (judged by [`policy_engine::kafka::KafkaRequest::idempotent_producer_id`]).
     pub fn idempotent_producer_id(&self) -> bool {

@@ -37,6 +37,8 @@ pub struct Inspected {
     pub frame: Bytes,
     /// The error code for the flow record.
     pub error_code: i16,
+    /// A Fetch answer that opened or continued a fetch session (KIP-227): its id.
+    pub fetch_session: Option<i32>,
 }
 
 /// Checks one response frame (without its length) to a request of `api_key` `version` with
@@ -62,14 +64,17 @@ pub fn inspect(
                 ids.learn(m.topics.iter().filter_map(|t| t.name.as_ref().map(|n| (t.topic_id, n.to_string()))));
                 error_code = first_error(m.topics.iter().map(|t| t.error_code));
             }
-            Ok(Inspected { frame, error_code })
+            Ok(Inspected { frame, error_code, fetch_session: None })
         }
         ApiKey::ApiVersions => {
             let error_code = peek_i16(&body);
             let frame = narrow_api_versions(&header, header_version, body, version).unwrap_or(frame);
-            Ok(Inspected { frame, error_code })
+            Ok(Inspected { frame, error_code, fetch_session: None })
         }
-        _ => Ok(Inspected { error_code: error_code(api_key, body, version), frame }),
+        _ => {
+            let (error_code, fetch_session) = read_body(api_key, body, version);
+            Ok(Inspected { frame, error_code, fetch_session })
+        }
     }
 }
 
@@ -81,11 +86,21 @@ fn peek_i16(body: &[u8]) -> i16 {
     body.first_chunk::<2>().map_or(0, |b| i16::from_be_bytes(*b))
 }
 
-/// The error a response body says, for the APIs Kafka rules are about (others: 0). Records are not
-/// copied: record batches stay slices of the frame.
-pub fn error_code(api_key: ApiKey, mut body: Bytes, version: i16) -> i16 {
+/// The error a response body says, for the APIs Kafka rules are about (others: 0), and the fetch
+/// session a Fetch answer opened or continued. Records are not copied: record batches stay slices of
+/// the frame.
+fn read_body(api_key: ApiKey, mut body: Bytes, version: i16) -> (i16, Option<i32>) {
     use kafka_protocol::messages::ResponseKind as R;
-    let Ok(resp) = R::decode(api_key, &mut body, version) else { return 0 };
+    let Ok(resp) = R::decode(api_key, &mut body, version) else { return (0, None) };
+    let session = match &resp {
+        R::Fetch(f) if f.error_code == 0 && f.session_id != 0 => Some(f.session_id),
+        _ => None,
+    };
+    (error_code(&resp), session)
+}
+
+fn error_code(resp: &kafka_protocol::messages::ResponseKind) -> i16 {
+    use kafka_protocol::messages::ResponseKind as R;
     match resp {
         R::Produce(r) => {
             first_error(r.responses.iter().flat_map(|t| t.partition_responses.iter().map(|p| p.error_code)))
