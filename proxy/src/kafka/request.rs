@@ -392,7 +392,7 @@ pub(crate) mod tests {
         // The decoder's own ranges: OffsetCommit's request stops at 9 whatever the key table says.
         assert_eq!(decodable_versions(ApiKey::OffsetCommit), Some((2, 9)));
         assert_eq!(decodable_versions(ApiKey::Produce), Some((3, 13)));
-        assert!(matches!(parse(frame(ApiKey::Produce, 9, 1, &produce(&["o"], 1)), &ids), Ok(_)));
+        assert!(parse(frame(ApiKey::Produce, 9, 1, &produce(&["o"], 1)), &ids).is_ok());
         // Too many partitions for one request.
         let mut p = produce(&["orders"], 1);
         p.topic_data[0].partition_data = vec![PartitionProduceData::default(); MAX_ENTRIES + 1];
