@@ -228,9 +228,11 @@ pub struct KafkaRequest<'a> {
     pub client_id: Option<&'a str>,
     /// Topics named by the request.
     pub topics: Vec<&'a str>,
-    /// The request asks about no topic at all: a Metadata request (v1+) with an empty topic list
-    /// wants the brokers and the cluster only (how clients bootstrap). Topic rules do not restrict it
-    /// (key, version and client id still must match); a null list (every topic) is not this.
+    /// The request names no topic and needs none judged: a Metadata request (v1+) with an empty
+    /// topic list wants the brokers and the cluster only (how clients bootstrap); an incremental
+    /// Fetch naming nothing new continues a session whose topics were judged when it began (the
+    /// proxy vouches for that). Topic rules do not restrict it (key, version and client id still
+    /// must match); a null Metadata list (every topic) is not this.
     pub cluster_only: bool,
 }
 
