@@ -73,6 +73,11 @@ kafka_tools() {
     }
 }
 
+observability_tools() {
+    # Prometheus itself (scrapes the metrics in a test) and promtool (checks the exposition).
+    apt_install prometheus
+}
+
 fuzz_tools() {
     # cargo-fuzz, installed once per machine (~2 min to build) and reused.
     command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz (once per machine)"; cargo install cargo-fuzz --locked; }
@@ -98,6 +103,7 @@ setup_tests() {
     l7_clients
     dns_tools
     kafka_tools
+    observability_tools
     fuzz_tools
 }
 

@@ -74,8 +74,11 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         });
         let proxy = proxy::Proxy::start_with(cfg, proxy::Hooks { register: Some(register), fqdn }).await?;
         if let Some(ready) = &a.ready {
-            let addrs: BTreeMap<String, String> =
+            let mut addrs: BTreeMap<String, String> =
                 proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();
+            if let Some(m) = proxy.info.metrics {
+                addrs.insert("metrics".into(), m.to_string());
+            }
             let tmp = ready.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec(&addrs)?)?;
             std::fs::rename(&tmp, ready)?;

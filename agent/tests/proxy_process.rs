@@ -313,3 +313,151 @@ fn the_agent_publishes_and_the_proxy_outlives_it_privileged() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A free port on 127.0.0.1 (bound and let go: the caller binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /metrics` of the proxy.
+fn scrape(addr: &str) -> String {
+    let o = Command::new("curl").args(["-sS", "-m", "5", &format!("http://{addr}/metrics")]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A Prometheus server (the real one), scraping `target` every second, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: Dir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = Dir::new("prom");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: porin-proxy\n  static_configs: [{{targets: ['{target}']}}]\n"),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus (apt prometheus; scripts/setup.sh installs it)");
+        Self { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+
+    /// The value of an instant query's first sample, once Prometheus has one.
+    fn query(&self, q: &str) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-m",
+                    "5",
+                    "-G",
+                    &format!("{}/api/v1/query", self.url),
+                    "--data-urlencode",
+                    &format!("query={q}"),
+                ])
+                .output()
+                .unwrap();
+            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout)
+                && let Some(s) = v["data"]["result"][0]["value"][1].as_str()
+            {
+                return s.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus has no sample for {q}: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_proxy_serves_hubble_metrics_that_promtool_and_prometheus_read() {
+    let dir = Dir::new("metrics");
+    let snap = dir.0.join("snapshot.json");
+    let eps = dir.0.join("endpoints.json");
+    std::fs::write(&eps, ENDPOINTS).unwrap();
+    let o = porin()
+        .args(["policy", "publish", "--endpoints"])
+        .arg(&eps)
+        .arg("-o")
+        .arg(&snap)
+        .arg(repo().join("config/examples/starwars/l3-l4-l7.yaml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let up = backend();
+    let config = dir.0.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "snapshot: {}\nmetrics: \"127.0.0.1:{}\"\nlisteners:\n- {{name: tie, listen: \"127.0.0.1:0\", upstream: \"{up}\", source: {{pod: default/tiefighter}}, destination: {{pod: default/deathstar}}, port: 80}}\n",
+            snap.display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let p = ProxyProc::start(&config, &dir.0.join("ready.json"), None);
+    let (tie, metrics) = (p.addr("tie"), p.addr("metrics"));
+    for _ in 0..3 {
+        assert_eq!(curl(&["-X", "POST", &format!("http://{tie}/v1/request-landing")]).0, "200");
+    }
+    for _ in 0..2 {
+        assert_eq!(curl(&["-X", "PUT", &format!("http://{tie}/v1/exhaust-port")]).0, "403");
+    }
+
+    // Hubble's names and labels; requests counted when seen (denied ones too), responses apart.
+    let text = scrape(&metrics);
+    for line in [
+        r#"hubble_http_requests_total{method="POST",protocol="HTTP/1.1",reporter="server"} 3"#,
+        r#"hubble_http_requests_total{method="PUT",protocol="HTTP/1.1",reporter="server"} 2"#,
+        r#"hubble_http_responses_total{status="200",method="POST",reporter="server"} 3"#,
+        r#"hubble_flows_processed_total{protocol="http",type="L7",subtype="HTTP",verdict="DROPPED"} 2"#,
+        r#"hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} 2"#,
+        r#"hubble_http_request_duration_seconds_count{method="POST",reporter="server"} 3"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+    }
+    // promtool (Prometheus' own linter) accepts the exposition.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt prometheus)");
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The real Prometheus scrapes it and answers a query over its HTTP API.
+    let prom = Prometheus::start(&metrics);
+    assert_eq!(prom.query(r#"sum(hubble_http_requests_total{method="PUT"})"#), 2.0);
+    assert_eq!(prom.query(r#"sum(hubble_drop_total{reason="POLICY_DENIED"})"#), 2.0);
+}

@@ -22,6 +22,9 @@ pub struct ProxyConfig {
     /// Also append every flow record to this file (JSON lines).
     #[serde(default)]
     pub flow_log: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     /// Listeners.
     pub listeners: Vec<ListenerConfig>,
     /// Limits and timeouts.

@@ -25,6 +25,7 @@ pub mod fqdn;
 pub mod head;
 pub mod kafka;
 pub mod log_limit;
+pub mod metrics;
 pub mod policy;
 pub mod records;
 pub mod reply;
@@ -55,6 +56,8 @@ pub struct ProxyInfo {
     pub shared: Arc<Shared>,
     /// Listeners and the addresses they are bound to.
     pub listeners: Vec<(Arc<ListenerConfig>, SocketAddr)>,
+    /// Where `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ProxyInfo {
@@ -172,7 +175,19 @@ impl Proxy {
         tasks.push(tokio::spawn(fqdn_upkeep(shared.clone())));
         let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));
         tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
-        let info = Arc::new(ProxyInfo { shared, listeners });
+        let metrics = match cfg.metrics {
+            Some(addr) => {
+                let sock = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
+                let bound = sock.local_addr()?;
+                tracing::info!(address = %bound, "serving metrics");
+                tasks.push(tokio::spawn(serve_metrics(shared.clone(), sock)));
+                Some(bound)
+            }
+            None => None,
+        };
+        let info = Arc::new(ProxyInfo { shared, listeners, metrics });
         if let Some(path) = &cfg.control_socket {
             let sock = porin_flow::control::bind(path)?;
             tasks.push(tokio::spawn(porin_flow::control::serve(sock, info.clone())));
@@ -183,6 +198,49 @@ impl Proxy {
     /// The address listener `name` is bound to.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.info.listeners.iter().find(|(l, _)| l.name == name).map(|(_, a)| *a)
+    }
+}
+
+/// `GET /metrics`: the Prometheus metrics of the flow records (OpenMetrics text); anything else 404.
+async fn serve_metrics(shared: Arc<Shared>, sock: tokio::net::TcpListener) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = sock.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let openmetrics = req
+                        .headers()
+                        .get_all(hyper::header::ACCEPT)
+                        .iter()
+                        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+                    let resp = if req.uri().path() != "/metrics" {
+                        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(bytes::Bytes::new()))
+                    } else if openmetrics {
+                        Response::builder()
+                            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                            .body(Full::new(bytes::Bytes::from(shared.records.metrics.render())))
+                    } else {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(bytes::Bytes::from(shared.records.metrics.render_text())))
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
     }
 }
 

@@ -285,6 +285,7 @@ impl Fixture {
             snapshot_poll_ms: 20,
             control_socket: Some(dir.0.join("proxy.sock")),
             flow_log: None,
+            metrics: None,
             dns: Default::default(),
             listeners: listeners
                 .iter()
