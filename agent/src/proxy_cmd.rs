@@ -38,10 +38,16 @@ pub struct ProxyArgs {
 
 /// Runs the proxy until SIGTERM / SIGINT.
 pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
+    let cfg = ProxyConfig::load(&a.config)?;
+    // Metrics are bound where porin was started, before it enters the namespace: a scraper on the
+    // machine reaches a proxy that serves pods in a namespace of their own.
+    let metrics_socket = match cfg.metrics {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?),
+        None => None,
+    };
     if let Some(ns) = &a.netns {
         crate::agent::enter_netns(ns)?;
     }
-    let cfg = ProxyConfig::load(&a.config)?;
     raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = a.threads {
@@ -72,7 +78,8 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
             }
             .map_err(std::io::Error::other)
         });
-        let proxy = proxy::Proxy::start_with(cfg, proxy::Hooks { register: Some(register), fqdn }).await?;
+        let proxy =
+            proxy::Proxy::start_with(cfg, proxy::Hooks { register: Some(register), fqdn, metrics_socket }).await?;
         if let Some(ready) = &a.ready {
             let mut addrs: BTreeMap<String, String> =
                 proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();

@@ -245,6 +245,21 @@ fn kafka_lab_with_two_real_clients_privileged() {
         && f["l7"]["type"] == "RESPONSE"
         && f["l7"]["kafka"]["api_key"] == "fetch"
         && f["l7"]["kafka"]["topic"] == "orders"));
+
+    // The same in the node's metrics, scraped from the machine (the lab reports where).
+    let url = lab.status()["proxy"]["metrics"].as_str().expect("the lab reports its metrics URL").to_owned();
+    let o = std::process::Command::new("curl").args(["-sS", "-m", "5", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let count = |prefix: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert!(
+        count(r#"hubble_kafka_requests_total{topic="payments",api_key="produce",error_code="29",reporter="server"}"#)
+            >= 1.0,
+        "{text}"
+    );
+    assert!(count(r#"hubble_kafka_requests_total{topic="orders",api_key="fetch",error_code="0""#) >= 1.0, "{text}");
+    assert!(count("hubble_kafka_request_duration_seconds_count") >= 1.0, "{text}");
 }
 
 #[test]

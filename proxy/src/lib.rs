@@ -70,12 +70,15 @@ impl ProxyInfo {
 
 /// What the process that runs the proxy gives it of the datapath (`porin proxy` passes both; a
 /// proxy with explicit listeners only needs neither).
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Hooks {
     /// Announces transparent sockets to the datapath.
     pub register: Option<transparent::Register>,
     /// The kernel's FQDN map and conntrack, for the DNS proxy.
     pub fqdn: Option<Arc<dyn FqdnDatapath>>,
+    /// The metrics socket, already bound (by `porin proxy`, before it enters its network namespace,
+    /// so the metrics are reachable from where it was started); else `metrics` is bound here.
+    pub metrics_socket: Option<std::net::TcpListener>,
 }
 
 /// A running proxy; dropping it stops it.
@@ -175,11 +178,20 @@ impl Proxy {
         tasks.push(tokio::spawn(fqdn_upkeep(shared.clone())));
         let every = Duration::from_millis(cfg.snapshot_poll_ms.max(10));
         tasks.push(tokio::spawn(snapshot::follow(policy, cfg.snapshot.clone(), every)));
-        let metrics = match cfg.metrics {
-            Some(addr) => {
-                let sock = tokio::net::TcpListener::bind(addr)
+        let metrics_socket = match (hooks.metrics_socket, cfg.metrics) {
+            (Some(s), _) => {
+                s.set_nonblocking(true)?;
+                Some(tokio::net::TcpListener::from_std(s)?)
+            }
+            (None, Some(addr)) => Some(
+                tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?,
+            ),
+            (None, None) => None,
+        };
+        let metrics = match metrics_socket {
+            Some(sock) => {
                 let bound = sock.local_addr()?;
                 tracing::info!(address = %bound, "serving metrics");
                 tasks.push(tokio::spawn(serve_metrics(shared.clone(), sock)));

@@ -345,6 +345,7 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
             "pid": st.proxy_pid,
             "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
             "status": crate::agent::status_of(&paths.proxy_control()).ok(),
+            "metrics": process::metrics_url(name),
         },
         "pods": pods,
     }))
@@ -353,6 +354,9 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
 /// Renders the pods of a lab as a table.
 pub fn table(st: &LabState) -> String {
     let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
+    if let Some(url) = process::metrics_url(&st.name) {
+        let _ = writeln!(s, "metrics: {url}");
+    }
     let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
     for p in &st.pods {
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();

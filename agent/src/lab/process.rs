@@ -139,6 +139,14 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 /// The port of the lab proxy's Kafka listeners.
 pub(super) const KAFKA_PROXY_PORT: u16 = 15092;
 
+/// The URL of the lab proxy's metrics (bound on the machine's loopback before the proxy enters the
+/// node namespace), from its ready file.
+pub(super) fn metrics_url(name: &str) -> Option<String> {
+    let ready = std::fs::read_to_string(LabPaths::new(name).dir.join("proxy.ready")).ok()?;
+    let addrs: serde_json::Value = serde_json::from_str(&ready).ok()?;
+    addrs["metrics"].as_str().map(|a| format!("http://{a}/metrics"))
+}
+
 /// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
 /// listeners (IPv4 and IPv6; HTTP, DNS and Kafka) registered in the lab's datapath, on the policy the agent publishes.
 pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
@@ -151,7 +159,7 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         )
     };
     let mut config = format!(
-        "snapshot: {}\ncontrol_socket: {}\nlisteners:\n{}{}{}{}{}{}",
+        "snapshot: {}\ncontrol_socket: {}\nmetrics: \"127.0.0.1:0\"\nlisteners:\n{}{}{}{}{}{}",
         paths.snapshot().display(),
         paths.proxy_control().display(),
         listener(&format!("0.0.0.0:{PROXY_PORT}"), "v4", "http"),
