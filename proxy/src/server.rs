@@ -90,7 +90,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     }
 }
 
-/// Accepts connections on one listener until the task is dropped.
+/// Accepts connections on one listener until the task is dropped: each is admitted by the
+/// connection table, then served as HTTP (h2c or HTTP/1) or, on a Kafka listener, by
+/// [`crate::kafka::serve`].
 pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, socket: TcpListener) {
     loop {
         let (stream, client) = match socket.accept().await {
