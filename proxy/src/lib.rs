@@ -194,7 +194,7 @@ impl Proxy {
             Some(sock) => {
                 let bound = sock.local_addr()?;
                 tracing::info!(address = %bound, "serving metrics");
-                tasks.push(tokio::spawn(serve_metrics(shared.clone(), sock)));
+                tasks.push(tokio::spawn(serve_metrics(shared.records.metrics.clone(), sock)));
                 Some(bound)
             }
             None => None,
@@ -213,8 +213,9 @@ impl Proxy {
     }
 }
 
-/// `GET /metrics`: the Prometheus metrics of the flow records (OpenMetrics text); anything else 404.
-async fn serve_metrics(shared: Arc<Shared>, sock: tokio::net::TcpListener) {
+/// `GET /metrics` on `sock`: the metrics as OpenMetrics text when the scraper asks for it, else
+/// Prometheus' 0.0.4 text; anything else 404. (The agent serves its own with this too.)
+pub async fn serve_metrics(metrics: Arc<porin_flow::metrics::HubbleMetrics>, sock: tokio::net::TcpListener) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
     loop {
@@ -222,10 +223,10 @@ async fn serve_metrics(shared: Arc<Shared>, sock: tokio::net::TcpListener) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let shared = shared.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
+                let metrics = metrics.clone();
                 async move {
                     let openmetrics = req
                         .headers()
@@ -237,11 +238,11 @@ async fn serve_metrics(shared: Arc<Shared>, sock: tokio::net::TcpListener) {
                     } else if openmetrics {
                         Response::builder()
                             .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                            .body(Full::new(bytes::Bytes::from(shared.records.metrics.render())))
+                            .body(Full::new(bytes::Bytes::from(metrics.render())))
                     } else {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(bytes::Bytes::from(shared.records.metrics.render_text())))
+                            .body(Full::new(bytes::Bytes::from(metrics.render_text())))
                     };
                     Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
                 }

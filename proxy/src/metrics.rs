@@ -1,294 +1,33 @@
-//! Prometheus metrics of the proxy's flow records, named and labelled as Hubble's (spec §9), plus
-//! Porin's own (`porin_` prefix). Every record the proxy emits passes [`Metrics::observe`] once, on
-//! the path that numbers it; `/metrics` renders the registry (`prometheus-client`, OpenMetrics text).
-//!
-//! Label cardinality is bounded: labels take values from closed sets (verdicts, drop reasons, HTTP
-//! methods Hubble knows, status codes, DNS return codes, Kafka API keys), or from what policy names
-//! (Kafka topics), capped at [`MAX_TOPICS`] distinct values, the rest counted under `topic="other"`.
-//! DNS queries are not a label (Hubble's `dns` metric does not label names by default either).
+//! The proxy's flow records counted into the process's Hubble-named metrics
+//! ([`porin_flow::metrics::HubbleMetrics`]): every record passes [`observe`] once, on the path that
+//! numbers it.
 
-use std::collections::HashSet;
-use std::sync::{Mutex, PoisonError};
-
-use porin_flow::flow::{TrafficDirection, Verdict};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use porin_flow::flow::Verdict;
+use porin_flow::metrics::{HubbleMetrics, reporter};
 
 use crate::records::{Detail, Record, Transport};
 
-/// Distinct Kafka topics labelled; the rest count as `other`.
-pub const MAX_TOPICS: usize = 1000;
-
-/// `hubble_flows_processed_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FlowLabels {
-    protocol: &'static str,
-    r#type: &'static str,
-    subtype: &'static str,
-    verdict: &'static str,
-}
-
-/// `hubble_drop_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DropLabels {
-    reason: &'static str,
-    protocol: &'static str,
-}
-
-/// `hubble_http_requests_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HttpRequestLabels {
-    method: String,
-    protocol: &'static str,
-    reporter: &'static str,
-}
-
-/// `hubble_http_responses_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HttpResponseLabels {
-    status: String,
-    method: String,
-    reporter: &'static str,
-}
-
-/// `hubble_http_request_duration_seconds` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HttpDurationLabels {
-    method: String,
-    reporter: &'static str,
-}
-
-/// `hubble_dns_queries_total` / `hubble_dns_responses_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DnsLabels {
-    rcode: String,
-    qtypes: String,
-    ips_returned: String,
-}
-
-/// `hubble_kafka_requests_total` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KafkaLabels {
-    topic: String,
-    api_key: String,
-    error_code: String,
-    reporter: &'static str,
-}
-
-/// `hubble_kafka_request_duration_seconds` labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KafkaDurationLabels {
-    topic: String,
-    api_key: String,
-    reporter: &'static str,
-}
-
-/// The proxy's metrics.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    flows: Family<FlowLabels, Counter>,
-    drops: Family<DropLabels, Counter>,
-    http_requests: Family<HttpRequestLabels, Counter>,
-    http_responses: Family<HttpResponseLabels, Counter>,
-    http_duration: Family<HttpDurationLabels, Histogram>,
-    dns_queries: Family<DnsLabels, Counter>,
-    dns_responses: Family<DnsLabels, Counter>,
-    kafka_requests: Family<KafkaLabels, Counter>,
-    kafka_duration: Family<KafkaDurationLabels, Histogram>,
-    /// Kafka topics given a label of their own so far.
-    topics: Mutex<HashSet<String>>,
-}
-
-fn latency_buckets() -> Histogram {
-    // 100 µs to ~52 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
-        let flows = Family::default();
-        registry.register("hubble_flows_processed", "Flows processed (L7 records of the proxy)", flows.clone());
-        let drops = Family::default();
-        registry.register("hubble_drop", "Requests the proxy dropped, by reason", drops.clone());
-        let http_requests = Family::default();
-        registry.register(
-            "hubble_http_requests",
-            "HTTP requests (counted when the request is seen)",
-            http_requests.clone(),
-        );
-        let http_responses = Family::default();
-        registry.register("hubble_http_responses", "HTTP responses", http_responses.clone());
-        let http_duration = Family::new_with_constructor(latency_buckets as fn() -> Histogram);
-        registry.register("hubble_http_request_duration_seconds", "HTTP request to response", http_duration.clone());
-        let dns_queries = Family::default();
-        registry.register("hubble_dns_queries", "DNS queries", dns_queries.clone());
-        let dns_responses = Family::default();
-        registry.register("hubble_dns_responses", "DNS responses", dns_responses.clone());
-        let kafka_requests = Family::default();
-        registry.register("hubble_kafka_requests", "Kafka requests (and responses)", kafka_requests.clone());
-        let kafka_duration = Family::new_with_constructor(latency_buckets as fn() -> Histogram);
-        registry.register("hubble_kafka_request_duration_seconds", "Kafka request to response", kafka_duration.clone());
-        Self {
-            registry,
-            flows,
-            drops,
-            http_requests,
-            http_responses,
-            http_duration,
-            dns_queries,
-            dns_responses,
-            kafka_requests,
-            kafka_duration,
-            topics: Mutex::new(HashSet::new()),
-        }
-    }
-}
-
-/// Hubble's `reporter`: the client's side judges egress, the server's ingress.
-fn reporter(direction: TrafficDirection) -> &'static str {
-    match direction {
-        TrafficDirection::Egress => "client",
-        _ => "server",
-    }
-}
-
-/// A method as a label: the ones HTTP defines, else `other` (a client chooses methods).
-fn method_label(m: &http::Method) -> String {
-    const KNOWN: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
-    if KNOWN.contains(&m.as_str()) { m.as_str().to_owned() } else { "other".to_owned() }
-}
-
-impl Metrics {
-    /// Counts one record.
-    pub fn observe(&self, r: &Record) {
-        let (protocol, subtype) = match &r.detail {
-            Detail::Http { .. } => ("http", "HTTP"),
-            Detail::Dns(_) => ("dns", "DNS"),
-            Detail::Kafka(_) => ("kafka", "Kafka"),
-        };
+/// Counts one record.
+pub fn observe(m: &HubbleMetrics, r: &Record) {
+    let (protocol, subtype) = match &r.detail {
+        Detail::Http { .. } => ("http", "HTTP"),
+        Detail::Dns(_) => ("dns", "DNS"),
+        Detail::Kafka(_) => ("kafka", "Kafka"),
+    };
+    m.flow(protocol, "L7", subtype, r.verdict.name());
+    if r.verdict == Verdict::Dropped {
         let l4 = if r.transport == Transport::Udp { "UDP" } else { "TCP" };
-        self.flows.get_or_create(&FlowLabels { protocol, r#type: "L7", subtype, verdict: r.verdict.name() }).inc();
-        if r.verdict == Verdict::Dropped {
-            let reason = r.reason.map_or("UNKNOWN_REASON", |d| d.name());
-            self.drops.get_or_create(&DropLabels { reason, protocol: l4 }).inc();
-        }
-        let reporter = reporter(r.ends.direction);
-        let seconds = r.latency_ns as f64 / 1e9;
-        match &r.detail {
-            Detail::Http { method, protocol, code, .. } => {
-                let method = method_label(method);
-                if r.reply {
-                    self.http_responses
-                        .get_or_create(&HttpResponseLabels {
-                            status: code.to_string(),
-                            method: method.clone(),
-                            reporter,
-                        })
-                        .inc();
-                    self.http_duration.get_or_create(&HttpDurationLabels { method, reporter }).observe(seconds);
-                } else {
-                    let labels = HttpRequestLabels { method, protocol: protocol.name(), reporter };
-                    self.http_requests.get_or_create(&labels).inc();
-                }
-            }
-            Detail::Dns(d) => {
-                let labels = DnsLabels {
-                    rcode: if r.reply { d.rcode.to_string() } else { String::new() },
-                    qtypes: d.qtypes.join(","),
-                    ips_returned: d.ips.len().to_string(),
-                };
-                if r.reply {
-                    self.dns_responses.get_or_create(&labels).inc();
-                } else {
-                    self.dns_queries
-                        .get_or_create(&DnsLabels { rcode: String::new(), ips_returned: String::new(), ..labels })
-                        .inc();
-                }
-            }
-            Detail::Kafka(k) => {
-                let topic = self.topic_label(&k.topic);
-                let labels = KafkaLabels {
-                    topic: topic.clone(),
-                    api_key: k.api_key.clone(),
-                    error_code: k.error_code.to_string(),
-                    reporter,
-                };
-                self.kafka_requests.get_or_create(&labels).inc();
-                if r.reply {
-                    let labels = KafkaDurationLabels { topic, api_key: k.api_key.clone(), reporter };
-                    self.kafka_duration.get_or_create(&labels).observe(seconds);
-                }
-            }
-        }
+        m.drop(r.reason.map_or("UNKNOWN_REASON", |d| d.name()), l4);
     }
-
-    /// A topic (list) as a label: itself while fewer than [`MAX_TOPICS`] have been seen, else `other`.
-    fn topic_label(&self, topic: &str) -> String {
-        let mut seen = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.contains(topic) {
-            return topic.to_owned();
+    let reporter = reporter(r.ends.direction);
+    let seconds = r.latency_ns as f64 / 1e9;
+    match &r.detail {
+        Detail::Http { method, protocol, code, .. } if r.reply => {
+            m.http_response(method.as_str(), *code, reporter, seconds)
         }
-        if seen.len() < MAX_TOPICS {
-            seen.insert(topic.to_owned());
-            return topic.to_owned();
-        }
-        "other".to_owned()
-    }
-
-    /// The OpenMetrics text of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
-    }
-
-    /// The same in Prometheus' older text format (0.0.4), for scrapers and tools that do not ask for
-    /// OpenMetrics (`promtool check metrics`, curl): a counter's HELP and TYPE name its samples
-    /// (`x_total`), and there is no `# EOF` or `# UNIT`.
-    pub fn render_text(&self) -> String {
-        openmetrics_to_text(&self.render())
-    }
-}
-
-/// OpenMetrics text → Prometheus text format 0.0.4 (the only differences `prometheus-client`'s
-/// output has: counter family names without `_total`, `# UNIT`, `# EOF`).
-fn openmetrics_to_text(om: &str) -> String {
-    let counters: HashSet<&str> =
-        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(om.len());
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_older_text_format_names_counters_by_their_samples() {
-        let om = "# HELP hubble_drop Dropped.\n# TYPE hubble_drop counter\nhubble_drop_total{reason=\"X\"} 2\n# HELP h Hist.\n# TYPE h histogram\nh_count 1\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_text(om),
-            "# HELP hubble_drop_total Dropped.\n# TYPE hubble_drop_total counter\nhubble_drop_total{reason=\"X\"} 2\n# HELP h Hist.\n# TYPE h histogram\nh_count 1\n"
-        );
+        Detail::Http { method, protocol, .. } => m.http_request(method.as_str(), protocol.name(), reporter),
+        Detail::Dns(d) if r.reply => m.dns_response(d.rcode, &d.qtypes, d.ips.len()),
+        Detail::Dns(d) => m.dns_query(&d.qtypes),
+        Detail::Kafka(k) => m.kafka(&k.topic, &k.api_key, k.error_code, reporter, r.reply.then_some(seconds)),
     }
 }

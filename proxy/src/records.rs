@@ -210,7 +210,7 @@ pub struct Records {
     backlog: Mutex<Backlog<Record>>,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     /// Hubble-named metrics of every record.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: std::sync::Arc<porin_flow::metrics::HubbleMetrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,13 +227,13 @@ impl Records {
             ))),
             None => None,
         };
-        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), file, metrics: crate::metrics::Metrics::default() })
+        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), file, metrics: Default::default() })
     }
 
     /// Numbers and stores a record (and appends it to the file); a record the file could not
     /// take is counted in `counters.flow_log_errors`.
     pub fn emit(&self, r: Record, counters: &Counters) {
-        self.metrics.observe(&r);
+        crate::metrics::observe(&self.metrics, &r);
         let line = {
             // Numbered under the lock: the backlog is in sequence order, so a follower asking for
             // records after N never skips one.

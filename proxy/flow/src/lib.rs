@@ -8,6 +8,7 @@
 //!   it had to let go.
 //! * [`control`]: the typed request / reply protocol every process serves on its Unix socket, one
 //!   server loop and one client.
+//! * [`metrics`]: the Hubble-named Prometheus metrics every process counts its flows into.
 //!
 //! Nothing here renders for humans (text and tables belong to the CLI) or knows HTTP, sockets of
 //! the data path or the kernel's maps; drop reason numbers come from `redirect-common`.
@@ -15,3 +16,4 @@
 pub mod backlog;
 pub mod control;
 pub mod flow;
+pub mod metrics;
