@@ -85,6 +85,9 @@ pub struct AgentArgs {
     /// ICMP echo idle timeout, seconds.
     #[arg(long, default_value_t = 30)]
     pub ct_icmp_secs: u64,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, bound before `--netns` is entered.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How `porin policy` commands read policy files.
@@ -236,26 +239,36 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
+    // Metrics are bound where porin was started, so a scraper on the machine reaches them.
+    let metrics = match a.metrics {
+        Some(addr) => {
+            Some(anyhow::Context::with_context(std::net::TcpListener::bind(addr), || format!("metrics on {addr}"))?)
+        }
+        None => None,
+    };
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
         crate::agent::enter_netns(ns)?;
     }
     let _ = nix::unistd::setsid();
     let secs = std::time::Duration::from_secs;
-    crate::agent::run(crate::agent::AgentConfig {
-        bpffs: a.bpffs.clone(),
-        policies: a.policies.clone(),
-        endpoints: a.endpoints.clone(),
-        control: a.control.clone(),
-        publish: Some(a.publish.clone()),
-        settings: porin_datapath::loader::Settings {
-            ct_tcp: secs(a.ct_tcp_secs),
-            ct_tcp_close: secs(a.ct_tcp_close_secs),
-            ct_udp: secs(a.ct_udp_secs),
-            ct_icmp: secs(a.ct_icmp_secs),
-            verdict_events: true,
+    crate::agent::run(
+        crate::agent::AgentConfig {
+            bpffs: a.bpffs.clone(),
+            policies: a.policies.clone(),
+            endpoints: a.endpoints.clone(),
+            control: a.control.clone(),
+            publish: Some(a.publish.clone()),
+            settings: porin_datapath::loader::Settings {
+                ct_tcp: secs(a.ct_tcp_secs),
+                ct_tcp_close: secs(a.ct_tcp_close_secs),
+                ct_udp: secs(a.ct_udp_secs),
+                ct_icmp: secs(a.ct_icmp_secs),
+                verdict_events: true,
+            },
         },
-    })
+        metrics,
+    )
 }
 
 /// Runs the command line.

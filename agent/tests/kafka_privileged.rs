@@ -260,6 +260,19 @@ fn kafka_lab_with_two_real_clients_privileged() {
     );
     assert!(count(r#"hubble_kafka_requests_total{topic="orders",api_key="fetch",error_code="0""#) >= 1.0, "{text}");
     assert!(count("hubble_kafka_request_duration_seconds_count") >= 1.0, "{text}");
+
+    // The agent's metrics count the kernel's flows: the intruder's drops among them.
+    let url = lab.status()["agent"]["metrics"].as_str().expect("the lab reports the agent's metrics URL").to_owned();
+    let o = std::process::Command::new("curl").args(["-sS", "-m", "5", &url]).output().unwrap();
+    let agent = String::from_utf8_lossy(&o.stdout);
+    let sum = |prefix: &str| -> f64 {
+        agent.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert!(sum(r#"hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"}"#) >= 1.0, "{agent}");
+    assert!(
+        sum(r#"hubble_flows_processed_total{protocol="tcp",type="L3_L4",subtype="",verdict="REDIRECTED"}"#) >= 1.0,
+        "{agent}"
+    );
 }
 
 #[test]

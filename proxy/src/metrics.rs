@@ -22,9 +22,7 @@ pub fn observe(m: &HubbleMetrics, r: &Record) {
     let reporter = reporter(r.ends.direction);
     let seconds = r.latency_ns as f64 / 1e9;
     match &r.detail {
-        Detail::Http { method, protocol, code, .. } if r.reply => {
-            m.http_response(method.as_str(), *code, reporter, seconds)
-        }
+        Detail::Http { method, code, .. } if r.reply => m.http_response(method.as_str(), *code, reporter, seconds),
         Detail::Http { method, protocol, .. } => m.http_request(method.as_str(), protocol.name(), reporter),
         Detail::Dns(d) if r.reply => m.dns_response(d.rcode, &d.qtypes, d.ips.len()),
         Detail::Dns(d) => m.dns_query(&d.qtypes),

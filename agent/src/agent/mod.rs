@@ -25,6 +25,7 @@ use porin_datapath::events::{self, Events};
 use porin_datapath::loader::{Datapath, Settings, ensure_bpffs};
 use porin_flow::control::{self, Handler, Reply, Request};
 use porin_flow::flow::Verdict;
+use porin_flow::metrics::HubbleMetrics;
 use tokio::sync::oneshot;
 
 pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, environment, publish};
@@ -55,6 +56,8 @@ pub struct AgentConfig {
 struct Control {
     view: Arc<View>,
     jobs: Sender<Job>,
+    /// Where `/metrics` is served.
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl Control {
@@ -80,6 +83,7 @@ impl Handler for Control {
                             "events_undecodable": view.events_undecodable,
                         }),
                     );
+                    s.insert("metrics".into(), serde_json::json!(self.metrics.map(|a| a.to_string())));
                 }
                 Ok(Reply::Status(status))
             }
@@ -98,8 +102,29 @@ impl Handler for Control {
     }
 }
 
-/// Moves datapath events into the flow backlog.
-async fn read_events(view: Arc<View>, events: Events) -> anyhow::Result<()> {
+/// Counts a kernel flow into the metrics: flows processed (L3/L4) and drops by reason.
+fn count(metrics: &HubbleMetrics, f: &porin_flow::flow::Flow) {
+    let l4 = f.l4.as_ref().map_or("", porin_flow::flow::Layer4::name);
+    m_flow(metrics, l4, f.verdict.name());
+    if f.verdict == Verdict::Dropped {
+        metrics.drop(f.drop_reason.map_or("UNKNOWN_REASON", |d| d.name()), l4);
+    }
+}
+
+fn m_flow(metrics: &HubbleMetrics, l4: &'static str, verdict: &'static str) {
+    let protocol = match l4 {
+        "TCP" => "tcp",
+        "UDP" => "udp",
+        "ICMPv4" => "icmpv4",
+        "ICMPv6" => "icmpv6",
+        "SCTP" => "sctp",
+        _ => "other",
+    };
+    metrics.flow(protocol, "L3_L4", "", verdict);
+}
+
+/// Moves datapath events into the flow backlog (and counts them in the metrics).
+async fn read_events(view: Arc<View>, events: Events, metrics: Arc<HubbleMetrics>) -> anyhow::Result<()> {
     // The AsyncFd owns the ring buffer, which owns the fd: it stays open for as long as it is
     // registered, which is what `register`'s safety contract asks for.
     #[expect(deprecated, reason = "`register` is the same call marked unsafe; the fd is owned by the wrapped value")]
@@ -117,6 +142,7 @@ async fn read_events(view: Arc<View>, events: Events) -> anyhow::Result<()> {
         for e in drained.events {
             v.flows.push_numbered(|seq| {
                 let f = events::from_event(seq, &e, snap.as_deref());
+                count(&metrics, &f);
                 if f.verdict == Verdict::Dropped {
                     // Every drop is a flow record and a counter; the log only says that drops happen.
                     proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");
@@ -136,7 +162,9 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until SIGTERM / SIGINT.
-pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// `metrics_socket`: bound by the caller (before it entered a network namespace) to serve
+/// `/metrics` on.
+pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     ensure_bpffs(&cfg.bpffs)?;
     let mut datapath = Datapath::open(&cfg.bpffs)?;
     datapath.configure(&cfg.settings)?;
@@ -155,9 +183,18 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let served = rt.block_on(async {
         let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
-        let handler = Arc::new(Control { view: view.clone(), jobs: jobs.clone() });
+        let metrics = Arc::new(HubbleMetrics::default());
+        let (metrics_at, metrics_task) = match metrics_socket {
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                let s = tokio::net::TcpListener::from_std(s)?;
+                (Some(s.local_addr()?), Some(tokio::spawn(proxy::serve_metrics(metrics.clone(), s))))
+            }
+            None => (None, None),
+        };
+        let handler = Arc::new(Control { view: view.clone(), jobs: jobs.clone(), metrics: metrics_at });
         let server = tokio::spawn(control::serve(listener, handler));
-        let events = tokio::spawn(read_events(view.clone(), ring));
+        let events = tokio::spawn(read_events(view.clone(), ring, metrics));
         let watch = tokio::spawn(watch_inputs(jobs.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -175,6 +212,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         events.abort();
         watch.abort();
         server.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         anyhow::Ok(())
     });
     // Dropping every sender ends the reloader once it has finished what it was doing.

@@ -340,7 +340,12 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "name": st.name,
         "node_netns": st.node_netns,
-        "agent": {"pid": st.agent_pid, "running": running, "status": agent},
+        "agent": {
+            "pid": st.agent_pid,
+            "running": running,
+            "metrics": agent.as_ref().and_then(|a| a["metrics"].as_str()).map(|a| format!("http://{a}/metrics")),
+            "status": agent,
+        },
         "proxy": {
             "pid": st.proxy_pid,
             "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
@@ -354,8 +359,12 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
 /// Renders the pods of a lab as a table.
 pub fn table(st: &LabState) -> String {
     let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
+    let agent = crate::agent::status_of(&LabPaths::new(&st.name).control()).ok();
+    if let Some(a) = agent.as_ref().and_then(|a| a["metrics"].as_str()) {
+        let _ = writeln!(s, "agent metrics: http://{a}/metrics");
+    }
     if let Some(url) = process::metrics_url(&st.name) {
-        let _ = writeln!(s, "metrics: {url}");
+        let _ = writeln!(s, "proxy metrics: {url}");
     }
     let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
     for p in &st.pods {

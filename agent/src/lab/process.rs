@@ -89,6 +89,9 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         paths.control().display().to_string(),
         "--publish".into(),
         paths.snapshot().display().to_string(),
+        // On the machine's loopback: reachable from outside the lab's namespaces.
+        "--metrics".into(),
+        "127.0.0.1:0".into(),
     ];
     if let Some(s) = settings.ct_tcp_close_secs {
         args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);
