@@ -258,12 +258,16 @@ impl ConnTable {
     pub fn sweep(&self, timeout: impl Fn(ConnKind) -> Duration) -> usize {
         let mut inner = self.lock();
         let occupancy = inner.total as f64 / self.limits.max.max(1) as f64;
-        let limits = [ConnKind::Http1, ConnKind::Http2, ConnKind::Kafka]
+        let [h1, h2, kafka] = [ConnKind::Http1, ConnKind::Http2, ConnKind::Kafka]
             .map(|k| scale(timeout(k), self.limits.min_idle, occupancy));
         let mut gone = 0;
         for conns in inner.sources.values_mut() {
             conns.retain(|_, c| {
-                let limit = limits.get(c.kind() as usize).copied().unwrap_or(Duration::ZERO);
+                let limit = match c.kind() {
+                    ConnKind::Http1 => h1,
+                    ConnKind::Http2 => h2,
+                    ConnKind::Kafka => kafka,
+                };
                 let expired = c.is_idle() && c.idle_for() > limit;
                 if expired {
                     c.let_go();
