@@ -273,6 +273,18 @@ fn kafka_lab_with_two_real_clients_privileged() {
         sum(r#"hubble_flows_processed_total{protocol="tcp",type="L3_L4",subtype="",verdict="REDIRECTED"}"#) >= 1.0,
         "{agent}"
     );
+    // What it follows from elsewhere (within a second): the kernel ring buffer's lost events and
+    // the policy version.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut agent = agent.into_owned();
+    while !agent.lines().any(|l| l.starts_with(r#"hubble_lost_events_total{source="perf_event_ring_buffer"} "#)) {
+        assert!(std::time::Instant::now() < deadline, "{agent}");
+        std::thread::sleep(Duration::from_millis(200));
+        let o = std::process::Command::new("curl").args(["-sS", "-m", "5", &url]).output().unwrap();
+        agent = String::from_utf8_lossy(&o.stdout).into_owned();
+    }
+    let version = agent.lines().find_map(|l| l.strip_prefix("porin_policy_version ")).unwrap_or("0");
+    assert!(version.parse::<f64>().unwrap() >= 1.0, "{agent}");
 }
 
 #[test]

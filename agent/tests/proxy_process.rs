@@ -439,6 +439,8 @@ fn the_proxy_serves_hubble_metrics_that_promtool_and_prometheus_read() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
     }
+    let version = text.lines().find_map(|l| l.strip_prefix("porin_policy_version ")).unwrap_or("0");
+    assert!(version.parse::<f64>().unwrap() >= 1.0, "the policy version in force: {text}");
     // promtool (Prometheus' own linter) accepts the exposition.
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])

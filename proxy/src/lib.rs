@@ -194,7 +194,14 @@ impl Proxy {
             Some(sock) => {
                 let bound = sock.local_addr()?;
                 tracing::info!(address = %bound, "serving metrics");
-                tasks.push(tokio::spawn(serve_metrics(shared.records.metrics.clone(), sock)));
+                let refresh = {
+                    let shared = shared.clone();
+                    move || {
+                        let version = shared.policy.current().map_or(0, |s| s.version);
+                        shared.records.metrics.policy_version(version);
+                    }
+                };
+                tasks.push(tokio::spawn(serve_metrics(shared.records.metrics.clone(), sock, refresh)));
                 Some(bound)
             }
             None => None,
@@ -214,8 +221,13 @@ impl Proxy {
 }
 
 /// `GET /metrics` on `sock`: the metrics as OpenMetrics text when the scraper asks for it, else
-/// Prometheus' 0.0.4 text; anything else 404. (The agent serves its own with this too.)
-pub async fn serve_metrics(metrics: Arc<porin_flow::metrics::HubbleMetrics>, sock: tokio::net::TcpListener) {
+/// Prometheus' 0.0.4 text; anything else 404. `refresh` runs before each rendering (values read
+/// from elsewhere). (The agent serves its own with this too.)
+pub async fn serve_metrics(
+    metrics: Arc<porin_flow::metrics::HubbleMetrics>,
+    sock: tokio::net::TcpListener,
+    refresh: impl Fn() + Clone + Send + Sync + 'static,
+) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
     loop {
@@ -223,10 +235,11 @@ pub async fn serve_metrics(metrics: Arc<porin_flow::metrics::HubbleMetrics>, soc
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, refresh) = (metrics.clone(), refresh.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                refresh();
                 async move {
                     let openmetrics = req
                         .headers()

@@ -123,6 +123,28 @@ fn m_flow(metrics: &HubbleMetrics, l4: &'static str, verdict: &'static str) {
     metrics.flow(protocol, "L3_L4", "", verdict);
 }
 
+/// Every second: what the metrics take from elsewhere — events the kernel's ring buffer lost (its
+/// counter), events that did not decode, the policy version in force.
+async fn follow_counters(metrics: Arc<HubbleMetrics>, view: Arc<View>, jobs: Sender<Job>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (tx, rx) = oneshot::channel();
+        if jobs.send(Job::Counters(tx)).is_err() {
+            return;
+        }
+        if let Ok(Ok(c)) = rx.await {
+            metrics.lost_events("perf_event_ring_buffer", c.get("events_lost").copied().unwrap_or(0));
+        }
+        let (undecodable, version) = {
+            let v = view.lock();
+            (v.events_undecodable, v.status["version"].as_u64().unwrap_or(0))
+        };
+        metrics.lost_events("undecodable", undecodable);
+        metrics.policy_version(version);
+    }
+}
+
 /// Moves datapath events into the flow backlog (and counts them in the metrics).
 async fn read_events(view: Arc<View>, events: Events, metrics: Arc<HubbleMetrics>) -> anyhow::Result<()> {
     // The AsyncFd owns the ring buffer, which owns the fd: it stays open for as long as it is
@@ -188,13 +210,14 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
             Some(s) => {
                 s.set_nonblocking(true)?;
                 let s = tokio::net::TcpListener::from_std(s)?;
-                (Some(s.local_addr()?), Some(tokio::spawn(proxy::serve_metrics(metrics.clone(), s))))
+                (Some(s.local_addr()?), Some(tokio::spawn(proxy::serve_metrics(metrics.clone(), s, || {}))))
             }
             None => (None, None),
         };
         let handler = Arc::new(Control { view: view.clone(), jobs: jobs.clone(), metrics: metrics_at });
         let server = tokio::spawn(control::serve(listener, handler));
-        let events = tokio::spawn(read_events(view.clone(), ring, metrics));
+        let events = tokio::spawn(read_events(view.clone(), ring, metrics.clone()));
+        let follow = tokio::spawn(follow_counters(metrics, view.clone(), jobs.clone()));
         let watch = tokio::spawn(watch_inputs(jobs.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -210,6 +233,7 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
             }
         }
         events.abort();
+        follow.abort();
         watch.abort();
         server.abort();
         if let Some(t) = metrics_task {

@@ -14,6 +14,7 @@ use std::sync::{Mutex, PoisonError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -78,6 +79,12 @@ struct KafkaLabels {
     reporter: &'static str,
 }
 
+/// `hubble_lost_events_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    source: &'static str,
+}
+
 /// `hubble_kafka_request_duration_seconds` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KafkaDurationLabels {
@@ -99,6 +106,8 @@ pub struct HubbleMetrics {
     dns_responses: Family<DnsLabels, Counter>,
     kafka_requests: Family<KafkaLabels, Counter>,
     kafka_duration: Family<KafkaDurationLabels, Histogram>,
+    lost: Family<LostLabels, Counter>,
+    policy_version: Gauge,
     /// Kafka topics given a label of their own so far.
     topics: Mutex<HashSet<String>>,
 }
@@ -133,6 +142,10 @@ impl Default for HubbleMetrics {
         registry.register("hubble_kafka_requests", "Kafka requests (and responses)", kafka_requests.clone());
         let kafka_duration = Family::new_with_constructor(latency_buckets as fn() -> Histogram);
         registry.register("hubble_kafka_request_duration_seconds", "Kafka request to response", kafka_duration.clone());
+        let lost = Family::default();
+        registry.register("hubble_lost_events", "Events lost before they became flows", lost.clone());
+        let policy_version = Gauge::default();
+        registry.register("porin_policy_version", "The policy version in force", policy_version.clone());
         Self {
             registry,
             flows,
@@ -144,6 +157,8 @@ impl Default for HubbleMetrics {
             dns_responses,
             kafka_requests,
             kafka_duration,
+            lost,
+            policy_version,
             topics: Mutex::new(HashSet::new()),
         }
     }
@@ -216,6 +231,21 @@ impl HubbleMetrics {
             let labels = KafkaDurationLabels { topic, api_key: api_key.to_owned(), reporter };
             self.kafka_duration.get_or_create(&labels).observe(s);
         }
+    }
+
+    /// Events lost at `source` so far (a running total read elsewhere, e.g. a kernel counter): the
+    /// counter follows it up.
+    pub fn lost_events(&self, source: &'static str, total: u64) {
+        let c = self.lost.get_or_create(&LostLabels { source });
+        let seen = c.get();
+        if total > seen {
+            c.inc_by(total - seen);
+        }
+    }
+
+    /// The policy version in force.
+    pub fn policy_version(&self, version: u64) {
+        self.policy_version.set(i64::try_from(version).unwrap_or(i64::MAX));
     }
 
     /// A topic (list) as a label: itself while fewer than [`MAX_TOPICS`] have been seen, else `other`.
