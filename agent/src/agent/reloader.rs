@@ -125,9 +125,14 @@ impl Reloader {
 
     /// Serves jobs until every sender is gone; retries a pending publication every second.
     pub(super) fn run(mut self, jobs: Receiver<Job>) {
+        // A pending publication is retried every second whatever else arrives (jobs such as the
+        // metrics' counters come every second too: a retry that waited for a quiet second would
+        // never come).
+        let mut next_retry = std::time::Instant::now() + Duration::from_secs(1);
         loop {
             let job = if self.pending.is_some() {
-                match jobs.recv_timeout(Duration::from_secs(1)) {
+                let wait = next_retry.saturating_duration_since(std::time::Instant::now());
+                match jobs.recv_timeout(wait) {
                     Ok(job) => Some(job),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -160,7 +165,11 @@ impl Reloader {
                 }
                 Some(Job::Counters(tx)) => drop(tx.send(self.counters())),
                 Some(Job::Detach(ifname, tx)) => drop(tx.send(self.datapath.detach(&ifname))),
-                None => self.try_publish(),
+                None => {}
+            }
+            if self.pending.is_some() && std::time::Instant::now() >= next_retry {
+                self.try_publish();
+                next_retry = std::time::Instant::now() + Duration::from_secs(1);
             }
             self.refresh_view();
         }
