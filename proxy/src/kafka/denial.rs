@@ -58,6 +58,16 @@ pub fn fetch_session_not_found(req: &Request) -> Option<Bytes> {
     Some(buf.freeze())
 }
 
+/// A denial's topics, each answering every partition its request named.
+fn per_partition<T, P, R, Q>(
+    topics: &[T],
+    partitions: impl Fn(&T) -> &Vec<P>,
+    topic: impl Fn(&T, Vec<Q>) -> R,
+    partition: impl Fn(&P) -> Q,
+) -> Vec<R> {
+    topics.iter().map(|t| topic(t, partitions(t).iter().map(&partition).collect())).collect()
+}
+
 /// The response body of a denial.
 fn body(req: &Request) -> Option<(ResponseKind, i16)> {
     use kafka_protocol::messages::{
@@ -70,82 +80,63 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
     Some(match &req.body {
         RequestKind::Produce(r) => {
             let mut resp = ProduceResponse::default();
-            resp.responses = r
-                .topic_data
-                .iter()
-                .map(|t| {
-                    let mut tr = pr::TopicProduceResponse::default();
-                    tr.name = t.name.clone();
-                    tr.topic_id = t.topic_id;
-                    tr.partition_responses = t
-                        .partition_data
-                        .iter()
-                        .map(|p| {
-                            let mut pp = pr::PartitionProduceResponse::default();
-                            pp.index = p.index;
-                            pp.error_code = T;
-                            pp.base_offset = -1;
-                            pp.log_append_time_ms = -1;
-                            pp.log_start_offset = -1;
-                            pp
-                        })
-                        .collect();
-                    tr
-                })
-                .collect();
+            resp.responses = per_partition(
+                &r.topic_data,
+                |t| &t.partition_data,
+                |t, ps| {
+                    pr::TopicProduceResponse::default()
+                        .with_name(t.name.clone())
+                        .with_topic_id(t.topic_id)
+                        .with_partition_responses(ps)
+                },
+                |p| {
+                    pr::PartitionProduceResponse::default()
+                        .with_index(p.index)
+                        .with_error_code(T)
+                        .with_base_offset(-1)
+                        .with_log_append_time_ms(-1)
+                        .with_log_start_offset(-1)
+                },
+            );
             (ResponseKind::Produce(resp), T)
         }
         RequestKind::Fetch(r) => {
             let mut resp = FetchResponse::default();
             resp.session_id = r.session_id;
-            resp.responses = r
-                .topics
-                .iter()
-                .map(|t| {
-                    let mut tr = f::FetchableTopicResponse::default();
-                    tr.topic = t.topic.clone();
-                    tr.topic_id = t.topic_id;
-                    tr.partitions = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let mut pd = f::PartitionData::default();
-                            pd.partition_index = p.partition;
-                            pd.error_code = T;
-                            pd.high_watermark = -1;
-                            pd.last_stable_offset = -1;
-                            pd.log_start_offset = -1;
-                            pd
-                        })
-                        .collect();
-                    tr
-                })
-                .collect();
+            resp.responses = per_partition(
+                &r.topics,
+                |t| &t.partitions,
+                |t, ps| {
+                    f::FetchableTopicResponse::default()
+                        .with_topic(t.topic.clone())
+                        .with_topic_id(t.topic_id)
+                        .with_partitions(ps)
+                },
+                |p| {
+                    f::PartitionData::default()
+                        .with_partition_index(p.partition)
+                        .with_error_code(T)
+                        .with_high_watermark(-1)
+                        .with_last_stable_offset(-1)
+                        .with_log_start_offset(-1)
+                },
+            );
             (ResponseKind::Fetch(resp), T)
         }
         RequestKind::ListOffsets(r) => {
             let mut resp = ListOffsetsResponse::default();
-            resp.topics = r
-                .topics
-                .iter()
-                .map(|t| {
-                    let mut tr = lo::ListOffsetsTopicResponse::default();
-                    tr.name = t.name.clone();
-                    tr.partitions = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let mut pp = lo::ListOffsetsPartitionResponse::default();
-                            pp.partition_index = p.partition_index;
-                            pp.error_code = T;
-                            pp.timestamp = -1;
-                            pp.offset = -1;
-                            pp
-                        })
-                        .collect();
-                    tr
-                })
-                .collect();
+            resp.topics = per_partition(
+                &r.topics,
+                |t| &t.partitions,
+                |t, ps| lo::ListOffsetsTopicResponse::default().with_name(t.name.clone()).with_partitions(ps),
+                |p| {
+                    lo::ListOffsetsPartitionResponse::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(T)
+                        .with_timestamp(-1)
+                        .with_offset(-1)
+                },
+            );
             (ResponseKind::ListOffsets(resp), T)
         }
         RequestKind::Metadata(r) => {
@@ -167,26 +158,21 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
         }
         RequestKind::OffsetCommit(r) => {
             let mut resp = OffsetCommitResponse::default();
-            resp.topics = r
-                .topics
-                .iter()
-                .map(|t| {
-                    let mut tr = oc::OffsetCommitResponseTopic::default();
-                    tr.name = t.name.clone();
-                    tr.topic_id = t.topic_id;
-                    tr.partitions = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let mut pp = oc::OffsetCommitResponsePartition::default();
-                            pp.partition_index = p.partition_index;
-                            pp.error_code = T;
-                            pp
-                        })
-                        .collect();
-                    tr
-                })
-                .collect();
+            resp.topics = per_partition(
+                &r.topics,
+                |t| &t.partitions,
+                |t, ps| {
+                    oc::OffsetCommitResponseTopic::default()
+                        .with_name(t.name.clone())
+                        .with_topic_id(t.topic_id)
+                        .with_partitions(ps)
+                },
+                |p| {
+                    oc::OffsetCommitResponsePartition::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(T)
+                },
+            );
             (ResponseKind::OffsetCommit(resp), T)
         }
         RequestKind::OffsetFetch(r) => {
@@ -367,27 +353,18 @@ fn body(req: &Request) -> Option<(ResponseKind, i16)> {
         RequestKind::OffsetForLeaderEpoch(r) => {
             use kafka_protocol::messages::offset_for_leader_epoch_response as ofle;
             let mut resp = kafka_protocol::messages::OffsetForLeaderEpochResponse::default();
-            resp.topics = r
-                .topics
-                .iter()
-                .map(|t| {
-                    let mut tr = ofle::OffsetForLeaderTopicResult::default();
-                    tr.topic = t.topic.clone();
-                    tr.partitions = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let mut e = ofle::EpochEndOffset::default();
-                            e.partition = p.partition;
-                            e.error_code = T;
-                            e.leader_epoch = -1;
-                            e.end_offset = -1;
-                            e
-                        })
-                        .collect();
-                    tr
-                })
-                .collect();
+            resp.topics = per_partition(
+                &r.topics,
+                |t| &t.partitions,
+                |t, ps| ofle::OffsetForLeaderTopicResult::default().with_topic(t.topic.clone()).with_partitions(ps),
+                |p| {
+                    ofle::EpochEndOffset::default()
+                        .with_partition(p.partition)
+                        .with_error_code(T)
+                        .with_leader_epoch(-1)
+                        .with_end_offset(-1)
+                },
+            );
             (ResponseKind::OffsetForLeaderEpoch(resp), T)
         }
         // Client telemetry (KIP-714): the client backs off and asks again later.
