@@ -23,6 +23,9 @@ pub enum Verdict {
     Redirected,
     /// Something failed (an upstream, an invalid policy file).
     Error,
+    /// Policy would have dropped it; let through because audit mode is on (Cilium's
+    /// `policy-audit-mode`).
+    Audit,
 }
 
 impl Verdict {
@@ -34,6 +37,7 @@ impl Verdict {
             Self::Dropped => "DROPPED",
             Self::Redirected => "REDIRECTED",
             Self::Error => "ERROR",
+            Self::Audit => "AUDIT",
         }
     }
 }
