@@ -74,8 +74,14 @@ kafka_tools() {
 }
 
 observability_tools() {
-    # Prometheus itself (scrapes the metrics in a test) and promtool (checks the exposition).
+    # Prometheus itself (scrapes the metrics in a test) and promtool (checks the exposition);
+    # grpcio-tools and grpcio-reflection for the Python Hubble client the tests drive
+    # (scripts/hubble-client.py generates its stubs from agent/hubble/proto).
     apt_install prometheus
+    python3 -c 'import grpc_tools, grpc_reflection' 2>/dev/null || {
+        log "installing grpcio-tools and grpcio-reflection (pip)"
+        python3 -m pip install -q --disable-pip-version-check grpcio-tools grpcio-reflection
+    }
 }
 
 fuzz_tools() {

@@ -7,7 +7,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("hubble_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    let encoded = prost::Message::encode_to_vec(&fds);
+    std::fs::write(out.join("hubble_descriptor.bin"), &encoded)?;
+    // Well-known types from pbjson-types: they carry protobuf's JSON mapping (timestamps as
+    // RFC 3339, wrappers as bare values), as Hubble's JSON output has them.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(fds)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        // Hubble prints protobuf field names (`traffic_direction`, not `trafficDirection`).
+        .preserve_proto_field_names()
+        .build(&[".flow", ".observer", ".relay"])?;
     Ok(())
 }

@@ -31,7 +31,7 @@ pub enum Command {
     /// Run the L7 proxy (HTTP/1.1, HTTP/2, gRPC) on the agent's published policy.
     Proxy(crate::proxy_cmd::ProxyArgs),
     /// Print flow records from the agent (datapath) and the proxy (L7), with filters.
-    Observe(crate::proxy_cmd::ObserveArgs),
+    Observe(Box<crate::observe_cmd::ObserveArgs>),
     /// What the DNS proxy learned (`toFQDNs`).
     #[command(subcommand)]
     Fqdn(FqdnCommand),
@@ -88,6 +88,22 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address, bound before `--netns` is entered.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve Hubble's Observer API (gRPC) on this Unix socket.
+    #[arg(long, default_value = "/run/porin/hubble.sock")]
+    pub hubble: PathBuf,
+    /// Also serve Hubble's Observer API on this TCP address, bound before `--netns` is entered.
+    #[arg(long)]
+    pub hubble_listen: Option<std::net::SocketAddr>,
+    /// How many flow records the node's ring keeps (Hubble's default: 4095).
+    #[arg(long, default_value_t = porin_hubble::ring::DEFAULT_CAPACITY)]
+    pub flow_ring: usize,
+    /// The node's name in flows and in Hubble's node list (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// The L7 proxy's control socket: its flow records join the node's (pulled; a proxy that is not
+    /// there is waited for).
+    #[arg(long, default_value = "/run/porin/proxy.sock")]
+    pub proxy_control: PathBuf,
 }
 
 /// How `porin policy` commands read policy files.
@@ -239,12 +255,19 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn agent(a: &AgentArgs) -> anyhow::Result<()> {
-    // Metrics are bound where porin was started, so a scraper on the machine reaches them.
-    let metrics = match a.metrics {
-        Some(addr) => {
-            Some(anyhow::Context::with_context(std::net::TcpListener::bind(addr), || format!("metrics on {addr}"))?)
-        }
-        None => None,
+    // Metrics and Hubble's TCP address are bound where porin was started, so clients on the
+    // machine reach them.
+    let bind = |addr: Option<std::net::SocketAddr>, what: &str| -> anyhow::Result<_> {
+        addr.map(|addr| {
+            anyhow::Context::with_context(std::net::TcpListener::bind(addr), || format!("{what} on {addr}"))
+        })
+        .transpose()
+    };
+    let sockets =
+        crate::agent::Sockets { metrics: bind(a.metrics, "metrics")?, hubble: bind(a.hubble_listen, "Hubble's API")? };
+    let node_name = match &a.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname().map_or_else(|_| "porin".into(), |h| h.to_string_lossy().into_owned()),
     };
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
@@ -266,8 +289,12 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
                 ct_icmp: secs(a.ct_icmp_secs),
                 verdict_events: true,
             },
+            node_name,
+            flow_ring: a.flow_ring,
+            proxy_control: Some(a.proxy_control.clone()),
+            hubble: Some(a.hubble.clone()),
         },
-        metrics,
+        sockets,
     )
 }
 
@@ -290,7 +317,7 @@ pub fn main() -> ExitCode {
             report(crate::proxy_cmd::run(&a))
         }
         Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
-        Command::Observe(a) => crate::proxy_cmd::observe(&a).unwrap_or_else(|e| {
+        Command::Observe(a) => crate::observe_cmd::observe(&a).unwrap_or_else(|e| {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }),

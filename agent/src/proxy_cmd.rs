@@ -1,17 +1,14 @@
-//! `porin proxy` (run the L7 proxy), `porin observe` (flow records from the agent and the proxy)
-//! and `porin policy publish` (the proxy's policy inputs, without an agent).
+//! `porin proxy` (run the L7 proxy), `porin fqdn cache list` and `porin policy publish` (the
+//! proxy's policy inputs, without an agent).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 use policy_engine::api::{LoadOptions, load_str};
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use porin_flow::control::{Reply, Request};
-use porin_flow::flow::Flow;
 use std::sync::Arc;
 
 use proxy::config::ProxyConfig;
@@ -212,146 +209,6 @@ pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Resul
         out.display()
     );
     Ok(())
-}
-
-/// `porin observe` arguments.
-#[derive(Debug, Args)]
-pub struct ObserveArgs {
-    /// Read the agent and proxy of this lab.
-    #[cfg(feature = "lab")]
-    #[arg(long)]
-    pub lab: Option<String>,
-    /// Agent control socket (default /run/porin/agent.sock).
-    #[arg(long)]
-    pub agent: Option<PathBuf>,
-    /// Proxy control socket (default /run/porin/proxy.sock).
-    #[arg(long)]
-    pub proxy: Option<PathBuf>,
-    /// Only these verdicts (FORWARDED, DROPPED, REDIRECTED, ERROR); repeatable.
-    #[arg(long)]
-    pub verdict: Vec<String>,
-    /// Only flows from or to this pod (`namespace/name` or `name`); repeatable.
-    #[arg(long)]
-    pub pod: Vec<String>,
-    /// Only this protocol (tcp, udp, icmp, http, http/1.1, http/2); repeatable.
-    #[arg(long)]
-    pub protocol: Vec<String>,
-    /// Keep printing new records.
-    #[arg(short, long)]
-    pub follow: bool,
-    /// Only the last N matching records (before following).
-    #[arg(long)]
-    pub last: Option<usize>,
-    /// Output format: `text` lines, `json` (one Hubble-shaped flow per line), or a `table` that
-    /// grows as flows happen (with `-f`).
-    #[arg(short, long, value_enum, default_value_t)]
-    pub output: ObserveOutput,
-}
-
-/// `porin observe -o`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum ObserveOutput {
-    /// One line per record.
-    #[default]
-    Text,
-    /// JSON Lines (Hubble's field names).
-    Json,
-    /// Aligned columns: time, source, destination, request, verdict, why.
-    Table,
-}
-
-/// A source of records: the agent's or the proxy's control socket.
-struct Source {
-    socket: PathBuf,
-    after: u64,
-    required: bool,
-}
-
-impl Source {
-    /// New records, or `None` when the source is not there.
-    fn poll(&mut self) -> anyhow::Result<Option<Vec<Flow>>> {
-        let r = match control(&self.socket, &Request::Flows { after: self.after, limit: None }) {
-            Ok(r) => r,
-            Err(e) if self.required => return Err(e.context(format!("read {}", self.socket.display()))),
-            Err(_) => return Ok(None),
-        };
-        let Reply::Flows { last, missed, flows } = r else {
-            bail!("{}: not a flows reply: {r:?}", self.socket.display());
-        };
-        if missed > 0 {
-            eprintln!(
-                "porin observe: {missed} records from {} were let go before they were read",
-                self.socket.display()
-            );
-        }
-        self.after = last;
-        Ok(Some(flows))
-    }
-}
-
-fn matches(a: &ObserveArgs, f: &Flow) -> bool {
-    (a.verdict.is_empty() || a.verdict.iter().any(|v| v.eq_ignore_ascii_case(f.verdict.name())))
-        && (a.pod.is_empty() || a.pod.iter().any(|p| f.involves_pod(p)))
-        && (a.protocol.is_empty() || a.protocol.iter().any(|p| f.has_protocol(p)))
-}
-
-/// `porin observe`.
-pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
-    let explicit = a.agent.is_some() || a.proxy.is_some();
-    #[cfg(feature = "lab")]
-    let lab = a.lab.as_deref().map(crate::lab::LabPaths::new).map(|p| (Some(p.control()), Some(p.proxy_control())));
-    #[cfg(not(feature = "lab"))]
-    let lab = None;
-    let (agent, proxy) = match lab {
-        Some(sockets) => sockets,
-        None if explicit => (a.agent.clone(), a.proxy.clone()),
-        None => (Some(PathBuf::from("/run/porin/agent.sock")), Some(PathBuf::from("/run/porin/proxy.sock"))),
-    };
-    let mut sources = Vec::new();
-    if let Some(s) = agent {
-        sources.push(Source { socket: s, after: 0, required: explicit && a.agent.is_some() });
-    }
-    if let Some(s) = proxy {
-        sources.push(Source { socket: s, after: 0, required: explicit && a.proxy.is_some() });
-    }
-    let mut first = true;
-    if a.output == ObserveOutput::Table {
-        println!("{}", crate::render::TABLE_HEADER);
-    }
-    loop {
-        let mut batch = Vec::new();
-        let mut reachable = 0;
-        for s in &mut sources {
-            if let Some(flows) = s.poll()? {
-                reachable += 1;
-                batch.extend(flows.into_iter().filter(|f| matches(a, f)));
-            }
-        }
-        if first && reachable == 0 {
-            let names: Vec<String> = sources.iter().map(|s| s.socket.display().to_string()).collect();
-            bail!("neither the agent nor the proxy answers ({})", names.join(", "));
-        }
-        // RFC 3339 in UTC with fixed width sorts as time.
-        batch.sort_by(|x, y| x.time.cmp(&y.time));
-        if first && let Some(n) = a.last {
-            let skip = batch.len().saturating_sub(n);
-            batch.drain(..skip);
-        }
-        for f in &batch {
-            match a.output {
-                ObserveOutput::Json => println!("{}", serde_json::to_string(f)?),
-                ObserveOutput::Text => println!("{} {}", f.time, crate::render::text(f)),
-                ObserveOutput::Table => println!("{}", crate::render::row(f)),
-            }
-        }
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
-        first = false;
-        if !a.follow {
-            return Ok(ExitCode::SUCCESS);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[cfg(test)]

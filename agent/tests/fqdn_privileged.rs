@@ -46,13 +46,19 @@ fn curl(lab: &Lab, args: &[&str], url: &str) -> (i32, String) {
 fn cache(lab: &Lab) -> Vec<Value> {
     let o = porin().args(["fqdn", "cache", "list", "-o", "json", "--lab", &lab.name]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
 }
 
 fn dns_flows(lab: &Lab) -> Vec<Value> {
     let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--protocol", "dns"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
 }
 
 fn counter(lab: &Lab, name: &str) -> u64 {

@@ -44,7 +44,10 @@ fn error_codes(v: &Value) -> Vec<i64> {
 fn kafka_flows(lab: &Lab) -> Vec<Value> {
     let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--protocol", "kafka"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
 }
 
 /// A request frame with its length.

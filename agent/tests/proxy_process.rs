@@ -117,7 +117,10 @@ fn curl(args: &[&str]) -> (String, String) {
 fn observe(sock: &Path, filters: &[&str]) -> Vec<Value> {
     let o = porin().args(["observe", "-o", "json", "--proxy"]).arg(sock).args(filters).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
 }
 
 const ENDPOINTS: &str = r#"{"endpoints": [

@@ -31,7 +31,10 @@ fn curl(lab: &Lab, pod: &str, args: &[&str], url: &str) -> (i32, String, String)
 fn proxy_flows(lab: &Lab) -> Vec<Value> {
     let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--protocol", "http"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
 }
 
 #[test]

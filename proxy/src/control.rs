@@ -29,7 +29,7 @@ impl Handler for ProxyInfo {
             Request::Status => Reply::Status(status(self)),
             Request::Flows { after, limit } => {
                 let (flows, last, missed) = self.shared.records.after(after, limit.unwrap_or(BACKLOG));
-                Reply::Flows { last, missed, flows }
+                Reply::Flows { epoch: self.shared.records.epoch(), last, missed, flows }
             }
             Request::FqdnCache => Reply::FqdnCache {
                 entries: self

@@ -208,6 +208,8 @@ impl Record {
 #[derive(Debug)]
 pub struct Records {
     backlog: Mutex<Backlog<Record>>,
+    /// This run's id (see `Reply::Flows::epoch`).
+    epoch: u64,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     /// Hubble-named metrics of every record.
     pub metrics: std::sync::Arc<porin_flow::metrics::HubbleMetrics>,
@@ -227,7 +229,10 @@ impl Records {
             ))),
             None => None,
         };
-        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), file, metrics: Default::default() })
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), epoch, file, metrics: Default::default() })
     }
 
     /// Numbers and stores a record (and appends it to the file); a record the file could not
@@ -264,6 +269,11 @@ impl Records {
             (page.items.into_iter().map(|(n, r)| (n, r.clone())).collect(), page.last, page.missed)
         };
         (picked.iter().map(|(n, r)| r.to_flow(*n)).collect(), last, missed)
+    }
+
+    /// This run's id: record numbers start again when it changes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Records the backlog let go because it was full.

@@ -5,11 +5,11 @@
 
 use std::str::FromStr as _;
 
+use pbjson_types::Timestamp;
 use porin_flow::flow::{
     DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IcmpType,
     IpVersion, KafkaInfo, L7Type, Layer4, Layer7, NoFields, Ports, TrafficDirection, Verdict,
 };
-use prost_types::Timestamp;
 
 use crate::pb::flow as pb;
 
@@ -63,7 +63,7 @@ pub fn direction(d: TrafficDirection) -> pb::TrafficDirection {
 
 /// The time of a record (RFC 3339) as a protobuf timestamp.
 pub fn timestamp(time: &str) -> Option<Timestamp> {
-    Timestamp::from_str(time).ok()
+    prost_types::Timestamp::from_str(time).ok().map(|t| Timestamp { seconds: t.seconds, nanos: t.nanos })
 }
 
 fn endpoint(e: &FlowEndpoint) -> pb::Endpoint {
@@ -291,7 +291,7 @@ pub fn to_pb(f: &Flow, uuid: String, node_name: &str) -> pb::Flow {
     out.reply = f.is_reply;
     // Datapath records know the direction of the packet, not of the connection: no `is_reply`.
     if f.flow_type == FlowType::L7 {
-        out.is_reply = Some(f.is_reply);
+        out.is_reply = Some(pbjson_types::BoolValue { value: f.is_reply });
     }
     if let Some(rule) = &f.policy {
         let p = vec![policy(rule)];
@@ -311,7 +311,8 @@ pub fn to_pb(f: &Flow, uuid: String, node_name: &str) -> pb::Flow {
 pub fn from_pb(f: pb::Flow) -> Flow {
     let code = f.drop_reason;
     let drop_reason = u8::try_from(code).ok().and_then(DropReason::from_code);
-    let time = f.time.map(|t| t.to_string()).unwrap_or_default();
+    let time =
+        f.time.map(|t| prost_types::Timestamp { seconds: t.seconds, nanos: t.nanos }.to_string()).unwrap_or_default();
     let rule = [&f.ingress_allowed_by, &f.ingress_denied_by, &f.egress_allowed_by, &f.egress_denied_by]
         .into_iter()
         .flatten()
@@ -344,7 +345,7 @@ pub fn from_pb(f: pb::Flow) -> Flow {
             Ok(pb::TrafficDirection::Egress) => TrafficDirection::Egress,
             _ => TrafficDirection::Unknown,
         },
-        is_reply: f.is_reply.unwrap_or(false),
+        is_reply: f.is_reply.is_some_and(|r| r.value),
         ip: f.ip.map(|ip| FlowIp {
             source: ip.source,
             destination: ip.destination,
@@ -421,7 +422,24 @@ mod tests {
             pb.ingress_denied_by.first().map(|p| (p.namespace.as_str(), p.name.as_str())),
             Some(("default", "rule1"))
         );
-        assert_eq!(pb.is_reply, Some(false));
+        assert_eq!(pb.is_reply, Some(pbjson_types::BoolValue { value: false }));
+        // Hubble's JSON (protobuf's JSON mapping with the proto field names).
+        let json = serde_json::to_value(&pb).unwrap();
+        // RFC 3339 (pbjson-types writes the UTC offset as +00:00 where Go writes Z).
+        assert!(json["time"].as_str().unwrap().starts_with("2026-12-01T10:00:00.123456789"), "{json}");
+        assert_eq!(json["verdict"], "DROPPED");
+        assert_eq!(json["drop_reason_desc"], "POLICY_DENIED");
+        assert_eq!(json["Type"], "L7");
+        assert_eq!(json["traffic_direction"], "INGRESS");
+        assert_eq!(json["event_type"]["type"], 129);
+        assert_eq!(json["is_reply"], false);
+        assert_eq!(json["IP"]["ipVersion"], "IPv4");
+        assert_eq!(json["l4"]["TCP"]["destination_port"], 80);
+        assert_eq!(json["source"]["pod_name"], "xwing");
+        assert_eq!(json["l7"]["type"], "REQUEST");
+        assert_eq!(json["l7"]["http"]["method"], "PUT");
+        assert_eq!(json["node_name"], "node-a");
+        assert_eq!(serde_json::from_value::<pb::Flow>(json).unwrap(), pb);
         assert_eq!(from_pb(pb), f);
         // Porin's own reasons come back by their number.
         let f = Flow { drop_reason: Some(DropReason::ProxyBypass), ..sample() };

@@ -126,6 +126,11 @@ impl FlowRing {
         ring.last()
     }
 
+    /// This ring's id: tells its numbers from those of a ring before a restart.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The newest number now.
     pub fn last(&self) -> u64 {
         self.lock().last()

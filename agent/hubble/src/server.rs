@@ -8,7 +8,6 @@
 //! message when the ring moved past flows before this stream read them. A slow client slows only
 //! its own stream: the ring never waits for a reader.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use porin_flow::flow::{Flow, rfc3339};
@@ -33,18 +32,41 @@ const PAGE: usize = 1024;
 /// lets go meanwhile is reported to that client as lost).
 const STREAM_QUEUE: usize = 1024;
 
+/// Asks whoever feeds the ring from elsewhere (the proxy's records) to bring it up to date now;
+/// the answer comes when it has.
+pub type Catchup = mpsc::Sender<tokio::sync::oneshot::Sender<()>>;
+
+/// How long a request waits for the ring to catch up before it reads what is there.
+const CATCHUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The service.
 #[derive(Debug, Clone)]
 pub struct HubbleServer {
     ring: Arc<FlowRing>,
     node: Arc<str>,
     address: Arc<str>,
+    catchup: Option<Catchup>,
 }
 
 impl HubbleServer {
     /// A server of `ring` for node `node`, which clients reach at `address`.
     pub fn new(ring: Arc<FlowRing>, node: &str, address: &str) -> Self {
-        Self { ring, node: node.into(), address: address.into() }
+        Self { ring, node: node.into(), address: address.into(), catchup: None }
+    }
+
+    /// Before each `GetFlows` reads the ring, ask `catchup` to bring it up to date (so a flow
+    /// that already happened is in the answer, not only in the next one).
+    pub fn with_catchup(mut self, catchup: Catchup) -> Self {
+        self.catchup = Some(catchup);
+        self
+    }
+
+    async fn catch_up(&self) {
+        let Some(c) = &self.catchup else { return };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if c.send(tx).await.is_ok() && tokio::time::timeout(CATCHUP_WAIT, rx).await.is_err() {
+            tracing::debug!("The ring did not catch up in time; answering with what it holds");
+        }
     }
 }
 
@@ -59,7 +81,7 @@ struct Window {
     until: Option<String>,
 }
 
-fn record_time(t: &prost_types::Timestamp) -> String {
+fn record_time(t: &pbjson_types::Timestamp) -> String {
     rfc3339(u64::try_from(t.seconds).unwrap_or(0), u32::try_from(t.nanos).unwrap_or(0))
 }
 
@@ -90,7 +112,7 @@ impl Stream {
         (!self.window.before(f) && self.filters.admit(f, &uuid, &self.node)).then_some(uuid)
     }
 
-    async fn send(&self, r: ResponseTypes, time: Option<prost_types::Timestamp>) -> Result<(), Gone> {
+    async fn send(&self, r: ResponseTypes, time: Option<pbjson_types::Timestamp>) -> Result<(), Gone> {
         let response = GetFlowsResponse { response_types: Some(r), node_name: self.node.to_string(), time };
         self.tx.send(Ok(response)).await.map_err(|_| Gone)
     }
@@ -203,6 +225,7 @@ impl Observer for HubbleServer {
         let filters =
             Filters::new(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let window = Window { since: req.since.as_ref().map(record_time), until: req.until.as_ref().map(record_time) };
+        self.catch_up().await;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let stream = Stream { ring: self.ring.clone(), node: self.node.clone(), filters, window, tx };
         tokio::spawn(async move {
@@ -235,8 +258,8 @@ impl Observer for HubbleServer {
             max_flows: s.max_flows,
             seen_flows: s.seen_flows,
             uptime_ns: s.uptime_ns,
-            num_connected_nodes: Some(1),
-            num_unavailable_nodes: Some(0),
+            num_connected_nodes: Some(pbjson_types::UInt32Value { value: 1 }),
+            num_unavailable_nodes: Some(pbjson_types::UInt32Value { value: 0 }),
             unavailable_nodes: vec![],
             version: version(),
         }))
@@ -246,8 +269,8 @@ impl Observer for HubbleServer {
 /// Where the API is served.
 #[derive(Debug)]
 pub enum Listener {
-    /// A Unix socket (its path, removed when serving ends).
-    Unix(tokio::net::UnixListener, PathBuf),
+    /// A Unix socket.
+    Unix(tokio::net::UnixListener),
     /// A TCP address.
     Tcp(tokio::net::TcpListener),
 }
@@ -273,7 +296,7 @@ pub async fn serve(server: HubbleServer, listener: Listener) -> Result<(), tonic
         .add_service(v1)
         .add_service(v1alpha);
     match listener {
-        Listener::Unix(l, _path) => router.serve_with_incoming(UnixListenerStream::new(l)).await,
+        Listener::Unix(l) => router.serve_with_incoming(UnixListenerStream::new(l)).await,
         Listener::Tcp(l) => router.serve_with_incoming(TcpListenerStream::new(l)).await,
     }
 }

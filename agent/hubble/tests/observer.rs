@@ -40,7 +40,7 @@ async fn start(name: &str, capacity: usize) -> (Arc<FlowRing>, Socket, tokio::ta
     let l = tokio::net::UnixListener::bind(&sock.0).unwrap();
     let server = HubbleServer::new(ring.clone(), "test-node", &format!("unix:{}", sock.0.display()));
     let task = tokio::spawn(async move {
-        serve(server, Listener::Unix(l, std::path::PathBuf::new())).await.unwrap();
+        serve(server, Listener::Unix(l)).await.unwrap();
     });
     (ring, sock, task)
 }

@@ -26,13 +26,19 @@ use porin_datapath::loader::{Datapath, Settings, ensure_bpffs};
 use porin_flow::control::{self, Handler, Reply, Request};
 use porin_flow::flow::Verdict;
 use porin_flow::metrics::HubbleMetrics;
+use porin_hubble::ring::FlowRing;
+use porin_hubble::server::{HubbleServer, Listener};
 use tokio::sync::oneshot;
 
 pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, environment, publish};
 use self::reloader::{Job, Reloader, View};
 
-/// How many flow records the agent keeps for `flows` queries.
-const EVENT_BACKLOG: usize = 8192;
+/// The most flow records one `flows` query returns.
+const FLOWS_PAGE: usize = 8192;
+/// How often the agent asks the proxy for new records when the last ask brought less than a page.
+const PROXY_PULL: Duration = Duration::from_millis(100);
+/// How many proxy records the agent takes per ask.
+const PROXY_PAGE: usize = 4096;
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -49,6 +55,24 @@ pub struct AgentConfig {
     pub publish: Option<PathBuf>,
     /// Datapath settings.
     pub settings: Settings,
+    /// The node's name (Hubble's `node_name`).
+    pub node_name: String,
+    /// How many flow records the node's ring keeps.
+    pub flow_ring: usize,
+    /// The proxy's control socket: its records join the node's ring (and Hubble's API).
+    pub proxy_control: Option<PathBuf>,
+    /// Serve Hubble's Observer API on this Unix socket.
+    pub hubble: Option<PathBuf>,
+}
+
+/// Sockets the caller bound before entering the agent's network namespace (so they are reachable
+/// from the machine).
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// `GET /metrics`.
+    pub metrics: Option<std::net::TcpListener>,
+    /// Hubble's Observer API over TCP.
+    pub hubble: Option<std::net::TcpListener>,
 }
 
 /// The agent's side of the control protocol: reads from the view, hands kernel work to the
@@ -58,6 +82,9 @@ struct Control {
     jobs: Sender<Job>,
     /// Where `/metrics` is served.
     metrics: Option<std::net::SocketAddr>,
+    /// Where Hubble's API is served: `unix:PATH`, `HOST:PORT`.
+    hubble: Vec<String>,
+    node_name: String,
 }
 
 impl Control {
@@ -72,26 +99,30 @@ impl Handler for Control {
     async fn handle(&self, request: Request) -> Reply {
         let result = match request {
             Request::Status => {
+                let ring = self.view.flows.status();
                 let view = self.view.lock();
                 let mut status = view.status.clone();
                 if let Some(s) = status.as_object_mut() {
                     s.insert(
                         "records".into(),
                         serde_json::json!({
-                            "kept": view.flows.len(),
-                            "evicted": view.flows.evicted(),
+                            "kept": ring.num_flows,
+                            "capacity": ring.max_flows,
+                            "seen": ring.seen_flows,
+                            "evicted": ring.evicted,
                             "events_undecodable": view.events_undecodable,
                         }),
                     );
                     s.insert("metrics".into(), serde_json::json!(self.metrics.map(|a| a.to_string())));
+                    s.insert("hubble".into(), serde_json::json!(self.hubble));
+                    s.insert("node_name".into(), serde_json::json!(self.node_name));
                 }
                 Ok(Reply::Status(status))
             }
             Request::Flows { after, limit } => {
-                let view = self.view.lock();
-                let page = view.flows.after(after, limit.unwrap_or(EVENT_BACKLOG));
-                let flows = page.items.into_iter().map(|(_, f)| f.clone()).collect();
-                Ok(Reply::Flows { last: page.last, missed: page.missed, flows })
+                let read = self.view.flows.after(after, limit.unwrap_or(FLOWS_PAGE));
+                let flows = read.flows.into_iter().map(|(_, f)| f).collect();
+                Ok(Reply::Flows { epoch: self.view.flows.epoch(), last: read.last, missed: read.missed, flows })
             }
             Request::Reload => self.ask(|tx| Job::Reload(Some(tx))).await,
             Request::Counters => self.ask(Job::Counters).await.map(|counters| Reply::Counters { counters }),
@@ -158,19 +189,102 @@ async fn read_events(view: Arc<View>, events: Events, metrics: Arc<HubbleMetrics
         if drained.events.is_empty() && drained.undecodable == 0 {
             continue;
         }
-        let mut v = view.lock();
-        v.events_undecodable += drained.undecodable;
-        let snap = v.snapshot.clone();
-        for e in drained.events {
-            v.flows.push_numbered(|seq| {
-                let f = events::from_event(seq, &e, snap.as_deref());
-                count(&metrics, &f);
-                if f.verdict == Verdict::Dropped {
-                    // Every drop is a flow record and a counter; the log only says that drops happen.
-                    proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");
+        let snap = {
+            let mut v = view.lock();
+            v.events_undecodable += drained.undecodable;
+            v.snapshot.clone()
+        };
+        view.flows.push_each(drained.events, |seq, e| {
+            let f = events::from_event(seq, &e, snap.as_deref());
+            count(&metrics, &f);
+            if f.verdict == Verdict::Dropped {
+                // Every drop is a flow record and a counter; the log only says that drops happen.
+                proxy::log_limited!(info, flow = %crate::render::text(&f), "Packet dropped");
+            }
+            f
+        });
+    }
+}
+
+/// Moves the proxy's flow records into the node's ring, asking its control socket every
+/// [`PROXY_PULL`] (at once again while it has more). What the proxy's backlog let go before the
+/// agent asked is counted (`hubble_lost_events_total{source="observer_events_queue"}`); a proxy
+/// that is not there yet (or restarting) is asked again, quietly; a restarted proxy (a new
+/// epoch) is read from its first record.
+/// A request on `catchup` (from Hubble's API) is a pull at once, answered when it is done.
+async fn follow_proxy(
+    ring: Arc<FlowRing>,
+    socket: PathBuf,
+    metrics: Arc<HubbleMetrics>,
+    mut catchup: tokio::sync::mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    let mut puller = ProxyPuller { ring, socket, metrics, epoch: 0, after: 0, lost: 0 };
+    loop {
+        while puller.pull().await {}
+        tokio::select! {
+            () = tokio::time::sleep(PROXY_PULL) => {}
+            asked = catchup.recv() => {
+                while puller.pull().await {}
+                if let Some(done) = asked {
+                    // The asker may have given up waiting: nothing is lost.
+                    let _ = done.send(());
                 }
-                f
-            });
+            }
+        }
+    }
+}
+
+/// The agent's side of the proxy's records: where it is in them.
+struct ProxyPuller {
+    ring: Arc<FlowRing>,
+    socket: PathBuf,
+    metrics: Arc<HubbleMetrics>,
+    epoch: u64,
+    after: u64,
+    lost: u64,
+}
+
+impl ProxyPuller {
+    /// Takes one page of new records; returns whether there is more to take at once.
+    async fn pull(&mut self) -> bool {
+        let (s, ask) = (self.socket.clone(), self.after);
+        let reply = tokio::task::spawn_blocking(move || {
+            control::call(&s, &Request::Flows { after: ask, limit: Some(PROXY_PAGE) })
+        })
+        .await;
+        match reply {
+            Ok(Ok(Reply::Flows { epoch, last, missed, flows })) => {
+                if epoch != self.epoch {
+                    let restarted = self.epoch != 0;
+                    self.epoch = epoch;
+                    if restarted && self.after != 0 {
+                        self.after = 0;
+                        tracing::info!("The proxy restarted: reading its records from the first");
+                        return true;
+                    }
+                }
+                if missed > 0 {
+                    self.lost += missed;
+                    self.metrics.lost_events("observer_events_queue", self.lost);
+                    proxy::log_limited!(warn, missed, "Proxy flow records were let go before the agent read them");
+                }
+                let more = flows.len() >= PROXY_PAGE;
+                self.after = flows.last().map_or(last, |f| f.seq);
+                self.ring.extend(flows);
+                more
+            }
+            Ok(Ok(other)) => {
+                tracing::warn!(reply = ?other, "The proxy answered a flows request with something else");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "The proxy's control socket does not answer");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Asking the proxy for records failed");
+                false
+            }
         }
     }
 }
@@ -183,15 +297,15 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
         .with_context(|| format!("enter network namespace {name}"))
 }
 
-/// Runs the agent until SIGTERM / SIGINT.
-/// `metrics_socket`: bound by the caller (before it entered a network namespace) to serve
-/// `/metrics` on.
-pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM / SIGINT, serving on `sockets` (bound by the caller before it
+/// entered a network namespace) besides its own.
+pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     ensure_bpffs(&cfg.bpffs)?;
     let mut datapath = Datapath::open(&cfg.bpffs)?;
     datapath.configure(&cfg.settings)?;
-    let ring = datapath.take_events()?;
-    let view = Arc::new(View::new(EVENT_BACKLOG));
+    let events = datapath.take_events()?;
+    let ring = Arc::new(FlowRing::new(cfg.flow_ring));
+    let view = Arc::new(View::new(ring.clone()));
     // Versions keep growing across agent restarts: the proxy (and whoever waits for it) can tell a
     // newer publication from an older one.
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
@@ -206,7 +320,7 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
         let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
         let metrics = Arc::new(HubbleMetrics::default());
-        let (metrics_at, metrics_task) = match metrics_socket {
+        let (metrics_at, metrics_task) = match sockets.metrics {
             Some(s) => {
                 s.set_nonblocking(true)?;
                 let s = tokio::net::TcpListener::from_std(s)?;
@@ -214,9 +328,43 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
             }
             None => (None, None),
         };
-        let handler = Arc::new(Control { view: view.clone(), jobs: jobs.clone(), metrics: metrics_at });
+        // Hubble's API: on a Unix socket and, when the caller bound one, a TCP address.
+        let mut listeners = Vec::new();
+        if let Some(path) = &cfg.hubble {
+            let l = control::bind(path).with_context(|| format!("bind {}", path.display()))?;
+            listeners.push((format!("unix:{}", path.display()), Listener::Unix(l)));
+        }
+        if let Some(s) = sockets.hubble {
+            s.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(s)?;
+            listeners.push((l.local_addr()?.to_string(), Listener::Tcp(l)));
+        }
+        let hubble_at: Vec<String> = listeners.iter().map(|(a, _)| a.clone()).collect();
+        let mut hubble = HubbleServer::new(ring.clone(), &cfg.node_name, hubble_at.first().map_or("", String::as_str));
+        let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        if let Some(p) = &cfg.proxy_control {
+            let (catchup, asked) = tokio::sync::mpsc::channel(64);
+            hubble = hubble.with_catchup(catchup);
+            tasks.push(tokio::spawn(follow_proxy(ring.clone(), p.clone(), metrics.clone(), asked)));
+        }
+        for (at, l) in listeners {
+            let server = hubble.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = porin_hubble::server::serve(server, l).await {
+                    tracing::error!(error = %e, at, "Hubble's API stopped");
+                }
+            }));
+        }
+        tracing::info!(hubble = ?hubble_at, node = cfg.node_name, "Hubble API ready");
+        let handler = Arc::new(Control {
+            view: view.clone(),
+            jobs: jobs.clone(),
+            metrics: metrics_at,
+            hubble: hubble_at.clone(),
+            node_name: cfg.node_name.clone(),
+        });
         let server = tokio::spawn(control::serve(listener, handler));
-        let events = tokio::spawn(read_events(view.clone(), ring, metrics.clone()));
+        let events = tokio::spawn(read_events(view.clone(), events, metrics.clone()));
         let follow = tokio::spawn(follow_counters(metrics, view.clone(), jobs.clone()));
         let watch = tokio::spawn(watch_inputs(jobs.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -234,6 +382,9 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
         }
         events.abort();
         follow.abort();
+        for t in tasks {
+            t.abort();
+        }
         watch.abort();
         server.abort();
         if let Some(t) = metrics_task {
@@ -247,8 +398,10 @@ pub fn run(cfg: AgentConfig, metrics_socket: Option<std::net::TcpListener>) -> a
     if worker.join().is_err() {
         tracing::error!("The reloader panicked");
     }
-    if let Err(e) = std::fs::remove_file(&cfg.control) {
-        tracing::debug!(error = %e, "Control socket not removed");
+    for socket in std::iter::once(&cfg.control).chain(&cfg.hubble) {
+        if let Err(e) = std::fs::remove_file(socket) {
+            tracing::debug!(error = %e, socket = %socket.display(), "Socket not removed");
+        }
     }
     tracing::info!("Agent stopping; the datapath keeps enforcing");
     served

@@ -23,9 +23,9 @@ use policy_engine::resolve::resolve;
 use policy_engine::snapshot::Snapshot;
 use porin_datapath::loader::{ApplyStats, Datapath};
 use porin_datapath::mapstate::{self, Binding};
-use porin_flow::backlog::Backlog;
 use porin_flow::control::Reply;
 use porin_flow::flow::Flow;
+use porin_hubble::ring::FlowRing;
 use tokio::sync::oneshot;
 
 use super::AgentConfig;
@@ -49,29 +49,29 @@ pub(super) struct ViewState {
     pub(super) snapshot: Option<Arc<Snapshot>>,
     /// The status after the last job.
     pub(super) status: serde_json::Value,
-    /// Flow records: kernel events, refused policy files.
-    pub(super) flows: Backlog<Flow>,
     /// Ring-buffer items that did not decode as events (counted, never silently lost).
     pub(super) events_undecodable: u64,
 }
 
-/// The shared view (held for short moments only).
+/// The shared view (held for short moments only), and the node's flow ring (its own lock).
 #[derive(Debug)]
-pub(super) struct View(Mutex<ViewState>);
+pub(super) struct View {
+    state: Mutex<ViewState>,
+    /// Every flow record of the node: kernel events, the proxy's records, refused policy files.
+    pub(super) flows: Arc<FlowRing>,
+}
 
 impl View {
-    pub(super) fn new(backlog: usize) -> Self {
-        Self(Mutex::new(ViewState {
-            snapshot: None,
-            status: serde_json::Value::Null,
-            flows: Backlog::new(backlog),
-            events_undecodable: 0,
-        }))
+    pub(super) fn new(flows: Arc<FlowRing>) -> Self {
+        Self {
+            state: Mutex::new(ViewState { snapshot: None, status: serde_json::Value::Null, events_undecodable: 0 }),
+            flows,
+        }
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, ViewState> {
         // Plain values: a panic elsewhere cannot leave them half-written.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -233,10 +233,7 @@ impl Reloader {
                     tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
                 }
                 if entry.errors != errors {
-                    let mut view = self.view.lock();
-                    for e in &errors {
-                        view.flows.push_numbered(|seq| Flow { seq, ..Flow::policy_error(e) });
-                    }
+                    self.view.flows.push_each(&errors, |seq, e| Flow { seq, ..Flow::policy_error(e) });
                 }
                 entry.ok = false;
                 entry.errors = errors;

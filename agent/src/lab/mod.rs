@@ -195,6 +195,10 @@ impl LabPaths {
     pub fn proxy_control(&self) -> PathBuf {
         self.dir.join("proxy.sock")
     }
+    /// The node's Hubble API (the agent serves it).
+    pub fn hubble(&self) -> PathBuf {
+        self.dir.join("hubble.sock")
+    }
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -344,6 +348,8 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
             "pid": st.agent_pid,
             "running": running,
             "metrics": agent.as_ref().and_then(|a| a["metrics"].as_str()).map(|a| format!("http://{a}/metrics")),
+            "hubble": hubble_tcp(agent.as_ref()),
+            "hubble_socket": format!("unix:{}", paths.hubble().display()),
             "status": agent,
         },
         "proxy": {
@@ -356,12 +362,21 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The TCP address of the node's Hubble API, from the agent's status.
+fn hubble_tcp(agent: Option<&serde_json::Value>) -> Option<String> {
+    let at = agent?["hubble"].as_array()?;
+    at.iter().filter_map(|a| a.as_str()).find(|a| !a.starts_with("unix:")).map(str::to_owned)
+}
+
 /// Renders the pods of a lab as a table.
 pub fn table(st: &LabState) -> String {
     let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
     let agent = crate::agent::status_of(&LabPaths::new(&st.name).control()).ok();
     if let Some(a) = agent.as_ref().and_then(|a| a["metrics"].as_str()) {
         let _ = writeln!(s, "agent metrics: http://{a}/metrics");
+    }
+    if let Some(h) = hubble_tcp(agent.as_ref()) {
+        let _ = writeln!(s, "hubble api: {h} (and unix:{})", LabPaths::new(&st.name).hubble().display());
     }
     if let Some(url) = process::metrics_url(&st.name) {
         let _ = writeln!(s, "proxy metrics: {url}");

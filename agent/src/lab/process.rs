@@ -92,6 +92,14 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         // On the machine's loopback: reachable from outside the lab's namespaces.
         "--metrics".into(),
         "127.0.0.1:0".into(),
+        "--hubble".into(),
+        paths.hubble().display().to_string(),
+        "--hubble-listen".into(),
+        "127.0.0.1:0".into(),
+        "--node-name".into(),
+        format!("porin-{name}-node"),
+        "--proxy-control".into(),
+        paths.proxy_control().display().to_string(),
     ];
     if let Some(s) = settings.ct_tcp_close_secs {
         args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);

@@ -74,6 +74,10 @@ pub enum Reply {
     Status(serde_json::Value),
     /// Flow records.
     Flows {
+        /// Which run of the process numbered them: numbers start again when it changes (a
+        /// restart), so a reader that kept a number asks from 0.
+        #[serde(default)]
+        epoch: u64,
         /// The newest number so far (ask with it next time).
         last: u64,
         /// Records after the reader's number that the backlog let go before it asked.
@@ -232,7 +236,7 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json, serde_json::json!({"reply": "status", "pid": 7, "version": 2}));
         assert_eq!(serde_json::from_value::<Reply>(json).unwrap(), status);
-        let flows = Reply::Flows { last: 9, missed: 1, flows: vec![] };
+        let flows = Reply::Flows { epoch: 1, last: 9, missed: 1, flows: vec![] };
         assert_eq!(serde_json::from_str::<Reply>(&serde_json::to_string(&flows).unwrap()).unwrap(), flows);
         assert!(matches!(Reply::error("no").ok(), Err(ControlError::Refused(e)) if e == "no"));
     }

@@ -1,0 +1,319 @@
+//! `porin observe`: flows from a node's Hubble API (`--server`, `--lab`), or straight from one
+//! process's control socket (`--proxy`, `--agent`: a proxy run without an agent). The flags are
+//! Hubble's filters; they are sent to the server, or applied here with the same filter code when
+//! reading a control socket. `-o json` prints what `hubble observe -o json` prints: one
+//! `GetFlowsResponse` per line in protobuf's JSON mapping.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use porin_flow::control::{Reply, Request};
+use porin_hubble::filter::Filters;
+use porin_hubble::pb::flow::{self as fpb, FlowFilter};
+use porin_hubble::pb::observer::get_flows_response::ResponseTypes;
+use porin_hubble::pb::observer::{GetFlowsRequest, GetFlowsResponse};
+
+/// `porin observe` arguments.
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    /// Read the Hubble API of this lab's node.
+    #[cfg(feature = "lab")]
+    #[arg(long)]
+    pub lab: Option<String>,
+    /// The Hubble API to read: `unix:PATH` or `HOST:PORT`.
+    #[arg(long, default_value = "unix:/run/porin/hubble.sock")]
+    pub server: String,
+    /// Read this proxy's control socket instead (a proxy without an agent); filters apply here.
+    #[arg(long, conflicts_with = "agent")]
+    pub proxy: Option<PathBuf>,
+    /// Read this agent's control socket instead; filters apply here.
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Only these verdicts (FORWARDED, DROPPED, REDIRECTED, ERROR, AUDIT); repeatable.
+    #[arg(long)]
+    pub verdict: Vec<String>,
+    /// Flows from or to this pod (`namespace/name-prefix`, `namespace/`, or `name-prefix`).
+    #[arg(long)]
+    pub pod: Vec<String>,
+    /// Flows from this pod.
+    #[arg(long)]
+    pub from_pod: Vec<String>,
+    /// Flows to this pod.
+    #[arg(long)]
+    pub to_pod: Vec<String>,
+    /// Flows from or to this namespace.
+    #[arg(long)]
+    pub namespace: Vec<String>,
+    /// Flows from or to endpoints with these labels (a Kubernetes label selector: `app=x,!y`).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Flows from endpoints with these labels.
+    #[arg(long)]
+    pub from_label: Vec<String>,
+    /// Flows to endpoints with these labels.
+    #[arg(long)]
+    pub to_label: Vec<String>,
+    /// Flows from or to this address or prefix.
+    #[arg(long)]
+    pub ip: Vec<String>,
+    /// Flows from this address or prefix.
+    #[arg(long)]
+    pub from_ip: Vec<String>,
+    /// Flows to this address or prefix.
+    #[arg(long)]
+    pub to_ip: Vec<String>,
+    /// Flows from or to this security identity.
+    #[arg(long)]
+    pub identity: Vec<u32>,
+    /// Flows to this port.
+    #[arg(long)]
+    pub to_port: Vec<String>,
+    /// Flows to names matching this pattern (`*.example.com`).
+    #[arg(long)]
+    pub to_fqdn: Vec<String>,
+    /// Only this protocol (tcp, udp, icmp, http, http/1.1, http/2, dns, kafka, l7); repeatable.
+    #[arg(long)]
+    pub protocol: Vec<String>,
+    /// HTTP method.
+    #[arg(long)]
+    pub http_method: Vec<String>,
+    /// HTTP path (a regular expression).
+    #[arg(long)]
+    pub http_path: Vec<String>,
+    /// HTTP status (`404`, `5+`).
+    #[arg(long)]
+    pub http_status: Vec<String>,
+    /// DNS query (a regular expression).
+    #[arg(long)]
+    pub dns_query: Vec<String>,
+    /// INGRESS or EGRESS.
+    #[arg(long)]
+    pub traffic_direction: Vec<String>,
+    /// Event type: drop, policy-verdict, l7.
+    #[arg(long = "type")]
+    pub event_type: Vec<String>,
+    /// Keep printing new flows.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// The last N matching flows (before following).
+    #[arg(long, conflicts_with = "first")]
+    pub last: Option<u64>,
+    /// The first N matching flows the ring holds.
+    #[arg(long, conflicts_with = "follow")]
+    pub first: Option<u64>,
+    /// Flows since this time (RFC 3339, or an age: `30s`, `5m`, `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Flows until this time (RFC 3339, or an age).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Output format: `text` lines, `json` (Hubble's JSON, one response per line), or a `table`
+    /// that grows as flows happen (with `-f`).
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: ObserveOutput,
+}
+
+/// `porin observe -o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ObserveOutput {
+    /// One line per flow.
+    #[default]
+    Text,
+    /// JSON Lines (`hubble observe -o json`).
+    Json,
+    /// Aligned columns: time, source, destination, request, verdict, why.
+    Table,
+}
+
+fn enum_value(field: &str, name: &str, parse: fn(&str) -> Option<i32>) -> anyhow::Result<i32> {
+    parse(&name.to_ascii_uppercase()).with_context(|| format!("--{field}: unknown value {name:?}"))
+}
+
+/// A time flag: RFC 3339, or an age before now.
+fn time_flag(flag: &str, v: &str) -> anyhow::Result<pbjson_types::Timestamp> {
+    let age = |n: &str, unit: u64| n.parse::<u64>().ok().map(|n| n * unit);
+    let secs = v
+        .strip_suffix('s')
+        .and_then(|n| age(n, 1))
+        .or_else(|| v.strip_suffix('m').and_then(|n| age(n, 60)))
+        .or_else(|| v.strip_suffix('h').and_then(|n| age(n, 3600)));
+    if let Some(ago) = secs {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let t = now.saturating_sub(Duration::from_secs(ago));
+        return Ok(pbjson_types::Timestamp {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+        });
+    }
+    porin_hubble::convert::timestamp(v)
+        .with_context(|| format!("--{flag}: {v:?} is neither RFC 3339 nor an age like 5m"))
+}
+
+/// The flags as Hubble's request: one-sided flags in every filter; flags naming either side
+/// make two filters (source side, destination side), as `hubble observe` does.
+pub fn request(a: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
+    let mut base = FlowFilter {
+        source_pod: a.from_pod.clone(),
+        destination_pod: a.to_pod.clone(),
+        source_label: a.from_label.clone(),
+        destination_label: a.to_label.clone(),
+        source_ip: a.from_ip.clone(),
+        destination_ip: a.to_ip.clone(),
+        destination_port: a.to_port.clone(),
+        destination_fqdn: a.to_fqdn.clone(),
+        protocol: a.protocol.clone(),
+        http_method: a.http_method.clone(),
+        http_path: a.http_path.clone(),
+        http_status_code: a.http_status.clone(),
+        dns_query: a.dns_query.clone(),
+        ..FlowFilter::default()
+    };
+    for v in &a.verdict {
+        base.verdict.push(enum_value("verdict", v, |s| fpb::Verdict::from_str_name(s).map(|v| v as i32))?);
+    }
+    for d in &a.traffic_direction {
+        base.traffic_direction
+            .push(enum_value("traffic-direction", d, |s| fpb::TrafficDirection::from_str_name(s).map(|v| v as i32))?);
+    }
+    for t in &a.event_type {
+        let r#type = match t.to_ascii_lowercase().as_str() {
+            "drop" => 1,
+            "policy-verdict" => 5,
+            "l7" | "access-log" => 129,
+            other => bail!("--type: unknown event type {other:?} (drop, policy-verdict, l7)"),
+        };
+        base.event_type.push(fpb::EventTypeFilter { r#type, ..Default::default() });
+    }
+    let namespaces = a.namespace.iter().map(|n| format!("{}/", n.trim_end_matches('/')));
+    let pods: Vec<String> = a.pod.iter().cloned().chain(namespaces).collect();
+    let either = !(pods.is_empty() && a.label.is_empty() && a.ip.is_empty() && a.identity.is_empty());
+    let whitelist = if either {
+        let mut from = base.clone();
+        from.source_pod.extend(pods.iter().cloned());
+        from.source_label.extend(a.label.iter().cloned());
+        from.source_ip.extend(a.ip.iter().cloned());
+        from.source_identity.extend(&a.identity);
+        let mut to = base;
+        to.destination_pod.extend(pods);
+        to.destination_label.extend(a.label.iter().cloned());
+        to.destination_ip.extend(a.ip.iter().cloned());
+        to.destination_identity.extend(&a.identity);
+        vec![from, to]
+    } else if base == FlowFilter::default() {
+        vec![]
+    } else {
+        vec![base]
+    };
+    Ok(GetFlowsRequest {
+        number: a.first.or(a.last).unwrap_or(0),
+        first: a.first.is_some(),
+        follow: a.follow,
+        whitelist,
+        since: a.since.as_deref().map(|v| time_flag("since", v)).transpose()?,
+        until: a.until.as_deref().map(|v| time_flag("until", v)).transpose()?,
+        ..GetFlowsRequest::default()
+    })
+}
+
+/// Prints one response; returns whether it was a flow.
+fn print(output: ObserveOutput, r: GetFlowsResponse) -> anyhow::Result<()> {
+    if output == ObserveOutput::Json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    match r.response_types {
+        Some(ResponseTypes::Flow(f)) => {
+            let f = porin_hubble::convert::from_pb(f);
+            match output {
+                ObserveOutput::Table => println!("{}", crate::render::row(&f)),
+                _ => println!("{} {}", f.time, crate::render::text(&f)),
+            }
+        }
+        Some(ResponseTypes::LostEvents(l)) => {
+            let source = fpb::LostEventSource::try_from(l.source).map_or("unknown", |s| s.as_str_name());
+            eprintln!("porin observe: {} flows lost ({source})", l.num_events_lost);
+        }
+        Some(ResponseTypes::NodeStatus(_)) | None => {}
+    }
+    Ok(())
+}
+
+async fn from_server(server: &str, req: GetFlowsRequest, output: ObserveOutput) -> anyhow::Result<()> {
+    let mut client = porin_hubble::client::connect(server)
+        .await
+        .with_context(|| format!("connect to the Hubble API at {server}"))?;
+    let mut stream =
+        client.get_flows(req).await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))?.into_inner();
+    while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))? {
+        print(output, r)?;
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// Reads a control socket's records, filtered here (no ring, no ids: a single process's backlog).
+fn from_socket(socket: &std::path::Path, req: &GetFlowsRequest, output: ObserveOutput) -> anyhow::Result<()> {
+    let filters = Filters::new(&req.whitelist, &req.blacklist)?;
+    let (mut after, mut first) = (0, true);
+    loop {
+        let r = crate::agent::control(socket, &Request::Flows { after, limit: None })
+            .with_context(|| format!("read {}", socket.display()))?;
+        let Reply::Flows { last, missed, flows, .. } = r else {
+            bail!("{}: not a flows reply: {r:?}", socket.display());
+        };
+        if missed > 0 {
+            eprintln!("porin observe: {missed} records from {} were let go before they were read", socket.display());
+        }
+        after = last;
+        let mut picked: Vec<_> = flows.iter().filter(|f| filters.admit(f, "", "")).collect();
+        if first && req.number > 0 {
+            let n = usize::try_from(req.number).unwrap_or(usize::MAX);
+            if req.first {
+                picked.truncate(n);
+            } else {
+                picked.drain(..picked.len().saturating_sub(n));
+            }
+        }
+        for f in picked {
+            let pb = porin_hubble::convert::to_pb(f, String::new(), "");
+            let time = pb.time;
+            print(
+                output,
+                GetFlowsResponse { response_types: Some(ResponseTypes::Flow(pb)), node_name: String::new(), time },
+            )?;
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        first = false;
+        if !req.follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `porin observe`.
+pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
+    let req = request(a)?;
+    if a.output == ObserveOutput::Table {
+        println!("{}", crate::render::TABLE_HEADER);
+    }
+    if let Some(socket) = a.proxy.as_ref().or(a.agent.as_ref()) {
+        from_socket(socket, &req, a.output)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    #[cfg(feature = "lab")]
+    let server = match &a.lab {
+        Some(lab) => format!("unix:{}", crate::lab::LabPaths::new(lab).hubble().display()),
+        None => a.server.clone(),
+    };
+    #[cfg(not(feature = "lab"))]
+    let server = a.server.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(from_server(&server, req, a.output))?;
+    Ok(ExitCode::SUCCESS)
+}
