@@ -218,19 +218,23 @@ pub fn request(a: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
     })
 }
 
-/// Prints one response; returns whether it was a flow.
+/// Prints one response (and flushes: a follower sees each flow as it comes).
 fn print(output: ObserveOutput, r: GetFlowsResponse) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
     if output == ObserveOutput::Json {
-        println!("{}", serde_json::to_string(&r)?);
+        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        out.flush()?;
         return Ok(());
     }
     match r.response_types {
         Some(ResponseTypes::Flow(f)) => {
             let f = porin_hubble::convert::from_pb(f);
             match output {
-                ObserveOutput::Table => println!("{}", crate::render::row(&f)),
-                _ => println!("{} {}", f.time, crate::render::text(&f)),
+                ObserveOutput::Table => writeln!(out, "{}", crate::render::row(&f))?,
+                _ => writeln!(out, "{} {}", f.time, crate::render::text(&f))?,
             }
+            out.flush()?;
         }
         Some(ResponseTypes::LostEvents(l)) => {
             let source = fpb::LostEventSource::try_from(l.source).map_or("unknown", |s| s.as_str_name());
@@ -249,8 +253,6 @@ async fn from_server(server: &str, req: GetFlowsRequest, output: ObserveOutput) 
         client.get_flows(req).await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))?.into_inner();
     while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))? {
         print(output, r)?;
-        use std::io::Write as _;
-        std::io::stdout().flush()?;
     }
     Ok(())
 }
@@ -286,8 +288,6 @@ fn from_socket(socket: &std::path::Path, req: &GetFlowsRequest, output: ObserveO
                 GetFlowsResponse { response_types: Some(ResponseTypes::Flow(pb)), node_name: String::new(), time },
             )?;
         }
-        use std::io::Write as _;
-        std::io::stdout().flush()?;
         first = false;
         if !req.follow {
             return Ok(());
@@ -296,11 +296,21 @@ fn from_socket(socket: &std::path::Path, req: &GetFlowsRequest, output: ObserveO
     }
 }
 
-/// `porin observe`.
+/// `porin observe`: a reader that stopped reading (`| head`) ends it quietly.
 pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
+    match observe_inner(a) {
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
+            Ok(ExitCode::SUCCESS)
+        }
+        other => other,
+    }
+}
+
+fn observe_inner(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
     let req = request(a)?;
     if a.output == ObserveOutput::Table {
-        println!("{}", crate::render::TABLE_HEADER);
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), "{}", crate::render::TABLE_HEADER)?;
     }
     if let Some(socket) = a.proxy.as_ref().or(a.agent.as_ref()) {
         from_socket(socket, &req, a.output)?;
@@ -316,4 +326,50 @@ pub fn observe(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(from_server(&server, req, a.output))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: ObserveArgs,
+    }
+
+    fn req(args: &[&str]) -> GetFlowsRequest {
+        let cli = Cli::try_parse_from(std::iter::once("observe").chain(args.iter().copied())).unwrap();
+        request(&cli.a).unwrap()
+    }
+
+    #[test]
+    fn flags_become_hubbles_filters() {
+        assert_eq!(req(&[]).whitelist, vec![]);
+        let r =
+            req(&["--from-pod", "default/tie", "--http-method", "PUT", "--verdict", "dropped", "--last", "5", "-f"]);
+        assert_eq!((r.number, r.first, r.follow), (5, false, true));
+        assert_eq!(r.whitelist.len(), 1);
+        let f = &r.whitelist[0];
+        assert_eq!(
+            (f.source_pod.clone(), f.http_method.clone()),
+            (vec!["default/tie".to_owned()], vec!["PUT".to_owned()])
+        );
+        assert_eq!(f.verdict, vec![fpb::Verdict::Dropped as i32]);
+        // Either side: two filters, each with the one-sided flags.
+        let r = req(&["--pod", "xwing", "--namespace", "prod", "--protocol", "http"]);
+        assert_eq!(r.whitelist.len(), 2);
+        assert_eq!(r.whitelist[0].source_pod, ["xwing", "prod/"]);
+        assert_eq!(r.whitelist[1].destination_pod, ["xwing", "prod/"]);
+        assert!(r.whitelist.iter().all(|f| f.protocol == ["http"]));
+        let r = req(&["--first", "3", "--since", "5m", "--type", "drop"]);
+        assert!(r.first && r.number == 3 && r.since.is_some());
+        assert_eq!(r.whitelist[0].event_type[0].r#type, 1);
+        let bad = Cli::try_parse_from(["observe", "--verdict", "MAYBE"]).unwrap();
+        assert!(request(&bad.a).unwrap_err().to_string().contains("--verdict"));
+        let bad = Cli::try_parse_from(["observe", "--since", "yesterday"]).unwrap();
+        assert!(request(&bad.a).unwrap_err().to_string().contains("--since"));
+    }
 }
