@@ -4,7 +4,7 @@
 //!
 //! Filters are compiled once per request ([`Filters::new`]) with a clear error naming the field and
 //! value that do not parse. Fields this node has no data for (services, workloads, TCP flags,
-//! trace ids) are refused with `Unsupported`: ignoring one would send flows the caller excluded.
+//! trace ids, source names) are refused with `Unsupported`: ignoring one would send flows the caller excluded.
 
 use std::net::IpAddr;
 
@@ -75,7 +75,6 @@ pub struct Compiled {
     destination_ip: Vec<IpMatch>,
     source_pod: Vec<PodMatch>,
     destination_pod: Vec<PodMatch>,
-    source_fqdn: Vec<Regex>,
     destination_fqdn: Vec<Regex>,
     source_label: Vec<Vec<LabelReq>>,
     destination_label: Vec<Vec<LabelReq>>,
@@ -235,6 +234,8 @@ impl Compiled {
         refuse_if("destination_workload", &f.destination_workload)?;
         refuse_if("tcp_flags", &f.tcp_flags)?;
         refuse_if("trace_id", &f.trace_id)?;
+        // Records carry the names of the destination only (what the DNS proxy learned).
+        refuse_if("source_fqdn", &f.source_fqdn)?;
         let each = |field: &'static str, vs: &[String], make: fn(&'static str, &str) -> Result<Regex, FilterError>| {
             vs.iter().map(|v| make(field, v)).collect::<Result<Vec<_>, _>>()
         };
@@ -244,7 +245,6 @@ impl Compiled {
             destination_ip: f.destination_ip.iter().map(|v| ip("destination_ip", v)).collect::<Result<_, _>>()?,
             source_pod: f.source_pod.iter().map(|v| pod(v)).collect(),
             destination_pod: f.destination_pod.iter().map(|v| pod(v)).collect(),
-            source_fqdn: each("source_fqdn", &f.source_fqdn, name_pattern)?,
             destination_fqdn: each("destination_fqdn", &f.destination_fqdn, name_pattern)?,
             source_label: f.source_label.iter().map(|v| label_selector("source_label", v)).collect::<Result<_, _>>()?,
             destination_label: f
@@ -293,7 +293,6 @@ impl Compiled {
             && any(&self.destination_ip, |m| ip_matches(m, dst_ip))
             && any(&self.source_pod, |m| pod_matches(m, &f.source))
             && any(&self.destination_pod, |m| pod_matches(m, &f.destination))
-            && any(&self.source_fqdn, |_| false)
             && any(&self.destination_fqdn, |re| {
                 f.destination_names.iter().any(|n| re.is_match(&n.to_ascii_lowercase()))
             })
@@ -552,6 +551,7 @@ mod tests {
         assert!(
             err(pb::FlowFilter { source_service: vec!["x".into()], ..Default::default() }).contains("not supported")
         );
+        assert!(err(pb::FlowFilter { source_fqdn: vec!["*.x".into()], ..Default::default() }).contains("source_fqdn"));
         assert!(
             err(pb::FlowFilter { dns_query: vec!["a{1000}{1000}".into()], ..Default::default() }).contains("dns_query")
         );

@@ -130,7 +130,8 @@ impl Stream {
     }
 
     /// Sends the flows after `cursor` up to `end` (or all there are when `end` is `None`), at most
-    /// `limit` of them; returns the new cursor, how many were sent, and whether `until` passed.
+    /// `limit` of them; returns the new cursor and whether the stream is done (`until` passed, or
+    /// `limit` reached).
     async fn pages(&self, mut cursor: u64, end: Option<u64>, mut limit: u64) -> Result<(u64, bool), Gone> {
         loop {
             let read = self.ring.after(cursor, PAGE);
