@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 setup_tests
 
+# A cold build of the workspace, its tests and the fuzz targets needs several GB; say so up front
+# rather than as a linker's "No space left on device" half-way through.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "test.sh: $((free_kib / 1024 / 1024)) GiB free on $(df -P . | awk 'NR == 2 { print $6 }')"
+if [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+    echo "test.sh: warning: under 8 GiB free; a cold build may run out of space" >&2
+fi
+
 cargo fmt --all --check
 # The eBPF crate only builds for the BPF target (it is built by the agent's build.rs); lint it there.
 cargo clippy --workspace --exclude redirect-ebpf --all-targets --locked -- -D warnings
