@@ -78,6 +78,8 @@ observability_tools() {
     # grpcio-tools and grpcio-reflection for the Python Hubble client the tests drive
     # (scripts/hubble-client.py generates its stubs from agent/hubble/proto).
     apt_install prometheus
+    # Headless Chromium loads the service map in a test.
+    apt_install chromium
     python3 -c 'import grpc_tools, grpc_reflection' 2>/dev/null || {
         log "installing grpcio-tools and grpcio-reflection (pip)"
         python3 -m pip install -q --disable-pip-version-check grpcio-tools grpcio-reflection

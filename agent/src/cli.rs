@@ -94,6 +94,10 @@ pub struct AgentArgs {
     /// Also serve Hubble's Observer API on this TCP address, bound before `--netns` is entered.
     #[arg(long)]
     pub hubble_listen: Option<std::net::SocketAddr>,
+    /// Serve the service map (a web page of the node's flows) on this address, bound before
+    /// `--netns` is entered.
+    #[arg(long)]
+    pub ui: Option<std::net::SocketAddr>,
     /// How many flow records the node's ring keeps (Hubble's default: 4095).
     #[arg(long, default_value_t = porin_hubble::ring::DEFAULT_CAPACITY)]
     pub flow_ring: usize,
@@ -104,6 +108,31 @@ pub struct AgentArgs {
     /// there is waited for).
     #[arg(long, default_value = "/run/porin/proxy.sock")]
     pub proxy_control: PathBuf,
+    /// Export the node's flows to this file as JSON lines (Hubble's exporter: `GetFlowsResponse`
+    /// per line), rotated by size.
+    #[arg(long)]
+    pub hubble_export_file_path: Option<PathBuf>,
+    /// Rotate the export file past this size, MB.
+    #[arg(long, default_value_t = 10)]
+    pub hubble_export_file_max_size_mb: usize,
+    /// Rotated export files kept (`PATH.1` newest).
+    #[arg(long, default_value_t = 5)]
+    pub hubble_export_file_max_backups: usize,
+    /// Export only flows matching one of these Hubble `FlowFilter`s (JSON objects, one per line,
+    /// or a JSON array).
+    #[arg(long)]
+    pub hubble_export_allowlist: Option<String>,
+    /// Export no flow matching one of these Hubble `FlowFilter`s.
+    #[arg(long)]
+    pub hubble_export_denylist: Option<String>,
+    /// Export only these fields of each flow (comma-separated dotted paths: `time,verdict,source.pod_name`).
+    #[arg(long, value_delimiter = ',')]
+    pub hubble_export_fieldmask: Vec<String>,
+    /// Policy audit mode (Cilium's `policy-audit-mode`): what policy would drop — in the kernel
+    /// and in the proxy — is recorded with verdict AUDIT and let through. Other drops (spoofed
+    /// sources, a missing proxy, bypasses, malformed requests) still drop.
+    #[arg(long)]
+    pub policy_audit_mode: bool,
 }
 
 /// How `porin policy` commands read policy files.
@@ -263,8 +292,11 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
         })
         .transpose()
     };
-    let sockets =
-        crate::agent::Sockets { metrics: bind(a.metrics, "metrics")?, hubble: bind(a.hubble_listen, "Hubble's API")? };
+    let sockets = crate::agent::Sockets {
+        metrics: bind(a.metrics, "metrics")?,
+        hubble: bind(a.hubble_listen, "Hubble's API")?,
+        ui: bind(a.ui, "the service map")?,
+    };
     let node_name = match &a.node_name {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname().map_or_else(|_| "porin".into(), |h| h.to_string_lossy().into_owned()),
@@ -293,6 +325,8 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
             flow_ring: a.flow_ring,
             proxy_control: Some(a.proxy_control.clone()),
             hubble: Some(a.hubble.clone()),
+            policy_audit_mode: a.policy_audit_mode,
+            export: export_config(a)?,
         },
         sockets,
     )
@@ -334,4 +368,21 @@ pub fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// The flow exporter's settings, checked (a filter that does not parse is an error naming it).
+fn export_config(a: &AgentArgs) -> anyhow::Result<Option<porin_hubble::export::ExportConfig>> {
+    use porin_hubble::export::ExportConfig;
+    let Some(path) = &a.hubble_export_file_path else { return Ok(None) };
+    let list = |flag: &str, v: &Option<String>| {
+        v.as_deref().map_or(Ok(vec![]), ExportConfig::filters).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let mut c = ExportConfig::new(path.clone());
+    c.max_bytes = a.hubble_export_file_max_size_mb.saturating_mul(1024 * 1024);
+    c.max_backups = a.hubble_export_file_max_backups;
+    c.allow = list("hubble-export-allowlist", &a.hubble_export_allowlist)?;
+    c.deny = list("hubble-export-denylist", &a.hubble_export_denylist)?;
+    c.fieldmask = a.hubble_export_fieldmask.clone();
+    porin_hubble::filter::Filters::new(&c.allow, &c.deny).map_err(|e| anyhow::anyhow!("flow export filters: {e}"))?;
+    Ok(Some(c))
 }

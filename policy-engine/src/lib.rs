@@ -31,3 +31,4 @@ pub mod policy_test;
 pub mod resolve;
 pub mod selector;
 pub mod snapshot;
+pub mod visibility;

@@ -19,6 +19,7 @@ use crate::identity::{Identity, IdentityId, IpCache};
 use crate::kafka::{KafkaRequest, KafkaRuleSet};
 use crate::labels::Labels;
 use crate::model::{Direction, L7Parser, PolicyRef, Source};
+use crate::visibility::Visibility;
 
 /// Index of an [`Origin`] in a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -240,6 +241,12 @@ pub struct DirectionPolicy {
     pub enforced_by: Vec<OriginId>,
     /// Entries.
     pub entries: Vec<PolicyEntry>,
+    /// Audit mode (Cilium's `policy-audit-mode`): what this policy drops is reported with verdict
+    /// `AUDIT` and let through, by the datapath and by the proxy.
+    pub audit: bool,
+    /// Ports whose flows the proxy parses and records although no L7 rule asks for it
+    /// ([`crate::visibility`]).
+    pub visibility: Vec<Visibility>,
 }
 
 /// Why a flow is dropped at L3/L4.
@@ -285,6 +292,8 @@ pub struct L7Policy {
     pub sets: Vec<(L7Set, Arc<[OriginId]>)>,
     /// L4-only allows that also cover the flow: they allow every request.
     pub wildcard: Vec<OriginId>,
+    /// Redirected for visibility only ([`crate::visibility`]): every request is allowed.
+    pub visibility: bool,
 }
 
 /// An L7 verdict.
@@ -301,6 +310,9 @@ impl L7Policy {
     pub fn check_http(&self, req: &HttpRequestInfo<'_>, headers: &mut dyn HeaderMap, log: &mut HeaderLog) -> L7Verdict {
         if self.parser != L7Parser::Http {
             return L7Verdict::Deny;
+        }
+        if self.visibility {
+            return L7Verdict::Allow(self.wildcard.first().copied());
         }
         let any_actions = self.sets.iter().any(|(s, _)| matches!(s, L7Set::Http(h) if h.has_header_matches()));
         if !self.wildcard.is_empty() && !any_actions {
@@ -326,8 +338,8 @@ impl L7Policy {
         if self.parser != L7Parser::Kafka {
             return L7Verdict::Deny;
         }
-        if let Some(o) = self.wildcard.first() {
-            return L7Verdict::Allow(Some(*o));
+        if self.visibility || !self.wildcard.is_empty() {
+            return L7Verdict::Allow(self.wildcard.first().copied());
         }
         for (set, origins) in &self.sets {
             if let L7Set::Kafka(k) = set
@@ -344,8 +356,8 @@ impl L7Policy {
         if self.parser != L7Parser::Dns {
             return L7Verdict::Deny;
         }
-        if let Some(o) = self.wildcard.first() {
-            return L7Verdict::Allow(Some(*o));
+        if self.visibility || !self.wildcard.is_empty() {
+            return L7Verdict::Allow(self.wildcard.first().copied());
         }
         for (set, origins) in &self.sets {
             if let L7Set::Dns(d) = set
@@ -397,9 +409,14 @@ impl DirectionPolicy {
             return L4Verdict::Drop(DropReason::ConflictingParsers { by });
         }
         if let Some(parser) = parser {
-            return L4Verdict::Redirect(L7Policy { parser, sets, wildcard });
+            return L4Verdict::Redirect(L7Policy { parser, sets, wildcard, visibility: false });
         }
         if !wildcard.is_empty() || !self.enforced {
+            // Visibility turns an allow into a redirect that allows every request; it never
+            // allows what would drop, nor replaces L7 rules.
+            if let Some(v) = self.visibility.iter().find(|v| v.proto == proto && v.port == port) {
+                return L4Verdict::Redirect(L7Policy { parser: v.parser, sets: vec![], wildcard, visibility: true });
+            }
             return L4Verdict::Allow { by: wildcard };
         }
         L4Verdict::Drop(DropReason::NoAllow { enforced_by: self.enforced_by.clone() })

@@ -22,6 +22,10 @@ pub struct ProxyConfig {
     /// Also append every flow record to this file (JSON lines).
     #[serde(default)]
     pub flow_log: Option<PathBuf>,
+    /// Keep flow records (the backlog the agent and `porin observe` read, the metrics, the flow
+    /// log). `false` turns all three off: the proxy still enforces and counts (`status`).
+    #[serde(default = "default_true")]
+    pub flow_records: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
@@ -399,6 +403,10 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[cfg(test)]

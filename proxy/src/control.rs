@@ -19,6 +19,7 @@ pub fn status(p: &ProxyInfo) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "counters": p.counters(),
         "connections": p.shared.conns.len(),
+        "records": p.shared.records.status(),
         "fqdn": p.shared.fqdn.status(),
     })
 }

@@ -121,7 +121,7 @@ impl Proxy {
             upstreams: Upstreams::default(),
             conns,
             descriptions: policy::Descriptions::default(),
-            records: Records::new(cfg.flow_log.as_deref())?,
+            records: Records::new(cfg.flow_log.as_deref(), cfg.flow_records)?,
             counters: Counters::default(),
             limits: cfg.limits.clone(),
             fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),
@@ -199,6 +199,8 @@ impl Proxy {
                     move || {
                         let version = shared.policy.current().map_or(0, |s| s.version);
                         shared.records.metrics.policy_version(version);
+                        let age = shared.policy.age().map_or(0.0, |a| a.as_secs_f64());
+                        shared.records.metrics.proxy_state(shared.conns.len(), age);
                     }
                 };
                 tasks.push(tokio::spawn(serve_metrics(shared.records.metrics.clone(), sock, refresh)));

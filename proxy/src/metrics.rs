@@ -19,6 +19,19 @@ pub fn observe(m: &HubbleMetrics, r: &Record) {
         let l4 = if r.transport == Transport::Udp { "UDP" } else { "TCP" };
         m.drop(r.reason.map_or("UNKNOWN_REASON", |d| d.name()), l4);
     }
+    // Policy verdicts: each request judged at L7 (answers are not judged again).
+    if !r.reply && r.reason != Some(porin_flow::flow::DropReason::MalformedRequest) {
+        let direction = match r.ends.direction {
+            porin_flow::flow::TrafficDirection::Egress => "egress",
+            _ => "ingress",
+        };
+        let action = match r.verdict {
+            Verdict::Dropped => "dropped",
+            Verdict::Audit => "audit",
+            _ => "forwarded",
+        };
+        m.policy_verdict(direction, protocol_match(&r.detail), action);
+    }
     let reporter = reporter(r.ends.direction);
     let seconds = r.latency_ns as f64 / 1e9;
     match &r.detail {
@@ -27,5 +40,14 @@ pub fn observe(m: &HubbleMetrics, r: &Record) {
         Detail::Dns(d) if r.reply => m.dns_response(d.rcode, &d.qtypes, d.ips.len()),
         Detail::Dns(d) => m.dns_query(&d.qtypes),
         Detail::Kafka(k) => m.kafka(&k.topic, &k.api_key, k.error_code, reporter, r.reply.then_some(seconds)),
+    }
+}
+
+/// The `match` label of an L7 verdict.
+fn protocol_match(d: &Detail) -> &'static str {
+    match d {
+        Detail::Http { .. } => "l7/http",
+        Detail::Dns(_) => "l7/dns",
+        Detail::Kafka(_) => "l7/kafka",
     }
 }

@@ -16,8 +16,8 @@ use policy_engine::http::{HeaderLog, HeaderMap, HttpRequestInfo};
 use policy_engine::identity::IdentityId;
 use policy_engine::model::Direction;
 use policy_engine::pair::{PairVerdict, Peer};
-use policy_engine::snapshot::{DropReason, EndpointPolicy, L7Policy, L7Verdict, OriginId, Proto, Snapshot};
-use porin_flow::flow::{DropReason as FlowDropReason, FlowEndpoint, TrafficDirection};
+use policy_engine::snapshot::{DropReason, EndpointPolicy, L4Verdict, L7Policy, L7Verdict, OriginId, Proto, Snapshot};
+use porin_flow::flow::{DropReason as FlowDropReason, FlowEndpoint, TrafficDirection, Verdict};
 
 use crate::config::{ListenerConfig, PeerRef};
 use crate::fqdn::{FqdnState, LearnedAddr};
@@ -42,25 +42,52 @@ impl End {
     }
 }
 
+/// Why policy denies a connection or a request — or, in audit mode, would have denied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// The flow record's drop reason.
+    pub reason: FlowDropReason,
+    /// Why, for the flow record.
+    pub summary: String,
+    /// The deciding rule, when one is known.
+    pub policy: Option<String>,
+}
+
 /// The connection-level verdict.
 #[derive(Clone, Debug)]
 pub enum ConnVerdict {
     /// Every request is denied.
-    Drop {
-        /// Why, for the flow record (its drop reason).
-        reason: FlowDropReason,
-        /// Why, for the flow record.
-        summary: String,
-        /// The deciding rule.
-        policy: Option<String>,
-    },
+    Drop(Denial),
     /// Requests are judged by these (none: that direction allows everything).
     Judge {
         /// The source endpoint's egress L7 rules.
         egress: Option<Arc<L7Policy>>,
         /// The destination endpoint's ingress L7 rules.
         ingress: Option<Arc<L7Policy>>,
+        /// Audit mode of either side.
+        audit: Audit,
     },
+}
+
+/// Which sides' policies are in audit mode (what they deny is recorded `AUDIT` and passes), and
+/// the L3/L4 drop a side in audit mode let through.
+#[derive(Clone, Debug, Default)]
+pub struct Audit {
+    /// The source endpoint's egress policy.
+    pub egress: bool,
+    /// The destination endpoint's ingress policy.
+    pub ingress: bool,
+    /// An audited side's L3/L4 policy drops the connection: every request is audited.
+    pub dropped: Option<Denial>,
+}
+
+impl Audit {
+    fn of(&self, side: Direction) -> bool {
+        match side {
+            Direction::Egress => self.egress,
+            Direction::Ingress => self.ingress,
+        }
+    }
 }
 
 /// Both ends of a connection, as its flow records show them (shared by every record of it).
@@ -94,17 +121,44 @@ pub struct ConnPolicy {
 /// The verdict on one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestVerdict {
-    /// Allowed (by this rule, when one is known).
-    Allow(Option<Arc<str>>),
+    /// Forwarded.
+    Pass(Pass),
     /// Denied by policy.
-    Deny {
-        /// The flow record's drop reason.
-        reason: FlowDropReason,
-        /// Why.
-        summary: String,
-        /// The deciding rule, when one is known.
-        policy: Option<String>,
-    },
+    Deny(Denial),
+}
+
+/// A request that goes on: allowed by policy, or denied by a policy in audit mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// The allowing rule, when one is known.
+    pub rule: Option<Arc<str>>,
+    /// What a policy in audit mode would have denied it for.
+    pub audited: Option<Denial>,
+}
+
+impl Pass {
+    /// The verdict of the request's records (and its answer's): `FORWARDED`, or `AUDIT`.
+    pub fn verdict(&self) -> Verdict {
+        if self.audited.is_some() { Verdict::Audit } else { Verdict::Forwarded }
+    }
+
+    /// The drop reason its records carry (an audited request's: what policy would have said).
+    pub fn reason(&self) -> Option<FlowDropReason> {
+        self.audited.as_ref().map(|d| d.reason)
+    }
+
+    /// The summary its records carry.
+    pub fn summary(&self) -> &str {
+        self.audited.as_ref().map_or("", |d| d.summary.as_str())
+    }
+
+    /// The rule its records name: the allowing one, or for an audited request the denying one.
+    pub fn rule(&self) -> Option<Arc<str>> {
+        match &self.audited {
+            Some(d) => d.policy.as_deref().map(Arc::from).or_else(|| self.rule.clone()),
+            None => self.rule.clone(),
+        }
+    }
 }
 
 fn origin(snap: &Snapshot, id: OriginId) -> Option<String> {
@@ -204,7 +258,7 @@ fn resolve_end<'s>(
     })
 }
 
-fn drop_of(snap: &Snapshot, reason: &DropReason, side: Direction) -> ConnVerdict {
+fn drop_of(snap: &Snapshot, reason: &DropReason, side: Direction) -> Denial {
     let (name, ids, what): (FlowDropReason, &[OriginId], &str) = match reason {
         DropReason::Denied { by } => (FlowDropReason::PolicyDeny, by, "a deny rule matches"),
         DropReason::NoAllow { enforced_by } => (FlowDropReason::PolicyDenied, enforced_by, "no rule allows it"),
@@ -212,7 +266,7 @@ fn drop_of(snap: &Snapshot, reason: &DropReason, side: Direction) -> ConnVerdict
             (FlowDropReason::PolicyDenied, by, "rules with different L7 parsers cover it")
         }
     };
-    ConnVerdict::Drop {
+    Denial {
         reason: name,
         summary: format!("{side} policy drops the connection: {what}"),
         policy: ids.first().and_then(|o| origin(snap, *o)),
@@ -252,11 +306,11 @@ impl ConnPolicy {
                     destination: blank(local.ip(), port),
                     direction: TrafficDirection::Ingress,
                 },
-                ConnVerdict::Drop {
+                ConnVerdict::Drop(Denial {
                     reason: FlowDropReason::PolicyDenied,
                     summary: "no policy snapshot yet: failing closed".into(),
                     policy: None,
-                },
+                }),
             );
         };
         let ends = resolve_end(s, lookup, &listener.source, client, client.port()).and_then(|(src, sep)| {
@@ -272,7 +326,7 @@ impl ConnPolicy {
                         destination: blank(dst_sock.ip(), port),
                         direction: TrafficDirection::Ingress,
                     },
-                    ConnVerdict::Drop { reason: FlowDropReason::UnknownEndpoint, summary, policy: None },
+                    ConnVerdict::Drop(Denial { reason: FlowDropReason::UnknownEndpoint, summary, policy: None }),
                 );
             }
         };
@@ -284,15 +338,38 @@ impl ConnPolicy {
             proto,
             port,
         );
-        let verdict = match pair.drop() {
-            Some((side, why)) => drop_of(s, why, side.direction),
-            None => ConnVerdict::Judge {
-                egress: pair.l7(Direction::Egress).cloned().map(Arc::new),
-                ingress: pair.l7(Direction::Ingress).cloned().map(Arc::new),
-            },
-        };
+        let verdict = Self::verdict_of(s, &pair);
         let direction = traffic_direction(pair.reported_direction());
         Self::new(snap.clone(), Ends { source, destination, direction }, verdict)
+    }
+
+    /// The connection's verdict from both sides' L3/L4 verdicts: the first side that drops
+    /// drops it — unless that side's policy is in audit mode: then its drop is remembered
+    /// (every request is audited) and the other side still judges.
+    fn verdict_of(snap: &Snapshot, pair: &PairVerdict<'_>) -> ConnVerdict {
+        let audit_of = |d: Direction| {
+            let side = match d {
+                Direction::Egress => pair.egress.as_ref(),
+                Direction::Ingress => pair.ingress.as_ref(),
+            };
+            side.is_some_and(|s| s.endpoint.direction(d).audit)
+        };
+        let mut audit =
+            Audit { egress: audit_of(Direction::Egress), ingress: audit_of(Direction::Ingress), dropped: None };
+        for side in pair.sides() {
+            if let L4Verdict::Drop(why) = &side.verdict {
+                let denial = drop_of(snap, why, side.direction);
+                if !audit.of(side.direction) {
+                    return ConnVerdict::Drop(denial);
+                }
+                audit.dropped.get_or_insert(denial);
+            }
+        }
+        ConnVerdict::Judge {
+            egress: pair.l7(Direction::Egress).cloned().map(Arc::new),
+            ingress: pair.l7(Direction::Ingress).cloned().map(Arc::new),
+            audit,
+        }
     }
 
     fn new(snapshot: Option<Arc<Snapshot>>, ends: Ends, verdict: ConnVerdict) -> Self {
@@ -324,40 +401,43 @@ impl ConnPolicy {
     }
 
     /// Judges one request with each side's L7 rules (`check`), egress first: any side that denies
-    /// denies (`what` names the rules in the summary); a side without L7 rules allows.
+    /// denies (`what` names the rules in the summary); a side without L7 rules allows. A side in
+    /// audit mode never denies: what it would deny passes, audited.
     fn judge(&self, what: &str, mut check: impl FnMut(&L7Policy, Direction) -> L7Verdict) -> RequestVerdict {
-        let (egress, ingress) = match &self.verdict {
-            ConnVerdict::Drop { reason, summary, policy } => {
-                return RequestVerdict::Deny { reason: *reason, summary: summary.clone(), policy: policy.clone() };
-            }
-            ConnVerdict::Judge { egress, ingress } => (egress, ingress),
+        let (egress, ingress, audit) = match &self.verdict {
+            ConnVerdict::Drop(denial) => return RequestVerdict::Deny(denial.clone()),
+            ConnVerdict::Judge { egress, ingress, audit } => (egress, ingress, audit),
         };
         let Some(snap) = self.snapshot.as_deref() else {
-            return RequestVerdict::Deny {
+            return RequestVerdict::Deny(Denial {
                 reason: FlowDropReason::PolicyDenied,
                 summary: "no snapshot".into(),
                 policy: None,
-            };
+            });
         };
-        let mut allowed_by = None;
+        let mut pass = Pass { rule: None, audited: audit.dropped.clone() };
         for (p, side) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
             let Some(p) = p else { continue };
             match check(p, side) {
                 L7Verdict::Allow(o) => {
                     if let Some(o) = o {
-                        allowed_by = self.rule_name(snap, o);
+                        pass.rule = self.rule_name(snap, o);
                     }
                 }
                 L7Verdict::Deny => {
-                    return RequestVerdict::Deny {
+                    let denial = Denial {
                         reason: FlowDropReason::PolicyDenied,
                         summary: format!("no {side} {what}"),
                         policy: None,
                     };
+                    if !audit.of(side) {
+                        return RequestVerdict::Deny(denial);
+                    }
+                    pass.audited.get_or_insert(denial);
                 }
             }
         }
-        RequestVerdict::Allow(allowed_by)
+        RequestVerdict::Pass(pass)
     }
 
     /// Judges one HTTP request; header actions of matching rules are applied to `headers`.

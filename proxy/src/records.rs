@@ -213,6 +213,8 @@ pub struct Records {
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     /// Hubble-named metrics of every record.
     pub metrics: std::sync::Arc<porin_flow::metrics::HubbleMetrics>,
+    /// Records kept at all (`flow_records`).
+    enabled: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,8 +223,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Records {
-    /// A sink, with a JSON-lines file when `log` is given.
-    pub fn new(log: Option<&Path>) -> std::io::Result<Self> {
+    /// A sink, with a JSON-lines file when `log` is given; `enabled: false` keeps nothing.
+    pub fn new(log: Option<&Path>, enabled: bool) -> std::io::Result<Self> {
         let file = match log {
             Some(p) => Some(Mutex::new(std::io::BufWriter::new(
                 std::fs::OpenOptions::new().create(true).append(true).open(p)?,
@@ -232,12 +234,23 @@ impl Records {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), epoch, file, metrics: Default::default() })
+        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), epoch, file, metrics: Default::default(), enabled })
+    }
+
+    /// What the sink holds: `{enabled, kept, capacity, seen, evicted}`.
+    pub fn status(&self) -> serde_json::Value {
+        let b = lock(&self.backlog);
+        serde_json::json!({
+            "enabled": self.enabled, "kept": b.len(), "capacity": BACKLOG, "seen": b.last(), "evicted": b.evicted(),
+        })
     }
 
     /// Numbers and stores a record (and appends it to the file); a record the file could not
     /// take is counted in `counters.flow_log_errors`.
     pub fn emit(&self, r: Record, counters: &Counters) {
+        if !self.enabled {
+            return;
+        }
         crate::metrics::observe(&self.metrics, &r);
         let line = {
             // Numbered under the lock: the backlog is in sequence order, so a follower asking for

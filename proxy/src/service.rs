@@ -29,7 +29,7 @@ use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::forward::{Hop, PendingUpgrade, UpgradeDecision, splice, strip_hop_by_hop, upstream_request};
 use crate::h1guard::GuardShared;
 use crate::head::{self, Kind};
-use crate::policy::{ConnPolicy, Descriptions, PolicyHeaders, RequestVerdict};
+use crate::policy::{ConnPolicy, Denial, Descriptions, Pass, PolicyHeaders, RequestVerdict};
 use crate::records::{Counters, Record, Records};
 use crate::reply::{self, ACCESS_DENIED, Connection, GRPC_ACCESS_DENIED, GrpcCode, ProxyBody};
 use crate::snapshot::PolicyState;
@@ -101,21 +101,14 @@ struct Seen {
 
 /// What became of a request (or its response), as its flow record says.
 enum Outcome {
-    /// Allowed by policy (by this rule, when one is known); on its way upstream.
-    Allowed(Option<Arc<str>>),
+    /// Allowed by policy (or audited); on its way upstream.
+    Allowed(Pass),
     /// Denied by policy.
-    Denied {
-        /// The drop reason.
-        reason: DropReason,
-        /// Why.
-        summary: String,
-        /// The deciding rule.
-        policy: Option<Arc<str>>,
-    },
+    Denied(Denial),
     /// Refused before policy: malformed or ambiguous.
     Refused(String),
-    /// The upstream answered.
-    Answered(StatusCode, Option<Arc<str>>),
+    /// The upstream answered a request that passed.
+    Answered(StatusCode, Pass),
     /// The upstream failed (or the client broke off); answered with this status.
     Failed(StatusCode, String),
 }
@@ -167,10 +160,12 @@ impl Conn {
 
     fn record(&self, seen: &Seen, outcome: Outcome) {
         let (reply, verdict, reason, code, rule, summary) = match outcome {
-            Outcome::Allowed(rule) => (false, Verdict::Forwarded, None, 0, rule, String::new()),
-            Outcome::Denied { reason, summary, policy } => (false, Verdict::Dropped, Some(reason), 0, policy, summary),
+            Outcome::Allowed(pass) => (false, pass.verdict(), pass.reason(), 0, pass.rule(), pass.summary().to_owned()),
+            Outcome::Denied(d) => (false, Verdict::Dropped, Some(d.reason), 0, d.policy.map(Arc::from), d.summary),
             Outcome::Refused(why) => (false, Verdict::Dropped, Some(DropReason::MalformedRequest), 0, None, why),
-            Outcome::Answered(status, rule) => (true, Verdict::Forwarded, None, status.as_u16(), rule, String::new()),
+            Outcome::Answered(status, pass) => {
+                (true, pass.verdict(), pass.reason(), status.as_u16(), pass.rule(), pass.summary().to_owned())
+            }
             Outcome::Failed(status, why) => (true, Verdict::Error, None, status.as_u16(), None, why),
         };
         self.shared.records.emit(
@@ -237,17 +232,17 @@ impl Conn {
             path: target.path_and_query.as_bytes(),
             authority: target.authority.as_deref().map(str::as_bytes),
         };
-        let rule = match seen.policy.check_http(&info, &mut PolicyHeaders(&mut parts.headers)) {
-            RequestVerdict::Deny { reason, summary, policy } => {
+        let pass = match seen.policy.check_http(&info, &mut PolicyHeaders(&mut parts.headers)) {
+            RequestVerdict::Deny(denial) => {
                 Counters::inc(&self.shared.counters.denied);
-                self.record(&seen, Outcome::Denied { reason, summary, policy: policy.map(Arc::from) });
+                self.record(&seen, Outcome::Denied(denial));
                 drop(decision);
                 return self.deny(body, kind).await;
             }
-            RequestVerdict::Allow(rule) => rule,
+            RequestVerdict::Pass(pass) => pass,
         };
         Counters::inc(&self.shared.counters.forwarded);
-        self.record(&seen, Outcome::Allowed(rule.clone()));
+        self.record(&seen, Outcome::Allowed(pass.clone()));
 
         // 3. Forward, or tunnel.
         let h2 = match self.listener.upstream_protocol {
@@ -262,10 +257,10 @@ impl Conn {
         if kind.tunnel
             && let Some(client_side) = pending.take()
         {
-            return self.tunnel(req, client_side, decision, kind, &seen, rule).await;
+            return self.tunnel(req, client_side, decision, kind, &seen, pass).await;
         }
         drop(decision);
-        self.forward(req, h2, kind, &seen, rule).await
+        self.forward(req, h2, kind, &seen, pass).await
     }
 
     /// Phase 3: the request to the upstream pool, its response back.
@@ -275,7 +270,7 @@ impl Conn {
         h2: bool,
         kind: Kind,
         seen: &Seen,
-        rule: Option<Arc<str>>,
+        pass: Pass,
     ) -> Response<ProxyBody> {
         let timeout = self.shared.limits.request_timeout();
         let sent = if h2 {
@@ -286,7 +281,7 @@ impl Conn {
         match sent {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut(), Hop::Response);
-                self.record(seen, Outcome::Answered(resp.status(), rule));
+                self.record(seen, Outcome::Answered(resp.status(), pass));
                 *resp.version_mut() = http::Version::default();
                 resp.map(ProxyBody::Upstream)
             }
@@ -401,7 +396,7 @@ impl Conn {
         decision: UpgradeDecision,
         kind: Kind,
         seen: &Seen,
-        rule: Option<Arc<str>>,
+        pass: Pass,
     ) -> Response<ProxyBody> {
         // A tunnel's failures are answered in plain HTTP.
         let kind = Kind { grpc: false, ..kind };
@@ -413,7 +408,7 @@ impl Conn {
         };
         let switched =
             if kind.connect { resp.status().is_success() } else { resp.status() == StatusCode::SWITCHING_PROTOCOLS };
-        self.record(seen, Outcome::Answered(resp.status(), rule));
+        self.record(seen, Outcome::Answered(resp.status(), pass));
         if !switched {
             drop(decision);
             strip_hop_by_hop(resp.headers_mut(), Hop::Response);

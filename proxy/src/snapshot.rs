@@ -43,6 +43,8 @@ pub struct SnapshotStatus {
 pub struct PolicyState {
     current: ArcSwapOption<Snapshot>,
     status: Mutex<SnapshotStatus>,
+    /// When the snapshot in force was installed.
+    installed: Mutex<Option<std::time::Instant>>,
 }
 
 /// Identity of a published file version.
@@ -75,6 +77,7 @@ impl PolicyState {
         Self {
             current: ArcSwapOption::empty(),
             status: Mutex::new(SnapshotStatus { path: path.display().to_string(), ..Default::default() }),
+            installed: Mutex::new(None),
         }
     }
 
@@ -100,6 +103,7 @@ impl PolicyState {
         s.last_error = None;
         s.loads += 1;
         drop(s);
+        *self.installed.lock().unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
         tracing::info!(version, endpoints, "Policy snapshot in force");
     }
 
@@ -107,6 +111,11 @@ impl PolicyState {
     pub fn reject(&self, error: String) {
         tracing::warn!(%error, "Policy snapshot not taken; the last good one keeps enforcing");
         self.status_mut().last_error = Some(error);
+    }
+
+    /// How long the snapshot in force has been (none: nothing loaded yet).
+    pub fn age(&self) -> Option<Duration> {
+        self.installed.lock().unwrap_or_else(PoisonError::into_inner).map(|t| t.elapsed())
     }
 
     /// The status.

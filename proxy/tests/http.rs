@@ -339,3 +339,56 @@ spec:
     let targets = fx.h1.targets();
     assert_eq!(targets, vec!["db.internal:5432", "/plain"], "{targets:?}");
 }
+
+/// Audit mode is the judging side's: the deathstar's policy in audit mode lets through what it
+/// would deny (recorded AUDIT, with the drop reason it would have had); the tiefighter's audit mode
+/// does not loosen the deathstar's policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_forwards_what_the_audited_side_would_deny() {
+    let audited = |who: &str| {
+        starwars()
+            .into_iter()
+            .map(|mut e| {
+                e.policy_audit_mode = e.name == who;
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    let fx = Fixture::new(&[STARWARS_L7], &audited("deathstar"), &starwars_listeners()).await;
+    let r = curl(fx.addr("tiefighter"), "/v1/exhaust-port", &["-X", "PUT"]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // The xwing has no L3/L4 allow: with the deathstar audited, it goes through too.
+    let r = curl(fx.addr("xwing"), "/v1/request-landing", &["-X", "POST"]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(fx.addr("tiefighter"), "/v1/request-landing", &["-X", "POST"]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(fx.h1.targets(), vec!["/v1/exhaust-port", "/v1/request-landing", "/v1/request-landing"]);
+    let flows = fx.flows();
+    let got: Vec<_> = flows
+        .iter()
+        .map(|f| (f.verdict, f.drop_reason, f.l7.as_ref().unwrap().kind, f.source.pod_name.as_str()))
+        .collect();
+    let (audit, fwd) = (Verdict::Audit, Verdict::Forwarded);
+    let denied = Some(DropReason::PolicyDenied);
+    let (req, resp) = (L7Type::Request, L7Type::Response);
+    assert_eq!(
+        got,
+        vec![
+            (audit, denied, req, "tiefighter"),
+            (audit, denied, resp, "deathstar"),
+            (audit, denied, req, "xwing"),
+            (audit, denied, resp, "deathstar"),
+            (fwd, None, req, "tiefighter"),
+            (fwd, None, resp, "deathstar"),
+        ]
+    );
+    assert!(flows[0].summary.contains("HTTP rule"), "{:?}", flows[0].summary);
+    assert!(flows[2].summary.contains("drops the connection"), "{:?}", flows[2].summary);
+
+    // The client's audit mode is not the server's: the deathstar still denies the PUT.
+    let fx = Fixture::new(&[STARWARS_L7], &audited("tiefighter"), &starwars_listeners()).await;
+    let r = curl(fx.addr("tiefighter"), "/v1/exhaust-port", &["-X", "PUT"]).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(fx.h1.targets().is_empty());
+    assert_eq!(fx.flows()[0].verdict, Verdict::Dropped);
+}

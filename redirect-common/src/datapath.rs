@@ -41,7 +41,7 @@
 
 use crate::{
     CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, config, counter,
-    ct_flag, direction, event_kind, family, identity, iface_flag, mark, reason, verdict,
+    ct_flag, direction, event_kind, family, identity, iface_flag, mark, policy_flag, reason, verdict,
 };
 
 /// IP protocol numbers the programs know.
@@ -150,7 +150,7 @@ pub struct Decision {
     pub value: PolicyValue,
 }
 
-const NO_VERDICT: PolicyValue = PolicyValue { verdict: 0, listener: 0, _pad: [0; 2], rule: 0 };
+const NO_VERDICT: PolicyValue = PolicyValue { verdict: 0, listener: 0, flags: 0, _pad: 0, rule: 0 };
 
 impl Decision {
     /// No policy was consulted.
@@ -252,7 +252,7 @@ fn policy<K: Kernel>(k: &K, generation: u8, endpoint: u32, peer: u32, dir: u8, p
         return v;
     }
     key.identity = 0;
-    k.policy(&key).unwrap_or(PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 })
+    k.policy(&key).unwrap_or(PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, flags: 0, _pad: 0, rule: 0 })
 }
 
 /// The active generation and the packet's source and destination in its ipcache. Not inlined:
@@ -315,6 +315,26 @@ fn is_drop(v: &PolicyValue) -> Option<u8> {
     }
 }
 
+/// Enforces a policy verdict: `Ok(audited)` when it lets the packet on, the drop otherwise. A
+/// policy drop of an endpoint in audit mode is reported ([`event_kind::AUDIT`], always, like
+/// drops: it is the flow's record) and lets the packet on as though allowed without the proxy.
+#[inline(always)]
+fn enforce<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision) -> Result<bool, Action> {
+    let Some(why) = is_drop(&d.value) else { return Ok(false) };
+    if d.value.flags & policy_flag::AUDIT != 0 {
+        audit_pkt(k, why, pkt, d);
+        return Ok(true);
+    }
+    Err(drop_pkt(k, why, pkt, d))
+}
+
+/// Counts and reports a policy drop that audit mode lets pass. Not inlined, as [`drop_pkt`].
+#[inline(never)]
+fn audit_pkt<K: Kernel>(k: &mut K, why: u8, pkt: &Packet, d: &Decision) {
+    k.count(counter::AUDITED);
+    k.emit(event_kind::AUDIT, why, pkt, d);
+}
+
 /// The verdict towards a peer that is two identities at once (an address and an FQDN selector of
 /// its names), from the verdict towards each: a deny wins, then a parser conflict (redirects to
 /// different listeners conflict too); otherwise a redirect wins over an allow, an allow over no
@@ -330,7 +350,13 @@ pub fn combine(a: PolicyValue, b: PolicyValue) -> PolicyValue {
         _ => 1,
     };
     if a.verdict == verdict::REDIRECT && b.verdict == verdict::REDIRECT && a.listener != b.listener {
-        return PolicyValue { verdict: verdict::DROP_CONFLICT, listener: 0, _pad: [0; 2], rule: a.rule };
+        return PolicyValue {
+            verdict: verdict::DROP_CONFLICT,
+            listener: 0,
+            flags: a.flags | b.flags,
+            _pad: 0,
+            rule: a.rule,
+        };
     }
     if rank(&b) > rank(&a) { b } else { a }
 }
@@ -508,15 +534,16 @@ fn pass_tracked<K: Kernel>(k: &mut K, reply: bool) -> Action {
 }
 
 /// Forwards a judged, allowed packet: a packet that may open a flow records it (rule 2: for TCP
-/// only a SYN) and reports the verdict; any other passes as it is.
-fn admit<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
+/// only a SYN) and reports the verdict (when `report`); any other passes as it is.
+fn admit<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> Action {
     if pkt.is_tcp() && !pkt.opens_connection() {
         k.count(counter::UNTRACKED_PASS);
         return Action::Pass;
     }
+    let now = k.now_ns();
     ct_open(k, pkt, now, d, false);
     k.count(counter::CT_NEW);
-    if k.config(config::VERDICT_EVENTS, 1) != 0 {
+    if report && k.config(config::VERDICT_EVENTS, 1) != 0 {
         k.emit(event_kind::VERDICT, reason::NONE, pkt, d);
     }
     Action::Pass
@@ -524,8 +551,8 @@ fn admit<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
 
 /// Hands a judged flow to the proxy: the connection it already holds for this tuple (a
 /// retransmitted SYN), else listener `d.value.listener`. Only a SYN can start a proxied TCP flow;
-/// only TCP and UDP flows can be proxied.
-fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Action {
+/// only TCP and UDP flows can be proxied. Reports the verdict when `report`.
+fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> Action {
     if pkt.is_tcp() && !pkt.opens_connection() {
         return drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d);
     }
@@ -535,9 +562,10 @@ fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, now: u64, d: &Decision) -> Actio
         // The L7 proxy must take the flow; without its listener the flow must not pass unparsed.
         return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, d);
     }
+    let now = k.now_ns();
     ct_open(k, pkt, now, d, true);
     k.count(counter::REDIRECTED);
-    if k.config(config::VERDICT_EVENTS, 1) != 0 {
+    if report && k.config(config::VERDICT_EVENTS, 1) != 0 {
         k.emit(event_kind::VERDICT, reason::NONE, pkt, d);
     }
     Action::Proxy
@@ -591,22 +619,26 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     // sends the flow to the proxy.
     let (generation, src, dst) = identities(k, pkt);
     let mut d = decide(k, generation, iface.endpoint, direction::EGRESS, (src, dst), pkt);
-    if let Some(why) = is_drop(&d.value) {
-        return drop_pkt(k, why, pkt, &d);
-    }
+    let mut audited = match enforce(k, pkt, &d) {
+        Ok(audited) => audited,
+        Err(dropped) => return dropped,
+    };
     let mut proxied = d.value.verdict == verdict::REDIRECT;
     if dst.endpoint != 0 {
         let ingress = policy(k, generation, dst.endpoint, src.identity, direction::INGRESS, pkt);
         let i = Decision { direction: direction::INGRESS, endpoint: dst.endpoint, value: ingress, ..d };
-        if let Some(why) = is_drop(&ingress) {
-            return drop_pkt(k, why, pkt, &i);
+        match enforce(k, pkt, &i) {
+            Ok(a) => audited |= a,
+            Err(dropped) => return dropped,
         }
         if ingress.verdict == verdict::REDIRECT || !proxied {
             d = i;
         }
         proxied |= ingress.verdict == verdict::REDIRECT;
     }
-    if proxied { redirect(k, pkt, now, &d) } else { admit(k, pkt, now, &d) }
+    // An audited flow's record is its AUDIT event.
+    let report = !audited;
+    if proxied { redirect(k, pkt, &d, report) } else { admit(k, pkt, &d, report) }
 }
 
 /// `porin_to_ep`: a packet to the endpoint behind this interface (from another endpoint, after
@@ -648,15 +680,16 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     };
     let (generation, src, dst) = identities(k, pkt);
     let d = decide(k, generation, iface.endpoint, direction::INGRESS, (src, dst), pkt);
-    if let Some(why) = is_drop(&d.value) {
-        return drop_pkt(k, why, pkt, &d);
-    }
+    let audited = match enforce(k, pkt, &d) {
+        Ok(audited) => audited,
+        Err(dropped) => return dropped,
+    };
     if d.value.verdict == verdict::REDIRECT {
         // Flows from outside the node's endpoints (the host, the world) reach the pod here, at tc
         // egress, where a socket cannot be assigned: they are not handed to the proxy yet.
         return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
     }
-    admit(k, pkt, now, &d)
+    admit(k, pkt, &d, !audited)
 }
 
 /// `porin_from_world`: a packet arriving on the node's uplink, from outside the node's endpoints
@@ -696,7 +729,7 @@ pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     }
     let d = decide(k, generation, dst.endpoint, direction::INGRESS, (src, dst), pkt);
     if d.value.verdict == verdict::REDIRECT {
-        return redirect(k, pkt, now, &d);
+        return redirect(k, pkt, &d, true);
     }
     // Allowed or dropped, the endpoint's interface judges it again and records it.
     Action::Pass

@@ -192,11 +192,13 @@ pub mod counter {
     /// Conntrack entries that could not be written (the flow passes; its later packets are judged
     /// again, or dropped when they need the proxy).
     pub const CT_INSERT_FAILED: u32 = 16;
+    /// New flows policy would have dropped, passed because the endpoint's policy is in audit mode.
+    pub const AUDITED: u32 = 17;
     /// Number of counters (room to grow: the map is pinned across agent versions).
     pub const LEN: u32 = 32;
 
     /// Every counter with the name it is reported under.
-    pub const NAMES: [(u32, &str); 17] = [
+    pub const NAMES: [(u32, &str); 18] = [
         (DROPPED, "dropped"),
         (CT_NEW, "ct_new"),
         (CT_ESTABLISHED, "ct_established"),
@@ -214,6 +216,7 @@ pub mod counter {
         (PROXY_UPSTREAM, "proxy_upstream"),
         (CT_INSERT_FAILED, "ct_insert_failed"),
         (FORWARDED, "forwarded"),
+        (AUDITED, "audited"),
     ];
 }
 
@@ -282,8 +285,10 @@ pub struct PolicyValue {
     pub verdict: u8,
     /// Proxy listener id (index into [`names::PROXY`]) for [`verdict::REDIRECT`].
     pub listener: u8,
+    /// [`policy_flag`] bits.
+    pub flags: u8,
     /// Zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// Id of the rule that decided (for events; 0 = none), host byte order.
     pub rule: u32,
 }
@@ -431,6 +436,17 @@ pub mod event_kind {
     pub const DROP: u8 = 1;
     /// A new flow was judged and allowed (or redirected).
     pub const VERDICT: u8 = 2;
+    /// Policy would have dropped a new flow (`reason` says why); the endpoint's policy is in audit
+    /// mode, so it passed.
+    pub const AUDIT: u8 = 3;
+}
+
+/// Bits of [`PolicyValue::flags`].
+pub mod policy_flag {
+    /// The endpoint's policy is in audit mode (Cilium's `policy-audit-mode`): a policy drop
+    /// ([`super::reason::POLICY_DENIED`], [`super::reason::POLICY_DENY`]) is reported and the flow
+    /// passes. Every other drop (spoofing, a missing proxy, a bypass) still drops.
+    pub const AUDIT: u8 = 1;
 }
 
 /// An event in [`names::EVENTS`].

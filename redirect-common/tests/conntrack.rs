@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto, tcp};
 use redirect_common::{
     CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, ct_flag,
-    direction, family, iface_flag, listener, mark, reason, verdict,
+    direction, event_kind, family, iface_flag, listener, mark, reason, verdict,
 };
 
 const T_IP: [u8; 4] = [10, 0, 0, 1];
@@ -75,6 +75,10 @@ struct Node {
     mark: u32,
     /// What the DNS proxy learned.
     fqdn: BTreeMap<[u8; 16], FqdnValue>,
+    /// Every endpoint's policy in audit mode.
+    audit: bool,
+    /// Events reported: (kind, reason).
+    events: Vec<(u8, u8)>,
 }
 
 fn learned(selectors: &[u32]) -> FqdnValue {
@@ -98,33 +102,8 @@ impl Kernel for Node {
         }
     }
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
-        let allow = PolicyValue { verdict: verdict::ALLOW, listener: 0, _pad: [0; 2], rule: 1 };
-        let v = |verdict, listener| Some(PolicyValue { verdict, listener, _pad: [0; 2], rule: 3 });
-        let port = u16::from_be_bytes(key.dport);
-        // T's egress: DNS to D through the DNS proxy; world only by FQDN selectors.
-        if key.endpoint == T_EP && key.direction == direction::EGRESS {
-            match (key.identity, key.proto, port) {
-                (D_ID, proto::UDP | proto::TCP, DNS_PORT) => return v(verdict::REDIRECT, listener::DNS),
-                (S_HTTP, proto::TCP, 80) => return v(verdict::REDIRECT, listener::HTTP),
-                (S_KAFKA, proto::TCP, 80) => return v(verdict::REDIRECT, listener::KAFKA),
-                (S_ALLOW, proto::TCP, 80 | 443) => return v(verdict::ALLOW, 0),
-                (S_DENY, proto::TCP, 22) => return v(verdict::DROP_DENY, 0),
-                (redirect_common::identity::WORLD_IPV4, _, _) | (S_HTTP | S_ALLOW | S_DENY | S_KAFKA, _, _) => {
-                    return v(verdict::DROP_NO_ALLOW, 0);
-                }
-                _ => {}
-            }
-        }
-        // D's ingress from T: port 80 through the proxy, port 81 allowed. Everything else of
-        // every direction is allowed: the most a stray packet could ride on.
-        if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
-            return match u16::from_be_bytes(key.dport) {
-                L7_PORT => Some(PolicyValue { verdict: verdict::REDIRECT, listener: 1, _pad: [0; 2], rule: 2 }),
-                L4_PORT => Some(allow),
-                _ => None,
-            };
-        }
-        (key.identity == 0).then_some(allow)
+        let flags = if self.audit { redirect_common::policy_flag::AUDIT } else { 0 };
+        self.policy_table(key).map(|v| PolicyValue { flags, ..v })
     }
     fn fqdn(&self, _family: u8, a: &[u8; 16]) -> Option<&FqdnValue> {
         self.fqdn.get(a)
@@ -146,6 +125,49 @@ impl Kernel for Node {
         self.ct.remove(key);
     }
     fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
+        self.assign_socket(pkt)
+    }
+    fn assign_proxy_listener(&mut self, pkt: &Packet, id: u8) -> bool {
+        self.assign_listener(pkt, id)
+    }
+    fn count(&mut self, _index: u32) {}
+    fn emit(&mut self, kind: u8, why: u8, _pkt: &Packet, _d: &Decision) {
+        self.events.push((kind, why));
+    }
+}
+
+impl Node {
+    /// The policy map's contents (without audit flags).
+    fn policy_table(&self, key: &PolicyKey) -> Option<PolicyValue> {
+        let allow = PolicyValue { verdict: verdict::ALLOW, listener: 0, flags: 0, _pad: 0, rule: 1 };
+        let v = |verdict, listener| Some(PolicyValue { verdict, listener, flags: 0, _pad: 0, rule: 3 });
+        let port = u16::from_be_bytes(key.dport);
+        // T's egress: DNS to D through the DNS proxy; world only by FQDN selectors.
+        if key.endpoint == T_EP && key.direction == direction::EGRESS {
+            match (key.identity, key.proto, port) {
+                (D_ID, proto::UDP | proto::TCP, DNS_PORT) => return v(verdict::REDIRECT, listener::DNS),
+                (S_HTTP, proto::TCP, 80) => return v(verdict::REDIRECT, listener::HTTP),
+                (S_KAFKA, proto::TCP, 80) => return v(verdict::REDIRECT, listener::KAFKA),
+                (S_ALLOW, proto::TCP, 80 | 443) => return v(verdict::ALLOW, 0),
+                (S_DENY, proto::TCP, 22) => return v(verdict::DROP_DENY, 0),
+                (redirect_common::identity::WORLD_IPV4, _, _) | (S_HTTP | S_ALLOW | S_DENY | S_KAFKA, _, _) => {
+                    return v(verdict::DROP_NO_ALLOW, 0);
+                }
+                _ => {}
+            }
+        }
+        // D's ingress from T: port 80 through the proxy, port 81 allowed. Everything else of
+        // every direction is allowed: the most a stray packet could ride on.
+        if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
+            return match u16::from_be_bytes(key.dport) {
+                L7_PORT => Some(PolicyValue { verdict: verdict::REDIRECT, listener: 1, flags: 0, _pad: 0, rule: 2 }),
+                L4_PORT => Some(allow),
+                _ => None,
+            };
+        }
+        (key.identity == 0).then_some(allow)
+    }
+    fn assign_socket(&mut self, pkt: &Packet) -> bool {
         let local = (ip4(&pkt.daddr), pkt.dport);
         let remote = (ip4(&pkt.saddr), pkt.sport);
         if pkt.proto == proto::UDP {
@@ -157,7 +179,7 @@ impl Kernel for Node {
             None => false,
         }
     }
-    fn assign_proxy_listener(&mut self, pkt: &Packet, id: u8) -> bool {
+    fn assign_listener(&mut self, pkt: &Packet, id: u8) -> bool {
         if !self.listener_up {
             return false;
         }
@@ -173,8 +195,6 @@ impl Kernel for Node {
         }
         true
     }
-    fn count(&mut self, _index: u32) {}
-    fn emit(&mut self, _kind: u8, _why: u8, _pkt: &Packet, _d: &Decision) {}
 }
 
 fn ip4(a: &[u8; 16]) -> [u8; 4] {
@@ -284,8 +304,8 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 /// Runs a sequence of steps and checks the properties after each.
-fn run(steps: &[Step]) -> Result<(), TestCaseError> {
-    let mut node = Node { listener_up: true, now: 1_000 * NS, ..Node::default() };
+fn run(steps: &[Step], audit: bool) -> Result<(), TestCaseError> {
+    let mut node = Node { listener_up: true, now: 1_000 * NS, audit, ..Node::default() };
     for (i, s) in steps.iter().enumerate() {
         match *s {
             Step::Client { port, l7, flags } => {
@@ -359,8 +379,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 4000, max_shrink_iters: 20_000, ..ProptestConfig::default() })]
 
     #[test]
-    fn an_l7_flow_reaches_its_server_only_through_the_proxy(steps in prop::collection::vec(step(), 1..120)) {
-        run(&steps)?;
+    fn an_l7_flow_reaches_its_server_only_through_the_proxy(steps in prop::collection::vec(step(), 1..120), audit: bool) {
+        // Audit mode lets policy drops through; it never lets an L7 flow past the proxy.
+        run(&steps, audit)?;
     }
 }
 
@@ -490,5 +511,38 @@ fn fqdn_selectors_judge_egress_to_learned_addresses() {
         verdict_for(&mut node, &[S_HTTP, S_KAFKA], 80),
         Action::Drop(reason::POLICY_DENIED),
         "two parsers for one flow: fail closed"
+    );
+}
+
+/// Audit mode: a flow policy drops is reported (`AUDIT`, with the reason) and passes, tracked like
+/// an allowed one; drops that are not policy's still drop.
+#[test]
+fn audit_mode_reports_policy_drops_and_lets_them_pass() {
+    let world = [203, 0, 113, 5];
+    let out = |f| packet((T_IP, 40000), (world, 80), f);
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    assert_eq!(node.send_from_pod(T_EP, &out(tcp::SYN)), Fate::Dropped(reason::POLICY_DENIED));
+    assert_eq!(node.events, vec![(event_kind::DROP, reason::POLICY_DENIED)]);
+
+    let mut node = Node { listener_up: true, now: NS, audit: true, ..Node::default() };
+    node.iface = T_EP;
+    assert_eq!(datapath::from_endpoint(&mut node, &out(tcp::SYN)), Action::Pass);
+    assert_eq!(node.events, vec![(event_kind::AUDIT, reason::POLICY_DENIED)]);
+    assert_eq!(node.ct.len(), 1, "tracked like an allowed flow");
+    assert_eq!(datapath::from_endpoint(&mut node, &out(tcp::ACK)), Action::Pass);
+    assert_eq!(node.events.len(), 1, "its later packets ride the entry");
+    // A deny rule is audited too, with its own reason.
+    node.fqdn.insert(addr(world), learned(&[S_DENY]));
+    let ssh = packet((T_IP, 40001), (world, 22), tcp::SYN);
+    assert_eq!(datapath::from_endpoint(&mut node, &ssh), Action::Pass);
+    assert_eq!(node.events.last(), Some(&(event_kind::AUDIT, reason::POLICY_DENY)));
+    // A spoofed source is not policy's to audit.
+    let spoofed = packet(([10, 0, 0, 9], 40002), (world, 80), tcp::SYN);
+    assert_eq!(datapath::from_endpoint(&mut node, &spoofed), Action::Drop(reason::INVALID_SOURCE));
+    // An L7 flow still goes to the proxy, and its bypass still drops.
+    assert_eq!(node.send_from_pod(T_EP, &packet((T_IP, 40003), (D_IP, L7_PORT), tcp::SYN)), Fate::Proxy);
+    assert_eq!(
+        node.send_to_pod(D_EP, &packet((T_IP, 40003), (D_IP, L7_PORT), tcp::ACK), 0),
+        Fate::Dropped(reason::BYPASSES_PROXY)
     );
 }

@@ -53,7 +53,7 @@ fn endpoint_policy(rules: &Value, ids: &BTreeMap<String, u32>) -> DirectionPolic
             });
         }
     }
-    DirectionPolicy { enforced: true, selected_by: vec![], enforced_by: vec![], entries }
+    DirectionPolicy { enforced: true, entries, ..Default::default() }
 }
 
 #[test]

@@ -133,7 +133,7 @@ fn translate(v: &Value, policy: &Value, direction: &str, proxy_id: u64) -> Direc
             });
         }
     }
-    DirectionPolicy { enforced: true, selected_by: vec![], enforced_by: vec![], entries }
+    DirectionPolicy { enforced: true, entries, ..Default::default() }
 }
 
 fn log_entries(pairs: &[(String, String)]) -> Vec<String> {

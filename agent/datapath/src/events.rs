@@ -99,16 +99,19 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         .flatten()
         .map(|o| format!("{} {}", o.policy, o.path));
     let dropped = e.kind == event_kind::DROP;
+    // An audited flow keeps the reason policy would have dropped it for.
+    let audited = e.kind == event_kind::AUDIT;
     Flow {
         time: wall_time(e.ts_ns),
         seq,
         emitter: Emitter::Datapath,
-        verdict: match (dropped, e.verdict) {
-            (true, _) => Verdict::Dropped,
-            (false, verdict::REDIRECT) => Verdict::Redirected,
-            (false, _) => Verdict::Forwarded,
+        verdict: match (e.kind, e.verdict) {
+            (event_kind::DROP, _) => Verdict::Dropped,
+            (event_kind::AUDIT, _) => Verdict::Audit,
+            (_, verdict::REDIRECT) => Verdict::Redirected,
+            _ => Verdict::Forwarded,
         },
-        drop_reason: if dropped { DropReason::from_code(e.reason) } else { None },
+        drop_reason: if dropped || audited { DropReason::from_code(e.reason) } else { None },
         flow_type: FlowType::L3L4,
         event_type: if dropped { EventType::Drop } else { EventType::PolicyVerdict },
         traffic_direction: match e.direction {

@@ -22,7 +22,8 @@ use policy_engine::identity::IdentityId;
 use policy_engine::model::{ExtendedProto, L7Parser};
 use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
 use redirect_common::{
-    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, listener, verdict,
+    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, listener,
+    policy_flag, verdict,
 };
 
 /// The protocols that have ports (or ICMP types) in policy keys.
@@ -131,7 +132,7 @@ pub fn value_of(v: &L4Verdict) -> PolicyValue {
         }
         L4Verdict::Drop(DropReason::ConflictingParsers { by }) => (verdict::DROP_CONFLICT, 0, rule_id(by.first())),
     };
-    PolicyValue { verdict, listener, _pad: [0; 2], rule }
+    PolicyValue { verdict, listener, flags: 0, _pad: 0, rule }
 }
 
 /// Splits `[start, end]` into LPM prefix blocks `(first port, prefix bits of the port)`.
@@ -168,7 +169,7 @@ fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile
             let mut segs: Vec<(u16, u16, PolicyValue)> = Vec::new();
             for (i, s) in starts.iter().enumerate() {
                 let end = starts.get(i + 1).map_or(u16::MAX, |n| n - 1);
-                let v = value_of(&dp.l4_verdict(id, *p, *s));
+                let v = value_in(dp, &dp.l4_verdict(id, *p, *s));
                 match segs.last_mut() {
                     Some(last) if last.2 == v => last.1 = end,
                     _ => segs.push((*s, end, v)),
@@ -179,24 +180,39 @@ fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile
         .collect();
     Profile {
         per_proto,
-        extended: extended_protos().map(|p| value_of(&dp.l4_verdict(id, p, 0))).collect(),
-        other: value_of(&dp.l4_verdict(id, OTHER_PROTO, 0)),
+        extended: extended_protos().map(|p| value_in(dp, &dp.l4_verdict(id, p, 0))).collect(),
+        other: value_in(dp, &dp.l4_verdict(id, OTHER_PROTO, 0)),
     }
 }
 
-/// Segment starts per protocol: 0 and every entry boundary.
+/// The map value of a verdict of `dp` (its audit mode included).
+fn value_in(dp: &DirectionPolicy, v: &L4Verdict) -> PolicyValue {
+    let mut value = value_of(v);
+    if dp.audit {
+        value.flags |= policy_flag::AUDIT;
+    }
+    value
+}
+
+/// Segment starts per protocol: 0 and every entry and visibility port boundary.
 fn boundaries(dp: &DirectionPolicy) -> Vec<Vec<u16>> {
     PORT_PROTOS
         .iter()
         .map(|p| {
             let mut b: BTreeSet<u16> = BTreeSet::from([0]);
+            let mut range = |start: u16, end: u16| {
+                b.insert(start);
+                if let Some(next) = end.checked_add(1) {
+                    b.insert(next);
+                }
+            };
             for e in &dp.entries {
                 if e.proto == ProtoMatch::Only(*p) {
-                    b.insert(e.port_start);
-                    if let Some(next) = e.port_end.checked_add(1) {
-                        b.insert(next);
-                    }
+                    range(e.port_start, e.port_end);
                 }
+            }
+            for v in dp.visibility.iter().filter(|v| v.proto == *p) {
+                range(v.port, v.port);
             }
             b.into_iter().collect()
         })
@@ -337,7 +353,7 @@ pub fn lookup(
             return v;
         }
     }
-    PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, _pad: [0; 2], rule: 0 }
+    PolicyValue { verdict: verdict::DROP_NO_ALLOW, listener: 0, flags: 0, _pad: 0, rule: 0 }
 }
 
 #[cfg(test)]

@@ -14,9 +14,11 @@
 
 pub mod client;
 pub mod convert;
+pub mod export;
 pub mod filter;
 pub mod ring;
 pub mod server;
+pub mod ui;
 
 /// The generated protocol.
 #[allow(

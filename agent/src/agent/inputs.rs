@@ -37,6 +37,13 @@ pub struct EndpointSpec {
     /// Service account.
     #[serde(default)]
     pub service_account: Option<String>,
+    /// Pod annotations: `policy.cilium.io/proxy-visibility` gives L7 visibility without
+    /// enforcement.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// This endpoint's policy is in audit mode: what it drops is recorded `AUDIT` and passes.
+    #[serde(default)]
+    pub policy_audit_mode: bool,
 }
 
 /// A named port.
@@ -65,6 +72,14 @@ pub struct EndpointsFile {
     /// Namespace labels.
     #[serde(default)]
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Namespace annotations (`policy.cilium.io/proxy-visibility` for every pod of the namespace
+    /// that has none of its own).
+    #[serde(default)]
+    pub namespace_annotations: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every endpoint's policy is in audit mode (Cilium's `policy-audit-mode`; also the agent's
+    /// `--policy-audit-mode`).
+    #[serde(default)]
+    pub policy_audit_mode: bool,
     /// Endpoints.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
@@ -107,6 +122,8 @@ pub fn environment(eps: &EndpointsFile) -> Environment {
         env.cluster = c.clone();
     }
     env.namespace_labels = eps.namespaces.clone();
+    env.namespace_annotations = eps.namespace_annotations.clone();
+    env.policy_audit_mode = eps.policy_audit_mode;
     env.endpoints = eps
         .endpoints
         .iter()
@@ -125,6 +142,8 @@ pub fn environment(eps: &EndpointsFile) -> Environment {
                 })
                 .collect(),
             service_account: e.service_account.clone(),
+            annotations: e.annotations.clone(),
+            policy_audit_mode: e.policy_audit_mode,
         })
         .collect();
     env

@@ -63,6 +63,10 @@ pub struct AgentConfig {
     pub proxy_control: Option<PathBuf>,
     /// Serve Hubble's Observer API on this Unix socket.
     pub hubble: Option<PathBuf>,
+    /// Every endpoint's policy in audit mode (Cilium's `policy-audit-mode`).
+    pub policy_audit_mode: bool,
+    /// Export the node's flows to a file.
+    pub export: Option<porin_hubble::export::ExportConfig>,
 }
 
 /// Sockets the caller bound before entering the agent's network namespace (so they are reachable
@@ -73,6 +77,8 @@ pub struct Sockets {
     pub metrics: Option<std::net::TcpListener>,
     /// Hubble's Observer API over TCP.
     pub hubble: Option<std::net::TcpListener>,
+    /// The service map.
+    pub ui: Option<std::net::TcpListener>,
 }
 
 /// The agent's side of the control protocol: reads from the view, hands kernel work to the
@@ -84,6 +90,10 @@ struct Control {
     metrics: Option<std::net::SocketAddr>,
     /// Where Hubble's API is served: `unix:PATH`, `HOST:PORT`.
     hubble: Vec<String>,
+    /// Where the service map is served.
+    ui: Option<std::net::SocketAddr>,
+    /// The flow exporter's file and figures.
+    export: Option<(PathBuf, Arc<porin_hubble::export::Exporter>)>,
     node_name: String,
 }
 
@@ -115,6 +125,13 @@ impl Handler for Control {
                     );
                     s.insert("metrics".into(), serde_json::json!(self.metrics.map(|a| a.to_string())));
                     s.insert("hubble".into(), serde_json::json!(self.hubble));
+                    s.insert("ui".into(), serde_json::json!(self.ui.map(|a| a.to_string())));
+                    s.insert(
+                        "export".into(),
+                        serde_json::json!(self.export.as_ref().map(|(path, x)| serde_json::json!({
+                            "path": path, "written": x.written(), "lost": x.lost(), "failed": x.failed(),
+                        }))),
+                    );
                     s.insert("node_name".into(), serde_json::json!(self.node_name));
                 }
                 Ok(Reply::Status(status))
@@ -135,10 +152,27 @@ impl Handler for Control {
 
 /// Counts a kernel flow into the metrics: flows processed (L3/L4) and drops by reason.
 fn count(metrics: &HubbleMetrics, f: &porin_flow::flow::Flow) {
+    use porin_flow::flow::{DropReason, EventType, TrafficDirection};
     let l4 = f.l4.as_ref().map_or("", porin_flow::flow::Layer4::name);
     m_flow(metrics, l4, f.verdict.name());
     if f.verdict == Verdict::Dropped {
         metrics.drop(f.drop_reason.map_or("UNKNOWN_REASON", |d| d.name()), l4);
+    }
+    // Policy verdicts: the kernel's verdict events, and its policy drops and audits.
+    let policy_drop = matches!(f.drop_reason, Some(DropReason::PolicyDenied | DropReason::PolicyDeny));
+    if f.event_type == EventType::PolicyVerdict || policy_drop {
+        let direction = match f.traffic_direction {
+            TrafficDirection::Ingress => "ingress",
+            TrafficDirection::Egress => "egress",
+            TrafficDirection::Unknown => "unknown",
+        };
+        let action = match f.verdict {
+            Verdict::Dropped => "dropped",
+            Verdict::Audit => "audit",
+            Verdict::Redirected => "redirected",
+            _ => "forwarded",
+        };
+        metrics.policy_verdict(direction, if f.policy.is_some() { "l3-l4" } else { "none" }, action);
     }
 }
 
@@ -167,12 +201,20 @@ async fn follow_counters(metrics: Arc<HubbleMetrics>, view: Arc<View>, jobs: Sen
         if let Ok(Ok(c)) = rx.await {
             metrics.lost_events("perf_event_ring_buffer", c.get("events_lost").copied().unwrap_or(0));
         }
-        let (undecodable, version) = {
+        let (undecodable, version, apply, publish_failures) = {
             let v = view.lock();
-            (v.events_undecodable, v.status["version"].as_u64().unwrap_or(0))
+            let last = &v.status["last_apply"];
+            let n = |k: &str| last[k].as_u64().and_then(|n| usize::try_from(n).ok());
+            let apply = n("micros").map(|us| (us as f64 / 1e6, n("policy_entries"), n("ipcache_entries")));
+            let failures = v.status["publish"]["failures"].as_u64().unwrap_or(0);
+            (v.events_undecodable, v.status["version"].as_u64().unwrap_or(0), apply, failures)
         };
         metrics.lost_events("undecodable", undecodable);
         metrics.policy_version(version);
+        if let Some((seconds, policy, ipcache)) = apply {
+            metrics.applied(seconds, policy.unwrap_or(0), ipcache.unwrap_or(0));
+        }
+        metrics.publish_failures(publish_failures);
     }
 }
 
@@ -319,7 +361,7 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     let served = rt.block_on(async {
         let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
-        let metrics = Arc::new(HubbleMetrics::default());
+        let metrics = Arc::new(HubbleMetrics::new(porin_flow::metrics::Process::Agent));
         let (metrics_at, metrics_task) = match sockets.metrics {
             Some(s) => {
                 s.set_nonblocking(true)?;
@@ -356,10 +398,29 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
             }));
         }
         tracing::info!(hubble = ?hubble_at, node = cfg.node_name, "Hubble API ready");
+        let mut export = None;
+        if let Some(c) = &cfg.export {
+            let (figures, task) =
+                porin_hubble::export::start(ring.clone(), Arc::from(cfg.node_name.as_str()), c.clone())
+                    .context("flow export")?;
+            tracing::info!(path = %c.path.display(), "Exporting flows");
+            tasks.push(task);
+            export = Some((c.path.clone(), figures));
+        }
+        let mut ui_at = None;
+        if let Some(s) = sockets.ui {
+            s.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(s)?;
+            ui_at = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(porin_hubble::ui::serve(ring.clone(), Arc::from(cfg.node_name.as_str()), l)));
+            tracing::info!(ui = ?ui_at, "Service map ready");
+        }
         let handler = Arc::new(Control {
             view: view.clone(),
             jobs: jobs.clone(),
             metrics: metrics_at,
+            ui: ui_at,
+            export,
             hubble: hubble_at.clone(),
             node_name: cfg.node_name.clone(),
         });

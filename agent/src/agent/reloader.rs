@@ -92,6 +92,8 @@ pub(super) struct Reloader {
     /// The last version written for the proxy.
     published: Option<u64>,
     publish_error: Option<String>,
+    /// Failed publication attempts so far.
+    publish_failures: u64,
     view: Arc<View>,
 }
 
@@ -119,6 +121,7 @@ impl Reloader {
             pending: None,
             published: None,
             publish_error: None,
+            publish_failures: 0,
             view,
         }
     }
@@ -185,6 +188,7 @@ impl Reloader {
                 self.publish_error = None;
             }
             Err(e) => {
+                self.publish_failures += 1;
                 let error = format!("{e:#}");
                 if self.publish_error.as_deref() != Some(error.as_str()) {
                     tracing::error!(%error, version = inputs.version, "Publication failed: retrying every second; the proxy keeps its last good version");
@@ -247,7 +251,8 @@ impl Reloader {
                 all.extend(l.clone());
             }
         }
-        let env = environment(&eps);
+        let mut env = environment(&eps);
+        env.policy_audit_mode |= self.cfg.policy_audit_mode;
         self.version += 1;
         let snap = resolve(&all.policies, &all.cidr_groups, &env, &mut self.allocator, self.version);
         for e in &snap.errors {
@@ -329,19 +334,26 @@ impl Reloader {
             .endpoints
             .iter()
             .map(|e| {
+                let policy = snap.and_then(|s| s.endpoint(&e.namespace, &e.name));
                 serde_json::json!({
                     "id": e.id,
                     "name": e.name,
                     "namespace": e.namespace,
                     "ifname": e.ifname,
                     "ips": e.ips,
-                    "identity": snap.and_then(|s| s.endpoint(&e.namespace, &e.name)).map(|p| p.identity),
+                    "identity": policy.map(|p| p.identity),
                     "attached": attached.contains(&e.ifname),
+                    // What visibility and audit mode this endpoint has in force.
+                    "policy_audit_mode": policy.is_some_and(|p| p.ingress.audit),
+                    "visibility": policy.map(|p| {
+                        p.ingress.visibility.iter().chain(&p.egress.visibility).map(ToString::to_string).collect::<Vec<_>>()
+                    }).unwrap_or_default(),
                 })
             })
             .collect();
         serde_json::json!({
             "pid": std::process::id(),
+            "policy_audit_mode": self.cfg.policy_audit_mode || self.endpoints.policy_audit_mode,
             "version": self.version,
             "generation": self.datapath.generation().ok(),
             "endpoints": endpoints,
@@ -355,6 +367,7 @@ impl Reloader {
                 "published_version": self.published,
                 "pending": self.pending.as_ref().map(|p| p.version),
                 "last_error": self.publish_error,
+                "failures": self.publish_failures,
             },
         })
     }

@@ -78,6 +78,9 @@ pub struct LabSettings {
     /// the lab's directory).
     #[serde(default)]
     pub proxy_dns: Option<proxy::config::DnsSettings>,
+    /// Every pod's policy in audit mode (the agent's `--policy-audit-mode`).
+    #[serde(default)]
+    pub policy_audit_mode: bool,
 }
 
 /// A pod of a lab file.
@@ -92,6 +95,13 @@ pub struct PodDef {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Annotations (`policy.cilium.io/proxy-visibility: "<Ingress/80/TCP/HTTP>"`: L7 visibility
+    /// without enforcement).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// This pod's policy in audit mode.
+    #[serde(default)]
+    pub policy_audit_mode: bool,
     /// Outside the cluster: not an endpoint, no policy (the world).
     #[serde(default)]
     pub external: bool,
@@ -116,6 +126,12 @@ pub struct Pod {
     pub namespace: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Its policy in audit mode.
+    #[serde(default)]
+    pub policy_audit_mode: bool,
     /// Network namespace.
     pub netns: String,
     /// Node-side interface.
@@ -327,17 +343,21 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
     let paths = LabPaths::new(name);
     let running = st.agent_pid.is_some_and(|p| alive(p, name));
     let agent = if running { crate::agent::status_of(&paths.control()).ok() } else { None };
-    let identity_of = |pod: &Pod| -> Option<u64> {
-        agent.as_ref()?["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str())?["identity"].as_u64()
+    let endpoint_of = |pod: &Pod| -> Option<&serde_json::Value> {
+        agent.as_ref()?["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str())
     };
     let pods: Vec<serde_json::Value> = st
         .pods
         .iter()
         .map(|p| {
+            let ep = endpoint_of(p);
             serde_json::json!({
-                "name": p.name, "namespace": p.namespace, "labels": p.labels,
+                "name": p.name, "namespace": p.namespace, "labels": p.labels, "annotations": p.annotations,
                 "addresses": [p.ipv4, p.ipv6], "netns": p.netns, "ifname": p.ifname, "external": p.external,
-                "endpoint": (p.endpoint != 0).then_some(p.endpoint), "identity": identity_of(p),
+                "endpoint": (p.endpoint != 0).then_some(p.endpoint), "identity": ep.and_then(|e| e["identity"].as_u64()),
+                // What the agent has in force for it.
+                "policy_audit_mode": ep.and_then(|e| e["policy_audit_mode"].as_bool()),
+                "visibility": ep.map(|e| e["visibility"].clone()),
             })
         })
         .collect();
@@ -350,6 +370,8 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
             "metrics": agent.as_ref().and_then(|a| a["metrics"].as_str()).map(|a| format!("http://{a}/metrics")),
             "hubble": hubble_tcp(agent.as_ref()),
             "hubble_socket": format!("unix:{}", paths.hubble().display()),
+            "ui": ui_url(agent.as_ref()),
+            "policy_audit_mode": agent.as_ref().and_then(|a| a["policy_audit_mode"].as_bool()),
             "status": agent,
         },
         "proxy": {
@@ -368,6 +390,11 @@ fn hubble_tcp(agent: Option<&serde_json::Value>) -> Option<String> {
     at.iter().filter_map(|a| a.as_str()).find(|a| !a.starts_with("unix:")).map(str::to_owned)
 }
 
+/// The service map's URL, from the agent's status.
+fn ui_url(agent: Option<&serde_json::Value>) -> Option<String> {
+    agent?["ui"].as_str().map(|a| format!("http://{a}/"))
+}
+
 /// Renders the pods of a lab as a table.
 pub fn table(st: &LabState) -> String {
     let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
@@ -380,6 +407,12 @@ pub fn table(st: &LabState) -> String {
     }
     if let Some(url) = process::metrics_url(&st.name) {
         let _ = writeln!(s, "proxy metrics: {url}");
+    }
+    if let Some(url) = ui_url(agent.as_ref()) {
+        let _ = writeln!(s, "service map: {url}");
+    }
+    if agent.as_ref().and_then(|a| a["policy_audit_mode"].as_bool()) == Some(true) {
+        let _ = writeln!(s, "policy audit mode: on (what policy would drop is recorded AUDIT and let through)");
     }
     let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
     for p in &st.pods {

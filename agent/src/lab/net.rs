@@ -152,6 +152,8 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             name: def.name.clone(),
             namespace: def.namespace.clone(),
             labels: def.labels.clone(),
+            annotations: def.annotations.clone(),
+            policy_audit_mode: def.policy_audit_mode,
             netns,
             ifname,
             ipv4,
@@ -184,6 +186,8 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         cluster: None,
         node_ips: vec![NODE_IP_V4.parse()?, NODE_IP_V6.parse()?, NODE_GW_V4.parse()?],
         namespaces: BTreeMap::new(),
+        namespace_annotations: BTreeMap::new(),
+        policy_audit_mode: false,
         endpoints: pods
             .iter()
             .filter(|p| !p.external)
@@ -196,6 +200,8 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
                 ifname: p.ifname.clone(),
                 named_ports: vec![],
                 service_account: None,
+                annotations: p.annotations.clone(),
+                policy_audit_mode: p.policy_audit_mode,
             })
             .collect(),
         // External pods are the world: their veths are the node's uplinks.

@@ -96,6 +96,8 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         paths.hubble().display().to_string(),
         "--hubble-listen".into(),
         "127.0.0.1:0".into(),
+        "--ui".into(),
+        "127.0.0.1:0".into(),
         "--node-name".into(),
         format!("porin-{name}-node"),
         "--proxy-control".into(),
@@ -106,6 +108,9 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     }
     if let Some(s) = settings.ct_udp_secs {
         args.extend(["--ct-udp-secs".into(), s.to_string()]);
+    }
+    if settings.policy_audit_mode {
+        args.push("--policy-audit-mode".into());
     }
     let _ = std::fs::remove_file(paths.control());
     let mut child = spawn_porin(&args, &paths.agent_log())?;

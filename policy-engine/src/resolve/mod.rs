@@ -67,6 +67,12 @@ pub struct Endpoint {
     pub named_ports: Vec<NamedPort>,
     /// Service account (`default` when none).
     pub service_account: Option<String>,
+    /// Pod annotations (Porin reads [`crate::visibility::ANNOTATION`]).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// This endpoint's policy is in audit mode (also when [`Environment::policy_audit_mode`]).
+    #[serde(default)]
+    pub policy_audit_mode: bool,
 }
 
 /// A Kubernetes service.
@@ -100,6 +106,11 @@ pub struct Environment {
     pub services: Vec<Service>,
     /// Secret values by `namespace/name`.
     pub secrets: BTreeMap<String, String>,
+    /// Namespace annotations (a pod without [`crate::visibility::ANNOTATION`] takes its
+    /// namespace's).
+    pub namespace_annotations: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every endpoint's policy is in audit mode (Cilium's `policy-audit-mode`).
+    pub policy_audit_mode: bool,
 }
 
 impl Default for Environment {
@@ -111,6 +122,8 @@ impl Default for Environment {
             fqdn_cache: BTreeMap::new(),
             services: vec![],
             secrets: BTreeMap::new(),
+            namespace_annotations: BTreeMap::new(),
+            policy_audit_mode: false,
         }
     }
 }
@@ -298,8 +311,14 @@ pub fn resolve(
 
     let mut endpoints = Vec::with_capacity(env.endpoints.len());
     for ((ep, labels), (idl, id)) in env.endpoints.iter().zip(all_labels).zip(id_labels.iter().zip(&ep_ids)) {
-        let ingress = r.direction(policies, ep, idl, Direction::Ingress);
-        let egress = r.direction(policies, ep, idl, Direction::Egress);
+        let mut ingress = r.direction(policies, ep, idl, Direction::Ingress);
+        let mut egress = r.direction(policies, ep, idl, Direction::Egress);
+        let audit = env.policy_audit_mode || ep.policy_audit_mode;
+        let visibility = r.visibility(ep);
+        for (dp, dir) in [(&mut ingress, Direction::Ingress), (&mut egress, Direction::Egress)] {
+            dp.audit = audit;
+            dp.visibility = visibility.iter().filter(|v| v.direction == dir).copied().collect();
+        }
         endpoints.push(EndpointPolicy {
             name: ep.name.clone(),
             namespace: ep.namespace.clone(),
@@ -320,6 +339,38 @@ pub fn resolve(
         fqdn,
         warnings: r.warnings.into_iter().collect(),
         errors: r.errors,
+    }
+}
+
+impl Resolver<'_> {
+    /// The endpoint's visibility annotation (its own, else its namespace's), parsed. A value that
+    /// does not parse is a resolution error naming the pod; the pod gets no visibility (its
+    /// policy is enforced as written).
+    fn visibility(&mut self, ep: &Endpoint) -> Vec<crate::visibility::Visibility> {
+        let env = self.env;
+        let own = ep.annotations.get(crate::visibility::ANNOTATION).map(|v| (v, "pod"));
+        let inherited = || {
+            env.namespace_annotations
+                .get(&ep.namespace)
+                .and_then(|a| a.get(crate::visibility::ANNOTATION))
+                .map(|v| (v, "namespace"))
+        };
+        let Some((value, on)) = own.or_else(inherited) else { return vec![] };
+        match crate::visibility::parse(value) {
+            Ok(v) => v,
+            Err(why) => {
+                self.errors.push(ResolveError {
+                    message: format!(
+                        "pod {}/{}: {on} annotation {}: {why} (no L7 visibility for it)",
+                        ep.namespace,
+                        ep.name,
+                        crate::visibility::ANNOTATION
+                    ),
+                    origins: vec![],
+                });
+                vec![]
+            }
+        }
     }
 }
 

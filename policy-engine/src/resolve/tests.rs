@@ -100,3 +100,76 @@ fn to_services_selector_wins_and_an_empty_entry_selects_nothing() {
     );
     assert_eq!(verdicts("  - toServices: [{}]\n"), [false, false]);
 }
+
+/// The star wars pods with `deathstar_annotations` on the deathstar, under `policy`.
+fn starwars(policy: &str, deathstar_annotations: &[(&str, &str)], audit: bool) -> Snapshot {
+    let loaded = load_str("p.yaml", policy, &LoadOptions::default());
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let ep = |name: &str, org: &str, ip: &str| Endpoint {
+        name: name.into(),
+        namespace: "default".into(),
+        labels: [("org".to_owned(), org.to_owned()), ("class".to_owned(), name.to_owned())].into(),
+        ips: vec![ip.parse().unwrap()],
+        ..Default::default()
+    };
+    let mut deathstar = ep("deathstar", "empire", "10.0.0.1");
+    deathstar.annotations = deathstar_annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let env = Environment {
+        endpoints: vec![deathstar, ep("tiefighter", "empire", "10.0.0.2"), ep("xwing", "alliance", "10.0.0.3")],
+        policy_audit_mode: audit,
+        ..Default::default()
+    };
+    resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1)
+}
+
+const STARWARS_L4: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: rule1}\nspec:\n  endpointSelector: {matchLabels: {class: deathstar}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {org: empire}}]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n";
+
+#[test]
+fn visibility_redirects_what_is_allowed_and_nothing_else() {
+    let vis = [(crate::visibility::ANNOTATION, "<Ingress/80/TCP/HTTP>")];
+    let snap = starwars(STARWARS_L4, &vis, false);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let ds = snap.endpoint("default", "deathstar").unwrap();
+    let id = |n: &str| snap.endpoint("default", n).unwrap().identity;
+    // The empire on 80: redirected for visibility, every request allowed (by rule1).
+    let L4Verdict::Redirect(p) = ds.ingress.l4_verdict(id("tiefighter"), Proto::Tcp, 80) else {
+        panic!("not redirected")
+    };
+    assert!(p.visibility);
+    let req = crate::http::HttpRequestInfo { method: b"PUT", path: b"/v1/exhaust-port", authority: None };
+    let mut log = crate::http::HeaderLog::default();
+    let verdict = p.check_http(&req, &mut crate::http::SimpleHeaders::default(), &mut log);
+    assert!(matches!(verdict, crate::snapshot::L7Verdict::Allow(Some(_))), "{verdict:?}");
+    // What L3/L4 drops stays dropped; other ports are not redirected.
+    assert!(matches!(ds.ingress.l4_verdict(id("xwing"), Proto::Tcp, 80), L4Verdict::Drop(_)));
+    assert!(matches!(ds.ingress.l4_verdict(id("tiefighter"), Proto::Tcp, 81), L4Verdict::Drop(_)));
+    // Egress is not enforced and not annotated: plain allow.
+    assert!(matches!(ds.egress.l4_verdict(id("xwing"), Proto::Tcp, 80), L4Verdict::Allow { .. }));
+    assert!(!ds.ingress.audit && !ds.egress.audit);
+
+    // With L7 rules, the rules judge as written: visibility changes nothing.
+    let l7 = STARWARS_L4.replace(
+        "toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]",
+        "toPorts: [{ports: [{port: \"80\", protocol: TCP}], rules: {http: [{method: POST}]}}]",
+    );
+    let snap = starwars(&l7, &vis, false);
+    let ds = snap.endpoint("default", "deathstar").unwrap();
+    let L4Verdict::Redirect(p) =
+        ds.ingress.l4_verdict(snap.endpoint("default", "tiefighter").unwrap().identity, Proto::Tcp, 80)
+    else {
+        panic!("not redirected")
+    };
+    assert!(!p.visibility);
+    let verdict = p.check_http(&req, &mut crate::http::SimpleHeaders::default(), &mut log);
+    assert_eq!(verdict, crate::snapshot::L7Verdict::Deny);
+}
+
+#[test]
+fn a_bad_annotation_is_an_error_and_audit_mode_reaches_every_direction() {
+    let snap = starwars(STARWARS_L4, &[(crate::visibility::ANNOTATION, "<Ingress/80/UDP/HTTP>")], true);
+    let e = snap.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert!(e.contains("pod default/deathstar") && e.contains("proxy-visibility"), "{e}");
+    let ds = snap.endpoint("default", "deathstar").unwrap();
+    assert!(ds.ingress.visibility.is_empty());
+    assert!(snap.endpoints().iter().all(|e| e.ingress.audit && e.egress.audit));
+}

@@ -7,8 +7,15 @@
 //! methods Hubble knows, status codes, DNS return codes, Kafka API keys), or from what policy names
 //! (Kafka topics), capped at [`MAX_TOPICS`] distinct values, the rest counted under `topic="other"`.
 //! DNS queries are not a label (Hubble's `dns` metric does not label names by default either).
+//! `hubble_policy_verdicts_total` takes closed sets too (direction, match type, action).
+//!
+//! Porin's own figures carry the `porin_` prefix: `porin_policy_version` (both processes); the
+//! agent's `porin_policy_apply_seconds`, `porin_policy_map_entries{map}`,
+//! `porin_policy_publish_failures_total`; the proxy's `porin_proxy_connections`,
+//! `porin_snapshot_age_seconds`.
 
 use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -93,6 +100,29 @@ struct KafkaDurationLabels {
     reporter: &'static str,
 }
 
+/// `hubble_policy_verdicts_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyVerdictLabels {
+    direction: &'static str,
+    r#match: &'static str,
+    action: &'static str,
+}
+
+/// `porin_policy_map_entries` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+/// Which process the metrics are of: each registers its own `porin_` figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    /// The agent: policy apply time, kernel map entries, publication failures.
+    Agent,
+    /// The L7 proxy: client connections, snapshot age.
+    Proxy,
+}
+
 /// The metrics of one process.
 #[derive(Debug)]
 pub struct HubbleMetrics {
@@ -107,7 +137,13 @@ pub struct HubbleMetrics {
     kafka_requests: Family<KafkaLabels, Counter>,
     kafka_duration: Family<KafkaDurationLabels, Histogram>,
     lost: Family<LostLabels, Counter>,
+    policy_verdicts: Family<PolicyVerdictLabels, Counter>,
     policy_version: Gauge,
+    apply_seconds: Gauge<f64, AtomicU64>,
+    map_entries: Family<MapLabels, Gauge>,
+    publish_failures: Counter,
+    connections: Gauge,
+    snapshot_age: Gauge<f64, AtomicU64>,
     /// Kafka topics given a label of their own so far.
     topics: Mutex<HashSet<String>>,
 }
@@ -118,7 +154,15 @@ fn latency_buckets() -> Histogram {
 }
 
 impl Default for HubbleMetrics {
+    /// A proxy's.
     fn default() -> Self {
+        Self::new(Process::Proxy)
+    }
+}
+
+impl HubbleMetrics {
+    /// The metrics of `process`.
+    pub fn new(process: Process) -> Self {
         let mut registry = Registry::default();
         let flows = Family::default();
         registry.register("hubble_flows_processed", "Flows processed", flows.clone());
@@ -144,8 +188,43 @@ impl Default for HubbleMetrics {
         registry.register("hubble_kafka_request_duration_seconds", "Kafka request to response", kafka_duration.clone());
         let lost = Family::default();
         registry.register("hubble_lost_events", "Events lost before they became flows", lost.clone());
+        let policy_verdicts = Family::default();
+        registry.register(
+            "hubble_policy_verdicts",
+            "Policy verdicts on new flows (kernel) and requests (proxy)",
+            policy_verdicts.clone(),
+        );
         let policy_version = Gauge::default();
         registry.register("porin_policy_version", "The policy version in force", policy_version.clone());
+        let (apply_seconds, map_entries, publish_failures) = (Gauge::default(), Family::default(), Counter::default());
+        let (connections, snapshot_age) = (Gauge::default(), Gauge::default());
+        match process {
+            Process::Agent => {
+                registry.register(
+                    "porin_policy_apply_seconds",
+                    "Time the last policy version took to reach the kernel maps",
+                    apply_seconds.clone(),
+                );
+                registry.register(
+                    "porin_policy_map_entries",
+                    "Entries of the active generation, by kernel map",
+                    map_entries.clone(),
+                );
+                registry.register(
+                    "porin_policy_publish_failures",
+                    "Policy versions that could not be published to the proxy",
+                    publish_failures.clone(),
+                );
+            }
+            Process::Proxy => {
+                registry.register("porin_proxy_connections", "Client connections the proxy holds", connections.clone());
+                registry.register(
+                    "porin_snapshot_age_seconds",
+                    "Time since the policy snapshot in force was loaded",
+                    snapshot_age.clone(),
+                );
+            }
+        }
         Self {
             registry,
             flows,
@@ -158,7 +237,13 @@ impl Default for HubbleMetrics {
             kafka_requests,
             kafka_duration,
             lost,
+            policy_verdicts,
             policy_version,
+            apply_seconds,
+            map_entries,
+            publish_failures,
+            connections,
+            snapshot_age,
             topics: Mutex::new(HashSet::new()),
         }
     }
@@ -246,6 +331,34 @@ impl HubbleMetrics {
     /// The policy version in force.
     pub fn policy_version(&self, version: u64) {
         self.policy_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// A policy verdict: `direction` (`ingress`, `egress`), `match` (`l3-l4`, `none`, `l7/http`,
+    /// `l7/dns`, `l7/kafka`), `action` (`forwarded`, `dropped`, `redirected`, `audit`).
+    pub fn policy_verdict(&self, direction: &'static str, r#match: &'static str, action: &'static str) {
+        self.policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, r#match, action }).inc();
+    }
+
+    /// The agent's last policy apply: its duration and the active generation's map entries.
+    pub fn applied(&self, seconds: f64, policy_entries: usize, ipcache_entries: usize) {
+        self.apply_seconds.set(seconds);
+        let entries = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.map_entries.get_or_create(&MapLabels { map: "policy" }).set(entries(policy_entries));
+        self.map_entries.get_or_create(&MapLabels { map: "ipcache" }).set(entries(ipcache_entries));
+    }
+
+    /// Publication failures so far (a running total): the counter follows it up.
+    pub fn publish_failures(&self, total: u64) {
+        let seen = self.publish_failures.get();
+        if total > seen {
+            self.publish_failures.inc_by(total - seen);
+        }
+    }
+
+    /// The proxy's client connections and the age of its snapshot.
+    pub fn proxy_state(&self, connections: usize, snapshot_age_seconds: f64) {
+        self.connections.set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.snapshot_age.set(snapshot_age_seconds);
     }
 
     /// A topic (list) as a label: itself while fewer than [`MAX_TOPICS`] have been seen, else `other`.

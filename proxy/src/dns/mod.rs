@@ -30,7 +30,7 @@ use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DnsInfo, DropReason, Verdict};
 
 use crate::config::{ListenerConfig, RejectCode};
-use crate::policy::{ConnPolicy, RequestVerdict};
+use crate::policy::{ConnPolicy, Denial, Pass, RequestVerdict};
 use crate::records::{Counters, Detail, Record, Transport, now_ns};
 use crate::service::Shared;
 
@@ -52,7 +52,8 @@ pub(crate) struct Exchange {
     transport: Transport,
     start: Instant,
     query: Query,
-    rule: Option<Arc<str>>,
+    /// How the query passed (allowed, or audited).
+    pass: Pass,
 }
 
 /// What became of the server's answer.
@@ -159,11 +160,22 @@ pub(crate) fn judge(
         ..DnsInfo::default()
     };
     match policy.check_dns(&query.name) {
-        RequestVerdict::Allow(rule) => {
-            emit(shared, &policy, transport, false, Verdict::Forwarded, None, info, 0, rule.clone(), "");
-            Decision::Forward(Box::new(Exchange { policy, transport, start: Instant::now(), query, rule }))
+        RequestVerdict::Pass(pass) => {
+            emit(
+                shared,
+                &policy,
+                transport,
+                false,
+                pass.verdict(),
+                pass.reason(),
+                info,
+                0,
+                pass.rule(),
+                pass.summary(),
+            );
+            Decision::Forward(Box::new(Exchange { policy, transport, start: Instant::now(), query, pass }))
         }
-        RequestVerdict::Deny { reason, summary, policy: deciding } => {
+        RequestVerdict::Deny(Denial { reason, summary, policy: deciding }) => {
             Counters::inc(&shared.counters.denied);
             let rcode = match shared.dns.reject_response_code {
                 RejectCode::Refused => ResponseCode::Refused,
@@ -202,23 +214,46 @@ impl Exchange {
             summary = format!("the kernel could not take what the answer teaches ({e}): SERVFAIL");
             release = message::answer(&self.query, ResponseCode::ServFail);
         }
-        let verdict = if summary.is_empty() { Verdict::Forwarded } else { Verdict::Error };
+        let failed = !summary.is_empty();
         let info = DnsInfo {
             query: self.query.name.clone(),
             ips: answer.ips.iter().map(ToString::to_string).collect(),
             ttl: answer.ttl,
             cnames: answer.cnames().to_vec(),
             observation_source: "proxy".into(),
-            rcode: if summary.is_empty() {
-                u32::from(answer.rcode)
-            } else {
-                u32::from(u16::from(ResponseCode::ServFail))
-            },
+            rcode: if failed { u32::from(u16::from(ResponseCode::ServFail)) } else { u32::from(answer.rcode) },
             qtypes: qtype_names(&self.query),
             rrtypes: answer.rrtypes.clone(),
         };
         let latency = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        emit(shared, &self.policy, self.transport, true, verdict, None, info, latency, self.rule.clone(), &summary);
+        if failed {
+            emit(
+                shared,
+                &self.policy,
+                self.transport,
+                true,
+                Verdict::Error,
+                None,
+                info,
+                latency,
+                self.pass.rule(),
+                &summary,
+            );
+        } else {
+            let (verdict, reason) = (self.pass.verdict(), self.pass.reason());
+            emit(
+                shared,
+                &self.policy,
+                self.transport,
+                true,
+                verdict,
+                reason,
+                info,
+                latency,
+                self.pass.rule(),
+                self.pass.summary(),
+            );
+        }
         Released::Answer(release)
     }
 
@@ -242,7 +277,7 @@ impl Exchange {
             .names
             .iter()
             .enumerate()
-            .filter(|(i, n)| *i == 0 || matches!(self.policy.check_dns(n), RequestVerdict::Allow(_)))
+            .filter(|(i, n)| *i == 0 || matches!(self.policy.check_dns(n), RequestVerdict::Pass(_)))
             .map(|(_, n)| n.clone())
             .collect();
         let ttl = answer.ttl.max(shared.dns.min_ttl);

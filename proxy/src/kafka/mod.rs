@@ -41,7 +41,7 @@ use self::frame::FrameError;
 use self::request::Request;
 use crate::admission::{ConnKind, ConnState};
 use crate::config::ListenerConfig;
-use crate::policy::{ConnPolicy, RequestVerdict};
+use crate::policy::{ConnPolicy, Denial, Pass, RequestVerdict};
 use crate::records::{Counters, Detail, Record, Transport, now_ns};
 use crate::service::Shared;
 
@@ -104,7 +104,8 @@ struct Owed {
     version: i16,
     correlation_id: i32,
     info: KafkaInfo,
-    rule: Option<Arc<str>>,
+    /// How the request passed (allowed, or audited).
+    pass: Pass,
     start: Instant,
     /// A full Fetch asking for a session: the snapshot version it was judged under.
     session: Option<u64>,
@@ -295,20 +296,23 @@ fn step(shared: &Shared, policy: &ConnPolicy, sessions: &Sessions, frame: Bytes)
         }
     });
     match judged {
-        RequestVerdict::Allow(rule) => {
+        RequestVerdict::Pass(pass) => {
             Counters::inc(&shared.counters.forwarded);
-            emit.record(false, Verdict::Forwarded, None, info(&req, 0)).rule(rule.clone()).send();
+            emit.record(false, pass.verdict(), pass.reason(), info(&req, 0))
+                .rule(pass.rule())
+                .summary(pass.summary().to_owned())
+                .send();
             Step::Forward(req.expects_response.then(|| Owed {
                 api_key: req.api_key,
                 version: req.version(),
                 correlation_id: req.correlation_id(),
                 info: info(&req, 0),
-                rule,
+                pass,
                 start: Instant::now(),
                 session: new_session,
             }))
         }
-        RequestVerdict::Deny { reason, summary, policy: deciding } => {
+        RequestVerdict::Deny(Denial { reason, summary, policy: deciding }) => {
             Counters::inc(&shared.counters.denied);
             let answer = if req.expects_response { denial::denial(&req) } else { None };
             let code = answer.as_ref().map_or(0, |(_, c)| *c);
@@ -486,7 +490,7 @@ async fn answer<R: AsyncRead + Unpin>(
     o: Owed,
     sessions: &Sessions,
 ) -> Option<Bytes> {
-    let Owed { api_key, version, correlation_id, mut info, rule, start, session } = o;
+    let Owed { api_key, version, correlation_id, mut info, pass, start, session } = o;
     let frame = match frame::next(broker).await {
         Ok(f) => f,
         Err(e) => {
@@ -502,7 +506,11 @@ async fn answer<R: AsyncRead + Unpin>(
             if let (Some(judged_under), Some(id)) = (session, answer.fetch_session) {
                 sessions.begun(id, judged_under);
             }
-            emit.record(true, Verdict::Forwarded, None, info).rule(rule).latency(start).send();
+            emit.record(true, pass.verdict(), pass.reason(), info)
+                .rule(pass.rule())
+                .summary(pass.summary().to_owned())
+                .latency(start)
+                .send();
             Some(answer.frame)
         }
         Err(e) => {

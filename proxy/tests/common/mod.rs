@@ -195,6 +195,7 @@ pub(crate) fn endpoint(name: &str, labels: &[(&str, &str)], ip: &str) -> Endpoin
         ips: vec![ip.parse::<IpAddr>().unwrap()],
         named_ports: vec![],
         service_account: None,
+        ..Endpoint::default()
     }
 }
 
@@ -285,6 +286,7 @@ impl Fixture {
             snapshot_poll_ms: 20,
             control_socket: Some(dir.0.join("proxy.sock")),
             flow_log: None,
+            flow_records: true,
             metrics: None,
             dns: Default::default(),
             listeners: listeners

@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use policy_engine::http::HttpRuleSet;
 use policy_engine::snapshot::{EntryAction, L7Set, OriginId, PolicyEntry};
+use policy_engine::visibility::Visibility;
 use proptest::prelude::*;
 
 #[test]
@@ -86,13 +87,26 @@ proptest! {
     fn kernel_lookup_equals_engine(
         entries in proptest::collection::vec(arb_entry(), 0..7),
         enforced: bool,
+        audit: bool,
+        visible in proptest::collection::vec((prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)], prop_oneof![1u16..40, Just(65535u16)]), 0..3),
         flows in proptest::collection::vec((0u32..8, prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Sctp), Just(Proto::Icmp), Just(Proto::Icmpv6), Just(Proto::Other(47)), Just(Proto::Other(112)), Just(Proto::Other(2)), Just(Proto::Other(99))], prop_oneof![0u16..40, Just(65535u16), 65000u16..65535]), 40),
     ) {
-        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], ..Default::default() };
+        // Visibility ports (their own segments) and audit mode (a flag on every value) included.
+        let visibility = visible
+            .into_iter()
+            .map(|(proto, port)| Visibility {
+                direction: policy_engine::model::Direction::Ingress,
+                port,
+                proto,
+                parser: if proto == Proto::Tcp { L7Parser::Http } else { L7Parser::Dns },
+            })
+            .collect();
+        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], audit, visibility, ..Default::default() };
         let mut map = BTreeMap::new();
         direction_entries(&dp, direction::INGRESS, 7, &mut map);
         for (id, proto, port) in flows {
-            let want = value_of(&dp.l4_verdict(id, proto, if matches!(proto, Proto::Other(_)) { 0 } else { port }));
+            let want = value_in(&dp, &dp.l4_verdict(id, proto, if matches!(proto, Proto::Other(_)) { 0 } else { port }));
+            prop_assert_eq!(want.flags & policy_flag::AUDIT != 0, audit);
             let got = lookup(&map, direction::INGRESS, 7, id, proto.number(), port);
             prop_assert_eq!(got, want, "identity {} {} port {}", id, proto, port);
         }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# What flow records cost, one run, side by side on this box (same nginx backend, same wrk, same
+# 100-rule allow-list, each proxy with one worker thread):
+#   records on   porin proxy keeping records (backlog, Hubble metrics scraped every second, a
+#                follower streaming every record with `porin observe --proxy SOCK -f -o json`)
+#   records off  the same proxy with `flow_records: false`
+# wrk -t2 -c50, ROUNDS rounds of SECS seconds, interleaved. Prints req/s, the ratio on/off (target
+# >= 0.95), and the memory a full record backlog takes (RSS on - off after load; the backlog holds
+# the last 8,192 records, the agent's ring the last 4,095 flows of the node).
+# Runs on 127.0.0.1 only; ports are picked free at start. SECS=10 ROUNDS=3 by default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+. benches/peers.sh
+rust_components
+peers_install
+SECS=${SECS:-10}
+ROUNDS=${ROUNDS:-3}
+cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
+PORIN=$PWD/target/release/porin
+work=$(mktemp -d /tmp/porin-obs-bench.XXXXXX)
+mkdir -p "$work/tmp" "$work/logs"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+B1=$(free_port); B2=$(free_port); ON=$(free_port); OFF=$(free_port); MP=$(free_port)
+RULES=100
+PATH_HIT=/api/v1/svc$((RULES - 1))/item
+
+sed -e "s|@SCRATCH@|$work|g" -e "s|127.0.0.1:18080|127.0.0.1:$B1|" -e "s|127.0.0.1:18081|127.0.0.1:$B2|" \
+    "$PEERS/backend-nginx.conf" > "$work/backend.conf"
+nginx -c "$work/backend.conf" -g 'daemon off;' 2>"$work/logs/nginx.log" & pids+=($!)
+
+allow_list_policy "$RULES" backend 80 > "$work/policy.yaml"
+echo '{"endpoints": [{"id": 1, "name": "backend", "namespace": "default", "labels": {"app": "backend"}, "ips": ["10.0.0.1"], "ifname": "none"}]}' > "$work/endpoints.json"
+"$PORIN" policy publish --endpoints "$work/endpoints.json" -o "$work/snapshot.json" "$work/policy.yaml" 2>/dev/null
+proxy_config() { # $1 name, $2 port, $3 flow_records, $4 extra line
+    cat <<EOF
+snapshot: $work/snapshot.json
+control_socket: $work/$1.sock
+flow_records: $3
+$4
+listeners:
+- {name: h1, listen: "127.0.0.1:$2", upstream: "127.0.0.1:$B1", source: {identity: 2}, destination: {pod: default/backend}, port: 80}
+EOF
+}
+proxy_config on "$ON" true "metrics: \"127.0.0.1:$MP\"" > "$work/on.yaml"
+proxy_config off "$OFF" false "" > "$work/off.yaml"
+"$PORIN" proxy --config "$work/on.yaml" --threads 1 2>"$work/logs/on.log" & on_pid=$!; pids+=($on_pid)
+"$PORIN" proxy --config "$work/off.yaml" --threads 1 2>"$work/logs/off.log" & off_pid=$!; pids+=($off_pid)
+
+wait_http() { # $1 url, $2 expected status
+    for _ in $(seq 1 200); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" = "$2" ] && return 0
+        sleep 0.05
+    done
+    echo "not ready: $1" >&2; cat "$work"/logs/*.log >&2; exit 1
+}
+wait_http "http://127.0.0.1:$B1/" 200
+for p in $ON $OFF; do wait_http "http://127.0.0.1:$p$PATH_HIT" 200; done
+wait_http "http://127.0.0.1:$MP/metrics" 200
+
+# The records-on proxy's readers: a follower streaming every record, a scraper every second.
+"$PORIN" observe --proxy "$work/on.sock" -f -o json > "$work/followed.jsonl" 2>"$work/logs/follower.log" & pids+=($!)
+(while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$MP/metrics" || true; done) & pids+=($!)
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+declare -A RPS
+run_wrk() { # $1 name, $2 port
+    local out rps
+    out=$(wrk -t2 -c50 -d"${SECS}s" "http://127.0.0.1:$2$PATH_HIT")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    if grep -q "Non-2xx" <<<"$out"; then echo "$1: non-2xx answers during the run" >&2; echo "$out" >&2; exit 1; fi
+    RPS[$1]="${RPS[$1]:-} $rps"
+    printf '  %-12s %10.0f req/s\n' "$1" "$rps"
+}
+echo "wrk -t2 -c50 -d${SECS}s GET $PATH_HIT (rule $RULES of $RULES), $ROUNDS rounds"
+for ((r = 1; r <= ROUNDS; r++)); do
+    echo " round $r"
+    run_wrk "records-on" "$ON"
+    run_wrk "records-off" "$OFF"
+done
+on=$(mean "${RPS[records-on]}"); off=$(mean "${RPS[records-off]}")
+followed=$(wc -l < "$work/followed.jsonl")
+echo
+echo "summary (mean of $ROUNDS rounds)"
+printf '  %-12s %10.0f req/s   (follower streamed %d records)\n' records-on "$on" "$followed"
+printf '  %-12s %10.0f req/s\n' records-off "$off"
+awk -v a="$on" -v b="$off" 'BEGIN { printf "  records on / off = %.3f   (target >= 0.95)\n", a / b }'
+rss_on=$(rss_kb "$on_pid"); rss_off=$(rss_kb "$off_pid")
+backlog=$(echo '{"cmd": "status"}' | python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.stdin.buffer.read())
+print(json.loads(s.makefile().readline()).get("records", {}))' "$work/on.sock" 2>/dev/null || echo '?')
+echo "  RSS after load: records on $((rss_on / 1024)) MiB, off $((rss_off / 1024)) MiB;" \
+    "a full backlog costs ~$(((rss_on - rss_off) / 1024)) MiB (backlog: $backlog)"
