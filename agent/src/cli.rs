@@ -112,9 +112,9 @@ pub struct AgentArgs {
     /// per line), rotated by size.
     #[arg(long)]
     pub hubble_export_file_path: Option<PathBuf>,
-    /// Rotate the export file past this size, MB.
-    #[arg(long, default_value_t = 10)]
-    pub hubble_export_file_max_size_mb: usize,
+    /// Rotate the export file past this size, MB (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hubble_export_file_max_size_mb: u32,
     /// Rotated export files kept (`PATH.1` newest).
     #[arg(long, default_value_t = 5)]
     pub hubble_export_file_max_backups: usize,
@@ -378,7 +378,7 @@ fn export_config(a: &AgentArgs) -> anyhow::Result<Option<porin_hubble::export::E
         v.as_deref().map_or(Ok(vec![]), ExportConfig::filters).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
     };
     let mut c = ExportConfig::new(path.clone());
-    c.max_bytes = a.hubble_export_file_max_size_mb.saturating_mul(1024 * 1024);
+    c.max_bytes = usize::try_from(a.hubble_export_file_max_size_mb).unwrap_or(usize::MAX).saturating_mul(1024 * 1024);
     c.max_backups = a.hubble_export_file_max_backups;
     c.allow = list("hubble-export-allowlist", &a.hubble_export_allowlist)?;
     c.deny = list("hubble-export-denylist", &a.hubble_export_denylist)?;

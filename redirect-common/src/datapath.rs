@@ -322,7 +322,11 @@ fn is_drop(v: &PolicyValue) -> Option<u8> {
 fn enforce<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision) -> Result<bool, Action> {
     let Some(why) = is_drop(&d.value) else { return Ok(false) };
     if d.value.flags & policy_flag::AUDIT != 0 {
-        audit_pkt(k, why, pkt, d);
+        // A TCP segment that opens nothing creates no state (rule 2): it is not reported again
+        // for every packet of a flow whose entry lapsed.
+        if !pkt.is_tcp() || pkt.opens_connection() {
+            audit_pkt(k, why, pkt, d);
+        }
         return Ok(true);
     }
     Err(drop_pkt(k, why, pkt, d))
@@ -349,6 +353,11 @@ pub fn combine(a: PolicyValue, b: PolicyValue) -> PolicyValue {
         verdict::ALLOW => 2,
         _ => 1,
     };
+    // Visibility only redirects what is otherwise allowed: a rule's redirect replaces it.
+    let visibility = |v: &PolicyValue| v.verdict == verdict::REDIRECT && v.flags & policy_flag::VISIBILITY != 0;
+    if a.verdict == verdict::REDIRECT && b.verdict == verdict::REDIRECT && visibility(&a) != visibility(&b) {
+        return if visibility(&a) { b } else { a };
+    }
     if a.verdict == verdict::REDIRECT && b.verdict == verdict::REDIRECT && a.listener != b.listener {
         return PolicyValue {
             verdict: verdict::DROP_CONFLICT,
@@ -551,16 +560,23 @@ fn admit<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> Acti
 
 /// Hands a judged flow to the proxy: the connection it already holds for this tuple (a
 /// retransmitted SYN), else listener `d.value.listener`. Only a SYN can start a proxied TCP flow;
-/// only TCP and UDP flows can be proxied. Reports the verdict when `report`.
-fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> Action {
+/// only TCP and UDP flows can be proxied. Reports the verdict when `report`. `None`: a redirect
+/// for visibility only that the proxy cannot take — the caller admits it as the allow it is.
+fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> Option<Action> {
     if pkt.is_tcp() && !pkt.opens_connection() {
-        return drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d);
+        if d.value.flags & policy_flag::VISIBILITY != 0 {
+            return None;
+        }
+        return Some(drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d));
     }
     let assigned = (pkt.is_tcp() || pkt.is_udp())
         && ((pkt.is_tcp() && k.assign_proxy_socket(pkt)) || k.assign_proxy_listener(pkt, d.value.listener));
     if !assigned {
+        if d.value.flags & policy_flag::VISIBILITY != 0 {
+            return None;
+        }
         // The L7 proxy must take the flow; without its listener the flow must not pass unparsed.
-        return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, d);
+        return Some(drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, d));
     }
     let now = k.now_ns();
     ct_open(k, pkt, now, d, true);
@@ -568,7 +584,7 @@ fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> A
     if report && k.config(config::VERDICT_EVENTS, 1) != 0 {
         k.emit(event_kind::VERDICT, reason::NONE, pkt, d);
     }
-    Action::Proxy
+    Some(Action::Proxy)
 }
 
 /// `porin_from_ep`: a packet from the endpoint behind this interface.
@@ -638,7 +654,10 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
     }
     // An audited flow's record is its AUDIT event.
     let report = !audited;
-    if proxied { redirect(k, pkt, &d, report) } else { admit(k, pkt, &d, report) }
+    if proxied && let Some(action) = redirect(k, pkt, &d, report) {
+        return action;
+    }
+    admit(k, pkt, &d, report)
 }
 
 /// `porin_to_ep`: a packet to the endpoint behind this interface (from another endpoint, after
@@ -684,9 +703,10 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         Ok(audited) => audited,
         Err(dropped) => return dropped,
     };
-    if d.value.verdict == verdict::REDIRECT {
+    if d.value.verdict == verdict::REDIRECT && d.value.flags & policy_flag::VISIBILITY == 0 {
         // Flows from outside the node's endpoints (the host, the world) reach the pod here, at tc
-        // egress, where a socket cannot be assigned: they are not handed to the proxy yet.
+        // egress, where a socket cannot be assigned: they are not handed to the proxy yet (a
+        // redirect for visibility only passes as the allow it is).
         return drop_pkt(k, reason::PROXY_UNAVAILABLE, pkt, &d);
     }
     admit(k, pkt, &d, !audited)
@@ -728,8 +748,10 @@ pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         return Action::Pass;
     }
     let d = decide(k, generation, dst.endpoint, direction::INGRESS, (src, dst), pkt);
-    if d.value.verdict == verdict::REDIRECT {
-        return redirect(k, pkt, &d, true);
+    if d.value.verdict == verdict::REDIRECT
+        && let Some(action) = redirect(k, pkt, &d, true)
+    {
+        return action;
     }
     // Allowed or dropped, the endpoint's interface judges it again and records it.
     Action::Pass

@@ -447,6 +447,10 @@ pub mod policy_flag {
     /// ([`super::reason::POLICY_DENIED`], [`super::reason::POLICY_DENY`]) is reported and the flow
     /// passes. Every other drop (spoofing, a missing proxy, a bypass) still drops.
     pub const AUDIT: u8 = 1;
+    /// A redirect for L7 visibility only (no L7 rule asks for it): where the proxy cannot take the
+    /// flow (no listener; a flow from the host, which `porin_to_ep` cannot hand over) it passes as
+    /// the allow it is, instead of failing closed.
+    pub const VISIBILITY: u8 = 2;
 }
 
 /// An event in [`names::EVENTS`].

@@ -79,6 +79,8 @@ struct Node {
     audit: bool,
     /// Events reported: (kind, reason).
     events: Vec<(u8, u8)>,
+    /// D's ingress from T on the L4 port is redirected for visibility only.
+    visibility: bool,
 }
 
 fn learned(selectors: &[u32]) -> FqdnValue {
@@ -103,7 +105,7 @@ impl Kernel for Node {
     }
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
         let flags = if self.audit { redirect_common::policy_flag::AUDIT } else { 0 };
-        self.policy_table(key).map(|v| PolicyValue { flags, ..v })
+        self.policy_table(key).map(|v| PolicyValue { flags: v.flags | flags, ..v })
     }
     fn fqdn(&self, _family: u8, a: &[u8; 16]) -> Option<&FqdnValue> {
         self.fqdn.get(a)
@@ -161,6 +163,13 @@ impl Node {
         if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
             return match u16::from_be_bytes(key.dport) {
                 L7_PORT => Some(PolicyValue { verdict: verdict::REDIRECT, listener: 1, flags: 0, _pad: 0, rule: 2 }),
+                L4_PORT if self.visibility => Some(PolicyValue {
+                    verdict: verdict::REDIRECT,
+                    listener: listener::HTTP,
+                    flags: redirect_common::policy_flag::VISIBILITY,
+                    _pad: 0,
+                    rule: 1,
+                }),
                 L4_PORT => Some(allow),
                 _ => None,
             };
@@ -544,5 +553,25 @@ fn audit_mode_reports_policy_drops_and_lets_them_pass() {
     assert_eq!(
         node.send_to_pod(D_EP, &packet((T_IP, 40003), (D_IP, L7_PORT), tcp::ACK), 0),
         Fate::Dropped(reason::BYPASSES_PROXY)
+    );
+}
+
+/// A redirect for visibility only goes to the proxy when it can take the flow, and otherwise
+/// passes as the allow it is; a rule's redirect fails closed.
+#[test]
+fn visibility_redirects_never_drop_what_is_allowed() {
+    let to = |port| packet((T_IP, 40000), (D_IP, port), tcp::SYN);
+    let mut node = Node { listener_up: true, now: NS, visibility: true, ..Node::default() };
+    assert_eq!(node.send_from_pod(T_EP, &to(L4_PORT)), Fate::Proxy);
+    let mut node = Node { listener_up: false, now: NS, visibility: true, ..Node::default() };
+    assert_eq!(node.send_from_pod(T_EP, &to(L4_PORT)), Fate::Delivered, "no listener: allowed, unparsed");
+    assert_eq!(node.send_from_pod(T_EP, &to(L7_PORT)), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    // From outside the endpoints (the host's address is T's here: what matters is the missing
+    // entry), at the pod's tc egress where nothing can be handed to the proxy.
+    let mut node = Node { listener_up: true, now: NS, visibility: true, ..Node::default() };
+    assert_eq!(node.send_to_pod(D_EP, &to(L4_PORT), 0), Fate::Delivered);
+    assert_eq!(
+        node.send_to_pod(D_EP, &packet((T_IP, 40001), (D_IP, L7_PORT), tcp::SYN), 0),
+        Fate::Dropped(reason::PROXY_UNAVAILABLE)
     );
 }

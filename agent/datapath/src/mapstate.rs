@@ -122,6 +122,9 @@ fn rule_id(o: Option<&policy_engine::snapshot::OriginId>) -> u32 {
 pub fn value_of(v: &L4Verdict) -> PolicyValue {
     let (verdict, listener, rule) = match v {
         L4Verdict::Allow { by } => (verdict::ALLOW, 0, rule_id(by.first())),
+        L4Verdict::Redirect(l7) if l7.visibility => {
+            (verdict::REDIRECT, listener_of(l7.parser), rule_id(l7.wildcard.first()))
+        }
         L4Verdict::Redirect(l7) => {
             let first = l7.sets.first().and_then(|(_, o)| o.first());
             (verdict::REDIRECT, listener_of(l7.parser), rule_id(first))
@@ -132,7 +135,11 @@ pub fn value_of(v: &L4Verdict) -> PolicyValue {
         }
         L4Verdict::Drop(DropReason::ConflictingParsers { by }) => (verdict::DROP_CONFLICT, 0, rule_id(by.first())),
     };
-    PolicyValue { verdict, listener, flags: 0, _pad: 0, rule }
+    let flags = match v {
+        L4Verdict::Redirect(l7) if l7.visibility => policy_flag::VISIBILITY,
+        _ => 0,
+    };
+    PolicyValue { verdict, listener, flags, _pad: 0, rule }
 }
 
 /// Splits `[start, end]` into LPM prefix blocks `(first port, prefix bits of the port)`.

@@ -87,14 +87,43 @@ impl Exporter {
     }
 }
 
-/// Checks the configuration and starts exporting the flows that arrive from now on (the task runs
-/// until it is aborted).
+/// Why the exporter cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A filter does not compile.
+    #[error("{0}")]
+    Filter(#[from] FilterError),
+    /// The file cannot be written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A size or count out of range.
+    #[error("{0}")]
+    Setting(&'static str),
+}
+
+/// Checks the configuration (filters, sizes, that the file can be opened for appending) and starts
+/// exporting the flows that arrive from now on (the task runs until it is aborted).
 pub fn start(
     ring: Arc<FlowRing>,
     node: Arc<str>,
     config: ExportConfig,
-) -> Result<(Arc<Exporter>, tokio::task::JoinHandle<()>), FilterError> {
+) -> Result<(Arc<Exporter>, tokio::task::JoinHandle<()>), ExportError> {
     let filters = Filters::new(&config.allow, &config.deny)?;
+    if config.max_bytes == 0 {
+        return Err(ExportError::Setting("the export file's maximum size must be above 0"));
+    }
+    // `file-rotate` creates what is missing and swallows an open failure (it then writes
+    // nowhere): find out here, and after every rotation (`run`).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.path)
+        .map_err(|source| ExportError::File { path: config.path.clone(), source })?;
     let figures = Arc::new(Exporter::default());
     let out = FileRotate::new(
         &config.path,
@@ -103,7 +132,7 @@ pub fn start(
         Compression::None,
         None,
     );
-    let task = tokio::spawn(run(ring, node, filters, config.fieldmask, out, figures.clone()));
+    let task = tokio::spawn(run(ring, node, filters, config, out, figures.clone()));
     Ok((figures, task))
 }
 
@@ -111,12 +140,13 @@ async fn run(
     ring: Arc<FlowRing>,
     node: Arc<str>,
     filters: Filters,
-    mask: Vec<String>,
-    mut out: FileRotate<AppendCount>,
+    config: ExportConfig,
+    out: FileRotate<AppendCount>,
     figures: Arc<Exporter>,
 ) {
     let mut newest = ring.subscribe();
     let mut cursor = ring.last();
+    let mut out = Some(out);
     loop {
         let read = ring.after(cursor, PAGE);
         let mut lines = Vec::new();
@@ -127,24 +157,57 @@ async fn run(
         for (n, f) in &read.flows {
             let uuid = ring.uuid(*n);
             if filters.admit(f, &uuid, &node) {
-                lines.push(flow_line(convert::to_pb(f, uuid, &node), &node, &mask));
+                lines.push(flow_line(convert::to_pb(f, uuid, &node), &node, &config.fieldmask));
             }
         }
         cursor = read.flows.last().map_or(read.last.max(cursor), |(n, _)| *n);
-        for line in lines.into_iter().flatten() {
-            // One write per line: the file rotates between lines, never inside one.
-            match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
-                Ok(()) => figures.written.fetch_add(1, Ordering::Relaxed),
+        let lines: Vec<String> = lines.into_iter().flatten().collect();
+        // File I/O (and rotation's renames) off the runtime: the agent's event reader shares it.
+        if let Some(file) = out.take_if(|_| !lines.is_empty()) {
+            let (path, figures) = (config.path.clone(), figures.clone());
+            match tokio::task::spawn_blocking(move || write_lines(file, &lines, &path, &figures)).await {
+                Ok(file) => out = Some(file),
                 Err(e) => {
-                    tracing::warn!(error = %e, "Flow export: a line could not be written");
-                    figures.failed.fetch_add(1, Ordering::Relaxed)
+                    tracing::error!(error = %e, "Flow export stopped");
+                    return;
                 }
-            };
+            }
         }
         if read.flows.len() < PAGE && newest.changed().await.is_err() {
             return;
         }
     }
+}
+
+/// Writes `lines`, one write each (the file rotates between lines, never inside one); counts
+/// what was and was not written. A file gone after a rotation (the rotator could not reopen it:
+/// it then writes nowhere and says nothing) counts the batch as failed.
+fn write_lines(
+    mut out: FileRotate<AppendCount>,
+    lines: &[String],
+    path: &std::path::Path,
+    figures: &Exporter,
+) -> FileRotate<AppendCount> {
+    let mut written = 0;
+    for line in lines {
+        match out.write_all(line.as_bytes()) {
+            Ok(()) => written += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "Flow export: a line could not be written");
+                figures.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Err(e) = out.flush() {
+        tracing::warn!(error = %e, "Flow export: flush failed");
+    }
+    if path.exists() {
+        figures.written.fetch_add(written, Ordering::Relaxed);
+    } else {
+        tracing::warn!(path = %path.display(), "Flow export: the file is gone (could not be reopened after rotating)");
+        figures.failed.fetch_add(written, Ordering::Relaxed);
+    }
+    out
 }
 
 fn lost_line(n: u64, node: &str) -> Option<String> {

@@ -39,9 +39,16 @@ struct Page<'a> {
     flows: Vec<crate::pb::flow::Flow>,
 }
 
-/// Serves the page and its API on `listener` until the task is dropped.
+/// Most connections served at once (more wait in the listen queue).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the page and its API on `listener` until the task is dropped. A request must name the
+/// server by address or `localhost` (`Host`): a page elsewhere that rebinds a DNS name to this
+/// address cannot read the node's flows.
 pub async fn serve(ring: Arc<FlowRing>, node: Arc<str>, listener: tokio::net::TcpListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -52,18 +59,36 @@ pub async fn serve(ring: Arc<FlowRing>, node: Arc<str>, listener: tokio::net::Tc
         };
         let (ring, node) = (ring.clone(), node.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = answer(&ring, &node, req.method(), req.uri());
+                let resp = if host_is_local(req.headers()) {
+                    answer(&ring, &node, req.method(), req.uri())
+                } else {
+                    plain(StatusCode::MISDIRECTED_REQUEST, "Host must be an address or localhost\n")
+                };
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await
-            {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            // A connection lives for a minute at most (the page polls with short requests).
+            if let Ok(Err(e)) = tokio::time::timeout(std::time::Duration::from_secs(60), served).await {
                 tracing::debug!(error = %e, "service map connection");
             }
         });
     }
+}
+
+/// Whether the request's `Host` names an address or `localhost` (not a DNS name that could have
+/// been rebound to this address).
+fn host_is_local(headers: &hyper::HeaderMap) -> bool {
+    let Some(host) = headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// The answer to one request.
@@ -151,6 +176,18 @@ mod tests {
 
     fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn only_addresses_and_localhost_are_hosts() {
+        let h = |v: &str| {
+            let mut m = hyper::HeaderMap::new();
+            m.insert(hyper::header::HOST, v.parse().unwrap());
+            host_is_local(&m)
+        };
+        assert!(h("127.0.0.1:8080") && h("[::1]:9") && h("localhost:1") && h("10.0.0.1"));
+        assert!(!h("evil.example:8080") && !h("127.0.0.1.nip.io"));
+        assert!(!host_is_local(&hyper::HeaderMap::new()));
     }
 
     #[test]

@@ -272,12 +272,15 @@ impl Exchange {
         // The question's name, and the names of its CNAME chain that the same DNS rules would let
         // the client ask about: an answer never teaches addresses for a name the client could not
         // have looked up itself (a server allowed for `*.test` must not be able to vouch for
-        // `api.example.com` through a CNAME).
+        // `api.example.com` through a CNAME). A name only audit mode lets through is not taught
+        // either: the map is every endpoint's.
         let names: Vec<String> = answer
             .names
             .iter()
             .enumerate()
-            .filter(|(i, n)| *i == 0 || matches!(self.policy.check_dns(n), RequestVerdict::Pass(_)))
+            .filter(|(i, n)| {
+                *i == 0 || matches!(self.policy.check_dns(n), RequestVerdict::Pass(p) if p.audited.is_none())
+            })
             .map(|(_, n)| n.clone())
             .collect();
         let ttl = answer.ttl.max(shared.dns.min_ttl);

@@ -123,9 +123,21 @@ proptest! {
     fn kernel_combination_equals_engine_for_learned_addresses(
         entries in proptest::collection::vec(arb_entry(), 0..7),
         enforced: bool,
+        visible in proptest::collection::vec((prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)], 1u16..40), 0..3),
         flows in proptest::collection::vec((0u32..8, proptest::collection::vec(1u32..6, 0..4), prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Other(112))], prop_oneof![0u16..40, Just(65535u16)]), 40),
     ) {
-        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], ..Default::default() };
+        // Egress visibility too: the kernel's combination must give a rule's redirect precedence
+        // over a visibility one, as the engine does.
+        let visibility = visible
+            .into_iter()
+            .map(|(proto, port)| Visibility {
+                direction: policy_engine::model::Direction::Egress,
+                port,
+                proto,
+                parser: if proto == Proto::Tcp { L7Parser::Kafka } else { L7Parser::Dns },
+            })
+            .collect();
+        let dp = DirectionPolicy { enforced, entries, enforced_by: vec![OriginId(9)], visibility, ..Default::default() };
         let mut map = BTreeMap::new();
         direction_entries(&dp, direction::EGRESS, 7, &mut map);
         for (id, mut fqdn, proto, port) in flows {
