@@ -27,7 +27,6 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 B1=$(free_port); B2=$(free_port); PP=$(free_port); PP2=$(free_port); HP=$(free_port); EP=$(free_port); EA=$(free_port)
 RULES=100
 PATH_HIT=/api/v1/svc$((RULES - 1))/item
@@ -55,19 +54,11 @@ haproxy -f "$work/haproxy.cfg" -db 2>"$work/logs/haproxy.log" & pids+=($!)
 envoy_cfg "$work/envoy.json" 127.0.0.1 "$EP" "$EA" 127.0.0.1 "$B1" "$RULES"
 "$VENV/bin/envoy" -c "$work/envoy.json" --concurrency 1 --log-level error --base-id $$ 2>"$work/logs/envoy.log" & pids+=($!)
 
-wait_http() { # $1 url, $2 expected status
-    for _ in $(seq 1 200); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-    done
-    echo "not ready: $1" >&2; cat "$work"/logs/*.log >&2; exit 1
-}
 wait_http "http://127.0.0.1:$B1/" 200
 for p in $PP $HP $EP; do
     wait_http "http://127.0.0.1:$p$PATH_HIT" 200
     wait_http "http://127.0.0.1:$p/denied" 403
 done
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_IDLE=$(rss_kb "$porin_pid")
 
 declare -A RPS P99

@@ -27,7 +27,6 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 B1=$(free_port); B2=$(free_port); ON=$(free_port); OFF=$(free_port); MP=$(free_port)
 RULES=100
 PATH_HIT=/api/v1/svc$((RULES - 1))/item
@@ -54,13 +53,6 @@ proxy_config off "$OFF" false "" > "$work/off.yaml"
 "$PORIN" proxy --config "$work/on.yaml" --threads 1 2>"$work/logs/on.log" & on_pid=$!; pids+=($on_pid)
 "$PORIN" proxy --config "$work/off.yaml" --threads 1 2>"$work/logs/off.log" & off_pid=$!; pids+=($off_pid)
 
-wait_http() { # $1 url, $2 expected status
-    for _ in $(seq 1 200); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-    done
-    echo "not ready: $1" >&2; cat "$work"/logs/*.log >&2; exit 1
-}
 wait_http "http://127.0.0.1:$B1/" 200
 for p in $ON $OFF; do wait_http "http://127.0.0.1:$p$PATH_HIT" 200; done
 wait_http "http://127.0.0.1:$MP/metrics" 200
@@ -69,7 +61,6 @@ wait_http "http://127.0.0.1:$MP/metrics" 200
 "$PORIN" observe --proxy "$work/on.sock" -f -o json > "$work/followed.jsonl" 2>"$work/logs/follower.log" & pids+=($!)
 (while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$MP/metrics" || true; done) & pids+=($!)
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 declare -A RPS
 run_wrk() { # $1 name, $2 port
     local out rps

@@ -101,3 +101,14 @@ to_us() {
 
 # mean "a b c": the mean of numbers.
 mean() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.1f", s / NF }' <<<"$1"; }
+
+# Shared by the side-by-side scripts.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() { # $1 url, $2 expected status; on timeout prints the logs under $work/logs
+    for _ in $(seq 1 200); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" = "$2" ] && return 0
+        sleep 0.05
+    done
+    echo "not ready: $1" >&2; cat "$work"/logs/*.log >&2; exit 1
+}
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -70,7 +70,6 @@ fn audit_mode_records_what_policy_would_drop_and_lets_it_through_privileged() {
     // Nothing was dropped, and the kernel counted what it audited.
     assert!(observe(&lab, &["--verdict", "DROPPED"]).is_empty());
     assert!(lab.counters()["audited"].as_u64().unwrap_or(0) >= 1, "{:#}", lab.counters());
-    // Audit mode is a policy setting: the proxy bypass checks still hold (a spoofed source drops).
 }
 
 #[test]
