@@ -2,11 +2,14 @@
 # What flow records cost, one run, side by side on this box (same nginx backend, same wrk, same
 # 100-rule allow-list, each proxy with one worker thread):
 #   records on   porin proxy keeping records (backlog, Hubble metrics scraped every second, a
-#                follower streaming every record with `porin observe --proxy SOCK -f -o json`)
+#                follower taking every record off its record stream: `porin observe --proxy SOCK
+#                -f $FOLLOW`; by default it shows the drops, of which the run has none, so it
+#                decodes and judges every record and prints none; FOLLOW="-o json" prints them all)
 #   records off  the same proxy with `flow_records: false`
-# wrk -t2 -c50, ROUNDS rounds of SECS seconds, interleaved. Prints req/s, the ratio on/off (target
-# >= 0.95), and the memory a full record backlog takes (RSS on - off after load; the backlog holds
-# the last 8,192 records, the agent's ring the last 4,095 flows of the node).
+# wrk -t2 -c50, ROUNDS rounds of SECS seconds, interleaved. Prints req/s, the CPU each request cost
+# the proxy (its worker and stream threads) and the follower, the ratio on/off (target >= 0.95), and
+# the memory a full record backlog takes (RSS on - off after load; the backlog holds the last 8,192
+# records, the agent's ring the last 4,095 flows of the node).
 # Runs on 127.0.0.1 only; ports are picked free at start. SECS=10 ROUNDS=3 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,9 @@ cd "$(dirname "$0")/.."
 rust_components
 peers_install
 SECS=${SECS:-10}
+# What the follower shows: by default the drops (the run has none) — it still takes every record
+# off the stream and judges it; FOLLOW="-o json" prints every record as `hubble observe -o json`.
+FOLLOW=${FOLLOW:---verdict DROPPED -o json}
 ROUNDS=${ROUNDS:-3}
 cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
 PORIN=$PWD/target/release/porin
@@ -58,30 +64,37 @@ for p in $ON $OFF; do wait_http "http://127.0.0.1:$p$PATH_HIT" 200; done
 wait_http "http://127.0.0.1:$MP/metrics" 200
 
 # The records-on proxy's readers: a follower streaming every record, a scraper every second.
-"$PORIN" observe --proxy "$work/on.sock" -f -o json > "$work/followed.jsonl" 2>"$work/logs/follower.log" & pids+=($!)
+"$PORIN" observe --proxy "$work/on.sock" -f $FOLLOW > "$work/followed.jsonl" 2>"$work/logs/follower.log" & follower=$!
+pids+=($follower)
 (while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$MP/metrics" || true; done) & pids+=($!)
 
-declare -A RPS
-run_wrk() { # $1 name, $2 port
-    local out rps
-    out=$(wrk -t2 -c50 -d"${SECS}s" "http://127.0.0.1:$2$PATH_HIT")
+declare -A RPS PCPU FCPU
+run_wrk() { # $1 name, $2 port, $3 the proxy's pid, $4 the follower's (if any)
+    local out rps reqs name=$1 port=$2 p0 p1 f0=0 f1=0
+    p0=$(cpu_s "$3"); [ -n "${4:-}" ] && f0=$(cpu_s "$4")
+    out=$(wrk -t2 -c50 -d"${SECS}s" "http://127.0.0.1:$port$PATH_HIT")
+    p1=$(cpu_s "$3"); [ -n "${4:-}" ] && f1=$(cpu_s "$4")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    if grep -q "Non-2xx" <<<"$out"; then echo "$1: non-2xx answers during the run" >&2; echo "$out" >&2; exit 1; fi
-    RPS[$1]="${RPS[$1]:-} $rps"
-    printf '  %-12s %10.0f req/s\n' "$1" "$rps"
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers during the run" >&2; echo "$out" >&2; exit 1; fi
+    local pc fc
+    pc=$(echo "($p1 - $p0) * 1000000 / $reqs" | bc -l); fc=$(echo "($f1 - $f0) * 1000000 / $reqs" | bc -l)
+    RPS[$name]="${RPS[$name]:-} $rps"; PCPU[$name]="${PCPU[$name]:-} $pc"; FCPU[$name]="${FCPU[$name]:-} $fc"
+    printf '  %-12s %10.0f req/s   CPU per request: proxy %5.2f us, follower %5.2f us\n' "$name" "$rps" "$pc" "$fc"
 }
 echo "wrk -t2 -c50 -d${SECS}s GET $PATH_HIT (rule $RULES of $RULES), $ROUNDS rounds"
 for ((r = 1; r <= ROUNDS; r++)); do
     echo " round $r"
-    run_wrk "records-on" "$ON"
-    run_wrk "records-off" "$OFF"
+    run_wrk "records-on" "$ON" "$on_pid" "$follower"
+    run_wrk "records-off" "$OFF" "$off_pid"
 done
 on=$(mean "${RPS[records-on]}"); off=$(mean "${RPS[records-off]}")
 followed=$(wc -l < "$work/followed.jsonl")
 echo
 echo "summary (mean of $ROUNDS rounds)"
-printf '  %-12s %10.0f req/s   (follower streamed %d records)\n' records-on "$on" "$followed"
-printf '  %-12s %10.0f req/s\n' records-off "$off"
+printf '  %-12s %10.0f req/s   CPU per request: proxy %5.2f us, follower %5.2f us (it printed %d records)\n' \
+    records-on "$on" "$(mean "${PCPU[records-on]}")" "$(mean "${FCPU[records-on]}")" "$followed"
+printf '  %-12s %10.0f req/s   CPU per request: proxy %5.2f us\n' records-off "$off" "$(mean "${PCPU[records-off]}")"
 awk -v a="$on" -v b="$off" 'BEGIN { printf "  records on / off = %.3f   (target >= 0.95)\n", a / b }'
 rss_on=$(rss_kb "$on_pid"); rss_off=$(rss_kb "$off_pid")
 backlog=$(echo '{"cmd": "status"}' | python3 -c '

@@ -112,3 +112,5 @@ wait_http() { # $1 url, $2 expected status; on timeout prints the logs under $wo
     echo "not ready: $1" >&2; cat "$work"/logs/*.log >&2; exit 1
 }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU seconds (user + system) a process has used so far, its threads included.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }

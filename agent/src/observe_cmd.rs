@@ -219,12 +219,20 @@ pub fn request(a: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
 }
 
 /// Prints one response (and flushes: a follower sees each flow as it comes).
+/// Prints one response and flushes: for the Hubble API's stream, a message at a time.
 fn print(output: ObserveOutput, r: GetFlowsResponse) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
+    write(&mut out, output, r)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Writes one response (the caller flushes).
+fn write(out: &mut impl std::io::Write, output: ObserveOutput, r: GetFlowsResponse) -> anyhow::Result<()> {
     if output == ObserveOutput::Json {
-        writeln!(out, "{}", serde_json::to_string(&r)?)?;
-        out.flush()?;
+        serde_json::to_writer(&mut *out, &r).map_err(std::io::Error::from)?;
+        writeln!(out)?;
         return Ok(());
     }
     match r.response_types {
@@ -234,7 +242,6 @@ fn print(output: ObserveOutput, r: GetFlowsResponse) -> anyhow::Result<()> {
                 ObserveOutput::Table => writeln!(out, "{}", crate::render::row(&f))?,
                 _ => writeln!(out, "{} {}", f.time, crate::render::text(&f))?,
             }
-            out.flush()?;
         }
         Some(ResponseTypes::LostEvents(l)) => {
             let source = fpb::LostEventSource::try_from(l.source).map_or("unknown", |s| s.as_str_name());
@@ -258,13 +265,19 @@ async fn from_server(server: &str, req: GetFlowsRequest, output: ObserveOutput) 
 }
 
 /// Reads a control socket's records, filtered here (no ring, no ids: a single process's backlog).
-fn from_socket(socket: &std::path::Path, req: &GetFlowsRequest, output: ObserveOutput) -> anyhow::Result<()> {
+/// Following a proxy takes its record stream; an agent's socket is asked again every 200 ms.
+fn from_socket(
+    socket: &std::path::Path,
+    req: &GetFlowsRequest,
+    output: ObserveOutput,
+    stream: bool,
+) -> anyhow::Result<()> {
     let filters = Filters::new(&req.whitelist, &req.blacklist)?;
     let (mut after, mut first) = (0, true);
     loop {
         let r = crate::agent::control(socket, &Request::Flows { after, limit: None })
             .with_context(|| format!("read {}", socket.display()))?;
-        let Reply::Flows { last, missed, flows, .. } = r else {
+        let Reply::Flows { epoch, last, missed, flows } = r else {
             bail!("{}: not a flows reply: {r:?}", socket.display());
         };
         if missed > 0 {
@@ -280,20 +293,62 @@ fn from_socket(socket: &std::path::Path, req: &GetFlowsRequest, output: ObserveO
                 picked.drain(..picked.len().saturating_sub(n));
             }
         }
-        for f in picked {
-            let pb = porin_hubble::convert::to_pb(f, String::new(), "");
-            let time = pb.time;
-            print(
-                output,
-                GetFlowsResponse { response_types: Some(ResponseTypes::Flow(pb)), node_name: String::new(), time },
-            )?;
-        }
+        write_flows(output, picked)?;
         first = false;
         if !req.follow {
             return Ok(());
         }
+        if stream {
+            return follow_stream(socket, after, epoch, &filters, output);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Follows a proxy's record stream from record `after` of run `epoch`.
+fn follow_stream(
+    socket: &std::path::Path,
+    after: u64,
+    epoch: u64,
+    filters: &Filters,
+    output: ObserveOutput,
+) -> anyhow::Result<()> {
+    let mut reader = porin_flow::stream::StreamReader::connect(socket, after, epoch)?;
+    loop {
+        let batch = reader.next_batch()?;
+        if batch.missed > 0 {
+            eprintln!(
+                "porin observe: {} records from {} were let go before they were read",
+                batch.missed,
+                socket.display()
+            );
+        }
+        let (flows, errors) = batch.into_flows();
+        for e in errors {
+            eprintln!("porin observe: {}: {e}", socket.display());
+        }
+        write_flows(output, flows.iter().filter(|f| filters.admit(f, "", "")))?;
+    }
+}
+
+/// Writes flows read from a control socket, then flushes.
+fn write_flows<'a>(
+    output: ObserveOutput,
+    flows: impl IntoIterator<Item = &'a porin_flow::flow::Flow>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
+    for f in flows {
+        let pb = porin_hubble::convert::to_pb(f, String::new(), "");
+        let time = pb.time;
+        write(
+            &mut out,
+            output,
+            GetFlowsResponse { response_types: Some(ResponseTypes::Flow(pb)), node_name: String::new(), time },
+        )?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// `porin observe`: a reader that stopped reading (`| head`) ends it quietly.
@@ -313,7 +368,7 @@ fn observe_inner(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
         writeln!(std::io::stdout().lock(), "{}", crate::render::TABLE_HEADER)?;
     }
     if let Some(socket) = a.proxy.as_ref().or(a.agent.as_ref()) {
-        from_socket(socket, &req, a.output)?;
+        from_socket(socket, &req, a.output, a.proxy.is_some())?;
         return Ok(ExitCode::SUCCESS);
     }
     #[cfg(feature = "lab")]

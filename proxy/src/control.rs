@@ -1,7 +1,8 @@
 //! The proxy's side of the control protocol (`porin_flow::control`): `status` (snapshot version
 //! and source, listeners, connections, counters) and `flows` (records numbered above N; `porin
-//! observe` follows by asking again with the last number it saw), `fqdn_cache` (what the DNS
-//! proxy learned). Anything else is refused.
+//! observe` without `-f` reads them), `flow_stream` (the same records pushed as they come, in
+//! frames: how the agent and `porin observe -f` follow), `fqdn_cache` (what the DNS proxy
+//! learned). Anything else is refused.
 
 use porin_flow::control::{FqdnEntry, Handler, Reply, Request};
 
@@ -49,5 +50,9 @@ impl Handler for ProxyInfo {
             },
             other => Reply::error(format!("the proxy does not serve {other:?}")),
         }
+    }
+
+    fn flow_source(&self) -> Option<std::sync::Arc<dyn porin_flow::stream::FlowSource>> {
+        Some(self.shared.records.clone())
     }
 }

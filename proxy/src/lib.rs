@@ -121,7 +121,7 @@ impl Proxy {
             upstreams: Upstreams::default(),
             conns,
             descriptions: policy::Descriptions::default(),
-            records: Records::new(cfg.flow_log.as_deref(), cfg.flow_records)?,
+            records: Arc::new(Records::new(cfg.flow_log.as_deref(), cfg.flow_records)?),
             counters: Counters::default(),
             limits: cfg.limits.clone(),
             fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),

@@ -7,10 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use porin_flow::backlog::Backlog;
-use porin_flow::flow::{
-    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion,
-    KafkaInfo, L7Type, Layer4, Layer7, Ports, Verdict, rfc3339,
-};
+use porin_flow::flow::{DnsInfo, DropReason, Flow, FlowEndpoint, HttpProtocol, KafkaInfo, Verdict};
+use porin_flow::stream::{self, Batch, FlowSource, StreamError, WireEnd, WireEnds, WireHttp, WireRecord};
 use serde::Serialize;
 
 use crate::policy::Ends;
@@ -150,64 +148,59 @@ pub fn now_ns() -> u64 {
 }
 
 impl Record {
-    /// The Hubble-shaped record.
-    pub fn to_flow(&self, seq: u64) -> Flow {
-        let e = &self.ends;
-        let (src, dst) = if self.reply { (&e.destination, &e.source) } else { (&e.source, &e.destination) };
-        let ports = Ports { source_port: src.port, destination_port: dst.port };
+    /// This record on the wire ([`stream`]), its connection being `ends` of the batch.
+    pub fn wire(&self, seq: u64, ends: u32) -> WireRecord {
         let (mut http, mut dns, mut kafka) = (None, None, None);
         match &self.detail {
             Detail::Http { method, url, protocol, code } => {
-                http = Some(HttpInfo {
-                    code: *code,
+                http = Some(WireHttp {
                     method: method.as_str().to_owned(),
                     url: url.to_string(),
-                    protocol: *protocol,
+                    protocol: protocol.number(),
+                    code: u32::from(*code),
                 });
             }
             Detail::Dns(d) => dns = Some(DnsInfo::clone(d)),
             Detail::Kafka(k) => kafka = Some(KafkaInfo::clone(k)),
         }
-        Flow {
-            time: rfc3339(self.time_ns / 1_000_000_000, u32::try_from(self.time_ns % 1_000_000_000).unwrap_or(0)),
+        WireRecord {
             seq,
-            emitter: Emitter::Proxy,
-            verdict: self.verdict,
-            drop_reason: self.reason,
-            flow_type: FlowType::L7,
-            event_type: EventType::AccessLog,
-            traffic_direction: e.direction,
-            is_reply: self.reply,
-            ip: Some(FlowIp {
-                source: src.ip.to_string(),
-                destination: dst.ip.to_string(),
-                ip_version: if src.ip.is_ipv4() { IpVersion::IPv4 } else { IpVersion::IPv6 },
-            }),
-            l4: Some(match self.transport {
-                Transport::Tcp => Layer4::Tcp(ports),
-                Transport::Udp => Layer4::Udp(ports),
-            }),
-            source: FlowEndpoint::clone(&src.record),
-            destination: FlowEndpoint::clone(&dst.record),
-            destination_names: dst.names().to_vec(),
-            l7: Some(Layer7 {
-                kind: if self.reply { L7Type::Response } else { L7Type::Request },
-                latency_ns: self.latency_ns,
-                http,
-                dns,
-                kafka,
-            }),
+            ends,
+            time_ns: self.time_ns,
+            reply: self.reply,
+            verdict: self.verdict.number(),
+            reason: self.reason.map_or(0, |r| u32::from(r.code())),
+            udp: self.transport == Transport::Udp,
+            latency_ns: self.latency_ns,
             policy: self.policy.as_deref().map(str::to_owned),
-            ifindex: 0,
             summary: self.summary.clone(),
+            http,
+            dns,
+            kafka,
         }
     }
+
+    /// The Hubble-shaped record ([`stream::to_flow`], the one conversion).
+    pub fn to_flow(&self, seq: u64) -> Result<Flow, StreamError> {
+        stream::to_flow(&wire_ends(&self.ends), self.wire(seq, 0))
+    }
+}
+
+/// A connection's ends on the wire.
+pub fn wire_ends(e: &Ends) -> WireEnds {
+    let end = |end: &crate::policy::End| WireEnd {
+        endpoint: Some(FlowEndpoint::clone(&end.record)),
+        ip: stream::wire_ip(end.ip),
+        port: u32::from(end.port),
+        names: end.names().to_vec(),
+    };
+    WireEnds { source: Some(end(&e.source)), destination: Some(end(&e.destination)), direction: e.direction.number() }
 }
 
 /// The record sink.
 #[derive(Debug)]
 pub struct Records {
-    backlog: Mutex<Backlog<Record>>,
+    backlog: Mutex<Backlog<Arc<Record>>>,
     /// This run's id (see `Reply::Flows::epoch`).
     epoch: u64,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
@@ -256,8 +249,12 @@ impl Records {
             // Numbered under the lock: the backlog is in sequence order, so a follower asking for
             // records after N never skips one.
             let mut b = lock(&self.backlog);
-            let line = self.file.as_ref().map(|_| serde_json::to_string(&r.to_flow(b.last() + 1)));
-            b.push(r);
+            let line = self.file.as_ref().map(|_| {
+                r.to_flow(b.last() + 1)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string()))
+            });
+            b.push(Arc::new(r));
             line
         };
         let written = match (&self.file, line) {
@@ -265,7 +262,10 @@ impl Records {
                 let mut w = lock(file);
                 writeln!(w, "{line}").and_then(|()| w.flush()).is_ok()
             }
-            (_, Some(Err(_))) => false,
+            (_, Some(Err(e))) => {
+                crate::log_limited!(warn, error = %e, "A flow record could not be written to the flow log");
+                false
+            }
             _ => true,
         };
         if !written {
@@ -276,12 +276,23 @@ impl Records {
     /// Records numbered above `after`, at most `limit`; the newest number; how many after `after`
     /// the backlog let go before this was asked.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64, u64) {
-        let (picked, last, missed): (Vec<(u64, Record)>, u64, u64) = {
-            let b = lock(&self.backlog);
-            let page = b.after(after, limit);
-            (page.items.into_iter().map(|(n, r)| (n, r.clone())).collect(), page.last, page.missed)
-        };
-        (picked.iter().map(|(n, r)| r.to_flow(*n)).collect(), last, missed)
+        let (picked, last, missed) = self.page(after, limit);
+        // Records the proxy made itself: one that does not convert is a bug, logged, not served.
+        let flows = picked
+            .iter()
+            .filter_map(|(n, r)| {
+                r.to_flow(*n).map_err(|e| crate::log_limited!(error, error = %e, "A flow record is malformed")).ok()
+            })
+            .collect();
+        (flows, last, missed)
+    }
+
+    /// Records numbered above `after`, at most `limit` (shared, taken under the lock), the newest
+    /// number and what the backlog let go.
+    fn page(&self, after: u64, limit: usize) -> (Vec<(u64, Arc<Record>)>, u64, u64) {
+        let b = lock(&self.backlog);
+        let page = b.after(after, limit);
+        (page.items.into_iter().map(|(n, r)| (n, Arc::clone(r))).collect(), page.last, page.missed)
     }
 
     /// This run's id: record numbers start again when it changes.
@@ -292,5 +303,35 @@ impl Records {
     /// Records the backlog let go because it was full.
     pub fn evicted(&self) -> u64 {
         lock(&self.backlog).evicted()
+    }
+}
+
+impl FlowSource for Records {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn last(&self) -> u64 {
+        lock(&self.backlog).last()
+    }
+
+    /// Encoded off the lock: the lock is held only to take the records' `Arc`s.
+    fn batch(&self, after: u64, max: usize) -> Batch {
+        let (picked, last, missed) = self.page(after, max);
+        let mut ends: Vec<WireEnds> = Vec::new();
+        // A connection's ends once per batch: the records keep them alive, so their addresses
+        // name them for the batch's lifetime.
+        let mut index: std::collections::HashMap<*const Ends, u32> = std::collections::HashMap::new();
+        let records = picked
+            .iter()
+            .map(|(n, r)| {
+                let i = *index.entry(Arc::as_ptr(&r.ends)).or_insert_with(|| {
+                    ends.push(wire_ends(&r.ends));
+                    u32::try_from(ends.len() - 1).unwrap_or(u32::MAX)
+                });
+                r.wire(*n, i)
+            })
+            .collect();
+        Batch { epoch: self.epoch, last, missed, ends, records }
     }
 }

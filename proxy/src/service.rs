@@ -46,7 +46,7 @@ pub struct Shared {
     /// Peer descriptions for flow records, shared across connections.
     pub descriptions: Descriptions,
     /// Flow records.
-    pub records: Records,
+    pub records: Arc<Records>,
     /// Counters.
     pub counters: Counters,
     /// Limits.

@@ -299,3 +299,60 @@ async fn a_tunnel_whose_upstream_is_slow_gets_a_504_and_a_record() {
     assert_eq!(f.l7.unwrap().http.unwrap().code, 504);
     assert!(f.summary.contains("did not answer"), "{}", f.summary);
 }
+
+/// The record stream under load: a follower connected before the load gets every record once, in
+/// order, the same as the `flows` answer; one that comes back with an old run's number (a
+/// restart it did not see) reads from the oldest; the stream outlives no reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_stream_delivers_every_record_under_load() {
+    use porin_flow::stream::StreamReader;
+    let fx = Fixture::new(&[&policy("/api/.*")], &eps(), &listeners()).await;
+    let socket = fx.dir.0.join("proxy.sock");
+    const N: u64 = 3000;
+    // Requests and responses: two records each, some denied (one record each).
+    let expected = 2 * N + 200;
+    let follower = {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut r = StreamReader::connect(&socket, 0, 0).unwrap();
+            let mut flows = Vec::new();
+            let mut missed = 0;
+            while u64::try_from(flows.len()).unwrap() + missed < expected {
+                let b = r.next_batch().unwrap();
+                missed += b.missed;
+                let (f, errors) = b.into_flows();
+                assert!(errors.is_empty(), "{errors:?}");
+                flows.extend(f);
+            }
+            (flows, missed)
+        })
+    };
+    let args = |n: u64, path: &str| {
+        ["-n", &n.to_string(), "-c", "8", "-m", "4", "--h1", &format!("http://{}{path}", fx.addr("h1"))]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let out = String::from_utf8_lossy(&run("h2load", args(N, "/api/x")).await.stdout).into_owned();
+    assert_eq!(h2load_counts(&out), (N, N, N), "{out}");
+    let out = String::from_utf8_lossy(&run("h2load", args(200, "/denied")).await.stdout).into_owned();
+    assert_eq!(h2load_counts(&out).0, 200, "{out}");
+    let (streamed, missed) = tokio::time::timeout(Duration::from_secs(30), follower).await.unwrap().unwrap();
+    assert_eq!(missed, 0, "the backlog holds 8192: nothing should have been let go");
+    let seqs: Vec<u64> = streamed.iter().map(|f| f.seq).collect();
+    assert_eq!(seqs, (1..=expected).collect::<Vec<_>>(), "every record once, in order");
+    assert_eq!(streamed, fx.flows(), "the stream says what the flows answer says");
+    let denied = streamed.iter().filter(|f| f.verdict == porin_flow::flow::Verdict::Dropped).count();
+    assert_eq!(denied, 200);
+    // Another run's number: read from the oldest, not from "after 5000".
+    let mut r = StreamReader::connect(&socket, 5000, 1).unwrap();
+    let b = tokio::task::spawn_blocking(move || r.next_batch().unwrap()).await.unwrap();
+    assert_eq!(b.records.first().map(|r| r.seq), Some(1));
+    // More readers than the proxy serves at once are refused, by name.
+    let held: Vec<_> = (0..porin_flow::control::MAX_STREAMS).map(|_| StreamReader::connect(&socket, 0, 0)).collect();
+    let refused = StreamReader::connect(&socket, 0, 0).unwrap_err().to_string();
+    assert!(refused.contains("already streaming"), "{refused}");
+    drop(held);
+    // Their threads notice the hang-up at their next write (a heartbeat at the latest).
+    tokio::time::sleep(porin_flow::stream::HEARTBEAT * 2).await;
+    assert!(StreamReader::connect(&socket, 0, 0).is_ok());
+}

@@ -35,10 +35,10 @@ use self::reloader::{Job, Reloader, View};
 
 /// The most flow records one `flows` query returns.
 const FLOWS_PAGE: usize = 8192;
-/// How often the agent asks the proxy for new records when the last ask brought less than a page.
-const PROXY_PULL: Duration = Duration::from_millis(100);
-/// How many proxy records the agent takes per ask.
-const PROXY_PAGE: usize = 4096;
+/// How long the agent waits before following a proxy that is not there (yet, or again).
+const PROXY_RETRY: Duration = Duration::from_millis(100);
+/// How long a catch-up waits for the stream to bring what the proxy had.
+const CATCHUP_WAIT: Duration = Duration::from_secs(2);
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -145,6 +145,8 @@ impl Handler for Control {
             Request::Counters => self.ask(Job::Counters).await.map(|counters| Reply::Counters { counters }),
             Request::Detach { ifname } => self.ask(|tx| Job::Detach(ifname, tx)).await.map(|()| Reply::Done),
             Request::FqdnCache => Err(anyhow::anyhow!("the agent does not keep the FQDN cache: ask the proxy")),
+            // Taken by the server loop before it gets here (the agent has no flow source).
+            Request::FlowStream { .. } => Err(anyhow::anyhow!("follow the agent's flows with Hubble's API")),
         };
         result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
     }
@@ -248,86 +250,99 @@ async fn read_events(view: Arc<View>, events: Events, metrics: Arc<HubbleMetrics
     }
 }
 
-/// Moves the proxy's flow records into the node's ring, asking its control socket every
-/// [`PROXY_PULL`] (at once again while it has more). What the proxy's backlog let go before the
-/// agent asked is counted (`hubble_lost_events_total{source="observer_events_queue"}`); a proxy
-/// that is not there yet (or restarting) is asked again, quietly; a restarted proxy (a new
-/// epoch) is read from its first record.
-/// A request on `catchup` (from Hubble's API) is a pull at once, answered when it is done.
+/// Moves the proxy's flow records into the node's ring: a thread follows the proxy's record
+/// stream (`porin_flow::stream`), connecting again whenever the proxy is not there (yet, or
+/// restarting). What the proxy's backlog let go before the stream reached it is counted
+/// (`hubble_lost_events_total{source="observer_events_queue"}`); a restarted proxy (a new epoch) is
+/// read from its first record.
+/// A request on `catchup` (from Hubble's API) asks the proxy for its newest number and is
+/// answered once the stream brought the ring that far (or after [`CATCHUP_WAIT`]).
 async fn follow_proxy(
     ring: Arc<FlowRing>,
     socket: PathBuf,
     metrics: Arc<HubbleMetrics>,
     mut catchup: tokio::sync::mpsc::Receiver<oneshot::Sender<()>>,
 ) {
-    let mut puller = ProxyPuller { ring, socket, metrics, epoch: 0, after: 0, lost: 0 };
-    loop {
-        while puller.pull().await {}
-        tokio::select! {
-            () = tokio::time::sleep(PROXY_PULL) => {}
-            asked = catchup.recv() => {
-                while puller.pull().await {}
-                if let Some(done) = asked {
-                    // The asker may have given up waiting: nothing is lost.
-                    let _ = done.send(());
+    let (reached, watch) = tokio::sync::watch::channel((0, 0));
+    let mut follower = ProxyFollower { ring, socket: socket.clone(), metrics, reached, epoch: 0, after: 0, lost: 0 };
+    let started = std::thread::Builder::new().name("proxy-records".into()).spawn(move || follower.run());
+    if let Err(e) = started {
+        tracing::error!(error = %e, "No thread to follow the proxy's records: L7 flows stay out of the ring");
+        return;
+    }
+    while let Some(done) = catchup.recv().await {
+        let (socket, mut watch) = (socket.clone(), watch.clone());
+        tokio::spawn(async move {
+            let s = socket.clone();
+            // Only the newest number: no records.
+            let asked = tokio::task::spawn_blocking(move || {
+                control::call(&s, &Request::Flows { after: u64::MAX, limit: Some(0) })
+            })
+            .await;
+            if let Ok(Ok(Reply::Flows { epoch, last, .. })) = asked {
+                let there = watch.wait_for(|&(e, seq)| e == epoch && seq >= last);
+                if tokio::time::timeout(CATCHUP_WAIT, there).await.is_err() {
+                    tracing::debug!(last, "The proxy's records did not reach the ring in time");
                 }
             }
-        }
+            // The asker may have given up waiting: nothing is lost.
+            let _ = done.send(());
+        });
     }
 }
 
-/// The agent's side of the proxy's records: where it is in them.
-struct ProxyPuller {
+/// The agent's side of the proxy's record stream: where it is in it.
+struct ProxyFollower {
     ring: Arc<FlowRing>,
     socket: PathBuf,
     metrics: Arc<HubbleMetrics>,
+    /// `(epoch, number)` of the newest record in the ring.
+    reached: tokio::sync::watch::Sender<(u64, u64)>,
     epoch: u64,
     after: u64,
     lost: u64,
 }
 
-impl ProxyPuller {
-    /// Takes one page of new records; returns whether there is more to take at once.
-    async fn pull(&mut self) -> bool {
-        let (s, ask) = (self.socket.clone(), self.after);
-        let reply = tokio::task::spawn_blocking(move || {
-            control::call(&s, &Request::Flows { after: ask, limit: Some(PROXY_PAGE) })
-        })
-        .await;
-        match reply {
-            Ok(Ok(Reply::Flows { epoch, last, missed, flows })) => {
-                if epoch != self.epoch {
-                    let restarted = self.epoch != 0;
-                    self.epoch = epoch;
-                    if restarted && self.after != 0 {
-                        self.after = 0;
-                        tracing::info!("The proxy restarted: reading its records from the first");
-                        return true;
+impl ProxyFollower {
+    fn run(&mut self) {
+        loop {
+            match porin_flow::stream::StreamReader::connect(&self.socket, self.after, self.epoch) {
+                Ok(mut stream) => loop {
+                    match stream.next_batch() {
+                        Ok(batch) => self.take(batch),
+                        Err(e) => {
+                            tracing::info!(error = %e, "The proxy's record stream ended; following it again");
+                            break;
+                        }
                     }
-                }
-                if missed > 0 {
-                    self.lost += missed;
-                    self.metrics.lost_events("observer_events_queue", self.lost);
-                    proxy::log_limited!(warn, missed, "Proxy flow records were let go before the agent read them");
-                }
-                let more = flows.len() >= PROXY_PAGE;
-                self.after = flows.last().map_or(last, |f| f.seq);
-                self.ring.extend(flows);
-                more
+                },
+                Err(e) => tracing::debug!(error = %e, "The proxy's record stream is not there"),
             }
-            Ok(Ok(other)) => {
-                tracing::warn!(reply = ?other, "The proxy answered a flows request with something else");
-                false
+            std::thread::sleep(PROXY_RETRY);
+        }
+    }
+
+    fn take(&mut self, batch: porin_flow::stream::Batch) {
+        if batch.epoch != self.epoch {
+            if self.epoch != 0 {
+                tracing::info!("The proxy restarted: reading its records from the first");
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "The proxy's control socket does not answer");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Asking the proxy for records failed");
-                false
+            self.epoch = batch.epoch;
+        }
+        let (missed, after) = (batch.missed, batch.records.last().map_or(batch.last, |r| r.seq));
+        let (flows, errors) = batch.into_flows();
+        let lost = missed + u64::try_from(errors.len()).unwrap_or(u64::MAX);
+        if lost > 0 {
+            self.lost += lost;
+            self.metrics.lost_events("observer_events_queue", self.lost);
+            proxy::log_limited!(warn, missed, "Proxy flow records were let go before the agent read them");
+            for e in errors {
+                proxy::log_limited!(error, error = %e, "A proxy flow record could not be read");
             }
         }
+        self.after = after;
+        self.ring.extend(flows);
+        self.reached.send_replace((self.epoch, self.after));
     }
 }
 

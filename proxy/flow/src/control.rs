@@ -5,6 +5,7 @@
 //! ```text
 //! {"cmd":"status"}                      {"reply":"status", ...}
 //! {"cmd":"flows","after":12,"limit":100} {"reply":"flows","last":15,"missed":0,"flows":[...]}
+//! {"cmd":"flow_stream","after":12,"epoch":E} {"reply":"done"}, then frames      (proxy; see stream)
 //! {"cmd":"reload"}                      {"reply":"reloaded","version":7,...}        (agent)
 //! {"cmd":"counters"}                    {"reply":"counters","counters":{...}}       (agent)
 //! {"cmd":"detach","ifname":"lxc1"}      {"reply":"done"}                            (agent)
@@ -22,6 +23,8 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::flow::Flow;
+use crate::stream::FlowSource;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +40,16 @@ pub enum Request {
         /// At most this many.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
+    },
+    /// Flow records numbered above `after`, pushed as they come ([`crate::stream`]): after the
+    /// reply the connection carries frames, not lines.
+    FlowStream {
+        /// The last number the reader saw (0: from the oldest kept).
+        #[serde(default)]
+        after: u64,
+        /// The run `after` counts in (another run's, or 0: from the oldest kept).
+        #[serde(default)]
+        epoch: u64,
     },
     /// Read the inputs again and apply them (agent).
     Reload,
@@ -161,7 +174,17 @@ pub enum ControlError {
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, request: Request) -> impl Future<Output = Reply> + Send;
+
+    /// What `flow_stream` streams from (none: refused).
+    fn flow_source(&self) -> Option<Arc<dyn FlowSource>> {
+        None
+    }
 }
+
+/// Streams served at once; more are refused (each is a thread).
+pub const MAX_STREAMS: usize = 8;
+/// A reader that takes nothing for this long loses its stream.
+const STREAM_STALL: Duration = Duration::from_secs(10);
 
 /// Binds the socket at `path`, replacing a stale one.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -175,9 +198,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves the socket until the task is dropped: one task per client, one reply per request line.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    let streams = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => drop(tokio::spawn(client(handler.clone(), stream))),
+            Ok((stream, _)) => drop(tokio::spawn(client(handler.clone(), stream, streams.clone()))),
             Err(e) => {
                 // Out of descriptors and the like: transient.
                 tracing::warn!(error = %e, "Control socket: accept failed");
@@ -187,11 +211,18 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
     }
 }
 
-async fn client<H: Handler>(handler: Arc<H>, stream: UnixStream) {
+async fn client<H: Handler>(handler: Arc<H>, stream: UnixStream, streams: Arc<AtomicUsize>) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::FlowStream { after, epoch }) => match start_stream(handler.as_ref(), streams.clone()) {
+                Ok((source, slot)) => {
+                    let r = lines.into_inner().into_inner();
+                    return hand_over(r, w, source, slot, after, epoch).await;
+                }
+                Err(refusal) => refusal,
+            },
             Ok(req) => handler.handle(req).await,
             Err(e) => Reply::error(format!("bad request: {e}")),
         };
@@ -203,6 +234,63 @@ async fn client<H: Handler>(handler: Arc<H>, stream: UnixStream) {
         if w.write_all(out.as_bytes()).await.is_err() {
             break;
         }
+    }
+}
+
+/// A stream's place among the server's [`MAX_STREAMS`]; given back when dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn start_stream<H: Handler>(
+    handler: &H,
+    streams: Arc<AtomicUsize>,
+) -> Result<(Arc<dyn FlowSource>, StreamSlot), Reply> {
+    let source = handler.flow_source().ok_or_else(|| Reply::error("this process does not stream flows"))?;
+    if streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        streams.fetch_sub(1, Ordering::Relaxed);
+        return Err(Reply::error(format!("already streaming to {MAX_STREAMS} readers")));
+    }
+    Ok((source, StreamSlot(streams)))
+}
+
+/// Answers a `flow_stream` request and hands the connection to a thread of its own: encoding
+/// frames never runs on the runtime that serves the data path.
+async fn hand_over(
+    r: tokio::net::unix::OwnedReadHalf,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    source: Arc<dyn FlowSource>,
+    slot: StreamSlot,
+    after: u64,
+    epoch: u64,
+) {
+    let line = serde_json::to_string(&Reply::Done).unwrap_or_default() + "\n";
+    if w.write_all(line.as_bytes()).await.is_err() {
+        return;
+    }
+    let stream = match r.reunite(w).map_err(|e| std::io::Error::other(e.to_string())).and_then(UnixStream::into_std) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "Control socket: a flow stream could not start"),
+    };
+    let started = std::thread::Builder::new().name("flow-stream".into()).spawn(move || {
+        let _slot = slot;
+        let mut stream = stream;
+        let ended = stream
+            .set_nonblocking(false)
+            .and_then(|()| crate::stream::write_stream(source.as_ref(), &mut stream, after, epoch, STREAM_STALL));
+        // A reader hanging up is how a stream ends; anything else is worth a line.
+        if let Err(e) = ended
+            && !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+        {
+            tracing::info!(error = %e, "A flow stream ended");
+        }
+    });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "Control socket: no thread for a flow stream");
     }
 }
 
@@ -267,6 +355,12 @@ mod tests {
         .unwrap();
         assert_eq!(status, Reply::Status(serde_json::json!({"ok": true})));
         assert!(counters.ok().is_err());
+        // A process without a flow source refuses a stream, by name, as a reply line.
+        let p = path.clone();
+        let refused = tokio::task::spawn_blocking(move || crate::stream::StreamReader::connect(&p, 0, 0).unwrap_err())
+            .await
+            .unwrap();
+        assert!(refused.to_string().contains("does not stream flows"), "{refused}");
         server.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -232,18 +232,23 @@ pub enum Emitter {
 }
 
 /// A peer of a flow.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, prost::Message)]
+#[prost(skip_debug)]
 pub struct FlowEndpoint {
     /// Security identity.
+    #[prost(uint32, tag = "1")]
     pub identity: u32,
     /// Namespace (endpoints only).
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[prost(string, tag = "2")]
     pub namespace: String,
     /// Pod name (endpoints only).
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[prost(string, tag = "3")]
     pub pod_name: String,
     /// Identity labels (`source:key=value`).
     #[serde(default)]
+    #[prost(string, repeated, tag = "4")]
     pub labels: Vec<String>,
 }
 
@@ -391,47 +396,62 @@ pub struct HttpInfo {
 }
 
 /// The DNS part of an L7 record (Hubble's `DNS`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, prost::Message)]
+#[prost(skip_debug)]
 pub struct DnsInfo {
     /// The name asked for (fully qualified, as asked).
+    #[prost(string, tag = "1")]
     pub query: String,
     /// Addresses in the answer (the A/AAAA records reached through the CNAME chain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[prost(string, repeated, tag = "2")]
     pub ips: Vec<String>,
     /// The lowest TTL of the records used, seconds.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[prost(uint32, tag = "3")]
     pub ttl: u32,
     /// The CNAME chain from the query to the addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[prost(string, repeated, tag = "4")]
     pub cnames: Vec<String>,
     /// Who saw it (`proxy`).
+    #[prost(string, tag = "5")]
     pub observation_source: String,
     /// Response code (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, 5 REFUSED, ...; responses only).
     #[serde(default)]
+    #[prost(uint32, tag = "6")]
     pub rcode: u32,
     /// Query types (`A`, `AAAA`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[prost(string, repeated, tag = "7")]
     pub qtypes: Vec<String>,
     /// Types of the answer records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[prost(string, repeated, tag = "8")]
     pub rrtypes: Vec<String>,
 }
 
 /// The Kafka part of an L7 record (Hubble's `Kafka`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, prost::Message)]
+#[prost(skip_debug)]
 pub struct KafkaInfo {
     /// The error code: of the broker's response on a response record; of the proxy's answer on a
     /// denied request; 0 otherwise.
     #[serde(default)]
+    #[prost(int32, tag = "1")]
     pub error_code: i32,
     /// API version.
+    #[prost(int32, tag = "2")]
     pub api_version: i32,
     /// API key name (`produce`, `fetch`, ...).
+    #[prost(string, tag = "3")]
     pub api_key: String,
     /// Correlation id.
+    #[prost(int32, tag = "4")]
     pub correlation_id: i32,
     /// The request's topics, comma-separated (Hubble records one topic).
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[prost(string, tag = "5")]
     pub topic: String,
 }
 

@@ -9,6 +9,8 @@
 //! * [`control`]: the typed request / reply protocol every process serves on its Unix socket, one
 //!   server loop and one client.
 //! * [`metrics`]: the Hubble-named Prometheus metrics every process counts its flows into.
+//! * [`stream`]: the proxy's record stream to its followers (protobuf frames, connections sent
+//!   once per frame) and the one conversion of a proxy record into a [`flow::Flow`].
 //!
 //! Nothing here renders for humans (text and tables belong to the CLI) or knows HTTP, sockets of
 //! the data path or the kernel's maps; drop reason numbers come from `redirect-common`.
@@ -17,3 +19,4 @@ pub mod backlog;
 pub mod control;
 pub mod flow;
 pub mod metrics;
+pub mod stream;

@@ -49,7 +49,7 @@ struct DropLabels {
 /// `hubble_http_requests_total` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpRequestLabels {
-    method: String,
+    method: &'static str,
     protocol: &'static str,
     reporter: &'static str,
 }
@@ -57,15 +57,15 @@ struct HttpRequestLabels {
 /// `hubble_http_responses_total` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpResponseLabels {
-    status: String,
-    method: String,
+    status: u16,
+    method: &'static str,
     reporter: &'static str,
 }
 
 /// `hubble_http_request_duration_seconds` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpDurationLabels {
-    method: String,
+    method: &'static str,
     reporter: &'static str,
 }
 
@@ -258,9 +258,9 @@ pub fn reporter(direction: TrafficDirection) -> &'static str {
 }
 
 /// A method as a label: the ones HTTP defines, else `other` (a client chooses methods).
-pub fn method_label(m: &str) -> &str {
+pub fn method_label(m: &str) -> &'static str {
     const KNOWN: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
-    if KNOWN.contains(&m) { m } else { "other" }
+    KNOWN.iter().find(|k| **k == m).copied().unwrap_or("other")
 }
 
 impl HubbleMetrics {
@@ -277,16 +277,14 @@ impl HubbleMetrics {
 
     /// An HTTP request, counted when seen.
     pub fn http_request(&self, method: &str, protocol: &'static str, reporter: &'static str) {
-        let labels = HttpRequestLabels { method: method_label(method).to_owned(), protocol, reporter };
+        let labels = HttpRequestLabels { method: method_label(method), protocol, reporter };
         self.http_requests.get_or_create(&labels).inc();
     }
 
     /// An HTTP response and its latency.
     pub fn http_response(&self, method: &str, status: u16, reporter: &'static str, seconds: f64) {
-        let method = method_label(method).to_owned();
-        self.http_responses
-            .get_or_create(&HttpResponseLabels { status: status.to_string(), method: method.clone(), reporter })
-            .inc();
+        let method = method_label(method);
+        self.http_responses.get_or_create(&HttpResponseLabels { status, method, reporter }).inc();
         self.http_duration.get_or_create(&HttpDurationLabels { method, reporter }).observe(seconds);
     }
 

@@ -1,0 +1,620 @@
+//! The proxy's record stream: how its L7 records reach a follower (the agent's ring, `porin
+//! observe --proxy -f`) without JSON and without asking again.
+//!
+//! A reader sends one control request, `{"cmd":"flow_stream","after":N,"epoch":E}`, gets one JSON
+//! reply line (`{"reply":"done"}` or an error), and from then on reads frames until it hangs up:
+//! a 4-byte big-endian length, then a protobuf [`Batch`]. A batch carries the records numbered
+//! after the previous one (at most [`FRAME_RECORDS`]), each naming its connection's two ends by
+//! their index in the batch's `ends` (sent once per batch, not once per record), and what the
+//! proxy's backlog let go before the stream reached it (`missed`). The writer sends a batch as
+//! soon as it has records (it looks every [`TICK`]) and an empty one every [`HEARTBEAT`] so a
+//! reader can tell a quiet proxy from a gone one.
+//!
+//! The messages are prost-derived here (the endpoint, DNS and Kafka parts are [`crate::flow`]'s
+//! own types); [`to_flow`] turns one record into the Hubble-shaped [`Flow`], the only place that
+//! does, for the proxy's own JSON answers and file as well as for readers of the stream.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::control::{ControlError, Reply, Request};
+use crate::flow::{
+    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion,
+    KafkaInfo, L7Type, Layer4, Layer7, Ports, TrafficDirection, Verdict, rfc3339,
+};
+
+/// At most this many records in one frame.
+pub const FRAME_RECORDS: usize = 4096;
+/// How often the writer looks for new records.
+pub const TICK: Duration = Duration::from_millis(20);
+/// An empty batch at least this often.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A frame longer than this is refused (a record is a few hundred bytes).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// One frame.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Batch {
+    /// Which run of the proxy numbered the records (see `Reply::Flows::epoch`).
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// The newest number the proxy had when it wrote the frame.
+    #[prost(uint64, tag = "2")]
+    pub last: u64,
+    /// Records after the previous frame that the backlog let go before the stream reached them.
+    #[prost(uint64, tag = "3")]
+    pub missed: u64,
+    /// The connections the records belong to.
+    #[prost(message, repeated, tag = "4")]
+    pub ends: Vec<WireEnds>,
+    /// The records, oldest first.
+    #[prost(message, repeated, tag = "5")]
+    pub records: Vec<WireRecord>,
+}
+
+/// A connection's two ends.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireEnds {
+    /// The client.
+    #[prost(message, optional, tag = "1")]
+    pub source: Option<WireEnd>,
+    /// The server.
+    #[prost(message, optional, tag = "2")]
+    pub destination: Option<WireEnd>,
+    /// Whose policy judges: [`TrafficDirection`] as Hubble numbers it (1 ingress, 2 egress).
+    #[prost(int32, tag = "3")]
+    pub direction: i32,
+}
+
+/// One end.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireEnd {
+    /// The endpoint (identity, namespace, pod, labels).
+    #[prost(message, optional, tag = "1")]
+    pub endpoint: Option<FlowEndpoint>,
+    /// The address: 4 or 16 bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub ip: Vec<u8>,
+    /// The port.
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    /// Names the DNS proxy learned the address under.
+    #[prost(string, repeated, tag = "4")]
+    pub names: Vec<String>,
+}
+
+/// One request or response.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireRecord {
+    /// Its number.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Its connection: an index into [`Batch::ends`].
+    #[prost(uint32, tag = "2")]
+    pub ends: u32,
+    /// Wall clock, nanoseconds since the Unix epoch.
+    #[prost(uint64, tag = "3")]
+    pub time_ns: u64,
+    /// A response.
+    #[prost(bool, tag = "4")]
+    pub reply: bool,
+    /// [`Verdict`] as Hubble numbers it.
+    #[prost(int32, tag = "5")]
+    pub verdict: i32,
+    /// [`DropReason::code`]; 0 when not dropped.
+    #[prost(uint32, tag = "6")]
+    pub reason: u32,
+    /// Over UDP (else TCP).
+    #[prost(bool, tag = "7")]
+    pub udp: bool,
+    /// Request to response (responses).
+    #[prost(uint64, tag = "8")]
+    pub latency_ns: u64,
+    /// The deciding rule.
+    #[prost(string, optional, tag = "9")]
+    pub policy: Option<String>,
+    /// Why (refusals, errors).
+    #[prost(string, tag = "10")]
+    pub summary: String,
+    /// HTTP (and gRPC).
+    #[prost(message, optional, tag = "11")]
+    pub http: Option<WireHttp>,
+    /// DNS.
+    #[prost(message, optional, tag = "12")]
+    pub dns: Option<DnsInfo>,
+    /// Kafka.
+    #[prost(message, optional, tag = "13")]
+    pub kafka: Option<KafkaInfo>,
+}
+
+/// The HTTP part of a record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireHttp {
+    /// Method.
+    #[prost(string, tag = "1")]
+    pub method: String,
+    /// URL as judged.
+    #[prost(string, tag = "2")]
+    pub url: String,
+    /// 10, 11 or 20: the version the client spoke.
+    #[prost(uint32, tag = "3")]
+    pub protocol: u32,
+    /// Response status (responses).
+    #[prost(uint32, tag = "4")]
+    pub code: u32,
+}
+
+/// Hubble's numbers of verdicts and directions, and HTTP versions as the wire carries them.
+impl Verdict {
+    /// Hubble's number (`flow.proto`).
+    pub fn number(self) -> i32 {
+        match self {
+            Self::Unknown => 0,
+            Self::Forwarded => 1,
+            Self::Dropped => 2,
+            Self::Error => 3,
+            Self::Audit => 4,
+            Self::Redirected => 5,
+        }
+    }
+
+    /// The verdict of a number (`None`: not one Porin writes).
+    pub fn from_number(n: i32) -> Option<Self> {
+        [Self::Unknown, Self::Forwarded, Self::Dropped, Self::Error, Self::Audit, Self::Redirected]
+            .into_iter()
+            .find(|v| v.number() == n)
+    }
+}
+
+impl TrafficDirection {
+    /// Hubble's number (`flow.proto`).
+    pub fn number(self) -> i32 {
+        match self {
+            Self::Unknown => 0,
+            Self::Ingress => 1,
+            Self::Egress => 2,
+        }
+    }
+
+    /// The direction of a number.
+    pub fn from_number(n: i32) -> Option<Self> {
+        [Self::Unknown, Self::Ingress, Self::Egress].into_iter().find(|d| d.number() == n)
+    }
+}
+
+impl HttpProtocol {
+    /// 10, 11 or 20.
+    pub fn number(self) -> u32 {
+        match self {
+            Self::Http10 => 10,
+            Self::Http11 => 11,
+            Self::Http2 => 20,
+        }
+    }
+
+    /// The version of a number.
+    pub fn from_number(n: u32) -> Option<Self> {
+        [Self::Http10, Self::Http11, Self::Http2].into_iter().find(|p| p.number() == n)
+    }
+}
+
+/// The address of a [`WireEnd`].
+pub fn wire_ip(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// A stream that cannot be read: what and where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The socket failed or closed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The socket.
+        path: String,
+        /// What happened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process refused the stream (or does not serve it).
+    #[error("{path}: {source}")]
+    Refused {
+        /// The socket.
+        path: String,
+        /// Why.
+        #[source]
+        source: ControlError,
+    },
+    /// A frame longer than [`MAX_FRAME`].
+    #[error("frame of {0} bytes (at most {MAX_FRAME})")]
+    FrameTooLong(usize),
+    /// A frame that is not a batch.
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// A record that does not make sense.
+    #[error("record {seq}: {what}")]
+    Record {
+        /// Its number.
+        seq: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+fn bad(r: &WireRecord, what: impl Into<String>) -> StreamError {
+    StreamError::Record { seq: r.seq, what: what.into() }
+}
+
+/// One end, as every record of its connection shows it.
+#[derive(Clone, Debug)]
+struct Side {
+    ip: IpAddr,
+    ip_text: String,
+    port: u16,
+    endpoint: FlowEndpoint,
+    names: Vec<String>,
+}
+
+/// A connection's ends, checked once for all of its records in a batch.
+#[derive(Clone, Debug)]
+struct Resolved {
+    client: Side,
+    server: Side,
+    direction: TrafficDirection,
+}
+
+impl Resolved {
+    fn of(ends: &WireEnds) -> Result<Self, String> {
+        let side = |end: Option<&WireEnd>| -> Result<Side, String> {
+            let end = end.ok_or("an end is missing")?;
+            let ip = match end.ip.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(&end.ip[..]).map_err(|_| "address")?),
+                16 => IpAddr::from(<[u8; 16]>::try_from(&end.ip[..]).map_err(|_| "address")?),
+                n => return Err(format!("address of {n} bytes")),
+            };
+            Ok(Side {
+                ip,
+                ip_text: ip.to_string(),
+                port: u16::try_from(end.port).map_err(|_| format!("port {}", end.port))?,
+                endpoint: end.endpoint.clone().unwrap_or_default(),
+                names: end.names.clone(),
+            })
+        };
+        Ok(Self {
+            client: side(ends.source.as_ref())?,
+            server: side(ends.destination.as_ref())?,
+            direction: TrafficDirection::from_number(ends.direction)
+                .ok_or_else(|| format!("direction {}", ends.direction))?,
+        })
+    }
+}
+
+/// One record as Hubble shapes it, with the connection it belongs to.
+pub fn to_flow(ends: &WireEnds, r: WireRecord) -> Result<Flow, StreamError> {
+    let ends = Resolved::of(ends).map_err(|what| bad(&r, what))?;
+    flow(&ends, r)
+}
+
+fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
+    let (src, dst) = if r.reply { (&ends.server, &ends.client) } else { (&ends.client, &ends.server) };
+    let ports = Ports { source_port: src.port, destination_port: dst.port };
+    let verdict = Verdict::from_number(r.verdict).ok_or_else(|| bad(&r, format!("verdict {}", r.verdict)))?;
+    let drop_reason = match r.reason {
+        0 => None,
+        n => Some(
+            u8::try_from(n).ok().and_then(DropReason::from_code).ok_or_else(|| bad(&r, format!("drop reason {n}")))?,
+        ),
+    };
+    if usize::from(r.http.is_some()) + usize::from(r.dns.is_some()) + usize::from(r.kafka.is_some()) != 1 {
+        return Err(bad(&r, "not exactly one of HTTP, DNS and Kafka"));
+    }
+    let http = match &r.http {
+        Some(h) => Some((
+            u16::try_from(h.code).map_err(|_| bad(&r, format!("HTTP status {}", h.code)))?,
+            HttpProtocol::from_number(h.protocol).ok_or_else(|| bad(&r, format!("HTTP version {}", h.protocol)))?,
+        )),
+        None => None,
+    };
+    let http = http.zip(r.http).map(|((code, protocol), h)| HttpInfo { code, protocol, method: h.method, url: h.url });
+    let time = rfc3339(r.time_ns / 1_000_000_000, u32::try_from(r.time_ns % 1_000_000_000).unwrap_or(0));
+    Ok(Flow {
+        time,
+        seq: r.seq,
+        emitter: Emitter::Proxy,
+        verdict,
+        drop_reason,
+        flow_type: FlowType::L7,
+        event_type: EventType::AccessLog,
+        traffic_direction: ends.direction,
+        is_reply: r.reply,
+        ip: Some(FlowIp {
+            source: src.ip_text.clone(),
+            destination: dst.ip_text.clone(),
+            ip_version: if src.ip.is_ipv4() { IpVersion::IPv4 } else { IpVersion::IPv6 },
+        }),
+        l4: Some(if r.udp { Layer4::Udp(ports) } else { Layer4::Tcp(ports) }),
+        source: src.endpoint.clone(),
+        destination: dst.endpoint.clone(),
+        destination_names: dst.names.clone(),
+        l7: Some(Layer7 {
+            kind: if r.reply { L7Type::Response } else { L7Type::Request },
+            latency_ns: r.latency_ns,
+            http,
+            dns: r.dns,
+            kafka: r.kafka,
+        }),
+        policy: r.policy,
+        ifindex: 0,
+        summary: r.summary,
+    })
+}
+
+impl Batch {
+    /// The batch's records as flows, oldest first; a record that makes no sense is an error
+    /// naming it (the rest are still returned).
+    pub fn into_flows(self) -> (Vec<Flow>, Vec<StreamError>) {
+        let ends: Vec<Result<Resolved, String>> = self.ends.iter().map(Resolved::of).collect();
+        let (mut flows, mut errors) = (Vec::with_capacity(self.records.len()), Vec::new());
+        for r in self.records {
+            let flow = match usize::try_from(r.ends).ok().and_then(|i| ends.get(i)) {
+                Some(Ok(e)) => flow(e, r),
+                Some(Err(what)) => Err(bad(&r, what.clone())),
+                None => Err(bad(&r, format!("connection {} of {}", r.ends, ends.len()))),
+            };
+            match flow {
+                Ok(f) => flows.push(f),
+                Err(e) => errors.push(e),
+            }
+        }
+        (flows, errors)
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, batch: &Batch) -> std::io::Result<()> {
+    let body = prost::Message::encode_to_vec(batch);
+    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("frame too long"))?;
+    w.write_all(&len.to_be_bytes())?;
+    w.write_all(&body)?;
+    w.flush()
+}
+
+/// Reads one frame (`buf` is reused between frames).
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Batch, FrameError> {
+    let mut len = [0; 4];
+    r.read_exact(&mut len)?;
+    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+    if len > MAX_FRAME {
+        return Err(FrameError::Stream(StreamError::FrameTooLong(len)));
+    }
+    // Grown as bytes arrive, not to what the prefix claims.
+    buf.clear();
+    let got = r.take(u64::try_from(len).unwrap_or(u64::MAX)).read_to_end(buf)?;
+    if got < len {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(prost::Message::decode(&buf[..]).map_err(StreamError::from)?)
+}
+
+/// Why a frame could not be read: the socket, or its content.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The socket.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The content.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// A reader of a proxy's record stream (blocking).
+#[derive(Debug)]
+pub struct StreamReader {
+    socket: String,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    buf: Vec<u8>,
+}
+
+impl StreamReader {
+    /// Asks the proxy at `socket` for its records after `after` of run `epoch` (0, or another
+    /// run's: from the oldest it holds).
+    pub fn connect(socket: &Path, after: u64, epoch: u64) -> Result<Self, StreamError> {
+        let path = socket.display().to_string();
+        let io = |source| StreamError::Io { path: path.clone(), source };
+        let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(io)?;
+        // A live stream sends at least a heartbeat a second.
+        s.set_read_timeout(Some(HEARTBEAT * 10)).map_err(io)?;
+        let mut line =
+            serde_json::to_string(&Request::FlowStream { after, epoch }).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push('\n');
+        s.write_all(line.as_bytes()).map_err(io)?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut answer).map_err(io)?;
+        let refused = |source| StreamError::Refused { path: path.clone(), source };
+        match serde_json::from_str::<Reply>(&answer) {
+            Ok(r) => drop(r.ok().map_err(refused)?),
+            Err(source) => return Err(refused(ControlError::BadReply { path: path.clone(), line: answer, source })),
+        }
+        Ok(Self { socket: path, reader, buf: Vec::new() })
+    }
+
+    /// The next batch (blocks until the proxy sends one).
+    pub fn next_batch(&mut self) -> Result<Batch, StreamError> {
+        read_frame(&mut self.reader, &mut self.buf).map_err(|e| match e {
+            FrameError::Io(source) => StreamError::Io { path: self.socket.clone(), source },
+            FrameError::Stream(e) => e,
+        })
+    }
+}
+
+/// What a process streams from: the proxy's record backlog.
+pub trait FlowSource: Send + Sync + 'static {
+    /// This run's id.
+    fn epoch(&self) -> u64;
+    /// The records numbered after `after`, at most `max`, as one batch.
+    fn batch(&self, after: u64, max: usize) -> Batch;
+    /// The newest number (cheap: the writer asks every [`TICK`]).
+    fn last(&self) -> u64;
+}
+
+/// Writes `source`'s records after `after` to `w` until the reader hangs up or stops reading
+/// (a write that blocks for `stall` ends the stream). Blocking: run it on its own thread.
+pub fn write_stream(
+    source: &dyn FlowSource,
+    w: &mut std::os::unix::net::UnixStream,
+    after: u64,
+    epoch: u64,
+    stall: Duration,
+) -> std::io::Result<()> {
+    w.set_write_timeout(Some(stall))?;
+    let mut after = if epoch == source.epoch() { after } else { 0 };
+    let mut quiet = std::time::Instant::now();
+    loop {
+        let last = source.last();
+        if last <= after && quiet.elapsed() < HEARTBEAT {
+            std::thread::sleep(TICK);
+            continue;
+        }
+        // A reader ahead of this run (numbers from another one that `epoch` did not tell)
+        // starts again from the oldest.
+        if last < after {
+            after = 0;
+        }
+        let batch = source.batch(after, FRAME_RECORDS);
+        after = batch.records.last().map_or(batch.last, |r| r.seq);
+        let full = batch.records.len() >= FRAME_RECORDS;
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, &mut *w);
+        write_frame(&mut w, &batch)?;
+        quiet = std::time::Instant::now();
+        if !full {
+            std::thread::sleep(TICK);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(ip: &str, port: u32, pod: &str) -> WireEnd {
+        WireEnd {
+            endpoint: Some(FlowEndpoint {
+                identity: 1000,
+                namespace: "default".into(),
+                pod_name: pod.into(),
+                labels: vec!["k8s:app=x".into()],
+            }),
+            ip: wire_ip(ip.parse().unwrap()),
+            port,
+            names: vec![],
+        }
+    }
+
+    fn batch() -> Batch {
+        Batch {
+            epoch: 7,
+            last: 3,
+            missed: 1,
+            ends: vec![WireEnds {
+                source: Some(end("10.0.0.1", 40000, "client")),
+                destination: Some(end("10.0.0.2", 80, "server")),
+                direction: TrafficDirection::Ingress.number(),
+            }],
+            records: vec![
+                WireRecord {
+                    seq: 2,
+                    time_ns: 1_700_000_000_123_456_789,
+                    verdict: Verdict::Forwarded.number(),
+                    http: Some(WireHttp { method: "GET".into(), url: "http://x/a".into(), protocol: 11, code: 0 }),
+                    policy: Some("default/p ingress[0]".into()),
+                    ..Default::default()
+                },
+                WireRecord {
+                    seq: 3,
+                    reply: true,
+                    verdict: Verdict::Dropped.number(),
+                    reason: u32::from(DropReason::PolicyDeny.code()),
+                    udp: true,
+                    dns: Some(DnsInfo { query: "a.example.".into(), rcode: 5, ..Default::default() }),
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_becomes_flows() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &batch()).unwrap();
+        let back = read_frame(&mut &wire[..], &mut Vec::new()).unwrap();
+        assert_eq!(back, batch());
+        let (flows, errors) = back.into_flows();
+        assert!(errors.is_empty(), "{errors:?}");
+        let (req, resp) = (&flows[0], &flows[1]);
+        assert_eq!((req.seq, req.verdict, req.is_reply), (2, Verdict::Forwarded, false));
+        assert_eq!(req.time, "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(req.source.pod_name, "client");
+        assert_eq!(req.ip.as_ref().unwrap().destination, "10.0.0.2");
+        assert_eq!(req.l4, Some(Layer4::Tcp(Ports { source_port: 40000, destination_port: 80 })));
+        assert_eq!(req.l7.as_ref().unwrap().http.as_ref().unwrap().url, "http://x/a");
+        assert_eq!(req.policy.as_deref(), Some("default/p ingress[0]"));
+        // A response travels from the server back: the ends swap.
+        assert_eq!((resp.source.pod_name.as_str(), resp.drop_reason), ("server", Some(DropReason::PolicyDeny)));
+        assert_eq!(resp.l4, Some(Layer4::Udp(Ports { source_port: 80, destination_port: 40000 })));
+        assert_eq!(resp.l7.as_ref().unwrap().dns.as_ref().unwrap().rcode, 5);
+    }
+
+    #[test]
+    fn nonsense_is_named_not_panicked_on() {
+        let mut b = batch();
+        b.records[0].ends = 9;
+        b.records[1].verdict = 99;
+        let (flows, errors) = b.into_flows();
+        assert!(flows.is_empty());
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["record 2: connection 9 of 1", "record 3: verdict 99"]);
+        let mut b = batch();
+        b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3];
+        b.records[1].dns = None;
+        let text: Vec<String> = b.clone().into_flows().1.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["record 2: address of 3 bytes", "record 3: address of 3 bytes"]);
+        b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3, 4];
+        assert_eq!(b.into_flows().1[0].to_string(), "record 3: not exactly one of HTTP, DNS and Kafka");
+        // Frames: too long, cut short, not a batch.
+        let mut long = (u32::try_from(MAX_FRAME).unwrap() + 1).to_be_bytes().to_vec();
+        long.extend([0; 8]);
+        assert!(matches!(
+            read_frame(&mut &long[..], &mut Vec::new()),
+            Err(FrameError::Stream(StreamError::FrameTooLong(_)))
+        ));
+        assert!(matches!(read_frame(&mut &[0, 0, 0, 9, 1][..], &mut Vec::new()), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame(&mut &[0, 0, 0, 2, 0xff, 0xff][..], &mut Vec::new()),
+            Err(FrameError::Stream(StreamError::Decode(_)))
+        ));
+    }
+
+    #[test]
+    fn numbers_are_hubbles() {
+        for v in [
+            Verdict::Unknown,
+            Verdict::Forwarded,
+            Verdict::Dropped,
+            Verdict::Error,
+            Verdict::Audit,
+            Verdict::Redirected,
+        ] {
+            assert_eq!(Verdict::from_number(v.number()), Some(v));
+        }
+        assert_eq!((Verdict::Audit.number(), TrafficDirection::Egress.number()), (4, 2));
+        for p in [HttpProtocol::Http10, HttpProtocol::Http11, HttpProtocol::Http2] {
+            assert_eq!(HttpProtocol::from_number(p.number()), Some(p));
+        }
+    }
+}
