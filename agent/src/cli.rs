@@ -104,8 +104,8 @@ pub struct AgentArgs {
     /// The node's name in flows and in Hubble's node list (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// The L7 proxy's control socket: its flow records join the node's (pulled; a proxy that is not
-    /// there is waited for).
+    /// The L7 proxy's control socket: its flow records join the node's (its record stream is
+    /// followed; a proxy that is not there is waited for).
     #[arg(long, default_value = "/run/porin/proxy.sock")]
     pub proxy_control: PathBuf,
     /// Export the node's flows to this file as JSON lines (Hubble's exporter: `GetFlowsResponse`

@@ -305,17 +305,35 @@ fn from_socket(
     }
 }
 
-/// Follows a proxy's record stream from record `after` of run `epoch`.
+/// Follows a proxy's record stream from record `after` of run `epoch`; a stream that ends (the
+/// proxy restarting, this terminal paused past the proxy's patience) is followed again from where
+/// it stopped, and what the proxy let go meanwhile is said.
 fn follow_stream(
     socket: &std::path::Path,
-    after: u64,
-    epoch: u64,
+    mut after: u64,
+    mut epoch: u64,
     filters: &Filters,
     output: ObserveOutput,
 ) -> anyhow::Result<()> {
     let mut reader = porin_flow::stream::StreamReader::connect(socket, after, epoch)?;
     loop {
-        let batch = reader.next_batch()?;
+        let batch = match reader.next_batch() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("porin observe: {e}; following {} again", socket.display());
+                std::thread::sleep(Duration::from_millis(500));
+                match porin_flow::stream::StreamReader::connect(socket, after, epoch) {
+                    Ok(r) => reader = r,
+                    Err(e) => eprintln!("porin observe: {e}"),
+                }
+                continue;
+            }
+        };
+        if batch.epoch != epoch && epoch != 0 {
+            eprintln!("porin observe: {} restarted: its records start again", socket.display());
+        }
+        epoch = batch.epoch;
+        after = batch.records.last().map_or(batch.last, |r| r.seq);
         if batch.missed > 0 {
             eprintln!(
                 "porin observe: {} records from {} were let go before they were read",

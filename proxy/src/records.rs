@@ -1,5 +1,6 @@
 //! Where the proxy's flow records go: the shared bounded [`Backlog`] the control socket serves
-//! (`flows after N`), and optionally a JSON-lines file. Counters for `status`.
+//! (`flows after N`, and the record stream: [`Records`] is its [`FlowSource`]), and optionally a
+//! JSON-lines file. Counters for `status`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -316,22 +317,40 @@ impl FlowSource for Records {
     }
 
     /// Encoded off the lock: the lock is held only to take the records' `Arc`s.
-    fn batch(&self, after: u64, max: usize) -> Batch {
+    fn batch(&self, after: u64, max: usize, max_bytes: usize) -> Batch {
         let (picked, last, missed) = self.page(after, max);
         let mut ends: Vec<WireEnds> = Vec::new();
         // A connection's ends once per batch: the records keep them alive, so their addresses
         // name them for the batch's lifetime.
         let mut index: std::collections::HashMap<*const Ends, u32> = std::collections::HashMap::new();
-        let records = picked
-            .iter()
-            .map(|(n, r)| {
-                let i = *index.entry(Arc::as_ptr(&r.ends)).or_insert_with(|| {
-                    ends.push(wire_ends(&r.ends));
-                    u32::try_from(ends.len() - 1).unwrap_or(u32::MAX)
-                });
-                r.wire(*n, i)
-            })
-            .collect();
+        let (mut records, mut bytes) = (Vec::with_capacity(picked.len()), 0);
+        for (n, r) in &picked {
+            let key = Arc::as_ptr(&r.ends);
+            let (i, ends_bytes) = match index.get(&key) {
+                Some(i) => (*i, 0),
+                None => {
+                    let e = wire_ends(&r.ends);
+                    let size = prost::Message::encoded_len(&e) + 8;
+                    ends.push(e);
+                    (u32::try_from(ends.len() - 1).unwrap_or(u32::MAX), size)
+                }
+            };
+            let mut wire = r.wire(*n, i);
+            stream::cut_field(&mut wire.summary);
+            if let Some(h) = wire.http.as_mut() {
+                stream::cut_field(&mut h.url);
+            }
+            bytes += ends_bytes + prost::Message::encoded_len(&wire) + 8;
+            if bytes > max_bytes && !records.is_empty() {
+                // The rest go in the next frame (with their ends again).
+                if ends_bytes > 0 {
+                    ends.pop();
+                }
+                break;
+            }
+            index.insert(key, i);
+            records.push(wire);
+        }
         Batch { epoch: self.epoch, last, missed, ends, records }
     }
 }

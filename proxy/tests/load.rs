@@ -356,3 +356,46 @@ async fn the_record_stream_delivers_every_record_under_load() {
     tokio::time::sleep(porin_flow::stream::HEARTBEAT * 2).await;
     assert!(StreamReader::connect(&socket, 0, 0).is_ok());
 }
+
+/// Long URLs make long records: frames stay within their byte budget, every record still arrives,
+/// and a proxy that goes away ends its streams instead of feeding heartbeats forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_stream_splits_long_records_and_ends_with_its_proxy() {
+    use porin_flow::stream::{FRAME_BYTES, StreamReader};
+    let fx = Fixture::new(&[&policy("/api/.*")], &eps(), &listeners()).await;
+    let socket = fx.dir.0.join("proxy.sock");
+    const N: u64 = 150;
+    let long = format!("/api/{}", "x".repeat(50_000));
+    let args = ["-n", &N.to_string(), "-c", "4", "--h1", &format!("http://{}{long}", fx.addr("h1"))].map(str::to_owned);
+    let out = String::from_utf8_lossy(&run("h2load", args.to_vec()).await.stdout).into_owned();
+    assert_eq!(h2load_counts(&out), (N, N, N), "{out}");
+    let (frames, seqs) = tokio::task::spawn_blocking(move || {
+        let mut r = StreamReader::connect(&socket, 0, 0).unwrap();
+        let (mut frames, mut seqs) = (0, Vec::new());
+        while seqs.len() < usize::try_from(2 * N).unwrap() {
+            let b = r.next_batch().unwrap();
+            let size = prost::Message::encoded_len(&b);
+            assert!(size <= FRAME_BYTES + 200_000, "a frame of {size} bytes");
+            frames += 1;
+            let (flows, errors) = b.into_flows();
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(flows.iter().all(|f| f.l7.as_ref().unwrap().http.as_ref().unwrap().url.ends_with(&long)));
+            seqs.extend(flows.iter().map(|f| f.seq));
+        }
+        (frames, (seqs, r))
+    })
+    .await
+    .unwrap();
+    let (seqs, mut r) = seqs;
+    assert_eq!(seqs, (1..=2 * N).collect::<Vec<_>>());
+    assert!(frames >= 3, "{} records of ~50 KB in {frames} frames", 2 * N);
+    // The proxy goes away: its stream ends (at the next tick), it does not heartbeat on.
+    drop(fx);
+    let ended = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        while r.next_batch().is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(5), "the stream outlived its proxy");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(15), ended).await.unwrap().unwrap();
+}

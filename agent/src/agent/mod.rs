@@ -311,11 +311,16 @@ impl ProxyFollower {
                     match stream.next_batch() {
                         Ok(batch) => self.take(batch),
                         Err(e) => {
-                            tracing::info!(error = %e, "The proxy's record stream ended; following it again");
+                            proxy::log_limited!(info, error = %e, "The proxy's record stream ended; following it again");
                             break;
                         }
                     }
                 },
+                // Not there (yet, or restarting): quietly again. Refused (every stream slot
+                // taken): L7 flows are missing from the ring meanwhile, so say so.
+                Err(e @ porin_flow::stream::StreamError::Refused { .. }) => {
+                    proxy::log_limited!(warn, error = %e, "The proxy refuses its record stream; asking again")
+                }
                 Err(e) => tracing::debug!(error = %e, "The proxy's record stream is not there"),
             }
             std::thread::sleep(PROXY_RETRY);
@@ -341,7 +346,10 @@ impl ProxyFollower {
             }
         }
         self.after = after;
-        self.ring.extend(flows);
+        // A heartbeat brings nothing: followers of the ring are not woken for it.
+        if !flows.is_empty() {
+            self.ring.extend(flows);
+        }
         self.reached.send_replace((self.epoch, self.after));
     }
 }

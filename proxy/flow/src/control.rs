@@ -183,7 +183,7 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Streams served at once; more are refused (each is a thread).
 pub const MAX_STREAMS: usize = 8;
-/// A reader that takes nothing for this long loses its stream.
+/// A reader that lets its socket fill up and takes nothing for this long loses its stream.
 const STREAM_STALL: Duration = Duration::from_secs(10);
 
 /// Binds the socket at `path`, replacing a stale one.
@@ -196,7 +196,8 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Serves the socket until the task is dropped: one task per client, one reply per request line.
+/// Serves the socket until the task is dropped: one task per client, one reply per request line
+/// (a `flow_stream` request's connection then carries frames, written by a thread of its own).
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
     let streams = Arc::new(AtomicUsize::new(0));
     loop {
@@ -276,12 +277,14 @@ async fn hand_over(
         Ok(s) => s,
         Err(e) => return tracing::warn!(error = %e, "Control socket: a flow stream could not start"),
     };
+    // The thread holds the records weakly: a process that lets go of them ends its streams.
+    let source = Arc::downgrade(&source);
     let started = std::thread::Builder::new().name("flow-stream".into()).spawn(move || {
         let _slot = slot;
         let mut stream = stream;
         let ended = stream
             .set_nonblocking(false)
-            .and_then(|()| crate::stream::write_stream(source.as_ref(), &mut stream, after, epoch, STREAM_STALL));
+            .and_then(|()| crate::stream::write_stream(&source, &mut stream, after, epoch, STREAM_STALL));
         // A reader hanging up is how a stream ends; anything else is worth a line.
         if let Err(e) = ended
             && !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)

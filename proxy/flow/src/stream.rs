@@ -7,8 +7,10 @@
 //! after the previous one (at most [`FRAME_RECORDS`]), each naming its connection's two ends by
 //! their index in the batch's `ends` (sent once per batch, not once per record), and what the
 //! proxy's backlog let go before the stream reached it (`missed`). The writer sends a batch as
-//! soon as it has records (it looks every [`TICK`]) and an empty one every [`HEARTBEAT`] so a
-//! reader can tell a quiet proxy from a gone one.
+//! soon as it has records (it looks every [`TICK`]), its first one at once (it tells the reader the
+//! run and the newest number) and an empty one every [`HEARTBEAT`] so a reader can tell a quiet
+//! proxy from a gone one. A frame stops at [`FRAME_RECORDS`] records or about [`FRAME_BYTES`]
+//! bytes, whichever comes first; the next follows at once.
 //!
 //! The messages are prost-derived here (the endpoint, DNS and Kafka parts are [`crate::flow`]'s
 //! own types); [`to_flow`] turns one record into the Hubble-shaped [`Flow`], the only place that
@@ -33,6 +35,11 @@ pub const TICK: Duration = Duration::from_millis(20);
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A frame longer than this is refused (a record is a few hundred bytes).
 pub const MAX_FRAME: usize = 64 << 20;
+/// The writer stops adding records to a frame at this size (long URLs make long records).
+pub const FRAME_BYTES: usize = 4 << 20;
+/// A record's URL or summary longer than this is cut in the stream (`…` marks the cut), so that
+/// one record always fits a frame whatever the proxy's header limits.
+pub const MAX_FIELD: usize = 64 << 10;
 
 /// One frame.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -375,13 +382,29 @@ impl Batch {
     }
 }
 
-/// Writes one frame.
+/// Writes one frame (one write of the length and the body).
 pub fn write_frame(w: &mut impl Write, batch: &Batch) -> std::io::Result<()> {
-    let body = prost::Message::encode_to_vec(batch);
-    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("frame too long"))?;
-    w.write_all(&len.to_be_bytes())?;
-    w.write_all(&body)?;
+    let len = prost::Message::encoded_len(batch);
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
+    }
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    prost::Message::encode(batch, &mut frame).map_err(std::io::Error::other)?;
+    w.write_all(&frame)?;
     w.flush()
+}
+
+/// Cuts a URL or summary to [`MAX_FIELD`] bytes (at a character boundary, `…` marking the cut).
+pub fn cut_field(s: &mut String) {
+    if s.len() > MAX_FIELD {
+        let mut at = MAX_FIELD - '…'.len_utf8();
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push('…');
+    }
 }
 
 /// Reads one frame (`buf` is reused between frames).
@@ -398,7 +421,12 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Batch, FrameEr
     if got < len {
         return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    Ok(prost::Message::decode(&buf[..]).map_err(StreamError::from)?)
+    let batch = prost::Message::decode(&buf[..]).map_err(StreamError::from);
+    // One long frame does not keep its buffer for the rest of the stream.
+    if buf.capacity() > FRAME_BYTES * 2 {
+        *buf = Vec::new();
+    }
+    Ok(batch?)
 }
 
 /// Why a frame could not be read: the socket, or its content.
@@ -457,27 +485,34 @@ impl StreamReader {
 pub trait FlowSource: Send + Sync + 'static {
     /// This run's id.
     fn epoch(&self) -> u64;
-    /// The records numbered after `after`, at most `max`, as one batch.
-    fn batch(&self, after: u64, max: usize) -> Batch;
+    /// The records numbered after `after`, at most `max` and about `max_bytes` encoded (at least
+    /// one when there is one), as one batch.
+    fn batch(&self, after: u64, max: usize, max_bytes: usize) -> Batch;
     /// The newest number (cheap: the writer asks every [`TICK`]).
     fn last(&self) -> u64;
 }
 
-/// Writes `source`'s records after `after` to `w` until the reader hangs up or stops reading
-/// (a write that blocks for `stall` ends the stream). Blocking: run it on its own thread.
+/// Writes `source`'s records after `after` to `w` until the reader hangs up, stops reading (a
+/// write that cannot go on for `stall` ends the stream) or the process lets go of its records.
+/// Blocking: run it on its own thread.
 pub fn write_stream(
-    source: &dyn FlowSource,
+    source: &std::sync::Weak<dyn FlowSource>,
     w: &mut std::os::unix::net::UnixStream,
     after: u64,
     epoch: u64,
     stall: Duration,
 ) -> std::io::Result<()> {
     w.set_write_timeout(Some(stall))?;
-    let mut after = if epoch == source.epoch() { after } else { 0 };
-    let mut quiet = std::time::Instant::now();
+    let Some(first) = source.upgrade() else { return Ok(()) };
+    let mut after = if epoch == first.epoch() { after } else { 0 };
+    drop(first);
+    // None: nothing written yet (the first frame goes at once).
+    let mut wrote: Option<std::time::Instant> = None;
     loop {
-        let last = source.last();
-        if last <= after && quiet.elapsed() < HEARTBEAT {
+        let Some(records) = source.upgrade() else { return Ok(()) };
+        let last = records.last();
+        if last <= after && wrote.is_some_and(|t| t.elapsed() < HEARTBEAT) {
+            drop(records);
             std::thread::sleep(TICK);
             continue;
         }
@@ -486,13 +521,12 @@ pub fn write_stream(
         if last < after {
             after = 0;
         }
-        let batch = source.batch(after, FRAME_RECORDS);
+        let batch = records.batch(after, FRAME_RECORDS, FRAME_BYTES);
+        drop(records);
         after = batch.records.last().map_or(batch.last, |r| r.seq);
-        let full = batch.records.len() >= FRAME_RECORDS;
-        let mut w = std::io::BufWriter::with_capacity(64 << 10, &mut *w);
-        write_frame(&mut w, &batch)?;
-        quiet = std::time::Instant::now();
-        if !full {
+        write_frame(w, &batch)?;
+        wrote = Some(std::time::Instant::now());
+        if after >= batch.last {
             std::thread::sleep(TICK);
         }
     }
@@ -598,6 +632,16 @@ mod tests {
             read_frame(&mut &[0, 0, 0, 2, 0xff, 0xff][..], &mut Vec::new()),
             Err(FrameError::Stream(StreamError::Decode(_)))
         ));
+    }
+
+    #[test]
+    fn long_fields_are_cut_at_a_character_boundary() {
+        let mut short = "http://x/a".to_owned();
+        cut_field(&mut short);
+        assert_eq!(short, "http://x/a");
+        let mut long = "é".repeat(MAX_FIELD);
+        cut_field(&mut long);
+        assert!(long.len() <= MAX_FIELD && long.ends_with('…'), "{}", long.len());
     }
 
     #[test]
