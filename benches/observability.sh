@@ -56,16 +56,22 @@ EOF
 }
 proxy_config on "$ON" true "metrics: \"127.0.0.1:$MP\"" > "$work/on.yaml"
 proxy_config off "$OFF" false "" > "$work/off.yaml"
-"$PORIN" proxy --config "$work/on.yaml" --threads 1 2>"$work/logs/on.log" & on_pid=$!; pids+=($on_pid)
-"$PORIN" proxy --config "$work/off.yaml" --threads 1 2>"$work/logs/off.log" & off_pid=$!; pids+=($off_pid)
+"$PORIN" proxy --config "$work/on.yaml" --threads "${THREADS:-1}" 2>"$work/logs/on.log" & on_pid=$!; pids+=($on_pid)
+"$PORIN" proxy --config "$work/off.yaml" --threads "${THREADS:-1}" 2>"$work/logs/off.log" & off_pid=$!; pids+=($off_pid)
 
 wait_http "http://127.0.0.1:$B1/" 200
 for p in $ON $OFF; do wait_http "http://127.0.0.1:$p$PATH_HIT" 200; done
 wait_http "http://127.0.0.1:$MP/metrics" 200
 
 # The records-on proxy's readers: a follower streaming every record, a scraper every second.
-"$PORIN" observe --proxy "$work/on.sock" -f $FOLLOW > "$work/followed.jsonl" 2>"$work/logs/follower.log" & follower=$!
-pids+=($follower)
+# FOLLOWER=0: no follower (what the records cost the proxy alone).
+follower=
+if [ "${FOLLOWER:-1}" != 0 ]; then
+    "$PORIN" observe --proxy "$work/on.sock" -f $FOLLOW > "$work/followed.jsonl" 2>"$work/logs/follower.log" & follower=$!
+    pids+=($follower)
+else
+    : > "$work/followed.jsonl"
+fi
 (while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$MP/metrics" || true; done) & pids+=($!)
 
 declare -A RPS PCPU FCPU

@@ -235,7 +235,8 @@ mod tests {
             traffic_direction: TrafficDirection::Ingress,
             ip: Some(FlowIp { source: "10.0.0.1".into(), destination: "10.0.0.2".into(), ..FlowIp::default() }),
             l4: Some(Layer4::Tcp(Ports { source_port: 4000, destination_port: 80 })),
-            source: FlowEndpoint { pod_name: "tiefighter".into(), namespace: "default".into(), ..Default::default() },
+            source: FlowEndpoint { pod_name: "tiefighter".into(), namespace: "default".into(), ..Default::default() }
+                .into(),
             l7: Some(Layer7 {
                 kind: L7Type::Request,
                 latency_ns: 0,

@@ -99,6 +99,16 @@ pub struct Ends {
     pub destination: End,
     /// Which side's policy judges (ingress when both do).
     pub direction: TrafficDirection,
+    /// What records call these ends on the wire ([`Ends::next_id`]: none two alike in a run).
+    pub id: u64,
+}
+
+impl Ends {
+    /// A fresh id for a new set of ends.
+    pub fn next_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Names of allowing rules, formatted once: `(origin, "namespace/name path")`.
@@ -305,6 +315,7 @@ impl ConnPolicy {
                     source: blank(client.ip(), client.port()),
                     destination: blank(local.ip(), port),
                     direction: TrafficDirection::Ingress,
+                    id: Ends::next_id(),
                 },
                 ConnVerdict::Drop(Denial {
                     reason: FlowDropReason::PolicyDenied,
@@ -325,6 +336,7 @@ impl ConnPolicy {
                         source: blank(client.ip(), client.port()),
                         destination: blank(dst_sock.ip(), port),
                         direction: TrafficDirection::Ingress,
+                        id: Ends::next_id(),
                     },
                     ConnVerdict::Drop(Denial { reason: FlowDropReason::UnknownEndpoint, summary, policy: None }),
                 );
@@ -340,7 +352,7 @@ impl ConnPolicy {
         );
         let verdict = Self::verdict_of(s, &pair);
         let direction = traffic_direction(pair.reported_direction());
-        Self::new(snap.clone(), Ends { source, destination, direction }, verdict)
+        Self::new(snap.clone(), Ends { source, destination, direction, id: Ends::next_id() }, verdict)
     }
 
     /// The connection's verdict from both sides' L3/L4 verdicts: the first side that drops
@@ -380,6 +392,7 @@ impl ConnPolicy {
     /// what a DNS proxy judging many datagrams of one client needs, without deciding again.
     pub fn for_client_port(&self, port: u16) -> Self {
         let mut ends = Ends::clone(&self.ends);
+        ends.id = Ends::next_id();
         ends.source.port = port;
         Self {
             snapshot: self.snapshot.clone(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use porin_flow::backlog::Backlog;
 use porin_flow::flow::{DnsInfo, DropReason, Flow, FlowEndpoint, HttpProtocol, KafkaInfo, Verdict};
-use porin_flow::stream::{self, Batch, FlowSource, StreamError, WireEnd, WireEnds, WireHttp, WireRecord};
+use porin_flow::stream::{self, DetailRef, FlowSource, Frame, RecordRef, WireEnd, WireEnds};
 use serde::Serialize;
 
 use crate::policy::Ends;
@@ -149,41 +149,27 @@ pub fn now_ns() -> u64 {
 }
 
 impl Record {
-    /// This record on the wire ([`stream`]), its connection being `ends` of the batch.
-    pub fn wire(&self, seq: u64, ends: u32) -> WireRecord {
-        let (mut http, mut dns, mut kafka) = (None, None, None);
-        match &self.detail {
-            Detail::Http { method, url, protocol, code } => {
-                http = Some(WireHttp {
-                    method: method.as_str().to_owned(),
-                    url: url.to_string(),
-                    protocol: protocol.number(),
-                    code: u32::from(*code),
-                });
-            }
-            Detail::Dns(d) => dns = Some(DnsInfo::clone(d)),
-            Detail::Kafka(k) => kafka = Some(KafkaInfo::clone(k)),
-        }
-        WireRecord {
+    /// The record, borrowed for encoding ([`RecordRef::encode`]), numbered `seq`.
+    pub fn wire(&self, seq: u64) -> RecordRef<'_> {
+        RecordRef {
             seq,
-            ends,
+            ends: self.ends.id,
             time_ns: self.time_ns,
             reply: self.reply,
-            verdict: self.verdict.number(),
-            reason: self.reason.map_or(0, |r| u32::from(r.code())),
+            verdict: self.verdict,
+            reason: self.reason,
             udp: self.transport == Transport::Udp,
             latency_ns: self.latency_ns,
-            policy: self.policy.as_deref().map(str::to_owned),
-            summary: self.summary.clone(),
-            http,
-            dns,
-            kafka,
+            policy: self.policy.as_deref(),
+            summary: &self.summary,
+            detail: match &self.detail {
+                Detail::Http { method, url, protocol, code } => {
+                    DetailRef::Http { method: method.as_str(), url, protocol: *protocol, code: *code }
+                }
+                Detail::Dns(d) => DetailRef::Dns(d),
+                Detail::Kafka(k) => DetailRef::Kafka(k),
+            },
         }
-    }
-
-    /// The Hubble-shaped record ([`stream::to_flow`], the one conversion).
-    pub fn to_flow(&self, seq: u64) -> Result<Flow, StreamError> {
-        stream::to_flow(&wire_ends(&self.ends), self.wire(seq, 0))
     }
 }
 
@@ -195,13 +181,26 @@ pub fn wire_ends(e: &Ends) -> WireEnds {
         port: u32::from(end.port),
         names: end.names().to_vec(),
     };
-    WireEnds { source: Some(end(&e.source)), destination: Some(end(&e.destination)), direction: e.direction.number() }
+    WireEnds {
+        source: Some(end(&e.source)),
+        destination: Some(end(&e.destination)),
+        direction: e.direction.number(),
+        id: e.id,
+    }
+}
+
+/// One kept record: its bytes as a `records` entry of a frame, and its connection.
+#[derive(Debug)]
+struct Kept {
+    bytes: Vec<u8>,
+    ends: Arc<Ends>,
 }
 
 /// The record sink.
 #[derive(Debug)]
 pub struct Records {
-    backlog: Mutex<Backlog<Arc<Record>>>,
+    /// Records as they go on the wire: encoded once, on the path that makes them, while hot.
+    backlog: Mutex<Backlog<Kept>>,
     /// This run's id (see `Reply::Flows::epoch`).
     epoch: u64,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
@@ -246,16 +245,21 @@ impl Records {
             return;
         }
         crate::metrics::observe(&self.metrics, &r);
+        let mut bytes =
+            Vec::with_capacity(96 + r.summary.len() + r.policy.as_deref().map_or(0, str::len) + url_len(&r));
         let line = {
-            // Numbered under the lock: the backlog is in sequence order, so a follower asking for
-            // records after N never skips one.
+            // Numbered (and so encoded) under the lock: the backlog is in sequence order, so a
+            // follower asking for records after N never skips one.
             let mut b = lock(&self.backlog);
+            let seq = b.last() + 1;
+            r.wire(seq).encode(&mut bytes);
             let line = self.file.as_ref().map(|_| {
-                r.to_flow(b.last() + 1)
-                    .map_err(|e| e.to_string())
+                flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], &bytes)
+                    .and_then(|mut f| f.pop().ok_or_else(|| "no flow".to_owned()))
                     .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string()))
             });
-            b.push(Arc::new(r));
+            b.push(Kept { bytes, ends: r.ends });
+            drop(b);
             line
         };
         let written = match (&self.file, line) {
@@ -274,26 +278,42 @@ impl Records {
         }
     }
 
-    /// Records numbered above `after`, at most `limit`; the newest number; how many after `after`
-    /// the backlog let go before this was asked.
+    /// Records numbered above `after`, at most `limit` (and what one frame holds); the number to
+    /// ask after next time; how many after `after` the backlog let go before this was asked.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64, u64) {
-        let (picked, last, missed) = self.page(after, limit);
-        // Records the proxy made itself: one that does not convert is a bug, logged, not served.
-        let flows = picked
-            .iter()
-            .filter_map(|(n, r)| {
-                r.to_flow(*n).map_err(|e| crate::log_limited!(error, error = %e, "A flow record is malformed")).ok()
-            })
-            .collect();
-        (flows, last, missed)
+        // As much as one frame holds: the answer's last number is the last record in it.
+        let page = self.page(after, limit, stream::MAX_FRAME / 2);
+        // Records the proxy made itself: ones that do not convert are a bug, logged, not served.
+        let flows = flows_of(self.epoch, page.last, page.ends, &page.bytes).unwrap_or_else(|e| {
+            crate::log_limited!(error, error = %e, "Flow records are malformed");
+            Vec::new()
+        });
+        (flows, page.through, page.missed)
     }
 
-    /// Records numbered above `after`, at most `limit` (shared, taken under the lock), the newest
-    /// number and what the backlog let go.
-    fn page(&self, after: u64, limit: usize) -> (Vec<(u64, Arc<Record>)>, u64, u64) {
-        let b = lock(&self.backlog);
-        let page = b.after(after, limit);
-        (page.items.into_iter().map(|(n, r)| (n, Arc::clone(r))).collect(), page.last, page.missed)
+    /// Records numbered above `after`, at most `limit` and about `max_bytes` (at least one): their
+    /// bytes and connections are copied under the lock, the connections encoded off it.
+    fn page(&self, after: u64, limit: usize, max_bytes: usize) -> Page {
+        let (bytes, ends, through, last, missed) = {
+            let b = lock(&self.backlog);
+            let page = b.after(after, limit);
+            let mut bytes = Vec::new();
+            let mut ends: Vec<Arc<Ends>> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut through = page.last;
+            for (i, (n, k)) in page.items.iter().enumerate() {
+                if i > 0 && bytes.len() + k.bytes.len() > max_bytes {
+                    break;
+                }
+                bytes.extend_from_slice(&k.bytes);
+                if seen.insert(k.ends.id) {
+                    ends.push(k.ends.clone());
+                }
+                through = *n;
+            }
+            (bytes, ends, through, page.last, page.missed)
+        };
+        Page { bytes, ends: ends.iter().map(|e| wire_ends(e)).collect(), through, last, missed }
     }
 
     /// This run's id: record numbers start again when it changes.
@@ -307,6 +327,35 @@ impl Records {
     }
 }
 
+/// What [`Records::page`] took.
+struct Page {
+    bytes: Vec<u8>,
+    ends: Vec<WireEnds>,
+    /// The number of the last record taken (`last` when none).
+    through: u64,
+    last: u64,
+    missed: u64,
+}
+
+/// The URL's length, for a record's first guess at its size.
+fn url_len(r: &Record) -> usize {
+    match &r.detail {
+        Detail::Http { url, .. } => url.len(),
+        _ => 0,
+    }
+}
+
+/// Stored records as flows: the same decoding a reader of the stream does.
+fn flows_of(epoch: u64, last: u64, ends: Vec<WireEnds>, bytes: &[u8]) -> Result<Vec<Flow>, String> {
+    let frame = stream::frame(epoch, last, 0, ends, bytes).map_err(|e| e.to_string())?;
+    let batch = stream::read_frame(&mut &frame[..], &mut Vec::new()).map_err(|e| e.to_string())?;
+    let (flows, errors) = batch.into_flows();
+    match errors.first() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(flows),
+    }
+}
+
 impl FlowSource for Records {
     fn epoch(&self) -> u64 {
         self.epoch
@@ -316,41 +365,10 @@ impl FlowSource for Records {
         lock(&self.backlog).last()
     }
 
-    /// Encoded off the lock: the lock is held only to take the records' `Arc`s.
-    fn batch(&self, after: u64, max: usize, max_bytes: usize) -> Batch {
-        let (picked, last, missed) = self.page(after, max);
-        let mut ends: Vec<WireEnds> = Vec::new();
-        // A connection's ends once per batch: the records keep them alive, so their addresses
-        // name them for the batch's lifetime.
-        let mut index: std::collections::HashMap<*const Ends, u32> = std::collections::HashMap::new();
-        let (mut records, mut bytes) = (Vec::with_capacity(picked.len()), 0);
-        for (n, r) in &picked {
-            let key = Arc::as_ptr(&r.ends);
-            let (i, ends_bytes) = match index.get(&key) {
-                Some(i) => (*i, 0),
-                None => {
-                    let e = wire_ends(&r.ends);
-                    let size = prost::Message::encoded_len(&e) + 8;
-                    ends.push(e);
-                    (u32::try_from(ends.len() - 1).unwrap_or(u32::MAX), size)
-                }
-            };
-            let mut wire = r.wire(*n, i);
-            stream::cut_field(&mut wire.summary);
-            if let Some(h) = wire.http.as_mut() {
-                stream::cut_field(&mut h.url);
-            }
-            bytes += ends_bytes + prost::Message::encoded_len(&wire) + 8;
-            if bytes > max_bytes && !records.is_empty() {
-                // The rest go in the next frame (with their ends again).
-                if ends_bytes > 0 {
-                    ends.pop();
-                }
-                break;
-            }
-            index.insert(key, i);
-            records.push(wire);
-        }
-        Batch { epoch: self.epoch, last, missed, ends, records }
+    /// The lock is held only to copy the records' bytes.
+    fn frame(&self, after: u64, max: usize, max_bytes: usize) -> std::io::Result<Frame> {
+        let page = self.page(after, max, max_bytes);
+        let bytes = stream::frame(self.epoch, page.last, page.missed, page.ends, &page.bytes)?;
+        Ok(Frame { bytes, through: page.through, last: page.last })
     }
 }

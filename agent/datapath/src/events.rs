@@ -126,8 +126,8 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
             destination: dst.clone(),
         }),
         l4: layer4(e),
-        source: peer(snap, e.src_identity, &src),
-        destination: peer(snap, e.dst_identity, &dst),
+        source: peer(snap, e.src_identity, &src).into(),
+        destination: peer(snap, e.dst_identity, &dst).into(),
         // The names live in the proxy's FQDN cache; the kernel's record carries the address.
         destination_names: Vec::new(),
         l7: None,

@@ -352,8 +352,8 @@ pub fn from_pb(f: pb::Flow) -> Flow {
             ip_version: if ip.ip_version == pb::IpVersion::IPv6 as i32 { IpVersion::IPv6 } else { IpVersion::IPv4 },
         }),
         l4: f.l4.and_then(layer4_back),
-        source: endpoint_back(f.source),
-        destination: endpoint_back(f.destination),
+        source: endpoint_back(f.source).into(),
+        destination: endpoint_back(f.destination).into(),
         destination_names: f.destination_names,
         l7: f.l7.map(layer7_back),
         policy: rule,
@@ -384,13 +384,15 @@ mod tests {
                 namespace: "default".into(),
                 pod_name: "xwing".into(),
                 labels: vec!["k8s:org=alliance".into()],
-            },
+            }
+            .into(),
             destination: FlowEndpoint {
                 identity: 1001,
                 namespace: "default".into(),
                 pod_name: "deathstar".into(),
                 labels: vec![],
-            },
+            }
+            .into(),
             destination_names: vec![],
             l7: Some(Layer7 {
                 kind: L7Type::Request,

@@ -257,7 +257,8 @@ mod tests {
     fn flow(pod: &str, verdict: Verdict) -> Flow {
         Flow {
             verdict,
-            source: FlowEndpoint { namespace: "default".into(), pod_name: pod.into(), ..FlowEndpoint::default() },
+            source: FlowEndpoint { namespace: "default".into(), pod_name: pod.into(), ..FlowEndpoint::default() }
+                .into(),
             summary: "x".repeat(200),
             ..Flow::default()
         }

@@ -407,13 +407,15 @@ mod tests {
                 namespace: "default".into(),
                 pod_name: "tiefighter".into(),
                 labels: vec!["k8s:org=empire".into(), "k8s:class=tiefighter".into()],
-            },
+            }
+            .into(),
             destination: FlowEndpoint {
                 identity: 1002,
                 namespace: "default".into(),
                 pod_name: "deathstar-1".into(),
                 labels: vec!["k8s:org=empire".into(), "k8s:class=deathstar".into()],
-            },
+            }
+            .into(),
             l7: Some(Layer7 {
                 kind: if code == 0 { L7Type::Request } else { L7Type::Response },
                 http: Some(HttpInfo {

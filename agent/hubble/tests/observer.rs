@@ -29,7 +29,7 @@ fn flow(pod: &str, verdict: Verdict) -> Flow {
     Flow {
         time: now_rfc3339(),
         verdict,
-        source: FlowEndpoint { pod_name: pod.into(), namespace: "default".into(), ..FlowEndpoint::default() },
+        source: FlowEndpoint { pod_name: pod.into(), namespace: "default".into(), ..FlowEndpoint::default() }.into(),
         ..Flow::default()
     }
 }

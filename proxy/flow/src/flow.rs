@@ -509,10 +509,10 @@ pub struct Flow {
     pub l4: Option<Layer4>,
     /// Source.
     #[serde(default)]
-    pub source: FlowEndpoint,
+    pub source: std::sync::Arc<FlowEndpoint>,
     /// Destination.
     #[serde(default)]
-    pub destination: FlowEndpoint,
+    pub destination: std::sync::Arc<FlowEndpoint>,
     /// Names the DNS proxy learned the destination address under.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_names: Vec<String>,
@@ -600,7 +600,27 @@ pub fn rfc3339(secs: u64, nanos: u32) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    if !(0..=9999).contains(&year) || nanos > 999_999_999 {
+        return format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{nanos:09}Z");
+    }
+    // Every record gets one: fixed-width digits, without the formatting machinery.
+    let mut out = *b"0000-00-00T00:00:00.000000000Z";
+    let mut digits = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    digits(0, 4, n(year));
+    digits(5, 2, n(month));
+    digits(8, 2, n(day));
+    digits(11, 2, hour);
+    digits(14, 2, minute);
+    digits(17, 2, second);
+    digits(20, 9, u64::from(nanos));
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 #[cfg(test)]
@@ -613,6 +633,8 @@ mod tests {
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
         assert_eq!(rfc3339(1_795_650_000, 0), "2026-11-25T23:40:00.000000000Z");
         assert_eq!(rfc3339(4_107_542_399, 0), "2100-02-28T23:59:59.000000000Z");
+        assert_eq!(rfc3339(253_402_300_799, 999_999_999), "9999-12-31T23:59:59.999999999Z");
+        assert_eq!(rfc3339(253_402_300_800, 0), "10000-01-01T00:00:00.000000000Z");
     }
 
     fn sample() -> Flow {

@@ -37,8 +37,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const MAX_FRAME: usize = 64 << 20;
 /// The writer stops adding records to a frame at this size (long URLs make long records).
 pub const FRAME_BYTES: usize = 4 << 20;
-/// A record's URL or summary longer than this is cut in the stream (`…` marks the cut), so that
-/// one record always fits a frame whatever the proxy's header limits.
+/// A record's URL or summary longer than this is cut in the stream, so that one record always
+/// fits a frame whatever the proxy's header limits.
 pub const MAX_FIELD: usize = 64 << 10;
 
 /// One frame.
@@ -73,6 +73,9 @@ pub struct WireEnds {
     /// Whose policy judges: [`TrafficDirection`] as Hubble numbers it (1 ingress, 2 egress).
     #[prost(int32, tag = "3")]
     pub direction: i32,
+    /// What the batch's records call it (unique among a process's live connections).
+    #[prost(uint64, tag = "4")]
+    pub id: u64,
 }
 
 /// One end.
@@ -98,9 +101,9 @@ pub struct WireRecord {
     /// Its number.
     #[prost(uint64, tag = "1")]
     pub seq: u64,
-    /// Its connection: an index into [`Batch::ends`].
-    #[prost(uint32, tag = "2")]
-    pub ends: u32,
+    /// Its connection: the `id` of one of [`Batch::ends`].
+    #[prost(uint64, tag = "2")]
+    pub ends: u64,
     /// Wall clock, nanoseconds since the Unix epoch.
     #[prost(uint64, tag = "3")]
     pub time_ns: u64,
@@ -263,7 +266,7 @@ struct Side {
     ip: IpAddr,
     ip_text: String,
     port: u16,
-    endpoint: FlowEndpoint,
+    endpoint: std::sync::Arc<FlowEndpoint>,
     names: Vec<String>,
 }
 
@@ -288,7 +291,7 @@ impl Resolved {
                 ip,
                 ip_text: ip.to_string(),
                 port: u16::try_from(end.port).map_err(|_| format!("port {}", end.port))?,
-                endpoint: end.endpoint.clone().unwrap_or_default(),
+                endpoint: std::sync::Arc::new(end.endpoint.clone().unwrap_or_default()),
                 names: end.names.clone(),
             })
         };
@@ -365,13 +368,14 @@ impl Batch {
     /// The batch's records as flows, oldest first; a record that makes no sense is an error
     /// naming it (the rest are still returned).
     pub fn into_flows(self) -> (Vec<Flow>, Vec<StreamError>) {
-        let ends: Vec<Result<Resolved, String>> = self.ends.iter().map(Resolved::of).collect();
+        let ends: std::collections::HashMap<u64, Result<Resolved, String>> =
+            self.ends.iter().map(|e| (e.id, Resolved::of(e))).collect();
         let (mut flows, mut errors) = (Vec::with_capacity(self.records.len()), Vec::new());
         for r in self.records {
-            let flow = match usize::try_from(r.ends).ok().and_then(|i| ends.get(i)) {
+            let flow = match ends.get(&r.ends) {
                 Some(Ok(e)) => flow(e, r),
                 Some(Err(what)) => Err(bad(&r, what.clone())),
-                None => Err(bad(&r, format!("connection {} of {}", r.ends, ends.len()))),
+                None => Err(bad(&r, format!("connection {} is not in the batch", r.ends))),
             };
             match flow {
                 Ok(f) => flows.push(f),
@@ -395,16 +399,196 @@ pub fn write_frame(w: &mut impl Write, batch: &Batch) -> std::io::Result<()> {
     w.flush()
 }
 
-/// Cuts a URL or summary to [`MAX_FIELD`] bytes (at a character boundary, `…` marking the cut).
-pub fn cut_field(s: &mut String) {
-    if s.len() > MAX_FIELD {
-        let mut at = MAX_FIELD - '…'.len_utf8();
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        s.truncate(at);
-        s.push('…');
+/// A record as the proxy has it, borrowed: [`RecordRef::encode`] writes it as one `records`
+/// entry of a [`Batch`] without building a [`WireRecord`] (no allocation on the proxy's hot path;
+/// the stored bytes are copied into frames as they are).
+#[derive(Clone, Copy, Debug)]
+pub struct RecordRef<'a> {
+    /// Its number.
+    pub seq: u64,
+    /// Its connection's [`WireEnds::id`].
+    pub ends: u64,
+    /// Wall clock, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// A response.
+    pub reply: bool,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why it was dropped.
+    pub reason: Option<DropReason>,
+    /// Over UDP (else TCP).
+    pub udp: bool,
+    /// Request to response (responses).
+    pub latency_ns: u64,
+    /// The deciding rule.
+    pub policy: Option<&'a str>,
+    /// Why (refusals, errors); cut to [`MAX_FIELD`].
+    pub summary: &'a str,
+    /// The request or response.
+    pub detail: DetailRef<'a>,
+}
+
+/// The L7 part of a [`RecordRef`].
+#[derive(Clone, Copy, Debug)]
+pub enum DetailRef<'a> {
+    /// HTTP (and gRPC); the URL is cut to [`MAX_FIELD`].
+    Http {
+        /// Method.
+        method: &'a str,
+        /// URL as judged.
+        url: &'a str,
+        /// The version the client spoke.
+        protocol: HttpProtocol,
+        /// Response status (responses).
+        code: u16,
+    },
+    /// DNS.
+    Dns(&'a DnsInfo),
+    /// Kafka.
+    Kafka(&'a KafkaInfo),
+}
+
+/// Where protobuf bytes go: a buffer, or a count of them (to know a length before writing it).
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+    fn byte(&mut self, b: u8) {
+        self.put(&[b]);
     }
+    /// A message's fields (its length is written before).
+    fn message(&mut self, m: &impl prost::Message);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn byte(&mut self, b: u8) {
+        self.push(b);
+    }
+    fn message(&mut self, m: &impl prost::Message) {
+        // A `Vec` grows: encoding into one never runs out of room, the only way `encode` fails.
+        m.encode(self).unwrap_or_default();
+    }
+}
+
+impl Sink for usize {
+    fn put(&mut self, bytes: &[u8]) {
+        *self += bytes.len();
+    }
+    fn message(&mut self, m: &impl prost::Message) {
+        *self += m.encoded_len();
+    }
+}
+
+/// Protobuf's wire format for the few field kinds a record has (proto3: zero values are left out).
+struct Pb<'s, S: Sink>(&'s mut S);
+
+impl<S: Sink> Pb<'_, S> {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.byte(v as u8);
+    }
+    fn key(&mut self, tag: u32, wire_type: u8) {
+        self.varint(u64::from(tag << 3 | u32::from(wire_type)));
+    }
+    fn uint(&mut self, tag: u32, v: u64) {
+        if v != 0 {
+            self.key(tag, 0);
+            self.varint(v);
+        }
+    }
+    fn bytes(&mut self, tag: u32, b: &[u8]) {
+        self.key(tag, 2);
+        self.varint(b.len() as u64);
+        self.0.put(b);
+    }
+    fn string(&mut self, tag: u32, s: &str) {
+        if !s.is_empty() {
+            self.bytes(tag, s.as_bytes());
+        }
+    }
+    fn message(&mut self, tag: u32, m: &impl prost::Message) {
+        self.key(tag, 2);
+        self.varint(m.encoded_len() as u64);
+        self.0.message(m);
+    }
+}
+
+impl RecordRef<'_> {
+    fn body<S: Sink>(&self, s: &mut S) {
+        let mut pb = Pb(s);
+        pb.uint(1, self.seq);
+        pb.uint(2, self.ends);
+        pb.uint(3, self.time_ns);
+        pb.uint(4, u64::from(self.reply));
+        pb.uint(5, u64::try_from(self.verdict.number()).unwrap_or(0));
+        pb.uint(6, self.reason.map_or(0, |r| u64::from(r.code())));
+        pb.uint(7, u64::from(self.udp));
+        pb.uint(8, self.latency_ns);
+        if let Some(p) = self.policy {
+            // Optional: present even when empty.
+            pb.bytes(9, p.as_bytes());
+        }
+        pb.string(10, cut(self.summary));
+        match self.detail {
+            DetailRef::Http { method, url, protocol, code } => {
+                fn fields<S: Sink>(pb: &mut Pb<'_, S>, method: &str, url: &str, protocol: HttpProtocol, code: u16) {
+                    pb.string(1, method);
+                    pb.string(2, cut(url));
+                    pb.uint(3, u64::from(protocol.number()));
+                    pb.uint(4, u64::from(code));
+                }
+                let mut len = 0;
+                fields(&mut Pb(&mut len), method, url, protocol, code);
+                pb.key(11, 2);
+                pb.varint(len as u64);
+                fields(&mut pb, method, url, protocol, code);
+            }
+            DetailRef::Dns(d) => pb.message(12, d),
+            DetailRef::Kafka(k) => pb.message(13, k),
+        }
+    }
+
+    /// Appends the record as one `records` entry of a [`Batch`] (its key, its length, its fields).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut len = 0;
+        self.body(&mut len);
+        let mut pb = Pb(out);
+        pb.key(5, 2);
+        pb.varint(len as u64);
+        self.body(out);
+    }
+}
+
+/// `s` cut to [`MAX_FIELD`] bytes at a character boundary (the stream marks no cut: the record's
+/// other fields say what it was).
+fn cut(s: &str) -> &str {
+    if s.len() <= MAX_FIELD {
+        return s;
+    }
+    let mut at = MAX_FIELD;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    &s[..at]
+}
+
+/// A whole frame (length prefix included): the batch's header and connections, then record
+/// entries as [`RecordRef::encode`] wrote them.
+pub fn frame(epoch: u64, last: u64, missed: u64, ends: Vec<WireEnds>, records: &[u8]) -> std::io::Result<Vec<u8>> {
+    let head = Batch { epoch, last, missed, ends, records: Vec::new() };
+    let len = prost::Message::encoded_len(&head) + records.len();
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
+    }
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    prost::Message::encode(&head, &mut out).map_err(std::io::Error::other)?;
+    out.extend_from_slice(records);
+    Ok(out)
 }
 
 /// Reads one frame (`buf` is reused between frames).
@@ -486,10 +670,21 @@ pub trait FlowSource: Send + Sync + 'static {
     /// This run's id.
     fn epoch(&self) -> u64;
     /// The records numbered after `after`, at most `max` and about `max_bytes` encoded (at least
-    /// one when there is one), as one batch.
-    fn batch(&self, after: u64, max: usize, max_bytes: usize) -> Batch;
+    /// one when there is one), as one frame.
+    fn frame(&self, after: u64, max: usize, max_bytes: usize) -> std::io::Result<Frame>;
     /// The newest number (cheap: the writer asks every [`TICK`]).
     fn last(&self) -> u64;
+}
+
+/// A frame ready to write.
+#[derive(Debug)]
+pub struct Frame {
+    /// The bytes, length prefix included.
+    pub bytes: Vec<u8>,
+    /// The number of its last record (`last` when it has none).
+    pub through: u64,
+    /// The newest number when it was made.
+    pub last: u64,
 }
 
 /// Writes `source`'s records after `after` to `w` until the reader hangs up, stops reading (a
@@ -521,12 +716,12 @@ pub fn write_stream(
         if last < after {
             after = 0;
         }
-        let batch = records.batch(after, FRAME_RECORDS, FRAME_BYTES);
+        let frame = records.frame(after, FRAME_RECORDS, FRAME_BYTES)?;
         drop(records);
-        after = batch.records.last().map_or(batch.last, |r| r.seq);
-        write_frame(w, &batch)?;
+        after = frame.through;
+        w.write_all(&frame.bytes)?;
         wrote = Some(std::time::Instant::now());
-        if after >= batch.last {
+        if after >= frame.last {
             std::thread::sleep(TICK);
         }
     }
@@ -559,6 +754,7 @@ mod tests {
                 source: Some(end("10.0.0.1", 40000, "client")),
                 destination: Some(end("10.0.0.2", 80, "server")),
                 direction: TrafficDirection::Ingress.number(),
+                id: 0,
             }],
             records: vec![
                 WireRecord {
@@ -612,7 +808,7 @@ mod tests {
         let (flows, errors) = b.into_flows();
         assert!(flows.is_empty());
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert_eq!(text, ["record 2: connection 9 of 1", "record 3: verdict 99"]);
+        assert_eq!(text, ["record 2: connection 9 is not in the batch", "record 3: verdict 99"]);
         let mut b = batch();
         b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3];
         b.records[1].dns = None;
@@ -634,14 +830,105 @@ mod tests {
         ));
     }
 
+    /// What the hot path writes is what prost reads: every field, zero values, an empty rule
+    /// name, long URLs cut, DNS and Kafka parts; records concatenated after a header make a batch.
+    #[test]
+    fn encoded_records_are_what_prost_decodes() {
+        let dns = DnsInfo { query: "a.example.".into(), ips: vec!["192.0.2.1".into()], rcode: 3, ..Default::default() };
+        let kafka = KafkaInfo { api_key: "produce".into(), topic: "t".into(), error_code: -1, ..Default::default() };
+        let long = "x".repeat(MAX_FIELD + 10);
+        let refs = [
+            RecordRef {
+                seq: 1,
+                ends: 7,
+                time_ns: u64::MAX,
+                reply: false,
+                verdict: Verdict::Forwarded,
+                reason: None,
+                udp: false,
+                latency_ns: 0,
+                policy: Some(""),
+                summary: "",
+                detail: DetailRef::Http { method: "GET", url: &long, protocol: HttpProtocol::Http2, code: 0 },
+            },
+            RecordRef {
+                seq: 300,
+                ends: u64::MAX,
+                time_ns: 5,
+                reply: true,
+                verdict: Verdict::Dropped,
+                reason: Some(DropReason::PolicyDeny),
+                udp: true,
+                latency_ns: 1 << 40,
+                policy: None,
+                summary: "refused: é",
+                detail: DetailRef::Dns(&dns),
+            },
+            RecordRef {
+                seq: 301,
+                ends: 0,
+                time_ns: 0,
+                reply: true,
+                verdict: Verdict::Audit,
+                reason: Some(DropReason::PolicyDenied),
+                udp: false,
+                latency_ns: 9,
+                policy: Some("default/k ingress[0]"),
+                summary: "",
+                detail: DetailRef::Kafka(&kafka),
+            },
+        ];
+        let mut bytes = Vec::new();
+        for r in &refs {
+            r.encode(&mut bytes);
+        }
+        let ends = batch().ends;
+        let framed = frame(3, 301, 2, ends.clone(), &bytes).unwrap();
+        let b = read_frame(&mut &framed[..], &mut Vec::new()).unwrap();
+        assert_eq!((b.epoch, b.last, b.missed, &b.ends), (3, 301, 2, &ends));
+        let want = [
+            WireRecord {
+                seq: 1,
+                ends: 7,
+                time_ns: u64::MAX,
+                verdict: 1,
+                policy: Some(String::new()),
+                http: Some(WireHttp { method: "GET".into(), url: "x".repeat(MAX_FIELD), protocol: 20, code: 0 }),
+                ..Default::default()
+            },
+            WireRecord {
+                seq: 300,
+                ends: u64::MAX,
+                time_ns: 5,
+                reply: true,
+                verdict: 2,
+                reason: u32::from(DropReason::PolicyDeny.code()),
+                udp: true,
+                latency_ns: 1 << 40,
+                summary: "refused: é".into(),
+                dns: Some(dns.clone()),
+                ..Default::default()
+            },
+            WireRecord {
+                seq: 301,
+                reply: true,
+                verdict: 4,
+                reason: u32::from(DropReason::PolicyDenied.code()),
+                latency_ns: 9,
+                policy: Some("default/k ingress[0]".into()),
+                kafka: Some(kafka.clone()),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(b.records, want);
+    }
+
     #[test]
     fn long_fields_are_cut_at_a_character_boundary() {
-        let mut short = "http://x/a".to_owned();
-        cut_field(&mut short);
-        assert_eq!(short, "http://x/a");
-        let mut long = "é".repeat(MAX_FIELD);
-        cut_field(&mut long);
-        assert!(long.len() <= MAX_FIELD && long.ends_with('…'), "{}", long.len());
+        assert_eq!(cut("http://x/a"), "http://x/a");
+        let long = "é".repeat(MAX_FIELD);
+        let c = cut(&long);
+        assert!(c.len() <= MAX_FIELD && c.len() >= MAX_FIELD - 1 && c.chars().all(|ch| ch == 'é'), "{}", c.len());
     }
 
     #[test]

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(req) = GetFlowsRequest::decode(data) else { return };
     let Ok(filters) = Filters::new(&req.whitelist, &req.blacklist) else { return };
     let flow = Flow {
-        source: FlowEndpoint { pod_name: "tiefighter".into(), labels: vec!["k8s:org=empire".into()], ..Default::default() },
+        source: FlowEndpoint { pod_name: "tiefighter".into(), labels: vec!["k8s:org=empire".into()], ..Default::default() }.into(),
         destination_names: vec!["api.example.com.".into()],
         l7: Some(Layer7 { http: Some(HttpInfo { code: 200, method: "GET".into(), url: "http://d/v1?x".into(), ..Default::default() }), ..Default::default() }),
         ..Flow::default()
