@@ -146,21 +146,32 @@ async fn run(
 ) {
     let mut newest = ring.subscribe();
     let mut cursor = ring.last();
+    let mut losses = ring.next_loss();
     let mut out = Some(out);
     loop {
+        // Events lost before they became flows: a line each, before the first flow after them.
+        let mut pending = ring.losses(losses, u64::MAX).into_iter().peekable();
         let read = ring.after(cursor, PAGE);
         let mut lines = Vec::new();
         if read.missed > 0 {
             figures.lost.fetch_add(read.missed, Ordering::Relaxed);
-            lines.push(lost_line(read.missed, &node));
+            lines.push(lost_line("HUBBLE_RING_BUFFER", read.missed, &node));
         }
+        let mut told = |before: u64, lines: &mut Vec<Option<String>>| {
+            while let Some(l) = pending.next_if(|l| l.after < before) {
+                lines.push(lost_line(l.source.name(), l.count, &node));
+                losses = l.id + 1;
+            }
+        };
         for (n, f) in &read.flows {
+            told(*n, &mut lines);
             let uuid = ring.uuid(*n);
             if filters.admit(f, &uuid, &node) {
                 lines.push(flow_line(convert::to_pb(f, uuid, &node), &node, &config.fieldmask));
             }
         }
         cursor = read.flows.last().map_or(read.last.max(cursor), |(n, _)| *n);
+        told(cursor.saturating_add(1), &mut lines);
         let lines: Vec<String> = lines.into_iter().flatten().collect();
         // File I/O (and rotation's renames) off the runtime: the agent's event reader shares it.
         if let Some(file) = out.take_if(|_| !lines.is_empty()) {
@@ -210,9 +221,9 @@ fn write_lines(
     out
 }
 
-fn lost_line(n: u64, node: &str) -> Option<String> {
+fn lost_line(source: &str, n: u64, node: &str) -> Option<String> {
     let v = serde_json::json!({
-        "lost_events": {"source": "HUBBLE_RING_BUFFER", "num_events_lost": n},
+        "lost_events": {"source": source, "num_events_lost": n},
         "node_name": node,
         "time": porin_flow::flow::now_rfc3339(),
     });
@@ -311,6 +322,8 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(figures.written(), 20, "lost {} failed {}", figures.lost(), figures.failed());
+        // The kernel lost five events: a line says so, in its place.
+        ring.lost(crate::ring::LostSource::PerfEventRingBuffer, 5);
         ring.extend((0..20).map(|_| flow("loud", Verdict::Forwarded)));
         while figures.lost() == 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -327,5 +340,7 @@ mod tests {
         let flows: Vec<&Value> = lines.iter().filter_map(|l| l.get("flow")).collect();
         assert!(flows.iter().all(|f| f["source"]["pod_name"] == "loud" && f.get("time").is_none()), "{flows:?}");
         assert!(lines.iter().any(|l| l["lost_events"]["num_events_lost"] == 12), "{lines:?}");
+        let perf = lines.iter().position(|l| l["lost_events"]["source"] == "PERF_EVENT_RING_BUFFER");
+        assert!(perf.is_some_and(|i| lines[i]["lost_events"]["num_events_lost"] == 5), "{lines:?}");
     }
 }

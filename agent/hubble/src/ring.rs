@@ -2,7 +2,13 @@
 //! agent took them, numbered from 1. A reader asks for what follows the number it has seen and
 //! learns how many the ring let go before it asked (sent to it as a lost-events message); a
 //! follower waits on [`FlowRing::subscribe`] for the newest number to move.
+//!
+//! Events lost before they became flows (the kernel's ring buffer overflowing, the proxy's backlog
+//! letting records go before the agent read them) are noted in the ring too, at the place in the
+//! flows where they were noticed ([`FlowRing::lost`]): a reader walking past that place is told,
+//! as Hubble tells its clients (`LostEvent`, with its source).
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,10 +19,47 @@ use tokio::sync::watch;
 /// Hubble's default ring capacity (`--hubble-event-buffer-capacity`).
 pub const DEFAULT_CAPACITY: usize = 4095;
 
+/// Losses kept for readers still behind them.
+const LOSSES: usize = 1024;
+
+/// Where events were lost before they became flows (Hubble's `LostEventSource`s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostSource {
+    /// The kernel's ring buffer overflowed.
+    PerfEventRingBuffer,
+    /// The proxy's record backlog let records go before the agent read them (or one did not
+    /// decode).
+    ObserverEventsQueue,
+}
+
+impl LostSource {
+    /// Hubble's name (`LostEventSource`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PerfEventRingBuffer => "PERF_EVENT_RING_BUFFER",
+            Self::ObserverEventsQueue => "OBSERVER_EVENTS_QUEUE",
+        }
+    }
+}
+
+/// Events lost before they became flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// This loss's number (from 1, in the order they were noted).
+    pub id: u64,
+    /// Noticed after the flow numbered this.
+    pub after: u64,
+    /// Where.
+    pub source: LostSource,
+    /// How many.
+    pub count: u64,
+}
+
 /// The ring.
 #[derive(Debug)]
 pub struct FlowRing {
     flows: Mutex<Backlog<Flow>>,
+    losses: Mutex<VecDeque<Loss>>,
     newest: watch::Sender<u64>,
     capacity: usize,
     started: Instant,
@@ -59,6 +102,7 @@ impl FlowRing {
         });
         Self {
             flows: Mutex::new(Backlog::new(capacity)),
+            losses: Mutex::new(VecDeque::new()),
             newest: watch::Sender::new(0),
             capacity,
             started: Instant::now(),
@@ -100,6 +144,35 @@ impl FlowRing {
             ring.last()
         };
         self.newest.send_replace(last);
+    }
+
+    /// Notes `count` events lost at `source`, after the newest flow; wakes the followers.
+    pub fn lost(&self, source: LostSource, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let after = self.last();
+        {
+            let mut losses = self.losses.lock().unwrap_or_else(PoisonError::into_inner);
+            let id = losses.back().map_or(1, |l| l.id + 1);
+            if losses.len() >= LOSSES {
+                losses.pop_front();
+            }
+            losses.push_back(Loss { id, after, source, count });
+        }
+        self.newest.send_replace(after);
+    }
+
+    /// Losses numbered `from` or above noticed at or before flow `through`, oldest first (none
+    /// to copy, the usual case, is cheap).
+    pub fn losses(&self, from: u64, through: u64) -> Vec<Loss> {
+        let losses = self.losses.lock().unwrap_or_else(PoisonError::into_inner);
+        losses.iter().filter(|l| l.id >= from && l.after <= through).copied().collect()
+    }
+
+    /// The number the next loss will have.
+    pub fn next_loss(&self) -> u64 {
+        self.losses.lock().unwrap_or_else(PoisonError::into_inner).back().map_or(1, |l| l.id + 1)
     }
 
     /// The flows numbered above `after`, at most `limit`.

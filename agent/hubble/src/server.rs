@@ -24,7 +24,7 @@ use crate::pb::observer::{
     ServerStatusResponse, Tls, get_flows_response::ResponseTypes,
 };
 use crate::pb::relay::NodeState;
-use crate::ring::FlowRing;
+use crate::ring::{FlowRing, Loss, LostSource};
 
 /// How many flows a stream reads from the ring at a time.
 const PAGE: usize = 1024;
@@ -123,28 +123,58 @@ impl Stream {
         self.send(ResponseTypes::Flow(pb), time).await
     }
 
-    async fn lost(&self, n: u64) -> Result<(), Gone> {
-        let lost =
-            fpb::LostEvent { source: fpb::LostEventSource::HubbleRingBuffer as i32, num_events_lost: n, cpu: None };
+    async fn lost(&self, source: fpb::LostEventSource, n: u64) -> Result<(), Gone> {
+        let lost = fpb::LostEvent { source: source as i32, num_events_lost: n, cpu: None };
         self.send(ResponseTypes::LostEvents(lost), convert::timestamp(&porin_flow::flow::now_rfc3339())).await
+    }
+
+    /// Tells the client of the losses in `pending` noted before flow `before` (and moves `from`,
+    /// the number of the next loss it has not heard of).
+    async fn losses(
+        &self,
+        pending: &mut std::iter::Peekable<std::vec::IntoIter<Loss>>,
+        from: &mut u64,
+        before: u64,
+    ) -> Result<(), Gone> {
+        while let Some(l) = pending.next_if(|l| l.after < before) {
+            let source = match l.source {
+                LostSource::PerfEventRingBuffer => fpb::LostEventSource::PerfEventRingBuffer,
+                LostSource::ObserverEventsQueue => fpb::LostEventSource::ObserverEventsQueue,
+            };
+            self.lost(source, l.count).await?;
+            *from = l.id + 1;
+        }
+        Ok(())
     }
 
     /// Sends the flows after `cursor` up to `end` (or all there are when `end` is `None`), at most
     /// `limit` of them; returns the new cursor and whether the stream is done (`until` passed, or
     /// `limit` reached).
-    async fn pages(&self, mut cursor: u64, end: Option<u64>, mut limit: u64) -> Result<(u64, bool), Gone> {
+    /// Losses numbered `losses` or above are told as the cursor passes where they were noted.
+    async fn pages(
+        &self,
+        mut cursor: u64,
+        end: Option<u64>,
+        mut limit: u64,
+        losses: &mut u64,
+    ) -> Result<(u64, bool), Gone> {
         loop {
+            // Losses not told yet: each goes out before the first flow after it.
+            let mut pending = self.ring.losses(*losses, u64::MAX).into_iter().peekable();
             let read = self.ring.after(cursor, PAGE);
             if read.missed > 0 {
-                self.lost(read.missed).await?;
+                self.lost(fpb::LostEventSource::HubbleRingBuffer, read.missed).await?;
             }
             if read.flows.is_empty() {
-                return Ok((read.last.max(cursor), false));
+                let cursor = read.last.max(cursor);
+                self.losses(&mut pending, losses, cursor.saturating_add(1)).await?;
+                return Ok((cursor, false));
             }
             for (n, f) in &read.flows {
                 if end.is_some_and(|e| *n > e) {
                     return Ok((cursor, false));
                 }
+                self.losses(&mut pending, losses, *n).await?;
                 cursor = *n;
                 if self.window.after(f) {
                     return Ok((cursor, true));
@@ -163,9 +193,12 @@ impl Stream {
     async fn run(self, req: GetFlowsRequest) -> Result<(), Gone> {
         let mut newest = self.ring.subscribe();
         let number = req.number;
+        // Losses noted from now on (history walks also tell those noted among the flows they walk).
+        let mut losses = self.ring.next_loss();
         let cursor = if req.first {
             let end = self.ring.last();
-            self.pages(0, Some(end), if number == 0 { u64::MAX } else { number }).await?;
+            let mut from = 1;
+            self.pages(0, Some(end), if number == 0 { u64::MAX } else { number }, &mut from).await?;
             return Ok(());
         } else if number > 0 {
             // The last `number` matching flows: picked newest first under the ring's lock, sent
@@ -188,7 +221,8 @@ impl Stream {
             last
         } else if req.since.is_some() || !req.follow {
             let end = self.ring.last();
-            let (cursor, done) = self.pages(0, Some(end), u64::MAX).await?;
+            losses = 1;
+            let (cursor, done) = self.pages(0, Some(end), u64::MAX, &mut losses).await?;
             if done {
                 return Ok(());
             }
@@ -201,7 +235,7 @@ impl Stream {
         }
         let mut cursor = cursor;
         loop {
-            let (next, done) = self.pages(cursor, None, u64::MAX).await?;
+            let (next, done) = self.pages(cursor, None, u64::MAX, &mut losses).await?;
             cursor = next;
             if done {
                 return Ok(());

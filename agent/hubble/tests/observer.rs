@@ -131,3 +131,44 @@ async fn a_reader_the_ring_outran_is_told_how_many_it_lost() {
     assert_eq!(pods(&all), ["p6", "p7", "p8", "p9"]);
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losses_before_flows_are_told_where_they_happened() {
+    use porin_hubble::ring::LostSource;
+    let (ring, sock, task) = start("losses", 100).await;
+    ring.push_numbered(|_| flow("before", Verdict::Forwarded));
+    let mut c = porin_hubble::client::connect(&format!("unix:{}", sock.0.display())).await.unwrap();
+    let mut follow = c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+    // The follower starts at the end: nothing old is told, then a flow, a kernel loss, a flow, a
+    // proxy loss.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    ring.push_numbered(|_| flow("a", Verdict::Forwarded));
+    ring.lost(LostSource::PerfEventRingBuffer, 3);
+    ring.lost(LostSource::PerfEventRingBuffer, 0);
+    ring.push_numbered(|_| flow("b", Verdict::Forwarded));
+    ring.lost(LostSource::ObserverEventsQueue, 2);
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(5), follow.message()).await.unwrap().unwrap().unwrap();
+        seen.push(match r.response_types.unwrap() {
+            ResponseTypes::Flow(f) => f.source.unwrap().pod_name,
+            ResponseTypes::LostEvents(l) => format!("lost {} from {}", l.num_events_lost, l.source),
+            other => panic!("{other:?}"),
+        });
+    }
+    let (perf, queue) = (LostEventSource::PerfEventRingBuffer as i32, LostEventSource::ObserverEventsQueue as i32);
+    assert_eq!(seen, ["a".to_owned(), format!("lost 3 from {perf}"), "b".to_owned(), format!("lost 2 from {queue}")]);
+    // A walk through the history tells them in place too.
+    let all = collect(c.get_flows(GetFlowsRequest::default()).await.unwrap().into_inner()).await;
+    let told: Vec<String> = all
+        .iter()
+        .map(|r| match r {
+            ResponseTypes::Flow(f) => f.source.as_ref().unwrap().pod_name.clone(),
+            ResponseTypes::LostEvents(l) => format!("lost {}", l.num_events_lost),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(told, ["before", "a", "lost 3", "b", "lost 2"]);
+    task.abort();
+}

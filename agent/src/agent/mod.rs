@@ -26,7 +26,7 @@ use porin_datapath::loader::{Datapath, Settings, ensure_bpffs};
 use porin_flow::control::{self, Handler, Reply, Request};
 use porin_flow::flow::Verdict;
 use porin_flow::metrics::HubbleMetrics;
-use porin_hubble::ring::FlowRing;
+use porin_hubble::ring::{FlowRing, LostSource};
 use porin_hubble::server::{HubbleServer, Listener};
 use tokio::sync::oneshot;
 
@@ -194,6 +194,9 @@ fn m_flow(metrics: &HubbleMetrics, l4: &'static str, verdict: &'static str) {
 /// counter), events that did not decode, the policy version in force.
 async fn follow_counters(metrics: Arc<HubbleMetrics>, view: Arc<View>, jobs: Sender<Job>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel's count when the ring last heard of it (none yet: what was lost before this
+    // agent started is in the metric, not in the ring).
+    let mut told: Option<u64> = None;
     loop {
         tick.tick().await;
         let (tx, rx) = oneshot::channel();
@@ -201,7 +204,13 @@ async fn follow_counters(metrics: Arc<HubbleMetrics>, view: Arc<View>, jobs: Sen
             return;
         }
         if let Ok(Ok(c)) = rx.await {
-            metrics.lost_events("perf_event_ring_buffer", c.get("events_lost").copied().unwrap_or(0));
+            let lost = c.get("events_lost").copied().unwrap_or(0);
+            metrics.lost_events("perf_event_ring_buffer", lost);
+            // Followers of Hubble's API are told too, where in the flows it was noticed.
+            if let Some(before) = told {
+                view.flows.lost(LostSource::PerfEventRingBuffer, lost.saturating_sub(before));
+            }
+            told = Some(lost);
         }
         let (undecodable, version, apply, publish_failures) = {
             let v = view.lock();
@@ -328,18 +337,23 @@ impl ProxyFollower {
     }
 
     fn take(&mut self, batch: porin_flow::stream::Batch) {
+        // A fresh agent reads what the proxy still holds: what it let go before is history, not
+        // a loss of this ring.
+        let fresh = self.epoch == 0;
         if batch.epoch != self.epoch {
             if self.epoch != 0 {
                 tracing::info!("The proxy restarted: reading its records from the first");
             }
             self.epoch = batch.epoch;
         }
-        let (missed, after) = (batch.missed, batch.records.last().map_or(batch.last, |r| r.seq));
+        let (missed, after) =
+            (if fresh { 0 } else { batch.missed }, batch.records.last().map_or(batch.last, |r| r.seq));
         let (flows, errors) = batch.into_flows();
         let lost = missed + u64::try_from(errors.len()).unwrap_or(u64::MAX);
         if lost > 0 {
             self.lost += lost;
             self.metrics.lost_events("observer_events_queue", self.lost);
+            self.ring.lost(LostSource::ObserverEventsQueue, lost);
             proxy::log_limited!(warn, missed, "Proxy flow records were let go before the agent read them");
             for e in errors {
                 proxy::log_limited!(error, error = %e, "A proxy flow record could not be read");
