@@ -1,8 +1,8 @@
 //! Observability beyond the API, on real labs with real traffic: policy audit mode (the kernel's
 //! and the proxy's drops recorded AUDIT and let through), L7 visibility without enforcement (the
 //! proxy-visibility annotation), and the service map loaded by headless Chromium (nodes and edges
-//! read from its DOM, a screenshot kept under `target/artifacts/`). Root only; in CI (`CI=true`)
-//! always, and a missing Chromium fails.
+//! read from its DOM, a screenshot kept under `target/artifacts/`), and the kernel's lost events
+//! told to a Hubble follower. Root only; in CI (`CI=true`) always, and a missing Chromium fails.
 
 mod common;
 
@@ -211,4 +211,75 @@ fn the_service_map_shows_the_star_wars_graph_in_chromium_privileged() {
 
     browse(&[&format!("--screenshot={}", shot.display())]);
     assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "screenshot {}", shot.display());
+}
+
+/// Kills a child process when dropped (also on panic).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The kernel's ring buffer overflows while the agent is stopped: a Hubble follower is told, as a
+/// `LostEvent` from `PERF_EVENT_RING_BUFFER`, and the metric counts the same.
+#[test]
+fn kernel_losses_reach_hubble_followers_as_lost_events_privileged() {
+    use std::io::BufRead as _;
+    if !privileged() {
+        return;
+    }
+    let lab = lab("observability.yaml", "lost");
+    let st = lab.status();
+    let agent = st["agent"]["pid"].as_u64().unwrap().to_string();
+    let mut follower = Child(
+        porin()
+            .args(["observe", "--lab", &lab.name, "-f", "-o", "json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = follower.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The follower is connected once the xwing's first drop reaches it.
+    let deathstar = lab.addr("deathstar", false);
+    let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let line =
+                rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("no {what} reached the follower"));
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if pred(&v) {
+                return v;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no {what} reached the follower");
+        }
+    };
+    assert_eq!(lab.curl("xwing", "POST", "http://deathstar/v1/request-landing", 1).0, 28);
+    wait_for("xwing drop", &|v| v["flow"]["verdict"] == "DROPPED");
+    // Stopped, the agent drains nothing: 60,000 dropped datagrams (each reported) overflow the
+    // kernel's 1 MiB ring buffer.
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &agent]).status().unwrap().success());
+    signal("-STOP");
+    let flood = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range(60000):\n    s.sendto(b'x', ('{deathstar}', 1024 + i % 30000))\n"
+    );
+    let sent = lab.exec("xwing", &["python3", "-c", &flood]);
+    signal("-CONT");
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let lost = wait_for("lost event", &|v| v["lost_events"]["source"] == "PERF_EVENT_RING_BUFFER");
+    let n = lost["lost_events"]["num_events_lost"]
+        .as_str()
+        .map_or_else(|| lost["lost_events"]["num_events_lost"].as_u64().unwrap(), |s| s.parse().unwrap());
+    assert!(n > 1000, "{lost}");
+    assert!(lab.counters()["events_lost"].as_u64().unwrap() >= n, "{:#}", lab.counters());
 }
