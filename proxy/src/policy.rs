@@ -101,6 +101,8 @@ pub struct Ends {
     pub direction: TrafficDirection,
     /// What records call these ends on the wire ([`Ends::next_id`]: none two alike in a run).
     pub id: u64,
+    /// Their encoded size on the wire, once known (frames count it against their budget).
+    pub wire_len: std::sync::OnceLock<usize>,
 }
 
 impl Ends {
@@ -316,6 +318,7 @@ impl ConnPolicy {
                     destination: blank(local.ip(), port),
                     direction: TrafficDirection::Ingress,
                     id: Ends::next_id(),
+                    wire_len: Default::default(),
                 },
                 ConnVerdict::Drop(Denial {
                     reason: FlowDropReason::PolicyDenied,
@@ -337,6 +340,7 @@ impl ConnPolicy {
                         destination: blank(dst_sock.ip(), port),
                         direction: TrafficDirection::Ingress,
                         id: Ends::next_id(),
+                        wire_len: Default::default(),
                     },
                     ConnVerdict::Drop(Denial { reason: FlowDropReason::UnknownEndpoint, summary, policy: None }),
                 );
@@ -352,7 +356,11 @@ impl ConnPolicy {
         );
         let verdict = Self::verdict_of(s, &pair);
         let direction = traffic_direction(pair.reported_direction());
-        Self::new(snap.clone(), Ends { source, destination, direction, id: Ends::next_id() }, verdict)
+        Self::new(
+            snap.clone(),
+            Ends { source, destination, direction, id: Ends::next_id(), wire_len: Default::default() },
+            verdict,
+        )
     }
 
     /// The connection's verdict from both sides' L3/L4 verdicts: the first side that drops
@@ -393,6 +401,7 @@ impl ConnPolicy {
     pub fn for_client_port(&self, port: u16) -> Self {
         let mut ends = Ends::clone(&self.ends);
         ends.id = Ends::next_id();
+        ends.wire_len = std::sync::OnceLock::new();
         ends.source.port = port;
         Self {
             snapshot: self.snapshot.clone(),

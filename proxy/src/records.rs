@@ -245,8 +245,8 @@ impl Records {
             return;
         }
         crate::metrics::observe(&self.metrics, &r);
-        let mut bytes =
-            Vec::with_capacity(96 + r.summary.len() + r.policy.as_deref().map_or(0, str::len) + url_len(&r));
+        let guess = 96 + r.summary.len() + r.policy.as_deref().map_or(0, str::len) + url_len(&r);
+        let mut bytes = Vec::with_capacity(guess.min(3 * stream::MAX_FIELD));
         let line = {
             // Numbered (and so encoded) under the lock: the backlog is in sequence order, so a
             // follower asking for records after N never skips one.
@@ -255,7 +255,10 @@ impl Records {
             r.wire(seq).encode(&mut bytes);
             let line = self.file.as_ref().map(|_| {
                 flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], &bytes)
-                    .and_then(|mut f| f.pop().ok_or_else(|| "no flow".to_owned()))
+                    .and_then(|(mut f, errors)| match errors.first() {
+                        Some(e) => Err(e.to_string()),
+                        None => f.pop().ok_or_else(|| "no flow".to_owned()),
+                    })
                     .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string()))
             });
             b.push(Kept { bytes, ends: r.ends });
@@ -283,12 +286,20 @@ impl Records {
     pub fn after(&self, after: u64, limit: usize) -> (Vec<Flow>, u64, u64) {
         // As much as one frame holds: the answer's last number is the last record in it.
         let page = self.page(after, limit, stream::MAX_FRAME / 2);
-        // Records the proxy made itself: ones that do not convert are a bug, logged, not served.
-        let flows = flows_of(self.epoch, page.last, page.ends, &page.bytes).unwrap_or_else(|e| {
-            crate::log_limited!(error, error = %e, "Flow records are malformed");
-            Vec::new()
-        });
-        (flows, page.through, page.missed)
+        // Records the proxy made itself: ones that do not convert are a bug, logged, not served
+        // (the rest are); a page that cannot be framed at all is asked for again, not skipped.
+        match flows_of(self.epoch, page.last, page.ends, &page.bytes) {
+            Ok((flows, errors)) => {
+                for e in errors {
+                    crate::log_limited!(error, error = %e, "A flow record is malformed");
+                }
+                (flows, page.through, page.missed)
+            }
+            Err(e) => {
+                crate::log_limited!(error, error = %e, "Flow records could not be read back");
+                (Vec::new(), after, page.missed)
+            }
+        }
     }
 
     /// Records numbered above `after`, at most `limit` and about `max_bytes` (at least one): their
@@ -300,13 +311,23 @@ impl Records {
             let mut bytes = Vec::new();
             let mut ends: Vec<Arc<Ends>> = Vec::new();
             let mut seen = std::collections::HashSet::new();
-            let mut through = page.last;
+            let (mut through, mut size) = (page.last, 0);
             for (i, (n, k)) in page.items.iter().enumerate() {
-                if i > 0 && bytes.len() + k.bytes.len() > max_bytes {
+                // A connection not in the frame yet counts too (once: its size is kept).
+                let new = !seen.contains(&k.ends.id);
+                let ends_len = if new {
+                    *k.ends.wire_len.get_or_init(|| prost::Message::encoded_len(&wire_ends(&k.ends)) + 8)
+                } else {
+                    0
+                };
+                if i > 0 && size + k.bytes.len() + ends_len > max_bytes {
+                    // `through` stays at the last record taken: the rest come next time.
                     break;
                 }
+                size += k.bytes.len() + ends_len;
                 bytes.extend_from_slice(&k.bytes);
-                if seen.insert(k.ends.id) {
+                if new {
+                    seen.insert(k.ends.id);
                     ends.push(k.ends.clone());
                 }
                 through = *n;
@@ -345,15 +366,17 @@ fn url_len(r: &Record) -> usize {
     }
 }
 
-/// Stored records as flows: the same decoding a reader of the stream does.
-fn flows_of(epoch: u64, last: u64, ends: Vec<WireEnds>, bytes: &[u8]) -> Result<Vec<Flow>, String> {
+/// Stored records as flows (and the ones that do not convert): the same decoding a reader of the
+/// stream does.
+fn flows_of(
+    epoch: u64,
+    last: u64,
+    ends: Vec<WireEnds>,
+    bytes: &[u8],
+) -> Result<(Vec<Flow>, Vec<stream::StreamError>), String> {
     let frame = stream::frame(epoch, last, 0, ends, bytes).map_err(|e| e.to_string())?;
     let batch = stream::read_frame(&mut &frame[..], &mut Vec::new()).map_err(|e| e.to_string())?;
-    let (flows, errors) = batch.into_flows();
-    match errors.first() {
-        Some(e) => Err(e.to_string()),
-        None => Ok(flows),
-    }
+    Ok(batch.into_flows())
 }
 
 impl FlowSource for Records {

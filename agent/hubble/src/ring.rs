@@ -151,7 +151,10 @@ impl FlowRing {
         if count == 0 {
             return;
         }
-        let after = self.last();
+        // Under the flows' lock (always taken first): a loss's place and its number agree with
+        // every other loss's, whoever notes them.
+        let flows = self.lock();
+        let after = flows.last();
         {
             let mut losses = self.losses.lock().unwrap_or_else(PoisonError::into_inner);
             let id = losses.back().map_or(1, |l| l.id + 1);
@@ -160,6 +163,7 @@ impl FlowRing {
             }
             losses.push_back(Loss { id, after, source, count });
         }
+        drop(flows);
         self.newest.send_replace(after);
     }
 

@@ -164,6 +164,11 @@ impl Stream {
             let read = self.ring.after(cursor, PAGE);
             if read.missed > 0 {
                 self.lost(fpb::LostEventSource::HubbleRingBuffer, read.missed).await?;
+                // Losses among the flows the ring let go are not told again, one by one.
+                let oldest = read.flows.first().map_or(read.last, |(n, _)| *n);
+                while let Some(l) = pending.next_if(|l| l.after < oldest.saturating_sub(1)) {
+                    *losses = l.id + 1;
+                }
             }
             if read.flows.is_empty() {
                 let cursor = read.last.max(cursor);
@@ -174,7 +179,14 @@ impl Stream {
                 if end.is_some_and(|e| *n > e) {
                     return Ok((cursor, false));
                 }
-                self.losses(&mut pending, losses, *n).await?;
+                if self.window.before(f) {
+                    // Before the window: neither the flow nor the losses before it are asked for.
+                    while let Some(l) = pending.next_if(|l| l.after < *n) {
+                        *losses = l.id + 1;
+                    }
+                } else {
+                    self.losses(&mut pending, losses, *n).await?;
+                }
                 cursor = *n;
                 if self.window.after(f) {
                     return Ok((cursor, true));

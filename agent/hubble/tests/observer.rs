@@ -172,3 +172,28 @@ async fn losses_before_flows_are_told_where_they_happened() {
     assert_eq!(told, ["before", "a", "lost 3", "b", "lost 2"]);
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losses_among_flows_the_ring_let_go_are_not_told_one_by_one() {
+    use porin_hubble::ring::LostSource;
+    let (ring, sock, task) = start("evicted-losses", 2).await;
+    ring.push_numbered(|_| flow("a", Verdict::Forwarded));
+    ring.lost(LostSource::PerfEventRingBuffer, 4);
+    for p in ["b", "c", "d"] {
+        ring.push_numbered(|_| flow(p, Verdict::Forwarded));
+    }
+    let mut c = porin_hubble::client::connect(&format!("unix:{}", sock.0.display())).await.unwrap();
+    let all = collect(c.get_flows(GetFlowsRequest::default()).await.unwrap().into_inner()).await;
+    let told: Vec<String> = all
+        .iter()
+        .map(|r| match r {
+            ResponseTypes::Flow(f) => f.source.as_ref().unwrap().pod_name.clone(),
+            ResponseTypes::LostEvents(l) => format!("lost {} from {}", l.num_events_lost, l.source),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // "a" and "b" are gone: the ring's own loss says so; the kernel's, noted among them, is not
+    // told again.
+    assert_eq!(told, [format!("lost 2 from {}", LostEventSource::HubbleRingBuffer as i32), "c".into(), "d".into()]);
+    task.abort();
+}

@@ -138,8 +138,10 @@ impl Handler for Control {
             }
             Request::Flows { after, limit } => {
                 let read = self.view.flows.after(after, limit.unwrap_or(FLOWS_PAGE));
+                // A page the limit cut: the reader goes on from its last flow, not the newest.
+                let last = read.flows.last().map_or(read.last, |(n, _)| *n);
                 let flows = read.flows.into_iter().map(|(_, f)| f).collect();
-                Ok(Reply::Flows { epoch: self.view.flows.epoch(), last: read.last, missed: read.missed, flows })
+                Ok(Reply::Flows { epoch: self.view.flows.epoch(), last, missed: read.missed, flows })
             }
             Request::Reload => self.ask(|tx| Job::Reload(Some(tx))).await,
             Request::Counters => self.ask(Job::Counters).await.map(|counters| Reply::Counters { counters }),
