@@ -13,8 +13,9 @@
 //! bytes, whichever comes first; the next follows at once.
 //!
 //! The messages are prost-derived here (the endpoint, DNS and Kafka parts are [`crate::flow`]'s
-//! own types); [`to_flow`] turns one record into the Hubble-shaped [`Flow`], the only place that
-//! does, for the proxy's own JSON answers and file as well as for readers of the stream.
+//! own types); the proxy writes its records with [`RecordRef::encode`] and [`frame`];
+//! [`Batch::into_flows`] turns them into Hubble-shaped [`Flow`]s, the only place that does, for
+//! the proxy's own JSON answers and file as well as for readers of the stream.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -305,11 +306,6 @@ impl Resolved {
 }
 
 /// One record as Hubble shapes it, with the connection it belongs to.
-pub fn to_flow(ends: &WireEnds, r: WireRecord) -> Result<Flow, StreamError> {
-    let ends = Resolved::of(ends).map_err(|what| bad(&r, what))?;
-    flow(&ends, r)
-}
-
 fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
     let (src, dst) = if r.reply { (&ends.server, &ends.client) } else { (&ends.client, &ends.server) };
     let ports = Ports { source_port: src.port, destination_port: dst.port };
@@ -384,19 +380,6 @@ impl Batch {
         }
         (flows, errors)
     }
-}
-
-/// Writes one frame (one write of the length and the body).
-pub fn write_frame(w: &mut impl Write, batch: &Batch) -> std::io::Result<()> {
-    let len = prost::Message::encoded_len(batch);
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
-    }
-    let mut frame = Vec::with_capacity(4 + len);
-    frame.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-    prost::Message::encode(batch, &mut frame).map_err(std::io::Error::other)?;
-    w.write_all(&frame)?;
-    w.flush()
 }
 
 /// A record as the proxy has it, borrowed: [`RecordRef::encode`] writes it as one `records`
@@ -780,8 +763,10 @@ mod tests {
 
     #[test]
     fn a_batch_round_trips_and_becomes_flows() {
-        let mut wire = Vec::new();
-        write_frame(&mut wire, &batch()).unwrap();
+        // A batch of prost-built records, framed as the writer frames its stored ones.
+        let b = batch();
+        let records: Vec<u8> = prost::Message::encode_to_vec(&Batch { records: b.records.clone(), ..Batch::default() });
+        let wire = frame(b.epoch, b.last, b.missed, b.ends, &records).unwrap();
         let back = read_frame(&mut &wire[..], &mut Vec::new()).unwrap();
         assert_eq!(back, batch());
         let (flows, errors) = back.into_flows();
