@@ -16,17 +16,7 @@ rust_components
 peers_install
 SECS=${SECS:-10}
 ROUNDS=${ROUNDS:-2}
-cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
-PORIN=$PWD/target/release/porin
-work=$(mktemp -d /tmp/porin-l7-bench.XXXXXX)
-mkdir -p "$work/tmp" "$work/logs"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_start l7
 B1=$(free_port); B2=$(free_port); PP=$(free_port); PP2=$(free_port); HP=$(free_port); EP=$(free_port); EA=$(free_port)
 RULES=100
 PATH_HIT=/api/v1/svc$((RULES - 1))/item

@@ -22,17 +22,7 @@ SECS=${SECS:-10}
 # off the stream and judges it; FOLLOW="-o json" prints every record as `hubble observe -o json`.
 FOLLOW=${FOLLOW:---verdict DROPPED -o json}
 ROUNDS=${ROUNDS:-3}
-cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
-PORIN=$PWD/target/release/porin
-work=$(mktemp -d /tmp/porin-obs-bench.XXXXXX)
-mkdir -p "$work/tmp" "$work/logs"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_start obs
 B1=$(free_port); B2=$(free_port); ON=$(free_port); OFF=$(free_port); MP=$(free_port)
 RULES=100
 PATH_HIT=/api/v1/svc$((RULES - 1))/item

@@ -114,3 +114,19 @@ wait_http() { # $1 url, $2 expected status; on timeout prints the logs under $wo
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 # CPU seconds (user + system) a process has used so far, its threads included.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
+# The side-by-side scripts' start: the release `porin` ($PORIN), a scratch directory ($work, with
+# tmp/ and logs/) named after $1, and $pids, every process in which is stopped, and the scratch
+# removed, when the script exits.
+bench_start() {
+    cargo build --release --locked -p porin >/dev/null 2>&1 || cargo build --release --locked -p porin
+    PORIN=$PWD/target/release/porin
+    work=$(mktemp -d "/tmp/porin-$1-bench.XXXXXX")
+    mkdir -p "$work/tmp" "$work/logs"
+    pids=()
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
