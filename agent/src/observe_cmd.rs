@@ -341,23 +341,30 @@ fn follow_stream(
                 socket.display()
             );
         }
-        let (flows, errors) = batch.into_flows();
+        let mut errors = Vec::new();
+        let admitted = batch.flows().filter_map(|f| match f {
+            Ok(f) => filters.admit(&f, "", "").then_some(f),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        });
+        write_flows(output, admitted)?;
         for e in errors {
             eprintln!("porin observe: {}: {e}", socket.display());
         }
-        write_flows(output, flows.iter().filter(|f| filters.admit(f, "", "")))?;
     }
 }
 
 /// Writes flows read from a control socket, then flushes.
-fn write_flows<'a>(
+fn write_flows(
     output: ObserveOutput,
-    flows: impl IntoIterator<Item = &'a porin_flow::flow::Flow>,
+    flows: impl IntoIterator<Item = impl std::borrow::Borrow<porin_flow::flow::Flow>>,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
     for f in flows {
-        let pb = porin_hubble::convert::to_pb(f, String::new(), "");
+        let pb = porin_hubble::convert::to_pb(f.borrow(), String::new(), "");
         let time = pb.time;
         write(
             &mut out,

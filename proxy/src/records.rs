@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use porin_flow::backlog::Backlog;
+use porin_flow::backlog::ByteBacklog;
 use porin_flow::flow::{DnsInfo, DropReason, Flow, FlowEndpoint, HttpProtocol, KafkaInfo, Verdict};
 use porin_flow::stream::{self, DetailRef, FlowSource, Frame, RecordRef, WireEnd, WireEnds};
 use serde::Serialize;
@@ -16,6 +16,14 @@ use crate::policy::Ends;
 
 /// Records kept for queries.
 pub const BACKLOG: usize = 8 * 1024;
+
+/// The bytes they may take: records of up to 4 KiB (most take 100–300 bytes) in one ring of this
+/// size, allocated at start...
+pub const BACKLOG_BYTES: usize = 2 << 20;
+
+/// ... and longer ones (long URLs) within this budget, allocated as they come. Whatever clients
+/// send, the backlog holds at most the two.
+pub const BACKLOG_LARGE_BYTES: usize = 16 << 20;
 
 /// Proxy counters.
 #[derive(Debug, Default)]
@@ -189,18 +197,21 @@ pub fn wire_ends(e: &Ends) -> WireEnds {
     }
 }
 
-/// One kept record: its bytes as a `records` entry of a frame, and its connection.
+/// What the sink holds under its lock: the records as they go on the wire (each with its
+/// connection: its id, kept beside it so a frame's reader tells connections apart without reading
+/// the connection's shared `Arc`, whose count the data path keeps writing), and the buffer a record
+/// is encoded in before it is kept.
 #[derive(Debug)]
-struct Kept {
-    bytes: Vec<u8>,
-    ends: Arc<Ends>,
+struct Held {
+    kept: ByteBacklog<(u64, Arc<Ends>)>,
+    scratch: Vec<u8>,
 }
 
 /// The record sink.
 #[derive(Debug)]
 pub struct Records {
     /// Records as they go on the wire: encoded once, on the path that makes them, while hot.
-    backlog: Mutex<Backlog<Kept>>,
+    backlog: Mutex<Held>,
     /// This run's id (see `Reply::Flows::epoch`).
     epoch: u64,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
@@ -227,14 +238,18 @@ impl Records {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        Ok(Self { backlog: Mutex::new(Backlog::new(BACKLOG)), epoch, file, metrics: Default::default(), enabled })
+        // Nothing kept, no ring.
+        let (capacity, ring, large) = if enabled { (BACKLOG, BACKLOG_BYTES, BACKLOG_LARGE_BYTES) } else { (1, 1, 0) };
+        let held = Held { kept: ByteBacklog::new(capacity, ring, large), scratch: Vec::with_capacity(1024) };
+        Ok(Self { backlog: Mutex::new(held), epoch, file, metrics: Default::default(), enabled })
     }
 
     /// What the sink holds: `{enabled, kept, capacity, seen, evicted}`.
     pub fn status(&self) -> serde_json::Value {
-        let b = lock(&self.backlog);
+        let b = &lock(&self.backlog).kept;
         serde_json::json!({
-            "enabled": self.enabled, "kept": b.len(), "capacity": BACKLOG, "seen": b.last(), "evicted": b.evicted(),
+            "enabled": self.enabled, "kept": b.len(), "capacity": BACKLOG, "kept_bytes": b.kept_bytes(),
+            "ring_bytes": b.ring_bytes(), "large_bytes": BACKLOG_LARGE_BYTES, "seen": b.last(), "evicted": b.evicted(),
         })
     }
 
@@ -245,24 +260,28 @@ impl Records {
             return;
         }
         crate::metrics::observe(&self.metrics, &r);
-        let guess = 96 + r.summary.len() + r.policy.as_deref().map_or(0, str::len) + url_len(&r);
-        let mut bytes = Vec::with_capacity(guess.min(3 * stream::MAX_FIELD));
         let line = {
             // Numbered (and so encoded) under the lock: the backlog is in sequence order, so a
-            // follower asking for records after N never skips one.
-            let mut b = lock(&self.backlog);
-            let seq = b.last() + 1;
-            r.wire(seq).encode(&mut bytes);
+            // follower asking for records after N never skips one. Encoded into a buffer that
+            // stays warm, then copied into the ring.
+            let mut held = lock(&self.backlog);
+            let Held { kept, scratch } = &mut *held;
+            let seq = kept.last() + 1;
+            scratch.clear();
+            r.wire(seq).encode(scratch);
             let line = self.file.as_ref().map(|_| {
-                flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], &bytes)
+                flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], scratch)
                     .and_then(|(mut f, errors)| match errors.first() {
                         Some(e) => Err(e.to_string()),
                         None => f.pop().ok_or_else(|| "no flow".to_owned()),
                     })
                     .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string()))
             });
-            b.push(Kept { bytes, ends: r.ends });
-            drop(b);
+            kept.push(scratch, (r.ends.id, r.ends));
+            // A long record's buffer is not kept for the next.
+            if scratch.capacity() > 64 * 1024 {
+                *scratch = Vec::with_capacity(1024);
+            }
             line
         };
         let written = match (&self.file, line) {
@@ -306,29 +325,31 @@ impl Records {
     /// bytes and connections are copied under the lock, the connections encoded off it.
     fn page(&self, after: u64, limit: usize, max_bytes: usize) -> Page {
         let (bytes, ends, through, last, missed) = {
-            let b = lock(&self.backlog);
-            let page = b.after(after, limit);
+            let held = lock(&self.backlog);
+            let page = held.kept.after(after, limit);
             let mut bytes = Vec::new();
             let mut ends: Vec<Arc<Ends>> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = rustc_hash::FxHashSet::default();
             let (mut through, mut size) = (page.last, 0);
-            for (i, (n, k)) in page.items.iter().enumerate() {
+            for (i, (n, (id, conn), [head, tail])) in page.items.iter().enumerate() {
                 // A connection not in the frame yet counts too (once: its size is kept).
-                let new = !seen.contains(&k.ends.id);
+                let new = !seen.contains(id);
                 let ends_len = if new {
-                    *k.ends.wire_len.get_or_init(|| prost::Message::encoded_len(&wire_ends(&k.ends)) + 8)
+                    *conn.wire_len.get_or_init(|| prost::Message::encoded_len(&wire_ends(conn)) + 8)
                 } else {
                     0
                 };
-                if i > 0 && size + k.bytes.len() + ends_len > max_bytes {
+                let len = head.len() + tail.len();
+                if i > 0 && size + len + ends_len > max_bytes {
                     // `through` stays at the last record taken: the rest come next time.
                     break;
                 }
-                size += k.bytes.len() + ends_len;
-                bytes.extend_from_slice(&k.bytes);
+                size += len + ends_len;
+                bytes.extend_from_slice(head);
+                bytes.extend_from_slice(tail);
                 if new {
-                    seen.insert(k.ends.id);
-                    ends.push(k.ends.clone());
+                    seen.insert(*id);
+                    ends.push(conn.clone());
                 }
                 through = *n;
             }
@@ -344,7 +365,7 @@ impl Records {
 
     /// Records the backlog let go because it was full.
     pub fn evicted(&self) -> u64 {
-        lock(&self.backlog).evicted()
+        lock(&self.backlog).kept.evicted()
     }
 }
 
@@ -356,14 +377,6 @@ struct Page {
     through: u64,
     last: u64,
     missed: u64,
-}
-
-/// The URL's length, for a record's first guess at its size.
-fn url_len(r: &Record) -> usize {
-    match &r.detail {
-        Detail::Http { url, .. } => url.len(),
-        _ => 0,
-    }
 }
 
 /// Stored records as flows (and the ones that do not convert): the same decoding a reader of the
@@ -385,7 +398,7 @@ impl FlowSource for Records {
     }
 
     fn last(&self) -> u64 {
-        lock(&self.backlog).last()
+        lock(&self.backlog).kept.last()
     }
 
     /// The lock is held only to copy the records' bytes.

@@ -14,8 +14,9 @@
 //! `porin_policy_publish_failures_total`; the proxy's `porin_proxy_connections`,
 //! `porin_snapshot_age_seconds`.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -114,6 +115,42 @@ struct MapLabels {
     map: &'static str,
 }
 
+/// The metrics counted through the per-thread handle table.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum HotMetric {
+    Flows,
+    Drops,
+    HttpRequests,
+    HttpResponses,
+    HttpDuration,
+    PolicyVerdicts,
+}
+
+/// A label set of static names (and numbers) as a key: each name by its address and length. Two
+/// copies of one name at different addresses are two keys for the same family child: harmless.
+type HotLabels = [usize; 4];
+
+fn key(s: &'static str) -> usize {
+    s.as_ptr() as usize ^ (s.len() << 48)
+}
+
+/// A handle this thread took from a family: the family's own (counting through it counts in the
+/// family).
+#[derive(Debug)]
+enum Handle {
+    Counter(Counter),
+    Histogram(Histogram),
+}
+
+thread_local! {
+    /// Handles this thread has counted through, by metrics instance, metric and labels. Bounded by
+    /// the families' label sets (closed sets: see the module's notes).
+    static HOT: RefCell<rustc_hash::FxHashMap<(u64, HotMetric, HotLabels), Handle>> = RefCell::default();
+}
+
+/// Tells metrics instances apart in [`HOT`].
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
+
 /// Which process the metrics are of: each registers its own `porin_` figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Process {
@@ -126,6 +163,8 @@ pub enum Process {
 /// The metrics of one process.
 #[derive(Debug)]
 pub struct HubbleMetrics {
+    /// This instance, for the per-thread handle table.
+    id: u64,
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
     drops: Family<DropLabels, Counter>,
@@ -226,6 +265,7 @@ impl HubbleMetrics {
             }
         }
         Self {
+            id: INSTANCES.fetch_add(1, Ordering::Relaxed),
             registry,
             flows,
             drops,
@@ -267,25 +307,35 @@ impl HubbleMetrics {
     /// A flow processed: `protocol` (`http`, `dns`, `kafka`, `tcp`, `udp`, ...), `kind` (`L7`,
     /// `L3_L4`), `subtype` (`HTTP`, ... or empty), `verdict` (Hubble's name).
     pub fn flow(&self, protocol: &'static str, kind: &'static str, subtype: &'static str, verdict: &'static str) {
-        self.flows.get_or_create(&FlowLabels { protocol, r#type: kind, subtype, verdict }).inc();
+        self.count(HotMetric::Flows, [key(protocol), key(kind), key(subtype), key(verdict)], || {
+            Handle::Counter(self.flows.get_or_create(&FlowLabels { protocol, r#type: kind, subtype, verdict }).clone())
+        });
     }
 
     /// A drop: Hubble's reason name, the L4 protocol (`TCP`, `UDP`, `ICMPv4`, ...).
     pub fn drop(&self, reason: &'static str, protocol: &'static str) {
-        self.drops.get_or_create(&DropLabels { reason, protocol }).inc();
+        self.count(HotMetric::Drops, [key(reason), key(protocol), 0, 0], || {
+            Handle::Counter(self.drops.get_or_create(&DropLabels { reason, protocol }).clone())
+        });
     }
 
     /// An HTTP request, counted when seen.
     pub fn http_request(&self, method: &str, protocol: &'static str, reporter: &'static str) {
-        let labels = HttpRequestLabels { method: method_label(method), protocol, reporter };
-        self.http_requests.get_or_create(&labels).inc();
+        let method = method_label(method);
+        self.count(HotMetric::HttpRequests, [key(method), key(protocol), key(reporter), 0], || {
+            Handle::Counter(self.http_requests.get_or_create(&HttpRequestLabels { method, protocol, reporter }).clone())
+        });
     }
 
     /// An HTTP response and its latency.
     pub fn http_response(&self, method: &str, status: u16, reporter: &'static str, seconds: f64) {
         let method = method_label(method);
-        self.http_responses.get_or_create(&HttpResponseLabels { status, method, reporter }).inc();
-        self.http_duration.get_or_create(&HttpDurationLabels { method, reporter }).observe(seconds);
+        self.count(HotMetric::HttpResponses, [key(method), key(reporter), usize::from(status), 0], || {
+            Handle::Counter(self.http_responses.get_or_create(&HttpResponseLabels { status, method, reporter }).clone())
+        });
+        self.observe(HotMetric::HttpDuration, [key(method), key(reporter), 0, 0], seconds, || {
+            Handle::Histogram(self.http_duration.get_or_create(&HttpDurationLabels { method, reporter }).clone())
+        });
     }
 
     /// A DNS query.
@@ -334,7 +384,11 @@ impl HubbleMetrics {
     /// A policy verdict: `direction` (`ingress`, `egress`), `match` (`l3-l4`, `none`, `l7/http`,
     /// `l7/dns`, `l7/kafka`), `action` (`forwarded`, `dropped`, `redirected`, `audit`).
     pub fn policy_verdict(&self, direction: &'static str, r#match: &'static str, action: &'static str) {
-        self.policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, r#match, action }).inc();
+        self.count(HotMetric::PolicyVerdicts, [key(direction), key(r#match), key(action), 0], || {
+            Handle::Counter(
+                self.policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, r#match, action }).clone(),
+            )
+        });
     }
 
     /// The agent's last policy apply: its duration and the active generation's map entries.
@@ -357,6 +411,40 @@ impl HubbleMetrics {
     pub fn proxy_state(&self, connections: usize, snapshot_age_seconds: f64) {
         self.connections.set(i64::try_from(connections).unwrap_or(i64::MAX));
         self.snapshot_age.set(snapshot_age_seconds);
+    }
+
+    /// Adds one to the counter of `labels`, through this thread's handle (taken by `get` once).
+    fn count(&self, metric: HotMetric, labels: HotLabels, get: impl FnOnce() -> Handle) {
+        self.with_handle(metric, labels, get, |h| {
+            if let Handle::Counter(c) = h {
+                c.inc();
+            }
+        });
+    }
+
+    /// Observes `value` in the histogram of `labels`, through this thread's handle.
+    fn observe(&self, metric: HotMetric, labels: HotLabels, value: f64, get: impl FnOnce() -> Handle) {
+        self.with_handle(metric, labels, get, |h| {
+            if let Handle::Histogram(hist) = h {
+                hist.observe(value);
+            }
+        });
+    }
+
+    fn with_handle(&self, metric: HotMetric, labels: HotLabels, get: impl FnOnce() -> Handle, f: impl FnOnce(&Handle)) {
+        let mut job = Some((get, f));
+        // A thread being torn down has no table (`try_with` fails, `job` is still there): it
+        // counts through the family's handle directly.
+        let in_table = HOT.try_with(|hot| {
+            if let Some((get, f)) = job.take() {
+                f(hot.borrow_mut().entry((self.id, metric, labels)).or_insert_with(get));
+            }
+        });
+        if in_table.is_err()
+            && let Some((get, f)) = job.take()
+        {
+            f(&get());
+        }
     }
 
     /// A topic (list) as a label: itself while fewer than [`MAX_TOPICS`] have been seen, else `other`.

@@ -364,21 +364,27 @@ impl Batch {
     /// The batch's records as flows, oldest first; a record that makes no sense is an error
     /// naming it (the rest are still returned).
     pub fn into_flows(self) -> (Vec<Flow>, Vec<StreamError>) {
-        let ends: std::collections::HashMap<u64, Result<Resolved, String>> =
-            self.ends.iter().map(|e| (e.id, Resolved::of(e))).collect();
-        let (mut flows, mut errors) = (Vec::with_capacity(self.records.len()), Vec::new());
-        for r in self.records {
-            let flow = match ends.get(&r.ends) {
-                Some(Ok(e)) => flow(e, r),
-                Some(Err(what)) => Err(bad(&r, what.clone())),
-                None => Err(bad(&r, format!("connection {} is not in the batch", r.ends))),
-            };
-            match flow {
+        let mut flows = Vec::with_capacity(self.records.len());
+        let mut errors = Vec::new();
+        for f in self.flows() {
+            match f {
                 Ok(f) => flows.push(f),
                 Err(e) => errors.push(e),
             }
         }
         (flows, errors)
+    }
+
+    /// The same, one at a time: a reader that judges each flow as it comes (and lets most go)
+    /// never holds the batch's flows at once.
+    pub fn flows(self) -> impl Iterator<Item = Result<Flow, StreamError>> {
+        let ends: std::collections::HashMap<u64, Result<Resolved, String>> =
+            self.ends.iter().map(|e| (e.id, Resolved::of(e))).collect();
+        self.records.into_iter().map(move |r| match ends.get(&r.ends) {
+            Some(Ok(e)) => flow(e, r),
+            Some(Err(what)) => Err(bad(&r, what.clone())),
+            None => Err(bad(&r, format!("connection {} is not in the batch", r.ends))),
+        })
     }
 }
 
