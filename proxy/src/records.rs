@@ -17,12 +17,15 @@ use crate::policy::Ends;
 /// Records kept for queries.
 pub const BACKLOG: usize = 8 * 1024;
 
-/// The bytes they may take: records of up to 4 KiB (most take 100–300 bytes) in one ring of this
-/// size, allocated at start...
+/// The bytes they may take: records of up to 4 KiB in one ring of this size, allocated at start
+/// (the benchmark's HTTP records take ~120 bytes: 8,192 of them fill half of it; with longer URLs
+/// the ring, not the count, is what bounds the backlog)...
 pub const BACKLOG_BYTES: usize = 2 << 20;
 
 /// ... and longer ones (long URLs) within this budget, allocated as they come. Whatever clients
-/// send, the backlog holds at most the two.
+/// send, the backlog holds at most the two. The backlog is a buffer for readers that keep up (the
+/// stream sends within 20 ms), not retention: ~256 requests with maximal heads fill this budget,
+/// and from then on each lets the oldest records go, as 8,192 short requests do.
 pub const BACKLOG_LARGE_BYTES: usize = 16 << 20;
 
 /// Proxy counters.
@@ -199,8 +202,8 @@ pub fn wire_ends(e: &Ends) -> WireEnds {
 
 /// What the sink holds under its lock: the records as they go on the wire (each with its
 /// connection: its id, kept beside it so a frame's reader tells connections apart without reading
-/// the connection's shared `Arc`, whose count the data path keeps writing), and the buffer a record
-/// is encoded in before it is kept.
+/// the connection's shared `Arc`, whose count the data path keeps writing — it clones that `Arc`
+/// once per connection per frame only), and the buffer a record is encoded in before it is kept.
 #[derive(Debug)]
 struct Held {
     kept: ByteBacklog<(u64, Arc<Ends>)>,

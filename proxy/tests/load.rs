@@ -364,6 +364,8 @@ async fn the_record_stream_splits_long_records_and_ends_with_its_proxy() {
     use porin_flow::stream::{FRAME_BYTES, StreamReader};
     let fx = Fixture::new(&[&policy("/api/.*")], &eps(), &listeners()).await;
     let socket = fx.dir.0.join("proxy.sock");
+    // 300 records of ~50 KB: ~15 MB, within the backlog's 16 MiB for long records (more would
+    // let the first go before this reader, which connects afterwards, asks).
     const N: u64 = 150;
     let long = format!("/api/{}", "x".repeat(50_000));
     let args = ["-n", &N.to_string(), "-c", "4", "--h1", &format!("http://{}{long}", fx.addr("h1"))].map(str::to_owned);
