@@ -511,4 +511,35 @@ mod tests {
             "# HELP hubble_drop_total Dropped.\n# TYPE hubble_drop_total counter\nhubble_drop_total{reason=\"X\"} 2\n# HELP h Hist.\n# TYPE h histogram\nh_count 1\n"
         );
     }
+
+    #[test]
+    fn counts_through_per_thread_handles_reach_the_families() {
+        let (a, b) = (HubbleMetrics::default(), HubbleMetrics::default());
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..3 {
+                        a.http_request("GET", "HTTP/1.1", "server");
+                        a.http_response("GET", 200, "server", 0.001);
+                        a.http_response("GET", 404, "server", 0.001);
+                        a.flow("http", "L7", "HTTP", "FORWARDED");
+                    }
+                    b.flow("http", "L7", "HTTP", "DROPPED");
+                });
+            }
+        });
+        let text = a.render_text();
+        for line in [
+            r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="server"} 6"#,
+            r#"hubble_http_responses_total{status="200",method="GET",reporter="server"} 6"#,
+            r#"hubble_http_responses_total{status="404",method="GET",reporter="server"} 6"#,
+            r#"hubble_http_request_duration_seconds_count{method="GET",reporter="server"} 12"#,
+            r#"hubble_flows_processed_total{protocol="http",type="L7",subtype="HTTP",verdict="FORWARDED"} 6"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        // Another instance's counts stay its own.
+        assert!(!text.contains("DROPPED"));
+        assert!(b.render_text().contains(r#"verdict="DROPPED"} 2"#));
+    }
 }
