@@ -398,7 +398,7 @@ fn observe_inner(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
     }
     #[cfg(feature = "lab")]
     let server = match &a.lab {
-        Some(lab) => format!("unix:{}", crate::lab::LabPaths::new(lab).hubble().display()),
+        Some(lab) => format!("unix:{}", crate::lab::LabPaths::of(lab, None)?.hubble().display()),
         None => a.server.clone(),
     };
     #[cfg(not(feature = "lab"))]

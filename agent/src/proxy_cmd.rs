@@ -146,7 +146,7 @@ pub struct FqdnListArgs {
 /// `porin fqdn cache list`: what the DNS proxy learned, like `cilium fqdn cache list`.
 pub fn fqdn_cache_list(a: &FqdnListArgs) -> anyhow::Result<()> {
     #[cfg(feature = "lab")]
-    let lab = a.lab.as_deref().map(|n| crate::lab::LabPaths::new(n).proxy_control());
+    let lab = a.lab.as_deref().map(|n| crate::lab::LabPaths::of(n, None)).transpose()?.map(|p| p.proxy_control());
     #[cfg(not(feature = "lab"))]
     let lab: Option<PathBuf> = None;
     let socket = lab.or_else(|| a.proxy.clone()).unwrap_or_else(|| PathBuf::from("/run/porin/proxy.sock"));
@@ -191,9 +191,10 @@ pub fn publish(endpoints: &Path, out: &Path, files: &[PathBuf]) -> anyhow::Resul
     let inputs = PolicyInputs {
         version,
         policies,
-        environment: environment(&eps),
+        // Published for no node in particular: every node listed is `remote-node`.
+        environment: environment(&eps, ""),
         node_ips: eps.node_ips.clone(),
-        identities: vec![],
+        identities: eps.identities.clone(),
         prefixes: vec![],
         fqdn: Default::default(),
     };

@@ -224,6 +224,28 @@ impl IdentityAllocator {
         }
     }
 
+    /// Takes identities handed out elsewhere (the cluster's allocator) as given: each label set gets
+    /// its number, and a label set that held one of these numbers here gives it up (it gets a free
+    /// one when next asked). Returns how many label sets known here changed number or gave one up.
+    pub fn pin(&mut self, given: &[LabelAssignment]) -> usize {
+        let parse = |ls: &Vec<String>| {
+            Labels::new(ls.iter().map(|l| crate::labels::Label::parse(l, crate::labels::LabelSource::Any)))
+        };
+        let given: BTreeMap<Labels, IdentityId> = given.iter().map(|(l, id)| (parse(l), *id)).collect();
+        let numbers: std::collections::BTreeSet<IdentityId> = given.values().copied().collect();
+        let mut changed = 0;
+        self.by_labels.retain(|l, id| {
+            let keep = match given.get(l) {
+                Some(want) => *want == *id,
+                None => !numbers.contains(id),
+            };
+            changed += usize::from(!keep);
+            keep
+        });
+        self.by_labels.extend(given);
+        changed
+    }
+
     /// Forgets label sets, prefixes and FQDN selectors not in use; label and prefix numbers can be
     /// reused later, FQDN selector numbers never are.
     pub fn retain(&mut self, labels_in_use: &[&Labels], prefixes_in_use: &[IpNet], fqdn_in_use: &[&str]) {
@@ -308,6 +330,24 @@ mod tests {
         a.retain(&[&keep], &[], &[]);
         assert_eq!(a.endpoint(&labels(&["app=z"])), 256);
         assert_eq!(a.endpoint(&keep), 257);
+    }
+
+    #[test]
+    fn pinned_identities_win_and_whoever_held_their_number_gets_another() {
+        let mut a = IdentityAllocator::new();
+        let x = labels(&["app=x"]);
+        let y = labels(&["app=y"]);
+        assert_eq!(a.endpoint(&x), 256);
+        assert_eq!(a.endpoint(&y), 257);
+        // The cluster says y is 256 and z is 300: x gives 256 up, y moves.
+        let text = |l: &Labels| l.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let z = labels(&["app=z"]);
+        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), 2);
+        assert_eq!(a.endpoint(&y), 256);
+        assert_eq!(a.endpoint(&z), 300);
+        assert_eq!(a.endpoint(&x), 257);
+        // Pinning what is already so changes nothing.
+        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), 0);
         assert_eq!(a.cidr("10.0.0.0/8".parse().unwrap()), LOCAL_SCOPE | 1);
     }
 

@@ -44,6 +44,29 @@ pub struct EndpointSpec {
     /// This endpoint's policy is in audit mode: what it drops is recorded `AUDIT` and passes.
     #[serde(default)]
     pub policy_audit_mode: bool,
+    /// The node it runs on (one of [`EndpointsFile::nodes`]); absent: this node. An endpoint of
+    /// another node is known by its addresses and identity (the ipcache, policy selecting it) and
+    /// is not attached here: its own node enforces its policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl EndpointSpec {
+    /// Whether it runs on the node named `node`.
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+/// A node of the cluster, in the cluster state every node reads.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Its name (the agent's `--node-name`).
+    pub name: String,
+    /// Its own addresses: identity `host` on that node, `remote-node` on the others.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
 }
 
 /// A named port.
@@ -87,6 +110,39 @@ pub struct EndpointsFile {
     /// uplink program hands the proxy what is its).
     #[serde(default)]
     pub uplinks: Vec<String>,
+    /// The cluster's nodes (several nodes reading one file: each takes its own entry's addresses as
+    /// `host`, the others' as `remote-node`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSpec>,
+    /// Identities handed out by whoever writes the file for the whole cluster (`[labels, id]`, as
+    /// the agent publishes them): every node takes them as given, so an endpoint's identity is the
+    /// same number on every node. Label sets not listed are allocated by the agent (from 256, the
+    /// lowest number free), which agrees across nodes only while they see the same history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<policy_engine::identity::LabelAssignment>,
+    /// Per-node uplinks: `node name → interfaces` (a file shared by several nodes; each attaches
+    /// its own and `uplinks`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_uplinks: BTreeMap<String, Vec<String>>,
+}
+
+impl EndpointsFile {
+    /// This node's addresses (`host`): `node_ips` and its entry in `nodes`.
+    pub fn own_ips(&self, node: &str) -> Vec<IpAddr> {
+        let mut ips = self.node_ips.clone();
+        ips.extend(self.nodes.iter().filter(|n| n.name == node).flat_map(|n| n.ips.iter().copied()));
+        ips
+    }
+
+    /// The other nodes' addresses (`remote-node`).
+    pub fn remote_node_ips(&self, node: &str) -> Vec<IpAddr> {
+        self.nodes.iter().filter(|n| n.name != node).flat_map(|n| n.ips.iter().copied()).collect()
+    }
+
+    /// This node's uplinks.
+    pub fn own_uplinks(&self, node: &str) -> impl Iterator<Item = &String> {
+        self.uplinks.iter().chain(self.node_uplinks.get(node).into_iter().flatten())
+    }
 }
 
 /// A policy file's state.
@@ -115,8 +171,8 @@ pub(super) fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The engine's environment for an endpoints file.
-pub fn environment(eps: &EndpointsFile) -> Environment {
+/// The engine's environment for an endpoints file, as node `node` sees it.
+pub fn environment(eps: &EndpointsFile, node: &str) -> Environment {
     let mut env = Environment::default();
     if let Some(c) = &eps.cluster {
         env.cluster = c.clone();
@@ -124,6 +180,7 @@ pub fn environment(eps: &EndpointsFile) -> Environment {
     env.namespace_labels = eps.namespaces.clone();
     env.namespace_annotations = eps.namespace_annotations.clone();
     env.policy_audit_mode = eps.policy_audit_mode;
+    env.remote_node_ips = eps.remote_node_ips(node);
     env.endpoints = eps
         .endpoints
         .iter()

@@ -30,7 +30,7 @@ use porin_hubble::ring::{FlowRing, LostSource};
 use porin_hubble::server::{HubbleServer, Listener};
 use tokio::sync::oneshot;
 
-pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, environment, publish};
+pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, NodeSpec, environment, publish};
 use self::reloader::{Job, Reloader, View};
 
 /// The most flow records one `flows` query returns.

@@ -251,8 +251,14 @@ impl Reloader {
                 all.extend(l.clone());
             }
         }
-        let mut env = environment(&eps);
+        let node = self.cfg.node_name.as_str();
+        let mut env = environment(&eps, node);
         env.policy_audit_mode |= self.cfg.policy_audit_mode;
+        // The cluster's identities first: every node numbers an endpoint the same.
+        let moved = self.allocator.pin(&eps.identities);
+        if moved > 0 {
+            tracing::warn!(moved, "Identities the cluster state gives differ from this node's: the cluster's win");
+        }
         self.version += 1;
         let snap = resolve(&all.policies, &all.cidr_groups, &env, &mut self.allocator, self.version);
         for e in &snap.errors {
@@ -261,7 +267,8 @@ impl Reloader {
         // Bind and attach endpoints (interfaces in this network namespace).
         let mut bindings = Vec::new();
         self.attach_errors.clear();
-        for e in &eps.endpoints {
+        // Endpoints of other nodes are known by address and identity only: their nodes enforce.
+        for e in eps.endpoints.iter().filter(|e| e.is_on(node)) {
             match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
                 Ok(ifindex) => bindings.push(Binding {
                     endpoint: e.id,
@@ -274,7 +281,8 @@ impl Reloader {
                 }
             }
         }
-        let want = mapstate::desired(&snap, &bindings, &eps.node_ips);
+        let own_ips = eps.own_ips(node);
+        let want = mapstate::desired(&snap, &bindings, &own_ips);
         // Maps first, then programs: a freshly attached interface must find its policy.
         let stats = self.datapath.apply(&want)?;
         for e in &eps.endpoints {
@@ -284,7 +292,7 @@ impl Reloader {
                 self.attach_errors.push(format!("{}/{}: attach {}: {err:#}", e.namespace, e.name, e.ifname));
             }
         }
-        for u in &eps.uplinks {
+        for u in eps.own_uplinks(node) {
             if let Err(err) = self.datapath.attach_uplink(u) {
                 self.attach_errors.push(format!("uplink {u}: attach: {err:#}"));
             }
@@ -317,7 +325,7 @@ impl Reloader {
                     .filter_map(|f| f.last_good_text.clone().map(|text| PolicyText { name: f.file.clone(), text }))
                     .collect(),
                 environment: env,
-                node_ips: self.endpoints.node_ips.clone(),
+                node_ips: own_ips,
                 identities,
                 prefixes,
                 fqdn,
@@ -333,6 +341,7 @@ impl Reloader {
             .endpoints
             .endpoints
             .iter()
+            .filter(|e| e.is_on(&self.cfg.node_name))
             .map(|e| {
                 let policy = snap.and_then(|s| s.endpoint(&e.namespace, &e.name));
                 serde_json::json!({

@@ -59,6 +59,9 @@ pub enum LabCommand {
         /// Lab name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// The node (default: the lab's first).
+        #[arg(long)]
+        node: Option<String>,
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
@@ -71,24 +74,36 @@ pub enum LabCommand {
         /// Lab name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// The node (default: the lab's first).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Start the lab's agent again (after it stopped or was killed).
     RestartAgent {
         /// Lab name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// The node (default: the lab's first).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Start the lab's L7 proxy again (after it stopped, was stopped or was killed).
     RestartProxy {
         /// Lab name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// The node (default: the lab's first).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Stop the lab's L7 proxy: flows that need L7 policy are refused until it is back.
     StopProxy {
         /// Lab name.
         #[arg(long, default_value = "default")]
         name: String,
+        /// The node (default: the lab's first).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Take the datapath off every endpoint (benchmark baselines; `restart-agent` attaches again).
     Detach {
@@ -137,17 +152,20 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 Output::Text => {
                     let state = lab::load_state(&name)?;
                     print!("{}", lab::table(&state));
-                    let running = st["agent"]["running"].as_bool().unwrap_or(false);
-                    let agent = &st["agent"]["status"];
-                    println!(
-                        "agent: {} (pid {}), policy version {}, generation {}",
-                        if running { "running" } else { "NOT RUNNING (enforcement continues from pinned maps)" },
-                        st["agent"]["pid"],
-                        agent["version"],
-                        agent["generation"]
-                    );
-                    for e in agent["errors"].as_array().into_iter().flatten() {
-                        println!("error: {}", e.as_str().unwrap_or_default());
+                    for node in st["nodes"].as_array().into_iter().flatten() {
+                        let running = node["agent"]["running"].as_bool().unwrap_or(false);
+                        let agent = &node["agent"]["status"];
+                        println!(
+                            "agent of {}: {} (pid {}), policy version {}, generation {}",
+                            node["name"].as_str().unwrap_or_default(),
+                            if running { "running" } else { "NOT RUNNING (enforcement continues from pinned maps)" },
+                            node["agent"]["pid"],
+                            agent["version"],
+                            agent["generation"]
+                        );
+                        for e in agent["errors"].as_array().into_iter().flatten() {
+                            println!("error: {}", e.as_str().unwrap_or_default());
+                        }
                     }
                 }
             }
@@ -158,19 +176,26 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Apply { name, files } => {
             lab::install_policies(&name, &files)?;
-            let r = crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Reload)?;
-            print_json(&serde_json::to_value(&r)?);
-            // Returns once the kernel and the proxy both enforce the new version.
-            if let Reply::Reloaded { version, policy_errors, .. } = r {
-                lab::wait_proxy_version(&name, version)?;
-                if !policy_errors.is_empty() {
-                    return Ok(ExitCode::from(2));
+            // Every node reloads; returns once every node's kernel and proxy enforce the new version.
+            let st = lab::load_state(&name)?;
+            let mut invalid = false;
+            for n in &st.nodes {
+                let r = crate::agent::control(&lab::LabPaths::node(&name, &n.name).control(), &Request::Reload)?;
+                print_json(&serde_json::to_value(&r)?);
+                if let Reply::Reloaded { version, policy_errors, .. } = r {
+                    lab::wait_proxy_version(&name, &n.name, version)?;
+                    invalid |= !policy_errors.is_empty();
                 }
             }
+            if invalid {
+                return Ok(ExitCode::from(2));
+            }
         }
-        LabCommand::Events { name, after, output } => {
-            let r =
-                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Flows { after, limit: None })?;
+        LabCommand::Events { name, node, after, output } => {
+            let r = crate::agent::control(
+                &lab::LabPaths::of(&name, node.as_deref())?.control(),
+                &Request::Flows { after, limit: None },
+            )?;
             if let Reply::Flows { flows, .. } = r {
                 for f in &flows {
                     match output {
@@ -180,23 +205,23 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        LabCommand::Counters { name } => {
+        LabCommand::Counters { name, node } => {
             if let Reply::Counters { counters } =
-                crate::agent::control(&lab::LabPaths::new(&name).control(), &Request::Counters)?
+                crate::agent::control(&lab::LabPaths::of(&name, node.as_deref())?.control(), &Request::Counters)?
             {
                 print_json(&serde_json::to_value(counters)?);
             }
         }
-        LabCommand::RestartAgent { name } => {
-            let pid = lab::restart_agent(&name)?;
+        LabCommand::RestartAgent { name, node } => {
+            let pid = lab::restart_agent(&name, node.as_deref())?;
             println!("agent running (pid {pid})");
         }
         LabCommand::Detach { name } => lab::detach(&name)?,
-        LabCommand::RestartProxy { name } => {
-            let pid = lab::restart_proxy(&name)?;
+        LabCommand::RestartProxy { name, node } => {
+            let pid = lab::restart_proxy(&name, node.as_deref())?;
             println!("proxy running (pid {pid})");
         }
-        LabCommand::StopProxy { name } => lab::stop_proxy(&name)?,
+        LabCommand::StopProxy { name, node } => lab::stop_proxy(&name, node.as_deref())?,
         LabCommand::Serve { netns, spec, ready } => {
             crate::agent::enter_netns(&netns)?;
             let text = std::fs::read_to_string(&spec)?;

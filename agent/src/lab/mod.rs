@@ -1,15 +1,22 @@
-//! `porin lab`: a local cluster node in network namespaces, with real traffic.
+//! `porin lab`: a local cluster of one or more nodes in network namespaces, with real traffic.
 //!
-//! `up` creates a node namespace and one namespace per pod joined to it by a veth pair, addresses them
-//! from private ranges (inside these namespaces only: every lab has its own node, so labs side by side
-//! never collide), mounts a lab-private bpffs, starts each pod's built-in server and the agent inside
-//! the node namespace, and returns once everything is ready. `down` removes everything the lab made,
-//! working from whatever is left after a crash. State lives in `/run/porin/labs/<name>/`.
+//! `up` creates a namespace per node and one per pod joined to its node by a veth pair, addresses them
+//! from private ranges (inside these namespaces only: every lab has its own nodes, so labs side by
+//! side never collide), mounts a bpffs per node, starts each node's agent and proxy inside the node's
+//! namespace and each pod's built-in server, and returns once everything is ready. `down` removes
+//! everything the lab made, working from whatever is left after a crash. State lives in
+//! `/run/porin/labs/<name>/` (a node's own files in `<name>/<node>/`; a lab without `nodes:` has
+//! one node, `node`, whose files are the lab's own directory).
 //!
-//! Addressing: pod `i` gets `10.244.0.(10+i)/32` and `fd00:244::(10+i)/128`, default routes via
-//! `169.254.1.1` / `fe80::1`, which the node side of its veth owns. External pods (`external: true`,
-//! "the world") get `198.51.100.(10+i)` / `2001:db8:1::(10+i)` and no policy. The node itself is
-//! `10.244.255.1` / `fd00:244::ffff` (identity `host`).
+//! Addressing: node `k` (in the order of `nodes:`) has the pod CIDRs `10.244.k.0/24` and
+//! `fd00:244:k::/64`; pod `i` (in file order) on it gets `10.244.k.(10+i)/32` and
+//! `fd00:244:k::(10+i)/128`, default routes via `169.254.1.1` / `fe80::1`, which the node side of
+//! its veth owns. External pods (`external: true`, "the world") get `198.51.100.(10+i)` /
+//! `2001:db8:1::(10+i)` and no policy. Node `k` itself is `10.244.255.(k+1)` / `fd00:244:k::ffff`
+//! (identity `host` there, `remote-node` elsewhere). With several nodes, an underlay joins them: a
+//! `fabric` namespace with a bridge, each node's `fabric` interface on it (`172.31.244.(k+1)/24`,
+//! `fd00:31:244::(k+1)/64`), and native routes on every node for the other nodes' pod CIDRs (no
+//! tunnel, no NAT: a pod's address is what the other node sees).
 
 pub mod cli;
 mod net;
@@ -38,8 +45,8 @@ pub use self::process::{
 pub const LABS_DIR: &str = "/run/porin/labs";
 const NODE_GW_V4: &str = "169.254.1.1";
 const NODE_GW_V6: &str = "fe80::1";
-const NODE_IP_V4: &str = "10.244.255.1";
-const NODE_IP_V6: &str = "fd00:244::ffff";
+/// The one node of a lab without `nodes:`.
+pub const SINGLE_NODE: &str = "node";
 
 /// A lab file.
 #[derive(Clone, Debug, Deserialize)]
@@ -59,6 +66,17 @@ pub struct LabFile {
     /// Datapath settings.
     #[serde(default)]
     pub settings: LabSettings,
+    /// Nodes (absent: one node, `node`); pods name theirs (`node:`, default the first).
+    #[serde(default)]
+    pub nodes: Vec<NodeDef>,
+}
+
+/// A node of a lab file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDef {
+    /// Name (`[a-z0-9-]`, unique among the lab's nodes and pods).
+    pub name: String,
 }
 
 /// Datapath settings of a lab.
@@ -111,6 +129,9 @@ pub struct PodDef {
     /// A command to run in the pod (in the background).
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// The node it runs on (default: the first).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 fn default_ns() -> String {
@@ -146,6 +167,23 @@ pub struct Pod {
     pub external: bool,
     /// Server / command process.
     pub pid: Option<u32>,
+    /// The node it runs on.
+    pub node: String,
+}
+
+/// A node as set up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabNode {
+    /// Name.
+    pub name: String,
+    /// Network namespace (also the agent's node name).
+    pub netns: String,
+    /// Its own addresses (on its loopback, and on the underlay when there is one).
+    pub addresses: Vec<IpAddr>,
+    /// Agent process.
+    pub agent_pid: Option<u32>,
+    /// L7 proxy process.
+    pub proxy_pid: Option<u32>,
 }
 
 /// A lab's recorded state.
@@ -155,29 +193,55 @@ pub struct LabState {
     pub name: String,
     /// The lab file it came from.
     pub file: PathBuf,
-    /// Node network namespace.
-    pub node_netns: String,
+    /// Nodes.
+    pub nodes: Vec<LabNode>,
     /// Pods.
     pub pods: Vec<Pod>,
-    /// Agent process.
-    pub agent_pid: Option<u32>,
-    /// L7 proxy process.
-    #[serde(default)]
-    pub proxy_pid: Option<u32>,
     /// Datapath settings.
     pub settings: LabSettings,
 }
 
-/// Paths of a lab.
+impl LabState {
+    /// A node by name; `None` picks the first.
+    pub fn node(&self, node: Option<&str>) -> anyhow::Result<&LabNode> {
+        let found = match node {
+            Some(n) => self.nodes.iter().find(|x| x.name == n),
+            None => self.nodes.first(),
+        };
+        found.ok_or_else(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow!("lab {:?} has no node {:?} (nodes: {})", self.name, node.unwrap_or(""), names.join(", "))
+        })
+    }
+
+    fn node_mut(&mut self, node: &str) -> Option<&mut LabNode> {
+        self.nodes.iter_mut().find(|n| n.name == node)
+    }
+}
+
+/// Paths of a lab and of one of its nodes.
 pub struct LabPaths {
     /// State directory.
     pub dir: PathBuf,
+    /// The node's own files.
+    pub node_dir: PathBuf,
 }
 
 impl LabPaths {
-    /// Paths of lab `name`.
+    /// Paths of lab `name` and its single node (a lab without `nodes:`).
     pub fn new(name: &str) -> Self {
-        Self { dir: Path::new(LABS_DIR).join(name) }
+        Self::node(name, SINGLE_NODE)
+    }
+    /// Paths of lab `name` and its node `node`.
+    pub fn node(name: &str, node: &str) -> Self {
+        let dir = Path::new(LABS_DIR).join(name);
+        let node_dir = if node == SINGLE_NODE { dir.clone() } else { dir.join(node) };
+        Self { dir, node_dir }
+    }
+    /// Paths of lab `name` and its node `node` (`None`: the first), from the lab's state.
+    pub fn of(name: &str, node: Option<&str>) -> anyhow::Result<Self> {
+        let st = load_state(name)?;
+        Ok(Self::node(name, &st.node(node)?.name))
     }
     /// `lab.json`.
     pub fn state(&self) -> PathBuf {
@@ -187,33 +251,33 @@ impl LabPaths {
     pub fn policies(&self) -> PathBuf {
         self.dir.join("policies")
     }
-    /// Endpoints file.
+    /// Endpoints file: the cluster's state, every node's agent reads it.
     pub fn endpoints(&self) -> PathBuf {
         self.dir.join("endpoints.json")
     }
     /// The lab's bpffs.
     pub fn bpffs(&self) -> PathBuf {
-        self.dir.join("bpf")
+        self.node_dir.join("bpf")
     }
     /// Agent control socket.
     pub fn control(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        self.node_dir.join("agent.sock")
     }
     /// Agent log.
     pub fn agent_log(&self) -> PathBuf {
-        self.dir.join("agent.log")
+        self.node_dir.join("agent.log")
     }
     /// The policy inputs the agent publishes for the proxy.
     pub fn snapshot(&self) -> PathBuf {
-        self.dir.join("snapshot.json")
+        self.node_dir.join("snapshot.json")
     }
     /// The proxy's control socket.
     pub fn proxy_control(&self) -> PathBuf {
-        self.dir.join("proxy.sock")
+        self.node_dir.join("proxy.sock")
     }
     /// The node's Hubble API (the agent serves it).
     pub fn hubble(&self) -> PathBuf {
-        self.dir.join("hubble.sock")
+        self.node_dir.join("hubble.sock")
     }
 }
 
@@ -270,7 +334,7 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
     }
     let paths = LabPaths::new(name);
     if let Ok(st) = load_state(name)
-        && st.agent_pid.is_some_and(|p| alive(p, name))
+        && st.nodes.iter().any(|n| n.agent_pid.is_some_and(|p| alive(p, name)))
     {
         bail!("lab {name:?} is already up (porin lab down --name {name})");
     }
@@ -293,8 +357,10 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
 pub fn down(name: &str) -> anyhow::Result<()> {
     check_name(name)?;
     let paths = LabPaths::new(name);
-    if let Ok(st) = load_state(name) {
-        for pid in st.pods.iter().filter_map(|p| p.pid).chain(st.agent_pid).chain(st.proxy_pid) {
+    let state = load_state(name).ok();
+    if let Some(st) = &state {
+        let nodes = st.nodes.iter().flat_map(|n| [n.agent_pid, n.proxy_pid]).flatten();
+        for pid in st.pods.iter().filter_map(|p| p.pid).chain(nodes) {
             kill(pid, name);
         }
     }
@@ -311,8 +377,14 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         let _ = ip(&["netns", "del", &ns]);
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
     }
-    if porin_datapath::loader::is_bpffs(&paths.bpffs()) {
-        nix::mount::umount2(&paths.bpffs(), nix::mount::MntFlags::MNT_DETACH).context("unmount the lab's bpffs")?;
+    // Every node's bpffs: the lab's own (a single node's) and its nodes' directories'.
+    let mut bpffs = vec![paths.bpffs()];
+    if let Ok(dirs) = std::fs::read_dir(&paths.dir) {
+        bpffs.extend(dirs.filter_map(Result::ok).map(|e| e.path().join("bpf")));
+    }
+    for b in bpffs.into_iter().filter(|b| porin_datapath::loader::is_bpffs(b)) {
+        nix::mount::umount2(&b, nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("unmount the lab's bpffs {}", b.display()))?;
     }
     if paths.dir.exists() {
         std::fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir.display()))?;
@@ -337,23 +409,25 @@ pub fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<i32> {
     Ok(status.code().unwrap_or(128))
 }
 
-/// `porin lab status`.
+/// `porin lab status`: the pods, and each node's agent and proxy (`agent` and `proxy` at the top
+/// are the first node's).
 pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
     let st = load_state(name)?;
-    let paths = LabPaths::new(name);
-    let running = st.agent_pid.is_some_and(|p| alive(p, name));
-    let agent = if running { crate::agent::status_of(&paths.control()).ok() } else { None };
-    let endpoint_of = |pod: &Pod| -> Option<&serde_json::Value> {
-        agent.as_ref()?["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str())
+    let nodes: Vec<serde_json::Value> = st.nodes.iter().map(|n| node_status(&st, n)).collect();
+    let endpoint_of = |pod: &Pod| -> Option<serde_json::Value> {
+        let node = nodes.iter().find(|n| n["name"] == pod.node.as_str())?;
+        node["agent"]["status"]["endpoints"].as_array()?.iter().find(|e| e["name"] == pod.name.as_str()).cloned()
     };
     let pods: Vec<serde_json::Value> = st
         .pods
         .iter()
         .map(|p| {
             let ep = endpoint_of(p);
+            let ep = ep.as_ref();
             serde_json::json!({
                 "name": p.name, "namespace": p.namespace, "labels": p.labels, "annotations": p.annotations,
                 "addresses": [p.ipv4, p.ipv6], "netns": p.netns, "ifname": p.ifname, "external": p.external,
+                "node": p.node,
                 "endpoint": (p.endpoint != 0).then_some(p.endpoint), "identity": ep.and_then(|e| e["identity"].as_u64()),
                 // What the agent has in force for it.
                 "policy_audit_mode": ep.and_then(|e| e["policy_audit_mode"].as_bool()),
@@ -361,11 +435,28 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
             })
         })
         .collect();
+    let first = nodes.first().cloned().unwrap_or_default();
     Ok(serde_json::json!({
         "name": st.name,
-        "node_netns": st.node_netns,
+        "node_netns": first["netns"],
+        "agent": first["agent"],
+        "proxy": first["proxy"],
+        "nodes": nodes,
+        "pods": pods,
+    }))
+}
+
+/// One node's agent and proxy, as `status` shows them.
+fn node_status(st: &LabState, node: &LabNode) -> serde_json::Value {
+    let paths = LabPaths::node(&st.name, &node.name);
+    let running = node.agent_pid.is_some_and(|p| alive(p, &st.name));
+    let agent = if running { crate::agent::status_of(&paths.control()).ok() } else { None };
+    serde_json::json!({
+        "name": node.name,
+        "netns": node.netns,
+        "addresses": node.addresses,
         "agent": {
-            "pid": st.agent_pid,
+            "pid": node.agent_pid,
             "running": running,
             "metrics": agent.as_ref().and_then(|a| a["metrics"].as_str()).map(|a| format!("http://{a}/metrics")),
             "hubble": hubble_tcp(agent.as_ref()),
@@ -375,13 +466,12 @@ pub fn status(name: &str) -> anyhow::Result<serde_json::Value> {
             "status": agent,
         },
         "proxy": {
-            "pid": st.proxy_pid,
-            "running": st.proxy_pid.is_some_and(|p| alive(p, name)),
+            "pid": node.proxy_pid,
+            "running": node.proxy_pid.is_some_and(|p| alive(p, &st.name)),
             "status": crate::agent::status_of(&paths.proxy_control()).ok(),
-            "metrics": process::metrics_url(name),
+            "metrics": process::metrics_url(&paths),
         },
-        "pods": pods,
-    }))
+    })
 }
 
 /// The TCP address of the node's Hubble API, from the agent's status.
@@ -397,28 +487,44 @@ fn ui_url(agent: Option<&serde_json::Value>) -> Option<String> {
 
 /// Renders the pods of a lab as a table.
 pub fn table(st: &LabState) -> String {
-    let mut s = format!("lab {} is up (node namespace {})\n", st.name, st.node_netns);
-    let agent = crate::agent::status_of(&LabPaths::new(&st.name).control()).ok();
-    if let Some(a) = agent.as_ref().and_then(|a| a["metrics"].as_str()) {
-        let _ = writeln!(s, "agent metrics: http://{a}/metrics");
+    let mut s = match st.nodes.as_slice() {
+        [one] => format!("lab {} is up (node namespace {})\n", st.name, one.netns),
+        nodes => format!("lab {} is up: {} nodes\n", st.name, nodes.len()),
+    };
+    for n in &st.nodes {
+        let paths = LabPaths::node(&st.name, &n.name);
+        let agent = crate::agent::status_of(&paths.control()).ok();
+        let on = if st.nodes.len() > 1 {
+            let addrs: Vec<String> = n.addresses.iter().map(ToString::to_string).collect();
+            let _ = writeln!(s, "node {} (namespace {}, addresses {})", n.name, n.netns, addrs.join(" "));
+            format!(" ({})", n.name)
+        } else {
+            String::new()
+        };
+        if let Some(a) = agent.as_ref().and_then(|a| a["metrics"].as_str()) {
+            let _ = writeln!(s, "agent metrics{on}: http://{a}/metrics");
+        }
+        if let Some(h) = hubble_tcp(agent.as_ref()) {
+            let _ = writeln!(s, "hubble api{on}: {h} (and unix:{})", paths.hubble().display());
+        }
+        if let Some(url) = process::metrics_url(&paths) {
+            let _ = writeln!(s, "proxy metrics{on}: {url}");
+        }
+        if let Some(url) = ui_url(agent.as_ref()) {
+            let _ = writeln!(s, "service map{on}: {url}");
+        }
+        if agent.as_ref().and_then(|a| a["policy_audit_mode"].as_bool()) == Some(true) {
+            let _ = writeln!(s, "policy audit mode{on}: on (what policy would drop is recorded AUDIT and let through)");
+        }
     }
-    if let Some(h) = hubble_tcp(agent.as_ref()) {
-        let _ = writeln!(s, "hubble api: {h} (and unix:{})", LabPaths::new(&st.name).hubble().display());
-    }
-    if let Some(url) = process::metrics_url(&st.name) {
-        let _ = writeln!(s, "proxy metrics: {url}");
-    }
-    if let Some(url) = ui_url(agent.as_ref()) {
-        let _ = writeln!(s, "service map: {url}");
-    }
-    if agent.as_ref().and_then(|a| a["policy_audit_mode"].as_bool()) == Some(true) {
-        let _ = writeln!(s, "policy audit mode: on (what policy would drop is recorded AUDIT and let through)");
-    }
-    let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
+    let multi = st.nodes.len() > 1;
+    let node_col = if multi { format!("{:<10} ", "NODE") } else { String::new() };
+    let _ = writeln!(s, "{:<14} {node_col}{:<12} {:<16} {:<22} labels", "POD", "NAMESPACE", "IPV4", "IPV6");
     for p in &st.pods {
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let ns = if p.external { "(external)".to_owned() } else { p.namespace.clone() };
-        let _ = writeln!(s, "{:<14} {:<12} {:<16} {:<22} {}", p.name, ns, p.ipv4, p.ipv6, labels.join(","));
+        let node = if multi { format!("{:<10} ", p.node) } else { String::new() };
+        let _ = writeln!(s, "{:<14} {node}{:<12} {:<16} {:<22} {}", p.name, ns, p.ipv4, p.ipv6, labels.join(","));
     }
     s
 }

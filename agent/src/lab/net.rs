@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use super::process::spawn_porin;
 use super::*;
-use crate::agent::{EndpointSpec, EndpointsFile};
+use crate::agent::{EndpointSpec, EndpointsFile, NodeSpec};
 
 /// Runs `ip ARGS`, failing with its stderr.
 pub(super) fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -80,28 +80,65 @@ fn with_pod_addresses(server: &ServerSpec, own: &Pod, pods: &[Pod]) -> anyhow::R
     Ok(s)
 }
 
-pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Result<LabState> {
-    let node = format!("porin-{name}-node");
-    ip(&["netns", "add", &node])?;
-    ip(&["-n", &node, "link", "set", "lo", "up"])?;
+/// The nodes of a lab file: its `nodes:`, or the single node.
+fn node_names(lab: &LabFile) -> anyhow::Result<Vec<String>> {
+    if lab.nodes.is_empty() {
+        return Ok(vec![SINGLE_NODE.to_owned()]);
+    }
+    let mut names: Vec<String> = Vec::new();
+    for n in &lab.nodes {
+        if !valid_name(&n.name) || n.name == "fabric" {
+            bail!("node name {:?}: use [a-z0-9-], not \"fabric\"", n.name);
+        }
+        if names.contains(&n.name) {
+            bail!("node {:?} is declared twice", n.name);
+        }
+        names.push(n.name.clone());
+    }
+    if names.len() > 200 {
+        bail!("{} nodes: a lab has at most 200", names.len());
+    }
+    Ok(names)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Node `k`'s own addresses: on its loopback, then on the underlay (with several nodes).
+fn node_addresses(k: usize, underlay: bool) -> Vec<IpAddr> {
+    let mut a: Vec<IpAddr> =
+        vec![IpAddr::from([10, 244, 255, (k + 1) as u8]), format!("fd00:244:{k:x}::ffff").parse().expect("address")];
+    if underlay {
+        a.push(IpAddr::from([172, 31, 244, (k + 1) as u8]));
+        a.push(format!("fd00:31:244::{:x}", k + 1).parse().expect("address"));
+    }
+    a
+}
+
+/// Creates node `k`'s namespace: forwarding, its loopback addresses, local delivery of what the
+/// datapath marks for the proxy.
+fn node_namespace(netns: &str, own: &[IpAddr]) -> anyhow::Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
     for (k, v) in [
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv6.conf.all.forwarding", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
         ("net.ipv4.conf.default.rp_filter", "0"),
     ] {
-        sysctl_in(&node, k, v)?;
+        sysctl_in(netns, k, v)?;
     }
-    ip(&["-n", &node, "addr", "add", &format!("{NODE_IP_V4}/32"), "dev", "lo"])?;
-    ip(&["-n", &node, "-6", "addr", "add", &format!("{NODE_IP_V6}/128"), "dev", "lo"])?;
+    ip(&["-n", netns, "addr", "add", &format!("{}/32", own[0]), "dev", "lo"])?;
+    ip(&["-n", netns, "-6", "addr", "add", &format!("{}/128", own[1]), "dev", "lo"])?;
     // Packets the datapath assigned to a proxy socket (mark TO_PROXY) are delivered locally.
     let fwmark = format!("{:#x}/{:#x}", redirect_common::mark::TO_PROXY, redirect_common::mark::MASK);
     for v6 in [false, true] {
         let fam = if v6 { "-6" } else { "-4" };
-        ip(&["-n", &node, fam, "rule", "add", "fwmark", &fwmark, "lookup", "100", "pref", "100"])?;
+        ip(&["-n", netns, fam, "rule", "add", "fwmark", &fwmark, "lookup", "100", "pref", "100"])?;
         ip(&[
             "-n",
-            &node,
+            netns,
             fam,
             "route",
             "add",
@@ -113,35 +150,119 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             "100",
         ])?;
     }
+    Ok(())
+}
+
+/// The underlay: a `fabric` namespace with a bridge, each node's `fabric` interface on it, and on
+/// every node a route for each other node's pod CIDRs, its own addresses and its external pods.
+fn underlay(name: &str, nodes: &[LabNode], pods: &[Pod]) -> anyhow::Result<()> {
+    let fabric = format!("porin-{name}-fabric");
+    ip(&["netns", "add", &fabric])?;
+    ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+    ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+    for (k, n) in nodes.iter().enumerate() {
+        let port = format!("n{k}");
+        ip(&["-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "fabric", "netns", &n.netns])?;
+        ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", &n.netns, "link", "set", "fabric", "up"])?;
+        ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.addresses[2]), "dev", "fabric"])?;
+        ip(&["-n", &n.netns, "-6", "addr", "add", &format!("{}/64", n.addresses[3]), "dev", "fabric", "nodad"])?;
+    }
+    for (k, n) in nodes.iter().enumerate() {
+        for (j, other) in nodes.iter().enumerate().filter(|(j, _)| *j != k) {
+            let (via4, via6) = (other.addresses[2].to_string(), other.addresses[3].to_string());
+            let mut v4 = vec![format!("10.244.{j}.0/24"), format!("{}/32", other.addresses[0])];
+            let mut v6 = vec![format!("fd00:244:{j:x}::/64")];
+            for p in pods.iter().filter(|p| p.external && p.node == other.name) {
+                v4.push(format!("{}/32", p.ipv4));
+                v6.push(format!("{}/128", p.ipv6));
+            }
+            for dst in &v4 {
+                ip(&["-n", &n.netns, "route", "add", dst, "via", &via4, "dev", "fabric"])?;
+            }
+            for dst in &v6 {
+                ip(&["-n", &n.netns, "-6", "route", "add", dst, "via", &via6, "dev", "fabric"])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The identities of a cluster's endpoints, handed out once for every node (as the agent would
+/// from scratch: label sets in order, from 256).
+fn cluster_identities(eps: &EndpointsFile) -> Vec<policy_engine::identity::LabelAssignment> {
+    let env = crate::agent::environment(eps, "");
+    let mut labels: Vec<_> = env.endpoints.iter().map(|e| env.endpoint_labels(e).identity_relevant()).collect();
+    labels.sort();
+    labels.dedup();
+    let mut alloc = policy_engine::identity::IdentityAllocator::new();
+    for l in &labels {
+        alloc.endpoint(l);
+    }
+    alloc.assignments().0
+}
+
+pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) -> anyhow::Result<LabState> {
+    let names = node_names(lab)?;
+    let multi = names.len() > 1;
+    let mut nodes = Vec::new();
+    for (k, n) in names.iter().enumerate() {
+        let node = LabNode {
+            name: n.clone(),
+            netns: format!("porin-{name}-{n}"),
+            addresses: node_addresses(k, multi),
+            agent_pid: None,
+            proxy_pid: None,
+        };
+        node_namespace(&node.netns, &node.addresses)?;
+        nodes.push(node);
+    }
 
     let mut pods = Vec::new();
     let mut next_ep = 1u32;
     for (i, def) in lab.pods.iter().enumerate() {
-        if def.name.is_empty() || !def.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        if !valid_name(&def.name) {
             bail!("pod name {:?}: use [a-z0-9-]", def.name);
         }
+        if names.contains(&def.name) || def.name == "fabric" {
+            bail!("pod name {:?}: a node's name (pods and nodes share the lab's namespace names)", def.name);
+        }
+        let k = match &def.node {
+            None => 0,
+            Some(n) => names
+                .iter()
+                .position(|x| x == n)
+                .ok_or_else(|| anyhow::anyhow!("pod {}: no node {n:?} (nodes: {})", def.name, names.join(", ")))?,
+        };
+        let node = &nodes[k];
         let n = 10 + i;
+        if n > 250 {
+            bail!("{} pods: a lab has at most 240", lab.pods.len());
+        }
         let (ipv4, ipv6): (IpAddr, IpAddr) = if def.external {
             (format!("198.51.100.{n}").parse()?, format!("2001:db8:1::{n:x}").parse()?)
         } else {
-            (format!("10.244.0.{n}").parse()?, format!("fd00:244::{n:x}").parse()?)
+            (format!("10.244.{k}.{n}").parse()?, format!("fd00:244:{k:x}::{n:x}").parse()?)
         };
         let netns = format!("porin-{name}-{}", def.name);
         let ifname = format!("pod{i}");
+        let (node_v4, node_v6) = (node.addresses[0].to_string(), node.addresses[1].to_string());
+        let nn = node.netns.as_str();
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &node, "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-        ip(&["-n", &node, "link", "set", &ifname, "up"])?;
-        ip(&["-n", &node, "addr", "add", &format!("{NODE_GW_V4}/32"), "dev", &ifname])?;
-        ip(&["-n", &node, "-6", "addr", "add", &format!("{NODE_GW_V6}/64"), "dev", &ifname, "nodad"])?;
+        ip(&["-n", nn, "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", nn, "link", "set", &ifname, "up"])?;
+        ip(&["-n", nn, "addr", "add", &format!("{NODE_GW_V4}/32"), "dev", &ifname])?;
+        ip(&["-n", nn, "-6", "addr", "add", &format!("{NODE_GW_V6}/64"), "dev", &ifname, "nodad"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"])?;
         ip(&["-n", &netns, "-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"])?;
         ip(&["-n", &netns, "route", "add", NODE_GW_V4, "dev", "eth0", "scope", "link"])?;
         ip(&["-n", &netns, "route", "add", "default", "via", NODE_GW_V4, "dev", "eth0"])?;
         ip(&["-n", &netns, "-6", "route", "add", "default", "via", NODE_GW_V6, "dev", "eth0"])?;
-        ip(&["-n", &node, "route", "add", &format!("{ipv4}/32"), "dev", &ifname, "src", NODE_IP_V4])?;
-        ip(&["-n", &node, "-6", "route", "add", &format!("{ipv6}/128"), "dev", &ifname, "src", NODE_IP_V6])?;
+        ip(&["-n", nn, "route", "add", &format!("{ipv4}/32"), "dev", &ifname, "src", &node_v4])?;
+        ip(&["-n", nn, "-6", "route", "add", &format!("{ipv6}/128"), "dev", &ifname, "src", &node_v6])?;
         let endpoint = if def.external {
             0
         } else {
@@ -161,7 +282,11 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             endpoint,
             external: def.external,
             pid: None,
+            node: node.name.clone(),
         });
+    }
+    if multi {
+        underlay(name, &nodes, &pods)?;
     }
     let hosts = hosts_file(&pods);
     let resolv = match &lab.resolver {
@@ -181,13 +306,10 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         }
     }
 
-    porin_datapath::loader::ensure_bpffs(&paths.bpffs())?;
-    let endpoints = EndpointsFile {
-        cluster: None,
-        node_ips: vec![NODE_IP_V4.parse()?, NODE_IP_V6.parse()?, NODE_GW_V4.parse()?],
-        namespaces: BTreeMap::new(),
-        namespace_annotations: BTreeMap::new(),
-        policy_audit_mode: false,
+    // The cluster's state, one file every node's agent reads: each takes its own endpoints and
+    // uplinks; the rest are known by address and identity.
+    let mut endpoints = EndpointsFile {
+        node_ips: vec![NODE_GW_V4.parse()?],
         endpoints: pods
             .iter()
             .filter(|p| !p.external)
@@ -202,26 +324,51 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
                 service_account: None,
                 annotations: p.annotations.clone(),
                 policy_audit_mode: p.policy_audit_mode,
+                node: multi.then(|| nodes.iter().find(|n| n.name == p.node).map(|n| n.netns.clone())).flatten(),
             })
             .collect(),
-        // External pods are the world: their veths are the node's uplinks.
-        uplinks: pods.iter().filter(|p| p.external).map(|p| p.ifname.clone()).collect(),
+        ..EndpointsFile::default()
     };
+    // External pods are the world: their veths are their node's uplinks, as is the underlay.
+    let uplinks = |node: &str| -> Vec<String> {
+        pods.iter().filter(|p| p.external && p.node == node).map(|p| p.ifname.clone()).collect()
+    };
+    if multi {
+        for n in &nodes {
+            let mut u = uplinks(&n.name);
+            u.push("fabric".into());
+            endpoints.node_uplinks.insert(n.netns.clone(), u);
+            endpoints.nodes.push(NodeSpec { name: n.netns.clone(), ips: n.addresses.clone() });
+        }
+    } else {
+        endpoints.node_ips.extend(&nodes[0].addresses);
+        endpoints.uplinks = uplinks(SINGLE_NODE);
+    }
+    endpoints.identities = cluster_identities(&endpoints);
     std::fs::write(paths.endpoints(), serde_json::to_string_pretty(&endpoints)?)?;
     let mut st = LabState {
         name: name.to_owned(),
         file: file.to_path_buf(),
-        node_netns: node,
+        nodes: nodes.clone(),
         pods: pods.clone(),
-        agent_pid: None,
-        proxy_pid: None,
         settings: lab.settings.clone(),
     };
     save_state(&st)?;
-    st.agent_pid = Some(start_agent(name, &lab.settings)?);
-    save_state(&st)?;
-    st.proxy_pid = Some(start_proxy(name, &lab.settings)?);
-    save_state(&st)?;
+    for n in &nodes {
+        let node_paths = LabPaths::node(name, &n.name);
+        std::fs::create_dir_all(&node_paths.node_dir)?;
+        porin_datapath::loader::ensure_bpffs(&node_paths.bpffs())?;
+        let pid = start_agent(name, &n.name, &lab.settings)?;
+        if let Some(x) = st.node_mut(&n.name) {
+            x.agent_pid = Some(pid);
+        }
+        save_state(&st)?;
+        let pid = start_proxy(name, &n.name, &lab.settings)?;
+        if let Some(x) = st.node_mut(&n.name) {
+            x.proxy_pid = Some(pid);
+        }
+        save_state(&st)?;
+    }
 
     // Servers and commands, then wait for the servers to listen.
     let mut ready_files = Vec::new();

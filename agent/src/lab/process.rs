@@ -72,13 +72,14 @@ pub(super) fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<std::pr
     Ok(child)
 }
 
-/// Starts the agent of a lab (also used to restart it).
-pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
-    let paths = LabPaths::new(name);
+/// Starts the agent of a lab's node (also used to restart it).
+pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Result<u32> {
+    let paths = LabPaths::node(name, node);
+    let netns = format!("porin-{name}-{node}");
     let mut args: Vec<String> = vec![
         "agent".into(),
         "--netns".into(),
-        format!("porin-{name}-node"),
+        netns.clone(),
         "--bpffs".into(),
         paths.bpffs().display().to_string(),
         "--policies".into(),
@@ -99,7 +100,7 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         "--ui".into(),
         "127.0.0.1:0".into(),
         "--node-name".into(),
-        format!("porin-{name}-node"),
+        netns,
         "--proxy-control".into(),
         paths.proxy_control().display().to_string(),
     ];
@@ -135,14 +136,17 @@ pub fn start_agent(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     }
 }
 
-/// Restarts the agent of a running lab (after it was stopped or killed).
-pub fn restart_agent(name: &str) -> anyhow::Result<u32> {
+/// Restarts the agent of a running lab's node (`None`: the first; after it was stopped or killed).
+pub fn restart_agent(name: &str, node: Option<&str>) -> anyhow::Result<u32> {
     let mut st = load_state(name)?;
-    if let Some(pid) = st.agent_pid {
+    let n = st.node(node)?.clone();
+    if let Some(pid) = n.agent_pid {
         kill(pid, name);
     }
-    let pid = start_agent(name, &st.settings)?;
-    st.agent_pid = Some(pid);
+    let pid = start_agent(name, &n.name, &st.settings)?;
+    if let Some(x) = st.node_mut(&n.name) {
+        x.agent_pid = Some(pid);
+    }
     save_state(&st)?;
     Ok(pid)
 }
@@ -155,18 +159,19 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 /// The port of the lab proxy's Kafka listeners.
 pub(super) const KAFKA_PROXY_PORT: u16 = 15092;
 
-/// The URL of the lab proxy's metrics (bound on the machine's loopback before the proxy enters the
+/// The URL of a lab proxy's metrics (bound on the machine's loopback before the proxy enters the
 /// node namespace), from its ready file.
-pub(super) fn metrics_url(name: &str) -> Option<String> {
-    let ready = std::fs::read_to_string(LabPaths::new(name).dir.join("proxy.ready")).ok()?;
+pub(super) fn metrics_url(paths: &LabPaths) -> Option<String> {
+    let ready = std::fs::read_to_string(paths.node_dir.join("proxy.ready")).ok()?;
     let addrs: serde_json::Value = serde_json::from_str(&ready).ok()?;
     addrs["metrics"].as_str().map(|a| format!("http://{a}/metrics"))
 }
 
-/// Starts the lab's L7 proxy in the node namespace (also used to restart it): transparent HTTP
-/// listeners (IPv4 and IPv6; HTTP, DNS and Kafka) registered in the lab's datapath, on the policy the agent publishes.
-pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
-    let paths = LabPaths::new(name);
+/// Starts a lab node's L7 proxy in the node namespace (also used to restart it): transparent
+/// listeners (IPv4 and IPv6; HTTP, DNS and Kafka) registered in the node's datapath, on the policy
+/// the node's agent publishes.
+pub fn start_proxy(name: &str, node: &str, settings: &LabSettings) -> anyhow::Result<u32> {
+    let paths = LabPaths::node(name, node);
     let sockmap = paths.bpffs().join("maps").join(redirect_common::names::PROXY);
     let listener = |addr: &str, tag: &str, protocol: &str| {
         format!(
@@ -192,19 +197,19 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
         )]))?);
     }
     let mut dns = settings.proxy_dns.clone().unwrap_or_default();
-    dns.cache_file.get_or_insert_with(|| paths.dir.join("fqdn-cache.json"));
+    dns.cache_file.get_or_insert_with(|| paths.node_dir.join("fqdn-cache.json"));
     config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
         "dns".into(),
         serde_yaml::to_value(&dns)?,
     )]))?);
-    let config_path = paths.dir.join("proxy.yaml");
+    let config_path = paths.node_dir.join("proxy.yaml");
     std::fs::write(&config_path, config)?;
-    let ready = paths.dir.join("proxy.ready");
+    let ready = paths.node_dir.join("proxy.ready");
     let _ = std::fs::remove_file(&ready);
     let mut args: Vec<String> = vec![
         "proxy".into(),
         "--netns".into(),
-        format!("porin-{name}-node"),
+        format!("porin-{name}-{node}"),
         "--config".into(),
         config_path.display().to_string(),
         "--ready".into(),
@@ -214,7 +219,7 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     if let Ok(n) = std::env::var("PORIN_PROXY_THREADS") {
         args.extend(["--threads".into(), n]);
     }
-    let log = paths.dir.join("proxy.log");
+    let log = paths.node_dir.join("proxy.log");
     let mut child = spawn_porin(&args, &log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ready.exists() {
@@ -232,14 +237,14 @@ pub fn start_proxy(name: &str, settings: &LabSettings) -> anyhow::Result<u32> {
     Ok(child.id())
 }
 
-/// Waits until the lab's proxy enforces policy version `version` (or a newer one); no-op when the
-/// lab's proxy is not running.
-pub fn wait_proxy_version(name: &str, version: u64) -> anyhow::Result<()> {
+/// Waits until a lab node's proxy enforces policy version `version` (or a newer one); no-op when
+/// that proxy is not running.
+pub fn wait_proxy_version(name: &str, node: &str, version: u64) -> anyhow::Result<()> {
     let st = load_state(name)?;
-    if !st.proxy_pid.is_some_and(|p| alive(p, name)) {
+    if !st.node(Some(node))?.proxy_pid.is_some_and(|p| alive(p, name)) {
         return Ok(());
     }
-    let sock = LabPaths::new(name).proxy_control();
+    let sock = LabPaths::node(name, node).proxy_control();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = crate::agent::status_of(&sock).ok().and_then(|s| s["snapshot"]["version"].as_u64());
@@ -247,38 +252,43 @@ pub fn wait_proxy_version(name: &str, version: u64) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the proxy did not take policy version {version} within 10 s (it has {v:?})");
+            bail!("the proxy of node {node} did not take policy version {version} within 10 s (it has {v:?})");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// `porin lab restart-proxy`: stops the lab's proxy (if running) and starts it again.
-pub fn restart_proxy(name: &str) -> anyhow::Result<u32> {
+/// `porin lab restart-proxy`: stops a node's proxy (if running) and starts it again.
+pub fn restart_proxy(name: &str, node: Option<&str>) -> anyhow::Result<u32> {
     let mut st = load_state(name)?;
-    if let Some(pid) = st.proxy_pid {
+    let n = st.node(node)?.clone();
+    if let Some(pid) = n.proxy_pid {
         kill(pid, name);
     }
-    let pid = start_proxy(name, &st.settings)?;
-    st.proxy_pid = Some(pid);
+    let pid = start_proxy(name, &n.name, &st.settings)?;
+    if let Some(x) = st.node_mut(&n.name) {
+        x.proxy_pid = Some(pid);
+    }
     save_state(&st)?;
     Ok(pid)
 }
 
-/// `porin lab stop-proxy`: stops the lab's proxy; L7 flows are refused until it is back.
-pub fn stop_proxy(name: &str) -> anyhow::Result<()> {
+/// `porin lab stop-proxy`: stops a node's proxy; its L7 flows are refused until it is back.
+pub fn stop_proxy(name: &str, node: Option<&str>) -> anyhow::Result<()> {
     let mut st = load_state(name)?;
-    if let Some(pid) = st.proxy_pid.take() {
+    let n = st.node(node)?.name.clone();
+    if let Some(pid) = st.node_mut(&n).and_then(|x| x.proxy_pid.take()) {
         kill(pid, name);
     }
     save_state(&st)
 }
 
-/// Takes the datapath off every endpoint of a lab (benchmark baselines); `restart-agent` re-attaches.
+/// Takes the datapath off every endpoint of a lab's nodes (benchmark baselines; `restart-agent`
+/// re-attaches a node's).
 pub fn detach(name: &str) -> anyhow::Result<()> {
     let st = load_state(name)?;
-    let control = LabPaths::new(name).control();
     for p in st.pods.iter().filter(|p| !p.external) {
+        let control = LabPaths::node(name, &p.node).control();
         crate::agent::control(&control, &porin_flow::control::Request::Detach { ifname: p.ifname.clone() })?;
     }
     Ok(())

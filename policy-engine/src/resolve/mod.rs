@@ -111,6 +111,8 @@ pub struct Environment {
     pub namespace_annotations: BTreeMap<String, BTreeMap<String, String>>,
     /// Every endpoint's policy is in audit mode (Cilium's `policy-audit-mode`).
     pub policy_audit_mode: bool,
+    /// The other nodes' own addresses (identity `remote-node`).
+    pub remote_node_ips: Vec<IpAddr>,
 }
 
 impl Default for Environment {
@@ -124,6 +126,7 @@ impl Default for Environment {
             secrets: BTreeMap::new(),
             namespace_annotations: BTreeMap::new(),
             policy_audit_mode: false,
+            remote_node_ips: vec![],
         }
     }
 }
@@ -295,7 +298,10 @@ pub fn resolve(
         r.identities.insert(id, Identity { id, labels: identity::cidr_labels(p), kind: IdentityKind::Cidr(*p) });
         ipcache.insert(*p, id);
     }
-    // Endpoint addresses win over any prefix of the same length.
+    // Other nodes are `remote-node`; endpoint addresses win over any prefix of the same length.
+    for ip in &env.remote_node_ips {
+        ipcache.insert(host_prefix(*ip), identity::reserved::REMOTE_NODE);
+    }
     for (ep, id) in env.endpoints.iter().zip(&ep_ids) {
         for ip in &ep.ips {
             ipcache.insert(host_prefix(*ip), *id);
