@@ -19,10 +19,14 @@ use porin_hubble::pb::observer::{GetFlowsRequest, GetFlowsResponse};
 /// `porin observe` arguments.
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
-    /// Read the Hubble API of this lab's node.
+    /// Read the Hubble API of this lab's nodes (every node's, merged in time order).
     #[cfg(feature = "lab")]
     #[arg(long)]
     pub lab: Option<String>,
+    /// With `--lab`: only this node's.
+    #[cfg(feature = "lab")]
+    #[arg(long, requires = "lab")]
+    pub node: Option<String>,
     /// The Hubble API to read: `unix:PATH` or `HOST:PORT`.
     #[arg(long, default_value = "unix:/run/porin/hubble.sock")]
     pub server: String,
@@ -397,15 +401,113 @@ fn observe_inner(a: &ObserveArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     #[cfg(feature = "lab")]
-    let server = match &a.lab {
-        Some(lab) => format!("unix:{}", crate::lab::LabPaths::of(lab, None)?.hubble().display()),
-        None => a.server.clone(),
+    let servers = match &a.lab {
+        Some(lab) => lab_servers(lab, a.node.as_deref())?,
+        None => vec![a.server.clone()],
     };
     #[cfg(not(feature = "lab"))]
-    let server = a.server.clone();
+    let servers = vec![a.server.clone()];
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(from_server(&server, req, a.output))?;
+    match servers.as_slice() {
+        [one] => rt.block_on(from_server(one, req, a.output))?,
+        _ => rt.block_on(from_servers(&servers, req, a.output))?,
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The Hubble sockets of a lab's nodes (one node's with `node`).
+#[cfg(feature = "lab")]
+fn lab_servers(lab: &str, node: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let st = crate::lab::load_state(lab)?;
+    let nodes = match node {
+        Some(_) => vec![st.node(node)?.name.clone()],
+        None => st.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    Ok(nodes.iter().map(|n| format!("unix:{}", crate::lab::LabPaths::node(lab, n).hubble().display())).collect())
+}
+
+/// How long a merged follow holds a response back so that one from a slower node can still come
+/// before it (what arrives later than this is written as it comes).
+const MERGE_WINDOW: Duration = Duration::from_millis(200);
+
+/// Several nodes' Hubble APIs as one, like Hubble Relay: each node is asked the same; what they
+/// have is merged in time order (`--last N` / `--first N`: of the merged flows), and a follow writes
+/// each node's new flows in time order within [`MERGE_WINDOW`]. A node that cannot be read fails the
+/// whole command, naming it.
+async fn from_servers(servers: &[String], req: GetFlowsRequest, output: ObserveOutput) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Option<GetFlowsResponse>>>(4096);
+    for server in servers {
+        let (server, req, tx) = (server.clone(), req.clone(), tx.clone());
+        tokio::spawn(async move {
+            let result = async {
+                let mut client = porin_hubble::client::connect(&server)
+                    .await
+                    .with_context(|| format!("connect to the Hubble API at {server}"))?;
+                let mut stream =
+                    client.get_flows(req).await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))?.into_inner();
+                while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{server}: {}", s.message()))? {
+                    if tx.send(Ok(Some(r))).await.is_err() {
+                        break;
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            // Ok(None): this node is done.
+            drop(tx.send(result.map(|()| None)).await);
+        });
+    }
+    drop(tx);
+    let key = |r: &GetFlowsResponse| r.time.as_ref().map_or((0, 0), |t| (t.seconds, t.nanos));
+    if !req.follow {
+        let mut all = Vec::new();
+        while let Some(r) = rx.recv().await {
+            if let Some(r) = r? {
+                all.push(r);
+            }
+        }
+        all.sort_by_key(key);
+        let n = usize::try_from(req.number).unwrap_or(usize::MAX);
+        if req.number > 0 && all.len() > n {
+            if req.first {
+                all.truncate(n);
+            } else {
+                all.drain(..all.len() - n);
+            }
+        }
+        for r in all {
+            print(output, r)?;
+        }
+        return Ok(());
+    }
+    // Following: hold each response for the window, write the oldest first.
+    let mut held: std::collections::BTreeMap<((i64, i32), u64), (tokio::time::Instant, GetFlowsResponse)> =
+        std::collections::BTreeMap::new();
+    let (mut n, mut open) = (0u64, servers.len());
+    let mut tick = tokio::time::interval(MERGE_WINDOW / 4);
+    while open > 0 || !held.is_empty() {
+        tokio::select! {
+            r = rx.recv(), if open > 0 => match r {
+                Some(Ok(Some(r))) => {
+                    n += 1;
+                    held.insert((key(&r), n), (tokio::time::Instant::now(), r));
+                }
+                Some(Ok(None)) => open -= 1,
+                Some(Err(e)) => return Err(e),
+                None => open = 0,
+            },
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                while let Some(entry) = held.first_entry() {
+                    if open > 0 && now.duration_since(entry.get().0) < MERGE_WINDOW {
+                        break;
+                    }
+                    print(output, entry.remove().1)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -116,8 +116,38 @@ fn starwars_across_nodes_privileged() {
     assert_eq!(xwing_drop["source"]["identity"], xwing);
     assert_eq!(xwing_drop["drop_reason_desc"], "POLICY_DENIED");
     // Node1 has no policy for its pods: it let them out; nothing of the deathstar's is judged there.
-    let at1 = flows(&lab, "node1", &["--verdict", "DROPPED"]);
-    assert!(at1.is_empty(), "node1 dropped nothing: {at1:#?}");
+    let dropped1 = flows(&lab, "node1", &["--verdict", "DROPPED"]);
+    assert!(dropped1.is_empty(), "node1 dropped nothing: {dropped1:#?}");
+
+    // `porin observe --lab` merges every node's flows in time order, as Hubble Relay does.
+    let at1 = flows(&lab, "node1", &[]);
+    let at2 = flows(&lab, "node2", &[]);
+    let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--last", "1000"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect();
+    assert!(merged.len() >= at1.len() + at2.len(), "{} merged of {} + {}", merged.len(), at1.len(), at2.len());
+    let nodes: std::collections::BTreeSet<&str> = merged.iter().map(|f| f["node_name"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "both nodes' flows: {nodes:?}");
+    // RFC 3339 in UTC, the fraction as long as it needs: compared with it padded to nanoseconds.
+    let time = |f: &Value| {
+        let t = f["time"].as_str().unwrap().trim_end_matches('Z');
+        let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+        format!("{whole}.{frac:0<9}")
+    };
+    let times: Vec<String> = merged.iter().map(time).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "in time order: {times:?}");
+    // `--last N` is of the merged flows; `--node` picks one node's.
+    let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--last", "3"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3);
+    let o = porin()
+        .args(["observe", "-o", "json", "--lab", &lab.name, "--node", "node2", "--last", "1000"])
+        .output()
+        .unwrap();
+    let only2 = String::from_utf8_lossy(&o.stdout).lines().count();
+    assert!(only2 >= at2.len() && only2 < merged.len(), "node2 alone: {only2}");
 }
 
 /// Packets a node sent onto the underlay so far (its port on the fabric bridge received them).
