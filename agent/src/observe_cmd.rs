@@ -432,8 +432,8 @@ const MERGE_WINDOW: Duration = Duration::from_millis(200);
 
 /// Several nodes' Hubble APIs as one, like Hubble Relay: each node is asked the same; what they
 /// have is merged in time order (`--last N` / `--first N`: of the merged flows), and a follow writes
-/// each node's new flows in time order within [`MERGE_WINDOW`]. A node that cannot be read fails the
-/// whole command, naming it.
+/// each node's flows (its last N first, when asked) in time order within [`MERGE_WINDOW`]. A node
+/// that cannot be read fails the whole command, naming it, after what was held is written.
 async fn from_servers(servers: &[String], req: GetFlowsRequest, output: ObserveOutput) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Option<GetFlowsResponse>>>(4096);
     for server in servers {
@@ -492,8 +492,17 @@ async fn from_servers(servers: &[String], req: GetFlowsRequest, output: ObserveO
                     n += 1;
                     held.insert((key(&r), n), (tokio::time::Instant::now(), r));
                 }
-                Some(Ok(None)) => open -= 1,
-                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) => {
+                    open -= 1;
+                    eprintln!("porin observe: a node ended its stream; {open} still followed");
+                }
+                Some(Err(e)) => {
+                    // What was held is written before saying why the rest is not.
+                    while let Some((_, (_, r))) = held.pop_first() {
+                        print(output, r)?;
+                    }
+                    return Err(e);
+                }
                 None => open = 0,
             },
             _ = tick.tick() => {

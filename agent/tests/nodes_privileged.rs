@@ -37,7 +37,7 @@ fn curl(lab: &Lab, pod: &str, method: &str, url: &str) -> (i32, String, String) 
 
 /// A node's Hubble socket.
 fn hubble(lab: &Lab, node: &str) -> PathBuf {
-    PathBuf::from(format!("/run/porin/labs/{}/{node}/hubble.sock", lab.name))
+    PathBuf::from(format!("/run/porin/labs/{}/nodes/{node}/hubble.sock", lab.name))
 }
 
 /// The flows a node's Hubble API has (JSON, as `hubble observe -o json`), with extra flags.

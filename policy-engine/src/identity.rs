@@ -227,23 +227,39 @@ impl IdentityAllocator {
     /// Takes identities handed out elsewhere (the cluster's allocator) as given: each label set gets
     /// its number, and a label set that held one of these numbers here gives it up (it gets a free
     /// one when next asked). Returns how many label sets known here changed number or gave one up.
-    pub fn pin(&mut self, given: &[LabelAssignment]) -> usize {
+    ///
+    /// # Errors
+    /// A set that could hand one identity's rights to another is refused whole (nothing changes): a
+    /// number outside the cluster range (`256..2^24`: below are the reserved identities, above the
+    /// node-local CIDR and FQDN ones), a number given to two label sets, a label set given twice.
+    pub fn pin(&mut self, given: &[LabelAssignment]) -> Result<usize, String> {
         let parse = |ls: &Vec<String>| {
             Labels::new(ls.iter().map(|l| crate::labels::Label::parse(l, crate::labels::LabelSource::Any)))
         };
-        let given: BTreeMap<Labels, IdentityId> = given.iter().map(|(l, id)| (parse(l), *id)).collect();
-        let numbers: std::collections::BTreeSet<IdentityId> = given.values().copied().collect();
+        let mut by_labels: BTreeMap<Labels, IdentityId> = BTreeMap::new();
+        let mut numbers: BTreeMap<IdentityId, &Vec<String>> = BTreeMap::new();
+        for (l, id) in given {
+            if !(MIN_CLUSTER_IDENTITY..LOCAL_SCOPE).contains(id) {
+                return Err(format!("identity {id} for [{}]: outside the cluster range 256..16777216", l.join(", ")));
+            }
+            if let Some(other) = numbers.insert(*id, l) {
+                return Err(format!("identity {id} is given to both [{}] and [{}]", other.join(", "), l.join(", ")));
+            }
+            if by_labels.insert(parse(l), *id).is_some() {
+                return Err(format!("labels [{}] are given two identities", l.join(", ")));
+            }
+        }
         let mut changed = 0;
         self.by_labels.retain(|l, id| {
-            let keep = match given.get(l) {
+            let keep = match by_labels.get(l) {
                 Some(want) => *want == *id,
-                None => !numbers.contains(id),
+                None => !numbers.contains_key(id),
             };
             changed += usize::from(!keep);
             keep
         });
-        self.by_labels.extend(given);
-        changed
+        self.by_labels.extend(by_labels);
+        Ok(changed)
     }
 
     /// Forgets label sets, prefixes and FQDN selectors not in use; label and prefix numbers can be
@@ -342,12 +358,22 @@ mod tests {
         // The cluster says y is 256 and z is 300: x gives 256 up, y moves.
         let text = |l: &Labels| l.iter().map(ToString::to_string).collect::<Vec<_>>();
         let z = labels(&["app=z"]);
-        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), 2);
+        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), Ok(2));
         assert_eq!(a.endpoint(&y), 256);
         assert_eq!(a.endpoint(&z), 300);
         assert_eq!(a.endpoint(&x), 257);
         // Pinning what is already so changes nothing.
-        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), 0);
+        assert_eq!(a.pin(&[(text(&y), 256), (text(&z), 300)]), Ok(0));
+        // Sets that would share or fake an identity are refused whole, and change nothing.
+        for bad in [
+            vec![(text(&x), 1)],
+            vec![(text(&x), LOCAL_SCOPE | 1)],
+            vec![(text(&x), 400), (text(&z), 400)],
+            vec![(text(&x), 400), (text(&x), 401)],
+        ] {
+            assert!(a.pin(&bad).is_err(), "{bad:?}");
+        }
+        assert_eq!((a.endpoint(&x), a.endpoint(&y), a.endpoint(&z)), (257, 256, 300));
         assert_eq!(a.cidr("10.0.0.0/8".parse().unwrap()), LOCAL_SCOPE | 1);
     }
 

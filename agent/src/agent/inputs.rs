@@ -51,13 +51,6 @@ pub struct EndpointSpec {
     pub node: Option<String>,
 }
 
-impl EndpointSpec {
-    /// Whether it runs on the node named `node`.
-    pub fn is_on(&self, node: &str) -> bool {
-        self.node.as_deref().is_none_or(|n| n == node)
-    }
-}
-
 /// A node of the cluster, in the cluster state every node reads.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +130,45 @@ impl EndpointsFile {
     /// The other nodes' addresses (`remote-node`).
     pub fn remote_node_ips(&self, node: &str) -> Vec<IpAddr> {
         self.nodes.iter().filter(|n| n.name != node).flat_map(|n| n.ips.iter().copied()).collect()
+    }
+
+    /// Whether `e` runs on the node named `node`: in a file for one node, every endpoint without
+    /// a `node` does; in a file that lists `nodes`, only those naming it (one naming none is
+    /// nobody's: see the agent's status errors).
+    pub fn is_local(&self, e: &EndpointSpec, node: &str) -> bool {
+        match &e.node {
+            Some(n) => n == node,
+            None => self.nodes.is_empty(),
+        }
+    }
+
+    /// What in a cluster state shared by several nodes would leave an endpoint with no node
+    /// enforcing its policy, or node `node` not knowing its own: an endpoint naming no listed node,
+    /// an endpoint naming none, `node` not listed. The agent reports them in `status` (`errors`)
+    /// and applies the rest.
+    pub fn cluster_errors(&self, node: &str) -> Vec<String> {
+        if self.nodes.is_empty() {
+            return Vec::new();
+        }
+        let listed = |n: &str| self.nodes.iter().any(|x| x.name == n);
+        let mut errors = Vec::new();
+        if !listed(node) {
+            errors.push(format!("this node ({node}) is not in the cluster state's nodes: it attaches no endpoint"));
+        }
+        for e in &self.endpoints {
+            match &e.node {
+                None => errors.push(format!(
+                    "{}/{}: no node, in a cluster state that lists nodes: no node attaches it",
+                    e.namespace, e.name
+                )),
+                Some(n) if !listed(n) => errors.push(format!(
+                    "{}/{}: node {n:?} is not in the cluster state's nodes: no node enforces its policy",
+                    e.namespace, e.name
+                )),
+                Some(_) => {}
+            }
+        }
+        errors
     }
 
     /// This node's uplinks.
@@ -233,4 +265,40 @@ pub fn publish(path: &Path, inputs: &PolicyInputs) -> anyhow::Result<()> {
     std::fs::write(&tmp, json).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(name: &str, node: Option<&str>) -> EndpointSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": 1, "name": name, "namespace": "default", "ifname": "x", "node": node,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_shared_cluster_state_names_every_endpoints_node() {
+        let mut eps =
+            EndpointsFile { endpoints: vec![endpoint("a", None), endpoint("b", Some("n2"))], ..Default::default() };
+        // One node's file: an endpoint without a node is this node's.
+        assert!(eps.is_local(&eps.endpoints[0], "n1"));
+        assert!(!eps.is_local(&eps.endpoints[1], "n1"));
+        assert!(eps.cluster_errors("n1").is_empty());
+        // A file listing nodes: only endpoints naming this node are its own; the rest is reported.
+        eps.nodes = vec![NodeSpec { name: "n1".into(), ips: vec![] }];
+        assert!(!eps.is_local(&eps.endpoints[0], "n1"));
+        let errors = eps.cluster_errors("n3");
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("this node (n3)"));
+        assert!(errors[1].contains("default/a: no node"));
+        assert!(errors[2].contains("default/b: node \"n2\""));
+        eps.nodes.push(NodeSpec { name: "n2".into(), ips: vec!["10.0.0.2".parse().unwrap()] });
+        eps.endpoints.remove(0);
+        assert!(eps.cluster_errors("n1").is_empty());
+        assert!(eps.is_local(&eps.endpoints[0], "n2"));
+        assert_eq!(eps.remote_node_ips("n1"), vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert!(eps.own_ips("n2").contains(&"10.0.0.2".parse().unwrap()));
+    }
 }

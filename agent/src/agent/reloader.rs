@@ -254,11 +254,16 @@ impl Reloader {
         let node = self.cfg.node_name.as_str();
         let mut env = environment(&eps, node);
         env.policy_audit_mode |= self.cfg.policy_audit_mode;
-        // The cluster's identities first: every node numbers an endpoint the same.
-        let moved = self.allocator.pin(&eps.identities);
+        // The cluster's identities first: every node numbers an endpoint the same. A set that could
+        // hand one identity's rights to another refuses the file: the last good state keeps enforcing.
+        let moved = self
+            .allocator
+            .pin(&eps.identities)
+            .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.cfg.endpoints.display()))?;
         if moved > 0 {
             tracing::warn!(moved, "Identities the cluster state gives differ from this node's: the cluster's win");
         }
+        let cluster_errors = eps.cluster_errors(node);
         self.version += 1;
         let snap = resolve(&all.policies, &all.cidr_groups, &env, &mut self.allocator, self.version);
         for e in &snap.errors {
@@ -267,8 +272,9 @@ impl Reloader {
         // Bind and attach endpoints (interfaces in this network namespace).
         let mut bindings = Vec::new();
         self.attach_errors.clear();
+        self.attach_errors.extend(cluster_errors);
         // Endpoints of other nodes are known by address and identity only: their nodes enforce.
-        for e in eps.endpoints.iter().filter(|e| e.is_on(node)) {
+        for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
             match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
                 Ok(ifindex) => bindings.push(Binding {
                     endpoint: e.id,
@@ -285,7 +291,7 @@ impl Reloader {
         let want = mapstate::desired(&snap, &bindings, &own_ips);
         // Maps first, then programs: a freshly attached interface must find its policy.
         let stats = self.datapath.apply(&want)?;
-        for e in &eps.endpoints {
+        for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
             if bindings.iter().any(|b| b.endpoint == e.id)
                 && let Err(err) = self.datapath.attach(&e.ifname)
             {
@@ -341,7 +347,7 @@ impl Reloader {
             .endpoints
             .endpoints
             .iter()
-            .filter(|e| e.is_on(&self.cfg.node_name))
+            .filter(|e| self.endpoints.is_local(e, &self.cfg.node_name))
             .map(|e| {
                 let policy = snap.and_then(|s| s.endpoint(&e.namespace, &e.name));
                 serde_json::json!({

@@ -5,8 +5,8 @@
 //! side never collide), mounts a bpffs per node, starts each node's agent and proxy inside the node's
 //! namespace and each pod's built-in server, and returns once everything is ready. `down` removes
 //! everything the lab made, working from whatever is left after a crash. State lives in
-//! `/run/porin/labs/<name>/` (a node's own files in `<name>/<node>/`; a lab without `nodes:` has
-//! one node, `node`, whose files are the lab's own directory).
+//! `/run/porin/labs/<name>/` (a node's own files in `<name>/nodes/<node>/`; a lab without `nodes:`
+//! has one node, `node`, whose files are the lab's own directory).
 //!
 //! Addressing: node `k` (in the order of `nodes:`) has the pod CIDRs `10.244.k.0/24` and
 //! `fd00:244:k::/64`; pod `i` (in file order) on it gets `10.244.k.(10+i)/32` and
@@ -232,10 +232,10 @@ impl LabPaths {
     pub fn new(name: &str) -> Self {
         Self::node(name, SINGLE_NODE)
     }
-    /// Paths of lab `name` and its node `node`.
+    /// Paths of lab `name` and its node `node` (a named node's files are in `nodes/<node>/`).
     pub fn node(name: &str, node: &str) -> Self {
         let dir = Path::new(LABS_DIR).join(name);
-        let node_dir = if node == SINGLE_NODE { dir.clone() } else { dir.join(node) };
+        let node_dir = if node == SINGLE_NODE { dir.clone() } else { dir.join("nodes").join(node) };
         Self { dir, node_dir }
     }
     /// Paths of lab `name` and its node `node` (`None`: the first), from the lab's state.
@@ -346,7 +346,15 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
     match setup(&lab, name, file, &paths) {
         Ok(st) => Ok(st),
         Err(e) => {
-            let log = std::fs::read_to_string(paths.agent_log()).unwrap_or_default();
+            // Every node's agent log there is (the lab's own directory's, its named nodes').
+            let mut logs = vec![paths.agent_log()];
+            if let Ok(dirs) = std::fs::read_dir(paths.dir.join("nodes")) {
+                logs.extend(dirs.filter_map(Result::ok).map(|d| d.path().join("agent.log")));
+            }
+            let log: String = logs
+                .iter()
+                .filter_map(|p| Some(format!("{}:\n{}", p.display(), std::fs::read_to_string(p).ok()?)))
+                .collect();
             let _ = down(name);
             Err(e.context(if log.is_empty() { String::new() } else { format!("agent log:\n{log}") }))
         }
@@ -377,9 +385,9 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         let _ = ip(&["netns", "del", &ns]);
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
     }
-    // Every node's bpffs: the lab's own (a single node's) and its nodes' directories'.
+    // Every node's bpffs: the lab's own (a single node's) and its named nodes'.
     let mut bpffs = vec![paths.bpffs()];
-    if let Ok(dirs) = std::fs::read_dir(&paths.dir) {
+    if let Ok(dirs) = std::fs::read_dir(paths.dir.join("nodes")) {
         bpffs.extend(dirs.filter_map(Result::ok).map(|e| e.path().join("bpf")));
     }
     for b in bpffs.into_iter().filter(|b| porin_datapath::loader::is_bpffs(b)) {

@@ -87,8 +87,8 @@ fn node_names(lab: &LabFile) -> anyhow::Result<Vec<String>> {
     }
     let mut names: Vec<String> = Vec::new();
     for n in &lab.nodes {
-        if !valid_name(&n.name) || n.name == "fabric" {
-            bail!("node name {:?}: use [a-z0-9-], not \"fabric\"", n.name);
+        if !valid_name(&n.name) || n.name.len() > 24 || n.name == "fabric" {
+            bail!("node name {:?}: use 1-24 characters of [a-z0-9-], not \"fabric\"", n.name);
         }
         if names.contains(&n.name) {
             bail!("node {:?} is declared twice", n.name);
@@ -342,7 +342,7 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         }
     } else {
         endpoints.node_ips.extend(&nodes[0].addresses);
-        endpoints.uplinks = uplinks(SINGLE_NODE);
+        endpoints.uplinks = uplinks(&nodes[0].name);
     }
     endpoints.identities = cluster_identities(&endpoints);
     std::fs::write(paths.endpoints(), serde_json::to_string_pretty(&endpoints)?)?;
