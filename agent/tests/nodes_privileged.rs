@@ -223,15 +223,10 @@ pods:
     // Denied at the source node: dropped by node1's datapath, counted there, never on the underlay.
     lab.apply(&[EGRESS_DENIED]);
     let drops = |c: &Value| c["drop_policy_deny"].as_u64().unwrap();
-    let counters = |node: &str| -> Value {
-        let o = porin().args(["lab", "counters", "--name", &lab.name, "--node", node]).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
-    let (drops_before, before) = (drops(&counters("node1")), underlay_packets(&lab, "n0"));
+    let (drops_before, before) = (drops(&lab.counters_of(Some("node1"))), underlay_packets(&lab, "n0"));
     send();
     let crossed = underlay_packets(&lab, "n0") - before;
-    let dropped = drops(&counters("node1")) - drops_before;
+    let dropped = drops(&lab.counters_of(Some("node1"))) - drops_before;
     assert!(dropped >= N, "node1 dropped the denied datagrams: {dropped} of {N}");
     // A few packets of the nodes' own (neighbour discovery) may cross meanwhile; the datagrams do not.
     assert!(crossed < 20, "denied datagrams stayed off the underlay: {crossed} packets crossed");

@@ -192,13 +192,9 @@ fn underlay(name: &str, nodes: &[LabNode], pods: &[Pod]) -> anyhow::Result<()> {
 /// The identities of a cluster's endpoints, handed out once for every node (as the agent would
 /// from scratch: label sets in order, from 256).
 fn cluster_identities(eps: &EndpointsFile) -> Vec<policy_engine::identity::LabelAssignment> {
-    let env = crate::agent::environment(eps, "");
-    let mut labels: Vec<_> = env.endpoints.iter().map(|e| env.endpoint_labels(e).identity_relevant()).collect();
-    labels.sort();
-    labels.dedup();
     let mut alloc = policy_engine::identity::IdentityAllocator::new();
-    for l in &labels {
-        alloc.endpoint(l);
+    for l in crate::agent::environment(eps, "").identity_label_sets() {
+        alloc.endpoint(&l);
     }
     alloc.assignments().0
 }

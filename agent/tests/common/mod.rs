@@ -153,9 +153,16 @@ impl Lab {
         self.events(0).last().and_then(|e| e["seq"].as_u64()).unwrap_or(0)
     }
 
-    /// Datapath counters.
+    /// Datapath counters (of the first node).
     pub(crate) fn counters(&self) -> Value {
-        let o = porin().args(["lab", "counters", "--name", &self.name]).output().unwrap();
+        self.counters_of(None)
+    }
+
+    /// Datapath counters of a node (`None`: the first).
+    pub(crate) fn counters_of(&self, node: Option<&str>) -> Value {
+        let mut args = vec!["lab", "counters", "--name", &self.name];
+        args.extend(node.iter().flat_map(|n| ["--node", *n]));
+        let o = porin().args(args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     }

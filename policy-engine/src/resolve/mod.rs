@@ -138,6 +138,16 @@ impl SecretSource for Environment {
 }
 
 impl Environment {
+    /// The endpoints' distinct identity label sets, in the order identities are allocated for them
+    /// (sorted: a fresh allocator numbers them the same on every node).
+    pub fn identity_label_sets(&self) -> Vec<Labels> {
+        let mut sets: Vec<Labels> =
+            self.endpoints.iter().map(|e| self.endpoint_labels(e).identity_relevant()).collect();
+        sets.sort();
+        sets.dedup();
+        sets
+    }
+
     /// Every label of an endpoint, as Cilium derives them.
     pub fn endpoint_labels(&self, ep: &Endpoint) -> Labels {
         let mut ls: Vec<Label> =
@@ -268,11 +278,8 @@ pub fn resolve(
     // Endpoint identities, allocated in label order so a fresh allocator is deterministic.
     let all_labels: Vec<Labels> = env.endpoints.iter().map(|e| env.endpoint_labels(e)).collect();
     let id_labels: Vec<Labels> = all_labels.iter().map(Labels::identity_relevant).collect();
-    let mut distinct: Vec<&Labels> = id_labels.iter().collect();
-    distinct.sort();
-    distinct.dedup();
-    for l in distinct {
-        let id = alloc.endpoint(l);
+    for l in env.identity_label_sets() {
+        let id = alloc.endpoint(&l);
         r.identities.insert(id, Identity { id, labels: l.clone(), kind: IdentityKind::Endpoint });
     }
     let ep_ids: Vec<IdentityId> = id_labels.iter().map(|l| alloc.endpoint(l)).collect();
