@@ -30,5 +30,6 @@ pub mod pair;
 pub mod policy_test;
 pub mod resolve;
 pub mod selector;
+pub mod services;
 pub mod snapshot;
 pub mod visibility;

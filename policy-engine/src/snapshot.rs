@@ -43,7 +43,7 @@ impl fmt::Display for Origin {
 }
 
 /// The transport of a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Proto {
     /// TCP.
     Tcp,

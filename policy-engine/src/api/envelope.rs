@@ -15,14 +15,18 @@ pub(crate) enum DocKind {
     CiliumClusterwideNetworkPolicy,
     NetworkPolicy,
     CiliumCidrGroup,
+    Service,
+    EndpointSlice,
 }
 
 impl DocKind {
-    const ALL: [DocKind; 4] = [
+    const ALL: [DocKind; 6] = [
         DocKind::CiliumNetworkPolicy,
         DocKind::CiliumClusterwideNetworkPolicy,
         DocKind::NetworkPolicy,
         DocKind::CiliumCidrGroup,
+        DocKind::Service,
+        DocKind::EndpointSlice,
     ];
 
     /// The `kind` field.
@@ -32,6 +36,8 @@ impl DocKind {
             DocKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
             DocKind::NetworkPolicy => "NetworkPolicy",
             DocKind::CiliumCidrGroup => "CiliumCIDRGroup",
+            DocKind::Service => "Service",
+            DocKind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -42,6 +48,8 @@ impl DocKind {
                 "cilium.io/v2"
             }
             DocKind::NetworkPolicy => "networking.k8s.io/v1",
+            DocKind::Service => "v1",
+            DocKind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
 
@@ -105,6 +113,7 @@ fn obsolete_note(kind: DocKind, api_version: &str) -> &'static str {
         (DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy, "cilium.io/v1") => {
             " (cilium.io/v1 is obsolete and no longer served)"
         }
+        (DocKind::EndpointSlice, "discovery.k8s.io/v1beta1") => " (the old version was removed in Kubernetes 1.25)",
         _ => "",
     }
 }
@@ -141,7 +150,8 @@ impl OtherObject {
     /// The error when other kinds are not skipped.
     pub(crate) fn error(&self) -> String {
         const EXPECTED: &str = "expected cilium.io/v2 CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or \
-                                CiliumCIDRGroup, or networking.k8s.io/v1 NetworkPolicy";
+                                CiliumCIDRGroup, networking.k8s.io/v1 NetworkPolicy, v1 Service or \
+                                discovery.k8s.io/v1 EndpointSlice";
         if self.api_version.is_empty() && self.kind.is_empty() {
             format!("not a Kubernetes object (no apiVersion and kind): {EXPECTED}")
         } else {

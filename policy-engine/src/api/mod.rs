@@ -24,6 +24,7 @@ use envelope::{DocKind, NotPolicy};
 
 use crate::labels::{self, Label, LabelKey, Labels};
 use crate::model::{CidrGroup, Policy, PolicyKind, PolicyRef, Rule, Source};
+use crate::services::{self, Service, ServiceDef, SliceDef};
 
 /// A policy document that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +64,7 @@ pub struct LoadOptions {
     pub default_namespace: String,
     /// The local cluster name (peers are confined to it, as `policy-default-local-cluster`).
     pub cluster: String,
-    /// Documents of other kinds (Deployments, Services, anything that is not a policy) are listed
+    /// Documents of other kinds (Deployments, ConfigMaps, anything Porin does not read) are listed
     /// in [`Loaded::other_objects`] and not errors. Near misses of a policy kind (wrong case, an
     /// obsolete version) stay errors.
     pub skip_other_kinds: bool,
@@ -86,6 +87,10 @@ pub struct Loaded {
     pub errors: Vec<PolicyError>,
     /// Documents of other kinds: errors too, unless [`LoadOptions::skip_other_kinds`].
     pub other_objects: Vec<OtherObject>,
+    /// Services (`v1 Service`).
+    pub services: Vec<ServiceDef>,
+    /// Their backends (`discovery.k8s.io/v1 EndpointSlice`).
+    pub endpoint_slices: Vec<SliceDef>,
 }
 
 impl Loaded {
@@ -95,6 +100,13 @@ impl Loaded {
         self.cidr_groups.extend(other.cidr_groups);
         self.errors.extend(other.errors);
         self.other_objects.extend(other.other_objects);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+    }
+
+    /// The services with their backends, and a warning per slice of no service.
+    pub fn services(&self) -> (Vec<Service>, Vec<String>) {
+        services::join(&self.services, &self.endpoint_slices)
     }
 
     /// Warnings of every loaded policy, prefixed with where they are.
@@ -315,6 +327,28 @@ fn load_document(value: &Value, source: Source, opts: &LoadOptions, out: &mut Lo
                 doc.metadata.labels.unwrap_or_default().into_iter().map(|(k, v)| Label::new(LabelKey::k8s(k), v)),
             );
             out.cidr_groups.push(CidrGroup { name: meta_name.to_owned(), labels, cidrs });
+        }
+        DocKind::Service | DocKind::EndpointSlice => {
+            let namespace = map
+                .get("metadata")
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or(&opts.default_namespace);
+            let object = Some(format!("{kind} {namespace}/{meta_name}"));
+            let read = if doc_kind == DocKind::Service {
+                de::from_value(value, "")
+                    .map_err(|e| (e.path, e.message))
+                    .and_then(|svc| services::service_def(&svc, namespace).map_err(|e| (Some(e.path), e.message)))
+                    .map(|s| out.services.push(s))
+            } else {
+                de::from_value(value, "")
+                    .map_err(|e| (e.path, e.message))
+                    .and_then(|s| services::slice_def(&s, namespace).map_err(|e| (Some(e.path), e.message)))
+                    .map(|s| out.endpoint_slices.extend(s))
+            };
+            if let Err((path, message)) = read {
+                out.errors.push(error(object, path, message));
+            }
         }
     }
 }

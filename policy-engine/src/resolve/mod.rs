@@ -75,20 +75,7 @@ pub struct Endpoint {
     pub policy_audit_mode: bool,
 }
 
-/// A Kubernetes service.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Service {
-    /// Name.
-    pub name: String,
-    /// Namespace.
-    pub namespace: String,
-    /// Service labels (for `k8sServiceSelector`).
-    pub labels: BTreeMap<String, String>,
-    /// Pod selector; none for services backed by external endpoints.
-    pub selector: Option<BTreeMap<String, String>>,
-    /// Backend addresses of a selector-less service.
-    pub backends: Vec<IpAddr>,
-}
+pub use crate::services::Service;
 
 /// Everything besides policies that resolution needs.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]

@@ -27,7 +27,9 @@ impl Resolver<'_> {
             }
         }
         for svc in &self.env.services {
-            out.extend(svc.backends.iter().filter(|ip| !self.endpoint_ips.contains(ip)).map(|ip| host_prefix(*ip)));
+            out.extend(
+                svc.backends.iter().map(|b| b.ip).filter(|ip| !self.endpoint_ips.contains(ip)).map(host_prefix),
+            );
         }
         // A /0 selects the world identities themselves; it needs no CIDR identity of its own.
         out.into_iter().filter(|p| p.prefix_len() > 0).collect()
@@ -164,8 +166,8 @@ impl Resolver<'_> {
                     }
                 }
                 None => {
-                    for ip in s.backends.iter().filter(|ip| !self.endpoint_ips.contains(ip)) {
-                        out.extend(self.cidr_identity(&host_prefix(*ip)));
+                    for ip in s.backends.iter().map(|b| b.ip).filter(|ip| !self.endpoint_ips.contains(ip)) {
+                        out.extend(self.cidr_identity(&host_prefix(ip)));
                     }
                 }
             }

@@ -152,10 +152,6 @@ macro_rules! to_fields {
     };
 }
 
-fn non_empty<T>(list: Option<&[T]>) -> bool {
-    list.is_some_and(|l| !l.is_empty())
-}
-
 /// An item of one of a rule's four lists, read uniformly.
 pub(super) trait RawElement {
     /// Its peers are sources (`from…`: ingress lists) or destinations (`to…`: egress lists).
@@ -166,8 +162,6 @@ pub(super) trait RawElement {
     const LIST: &'static str;
     /// Its peer fields.
     fn peers(&self) -> PeerFields<'_>;
-    /// Whether it has port rules.
-    fn has_ports(&self) -> bool;
     /// Its authentication block (allow lists only).
     fn authentication(&self) -> Option<&raw::Authentication> {
         None
@@ -191,9 +185,6 @@ impl RawElement for raw::IngressRule {
     const LIST: &'static str = "ingress";
     fn peers(&self) -> PeerFields<'_> {
         from_fields!(self)
-    }
-    fn has_ports(&self) -> bool {
-        non_empty(self.to_ports.as_deref())
     }
     fn authentication(&self) -> Option<&raw::Authentication> {
         self.authentication.as_ref()
@@ -222,9 +213,6 @@ impl RawElement for raw::IngressDenyRule {
     fn peers(&self) -> PeerFields<'_> {
         from_fields!(self)
     }
-    fn has_ports(&self) -> bool {
-        non_empty(self.to_ports.as_deref())
-    }
     fn l4(&self, ctx: &mut Ctx, path: &str, _namespace: Option<&str>) -> L4Spec {
         l4_spec(self.to_ports.as_deref(), self.icmps.as_deref(), ctx, path, deny_port_rule)
     }
@@ -236,9 +224,6 @@ impl RawElement for raw::EgressRule {
     const LIST: &'static str = "egress";
     fn peers(&self) -> PeerFields<'_> {
         to_fields!(self, self.to_fqdns.as_deref())
-    }
-    fn has_ports(&self) -> bool {
-        non_empty(self.to_ports.as_deref())
     }
     fn authentication(&self) -> Option<&raw::Authentication> {
         self.authentication.as_ref()
@@ -264,9 +249,6 @@ impl RawElement for raw::EgressDenyRule {
     const LIST: &'static str = "egressDeny";
     fn peers(&self) -> PeerFields<'_> {
         to_fields!(self, None)
-    }
-    fn has_ports(&self) -> bool {
-        non_empty(self.to_ports.as_deref())
     }
     fn l4(&self, ctx: &mut Ctx, path: &str, _namespace: Option<&str>) -> L4Spec {
         l4_spec(self.to_ports.as_deref(), self.icmps.as_deref(), ctx, path, deny_port_rule)
@@ -301,8 +283,7 @@ pub(super) fn elements<E: RawElement>(
 }
 
 fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx, path: &str) -> Option<Element> {
-    let (dir_from, action, fields, has_ports, auth) =
-        (E::FROM, E::ACTION, e.peers(), e.has_ports(), e.authentication());
+    let (dir_from, action, fields, auth) = (E::FROM, E::ACTION, e.peers(), e.authentication());
     let (scope, subject_matches_init) = (env.scope, env.subject_matches_init);
     let before = ctx.errors.len();
     let (pre, n) = if dir_from { ("From", "from") } else { ("To", "to") };
@@ -320,9 +301,6 @@ fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx
     if let [a, b, ..] = used.as_slice() {
         ctx.err(path, format!("combining {pre}{a} and {pre}{b} is not supported yet"));
         return None;
-    }
-    if !dir_from && action == Action::Allow && fields.services.is_some_and(|s| !s.is_empty()) && has_ports {
-        ctx.err(path, "combining ToServices and ToPorts is not supported yet");
     }
     if fields.requires.is_some_and(|r| !r.is_empty()) {
         ctx.err(
