@@ -101,6 +101,10 @@ pub struct AgentArgs {
     /// How many flow records the node's ring keeps (Hubble's default: 4095).
     #[arg(long, default_value_t = porin_hubble::ring::DEFAULT_CAPACITY)]
     pub flow_ring: usize,
+    /// Balance services for the processes of this cgroup (v2) and below: `auto` is the root of the
+    /// cgroup2 hierarchy (mounted at /run/porin/cgroupv2 when none is), `none` turns it off.
+    #[arg(long, default_value = "auto")]
+    pub cgroup: String,
     /// The node's name in flows and in Hubble's node list (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -301,6 +305,11 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname().map_or_else(|_| "porin".into(), |h| h.to_string_lossy().into_owned()),
     };
+    let cgroup = match a.cgroup.as_str() {
+        "none" => None,
+        "auto" => Some(crate::agent::cgroup2_root()?),
+        path => Some(PathBuf::from(path)),
+    };
     // The namespace first, while this process has one thread.
     if let Some(ns) = &a.netns {
         crate::agent::enter_netns(ns)?;
@@ -327,6 +336,7 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
             hubble: Some(a.hubble.clone()),
             policy_audit_mode: a.policy_audit_mode,
             export: export_config(a)?,
+            cgroup,
         },
         sockets,
     )

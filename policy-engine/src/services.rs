@@ -160,7 +160,10 @@ pub fn service_def(svc: &core::Service, namespace: &str) -> Result<ServiceDef, F
     let spec = svc.spec.clone().unwrap_or_default();
     let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
     if !matches!(kind, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
-        return Err(err("spec.type", format!("unknown type {kind:?}: ClusterIP, NodePort, LoadBalancer or ExternalName")));
+        return Err(err(
+            "spec.type",
+            format!("unknown type {kind:?}: ClusterIP, NodePort, LoadBalancer or ExternalName"),
+        ));
     }
     let mut cluster_ips: Vec<IpAddr> = Vec::new();
     let listed: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -353,12 +356,10 @@ mod tests {
         assert_eq!(s.namespace, "default");
         assert_eq!(s.cluster_ips, ["10.96.0.10".parse::<IpAddr>().unwrap(), "fd00:96::10".parse().unwrap()]);
         assert_eq!(s.affinity_secs, Some(DEFAULT_AFFINITY_SECS));
-        assert_eq!(s.ports[0], ServicePort {
-            name: "http".into(),
-            protocol: Proto::Tcp,
-            port: 80,
-            target: TargetPort::Number(8080)
-        });
+        assert_eq!(
+            s.ports[0],
+            ServicePort { name: "http".into(), protocol: Proto::Tcp, port: 80, target: TargetPort::Number(8080) }
+        );
         assert_eq!(s.ports[1].target, TargetPort::Number(53));
         assert_eq!(s.ports[1].protocol, Proto::Udp);
     }
@@ -373,8 +374,10 @@ mod tests {
         assert_eq!(e(&format!("{base}  clusterIPs: [10.0.0.1, 10.0.0.2]\n")).path, "spec.clusterIPs[1]");
         assert_eq!(e(&format!("{base}  ports: [{{port: 1, protocol: HTTP}}]\n")).path, "spec.ports[0].protocol");
         assert_eq!(
-            e(&format!("{base}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 0}}}}\n"))
-                .path,
+            e(&format!(
+                "{base}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 0}}}}\n"
+            ))
+            .path,
             "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         );
         assert_eq!(e("apiVersion: v1\nkind: Service\nmetadata: {}\n").path, "metadata.name");
@@ -409,9 +412,17 @@ mod tests {
             e(&format!("{meta}addressType: IPv6\nendpoints: [{{addresses: [10.0.0.1]}}]\n")).path,
             "endpoints[0].addresses[0]"
         );
-        assert_eq!(e(&format!("{meta}addressType: IPv4\nendpoints: [{{addresses: []}}]\n")).path, "endpoints[0].addresses[0]");
-        assert_eq!(e(&format!("{meta}addressType: IPv4\nports: [{{port: 70000}}]\nendpoints: []\n")).path, "ports[0].port");
-        assert!(slice(&format!("{meta}addressType: FQDN\nendpoints: [{{addresses: [a.example]}}]\n")).unwrap().is_none());
+        assert_eq!(
+            e(&format!("{meta}addressType: IPv4\nendpoints: [{{addresses: []}}]\n")).path,
+            "endpoints[0].addresses[0]"
+        );
+        assert_eq!(
+            e(&format!("{meta}addressType: IPv4\nports: [{{port: 70000}}]\nendpoints: []\n")).path,
+            "ports[0].port"
+        );
+        assert!(
+            slice(&format!("{meta}addressType: FQDN\nendpoints: [{{addresses: [a.example]}}]\n")).unwrap().is_none()
+        );
     }
 
     /// Through the loader: services and slices beside policies, errors naming document and field,

@@ -14,6 +14,7 @@
 use core::mem::size_of;
 
 pub mod datapath;
+pub mod lb;
 
 /// Map names (at most 15 bytes: the kernel's object-name limit).
 pub mod names {
@@ -37,6 +38,16 @@ pub mod names {
     pub const PROXY_UDP: &str = "PORIN_PROXY_UDP";
     /// Addresses the DNS proxy learned → their FQDN selector identities (hash).
     pub const FQDN: &str = "PORIN_FQDN";
+    /// Service frontends (hash; [`crate::lb`]).
+    pub const LB_SERVICES: &str = "PORIN_LB_SVC";
+    /// Service backend slots (hash).
+    pub const LB_BACKENDS: &str = "PORIN_LB_BE";
+    /// Service membership of backends (hash).
+    pub const LB_MEMBERS: &str = "PORIN_LB_MEMBER";
+    /// `ClientIP` affinity (LRU hash).
+    pub const LB_AFFINITY: &str = "PORIN_LB_AFF";
+    /// Sockets' translations, read back by `getpeername`/`recvmsg` (LRU hash).
+    pub const LB_REV: &str = "PORIN_LB_REV";
 }
 
 /// Map capacities.
@@ -57,6 +68,16 @@ pub mod sizes {
     pub const PROXY_UDP: u32 = 8;
     /// Addresses learned from DNS.
     pub const FQDN: u32 = 1 << 16;
+    /// Service frontends (both generations).
+    pub const LB_SERVICES: u32 = 1 << 15;
+    /// Backend slots (both generations).
+    pub const LB_BACKENDS: u32 = 1 << 17;
+    /// Memberships (both generations).
+    pub const LB_MEMBERS: u32 = 1 << 17;
+    /// Client namespace and service pairs with affinity.
+    pub const LB_AFFINITY: u32 = 1 << 16;
+    /// Translated sockets.
+    pub const LB_REV: u32 = 1 << 18;
 }
 
 /// Program names (the functions in `redirect-ebpf`).
@@ -67,6 +88,18 @@ pub mod programs {
     pub const TO_ENDPOINT: &str = "porin_to_ep";
     /// tc ingress on the node's uplink: traffic from outside the node's endpoints.
     pub const FROM_WORLD: &str = "porin_from_world";
+    /// Socket load balancing (cgroup `sock_addr` programs, attached to the node's cgroup): name and
+    /// attach point.
+    pub const SOCK: [(&str, &str); 8] = [
+        ("porin_sock_connect4", "connect4"),
+        ("porin_sock_connect6", "connect6"),
+        ("porin_sock_sendmsg4", "sendmsg4"),
+        ("porin_sock_sendmsg6", "sendmsg6"),
+        ("porin_sock_recvmsg4", "recvmsg4"),
+        ("porin_sock_recvmsg6", "recvmsg6"),
+        ("porin_sock_getpeername4", "getpeername4"),
+        ("porin_sock_getpeername6", "getpeername6"),
+    ];
 }
 
 /// Address families (`family` fields).
@@ -194,11 +227,18 @@ pub mod counter {
     pub const CT_INSERT_FAILED: u32 = 16;
     /// New flows policy would have dropped, passed because the endpoint's policy is in audit mode.
     pub const AUDITED: u32 = 17;
+    /// Connects and sends to a service frontend given a backend.
+    pub const LB_TRANSLATED: u32 = 18;
+    /// Connects and sends to a service frontend refused: the service has no backend.
+    pub const LB_NO_BACKEND: u32 = 19;
+    /// Socket translations (`getpeername`/`recvmsg` then show the backend's address) or affinities
+    /// (the next connect chooses anew) that could not be recorded.
+    pub const LB_RECORD_FAILED: u32 = 20;
     /// Number of counters (room to grow: the map is pinned across agent versions).
     pub const LEN: u32 = 32;
 
     /// Every counter with the name it is reported under.
-    pub const NAMES: [(u32, &str); 18] = [
+    pub const NAMES: [(u32, &str); 21] = [
         (DROPPED, "dropped"),
         (CT_NEW, "ct_new"),
         (CT_ESTABLISHED, "ct_established"),
@@ -217,6 +257,9 @@ pub mod counter {
         (CT_INSERT_FAILED, "ct_insert_failed"),
         (FORWARDED, "forwarded"),
         (AUDITED, "audited"),
+        (LB_TRANSLATED, "lb_translated"),
+        (LB_NO_BACKEND, "lb_no_backend"),
+        (LB_RECORD_FAILED, "lb_record_failed"),
     ];
 }
 
@@ -550,4 +593,12 @@ mod user {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for FqdnKey {}
     unsafe impl aya::Pod for FqdnValue {}
+    unsafe impl aya::Pod for lb::Addr {}
+    unsafe impl aya::Pod for lb::ServiceKey {}
+    unsafe impl aya::Pod for lb::ServiceValue {}
+    unsafe impl aya::Pod for lb::BackendKey {}
+    unsafe impl aya::Pod for lb::MemberKey {}
+    unsafe impl aya::Pod for lb::AffinityKey {}
+    unsafe impl aya::Pod for lb::AffinityValue {}
+    unsafe impl aya::Pod for lb::RevKey {}
 }

@@ -26,6 +26,10 @@
 //! flow never falls back to the direct path: with its proxy socket gone, its packets are dropped.
 //!
 //! Policy comes from maps the agent writes (layouts in `redirect-common`); identities from the ipcache.
+//! Services are balanced at the socket (`sock.rs`): cgroup `connect`/`sendmsg` programs rewrite a
+//! service frontend to a backend before anything is routed, `recvmsg`/`getpeername` programs show
+//! the frontend back; the tc programs then see (and judge) the backend's address like any other.
+//!
 //! Everything fails closed: an unknown interface, a spoofed source, an unparseable header, a missing
 //! policy entry or an absent proxy listener drops the packet with an event that names the reason.
 //! The programs only read maps the agent owns, write conntrack, counters and events, and never modify
@@ -52,7 +56,7 @@ use aya_ebpf::programs::TcContext;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto};
 use redirect_common::{
     CtKey, CtValue, Event, FqdnKey, FqdnValue, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue,
-    POLICY_FULL_BITS, PolicyKey, PolicyValue, config, counter, family, mark, proxy_index, reason, sizes,
+    POLICY_FULL_BITS, PolicyKey, PolicyValue, config, counter, family, lb, mark, proxy_index, reason, sizes,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -76,6 +80,18 @@ static PORIN_PROXY: SockMap = SockMap::pinned(sizes::PROXY, 0);
 static PORIN_PROXY_UDP: SockMap = SockMap::pinned(sizes::PROXY_UDP, 0);
 #[map]
 static PORIN_FQDN: HashMap<FqdnKey, FqdnValue> = HashMap::pinned(sizes::FQDN, 0);
+#[map]
+static PORIN_LB_SVC: HashMap<lb::ServiceKey, lb::ServiceValue> = HashMap::pinned(sizes::LB_SERVICES, 0);
+#[map]
+static PORIN_LB_BE: HashMap<lb::BackendKey, lb::Addr> = HashMap::pinned(sizes::LB_BACKENDS, 0);
+#[map]
+static PORIN_LB_MEMBER: HashMap<lb::MemberKey, u8> = HashMap::pinned(sizes::LB_MEMBERS, 0);
+#[map]
+static PORIN_LB_AFF: LruHashMap<lb::AffinityKey, lb::AffinityValue> = LruHashMap::pinned(sizes::LB_AFFINITY, 0);
+#[map]
+static PORIN_LB_REV: LruHashMap<lb::RevKey, lb::Addr> = LruHashMap::pinned(sizes::LB_REV, 0);
+
+mod sock;
 
 /// `TCP_ESTABLISHED`: also the state of a connected UDP socket.
 const SK_ESTABLISHED: u32 = 1;

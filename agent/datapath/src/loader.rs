@@ -5,6 +5,10 @@
 //! restarted agent reopens the same maps and swaps its freshly loaded programs into the pinned links
 //! atomically (`BPF_LINK_UPDATE`), never leaving an interface without a program.
 //!
+//! Services: the socket load balancer's programs attach to a cgroup (v2) through pinned links too;
+//! a restarted agent attaches its new programs first, then lets the old links go, so connects are
+//! never left untranslated. Service frontends and backend slots are generational like policy.
+//!
 //! Updates: [`Datapath::apply`] writes a snapshot's [`Desired`] contents into the *inactive*
 //! generation as a diff against what that generation holds, then flips the generation word; new flows
 //! see either the old policy or the new one. Established flows pass through conntrack throughout.
@@ -19,11 +23,13 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use redirect_common::{IfaceValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, config, counter, names, programs};
+use redirect_common::{
+    IfaceValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, config, counter, lb, names, programs,
+};
 
-use crate::mapstate::{Desired, IpcacheSlot, PolicySlot};
+use crate::mapstate::{Desired, IpcacheSlot, LbService, PolicySlot};
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
@@ -71,6 +77,8 @@ pub struct ApplyStats {
     pub policy_entries: usize,
     /// ipcache entries in the active generation.
     pub ipcache_entries: usize,
+    /// Service frontends in the active generation.
+    pub lb_frontends: usize,
     /// Time taken.
     pub micros: u128,
 }
@@ -84,6 +92,9 @@ pub struct Datapath {
     ifaces: HashMap<MapData, u32, IfaceValue>,
     config: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
+    lb_services: HashMap<MapData, lb::ServiceKey, lb::ServiceValue>,
+    lb_backends: HashMap<MapData, lb::BackendKey, lb::Addr>,
+    lb_members: HashMap<MapData, lb::MemberKey, u8>,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -136,12 +147,23 @@ impl Datapath {
                 .with_context(|| format!("program {name}"))?;
             prog.load().with_context(|| format!("verify program {name}"))?;
         }
+        for (name, _) in programs::SOCK {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name}"))?;
+            prog.load().with_context(|| format!("verify program {name}"))?;
+        }
         let ipcache = take(&mut ebpf, names::IPCACHE)?;
         let policy = take(&mut ebpf, names::POLICY)?;
         let ifaces = take(&mut ebpf, names::IFACES)?;
         let config = take(&mut ebpf, names::CONFIG)?;
         let counters = take(&mut ebpf, names::COUNTERS)?;
-        Ok(Self { ebpf, links_dir, ipcache, policy, ifaces, config, counters })
+        let lb_services = take(&mut ebpf, names::LB_SERVICES)?;
+        let lb_backends = take(&mut ebpf, names::LB_BACKENDS)?;
+        let lb_members = take(&mut ebpf, names::LB_MEMBERS)?;
+        Ok(Self { ebpf, links_dir, ipcache, policy, ifaces, config, counters, lb_services, lb_backends, lb_members })
     }
 
     /// The event ring buffer (call once).
@@ -197,6 +219,35 @@ impl Datapath {
             .with_context(|| format!("attach {prog_name} to {ifname}"))?;
         let link: FdLink = prog.take_link(id)?.try_into().context("TCX link")?;
         link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Attaches the socket load balancer to the cgroup (v2) directory `cgroup`: every process in it
+    /// or below has its connects and sends to service frontends balanced. A link pinned by an
+    /// earlier agent (on this or another cgroup) is let go only once the new one is attached.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        for (name, point) in programs::SOCK {
+            let pin = self.links_dir.join(format!("cgroup_{point}"));
+            let old = match PinnedLink::from_pin(&pin) {
+                Ok(l) => Some(l),
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+            };
+            let prog: &mut CgroupSockAddr =
+                self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
+            // A link (kernels from 5.7) shares the cgroup with other programs whatever the mode;
+            // the kernel refuses link flags, which `Single` leaves empty.
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into().context("cgroup link")?;
+            if let Some(old) = old {
+                // Unpinned and dropped: the old program leaves the cgroup now that the new one runs.
+                drop(old.unpin().with_context(|| format!("unpin {}", pin.display()))?);
+            }
+            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+        }
         Ok(())
     }
 
@@ -326,6 +377,9 @@ impl Datapath {
             stats.removed += 1;
         }
 
+        stats.lb_frontends = want.lb.len();
+        self.write_lb(target, &want.lb, &mut stats)?;
+
         // The flip: one 4-byte write.
         self.config.set(config::GENERATION, u32::from(target), 0).context("flip generation")?;
 
@@ -341,6 +395,63 @@ impl Datapath {
         stats.ipcache_entries = want_ipcache.len();
         stats.micros = start.elapsed().as_micros();
         Ok(stats)
+    }
+
+    /// Writes the service frontends, backend slots and memberships of generation `target` (inactive)
+    /// as a diff against what it holds.
+    fn write_lb(
+        &mut self,
+        target: u8,
+        want: &BTreeMap<(u8, lb::Addr), LbService>,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
+        let mut want_svc = BTreeMap::new();
+        let mut want_be = BTreeMap::new();
+        let mut want_member = BTreeSet::new();
+        for ((proto, frontend), s) in want {
+            let key = lb::ServiceKey { generation: target, proto: *proto, _pad: [0; 2], frontend: *frontend };
+            let count = u32::try_from(s.backends.len()).context("backend count")?;
+            want_svc.insert(key, lb::ServiceValue { count, affinity_secs: s.affinity_secs });
+            for (slot, b) in (0u32..).zip(&s.backends) {
+                want_be.insert(lb::BackendKey { service: key, slot }, *b);
+                want_member.insert(lb::MemberKey { service: key, backend: *b });
+            }
+        }
+        let have_svc: BTreeMap<lb::ServiceKey, lb::ServiceValue> =
+            self.lb_services.iter().filter_map(Result::ok).filter(|(k, _)| k.generation == target).collect();
+        let have_be: BTreeMap<lb::BackendKey, lb::Addr> =
+            self.lb_backends.iter().filter_map(Result::ok).filter(|(k, _)| k.service.generation == target).collect();
+        let have_member: BTreeSet<lb::MemberKey> =
+            self.lb_members.keys().filter_map(Result::ok).filter(|k| k.service.generation == target).collect();
+        for (k, v) in &want_be {
+            if have_be.get(k) != Some(v) {
+                self.lb_backends.insert(k, v, 0).context("write service backend")?;
+                stats.written += 1;
+            }
+        }
+        for k in want_member.difference(&have_member) {
+            self.lb_members.insert(k, 1, 0).context("write service member")?;
+            stats.written += 1;
+        }
+        for (k, v) in &want_svc {
+            if have_svc.get(k) != Some(v) {
+                self.lb_services.insert(k, v, 0).context("write service")?;
+                stats.written += 1;
+            }
+        }
+        for k in have_svc.keys().filter(|k| !want_svc.contains_key(k)) {
+            self.lb_services.remove(k).context("remove service")?;
+            stats.removed += 1;
+        }
+        for k in have_be.keys().filter(|k| !want_be.contains_key(k)) {
+            self.lb_backends.remove(k).context("remove service backend")?;
+            stats.removed += 1;
+        }
+        for k in have_member.difference(&want_member) {
+            self.lb_members.remove(k).context("remove service member")?;
+            stats.removed += 1;
+        }
+        Ok(())
     }
 
     /// Counters summed over CPUs, indexed by `redirect_common::counter`.

@@ -22,7 +22,7 @@ use policy_engine::identity::IdentityId;
 use policy_engine::model::{ExtendedProto, L7Parser};
 use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
 use redirect_common::{
-    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, listener,
+    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, lb, listener,
     policy_flag, verdict,
 };
 
@@ -112,6 +112,59 @@ pub struct Desired {
     pub policy: BTreeMap<PolicySlot, PolicyValue>,
     /// ifindex → endpoint.
     pub ifaces: BTreeMap<u32, IfaceValue>,
+    /// Service frontends (protocol, cluster IP and port) → their backends.
+    pub lb: BTreeMap<(u8, lb::Addr), LbService>,
+}
+
+/// A service frontend's backends, in slot order, and its affinity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbService {
+    /// Backends (the slots `0..len`).
+    pub backends: Vec<lb::Addr>,
+    /// `ClientIP` affinity timeout, seconds (0: none).
+    pub affinity_secs: u32,
+}
+
+/// The kernel's form of an address and port.
+pub fn lb_addr(ip: IpAddr, port: u16) -> lb::Addr {
+    let (family, addr) = match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (family::V4, a)
+        }
+        IpAddr::V6(v6) => (family::V6, v6.octets()),
+    };
+    lb::Addr { family, _pad: 0, port: port.to_be_bytes(), addr }
+}
+
+/// The socket load balancer's entries for `services`: one frontend per cluster IP and port, whose
+/// backends are the ready ones of the same family serving that port (sorted: a backend keeps its
+/// slot while the set does not change). A frontend with no backend is kept (with none): connects
+/// to it are refused rather than sent to an address nothing answers.
+pub fn lb_entries(services: &[policy_engine::services::Service]) -> BTreeMap<(u8, lb::Addr), LbService> {
+    let mut out = BTreeMap::new();
+    for s in services {
+        for ip in &s.cluster_ips {
+            for port in &s.ports {
+                if !matches!(port.protocol, Proto::Tcp | Proto::Udp) {
+                    continue;
+                }
+                let mut backends: Vec<lb::Addr> = s
+                    .backends_of(port)
+                    .filter(|(b, _)| b.is_ipv4() == ip.is_ipv4())
+                    .map(|(b, p)| lb_addr(b, p))
+                    .collect();
+                backends.sort();
+                backends.dedup();
+                out.insert(
+                    (port.protocol.number(), lb_addr(*ip, port.port)),
+                    LbService { backends, affinity_secs: s.affinity_secs.unwrap_or(0) },
+                );
+            }
+        }
+    }
+    out
 }
 
 fn rule_id(o: Option<&policy_engine::snapshot::OriginId>) -> u32 {

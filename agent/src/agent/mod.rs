@@ -67,6 +67,8 @@ pub struct AgentConfig {
     pub policy_audit_mode: bool,
     /// Export the node's flows to a file.
     pub export: Option<porin_hubble::export::ExportConfig>,
+    /// The cgroup (v2) whose processes' connects and sends to services are balanced (none: off).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Sockets the caller bound before entering the agent's network namespace (so they are reachable
@@ -378,12 +380,39 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
         .with_context(|| format!("enter network namespace {name}"))
 }
 
+/// Where a cgroup2 hierarchy is mounted (the first in `/proc/self/mountinfo`); mounts one at
+/// `/run/porin/cgroupv2` when there is none.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    // `id parent major:minor root mountpoint options [optional...] - fstype source super-options`
+    let found = info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(PathBuf::from))?
+    });
+    if let Some(p) = found {
+        return Ok(p);
+    }
+    let dir = PathBuf::from("/run/porin/cgroupv2");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    nix::mount::mount(Some("cgroup2"), &dir, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mount cgroup2 on {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Runs the agent until SIGTERM / SIGINT, serving on `sockets` (bound by the caller before it
 /// entered a network namespace) besides its own.
 pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     ensure_bpffs(&cfg.bpffs)?;
     let mut datapath = Datapath::open(&cfg.bpffs)?;
     datapath.configure(&cfg.settings)?;
+    // Services keep working without the socket balancer's programs only for what is already
+    // connected: a failure is reported in status (errors), and policy enforces regardless.
+    let lb_error = cfg.cgroup.as_deref().and_then(|cg| {
+        datapath.attach_cgroup(cg).err().map(|e| {
+            tracing::error!(cgroup = %cg.display(), error = %format!("{e:#}"), "Socket load balancing not attached");
+            format!("socket load balancing on {}: {e:#}", cg.display())
+        })
+    });
     let events = datapath.take_events()?;
     let ring = Arc::new(FlowRing::new(cfg.flow_ring));
     let view = Arc::new(View::new(ring.clone()));
@@ -392,6 +421,7 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
     let allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
     let mut reloader = Reloader::new(cfg.clone(), datapath, version, allocator, view.clone());
+    reloader.lb_error = lb_error;
     reloader.reload().context("initial policy load")?;
     reloader.refresh_view();
     let (jobs, queue) = channel();

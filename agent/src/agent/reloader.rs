@@ -86,6 +86,11 @@ pub(super) struct Reloader {
     endpoints: EndpointsFile,
     bindings: Vec<Binding>,
     attach_errors: Vec<String>,
+    /// Why the socket load balancer is not attached.
+    pub(super) lb_error: Option<String>,
+    /// Services in force and what joining them warned of.
+    services: Vec<policy_engine::services::Service>,
+    service_warnings: Vec<String>,
     last_apply: Option<ApplyStats>,
     /// A publication not written yet.
     pending: Option<PolicyInputs>,
@@ -117,6 +122,9 @@ impl Reloader {
             endpoints: EndpointsFile::default(),
             bindings: vec![],
             attach_errors: vec![],
+            lb_error: None,
+            services: vec![],
+            service_warnings: vec![],
             last_apply: None,
             pending: None,
             published: None,
@@ -254,6 +262,8 @@ impl Reloader {
         let node = self.cfg.node_name.as_str();
         let mut env = environment(&eps, node);
         env.policy_audit_mode |= self.cfg.policy_audit_mode;
+        let (services, service_warnings) = all.services();
+        env.services = services;
         // The cluster's identities first: every node numbers an endpoint the same. A set that could
         // hand one identity's rights to another refuses the file: the last good state keeps enforcing.
         let moved = self
@@ -288,7 +298,8 @@ impl Reloader {
             }
         }
         let own_ips = eps.own_ips(node);
-        let want = mapstate::desired(&snap, &bindings, &own_ips);
+        let mut want = mapstate::desired(&snap, &bindings, &own_ips);
+        want.lb = mapstate::lb_entries(&env.services);
         // Maps first, then programs: a freshly attached interface must find its policy.
         let stats = self.datapath.apply(&want)?;
         for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
@@ -320,6 +331,8 @@ impl Reloader {
         self.endpoints = eps;
         self.bindings = bindings;
         self.last_apply = Some(stats.clone());
+        self.services = env.services.clone();
+        self.service_warnings = service_warnings;
         if self.cfg.publish.is_some() {
             let (identities, prefixes) = self.allocator.assignments();
             let fqdn = self.allocator.fqdn_assignments();
@@ -374,8 +387,21 @@ impl Reloader {
             "endpoints": endpoints,
             "policy_files": self.files.values().collect::<Vec<_>>(),
             "errors": snap.map(|s| s.errors.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default()
-                .into_iter().chain(self.attach_errors.iter().cloned()).collect::<Vec<_>>(),
-            "warnings": snap.map(|s| s.warnings.clone()).unwrap_or_default(),
+                .into_iter().chain(self.attach_errors.iter().cloned()).chain(self.lb_error.clone()).collect::<Vec<_>>(),
+            "warnings": snap.map(|s| s.warnings.clone()).unwrap_or_default()
+                .into_iter().chain(self.service_warnings.iter().cloned()).collect::<Vec<_>>(),
+            "services": self.services.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "namespace": s.namespace,
+                "cluster_ips": s.cluster_ips,
+                "ports": s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>(),
+                "affinity_secs": s.affinity_secs,
+                "backends": s.backends.iter().map(|b| serde_json::json!({
+                    "ip": b.ip, "ready": b.ready, "node": b.node,
+                    "ports": b.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "socket_lb": { "cgroup": self.cfg.cgroup, "error": self.lb_error },
             "last_apply": self.last_apply,
             "publish": {
                 "path": self.cfg.publish,

@@ -120,6 +120,9 @@ pub enum LabCommand {
         /// Server spec (JSON).
         #[arg(long)]
         spec: PathBuf,
+        /// Join this cgroup first.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         /// Ready file.
         #[arg(long)]
         ready: Option<PathBuf>,
@@ -130,6 +133,9 @@ pub enum LabCommand {
         /// Network namespace.
         #[arg(long)]
         netns: String,
+        /// Join this cgroup first.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         /// Command.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -222,14 +228,20 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             println!("proxy running (pid {pid})");
         }
         LabCommand::StopProxy { name, node } => lab::stop_proxy(&name, node.as_deref())?,
-        LabCommand::Serve { netns, spec, ready } => {
+        LabCommand::Serve { netns, spec, ready, cgroup } => {
+            if let Some(cg) = &cgroup {
+                lab::join_cgroup(cg)?;
+            }
             crate::agent::enter_netns(&netns)?;
             let text = std::fs::read_to_string(&spec)?;
             let state = spec.with_extension("state");
             crate::lab::servers::run(serde_json::from_str(&text)?, ready, &state)?;
         }
-        LabCommand::RunIn { netns, cmd } => {
+        LabCommand::RunIn { netns, cgroup, cmd } => {
             use std::os::unix::process::CommandExt as _;
+            if let Some(cg) = &cgroup {
+                lab::join_cgroup(cg)?;
+            }
             crate::agent::enter_netns(&netns)?;
             let (prog, args) = cmd.split_first().ok_or_else(|| anyhow::anyhow!("no command"))?;
             return Err(std::process::Command::new(prog).args(args).exec().into());

@@ -22,12 +22,14 @@ pub mod cli;
 mod net;
 mod process;
 pub mod servers;
+mod services;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -303,13 +305,16 @@ fn save_state(st: &LabState) -> anyhow::Result<()> {
     std::fs::write(&p, serde_json::to_string_pretty(st)?).with_context(|| format!("write {}", p.display()))
 }
 
-/// Copies policy files into the lab's policy directory, replacing what was there.
+/// Copies policy files (policies, Services, EndpointSlices) into the lab's policy directory,
+/// replacing what was there, then writes the EndpointSlices of the services with a selector and
+/// the services' names into the pods' `/etc/hosts` (the lab's slices stay in place meanwhile:
+/// an agent reading the directory halfway sees the old backends, never none).
 pub fn install_policies(name: &str, files: &[PathBuf]) -> anyhow::Result<()> {
     let dir = LabPaths::new(name).policies();
     std::fs::create_dir_all(&dir)?;
     for e in std::fs::read_dir(&dir)? {
         let p = e?.path();
-        if p.is_file() {
+        if p.is_file() && !services::is_generated(&p) {
             std::fs::remove_file(&p)?;
         }
     }
@@ -317,6 +322,69 @@ pub fn install_policies(name: &str, files: &[PathBuf]) -> anyhow::Result<()> {
         let base = f.file_name().and_then(|n| n.to_str()).unwrap_or("policy.yaml");
         let dest = dir.join(format!("{i:02}-{base}"));
         std::fs::copy(f, &dest).with_context(|| format!("copy {} to {}", f.display(), dest.display()))?;
+    }
+    // A lab being set up has no pods yet: `up` writes the slices once it has.
+    if let Ok(st) = load_state(name) {
+        services::refresh(&st)?;
+    }
+    Ok(())
+}
+
+/// The cgroup (v2) of a lab's node: its agent balances services for the processes in it.
+pub fn node_cgroup(name: &str, node: &str) -> anyhow::Result<PathBuf> {
+    Ok(labs_cgroup()?.join(name).join(node))
+}
+
+/// A pod's cgroup (in its node's): its processes run there.
+pub fn pod_cgroup(name: &str, pod: &Pod) -> anyhow::Result<PathBuf> {
+    Ok(node_cgroup(name, &pod.node)?.join(&pod.name))
+}
+
+/// Where every lab's cgroups are.
+fn labs_cgroup() -> anyhow::Result<PathBuf> {
+    Ok(crate::agent::cgroup2_root()?.join("porin-labs"))
+}
+
+/// Moves this process into `cgroup` (what it starts then runs there too).
+pub fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string()).with_context(|| format!("join {}", cgroup.display()))
+}
+
+/// Kills whatever runs in a lab's cgroups and removes them (deepest first; a cgroup is removable
+/// once its processes are reaped).
+fn remove_cgroups(name: &str) -> anyhow::Result<()> {
+    let root = labs_cgroup()?.join(name);
+    if !root.exists() {
+        return Ok(());
+    }
+    let mut dirs = vec![root.clone()];
+    let mut i = 0;
+    while let Some(d) = dirs.get(i).cloned() {
+        dirs.extend(
+            std::fs::read_dir(&d).into_iter().flatten().filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()),
+        );
+        i += 1;
+    }
+    for d in &dirs {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter_map(signal_target) {
+            // Gone already is fine.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for d in dirs.iter().rev() {
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("remove cgroup {}", d.display()));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
     Ok(())
 }
@@ -385,6 +453,7 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         let _ = ip(&["netns", "del", &ns]);
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
     }
+    remove_cgroups(name)?;
     // Every node's bpffs: the lab's own (a single node's) and its named nodes'.
     let mut bpffs = vec![paths.bpffs()];
     if let Ok(dirs) = std::fs::read_dir(paths.dir.join("nodes")) {
@@ -412,7 +481,11 @@ pub fn netns_of(name: &str, pod: &str) -> anyhow::Result<String> {
 
 /// `porin lab exec`: runs a command in a pod (names of all pods resolve). Returns its exit code.
 pub fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<i32> {
-    let netns = netns_of(name, pod)?;
+    let st = load_state(name)?;
+    let p = st.pods.iter().find(|p| p.name == pod).ok_or_else(|| anyhow!("lab {name:?} has no pod {pod:?}"))?;
+    // The pod's cgroup, so its node balances the command's connections to services.
+    join_cgroup(&pod_cgroup(name, p)?)?;
+    let netns = p.netns.clone();
     let status = Command::new("ip").args(["netns", "exec", &netns]).args(cmd).status().context("run ip netns exec")?;
     Ok(status.code().unwrap_or(128))
 }

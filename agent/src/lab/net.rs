@@ -38,8 +38,15 @@ pub(super) fn netns_list() -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub(super) fn hosts_file(pods: &[Pod]) -> String {
+pub(super) fn hosts_file(pods: &[Pod], services: &[policy_engine::services::Service]) -> String {
     let mut s = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost\n");
+    // Services first: a name both a service and a pod has resolves to the service.
+    for svc in services {
+        for ip in &svc.cluster_ips {
+            let (n, ns) = (&svc.name, &svc.namespace);
+            let _ = writeln!(s, "{ip} {n} {n}.{ns} {n}.{ns}.svc.cluster.local");
+        }
+    }
     for p in pods {
         let _ = writeln!(
             s,
@@ -284,7 +291,7 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
     if multi {
         underlay(name, &nodes, &pods)?;
     }
-    let hosts = hosts_file(&pods);
+    let hosts = hosts_file(&pods, &[]);
     let resolv = match &lab.resolver {
         Some(name) => {
             let r =
@@ -350,6 +357,16 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         settings: lab.settings.clone(),
     };
     save_state(&st)?;
+    // Every node's cgroup (its agent balances services for the processes in it) and each pod's.
+    for p in &st.pods {
+        let cg = pod_cgroup(name, p)?;
+        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
+    }
+    for n in &nodes {
+        let cg = node_cgroup(name, &n.name)?;
+        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
+    }
+    super::services::refresh(&st)?;
     for n in &nodes {
         let node_paths = LabPaths::node(name, &n.name);
         std::fs::create_dir_all(&node_paths.node_dir)?;
@@ -379,6 +396,8 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
                 "serve".into(),
                 "--netns".into(),
                 pod.netns.clone(),
+                "--cgroup".into(),
+                pod_cgroup(name, pod)?.display().to_string(),
                 "--spec".into(),
                 spec.display().to_string(),
                 "--ready".into(),
@@ -387,7 +406,15 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             pod.pid = Some(spawn_porin(&args, &log)?.id());
             ready_files.push(ready);
         } else if let Some(cmd) = &def.command {
-            let mut args = vec!["lab".into(), "run-in".into(), "--netns".into(), pod.netns.clone(), "--".into()];
+            let mut args = vec![
+                "lab".into(),
+                "run-in".into(),
+                "--netns".into(),
+                pod.netns.clone(),
+                "--cgroup".into(),
+                pod_cgroup(name, pod)?.display().to_string(),
+                "--".into(),
+            ];
             args.extend(cmd.iter().cloned());
             pod.pid = Some(spawn_porin(&args, &log)?.id());
         }

@@ -103,6 +103,8 @@ pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Re
         netns,
         "--proxy-control".into(),
         paths.proxy_control().display().to_string(),
+        "--cgroup".into(),
+        super::node_cgroup(name, node)?.display().to_string(),
     ];
     if let Some(s) = settings.ct_tcp_close_secs {
         args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);

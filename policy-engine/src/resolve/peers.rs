@@ -27,9 +27,7 @@ impl Resolver<'_> {
             }
         }
         for svc in &self.env.services {
-            out.extend(
-                svc.backends.iter().map(|b| b.ip).filter(|ip| !self.endpoint_ips.contains(ip)).map(host_prefix),
-            );
+            out.extend(svc.backends.iter().map(|b| b.ip).filter(|ip| !self.endpoint_ips.contains(ip)).map(host_prefix));
         }
         // A /0 selects the world identities themselves; it needs no CIDR identity of its own.
         out.into_iter().filter(|p| p.prefix_len() > 0).collect()

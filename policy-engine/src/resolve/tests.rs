@@ -64,7 +64,12 @@ fn to_services_selector_wins_and_an_empty_entry_selects_nothing() {
         name: name.into(),
         namespace: "default".into(),
         labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-        backends: vec![crate::services::Backend { ip: backend.parse().unwrap(), ports: vec![], ready: true, node: None }],
+        backends: vec![crate::services::Backend {
+            ip: backend.parse().unwrap(),
+            ports: vec![],
+            ready: true,
+            node: None,
+        }],
         ..Default::default()
     };
     let env = Environment {
