@@ -84,8 +84,8 @@ pub struct AffinityKey {
     pub netns: u64,
     /// The service, generation 0.
     pub service: ServiceKey,
-    /// Zero.
-    pub _pad: u32,
+    /// Zero (explicit: implicit padding would be whatever the stack held, and keys would differ).
+    pub _pad: [u32; 2],
 }
 
 /// The backend an affinity holds and when it was last used.
@@ -163,7 +163,7 @@ pub fn pick<M: Maps>(m: &mut M, generation: u8, proto: u8, dest: &Addr, netns: u
     let affinity_key = (svc.affinity_secs != 0).then_some(AffinityKey {
         netns,
         service: ServiceKey { generation: 0, ..key },
-        _pad: 0,
+        _pad: [0; 2],
     });
     let now = m.now_ns();
     if let Some(akey) = &affinity_key

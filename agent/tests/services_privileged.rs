@@ -1,0 +1,221 @@
+//! Services balanced in the kernel at the socket, across two nodes: `config/labs/mesh.yaml` (the
+//! deathstar a ClusterIP service with three backends over both nodes), real curl and Python
+//! sockets in lab pods, real Service and EndpointSlice YAML applied while traffic runs. Root only;
+//! in CI (`CI=true`) always.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Lab, porin, privileged, repo};
+
+const VIP4: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+
+/// The mesh lab file, its policy paths made absolute.
+fn mesh() -> String {
+    std::fs::read_to_string(repo().join("config/labs/mesh.yaml"))
+        .unwrap()
+        .replace("../examples/", "@REPO@/config/examples/")
+}
+
+fn file(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap()
+}
+
+/// `n` landing requests from `pod` to `url`, each on its own connection (`Connection: close`):
+/// the answers by backend, and how many requests got none.
+fn landings(lab: &Lab, pod: &str, url: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let urls: Vec<&str> = std::iter::repeat_n(url, n).collect();
+    let mut args = vec!["curl", "-s", "-g", "-m", "20", "-XPOST", "-H", "Connection: close", "-w", "\n"];
+    args.extend(urls);
+    let o = lab.exec(pod, &args);
+    let mut by = BTreeMap::new();
+    let mut answered = 0;
+    for l in String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("Ship landed")) {
+        let backend = l.trim_start_matches("Ship landed (").split(',').next().unwrap().to_owned();
+        *by.entry(backend).or_insert(0) += 1;
+        answered += 1;
+    }
+    (by, n - answered)
+}
+
+fn counter(lab: &Lab, node: &str, name: &str) -> u64 {
+    lab.counters_of(Some(node))[name].as_u64().unwrap()
+}
+
+/// Python in a pod, its output.
+fn python(lab: &Lab, pod: &str, code: &str) -> String {
+    let o = lab.exec(pod, &["python3", "-c", code]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn mesh_services_across_nodes_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("mesh", &mesh());
+    let tie4 = lab.addr("tiefighter", false);
+    for (vip, v6) in [(VIP4, false), (VIP6, true)] {
+        let url = if v6 { format!("http://[{vip}]/v1") } else { format!("http://{vip}/v1") };
+        // Landing through the VIP; the exhaust port is refused at L7 (at the backend's node); the
+        // xwing is dropped at L3/L4 there.
+        let (code, body) = lab.curl("tiefighter", "POST", &format!("{url}/request-landing"), 5);
+        assert_eq!(code, 0, "{vip}: {body}");
+        assert!(body.starts_with("Ship landed (deathstar-"), "{vip}: {body}");
+        let (_, body) = lab.curl("tiefighter", "PUT", &format!("{url}/exhaust-port"), 5);
+        assert_eq!(body.trim(), "Access denied", "{vip}");
+        let (code, _) = lab.curl("xwing", "POST", &format!("{url}/request-landing"), 2);
+        assert_ne!(code, 0, "{vip}: the xwing lands");
+
+        // 300 requests spread over the three backends (20-45 % each); the backends on node2 see
+        // the tiefighter's own address (no NAT on the way).
+        let (by, lost) = landings(&lab, "tiefighter", &format!("{url}/request-landing"), 300);
+        assert_eq!(lost, 0, "{vip}: {by:?}");
+        assert_eq!(by.len(), 3, "{vip}: {by:?}");
+        for (b, n) in &by {
+            assert!((60..=135).contains(n), "{vip}: {b} got {n} of 300: {by:?}");
+        }
+    }
+    // The backends on node2 see the tiefighter's own address: nothing translates on the way.
+    let o = lab.exec(
+        "tiefighter",
+        &["curl", "-s", "-m", "20", "-XPOST", "-H", "Connection: close"]
+            .into_iter()
+            .chain(std::iter::repeat_n(format!("http://{VIP4}/v1/request-landing").leak() as &str, 30))
+            .collect::<Vec<_>>(),
+    );
+    let answers = String::from_utf8_lossy(&o.stdout).into_owned();
+    let on_node2: Vec<&str> =
+        answers.lines().filter(|l| l.contains("deathstar-2") || l.contains("deathstar-3")).collect();
+    assert!(!on_node2.is_empty(), "no request reached node2: {answers}");
+    assert!(on_node2.iter().all(|l| l.ends_with(&format!("from {tie4})"))), "{answers}");
+    // The service's name resolves in every pod, to its cluster IPs.
+    let hosts = String::from_utf8_lossy(&lab.exec("xwing", &["getent", "ahosts", "deathstar"]).stdout).into_owned();
+    assert!(hosts.contains(VIP4) && hosts.contains(VIP6), "{hosts}");
+
+    // What the socket reads back is the service: getpeername for TCP, the source of UDP answers
+    // (connected and not). UDP 7 needs a policy of its own.
+    let out = python(
+        &lab,
+        "tiefighter",
+        &format!(
+            "import socket\nfor vip in ('{VIP4}', '{VIP6}'):\n  s = socket.create_connection((vip, 80), timeout=3)\n  print(s.getpeername()[0])"
+        ),
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), [VIP4, VIP6]);
+    let echo = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: echo}\nspec:\n  endpointSelector: {matchLabels: {class: deathstar}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {org: empire}}]\n    toPorts: [{ports: [{port: '7', protocol: UDP}]}]\n";
+    lab.apply(&[
+        &file("config/examples/starwars/l3-l4-l7.yaml"),
+        &file("config/examples/mesh/deathstar-service.yaml"),
+        echo,
+    ]);
+    let out = python(
+        &lab,
+        "tiefighter",
+        &format!(
+            "import socket\nfor fam, vip in ((socket.AF_INET, '{VIP4}'), (socket.AF_INET6, '{VIP6}')):\n  s = socket.socket(fam, socket.SOCK_DGRAM)\n  s.settimeout(3)\n  for i in range(5):\n    s.sendto(b'hi', (vip, 7))\n    print(s.recvfrom(10)[1][0])\n  c = socket.socket(fam, socket.SOCK_DGRAM)\n  c.settimeout(3)\n  c.connect((vip, 7))\n  c.send(b'x')\n  print(c.recvfrom(10)[1][0], c.getpeername()[0])"
+        ),
+    );
+    let want: Vec<String> =
+        [VIP4, VIP6].iter().flat_map(|v| std::iter::repeat_n(v.to_string(), 5).chain([format!("{v} {v}")])).collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+
+    // A restarted agent swaps its programs in without a gap: requests go on throughout.
+    let before = counter(&lab, "node1", "lb_translated");
+    let restart = std::thread::spawn({
+        let name = lab.name.clone();
+        move || porin().args(["lab", "restart-agent", "--name", &name, "--node", "node1"]).output().unwrap()
+    });
+    let mut lost = 0;
+    while !restart.is_finished() {
+        lost += landings(&lab, "tiefighter", &format!("http://{VIP4}/v1/request-landing"), 20).1;
+    }
+    assert!(restart.join().unwrap().status.success());
+    lost += landings(&lab, "tiefighter", &format!("http://{VIP4}/v1/request-landing"), 20).1;
+    assert_eq!(lost, 0, "requests lost while the agent restarted");
+    assert!(counter(&lab, "node1", "lb_translated") > before);
+}
+
+/// A Service without a selector and its EndpointSlice, written as a user would (addresses of
+/// `backends`), with `extra` lines in the Service's spec.
+fn manual_service(backends: &[&str], extra: &str) -> String {
+    let endpoints: String = backends.iter().map(|b| format!("- addresses: [{b}]\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: deathstar}}\nspec:\n  clusterIP: {VIP4}\n  ports: [{{name: http, port: 80}}]\n{extra}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: deathstar-manual, labels: {{kubernetes.io/service-name: deathstar}}}}\naddressType: IPv4\nports: [{{name: http, port: 80}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+#[test]
+fn service_changes_affinity_and_to_services_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("svc", &mesh());
+    let policy = file("config/examples/starwars/l3-l4-l7.yaml");
+    let ds: Vec<String> = (1..=3).map(|i| lab.addr(&format!("deathstar-{i}"), false)).collect();
+    let all: Vec<&str> = ds.iter().map(String::as_str).collect();
+    let url = format!("http://{VIP4}/v1/request-landing");
+
+    // ClientIP affinity: one backend for the tiefighter, request after request.
+    lab.apply(&[&policy, &manual_service(&all, "  sessionAffinity: ClientIP\n")]);
+    let (by, lost) = landings(&lab, "tiefighter", &url, 40);
+    assert_eq!((by.len(), lost), (1, 0), "{by:?}");
+
+    // A connection held open to one backend; that backend leaves the slice: new connections never
+    // reach it, the established one goes on.
+    lab.apply(&[&policy, &manual_service(&all, "")]);
+    let script = format!(
+        "import http.client, sys\nc = http.client.HTTPConnection('{VIP4}', 80, timeout=10)\nfor i in range(2):\n  c.request('POST', '/v1/request-landing')\n  print(c.getresponse().read().decode().strip(), flush=True)\n  sys.stdin.readline()\n"
+    );
+    let mut held = porin()
+        .args(["lab", "exec", "--name", &lab.name, "tiefighter", "--", "python3", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(held.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let gone = first.trim_start_matches("Ship landed (").split(',').next().unwrap().to_owned();
+    assert!(gone.starts_with("deathstar-"), "{first}");
+    let index: usize = gone.trim_start_matches("deathstar-").parse::<usize>().unwrap() - 1;
+    let rest: Vec<&str> = all.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, a)| *a).collect();
+    lab.apply(&[&policy, &manual_service(&rest, "")]);
+    let (by, lost) = landings(&lab, "tiefighter", &url, 60);
+    assert_eq!(lost, 0, "{by:?}");
+    assert!(!by.contains_key(&gone), "{gone} left the slice and still gets new connections: {by:?}");
+    assert_eq!(by.len(), 2, "{by:?}");
+    let mut stdin = held.stdin.take().unwrap();
+    stdin.write_all(b"\n").unwrap();
+    let mut second = String::new();
+    out.read_line(&mut second).unwrap();
+    assert!(second.starts_with(&format!("Ship landed ({gone},")), "established connection: {second:?}");
+    stdin.write_all(b"\n").unwrap();
+    assert!(held.wait().unwrap().success());
+
+    // No backend at all: connects are refused at once, and counted.
+    let before = counter(&lab, "node1", "lb_no_backend");
+    lab.apply(&[&policy, &manual_service(&[], "")]);
+    let start = Instant::now();
+    let (code, _) = lab.curl("tiefighter", "POST", &url, 5);
+    assert_eq!(code, 7, "curl: couldn't connect");
+    assert!(start.elapsed() < Duration::from_secs(2), "refused, not timed out: {:?}", start.elapsed());
+    assert!(counter(&lab, "node1", "lb_no_backend") > before);
+
+    // toServices with toPorts: the tiefighter's egress reaches the service's backends on port 80,
+    // and nothing else (policy judges the backend the kernel chose).
+    let egress = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: tie-egress}\nspec:\n  endpointSelector: {matchLabels: {class: tiefighter}}\n  egress:\n  - toServices: [{k8sService: {serviceName: deathstar, namespace: default}}]\n    toPorts: [{ports: [{port: '80', protocol: TCP}]}]\n";
+    lab.apply(&[&policy, &file("config/examples/mesh/deathstar-service.yaml"), egress]);
+    let (by, lost) = landings(&lab, "tiefighter", &url, 30);
+    assert_eq!((by.len(), lost), (3, 0), "{by:?}");
+    let (code, _) = lab.curl("tiefighter", "POST", &format!("http://{}/v1/request-landing", ds[0]), 5);
+    assert_eq!(code, 0, "a backend's own address is the same peer");
+    let xwing = lab.addr("xwing", false);
+    assert!(!lab.ping("tiefighter", &xwing, false), "egress beyond the service is denied");
+}
