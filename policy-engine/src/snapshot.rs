@@ -440,6 +440,8 @@ pub struct EndpointPolicy {
     pub ingress: DirectionPolicy,
     /// Egress policy.
     pub egress: DirectionPolicy,
+    /// It runs on this node.
+    pub local: bool,
 }
 
 impl EndpointPolicy {
@@ -485,6 +487,8 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Resolution problems (the affected entries were left out).
     pub errors: Vec<ResolveError>,
+    /// The services (with their backends) of the environment.
+    pub services: Vec<crate::services::Service>,
 }
 
 impl Snapshot {

@@ -22,6 +22,7 @@ pub fn status(p: &ProxyInfo) -> serde_json::Value {
         "connections": p.shared.conns.len(),
         "records": p.shared.records.status(),
         "fqdn": p.shared.fqdn.status(),
+        "balancing": p.shared.backends.status(),
     })
 }
 

@@ -17,6 +17,7 @@ pub mod h1guard;
 pub mod normalize;
 
 pub mod admission;
+pub mod balance;
 pub mod config;
 pub mod control;
 pub mod dns;
@@ -127,6 +128,7 @@ impl Proxy {
             fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),
             dns: cfg.dns.clone(),
             kafka_topic_ids: kafka::request::TopicIds::default(),
+            backends: balance::Backends::default(),
         });
         // What was learned before (the cache file, the pinned kernel map) made to agree with the
         // snapshot in force before the first query is served.
@@ -315,6 +317,10 @@ async fn sweep(shared: Arc<Shared>) {
             tracing::debug!(gone, "idle connections let go");
         }
         shared.upstreams.sweep();
+        // Backends that left every service are forgotten (connections holding one keep it).
+        if let Some(snap) = shared.policy.current() {
+            shared.backends.retain_in(&snap);
+        }
     }
 }
 

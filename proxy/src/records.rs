@@ -52,6 +52,8 @@ pub struct Counters {
     pub downstream_errors: AtomicU64,
     /// Flow records the JSON-lines file could not take (write or serialisation errors).
     pub flow_log_errors: AtomicU64,
+    /// Balanced requests sent to a second backend (none of them reached the first).
+    pub retries: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -67,6 +69,7 @@ pub struct CounterValues {
     upstream_address_exhausted: u64,
     downstream_errors: u64,
     flow_log_errors: u64,
+    retries: u64,
     records_evicted: u64,
     connections_shed: u64,
 }
@@ -92,6 +95,7 @@ impl Counters {
             upstream_address_exhausted: g(&self.upstream_address_exhausted),
             downstream_errors: g(&self.downstream_errors),
             flow_log_errors: g(&self.flow_log_errors),
+            retries: g(&self.retries),
             records_evicted: evicted,
             connections_shed: shed,
         }

@@ -25,6 +25,7 @@ use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, HttpProtocol, Verdict};
 
 use crate::admission::{ConnState, ConnTable};
+use crate::balance::{Backend, Backends, Balanced, Ended};
 use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::forward::{Hop, PendingUpgrade, UpgradeDecision, splice, strip_hop_by_hop, upstream_request};
 use crate::h1guard::GuardShared;
@@ -33,7 +34,7 @@ use crate::policy::{ConnPolicy, Denial, Descriptions, Pass, PolicyHeaders, Reque
 use crate::records::{Counters, Record, Records};
 use crate::reply::{self, ACCESS_DENIED, Connection, GRPC_ACCESS_DENIED, GrpcCode, ProxyBody};
 use crate::snapshot::PolicyState;
-use crate::upstream::{Blame, Pool, UpstreamBody, UpstreamError, Upstreams};
+use crate::upstream::{Blame, Pool, SendError, UpstreamBody, UpstreamError, Upstreams};
 
 /// State shared by every connection of the process.
 pub struct Shared {
@@ -57,6 +58,8 @@ pub struct Shared {
     pub dns: crate::config::DnsSettings,
     /// Kafka topic ids the brokers' Metadata answers named.
     pub kafka_topic_ids: crate::kafka::request::TopicIds,
+    /// The backends requests are balanced over.
+    pub backends: Backends,
 }
 
 impl Shared {
@@ -80,6 +83,14 @@ pub struct Conn {
     /// The connection's entry in the connection table: requests in progress (idle connections
     /// are the ones shed under pressure).
     state: Arc<ConnState>,
+    /// How its requests are balanced under the snapshot in force (taken again after a swap).
+    route: ArcSwap<Route>,
+}
+
+/// A connection's requests balanced over a service's backends, or not, under one snapshot.
+struct Route {
+    snapshot: Option<Arc<policy_engine::snapshot::Snapshot>>,
+    balanced: Option<Balanced>,
 }
 
 struct Inflight<'a>(&'a AtomicUsize);
@@ -131,7 +142,51 @@ impl Conn {
             None => (local, Some(client.ip())),
         };
         let pool = shared.upstreams.pool(dst, bind, &shared.limits);
-        Self { shared, listener, client, local, http2, guard, policy: ArcSwap::from_pointee(policy), pool, state }
+        let route = ArcSwap::from_pointee(Route { snapshot: None, balanced: None });
+        let conn = Self {
+            shared,
+            listener,
+            client,
+            local,
+            http2,
+            guard,
+            policy: ArcSwap::from_pointee(policy),
+            pool,
+            state,
+            route,
+        };
+        conn.route();
+        conn
+    }
+
+    /// How the connection's requests are balanced under the snapshot in force: transparent flows
+    /// of this node's clients to a service backend (see [`crate::balance`]).
+    fn route(&self) -> Arc<Route> {
+        let current = self.shared.policy.current();
+        let r = self.route.load_full();
+        let same = match (&r.snapshot, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if same {
+            return r;
+        }
+        let balanced = match (&current, self.listener.upstream) {
+            (Some(snap), None) => Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local),
+            _ => None,
+        };
+        let fresh = Arc::new(Route { snapshot: current, balanced });
+        self.route.store(fresh.clone());
+        fresh
+    }
+
+    /// The pool of a balanced request's backend (from the client's address, as every transparent
+    /// upstream), or the connection's own.
+    fn pool_for(&self, backend: Option<&Arc<Backend>>) -> Arc<Pool> {
+        match backend {
+            Some(b) => self.shared.upstreams.pool(b.addr, Some(self.client.ip()), &self.shared.limits),
+            None => self.pool.clone(),
+        }
     }
 
     /// The connection's policy under the snapshot in force.
@@ -250,7 +305,15 @@ impl Conn {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
         };
-        let req = match upstream_request(parts, body, kind, &target, h2, &self.pool.addr().to_string()) {
+        // Tunnels stay with the connection's own destination; requests of a balanced connection
+        // each pick a backend.
+        let route = self.route();
+        let backend = match &route.balanced {
+            Some(b) if !kind.tunnel => b.pick(&[]),
+            _ => None,
+        };
+        let fallback = backend.as_ref().map_or_else(|| self.pool.addr(), |b| b.addr).to_string();
+        let req = match upstream_request(parts, body, kind, &target, h2, &fallback) {
             Ok(r) => r,
             Err(why) => return self.refuse(&seen, kind, &why),
         };
@@ -260,33 +323,76 @@ impl Conn {
             return self.tunnel(req, client_side, decision, kind, &seen, pass).await;
         }
         drop(decision);
-        self.forward(req, h2, kind, &seen, pass).await
+        self.forward(req, h2, kind, &seen, pass, route.balanced.as_ref(), backend).await
     }
 
-    /// Phase 3: the request to the upstream pool, its response back.
+    /// Phase 3: the request to the upstream pool (a balanced request: to `backend`, and once more
+    /// to another backend when none of it could be sent), its response back.
+    #[expect(clippy::too_many_arguments, reason = "the request's phase-3 inputs, each used once")]
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         h2: bool,
         kind: Kind,
         seen: &Seen,
         pass: Pass,
+        balanced: Option<&Balanced>,
+        mut backend: Option<Arc<Backend>>,
     ) -> Response<ProxyBody> {
         let timeout = self.shared.limits.request_timeout();
-        let sent = if h2 {
-            tokio::time::timeout(timeout, self.pool.send_http2(req)).await
-        } else {
-            tokio::time::timeout(timeout, self.pool.send_http1(req)).await
-        };
-        match sent {
-            Ok(Ok(mut resp)) => {
-                strip_hop_by_hop(resp.headers_mut(), Hop::Response);
-                self.record(seen, Outcome::Answered(resp.status(), pass));
-                *resp.version_mut() = http::Version::default();
-                resp.map(ProxyBody::Upstream)
+        let mut tried = Vec::new();
+        if let Some(b) = balanced {
+            Counters::inc(&b.stats.requests);
+        }
+        loop {
+            let pool = self.pool_for(backend.as_ref());
+            let flight = backend.as_ref().map(Backend::start);
+            let sent = if h2 {
+                tokio::time::timeout(timeout, pool.send_http2(req)).await
+            } else {
+                tokio::time::timeout(timeout, pool.send_http1(req)).await
+            };
+            match sent {
+                Ok(Ok(mut resp)) => {
+                    if let Some(f) = flight {
+                        f.finish(if resp.status().is_server_error() { Ended::Failed } else { Ended::Ok });
+                    }
+                    strip_hop_by_hop(resp.headers_mut(), Hop::Response);
+                    self.record(seen, Outcome::Answered(resp.status(), pass));
+                    *resp.version_mut() = http::Version::default();
+                    return resp.map(ProxyBody::Upstream);
+                }
+                Ok(Err(SendError { error, unsent })) => {
+                    if let Some(f) = flight {
+                        let connect = matches!(error, UpstreamError::Connect { .. });
+                        tried.push(f.addr());
+                        f.finish(if connect { Ended::ConnectFailed } else { Ended::Failed });
+                    }
+                    // Nothing of it was sent: once more, to another backend.
+                    if let (Some(b), Some(r), 1) = (balanced, unsent, tried.len())
+                        && let Some(next) = b.pick(&tried)
+                    {
+                        Counters::inc(&self.shared.counters.retries);
+                        Counters::inc(&b.stats.retries);
+                        req = r;
+                        backend = Some(next);
+                        continue;
+                    }
+                    if let Some(b) = balanced {
+                        Counters::inc(&b.stats.failed);
+                    }
+                    return self.upstream_failed(seen, kind, &error);
+                }
+                Err(_) => {
+                    if let Some(f) = flight {
+                        f.finish(Ended::Failed);
+                    }
+                    if let Some(b) = balanced {
+                        Counters::inc(&b.stats.failed);
+                    }
+                    return self.upstream_timed_out(seen, kind);
+                }
             }
-            Ok(Err(e)) => self.upstream_failed(seen, kind, &e),
-            Err(_) => self.upstream_timed_out(seen, kind),
         }
     }
 

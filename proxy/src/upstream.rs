@@ -36,6 +36,25 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 
+/// A request that failed, given back when none of it was sent (it may go to another upstream).
+#[derive(Debug)]
+pub struct SendError {
+    /// What happened.
+    pub error: UpstreamError,
+    /// The request, untouched, when nothing of it reached the upstream.
+    pub unsent: Option<Request<Incoming>>,
+}
+
+impl SendError {
+    fn unsent(error: UpstreamError, req: Request<Incoming>) -> Self {
+        Self { error, unsent: Some(req) }
+    }
+
+    fn sent(error: UpstreamError) -> Self {
+        Self { error, unsent: None }
+    }
+}
+
 /// Who is at fault for a failure (pingora's `ErrorSource`): it decides the status code, the
 /// counter, and what the flow record blames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,20 +255,20 @@ impl Pool {
 
     /// Sends an HTTP/1.1 request (origin-form URI, `Host` set) on a pooled connection, waiting for
     /// one to come free when the pool is at its cap.
-    pub async fn send_http1(
-        self: &Arc<Self>,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    pub async fn send_http1(self: &Arc<Self>, mut req: Request<Incoming>) -> Result<Response<UpstreamBody>, SendError> {
         // The semaphore is never closed: an error here cannot happen, but fail the request rather
         // than open an unbounded connection.
-        let permit = self.slots.clone().acquire_owned().await.map_err(|_| UpstreamError::Connect {
-            addr: self.addr,
-            error: std::io::Error::other("upstream pool closed"),
-        })?;
+        let Ok(permit) = self.slots.clone().acquire_owned().await else {
+            let error = std::io::Error::other("upstream pool closed");
+            return Err(SendError::unsent(UpstreamError::Connect { addr: self.addr, error }, req));
+        };
         loop {
             let (mut sender, reused) = match self.checkout().await {
                 Some(s) => (s, true),
-                None => (self.new_h1().await?, false),
+                None => match self.new_h1().await {
+                    Ok(s) => (s, false),
+                    Err(e) => return Err(SendError::unsent(e, req)),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -258,27 +277,34 @@ impl Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
-                    _ => return Err(UpstreamError::Protocol(e.into_error())),
+                    Some(r) => return Err(SendError::unsent(UpstreamError::Protocol(e.into_error()), r)),
+                    None => return Err(SendError::sent(UpstreamError::Protocol(e.into_error()))),
                 },
             }
         }
     }
 
     /// Sends an h2c request (absolute URI) on the pool's shared connection.
-    pub async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
+    pub async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<UpstreamBody>, SendError> {
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = self.connect(true).await?;
+                    let io = match self.connect(true).await {
+                        Ok(io) => io,
+                        Err(e) => return Err(SendError::unsent(e, req)),
+                    };
                     let mut b = http2::Builder::new(TokioExecutor::new());
                     b.timer(TokioTimer::new())
                         .initial_stream_window_size(1 << 20)
                         .initial_connection_window_size(4 << 20)
                         .keep_alive_interval(Duration::from_secs(30))
                         .keep_alive_timeout(Duration::from_secs(20));
-                    let (sender, conn) = b.handshake(io).await.map_err(UpstreamError::Protocol)?;
+                    let (sender, conn) = match b.handshake(io).await {
+                        Ok(x) => x,
+                        Err(e) => return Err(SendError::unsent(UpstreamError::Protocol(e), req)),
+                    };
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "upstream h2 connection ended");
@@ -289,8 +315,10 @@ impl Pool {
                 }
             }
         };
-        sender.ready().await.map_err(UpstreamError::Protocol)?;
-        let resp = sender.send_request(req).await.map_err(UpstreamError::Protocol)?;
+        if let Err(e) = sender.ready().await {
+            return Err(SendError::unsent(UpstreamError::Protocol(e), req));
+        }
+        let resp = sender.send_request(req).await.map_err(|e| SendError::sent(UpstreamError::Protocol(e)))?;
         Ok(resp.map(|inner| UpstreamBody { inner, ret: None }))
     }
 

@@ -213,6 +213,7 @@ pub fn environment(eps: &EndpointsFile, node: &str) -> Environment {
     env.namespace_annotations = eps.namespace_annotations.clone();
     env.policy_audit_mode = eps.policy_audit_mode;
     env.remote_node_ips = eps.remote_node_ips(node);
+    env.node = (!eps.nodes.is_empty()).then(|| node.to_owned());
     env.endpoints = eps
         .endpoints
         .iter()
@@ -233,6 +234,7 @@ pub fn environment(eps: &EndpointsFile, node: &str) -> Environment {
             service_account: e.service_account.clone(),
             annotations: e.annotations.clone(),
             policy_audit_mode: e.policy_audit_mode,
+            node: e.node.clone(),
         })
         .collect();
     env

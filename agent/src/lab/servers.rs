@@ -13,10 +13,11 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UdpSocket};
@@ -351,7 +352,9 @@ pub fn run(spec: ServerSpec, ready: Option<PathBuf>, state_dir: &std::path::Path
                     let routes = routes.clone();
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| respond(routes.clone(), peer, req));
-                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                        // HTTP/1.1 and h2c (prior knowledge) alike.
+                        let _ =
+                            auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
                     });
                 }
             }));

@@ -73,6 +73,9 @@ pub struct Endpoint {
     /// This endpoint's policy is in audit mode (also when [`Environment::policy_audit_mode`]).
     #[serde(default)]
     pub policy_audit_mode: bool,
+    /// The node it runs on (none: this node).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 pub use crate::services::Service;
@@ -100,6 +103,8 @@ pub struct Environment {
     pub policy_audit_mode: bool,
     /// The other nodes' own addresses (identity `remote-node`).
     pub remote_node_ips: Vec<IpAddr>,
+    /// This node's name, where endpoints name theirs (none: every endpoint is this node's).
+    pub node: Option<String>,
 }
 
 impl Default for Environment {
@@ -114,6 +119,7 @@ impl Default for Environment {
             namespace_annotations: BTreeMap::new(),
             policy_audit_mode: false,
             remote_node_ips: vec![],
+            node: None,
         }
     }
 }
@@ -327,6 +333,7 @@ pub fn resolve(
             labels,
             ingress,
             egress,
+            local: ep.node.is_none() || ep.node == env.node,
         });
     }
     let fqdn = FqdnSelectors::new(r.fqdn_ids.iter().map(|(p, id)| (p.clone(), *id)));
@@ -339,6 +346,7 @@ pub fn resolve(
         fqdn,
         warnings: r.warnings.into_iter().collect(),
         errors: r.errors,
+        services: env.services.clone(),
     }
 }
 
