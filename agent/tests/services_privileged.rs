@@ -219,3 +219,96 @@ fn service_changes_affinity_and_to_services_privileged() {
     let xwing = lab.addr("xwing", false);
     assert!(!lab.ping("tiefighter", &xwing, false), "egress beyond the service is denied");
 }
+
+/// The tiefighter's egress to the deathstars goes through its node's proxy (L7 rules); the
+/// deathstars' own ingress is L3/L4 only, so the proxy that balances talks to the backends itself.
+const EGRESS_L7: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: tiefighter-l7}\nspec:\n  endpointSelector: {matchLabels: {class: tiefighter}}\n  egress:\n  - toEndpoints: [{matchLabels: {class: deathstar}}]\n    toPorts:\n    - ports: [{port: '80', protocol: TCP}]\n      rules:\n        http:\n        - {method: POST, path: /v1/request-landing}\n        - {method: GET, path: '/v1([?].*)?'}\n";
+
+/// What node1's proxy says of its balancing.
+fn balancing(lab: &Lab) -> serde_json::Value {
+    let st = lab.status();
+    let node = st["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node1").unwrap().clone();
+    node["proxy"]["status"]["balancing"].clone()
+}
+
+fn backend_count(body: &str) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for l in body.lines().filter(|l| l.starts_with("deathstar-") || l.starts_with("Ship landed (deathstar-")) {
+        let name = l.trim_start_matches("Ship landed (").split(',').next().unwrap().trim().to_owned();
+        *by.entry(name).or_insert(0) += 1;
+    }
+    by
+}
+
+#[test]
+fn l7_balancing_per_request_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("l7lb", &mesh());
+    lab.apply(&[
+        &file("config/examples/starwars/l3-l4.yaml"),
+        &file("config/examples/mesh/deathstar-service.yaml"),
+        EGRESS_L7,
+    ]);
+
+    // One HTTP/1.1 connection, 300 requests: each picks a backend (every one is tried).
+    let mut args = vec!["curl", "-s", "-m", "30", "-w", "%{num_connects}\n"];
+    let url = format!("http://{VIP4}/v1");
+    args.extend(std::iter::repeat_n(url.as_str(), 300));
+    let out = String::from_utf8_lossy(&lab.exec("tiefighter", &args).stdout).into_owned();
+    let connects: usize = out.lines().filter_map(|l| l.parse::<usize>().ok()).sum();
+    let by = backend_count(&out);
+    assert_eq!(connects, 1, "one connection: {out}");
+    assert_eq!(by.values().sum::<usize>(), 300, "{by:?}");
+    assert_eq!(by.len(), 3, "{by:?}");
+
+    // One h2c connection, 300 streams at once: spread over the three backends.
+    let urls: Vec<String> = (0..300).map(|i| format!("http://{VIP4}/v1?i={i}")).collect();
+    let mut args = vec!["nghttp"];
+    args.extend(urls.iter().map(String::as_str));
+    let out = String::from_utf8_lossy(&lab.exec("tiefighter", &args).stdout).into_owned();
+    let by = backend_count(&out);
+    assert_eq!(by.values().sum::<usize>(), 300, "{by:?}");
+    for (b, n) in &by {
+        assert!(*n >= 15, "{b} got {n} of 300 streams: {by:?}");
+    }
+    assert_eq!(by.len(), 3, "{by:?}");
+    let b = balancing(&lab);
+    let svc = b["services"].as_array().unwrap().iter().find(|s| s["service"] == "default/deathstar").unwrap().clone();
+    assert!(svc["requests"].as_u64().unwrap() >= 600, "{b}");
+
+    // A backend killed mid-run: at most one request fails, then none (retried elsewhere, ejected).
+    let victim = format!("porin-{}-deathstar-3", lab.name);
+    let mut args = vec!["curl".to_owned(), "-s".into(), "-m".into(), "60".into(), "-w".into(), "\n".into()];
+    args.extend(std::iter::repeat_n(format!("http://{VIP4}/v1"), 3000));
+    let run = std::thread::spawn({
+        let name = lab.name.clone();
+        move || porin().args(["lab", "exec", "--name", &name, "tiefighter", "--"]).args(&args).output().unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pids = std::process::Command::new("ip").args(["netns", "pids", &victim]).output().unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
+    assert!(!pids.trim().is_empty(), "deathstar-3 runs nothing");
+    for pid in pids.split_whitespace() {
+        assert!(std::process::Command::new("kill").args(["-9", pid]).status().unwrap().success());
+    }
+    let out = run.join().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let answers: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    let failed = answers.iter().filter(|l| !l.starts_with("deathstar-")).count();
+    assert!(
+        failed <= 1,
+        "{failed} requests failed: {:?}",
+        answers.iter().filter(|l| !l.starts_with("deathstar-")).collect::<Vec<_>>()
+    );
+    assert!(answers.len() >= 2999, "{} answers", answers.len());
+    // The kill came mid-run: the dead backend answered before it and none of the last third.
+    assert!(answers.contains(&"deathstar-3"), "deathstar-3 took no request before it was killed");
+    assert!(answers.iter().skip(2000).all(|l| *l != "deathstar-3"), "deathstar-3 answered after it was killed");
+    // ... and the proxy met it dead (its ejection), so the requests went on while it was.
+    let b = balancing(&lab);
+    let dead = lab.addr("deathstar-3", false);
+    let dead = b["backends"].as_array().unwrap().iter().find(|x| x["address"] == format!("{dead}:80")).unwrap().clone();
+    assert!(dead["ejections"].as_u64().unwrap() >= 1, "{b}");
+}

@@ -4,7 +4,9 @@
 //! every backend and a slow backend gets less.
 //!
 //! Which flows: the kernel balanced the connection to one backend of a service (at the socket);
-//! when the client is an endpoint of this node and the flow comes through the proxy, the proxy
+//! when the client is an endpoint of this node whose own egress L7 rules bring the flow through
+//! the proxy (the client side's proxy; a flow here only for the destination's ingress rules keeps
+//! the kernel's choice), the proxy
 //! balances its requests over that service port's ready backends **of the same identity** as the
 //! connection's destination — the identity policy judged, so the verdict holds for every backend a
 //! request may reach. (A proxy on the backends' side never balances: answers to an upstream

@@ -30,7 +30,7 @@ use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::forward::{Hop, PendingUpgrade, UpgradeDecision, splice, strip_hop_by_hop, upstream_request};
 use crate::h1guard::GuardShared;
 use crate::head::{self, Kind};
-use crate::policy::{ConnPolicy, Denial, Descriptions, Pass, PolicyHeaders, RequestVerdict};
+use crate::policy::{ConnPolicy, ConnVerdict, Denial, Descriptions, Pass, PolicyHeaders, RequestVerdict};
 use crate::records::{Counters, Record, Records};
 use crate::reply::{self, ACCESS_DENIED, Connection, GRPC_ACCESS_DENIED, GrpcCode, ProxyBody};
 use crate::snapshot::PolicyState;
@@ -171,8 +171,11 @@ impl Conn {
         if same {
             return r;
         }
+        // Only a flow the client's own egress rules brought here is the client side's to balance;
+        // one here for the destination's ingress rules alone keeps the backend the kernel chose.
+        let egress_l7 = matches!(self.policy().verdict, ConnVerdict::Judge { egress: Some(_), .. });
         let balanced = match (&current, self.listener.upstream) {
-            (Some(snap), None) => Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local),
+            (Some(snap), None) if egress_l7 => Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local),
             _ => None,
         };
         let fresh = Arc::new(Route { snapshot: current, balanced });
