@@ -22,6 +22,8 @@ use crate::snapshot::Proto;
 
 /// The label naming an EndpointSlice's service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The annotation that opts a service into per-request balancing in the proxy (Cilium's).
+pub const LB_L7_ANNOTATION: &str = "service.cilium.io/lb-l7";
 /// ClientIP affinity's timeout when the service gives none (Kubernetes' default).
 pub const DEFAULT_AFFINITY_SECS: u32 = 10_800;
 
@@ -50,6 +52,9 @@ pub struct Service {
     /// Backends, from the service's EndpointSlices.
     #[serde(default)]
     pub backends: Vec<Backend>,
+    /// Requests of proxied flows to it are balanced per request ([`LB_L7_ANNOTATION`]`: enabled`).
+    #[serde(default)]
+    pub l7_balancing: bool,
 }
 
 /// A port of a service.
@@ -246,6 +251,12 @@ pub fn service_def(svc: &core::Service, namespace: &str) -> Result<ServiceDef, F
             ports,
             affinity_secs,
             backends: vec![],
+            l7_balancing: svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LB_L7_ANNOTATION))
+                .is_some_and(|v| v == "enabled"),
         },
     })
 }

@@ -167,6 +167,17 @@ pub enum L7Set {
 }
 
 impl L7Set {
+    /// Whether both are the same compiled rule set (rule sets are shared by every flow they
+    /// apply to).
+    pub fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Http(a), Self::Http(b)) => Arc::ptr_eq(a, b),
+            (Self::Kafka(a), Self::Kafka(b)) => Arc::ptr_eq(a, b),
+            (Self::Dns(a), Self::Dns(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The parser.
     pub fn parser(&self) -> L7Parser {
         match self {
@@ -294,6 +305,18 @@ pub struct L7Policy {
     pub wildcard: Vec<OriginId>,
     /// Redirected for visibility only ([`crate::visibility`]): every request is allowed.
     pub visibility: bool,
+}
+
+impl L7Policy {
+    /// Whether `other` holds the same rules from the same policies: a request one allows, the other
+    /// allows, by the same rule.
+    pub fn same_rules(&self, other: &Self) -> bool {
+        self.parser == other.parser
+            && self.visibility == other.visibility
+            && self.wildcard == other.wildcard
+            && self.sets.len() == other.sets.len()
+            && self.sets.iter().zip(&other.sets).all(|((a, ao), (b, bo))| a.same(b) && ao == bo)
+    }
 }
 
 /// An L7 verdict.

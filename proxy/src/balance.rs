@@ -3,14 +3,20 @@
 //! peak-EWMA of latency weighted by requests in flight, so one long-lived connection spreads over
 //! every backend and a slow backend gets less.
 //!
-//! Which flows: the kernel balanced the connection to one backend of a service (at the socket);
-//! when the client is an endpoint of this node whose own egress L7 rules bring the flow through
-//! the proxy (the client side's proxy; a flow here only for the destination's ingress rules keeps
-//! the kernel's choice), the proxy
-//! balances its requests over that service port's ready backends **of the same identity** as the
-//! connection's destination — the identity policy judged, so the verdict holds for every backend a
-//! request may reach. (A proxy on the backends' side never balances: answers to an upstream
-//! connection it opened to another node would not come back through it.)
+//! Which flows: services that opt in with Cilium's annotation `service.cilium.io/lb-l7: enabled`
+//! (and have no ClientIP affinity, which the kernel's choice honours). The kernel balanced the
+//! connection to one backend (at the socket); when the client is an endpoint of this node whose own
+//! egress L7 rules bring the flow through the proxy (the client side's proxy; a flow here only for
+//! the destination's ingress rules keeps the kernel's choice), the proxy balances its requests over
+//! that service port's ready backends on the same port whose connection policy is the same as the
+//! destination's — the same L3/L4 verdict and the same L7 rules on both sides, the same audit
+//! modes ([`crate::policy::ConnVerdict::same_as`]) — so every request gets the verdict it was
+//! judged with wherever it goes. (A proxy on the backends' side never balances: answers to an
+//! upstream connection it opened to another node would not come back through it.)
+//!
+//! Known gap: the proxy cannot tell a connection the kernel translated from one the client made to
+//! a backend's own address; a client connecting to a pod of an opted-in service directly has its
+//! requests balanced too.
 //!
 //! Failures: a connect failure ejects the backend at once and the request (none of it sent) goes
 //! to another; [`EJECT_AFTER`] failures in a row (errors, 5xx) eject it too. An ejection lasts
@@ -273,22 +279,29 @@ pub struct Balanced {
 
 impl Balanced {
     /// The balancing of a connection from `client` to `dst` under `snap`, when there is one: the
-    /// client is an endpoint of this node, `dst` a ready backend of a service's TCP port, and the
-    /// port has another ready backend of `dst`'s family and identity.
-    pub fn of(snap: &Snapshot, registry: &Backends, client: IpAddr, dst: SocketAddr) -> Option<Self> {
-        if snap.services.is_empty() || !snap.endpoint_by_ip(client).is_some_and(|e| e.local) {
+    /// client is an endpoint of this node, `dst` a ready backend of an opted-in service's TCP port
+    /// (without affinity), and the port has another ready backend of `dst`'s family and port for
+    /// which `same_policy` holds.
+    pub fn of(
+        snap: &Snapshot,
+        registry: &Backends,
+        client: IpAddr,
+        dst: SocketAddr,
+        same_policy: impl Fn(SocketAddr) -> bool,
+    ) -> Option<Self> {
+        if !snap.services.iter().any(|s| s.l7_balancing) || !snap.endpoint_by_ip(client).is_some_and(|e| e.local) {
             return None;
         }
-        let identity = snap.identity_of(dst.ip());
-        for s in &snap.services {
+        for s in snap.services.iter().filter(|s| s.l7_balancing && s.affinity_secs.is_none()) {
             for port in s.ports.iter().filter(|p| p.protocol == Proto::Tcp) {
                 if !s.backends_of(port).any(|(ip, p)| ip == dst.ip() && p == dst.port()) {
                     continue;
                 }
                 let mut same: Vec<SocketAddr> = s
                     .backends_of(port)
-                    .filter(|(ip, _)| ip.is_ipv4() == dst.is_ipv4() && snap.identity_of(*ip) == identity)
+                    .filter(|(ip, p)| ip.is_ipv4() == dst.is_ipv4() && *p == dst.port())
                     .map(|(ip, p)| SocketAddr::new(ip, p))
+                    .filter(|a| *a == dst || same_policy(*a))
                     .collect();
                 same.sort();
                 same.dedup();

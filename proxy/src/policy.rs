@@ -69,6 +69,33 @@ pub enum ConnVerdict {
     },
 }
 
+impl ConnVerdict {
+    /// Whether every request gets the same verdict under `other`: both judged, by the same rules
+    /// on each side, with the same audit modes and no audited L3/L4 drop. Balancing may then move
+    /// a request from one destination to the other.
+    pub fn same_as(&self, other: &Self) -> bool {
+        let same = |a: &Option<Arc<L7Policy>>, b: &Option<Arc<L7Policy>>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_rules(b),
+            _ => false,
+        };
+        match (self, other) {
+            (
+                Self::Judge { egress: e1, ingress: i1, audit: a1 },
+                Self::Judge { egress: e2, ingress: i2, audit: a2 },
+            ) => {
+                same(e1, e2)
+                    && same(i1, i2)
+                    && a1.egress == a2.egress
+                    && a1.ingress == a2.ingress
+                    && a1.dropped.is_none()
+                    && a2.dropped.is_none()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Which sides' policies are in audit mode (what they deny is recorded `AUDIT` and passes), and
 /// the L3/L4 drop a side in audit mode let through.
 #[derive(Clone, Debug, Default)]

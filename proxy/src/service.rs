@@ -155,16 +155,17 @@ impl Conn {
             state,
             route,
         };
-        conn.route();
+        let policy = conn.policy.load_full();
+        conn.route(&policy);
         conn
     }
 
-    /// How the connection's requests are balanced under the snapshot in force: transparent flows
-    /// of this node's clients to a service backend (see [`crate::balance`]).
-    fn route(&self) -> Arc<Route> {
-        let current = self.shared.policy.current();
+    /// How the connection's requests are balanced under the snapshot `policy` was decided in (the
+    /// one its requests are judged under): transparent flows of this node's clients to a service
+    /// backend (see [`crate::balance`]).
+    fn route(&self, policy: &Arc<ConnPolicy>) -> Arc<Route> {
         let r = self.route.load_full();
-        let same = match (&r.snapshot, &current) {
+        let same = match (&r.snapshot, &policy.snapshot) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
@@ -173,12 +174,25 @@ impl Conn {
         }
         // Only a flow the client's own egress rules brought here is the client side's to balance;
         // one here for the destination's ingress rules alone keeps the backend the kernel chose.
-        let egress_l7 = matches!(self.policy().verdict, ConnVerdict::Judge { egress: Some(_), .. });
-        let balanced = match (&current, self.listener.upstream) {
-            (Some(snap), None) if egress_l7 => Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local),
+        let egress_l7 = matches!(policy.verdict, ConnVerdict::Judge { egress: Some(_), .. });
+        let balanced = match (&policy.snapshot, self.listener.upstream) {
+            (Some(snap), None) if egress_l7 => {
+                let same_policy = |candidate: SocketAddr| {
+                    let c = ConnPolicy::decide(
+                        Some(snap.clone()),
+                        self.shared.lookup(),
+                        &self.listener,
+                        self.client,
+                        candidate,
+                        Proto::Tcp,
+                    );
+                    c.verdict.same_as(&policy.verdict)
+                };
+                Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local, same_policy)
+            }
             _ => None,
         };
-        let fresh = Arc::new(Route { snapshot: current, balanced });
+        let fresh = Arc::new(Route { snapshot: policy.snapshot.clone(), balanced });
         self.route.store(fresh.clone());
         fresh
     }
@@ -310,7 +324,7 @@ impl Conn {
         };
         // Tunnels stay with the connection's own destination; requests of a balanced connection
         // each pick a backend.
-        let route = self.route();
+        let route = self.route(&seen.policy);
         let backend = match &route.balanced {
             Some(b) if !kind.tunnel => b.pick(&[]),
             _ => None,
@@ -367,7 +381,8 @@ impl Conn {
                 }
                 Ok(Err(SendError { error, unsent })) => {
                     if let Some(f) = flight {
-                        let connect = matches!(error, UpstreamError::Connect { .. });
+                        // Out of local ports for the client's address is not the backend's fault.
+                        let connect = matches!(error, UpstreamError::Connect { .. }) && !error.is_address_exhausted();
                         tried.push(f.addr());
                         f.finish(if connect { Ended::ConnectFailed } else { Ended::Failed });
                     }

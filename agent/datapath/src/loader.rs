@@ -228,12 +228,21 @@ impl Datapath {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         for (name, point) in programs::SOCK {
-            let pin = self.links_dir.join(format!("cgroup_{point}"));
-            let old = match PinnedLink::from_pin(&pin) {
-                Ok(l) => Some(l),
-                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
-            };
+            // Two pin names taken in turn: the new link is pinned before the old one goes, so a
+            // failure or a crash in between leaves one attached, never none.
+            let pins =
+                [self.links_dir.join(format!("cgroup_{point}_a")), self.links_dir.join(format!("cgroup_{point}_b"))];
+            let (mut old, mut pin) = (None, pins[0].clone());
+            for (p, other) in [(&pins[0], &pins[1]), (&pins[1], &pins[0])] {
+                match PinnedLink::from_pin(p) {
+                    Ok(l) => {
+                        old = Some(l);
+                        pin = other.clone();
+                    }
+                    Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("open pinned link {}", p.display())),
+                }
+            }
             let prog: &mut CgroupSockAddr =
                 self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
             // A link (kernels from 5.7) shares the cgroup with other programs whatever the mode;
@@ -242,11 +251,27 @@ impl Datapath {
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
             let link: FdLink = prog.take_link(id)?.try_into().context("cgroup link")?;
+            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
             if let Some(old) = old {
                 // Unpinned and dropped: the old program leaves the cgroup now that the new one runs.
-                drop(old.unpin().with_context(|| format!("unpin {}", pin.display()))?);
+                drop(old.unpin().context("unpin the previous socket load balancer link")?);
             }
-            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the socket load balancer off whatever cgroup it is attached to (removes its pinned
+    /// links).
+    pub fn detach_cgroup(&mut self) -> anyhow::Result<()> {
+        for (_, point) in programs::SOCK {
+            for suffix in ["a", "b"] {
+                let pin = self.links_dir.join(format!("cgroup_{point}_{suffix}"));
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => drop(link.unpin().with_context(|| format!("unpin {}", pin.display()))?),
+                    Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("open {}", pin.display())),
+                }
+            }
         }
         Ok(())
     }
@@ -417,12 +442,27 @@ impl Datapath {
                 want_member.insert(lb::MemberKey { service: key, backend: *b });
             }
         }
-        let have_svc: BTreeMap<lb::ServiceKey, lb::ServiceValue> =
-            self.lb_services.iter().filter_map(Result::ok).filter(|(k, _)| k.generation == target).collect();
-        let have_be: BTreeMap<lb::BackendKey, lb::Addr> =
-            self.lb_backends.iter().filter_map(Result::ok).filter(|(k, _)| k.service.generation == target).collect();
-        let have_member: BTreeSet<lb::MemberKey> =
-            self.lb_members.keys().filter_map(Result::ok).filter(|k| k.service.generation == target).collect();
+        let mut have_svc: BTreeMap<lb::ServiceKey, lb::ServiceValue> = BTreeMap::new();
+        for item in self.lb_services.iter() {
+            let (k, v) = item.context("read service map")?;
+            if k.generation == target {
+                have_svc.insert(k, v);
+            }
+        }
+        let mut have_be: BTreeMap<lb::BackendKey, lb::Addr> = BTreeMap::new();
+        for item in self.lb_backends.iter() {
+            let (k, v) = item.context("read backend map")?;
+            if k.service.generation == target {
+                have_be.insert(k, v);
+            }
+        }
+        let mut have_member: BTreeSet<lb::MemberKey> = BTreeSet::new();
+        for k in self.lb_members.keys() {
+            let k = k.context("read member map")?;
+            if k.service.generation == target {
+                have_member.insert(k);
+            }
+        }
         for (k, v) in &want_be {
             if have_be.get(k) != Some(v) {
                 self.lb_backends.insert(k, v, 0).context("write service backend")?;

@@ -407,12 +407,14 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     datapath.configure(&cfg.settings)?;
     // Services keep working without the socket balancer's programs only for what is already
     // connected: a failure is reported in status (errors), and policy enforces regardless.
-    let lb_error = cfg.cgroup.as_deref().and_then(|cg| {
-        datapath.attach_cgroup(cg).err().map(|e| {
+    let lb_error = match cfg.cgroup.as_deref() {
+        Some(cg) => datapath.attach_cgroup(cg).err().map(|e| {
             tracing::error!(cgroup = %cg.display(), error = %format!("{e:#}"), "Socket load balancing not attached");
             format!("socket load balancing on {}: {e:#}", cg.display())
-        })
-    });
+        }),
+        // Off: also what an earlier run attached.
+        None => datapath.detach_cgroup().err().map(|e| format!("socket load balancing: detach: {e:#}")),
+    };
     let events = datapath.take_events()?;
     let ring = Arc::new(FlowRing::new(cfg.flow_ring));
     let view = Arc::new(View::new(ring.clone()));

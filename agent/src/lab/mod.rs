@@ -366,13 +366,17 @@ fn remove_cgroups(name: &str) -> anyhow::Result<()> {
         );
         i += 1;
     }
+    // This process may be one of them (`lab down` from a `lab exec` shell): out first.
+    let me = std::process::id();
     for d in &dirs {
         let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter_map(signal_target) {
-            // Gone already is fine.
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if procs.split_whitespace().any(|p| p.parse::<u32>().ok() == Some(me)) {
+            let parent = labs_cgroup()?.parent().map(Path::to_path_buf).unwrap_or_default();
+            std::fs::write(parent.join("cgroup.procs"), me.to_string()).context("leave the lab's cgroup")?;
         }
     }
+    // `cgroup.kill` kills every process below, also those forked meanwhile.
+    std::fs::write(root.join("cgroup.kill"), "1").with_context(|| format!("kill {}", root.display()))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     for d in dirs.iter().rev() {
         loop {

@@ -115,8 +115,11 @@ pub(super) fn refresh(st: &LabState) -> anyhow::Result<()> {
         yaml.push_str("---\n");
         yaml.push_str(&serde_yaml::to_string(&s).context("write an EndpointSlice")?);
     }
+    // Whole or not at all: an agent reading the directory meanwhile sees the old slices or the new.
     let slices = paths.policies().join(SLICES_FILE);
-    std::fs::write(&slices, yaml).with_context(|| format!("write {}", slices.display()))?;
+    let tmp = paths.dir.join(format!("{SLICES_FILE}.tmp"));
+    std::fs::write(&tmp, yaml).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &slices).with_context(|| format!("rename {} to {}", tmp.display(), slices.display()))?;
     let hosts = super::net::hosts_file(&st.pods, &services);
     for p in &st.pods {
         let file = Path::new("/etc/netns").join(&p.netns).join("hosts");
