@@ -1,7 +1,9 @@
 //! Flow records for humans: one text line (`porin observe`, `porin lab events`) or a row of a live
 //! table (`porin observe -o table`). JSON is the record itself (`porin_flow::flow::Flow`).
 
-use porin_flow::flow::{DnsInfo, DropReason, EventType, Flow, FlowEndpoint, KafkaInfo, L7Type, Layer4, Verdict};
+use porin_flow::flow::{
+    DnsInfo, DropReason, EventType, Flow, FlowEndpoint, FlowService, KafkaInfo, L7Type, Layer4, Verdict,
+};
 
 /// The header of [`row`]'s table.
 pub const TABLE_HEADER: &str =
@@ -74,13 +76,19 @@ pub fn text(f: &Flow) -> String {
             format!("{}/{} ({ip})", e.namespace, e.pod_name)
         }
     };
+    // The service a balanced request went to (a response came from).
+    let service = |s: &Option<FlowService>| {
+        s.as_ref().map(|s| format!(" service {}/{}", s.namespace, s.name)).unwrap_or_default()
+    };
     let (src, dst) = addresses(f);
     let mut line = format!(
-        "{:<10} {:<8} {} -> {} {}",
+        "{:<10} {:<8} {}{} -> {}{} {}",
         f.verdict,
         f.traffic_direction.to_string(),
         peer(&f.source, src),
+        service(&f.source_service),
         peer(&f.destination, dst),
+        service(&f.destination_service),
         transport(f.l4.as_ref(), true)
     );
     if let Some((l7, h)) = f.l7.as_ref().and_then(|l| l.http.as_ref().map(|h| (l, h))) {
@@ -258,5 +266,15 @@ mod tests {
         let r = row(&f);
         assert!(r.starts_with("12:00:00.123  tiefighter     10.0.0.2"), "{r}");
         assert!(r.contains("HTTP/1.1 PUT /v1/exhaust-port") && r.contains("DENIED 403"), "{r}");
+        // A request the proxy balanced within a service names it.
+        let balanced = Flow {
+            destination_service: Some(FlowService { name: "deathstar".into(), namespace: "default".into() }),
+            ..f
+        };
+        assert!(
+            text(&balanced).contains("-> 10.0.0.2 (identity 0) service default/deathstar TCP/80"),
+            "{}",
+            text(&balanced)
+        );
     }
 }

@@ -329,3 +329,116 @@ fn l7_balancing_per_request_privileged() {
     let dead = b["backends"].as_array().unwrap().iter().find(|x| x["address"] == format!("{dead}:80")).unwrap().clone();
     assert!(dead["ejections"].as_u64().unwrap() >= 1, "{b}");
 }
+
+/// A backend that reads a request and resets the connection, answering nothing.
+const RESETTER: &str = "import socket, struct\ns = socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', 80))\ns.listen(64)\nwhile True:\n    c, _ = s.accept()\n    c.recv(65536)\n    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n    c.close()\n";
+
+#[test]
+fn idempotent_requests_are_retried_after_a_reset_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab_file = [
+        "version: 1",
+        "policies: []",
+        "nodes: [{name: node1}, {name: node2}]",
+        "pods:",
+        "  - name: deathstar-1",
+        "    node: node2",
+        "    labels: {org: empire, class: deathstar}",
+        "    server:",
+        "      http:",
+        "        port: 80",
+        "        routes:",
+        "          - {method: GET, path: /v1, body: \"deathstar-1\\n\"}",
+        "          - {method: POST, path: /v1/request-landing, body: \"Ship landed (deathstar-1, from {client})\\n\"}",
+        "  - name: deathstar-2",
+        "    node: node2",
+        "    labels: {org: empire, class: deathstar}",
+        &format!("    command: [python3, -c, {}]", serde_json::to_string(RESETTER).unwrap()),
+        "  - name: tiefighter",
+        "    node: node1",
+        "    labels: {org: empire, class: tiefighter}",
+        "",
+    ]
+    .join("\n");
+    let lab = Lab::up("retry", &lab_file);
+    lab.apply(&[
+        &file("config/examples/starwars/l3-l4.yaml"),
+        &file("config/examples/mesh/deathstar-service.yaml"),
+        EGRESS_L7,
+    ]);
+    // The resetter listens (asked inside its own namespace, not through the proxy under test).
+    let ns = format!("porin-{}-deathstar-2", lab.name);
+    let probe = "import socket; socket.create_connection(('127.0.0.1', 80), timeout=1)";
+    let start = Instant::now();
+    while !std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c", probe])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "the resetter never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let service = |b: &serde_json::Value| {
+        b["services"].as_array().unwrap().iter().find(|s| s["service"] == "default/deathstar").cloned().unwrap()
+    };
+
+    // GETs (idempotent, no body) over one connection: every one answered, those that met the
+    // resetter sent once more to the other backend; the resetter ejected after its failures.
+    let mut args = vec!["curl", "-s", "-m", "30", "-w", "\n"];
+    let url = format!("http://{VIP4}/v1");
+    args.extend(std::iter::repeat_n(url.as_str(), 60));
+    let out = String::from_utf8_lossy(&lab.exec("tiefighter", &args).stdout).into_owned();
+    let answers: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(answers, vec!["deathstar-1"; 60], "{out}");
+    let b = balancing(&lab);
+    let svc = service(&b);
+    let retries = svc["retries"].as_u64().unwrap();
+    assert!(retries >= 1, "{b}");
+    assert_eq!(svc["failed"].as_u64().unwrap(), 0, "{b}");
+    let resetter = format!("{}:80", lab.addr("deathstar-2", false));
+    let bad = b["backends"].as_array().unwrap().iter().find(|x| x["address"] == resetter).unwrap().clone();
+    assert!(bad["failures"].as_u64().unwrap() >= 1 && bad["ejections"].as_u64().unwrap() >= 1, "{b}");
+
+    // Node1's flow records name the service: requests go to it, responses come from it.
+    let server = format!("unix:/run/porin/labs/{}/nodes/node1/hubble.sock", lab.name);
+    let o = porin()
+        .args(["observe", "-o", "json", "--server", &server, "--last", "1000", "--protocol", "http"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
+        .collect();
+    let deathstar = serde_json::json!({"name": "deathstar", "namespace": "default"});
+    let (requests, responses): (Vec<_>, Vec<_>) = flows
+        .iter()
+        .filter(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/v1")))
+        .partition(|f| f["is_reply"] != true);
+    assert!(requests.len() >= 60 && responses.len() >= 60, "{flows:#?}");
+    assert!(
+        requests.iter().all(|f| f["destination_service"] == deathstar && f["source_service"].is_null()),
+        "{requests:#?}"
+    );
+    assert!(responses.iter().all(|f| f["source_service"] == deathstar), "{responses:#?}");
+
+    // Once its ejection is over, POSTs with a body: never sent twice, so those that meet the
+    // resetter fail (502) and the retry count stays.
+    std::thread::sleep(proxy::balance::EJECTION + Duration::from_millis(500));
+    let url = format!("http://{VIP4}/v1/request-landing");
+    let mut args = vec!["curl", "-s", "-m", "30", "-w", "%{http_code}\n", "-d", "x"];
+    for _ in 0..10 {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let out = String::from_utf8_lossy(&lab.exec("tiefighter", &args).stdout).into_owned();
+    let codes: Vec<&str> = out.lines().collect();
+    assert_eq!(codes.len(), 10, "{out}");
+    assert!(codes.contains(&"502"), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == "200" || *c == "502"), "{codes:?}");
+    let b = balancing(&lab);
+    assert_eq!(service(&b)["retries"].as_u64().unwrap(), retries, "a POST was sent again: {b}");
+    assert!(service(&b)["failed"].as_u64().unwrap() >= 1, "{b}");
+}

@@ -155,6 +155,8 @@ pub struct Record {
     pub policy: Option<Arc<str>>,
     /// Why (refusals, errors).
     pub summary: String,
+    /// `namespace/name` of the service the request was balanced within.
+    pub service: Option<Arc<str>>,
 }
 
 /// Now, nanoseconds since the Unix epoch.
@@ -184,6 +186,7 @@ impl Record {
                 Detail::Dns(d) => DetailRef::Dns(d),
                 Detail::Kafka(k) => DetailRef::Kafka(k),
             },
+            service: self.service.as_deref(),
         }
     }
 }

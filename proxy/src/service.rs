@@ -34,7 +34,7 @@ use crate::policy::{ConnPolicy, ConnVerdict, Denial, Descriptions, Pass, PolicyH
 use crate::records::{Counters, Record, Records};
 use crate::reply::{self, ACCESS_DENIED, Connection, GRPC_ACCESS_DENIED, GrpcCode, ProxyBody};
 use crate::snapshot::PolicyState;
-use crate::upstream::{Blame, Pool, SendError, UpstreamBody, UpstreamError, Upstreams};
+use crate::upstream::{self, Blame, Pool, SendError, UpstreamBody, UpstreamError, Upstreams};
 
 /// State shared by every connection of the process.
 pub struct Shared {
@@ -108,6 +108,8 @@ struct Seen {
     url: Arc<str>,
     protocol: HttpProtocol,
     policy: Arc<ConnPolicy>,
+    /// `namespace/name` of the service the request is balanced within.
+    service: Option<Arc<str>>,
 }
 
 /// What became of a request (or its response), as its flow record says.
@@ -257,6 +259,7 @@ impl Conn {
                 latency_ns: if reply { u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX) } else { 0 },
                 policy: rule,
                 summary,
+                service: seen.service.clone(),
             },
             &self.shared.counters,
         );
@@ -284,6 +287,7 @@ impl Conn {
             url: Arc::from(""),
             protocol: kind.protocol,
             policy: self.policy(),
+            service: None,
         };
 
         // 1. The head.
@@ -295,6 +299,11 @@ impl Conn {
             }
         };
         seen.url = Arc::from(target.url());
+
+        // Requests of a balanced connection each pick a backend (tunnels stay with the
+        // connection's own destination): its records name the service.
+        let route = self.route(&seen.policy);
+        seen.service = route.balanced.as_ref().map(|b| b.service.clone());
 
         // 2. Judge, on the headers as they would be forwarded (header rules may rewrite them).
         strip_hop_by_hop(&mut parts.headers, Hop::Request { tunnel: kind.tunnel });
@@ -322,9 +331,6 @@ impl Conn {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
         };
-        // Tunnels stay with the connection's own destination; requests of a balanced connection
-        // each pick a backend.
-        let route = self.route(&seen.policy);
         let backend = match &route.balanced {
             Some(b) if !kind.tunnel => b.pick(&[]),
             _ => None,
@@ -343,12 +349,13 @@ impl Conn {
         self.forward(req, h2, kind, &seen, pass, route.balanced.as_ref(), backend).await
     }
 
-    /// Phase 3: the request to the upstream pool (a balanced request: to `backend`, and once more
-    /// to another backend when none of it could be sent), its response back.
+    /// Phase 3: the request to the upstream pool, its response back. A balanced request goes to
+    /// `backend`, and once more to another backend when none of it could be sent, or when the
+    /// upstream broke off before answering a request that may be sent again (idempotent, no body).
     #[expect(clippy::too_many_arguments, reason = "the request's phase-3 inputs, each used once")]
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         h2: bool,
         kind: Kind,
         seen: &Seen,
@@ -357,6 +364,7 @@ impl Conn {
         mut backend: Option<Arc<Backend>>,
     ) -> Response<ProxyBody> {
         let timeout = self.shared.limits.request_timeout();
+        let (mut req, replay) = upstream::outgoing(req);
         let mut tried = Vec::new();
         if let Some(b) = balanced {
             Counters::inc(&b.stats.requests);
@@ -386,8 +394,12 @@ impl Conn {
                         tried.push(f.addr());
                         f.finish(if connect { Ended::ConnectFailed } else { Ended::Failed });
                     }
-                    // Nothing of it was sent: once more, to another backend.
-                    if let (Some(b), Some(r), 1) = (balanced, unsent, tried.len())
+                    // Once more, to another backend: what was not sent, or what may be sent again
+                    // after the upstream broke off (never what the client itself broke off).
+                    let again = unsent.or_else(|| {
+                        replay.as_ref().filter(|_| error.blame() == Blame::Upstream).map(upstream::Replay::request)
+                    });
+                    if let (Some(b), Some(r), 1) = (balanced, again, tried.len())
                         && let Some(next) = b.pick(&tried)
                     {
                         Counters::inc(&self.shared.counters.retries);

@@ -27,6 +27,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{HeaderMap, Method, Uri, Version};
+use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -36,17 +38,64 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
 
+/// A request body as it goes upstream: the client's stream, or none at all (a request without a
+/// body, sent as [`Empty`] so that it can be sent again).
+pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+
+/// The head of a request that may be sent again after its upstream broke off before answering:
+/// an idempotent method (RFC 9110 §9.2.2) and no body.
+#[derive(Clone, Debug)]
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// Whether a request with this method and body may be sent again.
+    pub fn allowed(method: &Method, bodiless: bool) -> bool {
+        bodiless && method.is_idempotent()
+    }
+
+    /// The request once more.
+    pub fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// The request as it goes upstream, and what sending it again takes when that is allowed.
+pub fn outgoing(req: Request<Incoming>) -> (Request<RequestBody>, Option<Replay>) {
+    let (parts, body) = req.into_parts();
+    if Replay::allowed(&parts.method, body.is_end_stream()) {
+        let replay = Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        };
+        (Request::from_parts(parts, Either::Right(Empty::new())), Some(replay))
+    } else {
+        (Request::from_parts(parts, Either::Left(body)), None)
+    }
+}
+
 /// A request that failed, given back when none of it was sent (it may go to another upstream).
 #[derive(Debug)]
 pub struct SendError {
     /// What happened.
     pub error: UpstreamError,
     /// The request, untouched, when nothing of it reached the upstream.
-    pub unsent: Option<Request<Incoming>>,
+    pub unsent: Option<Request<RequestBody>>,
 }
 
 impl SendError {
-    fn unsent(error: UpstreamError, req: Request<Incoming>) -> Self {
+    fn unsent(error: UpstreamError, req: Request<RequestBody>) -> Self {
         Self { error, unsent: Some(req) }
     }
 
@@ -156,7 +205,7 @@ impl Upstreams {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -169,7 +218,7 @@ pub struct Pool {
     /// most `max` are open.
     slots: Arc<Semaphore>,
     max: usize,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -211,7 +260,7 @@ impl Pool {
         Ok(TokioIo::new(s))
     }
 
-    async fn new_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    async fn new_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect(true).await?;
         let (sender, conn) = http1::handshake(io).await.map_err(UpstreamError::Protocol)?;
         tokio::spawn(async move {
@@ -222,7 +271,7 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    async fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         loop {
             // The most recently used connection first: the others age out.
             let mut s = lock(&self.idle).pop()?.sender;
@@ -238,7 +287,7 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, s: http1::SendRequest<Incoming>) {
+    fn checkin(&self, s: http1::SendRequest<RequestBody>) {
         if !s.is_closed() {
             lock(&self.idle).push(Idle { sender: s, since: Instant::now() });
         }
@@ -255,7 +304,10 @@ impl Pool {
 
     /// Sends an HTTP/1.1 request (origin-form URI, `Host` set) on a pooled connection, waiting for
     /// one to come free when the pool is at its cap.
-    pub async fn send_http1(self: &Arc<Self>, mut req: Request<Incoming>) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn send_http1(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         // The semaphore is never closed: an error here cannot happen, but fail the request rather
         // than open an unbounded connection.
         let Ok(permit) = self.slots.clone().acquire_owned().await else {
@@ -285,7 +337,7 @@ impl Pool {
     }
 
     /// Sends an h2c request (absolute URI) on the pool's shared connection.
-    pub async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn send_http2(&self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, SendError> {
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
@@ -338,7 +390,7 @@ impl Pool {
 /// What a finished HTTP/1 response gives back: its connection to the pool, its slot.
 struct Return {
     pool: Arc<Pool>,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -391,6 +443,44 @@ impl Drop for UpstreamBody {
         // An empty body (204, 304, HEAD, Content-Length: 0) is never polled: it is complete as is.
         if self.inner.is_end_stream() {
             self.finished();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idempotent_requests_without_a_body_are_sent_again() {
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE, Method::TRACE] {
+            assert!(Replay::allowed(&m, true), "{m}");
+            assert!(!Replay::allowed(&m, false), "{m} with a body");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT, Method::from_bytes(b"PURGE").unwrap()] {
+            assert!(!Replay::allowed(&m, true), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_replay_is_the_same_head_without_a_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", "deathstar".parse().unwrap());
+        headers.append("x-trace", "a".parse().unwrap());
+        headers.append("x-trace", "b".parse().unwrap());
+        let replay = Replay {
+            method: Method::DELETE,
+            uri: "/v1/ships/7?force=1".parse().unwrap(),
+            version: Version::HTTP_11,
+            headers: headers.clone(),
+        };
+        for _ in 0..2 {
+            let req = replay.request();
+            assert_eq!(req.method(), Method::DELETE);
+            assert_eq!(req.uri(), "/v1/ships/7?force=1");
+            assert_eq!(req.version(), Version::HTTP_11);
+            assert_eq!(req.headers(), &headers);
+            assert!(req.body().is_end_stream());
         }
     }
 }

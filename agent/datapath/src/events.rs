@@ -130,6 +130,8 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         destination: peer(snap, e.dst_identity, &dst).into(),
         // The names live in the proxy's FQDN cache; the kernel's record carries the address.
         destination_names: Vec::new(),
+        source_service: None,
+        destination_service: None,
         l7: None,
         policy,
         ifindex: e.ifindex,

@@ -7,8 +7,8 @@ use std::str::FromStr as _;
 
 use pbjson_types::Timestamp;
 use porin_flow::flow::{
-    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IcmpType,
-    IpVersion, KafkaInfo, L7Type, Layer4, Layer7, NoFields, Ports, TrafficDirection, Verdict,
+    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowService, FlowType, HttpInfo, HttpProtocol,
+    IcmpType, IpVersion, KafkaInfo, L7Type, Layer4, Layer7, NoFields, Ports, TrafficDirection, Verdict,
 };
 
 use crate::pb::flow as pb;
@@ -274,6 +274,8 @@ pub fn to_pb(f: &Flow, uuid: String, node_name: &str) -> pb::Flow {
         } as i32,
         node_name: node_name.to_owned(),
         destination_names: f.destination_names.clone(),
+        source_service: f.source_service.as_ref().map(service),
+        destination_service: f.destination_service.as_ref().map(service),
         l7: f.l7.as_ref().map(layer7),
         event_type: Some(pb::CiliumEventType {
             r#type: i32::try_from(f.event_type.cilium_type()).unwrap_or(0),
@@ -304,6 +306,14 @@ pub fn to_pb(f: &Flow, uuid: String, node_name: &str) -> pb::Flow {
         }
     }
     out
+}
+
+fn service(s: &FlowService) -> pb::Service {
+    pb::Service { name: s.name.clone(), namespace: s.namespace.clone() }
+}
+
+fn service_back(s: pb::Service) -> FlowService {
+    FlowService { name: s.name, namespace: s.namespace }
 }
 
 /// A Hubble `Flow` as a record (for rendering).
@@ -355,6 +365,8 @@ pub fn from_pb(f: pb::Flow) -> Flow {
         source: endpoint_back(f.source).into(),
         destination: endpoint_back(f.destination).into(),
         destination_names: f.destination_names,
+        source_service: f.source_service.map(service_back),
+        destination_service: f.destination_service.map(service_back),
         l7: f.l7.map(layer7_back),
         policy: rule,
         ifindex: f.interface.map_or(0, |i| i.index),
@@ -394,6 +406,8 @@ mod tests {
             }
             .into(),
             destination_names: vec![],
+            source_service: None,
+            destination_service: Some(FlowService { name: "deathstar".into(), namespace: "default".into() }),
             l7: Some(Layer7 {
                 kind: L7Type::Request,
                 latency_ns: 0,

@@ -475,6 +475,24 @@ pub struct Layer7 {
     pub kafka: Option<KafkaInfo>,
 }
 
+/// A Kubernetes service a flow went to or came from (Hubble's `Service`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowService {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+impl FlowService {
+    /// `namespace/name`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (namespace, name) = s.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+            .then(|| Self { name: name.to_owned(), namespace: namespace.to_owned() })
+    }
+}
+
 /// A flow record.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Flow {
@@ -516,6 +534,12 @@ pub struct Flow {
     /// Names the DNS proxy learned the destination address under.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_names: Vec<String>,
+    /// The service a response came from (the one its request was balanced within).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_service: Option<FlowService>,
+    /// The service a request went to: the one the proxy balanced it within.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<FlowService>,
     /// L7 details (proxy records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use crate::control::{ControlError, Reply, Request};
 use crate::flow::{
-    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowType, HttpInfo, HttpProtocol, IpVersion,
-    KafkaInfo, L7Type, Layer4, Layer7, Ports, TrafficDirection, Verdict, rfc3339,
+    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowService, FlowType, HttpInfo, HttpProtocol,
+    IpVersion, KafkaInfo, L7Type, Layer4, Layer7, Ports, TrafficDirection, Verdict, rfc3339,
 };
 
 /// At most this many records in one frame.
@@ -138,6 +138,9 @@ pub struct WireRecord {
     /// Kafka.
     #[prost(message, optional, tag = "13")]
     pub kafka: Option<KafkaInfo>,
+    /// `namespace/name` of the service the request was balanced within; empty when none.
+    #[prost(string, tag = "14")]
+    pub service: String,
 }
 
 /// The HTTP part of a record.
@@ -326,6 +329,11 @@ fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
         )),
         None => None,
     };
+    let service = match r.service.as_str() {
+        "" => None,
+        s => Some(FlowService::parse(s).ok_or_else(|| bad(&r, format!("service {s:?} is not namespace/name")))?),
+    };
+    let (source_service, destination_service) = if r.reply { (service, None) } else { (None, service) };
     let http = http.zip(r.http).map(|((code, protocol), h)| HttpInfo { code, protocol, method: h.method, url: h.url });
     let time = rfc3339(r.time_ns / 1_000_000_000, u32::try_from(r.time_ns % 1_000_000_000).unwrap_or(0));
     Ok(Flow {
@@ -347,6 +355,8 @@ fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
         source: src.endpoint.clone(),
         destination: dst.endpoint.clone(),
         destination_names: dst.names.clone(),
+        source_service,
+        destination_service,
         l7: Some(Layer7 {
             kind: if r.reply { L7Type::Response } else { L7Type::Request },
             latency_ns: r.latency_ns,
@@ -415,6 +425,8 @@ pub struct RecordRef<'a> {
     pub summary: &'a str,
     /// The request or response.
     pub detail: DetailRef<'a>,
+    /// `namespace/name` of the service the request was balanced within.
+    pub service: Option<&'a str>,
 }
 
 /// The L7 part of a [`RecordRef`].
@@ -539,6 +551,7 @@ impl RecordRef<'_> {
             DetailRef::Dns(d) => pb.message(12, d),
             DetailRef::Kafka(k) => pb.message(13, k),
         }
+        pb.string(14, cut(self.service.unwrap_or_default()));
     }
 
     /// Appends the record as one `records` entry of a [`Batch`] (its key, its length, its fields).
@@ -752,6 +765,7 @@ mod tests {
                     verdict: Verdict::Forwarded.number(),
                     http: Some(WireHttp { method: "GET".into(), url: "http://x/a".into(), protocol: 11, code: 0 }),
                     policy: Some("default/p ingress[0]".into()),
+                    service: "default/deathstar".into(),
                     ..Default::default()
                 },
                 WireRecord {
@@ -761,6 +775,7 @@ mod tests {
                     reason: u32::from(DropReason::PolicyDeny.code()),
                     udp: true,
                     dns: Some(DnsInfo { query: "a.example.".into(), rcode: 5, ..Default::default() }),
+                    service: "kube-system/kube-dns".into(),
                     ..Default::default()
                 },
             ],
@@ -785,6 +800,10 @@ mod tests {
         assert_eq!(req.l4, Some(Layer4::Tcp(Ports { source_port: 40000, destination_port: 80 })));
         assert_eq!(req.l7.as_ref().unwrap().http.as_ref().unwrap().url, "http://x/a");
         assert_eq!(req.policy.as_deref(), Some("default/p ingress[0]"));
+        // A request goes to its service; a response comes from it.
+        let svc = |ns: &str, name: &str| Some(FlowService { name: name.into(), namespace: ns.into() });
+        assert_eq!((&req.source_service, &req.destination_service), (&None, &svc("default", "deathstar")));
+        assert_eq!((&resp.source_service, &resp.destination_service), (&svc("kube-system", "kube-dns"), &None));
         // A response travels from the server back: the ends swap.
         assert_eq!((resp.source.pod_name.as_str(), resp.drop_reason), ("server", Some(DropReason::PolicyDeny)));
         assert_eq!(resp.l4, Some(Layer4::Udp(Ports { source_port: 80, destination_port: 40000 })));
@@ -807,6 +826,17 @@ mod tests {
         assert_eq!(text, ["record 2: address of 3 bytes", "record 3: address of 3 bytes"]);
         b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3, 4];
         assert_eq!(b.into_flows().1[0].to_string(), "record 3: not exactly one of HTTP, DNS and Kafka");
+        let mut b = batch();
+        b.records[0].service = "deathstar".into();
+        b.records[1].service = "a/b/c".into();
+        let text: Vec<String> = b.into_flows().1.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "record 2: service \"deathstar\" is not namespace/name",
+                "record 3: service \"a/b/c\" is not namespace/name"
+            ]
+        );
         // Frames: too long, cut short, not a batch.
         let mut long = (u32::try_from(MAX_FRAME).unwrap() + 1).to_be_bytes().to_vec();
         long.extend([0; 8]);
@@ -841,6 +871,7 @@ mod tests {
                 policy: Some(""),
                 summary: "",
                 detail: DetailRef::Http { method: "GET", url: &long, protocol: HttpProtocol::Http2, code: 0 },
+                service: Some("default/deathstar"),
             },
             RecordRef {
                 seq: 300,
@@ -854,6 +885,7 @@ mod tests {
                 policy: None,
                 summary: "refused: é",
                 detail: DetailRef::Dns(&dns),
+                service: None,
             },
             RecordRef {
                 seq: 301,
@@ -867,6 +899,7 @@ mod tests {
                 policy: Some("default/k ingress[0]"),
                 summary: "",
                 detail: DetailRef::Kafka(&kafka),
+                service: Some(""),
             },
         ];
         let mut bytes = Vec::new();
@@ -885,6 +918,7 @@ mod tests {
                 verdict: 1,
                 policy: Some(String::new()),
                 http: Some(WireHttp { method: "GET".into(), url: "x".repeat(MAX_FIELD), protocol: 20, code: 0 }),
+                service: "default/deathstar".into(),
                 ..Default::default()
             },
             WireRecord {

@@ -326,6 +326,7 @@ fn emit(
             latency_ns,
             policy: rule,
             summary: summary.to_owned(),
+            service: None,
         },
         &shared.counters,
     );

@@ -237,6 +237,7 @@ impl RecordBuilder<'_> {
                 latency_ns: self.latency_ns,
                 policy: self.rule,
                 summary: self.summary,
+                service: None,
             },
             &shared.counters,
         );
