@@ -313,7 +313,9 @@ pub fn slice_def(slice: &discovery::EndpointSlice, namespace: &str) -> Result<Op
 }
 
 /// Joins services and their slices. Returns the services (in order, one per namespace/name: a
-/// later definition replaces an earlier one) and a warning per slice whose service is not defined.
+/// later definition replaces an earlier one) and a warning per slice whose service is not defined
+/// and per frontend (cluster IP, port, protocol) a service shares with one before it (Kubernetes
+/// never allocates one twice: the first, in namespace/name order, keeps it).
 pub fn join(services: &[ServiceDef], slices: &[SliceDef]) -> (Vec<Service>, Vec<String>) {
     let mut by_name: BTreeMap<(&str, &str), Service> = BTreeMap::new();
     for d in services {
@@ -344,7 +346,25 @@ pub fn join(services: &[ServiceDef], slices: &[SliceDef]) -> (Vec<Service>, Vec<
             )),
         }
     }
-    (by_name.into_values().collect(), warnings)
+    let services: Vec<Service> = by_name.into_values().collect();
+    let mut frontends: BTreeMap<(Proto, IpAddr, u16), (&str, &str)> = BTreeMap::new();
+    for s in &services {
+        for ip in &s.cluster_ips {
+            for p in &s.ports {
+                let key = (p.protocol, *ip, p.port);
+                match frontends.get(&key) {
+                    Some((ns, name)) => warnings.push(format!(
+                        "Service {}/{}: {} port {}/{} is already service {ns}/{name}'s: connects to it go to {ns}/{name}",
+                        s.namespace, s.name, ip, p.port, p.protocol
+                    )),
+                    None => {
+                        frontends.insert(key, (&s.namespace, &s.name));
+                    }
+                }
+            }
+        }
+    }
+    (services, warnings)
 }
 
 #[cfg(test)]
@@ -409,6 +429,22 @@ mod tests {
         let http = s.ports[0].clone();
         assert_eq!(s.backends_of(&http).collect::<Vec<_>>(), [("10.244.0.10".parse().unwrap(), 8080)]);
         assert_eq!(s.backends_of(&s.ports[1]).count(), 0, "no slice port named dns");
+    }
+
+    #[test]
+    fn a_cluster_ip_and_port_two_services_claim_stays_the_first_and_is_named() {
+        let first = service(DEATHSTAR).unwrap();
+        let second = service(&DEATHSTAR.replace("name: deathstar", "name: rebel-base").replace(", 'fd00:96::10'", ""))
+            .unwrap();
+        let (services, warnings) = join(&[second, first], &[]);
+        assert_eq!(services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["deathstar", "rebel-base"]);
+        assert_eq!(
+            warnings,
+            [
+                "Service default/rebel-base: 10.96.0.10 port 80/TCP is already service default/deathstar's: connects to it go to default/deathstar",
+                "Service default/rebel-base: 10.96.0.10 port 53/UDP is already service default/deathstar's: connects to it go to default/deathstar",
+            ]
+        );
     }
 
     #[test]

@@ -157,10 +157,9 @@ pub fn lb_entries(services: &[policy_engine::services::Service]) -> BTreeMap<(u8
                     .collect();
                 backends.sort();
                 backends.dedup();
-                out.insert(
-                    (port.protocol.number(), lb_addr(*ip, port.port)),
-                    LbService { backends, affinity_secs: s.affinity_secs.unwrap_or(0) },
-                );
+                // A frontend two services claim stays the first's (`services::join` warns).
+                out.entry((port.protocol.number(), lb_addr(*ip, port.port)))
+                    .or_insert(LbService { backends, affinity_secs: s.affinity_secs.unwrap_or(0) });
             }
         }
     }
