@@ -434,8 +434,8 @@ mod tests {
     #[test]
     fn a_cluster_ip_and_port_two_services_claim_stays_the_first_and_is_named() {
         let first = service(DEATHSTAR).unwrap();
-        let second = service(&DEATHSTAR.replace("name: deathstar", "name: rebel-base").replace(", 'fd00:96::10'", ""))
-            .unwrap();
+        let second =
+            service(&DEATHSTAR.replace("name: deathstar", "name: rebel-base").replace(", 'fd00:96::10'", "")).unwrap();
         let (services, warnings) = join(&[second, first], &[]);
         assert_eq!(services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["deathstar", "rebel-base"]);
         assert_eq!(
