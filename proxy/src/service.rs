@@ -364,7 +364,7 @@ impl Conn {
         mut backend: Option<Arc<Backend>>,
     ) -> Response<ProxyBody> {
         let timeout = self.shared.limits.request_timeout();
-        let (mut req, replay) = upstream::outgoing(req);
+        let (mut req, replay) = upstream::outgoing(req, balanced.is_some());
         let mut tried = Vec::new();
         if let Some(b) = balanced {
             Counters::inc(&b.stats.requests);

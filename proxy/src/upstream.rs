@@ -69,10 +69,11 @@ impl Replay {
     }
 }
 
-/// The request as it goes upstream, and what sending it again takes when that is allowed.
-pub fn outgoing(req: Request<Incoming>) -> (Request<RequestBody>, Option<Replay>) {
+/// The request as it goes upstream, and — when it has somewhere else to go (`replayable`) and
+/// [`Replay::allowed`] — what sending it again takes (the head is copied only then).
+pub fn outgoing(req: Request<Incoming>, replayable: bool) -> (Request<RequestBody>, Option<Replay>) {
     let (parts, body) = req.into_parts();
-    if Replay::allowed(&parts.method, body.is_end_stream()) {
+    if replayable && Replay::allowed(&parts.method, body.is_end_stream()) {
         let replay = Replay {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
