@@ -88,50 +88,29 @@ for ((i = 2; i < SERVICES; i++)); do
 done > "$work/fillers.yaml"
 echo "# no policy, no services" > "$work/nothing.yaml"
 
-cat > "$work/l4.yaml" <<'EOF'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: bench-backends}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {app: client}}]
-    toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "5001", protocol: TCP}]}]
+policies() { # $1: the HTTP rule on port 80 ("": L3/L4 only). The backends admit the client and
+    # the client may reach only the backends, on 80 and 5001 (5001 always L3/L4).
+    local rules="" side name sel dir peer_key peer
+    if [ -n "$1" ]; then rules=$'\n'"      rules: {http: [$1]}"; fi
+    for side in "bench-backends server ingress fromEndpoints client" "bench-client client egress toEndpoints server"; do
+        read -r name sel dir peer_key peer <<<"$side"
+        cat <<EOF
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: bench-client}
+metadata: {name: $name}
 spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toEndpoints: [{matchLabels: {app: server}}]
-    toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "5001", protocol: TCP}]}]
-EOF
-cat > "$work/l7.yaml" <<'EOF'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: bench-backends}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {app: client}}]
+  endpointSelector: {matchLabels: {app: $sel}}
+  $dir:
+  - $peer_key: [{matchLabels: {app: $peer}}]
     toPorts:
-    - ports: [{port: "80", protocol: TCP}]
-      rules: {http: [{method: GET, path: "/"}]}
-    - ports: [{port: "5001", protocol: TCP}]
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: bench-client}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toEndpoints: [{matchLabels: {app: server}}]
-    toPorts:
-    - ports: [{port: "80", protocol: TCP}]
-      rules: {http: [{method: GET, path: "/"}]}
+    - ports: [{port: "80", protocol: TCP}]$rules
     - ports: [{port: "5001", protocol: TCP}]
 EOF
+    done
+}
+policies "" > "$work/l4.yaml"
+policies '{method: GET, path: "/"}' > "$work/l7.yaml"
 
 up() { # a fresh lab: no TIME_WAIT, conntrack or LB state carried from one configuration to the next
     "$PORIN" lab down --name "$lab" >/dev/null 2>&1 || true
