@@ -177,6 +177,98 @@ pods:
 }
 
 /// One HTTP/1.1 request on an open connection; the status line.
+/// `n` sequential POSTs from one curl, each on a new connection the proxy closes first
+/// (`Connection: close`): the HTTP statuses, and how many took more than half a second.
+fn closing_requests(lab: &Lab, pod: &str, url: &str, n: usize) -> (Vec<String>, usize) {
+    let mut a = vec![
+        "curl",
+        "-s",
+        "-g",
+        "-m",
+        "2",
+        "-X",
+        "POST",
+        "-H",
+        "Connection: close",
+        "-w",
+        "%{http_code} %{time_total}\n",
+    ];
+    for _ in 0..n {
+        a.extend(["-o", "/dev/null", url]);
+    }
+    let o = lab.exec(pod, &a);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut codes = Vec::new();
+    let mut slow = 0;
+    for l in out.lines() {
+        let (code, secs) = l.split_once(' ').unwrap_or((l, "0"));
+        codes.push(code.to_owned());
+        slow += usize::from(secs.parse::<f64>().unwrap_or(0.0) > 0.5);
+    }
+    (codes, slow)
+}
+
+fn time_wait_counters(lab: &Lab) -> (u64, u64) {
+    let c = lab.counters();
+    (c["time_wait_syn"].as_u64().unwrap(), c["time_wait_failed"].as_u64().unwrap())
+}
+
+/// The client reuses its ports while the proxy's sockets of its earlier connections on them are
+/// in TIME_WAIT (the proxy closed first): each new connection's SYN is handed to the TIME_WAIT
+/// socket and the kernel's TIME_WAIT path finds the proxy's listener (`sk_lookup`), so every
+/// request is answered at once — over IPv4 and IPv6, with the agent killed (the link is pinned)
+/// and after it restarted. With the proxy down such a SYN finds no listener and nothing else:
+/// it never reaches the server. (Before: the handshake stalled on the TIME_WAIT socket.)
+#[test]
+fn reused_client_ports_meet_the_proxys_time_wait_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = starwars("swtw");
+    // 20 ports: every one of 60 connections after the first 20 meets a TIME_WAIT socket.
+    let o = lab.exec("tiefighter", &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40019"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v6 = format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true));
+    let round = |lab: &Lab, url: &str, what: &str| {
+        let before = time_wait_counters(lab);
+        let (codes, slow) = closing_requests(lab, "tiefighter", url, 60);
+        assert_eq!(codes.len(), 60, "{what}: {codes:?}");
+        assert!(codes.iter().all(|c| c == "200"), "{what}: {codes:?}");
+        assert_eq!(slow, 0, "{what}: no handshake waited for a retransmission");
+        let after = time_wait_counters(lab);
+        assert!(after.0 - before.0 >= 30, "{what}: SYNs met TIME_WAIT sockets: {before:?} -> {after:?}");
+        assert_eq!(after.1, before.1, "{what}: every hand-over found the listener");
+    };
+    let v4 = "http://deathstar/v1/request-landing";
+    round(&lab, v4, "IPv4");
+    round(&lab, &v6, "IPv6");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (codes, slow) = closing_requests(&lab, "tiefighter", v4, 40);
+    assert!(codes.iter().all(|c| c == "200") && slow == 0, "agent down: {codes:?}, {slow} slow");
+    let o = porin().args(["lab", "restart-agent", "--name", &lab.name]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    round(&lab, v4, "agent restarted");
+    let pins: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|x| std::path::PathBuf::from(format!("/run/porin/labs/{}/bpf/links/netns_tw_lookup_{x}", lab.name)))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(pins.len(), 1, "the restarted agent replaced the lookup's pinned link: {pins:?}");
+
+    // The proxy killed: a SYN on a port whose TIME_WAIT socket is still there goes nowhere.
+    let pid = lab.status()["proxy"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = time_wait_counters(&lab);
+    let (code, _, _) = curl(&lab, "tiefighter", &["-X", "POST"], v4);
+    assert_eq!(code, 28, "nothing answers without the proxy (curl times out)");
+    let after = time_wait_counters(&lab);
+    assert!(after.1 > before.1, "the TIME_WAIT path found no listener and refused: {before:?} -> {after:?}");
+}
+
 fn ask(s: &mut std::net::TcpStream, path: &str) -> String {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s.write_all(format!("POST {path} HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n\r\n").as_bytes()).unwrap();

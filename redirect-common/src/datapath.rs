@@ -194,9 +194,16 @@ pub trait Kernel {
     /// Removes a conntrack entry (if there is one).
     fn ct_remove(&mut self, key: &CtKey);
     /// Assigns the packet to the proxy socket that holds its connection, if there is one: TCP not
-    /// a listener, nor a TIME_WAIT socket for a SYN; UDP a connected socket of the proxy's own
-    /// (marked [`mark::FROM_PROXY`]). Marks the packet [`mark::TO_PROXY`] when assigned.
-    fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool;
+    /// a listener; UDP a connected socket of the proxy's own (marked [`mark::FROM_PROXY`]). Marks
+    /// the packet [`mark::TO_PROXY`] when assigned.
+    ///
+    /// A SYN on the tuple of a TIME_WAIT socket (the client reusing its port soon after the proxy
+    /// closed that connection) opens a new connection only when `syn_listener` names the listener
+    /// that is to take it: the SYN is assigned to the TIME_WAIT socket and the tuple recorded for
+    /// the kernel's TIME_WAIT path, whose listener lookup (`sk_lookup`) then finds that listener
+    /// and retires the TIME_WAIT socket — as the kernel does for a local server. (A SYN given to
+    /// the listener instead would leave the TIME_WAIT socket in place and the handshake stuck.)
+    fn assign_proxy_socket(&mut self, pkt: &Packet, syn_listener: Option<u8>) -> bool;
     /// Assigns the packet to proxy listener `listener` of its protocol (TCP or UDP; false when it
     /// is not there). Marks it.
     fn assign_proxy_listener(&mut self, pkt: &Packet, listener: u8) -> bool;
@@ -570,7 +577,8 @@ fn redirect<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision, report: bool) -> O
         return Some(drop_pkt(k, reason::NO_PROXY_CONNECTION, pkt, d));
     }
     let assigned = (pkt.is_tcp() || pkt.is_udp())
-        && ((pkt.is_tcp() && k.assign_proxy_socket(pkt)) || k.assign_proxy_listener(pkt, d.value.listener));
+        && ((pkt.is_tcp() && k.assign_proxy_socket(pkt, Some(d.value.listener)))
+            || k.assign_proxy_listener(pkt, d.value.listener));
     if !assigned {
         if d.value.flags & policy_flag::VISIBILITY != 0 {
             return None;
@@ -611,7 +619,7 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
             let assigned = if pkt.is_udp() && !hit.reply {
                 k.assign_proxy_listener(pkt, hit.listener)
             } else {
-                k.assign_proxy_socket(pkt)
+                k.assign_proxy_socket(pkt, None)
             };
             if assigned {
                 k.count(counter::PROXY_SOCKET);
@@ -625,7 +633,7 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         }
         // No entry: a socket the proxy holds (the server answering an upstream connection whose
         // tuple conntrack does not know; a proxied connection whose entry lapsed)?
-        if k.assign_proxy_socket(pkt) {
+        if k.assign_proxy_socket(pkt, None) {
             k.count(counter::PROXY_SOCKET);
             return Action::Proxy;
         }
@@ -727,7 +735,7 @@ pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
             let assigned = if pkt.is_udp() && !hit.reply {
                 k.assign_proxy_listener(pkt, hit.listener)
             } else {
-                k.assign_proxy_socket(pkt)
+                k.assign_proxy_socket(pkt, None)
             };
             if assigned {
                 k.count(counter::PROXY_SOCKET);
@@ -738,7 +746,7 @@ pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         if hit.found {
             return Action::Pass;
         }
-        if k.assign_proxy_socket(pkt) {
+        if k.assign_proxy_socket(pkt, None) {
             k.count(counter::PROXY_SOCKET);
             return Action::Proxy;
         }

@@ -48,6 +48,9 @@ pub mod names {
     pub const LB_AFFINITY: &str = "PORIN_LB_AFF";
     /// Sockets' translations, read back by `getpeername`/`recvmsg` (LRU hash).
     pub const LB_REV: &str = "PORIN_LB_REV";
+    /// SYNs of proxied flows handed to a TIME_WAIT socket of the proxy: tuple ([`CtKey`]) → the
+    /// [`PROXY`] index of the listener the kernel's TIME_WAIT path is to find (LRU hash).
+    pub const TW_SYN: &str = "PORIN_TW_SYN";
 }
 
 /// Map capacities.
@@ -78,6 +81,8 @@ pub mod sizes {
     pub const LB_AFFINITY: u32 = 1 << 16;
     /// Translated sockets.
     pub const LB_REV: u32 = 1 << 18;
+    /// SYNs between the tc program and the kernel's TIME_WAIT path (an entry lives microseconds).
+    pub const TW_SYN: u32 = 1 << 12;
 }
 
 /// Program names (the functions in `redirect-ebpf`).
@@ -100,6 +105,9 @@ pub mod programs {
         ("porin_sock_getpeername4", "getpeername4"),
         ("porin_sock_getpeername6", "getpeername6"),
     ];
+    /// `sk_lookup` on the node's network namespace: the listener lookup of the kernel's TIME_WAIT
+    /// path finds the proxy's listener for a SYN the tc program handed to a TIME_WAIT socket.
+    pub const TIME_WAIT_LOOKUP: &str = "porin_tw_lookup";
 }
 
 /// Address families (`family` fields).
@@ -234,11 +242,17 @@ pub mod counter {
     /// Socket translations (`getpeername`/`recvmsg` then show the backend's address) or affinities
     /// (the next connect chooses anew) that could not be recorded.
     pub const LB_RECORD_FAILED: u32 = 20;
+    /// SYNs of proxied flows that met a TIME_WAIT socket of the proxy on their tuple (a client
+    /// reusing its port): handed to that socket, whose TIME_WAIT path finds the listener.
+    pub const TIME_WAIT_SYN: u32 = 21;
+    /// Such SYNs whose listener was gone when the TIME_WAIT path looked (refused: the client
+    /// retries), or whose hand-over could not be recorded (sent to the listener directly).
+    pub const TIME_WAIT_FAILED: u32 = 22;
     /// Number of counters (room to grow: the map is pinned across agent versions).
     pub const LEN: u32 = 32;
 
     /// Every counter with the name it is reported under.
-    pub const NAMES: [(u32, &str); 21] = [
+    pub const NAMES: [(u32, &str); 23] = [
         (DROPPED, "dropped"),
         (CT_NEW, "ct_new"),
         (CT_ESTABLISHED, "ct_established"),
@@ -260,6 +274,8 @@ pub mod counter {
         (LB_TRANSLATED, "lb_translated"),
         (LB_NO_BACKEND, "lb_no_backend"),
         (LB_RECORD_FAILED, "lb_record_failed"),
+        (TIME_WAIT_SYN, "time_wait_syn"),
+        (TIME_WAIT_FAILED, "time_wait_failed"),
     ];
 }
 

@@ -81,6 +81,8 @@ struct Node {
     events: Vec<(u8, u8)>,
     /// D's ingress from T on the L4 port is redirected for visibility only.
     visibility: bool,
+    /// SYNs handed to a TIME_WAIT socket.
+    time_wait_syns: usize,
 }
 
 fn learned(selectors: &[u32]) -> FqdnValue {
@@ -126,8 +128,8 @@ impl Kernel for Node {
     fn ct_remove(&mut self, key: &CtKey) {
         self.ct.remove(key);
     }
-    fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
-        self.assign_socket(pkt)
+    fn assign_proxy_socket(&mut self, pkt: &Packet, syn_listener: Option<u8>) -> bool {
+        self.assign_socket(pkt, syn_listener)
     }
     fn assign_proxy_listener(&mut self, pkt: &Packet, id: u8) -> bool {
         self.assign_listener(pkt, id)
@@ -176,16 +178,27 @@ impl Node {
         }
         (key.identity == 0).then_some(allow)
     }
-    fn assign_socket(&mut self, pkt: &Packet) -> bool {
+    fn assign_socket(&mut self, pkt: &Packet, syn_listener: Option<u8>) -> bool {
         let local = (ip4(&pkt.daddr), pkt.dport);
         let remote = (ip4(&pkt.saddr), pkt.sport);
         if pkt.proto == proto::UDP {
             return self.udp_sockets.contains(&(local, remote));
         }
-        match self.sockets.get(&(local, remote)) {
-            Some(true) => !pkt.opens_connection(),
-            Some(false) => true,
-            None => false,
+        match (self.sockets.get(&(local, remote)), syn_listener) {
+            (Some(true), Some(id)) if pkt.opens_connection() => {
+                // The kernel's TIME_WAIT path: the listener's lookup finds `id`, which takes the
+                // SYN, and the TIME_WAIT socket goes; without the listener the TIME_WAIT socket
+                // answers (an ACK) and the SYN goes no further.
+                self.time_wait_syns += 1;
+                if self.listener_up {
+                    self.sockets.remove(&(local, remote));
+                    self.assign_listener(pkt, id);
+                }
+                true
+            }
+            (Some(true), _) => !pkt.opens_connection(),
+            (Some(false), _) => true,
+            (None, _) => false,
         }
     }
     fn assign_listener(&mut self, pkt: &Packet, id: u8) -> bool {
@@ -429,6 +442,35 @@ fn the_upstream_taking_the_clients_port_opens_no_bypass() {
     node.sockets.clear();
     node.ct.clear();
     assert_eq!(node.send_from_pod(T_EP, &client(tcp::ACK)), Fate::Dropped(reason::NO_PROXY_CONNECTION));
+}
+
+/// The client reuses its port for a new connection while the proxy's socket of the last one on
+/// that tuple is in TIME_WAIT (the proxy closed first): the SYN goes to the TIME_WAIT socket for
+/// the kernel's TIME_WAIT path to hand to the listener, and the rest of the handshake reaches the
+/// new connection. Without the listener the SYN goes nowhere, never to the server.
+#[test]
+fn a_reused_port_meets_the_proxys_time_wait_socket() {
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    let p = PORTS[0];
+    let client = |f| packet((T_IP, p), (D_IP, L7_PORT), f);
+    let accepted = ((D_IP, L7_PORT), (T_IP, p));
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.sockets.get(&accepted), Some(&false));
+    // The proxy closed first: its accepted socket waits.
+    node.sockets.insert(accepted, true);
+    node.now += NS;
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.time_wait_syns, 1);
+    assert_eq!(node.sockets.get(&accepted), Some(&false), "the listener took the SYN; TIME_WAIT retired");
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::ACK)), Fate::Proxy);
+    // Again, with the proxy down: the SYN ends at the TIME_WAIT socket.
+    node.sockets.insert(accepted, true);
+    node.listener_up = false;
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::SYN)), Fate::Proxy);
+    assert_eq!(node.sockets.get(&accepted), Some(&true));
+    // A segment that is not a SYN still reaches the TIME_WAIT socket (it answers or resets it).
+    assert_eq!(node.send_from_pod(T_EP, &client(tcp::ACK)), Fate::Proxy);
+    assert!(node.direct_l7_entries().is_empty());
 }
 
 /// A direct flow is tracked by its SYN and its answers ride it; a stray segment creates nothing.

@@ -25,6 +25,12 @@
 //! `mark::FROM_PROXY`: they were judged by the proxy and pass `porin_to_ep` as they are. A proxied
 //! flow never falls back to the direct path: with its proxy socket gone, its packets are dropped.
 //!
+//! A client reusing its port soon after the proxy closed that tuple's connection (the proxy's
+//! socket in TIME_WAIT) sends a SYN the listener alone cannot take (the TIME_WAIT socket would meet
+//! the rest of the handshake): the SYN is assigned to the TIME_WAIT socket, and the kernel's
+//! TIME_WAIT path looks for a listener — `porin_tw_lookup` (`sk_lookup`, `time_wait.rs`) gives it
+//! the proxy's, from the tuple the tc program recorded (`PORIN_TW_SYN`), as TPROXY does.
+//!
 //! Policy comes from maps the agent writes (layouts in `redirect-common`); identities from the ipcache.
 //! Services are balanced at the socket (`sock.rs`): cgroup `connect`/`sendmsg` programs rewrite a
 //! service frontend to a backend before anything is routed, `recvmsg`/`getpeername` programs show
@@ -90,8 +96,15 @@ static PORIN_LB_MEMBER: HashMap<lb::MemberKey, u8> = HashMap::pinned(sizes::LB_M
 static PORIN_LB_AFF: LruHashMap<lb::AffinityKey, lb::AffinityValue> = LruHashMap::pinned(sizes::LB_AFFINITY, 0);
 #[map]
 static PORIN_LB_REV: LruHashMap<lb::RevKey, lb::Addr> = LruHashMap::pinned(sizes::LB_REV, 0);
+#[map]
+/// Key: the tuple as `bpf_skc_lookup_tcp` took it (zeroed, then the IPv4 or IPv6 member set).
+static PORIN_TW_SYN: LruHashMap<bpf_sock_tuple, u32> = LruHashMap::pinned(sizes::TW_SYN, 0);
 
 mod sock;
+mod time_wait;
+
+/// No listener for a SYN meeting a TIME_WAIT socket (listener ids are `u8`).
+const NO_LISTENER: u32 = u32::MAX;
 
 /// `TCP_ESTABLISHED`: also the state of a connected UDP socket.
 const SK_ESTABLISHED: u32 = 1;
@@ -220,6 +233,88 @@ impl Tc<'_> {
     }
 }
 
+impl Tc<'_> {
+    /// `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp` on the packet's tuple in this namespace;
+    /// `syn_listener` is [`NO_LISTENER`] or a listener id (see `Kernel::assign_proxy_socket`).
+    fn proxy_socket(&mut self, pkt: &Packet, syn_listener: u32) -> bool {
+        let udp = pkt.proto == datapath::proto::UDP;
+        if !pkt.is_tcp() && !udp {
+            return false;
+        }
+        // SAFETY: an all-zero tuple is a valid value of this plain-data union.
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let be32 = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let sport = u16::from_ne_bytes(pkt.sport.to_be_bytes());
+        let dport = u16::from_ne_bytes(pkt.dport.to_be_bytes());
+        let netns = BPF_F_CURRENT_NETNS as u64;
+        let ctx = self.ctx.as_ptr();
+        // The tuple size must be a constant at each call site.
+        let sk = if pkt.family == family::V4 {
+            tuple.__bindgen_anon_1.ipv4.saddr = be32(&pkt.saddr, 0);
+            tuple.__bindgen_anon_1.ipv4.daddr = be32(&pkt.daddr, 0);
+            tuple.__bindgen_anon_1.ipv4.sport = sport;
+            tuple.__bindgen_anon_1.ipv4.dport = dport;
+            // SAFETY: the context pointer and the tuple are valid for the call.
+            unsafe {
+                if udp {
+                    bpf_sk_lookup_udp(ctx, &mut tuple, 12, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx, &mut tuple, 12, netns, 0)
+                }
+            }
+        } else {
+            tuple.__bindgen_anon_1.ipv6.saddr =
+                [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
+            tuple.__bindgen_anon_1.ipv6.daddr =
+                [be32(&pkt.daddr, 0), be32(&pkt.daddr, 4), be32(&pkt.daddr, 8), be32(&pkt.daddr, 12)];
+            tuple.__bindgen_anon_1.ipv6.sport = sport;
+            tuple.__bindgen_anon_1.ipv6.dport = dport;
+            // SAFETY: as above.
+            unsafe {
+                if udp {
+                    bpf_sk_lookup_udp(ctx, &mut tuple, 36, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx, &mut tuple, 36, netns, 0)
+                }
+            }
+        };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: a socket reference the helper returned; released below on every path.
+        let (state, sk_mark) = unsafe { ((*sk).state, (*sk).mark) };
+        let usable = if udp {
+            // Only the proxy's own connected upstream sockets: never a host socket that happens
+            // to be bound to the port.
+            state == SK_ESTABLISHED && sk_mark & mark::MASK == mark::FROM_PROXY
+        } else if state == BPF_TCP_TIME_WAIT && pkt.opens_connection() {
+            syn_listener != NO_LISTENER && self.hand_over_time_wait(&tuple, pkt.family, syn_listener)
+        } else {
+            state != BPF_TCP_LISTEN
+        };
+        let assigned = usable && self.assign(sk.cast());
+        // SAFETY: releases the reference taken by the lookup.
+        unsafe { bpf_sk_release(sk.cast()) };
+        assigned
+    }
+
+    /// Records that the SYN about to be assigned to a TIME_WAIT socket is listener `listener`'s,
+    /// under the tuple it was looked up with (for `time_wait::porin_tw_lookup`: the key costs no
+    /// stack). False when it cannot be recorded: the SYN then goes to the listener directly (its
+    /// handshake may stall on the TIME_WAIT socket; it never reaches anything else).
+    #[inline(always)]
+    fn hand_over_time_wait(&mut self, tuple: &bpf_sock_tuple, fam: u8, listener: u32) -> bool {
+        #[expect(clippy::cast_possible_truncation, reason = "a listener id, from a u8")]
+        let index = proxy_index(listener as u8, fam == family::V6);
+        if PORIN_TW_SYN.insert(tuple, &index, 0).is_err() {
+            self.count(counter::TIME_WAIT_FAILED);
+            return false;
+        }
+        self.count(counter::TIME_WAIT_SYN);
+        true
+    }
+}
+
 impl Kernel for Tc<'_> {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
@@ -279,65 +374,11 @@ impl Kernel for Tc<'_> {
         let _ = PORIN_CT.remove(key);
     }
 
-    /// `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp` on the packet's tuple in this namespace.
-    fn assign_proxy_socket(&mut self, pkt: &Packet) -> bool {
-        let udp = pkt.proto == datapath::proto::UDP;
-        if !pkt.is_tcp() && !udp {
-            return false;
-        }
-        // SAFETY: an all-zero tuple is a valid value of this plain-data union.
-        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        let be32 = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let sport = u16::from_ne_bytes(pkt.sport.to_be_bytes());
-        let dport = u16::from_ne_bytes(pkt.dport.to_be_bytes());
-        let netns = BPF_F_CURRENT_NETNS as u64;
-        let ctx = self.ctx.as_ptr();
-        // The tuple size must be a constant at each call site.
-        let sk = if pkt.family == family::V4 {
-            tuple.__bindgen_anon_1.ipv4.saddr = be32(&pkt.saddr, 0);
-            tuple.__bindgen_anon_1.ipv4.daddr = be32(&pkt.daddr, 0);
-            tuple.__bindgen_anon_1.ipv4.sport = sport;
-            tuple.__bindgen_anon_1.ipv4.dport = dport;
-            // SAFETY: the context pointer and the tuple are valid for the call.
-            unsafe {
-                if udp {
-                    bpf_sk_lookup_udp(ctx, &mut tuple, 12, netns, 0)
-                } else {
-                    bpf_skc_lookup_tcp(ctx, &mut tuple, 12, netns, 0)
-                }
-            }
-        } else {
-            tuple.__bindgen_anon_1.ipv6.saddr =
-                [be32(&pkt.saddr, 0), be32(&pkt.saddr, 4), be32(&pkt.saddr, 8), be32(&pkt.saddr, 12)];
-            tuple.__bindgen_anon_1.ipv6.daddr =
-                [be32(&pkt.daddr, 0), be32(&pkt.daddr, 4), be32(&pkt.daddr, 8), be32(&pkt.daddr, 12)];
-            tuple.__bindgen_anon_1.ipv6.sport = sport;
-            tuple.__bindgen_anon_1.ipv6.dport = dport;
-            // SAFETY: as above.
-            unsafe {
-                if udp {
-                    bpf_sk_lookup_udp(ctx, &mut tuple, 36, netns, 0)
-                } else {
-                    bpf_skc_lookup_tcp(ctx, &mut tuple, 36, netns, 0)
-                }
-            }
-        };
-        if sk.is_null() {
-            return false;
-        }
-        // SAFETY: a socket reference the helper returned; released below on every path.
-        let (state, sk_mark) = unsafe { ((*sk).state, (*sk).mark) };
-        let usable = if udp {
-            // Only the proxy's own connected upstream sockets: never a host socket that happens
-            // to be bound to the port.
-            state == SK_ESTABLISHED && sk_mark & mark::MASK == mark::FROM_PROXY
-        } else {
-            state != BPF_TCP_LISTEN && !(pkt.opens_connection() && state == BPF_TCP_TIME_WAIT)
-        };
-        let assigned = usable && self.assign(sk.cast());
-        // SAFETY: releases the reference taken by the lookup.
-        unsafe { bpf_sk_release(sk.cast()) };
-        assigned
+    #[inline(always)]
+    fn assign_proxy_socket(&mut self, pkt: &Packet, syn_listener: Option<u8>) -> bool {
+        // An `Option` passed in registers leaves its value undefined when `None`, which the
+        // verifier refuses to see read: a plain number crosses the call.
+        self.proxy_socket(pkt, syn_listener.map_or(NO_LISTENER, u32::from))
     }
 
     /// The listener from the SOCKMAP of the packet's protocol.

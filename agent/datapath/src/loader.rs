@@ -5,6 +5,9 @@
 //! restarted agent reopens the same maps and swaps its freshly loaded programs into the pinned links
 //! atomically (`BPF_LINK_UPDATE`), never leaving an interface without a program.
 //!
+//! The TIME_WAIT listener lookup (`sk_lookup`) attaches to the agent's network namespace the same
+//! way (pinned, replaced new-before-old).
+//!
 //! Services: the socket load balancer's programs attach to a cgroup (v2) through pinned links too;
 //! a restarted agent attaches its new programs first, then lets the old links go, so connects are
 //! never left untranslated. Service frontends and backend slots are generational like policy.
@@ -23,7 +26,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use redirect_common::{
     IfaceValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, config, counter, lb, names, programs,
@@ -155,6 +158,13 @@ impl Datapath {
                 .with_context(|| format!("program {name}"))?;
             prog.load().with_context(|| format!("verify program {name}"))?;
         }
+        let name = programs::TIME_WAIT_LOOKUP;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()
+            .with_context(|| format!("program {name}"))?;
+        prog.load().with_context(|| format!("verify program {name}"))?;
         let ipcache = take(&mut ebpf, names::IPCACHE)?;
         let policy = take(&mut ebpf, names::POLICY)?;
         let ifaces = take(&mut ebpf, names::IFACES)?;
@@ -228,34 +238,16 @@ impl Datapath {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         for (name, point) in programs::SOCK {
-            // Two pin names taken in turn: the new link is pinned before the old one goes, so a
-            // failure or a crash in between leaves one attached, never none.
-            let pins =
-                [self.links_dir.join(format!("cgroup_{point}_a")), self.links_dir.join(format!("cgroup_{point}_b"))];
-            let (mut old, mut pin) = (None, pins[0].clone());
-            for (p, other) in [(&pins[0], &pins[1]), (&pins[1], &pins[0])] {
-                match PinnedLink::from_pin(p) {
-                    Ok(l) => {
-                        old = Some(l);
-                        pin = other.clone();
-                    }
-                    Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e).with_context(|| format!("open pinned link {}", p.display())),
-                }
-            }
-            let prog: &mut CgroupSockAddr =
-                self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
-            // A link (kernels from 5.7) shares the cgroup with other programs whatever the mode;
-            // the kernel refuses link flags, which `Single` leaves empty.
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into().context("cgroup link")?;
-            link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
-            if let Some(old) = old {
-                // Unpinned and dropped: the old program leaves the cgroup now that the new one runs.
-                drop(old.unpin().context("unpin the previous socket load balancer link")?);
-            }
+            self.replace_pinned(&format!("cgroup_{point}"), |ebpf| {
+                let prog: &mut CgroupSockAddr =
+                    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
+                // A link (kernels from 5.7) shares the cgroup with other programs whatever the
+                // mode; the kernel refuses link flags, which `Single` leaves empty.
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+                prog.take_link(id)?.try_into().context("cgroup link")
+            })?;
         }
         Ok(())
     }
@@ -264,13 +256,61 @@ impl Datapath {
     /// links).
     pub fn detach_cgroup(&mut self) -> anyhow::Result<()> {
         for (_, point) in programs::SOCK {
-            for suffix in ["a", "b"] {
-                let pin = self.links_dir.join(format!("cgroup_{point}_{suffix}"));
-                match PinnedLink::from_pin(&pin) {
-                    Ok(link) => drop(link.unpin().with_context(|| format!("unpin {}", pin.display()))?),
-                    Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e).with_context(|| format!("open {}", pin.display())),
+            self.unpin_pair(&format!("cgroup_{point}"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the TIME_WAIT listener lookup (`sk_lookup`) to the agent's network namespace (the
+    /// node's, where the proxy listens). The tc programs count on it: without it a SYN they hand
+    /// to a TIME_WAIT socket would find no listener, or another one on its port.
+    pub fn attach_time_wait_lookup(&mut self) -> anyhow::Result<()> {
+        let netns = std::fs::File::open("/proc/self/ns/net").context("open /proc/self/ns/net")?;
+        let name = programs::TIME_WAIT_LOOKUP;
+        self.replace_pinned("netns_tw_lookup", |ebpf| {
+            let prog: &mut SkLookup = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
+            let id = prog.attach(&netns).with_context(|| format!("attach {name} to the network namespace"))?;
+            Ok(prog.take_link(id)?.into())
+        })
+    }
+
+    /// Attaches through one of two pinned links, `{stem}_a` and `{stem}_b`, taken in turn: the new
+    /// link is pinned before the old one (an earlier agent's) is let go, so a failure or a crash in
+    /// between leaves one attached, never none.
+    fn replace_pinned(
+        &mut self,
+        stem: &str,
+        attach: impl FnOnce(&mut Ebpf) -> anyhow::Result<FdLink>,
+    ) -> anyhow::Result<()> {
+        let pins = [self.links_dir.join(format!("{stem}_a")), self.links_dir.join(format!("{stem}_b"))];
+        let (mut old, mut pin) = (None, pins[0].clone());
+        for (p, other) in [(&pins[0], &pins[1]), (&pins[1], &pins[0])] {
+            match PinnedLink::from_pin(p) {
+                Ok(l) => {
+                    old = Some(l);
+                    pin = other.clone();
                 }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", p.display())),
+            }
+        }
+        let link = attach(&mut self.ebpf)?;
+        link.pin(&pin).with_context(|| format!("pin {}", pin.display()))?;
+        if let Some(old) = old {
+            // Unpinned and dropped: the old program leaves now that the new one runs.
+            drop(old.unpin().with_context(|| format!("unpin the previous {stem} link"))?);
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned links `{stem}_a` and `{stem}_b` (those there are).
+    fn unpin_pair(&self, stem: &str) -> anyhow::Result<()> {
+        for suffix in ["a", "b"] {
+            let pin = self.links_dir.join(format!("{stem}_{suffix}"));
+            match PinnedLink::from_pin(&pin) {
+                Ok(link) => drop(link.unpin().with_context(|| format!("unpin {}", pin.display()))?),
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("open {}", pin.display())),
             }
         }
         Ok(())

@@ -405,6 +405,9 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     ensure_bpffs(&cfg.bpffs)?;
     let mut datapath = Datapath::open(&cfg.bpffs)?;
     datapath.configure(&cfg.settings)?;
+    // Proxied flows count on it (a client reusing a port the proxy's socket still holds in
+    // TIME_WAIT): no agent runs without it.
+    datapath.attach_time_wait_lookup().context("attach the TIME_WAIT listener lookup")?;
     // Services keep working without the socket balancer's programs only for what is already
     // connected: a failure is reported in status (errors), and policy enforces regardless.
     let lb_error = match cfg.cgroup.as_deref() {
