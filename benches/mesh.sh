@@ -215,7 +215,7 @@ loads() { # $1 config: prints "tcp_rr tcp_crr http_rr http_crr"
 median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:] if x not in ("-","nan")]; print(f"{statistics.median(v):.0f}" if v else "-")' "$@"; }
 ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print(f'{float(a)/float(b):.3f}' if a!='-' and b not in ('-','0') else '-')" "$1" "$2"; }
 
-CONFIGS="direct lb-1 lb-1k iptables-1k lb-1k-l4 lb-1k-l7 lb-1k-3be"
+CONFIGS=${CONFIGS:-"direct lb-1 lb-1k iptables-1k lb-1k-l4 lb-1k-l7 lb-1k-3be"} # "direct" is the base: keep it first
 declare -A TRR TCRR HRR HCRR
 for ((round = 1; round <= ROUNDS; round++)); do
     for c in $CONFIGS; do

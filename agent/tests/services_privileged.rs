@@ -224,6 +224,21 @@ fn service_changes_affinity_and_to_services_privileged() {
 /// deathstars' own ingress is L3/L4 only, so the proxy that balances talks to the backends itself.
 const EGRESS_L7: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: tiefighter-l7}\nspec:\n  endpointSelector: {matchLabels: {class: tiefighter}}\n  egress:\n  - toEndpoints: [{matchLabels: {class: deathstar}}]\n    toPorts:\n    - ports: [{port: '80', protocol: TCP}]\n      rules:\n        http:\n        - {method: POST, path: /v1/request-landing}\n        - {method: GET, path: '/v1([?].*)?'}\n";
 
+/// Node1's HTTP flow records (its Hubble API) of requests to `/v1` and their responses.
+fn node1_http_flows(lab: &Lab) -> Vec<serde_json::Value> {
+    let server = format!("unix:/run/porin/labs/{}/nodes/node1/hubble.sock", lab.name);
+    let o = porin()
+        .args(["observe", "-o", "json", "--server", &server, "--last", "5000", "--protocol", "http"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
+        .filter(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/v1")))
+        .collect()
+}
+
 /// What node1's proxy says of its balancing.
 fn balancing(lab: &Lab) -> serde_json::Value {
     let st = lab.status();
@@ -262,6 +277,18 @@ fn l7_balancing_per_request_privileged() {
     assert_eq!(connects, 1, "one connection: {out}");
     assert_eq!(by.values().sum::<usize>(), 300, "{by:?}");
     assert_eq!(by.len(), 3, "{by:?}");
+    // Node1's records name the backend each request went to (not the connection's).
+    let flows = node1_http_flows(&lab);
+    let (requests, responses): (Vec<_>, Vec<_>) = flows.iter().partition(|f| f["is_reply"] != true);
+    let named = |fs: &[&serde_json::Value], end: &str| {
+        let mut m = BTreeMap::new();
+        for f in fs {
+            *m.entry(f[end]["pod_name"].as_str().unwrap_or("?").to_owned()).or_insert(0) += 1;
+        }
+        m
+    };
+    assert_eq!(named(&requests, "destination"), by, "request records");
+    assert_eq!(named(&responses, "source"), by, "response records");
 
     // One h2c connection, 300 streams at once: spread over the three backends.
     let urls: Vec<String> = (0..300).map(|i| format!("http://{VIP4}/v1?i={i}")).collect();
@@ -402,28 +429,21 @@ fn idempotent_requests_are_retried_after_a_reset_privileged() {
     let bad = b["backends"].as_array().unwrap().iter().find(|x| x["address"] == resetter).unwrap().clone();
     assert!(bad["failures"].as_u64().unwrap() >= 1 && bad["ejections"].as_u64().unwrap() >= 1, "{b}");
 
-    // Node1's flow records name the service: requests go to it, responses come from it.
-    let server = format!("unix:/run/porin/labs/{}/nodes/node1/hubble.sock", lab.name);
-    let o = porin()
-        .args(["observe", "-o", "json", "--server", &server, "--last", "1000", "--protocol", "http"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
-        .collect();
+    // Node1's flow records name the service: requests go to it, responses come from it — every
+    // answer from the good backend, retried ones too.
+    let flows = node1_http_flows(&lab);
     let deathstar = serde_json::json!({"name": "deathstar", "namespace": "default"});
-    let (requests, responses): (Vec<_>, Vec<_>) = flows
-        .iter()
-        .filter(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/v1")))
-        .partition(|f| f["is_reply"] != true);
+    let (requests, responses): (Vec<_>, Vec<_>) = flows.iter().partition(|f| f["is_reply"] != true);
     assert!(requests.len() >= 60 && responses.len() >= 60, "{flows:#?}");
     assert!(
         requests.iter().all(|f| f["destination_service"] == deathstar && f["source_service"].is_null()),
         "{requests:#?}"
     );
     assert!(responses.iter().all(|f| f["source_service"] == deathstar), "{responses:#?}");
+    assert!(
+        responses.iter().all(|f| f["source"]["pod_name"] == "deathstar-1" && f["l7"]["http"]["code"] == 200),
+        "{responses:#?}"
+    );
 
     // Once its ejection is over, POSTs with a body: never sent twice, so those that meet the
     // resetter fail (502) and the retry count stays.

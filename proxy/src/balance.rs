@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use policy_engine::snapshot::{Proto, Snapshot};
 
+use crate::policy::Ends;
+
 /// How fast the latency estimate forgets a measurement (linkerd's default decay).
 const DECAY: Duration = Duration::from_secs(10);
 /// Failures in a row that eject a backend.
@@ -273,6 +275,8 @@ pub struct Balanced {
     pub service: Arc<str>,
     /// The candidates (same family and identity as the connection's destination).
     pub backends: Vec<Arc<Backend>>,
+    /// What records of a request to each candidate name as its two ends (`backends`' order).
+    pub ends: Vec<Arc<Ends>>,
     /// The service's counters.
     pub stats: Arc<ServiceStats>,
 }
@@ -281,13 +285,14 @@ impl Balanced {
     /// The balancing of a connection from `client` to `dst` under `snap`, when there is one: the
     /// client is an endpoint of this node, `dst` a ready backend of an opted-in service's TCP port
     /// (without affinity), and the port has another ready backend of `dst`'s family and port for
-    /// which `same_policy` holds.
+    /// which `same_policy` gives the ends (it judges the client's flow to that backend as it
+    /// judged the connection; `own`: the connection's ends, `dst`'s).
     pub fn of(
         snap: &Snapshot,
         registry: &Backends,
         client: IpAddr,
-        dst: SocketAddr,
-        same_policy: impl Fn(SocketAddr) -> bool,
+        (dst, own): (SocketAddr, &Arc<Ends>),
+        same_policy: impl Fn(SocketAddr) -> Option<Arc<Ends>>,
     ) -> Option<Self> {
         if !snap.services.iter().any(|s| s.l7_balancing) || !snap.endpoint_by_ip(client).is_some_and(|e| e.local) {
             return None;
@@ -297,26 +302,32 @@ impl Balanced {
                 if !s.backends_of(port).any(|(ip, p)| ip == dst.ip() && p == dst.port()) {
                     continue;
                 }
-                let mut same: Vec<SocketAddr> = s
+                let mut addrs: Vec<SocketAddr> = s
                     .backends_of(port)
                     .filter(|(ip, p)| ip.is_ipv4() == dst.is_ipv4() && *p == dst.port())
                     .map(|(ip, p)| SocketAddr::new(ip, p))
-                    .filter(|a| *a == dst || same_policy(*a))
                     .collect();
-                same.sort();
-                same.dedup();
+                addrs.sort();
+                addrs.dedup();
+                let same: Vec<(SocketAddr, Arc<Ends>)> = addrs
+                    .into_iter()
+                    .filter_map(|a| if a == dst { Some((a, own.clone())) } else { same_policy(a).map(|e| (a, e)) })
+                    .collect();
                 if same.len() < 2 {
                     return None;
                 }
                 let service: Arc<str> = Arc::from(format!("{}/{}", s.namespace, s.name));
-                return Some(Self {
-                    stats: registry.service(&service),
-                    service,
-                    backends: same.into_iter().map(|a| registry.get(a)).collect(),
-                });
+                let (backends, ends) = same.into_iter().map(|(a, e)| (registry.get(a), e)).unzip();
+                return Some(Self { stats: registry.service(&service), service, backends, ends });
             }
         }
         None
+    }
+
+    /// The ends records name for a request to `backend` (one of the candidates).
+    pub fn ends_of(&self, backend: &Backend) -> Option<&Arc<Ends>> {
+        let i = self.backends.iter().position(|b| b.addr == backend.addr)?;
+        self.ends.get(i)
     }
 
     /// Power of two choices among the backends not in `tried` and not ejected (all of them not
@@ -350,6 +361,7 @@ mod tests {
         Balanced {
             service: Arc::from("default/s"),
             backends: (1..=n).map(|i| registry.get(SocketAddr::from(([10, 0, 0, i], 80)))).collect(),
+            ends: Vec::new(),
             stats: Arc::default(),
         }
     }

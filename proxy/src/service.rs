@@ -30,7 +30,7 @@ use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::forward::{Hop, PendingUpgrade, UpgradeDecision, splice, strip_hop_by_hop, upstream_request};
 use crate::h1guard::GuardShared;
 use crate::head::{self, Kind};
-use crate::policy::{ConnPolicy, ConnVerdict, Denial, Descriptions, Pass, PolicyHeaders, RequestVerdict};
+use crate::policy::{ConnPolicy, ConnVerdict, Denial, Descriptions, Ends, Pass, PolicyHeaders, RequestVerdict};
 use crate::records::{Counters, Record, Records};
 use crate::reply::{self, ACCESS_DENIED, Connection, GRPC_ACCESS_DENIED, GrpcCode, ProxyBody};
 use crate::snapshot::PolicyState;
@@ -110,6 +110,18 @@ struct Seen {
     policy: Arc<ConnPolicy>,
     /// `namespace/name` of the service the request is balanced within.
     service: Option<Arc<str>>,
+    /// The ends its records name: the connection's, or those of the backend a balanced request
+    /// went to.
+    ends: Arc<Ends>,
+}
+
+impl Seen {
+    /// The request goes to `backend` of `balanced`: its records name that backend.
+    fn aim(&mut self, balanced: Option<&Balanced>, backend: Option<&Arc<Backend>>) {
+        if let Some(ends) = balanced.zip(backend).and_then(|(b, x)| b.ends_of(x)) {
+            self.ends = ends.clone();
+        }
+    }
 }
 
 /// What became of a request (or its response), as its flow record says.
@@ -188,9 +200,10 @@ impl Conn {
                         candidate,
                         Proto::Tcp,
                     );
-                    c.verdict.same_as(&policy.verdict)
+                    c.verdict.same_as(&policy.verdict).then_some(c.ends)
                 };
-                Balanced::of(snap, &self.shared.backends, self.client.ip(), self.local, same_policy)
+                let dst = (self.local, &policy.ends);
+                Balanced::of(snap, &self.shared.backends, self.client.ip(), dst, same_policy)
             }
             _ => None,
         };
@@ -248,7 +261,7 @@ impl Conn {
                 reply,
                 verdict,
                 reason,
-                ends: seen.policy.ends.clone(),
+                ends: seen.ends.clone(),
                 transport: crate::records::Transport::Tcp,
                 detail: crate::records::Detail::Http {
                     method: seen.method.clone(),
@@ -281,13 +294,15 @@ impl Conn {
         // upgrade behind it.
         let decision = UpgradeDecision::for_request(kind, self.guard.as_ref());
         let (mut parts, body) = req.into_parts();
+        let policy = self.policy();
         let mut seen = Seen {
             start: Instant::now(),
             method: parts.method.clone(),
             url: Arc::from(""),
             protocol: kind.protocol,
-            policy: self.policy(),
+            policy: policy.clone(),
             service: None,
+            ends: policy.ends.clone(),
         };
 
         // 1. The head.
@@ -322,18 +337,19 @@ impl Conn {
             }
             RequestVerdict::Pass(pass) => pass,
         };
+        // 3. Forward (a balanced request to the backend it picks: its records name that one),
+        // or tunnel.
+        let backend = match &route.balanced {
+            Some(b) if !kind.tunnel => b.pick(&[]),
+            _ => None,
+        };
+        seen.aim(route.balanced.as_ref(), backend.as_ref());
         Counters::inc(&self.shared.counters.forwarded);
         self.record(&seen, Outcome::Allowed(pass.clone()));
-
-        // 3. Forward, or tunnel.
         let h2 = match self.listener.upstream_protocol {
             UpstreamProtocol::Auto => self.http2,
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
-        };
-        let backend = match &route.balanced {
-            Some(b) if !kind.tunnel => b.pick(&[]),
-            _ => None,
         };
         let fallback = backend.as_ref().map_or_else(|| self.pool.addr(), |b| b.addr).to_string();
         let req = match upstream_request(parts, body, kind, &target, h2, &fallback) {
@@ -346,7 +362,7 @@ impl Conn {
             return self.tunnel(req, client_side, decision, kind, &seen, pass).await;
         }
         drop(decision);
-        self.forward(req, h2, kind, &seen, pass, route.balanced.as_ref(), backend).await
+        self.forward(req, h2, kind, &mut seen, pass, route.balanced.as_ref(), backend).await
     }
 
     /// Phase 3: the request to the upstream pool, its response back. A balanced request goes to
@@ -358,7 +374,7 @@ impl Conn {
         req: Request<Incoming>,
         h2: bool,
         kind: Kind,
-        seen: &Seen,
+        seen: &mut Seen,
         pass: Pass,
         balanced: Option<&Balanced>,
         mut backend: Option<Arc<Backend>>,
@@ -405,6 +421,7 @@ impl Conn {
                         Counters::inc(&self.shared.counters.retries);
                         Counters::inc(&b.stats.retries);
                         req = r;
+                        seen.aim(balanced, Some(&next));
                         backend = Some(next);
                         continue;
                     }
