@@ -64,6 +64,16 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The L7 balancer asks the socket balancer's record of translated connections, pinned beside
+    // the SOCKMAP too (the agent creates it with the other maps).
+    let translations: Option<Arc<dyn proxy::balance::Translations>> =
+        match cfg.listeners.iter().find_map(|l| l.transparent.as_ref()) {
+            Some(t) => {
+                let dir = t.sockmap.parent().unwrap_or(Path::new("."));
+                Some(Arc::new(KernelTranslations(porin_datapath::translations::Translations::open(dir)?)))
+            }
+            None => None,
+        };
     rt.block_on(async {
         let register: proxy::transparent::Register = Arc::new(|t, sock, v6| {
             let id = t.protocol.id();
@@ -75,8 +85,11 @@ pub fn run(a: &ProxyArgs) -> anyhow::Result<()> {
             }
             .map_err(std::io::Error::other)
         });
-        let proxy =
-            proxy::Proxy::start_with(cfg, proxy::Hooks { register: Some(register), fqdn, metrics_socket }).await?;
+        let proxy = proxy::Proxy::start_with(
+            cfg,
+            proxy::Hooks { register: Some(register), fqdn, translations, metrics_socket },
+        )
+        .await?;
         if let Some(ready) = &a.ready {
             let mut addrs: BTreeMap<String, String> =
                 proxy.info.listeners.iter().map(|(l, addr)| (l.name.clone(), addr.to_string())).collect();
@@ -110,6 +123,19 @@ impl proxy::fqdn::FqdnDatapath for KernelFqdn {
     }
     fn live_destinations(&self) -> std::io::Result<std::collections::BTreeSet<std::net::IpAddr>> {
         self.0.live_destinations()
+    }
+}
+
+/// The kernel's socket load balancer's translated connections, for the L7 one.
+struct KernelTranslations(porin_datapath::translations::Translations);
+
+impl proxy::balance::Translations for KernelTranslations {
+    fn frontend(
+        &self,
+        client: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+    ) -> std::io::Result<Option<std::net::SocketAddr>> {
+        self.0.frontend(client, backend)
     }
 }
 

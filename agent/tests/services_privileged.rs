@@ -290,6 +290,29 @@ fn l7_balancing_per_request_privileged() {
     assert_eq!(named(&requests, "destination"), by, "request records");
     assert_eq!(named(&responses, "source"), by, "response records");
 
+    // A connection to a backend's own address asked for that pod, not the service: its requests
+    // stay there (the socket balancer did not translate it), over IPv4 and IPv6.
+    for v6 in [false, true] {
+        let pod = lab.addr("deathstar-2", v6);
+        let url = if v6 { format!("http://[{pod}]/v1") } else { format!("http://{pod}/v1") };
+        let mut args = vec!["curl", "-s", "-g", "-m", "30"];
+        args.extend(std::iter::repeat_n(url.as_str(), 30));
+        let out = String::from_utf8_lossy(&lab.exec("tiefighter", &args).stdout).into_owned();
+        assert_eq!(backend_count(&out), BTreeMap::from([("deathstar-2".to_owned(), 30)]), "{url}");
+    }
+    // The record of translated connections (the first connection above was one) forgets each
+    // one when it closes.
+    let pin = format!("/run/porin/labs/{}/nodes/node1/bpf/maps/PORIN_LB_CONN", lab.name);
+    let conns = aya::maps::HashMap::<_, redirect_common::CtKey, redirect_common::lb::Addr>::try_from(
+        aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while conns.keys().count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(conns.keys().count(), 0, "no closed connection left in the record");
+
     // One h2c connection, 300 streams at once: spread over the three backends.
     let urls: Vec<String> = (0..300).map(|i| format!("http://{VIP4}/v1?i={i}")).collect();
     let mut args = vec!["nghttp"];

@@ -268,6 +268,14 @@ impl Backends {
     }
 }
 
+/// What the kernel's socket load balancer knows of a client's connection: whether the client
+/// asked for a service (its connect was translated to the backend) or for the backend itself.
+pub trait Translations: Send + Sync {
+    /// The service frontend `client`'s connection to `backend` was translated from; `None`: the
+    /// client connected to `backend` itself.
+    fn frontend(&self, client: SocketAddr, backend: SocketAddr) -> std::io::Result<Option<SocketAddr>>;
+}
+
 /// A connection's requests balanced over one service port's backends.
 #[derive(Debug)]
 pub struct Balanced {
@@ -286,20 +294,31 @@ impl Balanced {
     /// client is an endpoint of this node, `dst` a ready backend of an opted-in service's TCP port
     /// (without affinity), and the port has another ready backend of `dst`'s family and port for
     /// which `same_policy` gives the ends (it judges the client's flow to that backend as it
-    /// judged the connection; `own`: the connection's ends, `dst`'s).
+    /// judged the connection; `own`: the connection's ends, `dst`'s). `frontend` is what the
+    /// client asked for: `Some(None)` the backend itself (never balanced), `Some(Some(f))`
+    /// service frontend `f` (the service that has it), `None` unknown (any opted-in service of
+    /// `dst`).
     pub fn of(
         snap: &Snapshot,
         registry: &Backends,
         client: IpAddr,
-        (dst, own): (SocketAddr, &Arc<Ends>),
+        (dst, own, frontend): (SocketAddr, &Arc<Ends>, Option<Option<SocketAddr>>),
         same_policy: impl Fn(SocketAddr) -> Option<Arc<Ends>>,
     ) -> Option<Self> {
         if !snap.services.iter().any(|s| s.l7_balancing) || !snap.endpoint_by_ip(client).is_some_and(|e| e.local) {
             return None;
         }
+        let asked = match frontend {
+            Some(None) => return None,
+            Some(Some(f)) => Some(f),
+            None => None,
+        };
         for s in snap.services.iter().filter(|s| s.l7_balancing && s.affinity_secs.is_none()) {
             for port in s.ports.iter().filter(|p| p.protocol == Proto::Tcp) {
                 if !s.backends_of(port).any(|(ip, p)| ip == dst.ip() && p == dst.port()) {
+                    continue;
+                }
+                if asked.is_some_and(|f| f.port() != port.port || !s.cluster_ips.contains(&f.ip())) {
                     continue;
                 }
                 let mut addrs: Vec<SocketAddr> = s

@@ -77,6 +77,8 @@ pub struct Hooks {
     pub register: Option<transparent::Register>,
     /// The kernel's FQDN map and conntrack, for the DNS proxy.
     pub fqdn: Option<Arc<dyn FqdnDatapath>>,
+    /// The kernel's socket load balancer, for the L7 one: which connections asked for a service.
+    pub translations: Option<Arc<dyn balance::Translations>>,
     /// The metrics socket, already bound (by `porin proxy`, before it enters its network namespace,
     /// so the metrics are reachable from where it was started); else `metrics` is bound here.
     pub metrics_socket: Option<std::net::TcpListener>,
@@ -129,6 +131,7 @@ impl Proxy {
             dns: cfg.dns.clone(),
             kafka_topic_ids: kafka::request::TopicIds::default(),
             backends: balance::Backends::default(),
+            translations: hooks.translations.clone(),
         });
         // What was learned before (the cache file, the pinned kernel map) made to agree with the
         // snapshot in force before the first query is served.

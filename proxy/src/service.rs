@@ -25,7 +25,7 @@ use policy_engine::snapshot::Proto;
 use porin_flow::flow::{DropReason, HttpProtocol, Verdict};
 
 use crate::admission::{ConnState, ConnTable};
-use crate::balance::{Backend, Backends, Balanced, Ended};
+use crate::balance::{Backend, Backends, Balanced, Ended, Translations};
 use crate::config::{Limits, ListenerConfig, UpstreamProtocol};
 use crate::forward::{Hop, PendingUpgrade, UpgradeDecision, splice, strip_hop_by_hop, upstream_request};
 use crate::h1guard::GuardShared;
@@ -60,6 +60,8 @@ pub struct Shared {
     pub kafka_topic_ids: crate::kafka::request::TopicIds,
     /// The backends requests are balanced over.
     pub backends: Backends,
+    /// The kernel's translations of clients' connects (which connections asked for a service).
+    pub translations: Option<Arc<dyn Translations>>,
 }
 
 impl Shared {
@@ -202,7 +204,15 @@ impl Conn {
                     );
                     c.verdict.same_as(&policy.verdict).then_some(c.ends)
                 };
-                let dst = (self.local, &policy.ends);
+                // What the client asked for, as the kernel's balancer knows it; when it cannot
+                // tell, the connection keeps the backend it has.
+                let frontend = self.shared.translations.as_ref().map(|t| {
+                    t.frontend(self.client, self.local).unwrap_or_else(|e| {
+                        crate::log_limited!(warn, error = %e, "Could not read the socket balancer's translation");
+                        None
+                    })
+                });
+                let dst = (self.local, &policy.ends, frontend);
                 Balanced::of(snap, &self.shared.backends, self.client.ip(), dst, same_policy)
             }
             _ => None,

@@ -48,7 +48,12 @@ pub mod names {
     pub const LB_AFFINITY: &str = "PORIN_LB_AFF";
     /// Sockets' translations, read back by `getpeername`/`recvmsg` (LRU hash).
     pub const LB_REV: &str = "PORIN_LB_REV";
-    /// SYNs of proxied flows handed to a TIME_WAIT socket of the proxy: tuple ([`CtKey`]) → the
+    /// Connections whose connect the socket load balancer translated: tuple as sent ([`CtKey`],
+    /// client → backend) → the service frontend ([`lb::Addr`]) asked for (LRU hash; removed when
+    /// the socket closes). The L7 proxy balances only these, never a connection to a pod itself.
+    pub const LB_CONN: &str = "PORIN_LB_CONN";
+    /// SYNs of proxied flows handed to a TIME_WAIT socket of the proxy: tuple (as
+    /// `bpf_skc_lookup_tcp` took it: `struct bpf_sock_tuple`, zeroed, the family's member set) → the
     /// [`PROXY`] index of the listener the kernel's TIME_WAIT path is to find (LRU hash).
     pub const TW_SYN: &str = "PORIN_TW_SYN";
 }
@@ -81,6 +86,8 @@ pub mod sizes {
     pub const LB_AFFINITY: u32 = 1 << 16;
     /// Translated sockets.
     pub const LB_REV: u32 = 1 << 18;
+    /// Translated TCP connections open.
+    pub const LB_CONN: u32 = 1 << 18;
     /// SYNs between the tc program and the kernel's TIME_WAIT path (an entry lives microseconds).
     pub const TW_SYN: u32 = 1 << 12;
 }
@@ -105,6 +112,9 @@ pub mod programs {
         ("porin_sock_getpeername4", "getpeername4"),
         ("porin_sock_getpeername6", "getpeername6"),
     ];
+    /// `sock_ops` on the node's cgroup: records translated TCP connections by tuple (for the L7
+    /// proxy) and forgets them, and their translation, when they close.
+    pub const SOCK_OPS: &str = "porin_sock_ops";
     /// `sk_lookup` on the node's network namespace: the listener lookup of the kernel's TIME_WAIT
     /// path finds the proxy's listener for a SYN the tc program handed to a TIME_WAIT socket.
     pub const TIME_WAIT_LOOKUP: &str = "porin_tw_lookup";

@@ -97,7 +97,9 @@ static PORIN_LB_AFF: LruHashMap<lb::AffinityKey, lb::AffinityValue> = LruHashMap
 #[map]
 static PORIN_LB_REV: LruHashMap<lb::RevKey, lb::Addr> = LruHashMap::pinned(sizes::LB_REV, 0);
 #[map]
+static PORIN_LB_CONN: LruHashMap<CtKey, lb::Addr> = LruHashMap::pinned(sizes::LB_CONN, 0);
 /// Key: the tuple as `bpf_skc_lookup_tcp` took it (zeroed, then the IPv4 or IPv6 member set).
+#[map]
 static PORIN_TW_SYN: LruHashMap<bpf_sock_tuple, u32> = LruHashMap::pinned(sizes::TW_SYN, 0);
 
 mod sock;

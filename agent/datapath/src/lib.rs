@@ -7,9 +7,10 @@
 //!   lookup equal to the engine's verdict);
 //! * [`events`]: kernel events turned into flow records (`porin_flow::flow::Flow`);
 //! * [`sockmap`]: putting a proxy listener into the pinned SOCKMAP the programs hand flows to;
-//! * [`fqdn`]: the FQDN map the DNS proxy writes (and conntrack, which it asks).
+//! * [`fqdn`]: the FQDN map the DNS proxy writes (and conntrack, which it asks);
+//! * [`translations`]: the socket load balancer's translated connections, which the L7 one asks.
 //!
-//! The agent drives the first three; `porin proxy` uses [`sockmap`] and [`fqdn`]. The programs' decisions are
+//! The agent drives the first three; `porin proxy` uses [`sockmap`], [`fqdn`] and [`translations`]. The programs' decisions are
 //! `redirect_common::datapath`'s; the map layouts and the numbers (reasons, listener ids,
 //! reserved identities) are `redirect-common`'s.
 
@@ -18,3 +19,4 @@ pub mod fqdn;
 pub mod loader;
 pub mod mapstate;
 pub mod sockmap;
+pub mod translations;

@@ -26,7 +26,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use redirect_common::{
     IfaceValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, config, counter, lb, names, programs,
@@ -158,6 +158,13 @@ impl Datapath {
                 .with_context(|| format!("program {name}"))?;
             prog.load().with_context(|| format!("verify program {name}"))?;
         }
+        let name = programs::SOCK_OPS;
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()
+            .with_context(|| format!("program {name}"))?;
+        prog.load().with_context(|| format!("verify program {name}"))?;
         let name = programs::TIME_WAIT_LOOKUP;
         let prog: &mut SkLookup = ebpf
             .program_mut(name)
@@ -249,6 +256,14 @@ impl Datapath {
                 prog.take_link(id)?.try_into().context("cgroup link")
             })?;
         }
+        let name = programs::SOCK_OPS;
+        self.replace_pinned("cgroup_sock_ops", |ebpf| {
+            let prog: &mut SockOps = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name}"))?.try_into()?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            prog.take_link(id)?.try_into().context("cgroup link")
+        })?;
         Ok(())
     }
 
@@ -258,7 +273,7 @@ impl Datapath {
         for (_, point) in programs::SOCK {
             self.unpin_pair(&format!("cgroup_{point}"))?;
         }
-        Ok(())
+        self.unpin_pair("cgroup_sock_ops")
     }
 
     /// Attaches the TIME_WAIT listener lookup (`sk_lookup`) to the agent's network namespace (the
