@@ -294,32 +294,31 @@ impl Balanced {
     /// client is an endpoint of this node, `dst` a ready backend of an opted-in service's TCP port
     /// (without affinity), and the port has another ready backend of `dst`'s family and port for
     /// which `same_policy` gives the ends (it judges the client's flow to that backend as it
-    /// judged the connection; `own`: the connection's ends, `dst`'s). `frontend` is what the
-    /// client asked for: `Some(None)` the backend itself (never balanced), `Some(Some(f))`
-    /// service frontend `f` (the service that has it), `None` unknown (any opted-in service of
-    /// `dst`).
+    /// judged the connection; `own`: the connection's ends, `dst`'s). `frontend` says what the
+    /// client asked for, asked only once `dst` is such a backend: `Some(None)` the backend itself
+    /// (never balanced), `Some(Some(f))` service frontend `f` (the service that has it), `None`
+    /// unknown (any opted-in service of `dst`).
     pub fn of(
         snap: &Snapshot,
         registry: &Backends,
         client: IpAddr,
-        (dst, own, frontend): (SocketAddr, &Arc<Ends>, Option<Option<SocketAddr>>),
+        (dst, own): (SocketAddr, &Arc<Ends>),
+        mut frontend: impl FnMut() -> Option<Option<SocketAddr>>,
         same_policy: impl Fn(SocketAddr) -> Option<Arc<Ends>>,
     ) -> Option<Self> {
         if !snap.services.iter().any(|s| s.l7_balancing) || !snap.endpoint_by_ip(client).is_some_and(|e| e.local) {
             return None;
         }
-        let asked = match frontend {
-            Some(None) => return None,
-            Some(Some(f)) => Some(f),
-            None => None,
-        };
+        let mut asked = None;
         for s in snap.services.iter().filter(|s| s.l7_balancing && s.affinity_secs.is_none()) {
             for port in s.ports.iter().filter(|p| p.protocol == Proto::Tcp) {
                 if !s.backends_of(port).any(|(ip, p)| ip == dst.ip() && p == dst.port()) {
                     continue;
                 }
-                if asked.is_some_and(|f| f.port() != port.port || !s.cluster_ips.contains(&f.ip())) {
-                    continue;
+                match *asked.get_or_insert_with(&mut frontend) {
+                    Some(None) => return None,
+                    Some(Some(f)) if f.port() != port.port || !s.cluster_ips.contains(&f.ip()) => continue,
+                    _ => {}
                 }
                 let mut addrs: Vec<SocketAddr> = s
                     .backends_of(port)

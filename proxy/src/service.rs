@@ -204,16 +204,19 @@ impl Conn {
                     );
                     c.verdict.same_as(&policy.verdict).then_some(c.ends)
                 };
-                // What the client asked for, as the kernel's balancer knows it; when it cannot
-                // tell, the connection keeps the backend it has.
-                let frontend = self.shared.translations.as_ref().map(|t| {
-                    t.frontend(self.client, self.local).unwrap_or_else(|e| {
-                        crate::log_limited!(warn, error = %e, "Could not read the socket balancer's translation");
-                        None
+                // What the client asked for, as the kernel's balancer knows it (one map read, for
+                // connections to an opted-in service's backend only); when it cannot tell, the
+                // connection keeps the backend it has.
+                let frontend = || {
+                    self.shared.translations.as_ref().map(|t| {
+                        t.frontend(self.client, self.local).unwrap_or_else(|e| {
+                            crate::log_limited!(warn, error = %e, "Could not read the socket balancer's translation");
+                            None
+                        })
                     })
-                });
-                let dst = (self.local, &policy.ends, frontend);
-                Balanced::of(snap, &self.shared.backends, self.client.ip(), dst, same_policy)
+                };
+                let dst = (self.local, &policy.ends);
+                Balanced::of(snap, &self.shared.backends, self.client.ip(), dst, frontend, same_policy)
             }
             _ => None,
         };

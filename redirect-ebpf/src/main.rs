@@ -233,9 +233,7 @@ impl Tc<'_> {
         }
         assigned
     }
-}
 
-impl Tc<'_> {
     /// `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp` on the packet's tuple in this namespace;
     /// `syn_listener` is [`NO_LISTENER`] or a listener id (see `Kernel::assign_proxy_socket`).
     fn proxy_socket(&mut self, pkt: &Packet, syn_listener: u32) -> bool {

@@ -33,7 +33,8 @@ fn key(ip: IpAddr) -> FqdnKey {
     FqdnKey { family: fam, _pad: [0; 3], addr }
 }
 
-fn ip_of(fam: u8, addr: &[u8; 16]) -> Option<IpAddr> {
+/// An address in the maps' form (family, network-order bytes) as an `IpAddr`.
+pub(crate) fn ip_of(fam: u8, addr: &[u8; 16]) -> Option<IpAddr> {
     match fam {
         family::V4 => Some(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
         family::V6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),

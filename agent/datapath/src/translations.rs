@@ -3,49 +3,27 @@
 //! tuple is there asked for a service; one that is not asked for the pod itself.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, MapError};
-use redirect_common::{CtKey, family, lb, names};
+use redirect_common::{CtKey, lb, names};
+
+use crate::fqdn::ip_of;
+use crate::mapstate::lb_addr;
 
 /// The map, read-only.
 pub struct Translations(HashMap<MapData, CtKey, lb::Addr>);
 
-fn split(a: SocketAddr) -> (u8, [u8; 16]) {
-    let mut addr = [0u8; 16];
-    match a.ip() {
-        IpAddr::V4(v4) => {
-            addr[..4].copy_from_slice(&v4.octets());
-            (family::V4, addr)
-        }
-        IpAddr::V6(v6) => (family::V6, v6.octets()),
-    }
-}
-
 /// The key of a client's connection to a backend: its tuple as the client sends (`CtKey`).
 pub fn key(client: SocketAddr, backend: SocketAddr) -> CtKey {
-    let (fam, saddr) = split(client);
-    let (_, daddr) = split(backend);
-    CtKey {
-        family: fam,
-        proto: 6,
-        sport: client.port().to_be_bytes(),
-        dport: backend.port().to_be_bytes(),
-        _pad: [0; 2],
-        saddr,
-        daddr,
-    }
+    let (c, b) = (lb_addr(client.ip(), client.port()), lb_addr(backend.ip(), backend.port()));
+    CtKey { family: c.family, proto: 6, sport: c.port, dport: b.port, _pad: [0; 2], saddr: c.addr, daddr: b.addr }
 }
 
 fn socket_addr(a: &lb::Addr) -> Option<SocketAddr> {
-    let ip = match a.family {
-        family::V4 => IpAddr::V4(Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3])),
-        family::V6 => IpAddr::V6(Ipv6Addr::from(a.addr)),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, u16::from_be_bytes(a.port)))
+    ip_of(a.family, &a.addr).map(|ip| SocketAddr::new(ip, u16::from_be_bytes(a.port)))
 }
 
 impl Translations {
@@ -72,6 +50,10 @@ impl Translations {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
+    use redirect_common::family;
+
     use super::*;
 
     #[test]
