@@ -176,27 +176,42 @@ pods:
     }
 }
 
-/// One HTTP/1.1 request on an open connection; the status line.
-/// `n` sequential POSTs from one curl, each on a new connection the proxy closes first
-/// (`Connection: close`): the HTTP statuses, and how many took more than half a second.
-fn closing_requests(lab: &Lab, pod: &str, url: &str, n: usize) -> (Vec<String>, usize) {
-    let mut a = vec![
-        "curl",
-        "-s",
-        "-g",
-        "-m",
-        "2",
-        "-X",
-        "POST",
-        "-H",
-        "Connection: close",
-        "-w",
-        "%{http_code} %{time_total}\n",
-    ];
-    for _ in 0..n {
-        a.extend(["-o", "/dev/null", url]);
-    }
-    let o = lab.exec(pod, &a);
+/// A client that sends one request per connection with `Connection: close` and reads the
+/// answer to its end before it closes: the proxy closes first, so its side of every connection
+/// waits in TIME_WAIT and the client's does not (curl may close as soon as it has the body, which
+/// leaves the waiting to the client's side). Prints "status seconds" per request ("000": none).
+const CLOSING_CLIENT: &str = r#"
+import socket, sys, time
+host, method, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+fam = socket.AF_INET6 if ':' in host else socket.AF_INET
+req = f"{method} {path} HTTP/1.1\r\nHost: deathstar\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode()
+for _ in range(n):
+    t = time.monotonic()
+    code = "000"
+    try:
+        s = socket.socket(fam)
+        s.settimeout(2)
+        s.connect((host, 80))
+        s.sendall(req)
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        s.close()
+        if data.startswith(b"HTTP/"):
+            code = data.split(b" ", 2)[1].decode()
+    except OSError:
+        pass
+    print(code, f"{time.monotonic() - t:.3f}", flush=True)
+"#;
+
+/// `n` sequential requests from [`CLOSING_CLIENT`] in `pod`: the HTTP statuses, and how many took
+/// more than half a second (a handshake that waited for a retransmission).
+fn closing_requests(lab: &Lab, pod: &str, method: &str, (host, path): (&str, &str), n: usize) -> (Vec<String>, usize) {
+    let n = n.to_string();
+    let o = lab.exec(pod, &["python3", "-c", CLOSING_CLIENT, host, method, path, &n]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let mut codes = Vec::new();
     let mut slow = 0;
@@ -228,10 +243,11 @@ fn reused_client_ports_meet_the_proxys_time_wait_privileged() {
     // 20 ports: every one of 60 connections after the first 20 meets a TIME_WAIT socket.
     let o = lab.exec("tiefighter", &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40019"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v6 = format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true));
-    let round = |lab: &Lab, url: &str, what: &str| {
+    let (ds4, ds6) = (lab.addr("deathstar", false), lab.addr("deathstar", true));
+    let land = "/v1/request-landing";
+    let round = |lab: &Lab, host: &str, what: &str| {
         let before = time_wait_counters(lab);
-        let (codes, slow) = closing_requests(lab, "tiefighter", url, 60);
+        let (codes, slow) = closing_requests(lab, "tiefighter", "POST", (host, land), 60);
         assert_eq!(codes.len(), 60, "{what}: {codes:?}");
         assert!(codes.iter().all(|c| c == "200"), "{what}: {codes:?}");
         assert_eq!(slow, 0, "{what}: no handshake waited for a retransmission");
@@ -239,17 +255,43 @@ fn reused_client_ports_meet_the_proxys_time_wait_privileged() {
         assert!(after.0 - before.0 >= 30, "{what}: SYNs met TIME_WAIT sockets: {before:?} -> {after:?}");
         assert_eq!(after.1, before.1, "{what}: every hand-over found the listener");
     };
-    let v4 = "http://deathstar/v1/request-landing";
-    round(&lab, v4, "IPv4");
-    round(&lab, &v6, "IPv6");
+    round(&lab, &ds4, "IPv4");
+    round(&lab, &ds6, "IPv6");
+
+    // Under load, allowed and denied requests from four clients at once on the same 20 ports: a
+    // denied request's connection often meets the TIME_WAIT socket of an allowed one, and is
+    // still judged by the proxy (403 comes only from it), never handed to the server.
+    let before = time_wait_counters(&lab);
+    let runs: Vec<(&str, Vec<String>, usize)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = [("POST", land), ("PUT", "/v1/exhaust-port"), ("POST", land), ("PUT", "/v1/exhaust-port")]
+            .into_iter()
+            .map(|(m, path)| {
+                let (lab, host) = (&lab, ds4.as_str());
+                s.spawn(move || {
+                    let (codes, slow) = closing_requests(lab, "tiefighter", m, (host, path), 30);
+                    (m, codes, slow)
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (method, codes, slow) in &runs {
+        let want = if *method == "POST" { "200" } else { "403" };
+        assert_eq!(codes.len(), 30, "{method}: {codes:?}");
+        assert!(codes.iter().all(|c| c == want), "{method} under load: {codes:?}");
+        assert_eq!(*slow, 0, "{method} under load: no handshake waited for a retransmission");
+    }
+    let after = time_wait_counters(&lab);
+    assert!(after.0 - before.0 >= 60, "under load: SYNs met TIME_WAIT sockets: {before:?} -> {after:?}");
+    assert_eq!(after.1, before.1, "under load: every hand-over found the listener");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let (codes, slow) = closing_requests(&lab, "tiefighter", v4, 40);
+    let (codes, slow) = closing_requests(&lab, "tiefighter", "POST", (&ds4, land), 40);
     assert!(codes.iter().all(|c| c == "200") && slow == 0, "agent down: {codes:?}, {slow} slow");
     let o = porin().args(["lab", "restart-agent", "--name", &lab.name]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    round(&lab, v4, "agent restarted");
+    round(&lab, &ds4, "agent restarted");
     let pins: Vec<_> = ["a", "b"]
         .iter()
         .map(|x| std::path::PathBuf::from(format!("/run/porin/labs/{}/bpf/links/netns_tw_lookup_{x}", lab.name)))
@@ -257,18 +299,38 @@ fn reused_client_ports_meet_the_proxys_time_wait_privileged() {
         .collect();
     assert_eq!(pins.len(), 1, "the restarted agent replaced the lookup's pinned link: {pins:?}");
 
-    // The proxy killed: a SYN on a port whose TIME_WAIT socket is still there goes nowhere.
+    // The proxy killed: a SYN on a port whose TIME_WAIT socket is still there goes nowhere. The
+    // port: one the proxy's side holds in TIME_WAIT and the client's side does not (who closed
+    // first decides which sides wait).
     let pid = lab.status()["proxy"]["pid"].as_i64().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    // The port of column `col` of `ss -Htan` lines (with a state filter ss leaves out the state).
+    let ports = |o: std::process::Output, col: usize| -> std::collections::BTreeSet<u16> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(col)?.rsplit_once(':')?.1.parse().ok())
+            .collect()
+    };
+    let node = format!("porin-{}-node", lab.name);
+    let waiting = std::process::Command::new("ip")
+        .args(["netns", "exec", &node, "ss", "-Htan", "state", "time-wait", "src", &format!("{ds4}:80")])
+        .output()
+        .unwrap();
+    let client_side = lab.exec("tiefighter", &["ss", "-Htan"]);
+    // Peers of the proxy's waiting sockets; the client's local ports.
+    let (waiting, busy) = (ports(waiting, 3), ports(client_side, 3));
+    let port = waiting.difference(&busy).next().copied().expect("a port only the proxy's side holds");
     let before = time_wait_counters(&lab);
-    let (code, _, _) = curl(&lab, "tiefighter", &["-X", "POST"], v4);
-    assert_eq!(code, 28, "nothing answers without the proxy (curl times out)");
+    let url = format!("http://{ds4}{land}");
+    let (code, _, _) = curl(&lab, "tiefighter", &["-X", "POST", "--local-port", &port.to_string()], &url);
+    assert_eq!(code, 28, "nothing answers without the proxy (curl times out; port {port})");
     let after = time_wait_counters(&lab);
     assert!(after.1 > before.1, "the TIME_WAIT path found no listener and refused: {before:?} -> {after:?}");
 }
 
+/// One HTTP/1.1 request on an open connection; the status line.
 fn ask(s: &mut std::net::TcpStream, path: &str) -> String {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s.write_all(format!("POST {path} HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n\r\n").as_bytes()).unwrap();
