@@ -171,6 +171,10 @@ pub struct Element {
     pub l4: L4Spec,
     /// Set when the element uses a feature Porin cannot enforce: it then allows nothing.
     pub unsupported: Option<String>,
+    /// `authentication: {mode: required}`: what it allows must come authenticated (from another
+    /// node: through the mTLS tunnel between node proxies; anything else is dropped with
+    /// `AUTH_REQUIRED`).
+    pub auth_required: bool,
 }
 
 /// The peers of an element.

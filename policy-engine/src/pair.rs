@@ -24,6 +24,8 @@ pub struct SideVerdict<'s> {
     pub peer: IdentityId,
     /// The verdict of its policy.
     pub verdict: L4Verdict,
+    /// What it allows must come authenticated (`authentication: {mode: required}`).
+    pub auth_required: bool,
 }
 
 /// Both sides' verdicts on one flow.
@@ -67,6 +69,7 @@ impl<'s> PairVerdict<'s> {
                     endpoint,
                     peer: peer.identity,
                     verdict: endpoint.direction(direction).l4_verdict_for(&ids, proto, port),
+                    auth_required: endpoint.direction(direction).auth_required_for(&ids, proto, port),
                 }
             })
         };

@@ -219,6 +219,8 @@ pub struct PolicyEntry {
     pub action: EntryAction,
     /// Elements this entry merges.
     pub origins: Vec<OriginId>,
+    /// Some element it merges requires authentication (`authentication: {mode: required}`).
+    pub auth: bool,
 }
 
 impl PolicyEntry {
@@ -394,6 +396,18 @@ impl L7Policy {
 }
 
 impl DirectionPolicy {
+    /// Whether what this direction allows for a flow with `peers` must come authenticated: an
+    /// allowing entry that covers it was written with `authentication: {mode: required}`
+    /// (Cilium: the policy entry's `auth_type`; any covering rule asking for it asks for the flow).
+    pub fn auth_required_for(&self, peers: &[IdentityId], proto: Proto, port: u16) -> bool {
+        self.entries.iter().any(|e| e.auth && !e.is_deny() && e.matches_any(peers, proto, port))
+    }
+
+    /// Whether anything this direction allows must come authenticated.
+    pub fn requires_authentication(&self) -> bool {
+        self.entries.iter().any(|e| e.auth && !e.is_deny())
+    }
+
     /// The L3/L4 verdict for a flow from/to `peer`.
     ///
     /// Deny entries win over everything; an unenforced direction allows the rest; otherwise a flow needs
@@ -465,6 +479,8 @@ pub struct EndpointPolicy {
     pub egress: DirectionPolicy,
     /// It runs on this node.
     pub local: bool,
+    /// The node it runs on, where the cluster state names one.
+    pub node: Option<String>,
 }
 
 impl EndpointPolicy {
@@ -512,6 +528,22 @@ pub struct Snapshot {
     pub errors: Vec<ResolveError>,
     /// The services (with their backends) of the environment.
     pub services: Vec<crate::services::Service>,
+    /// Every node's own addresses, by name.
+    pub nodes: std::collections::BTreeMap<String, Vec<IpAddr>>,
+    /// The mesh requires authentication between endpoints on different nodes.
+    pub authentication_required: bool,
+}
+
+/// Where a connection to another node's endpoint goes when it must come authenticated: through
+/// the mTLS tunnel to that node's proxy.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelTarget<'s> {
+    /// The destination endpoint.
+    pub endpoint: &'s EndpointPolicy,
+    /// Its node's name.
+    pub node: &'s str,
+    /// Its node's own addresses.
+    pub node_ips: &'s [IpAddr],
 }
 
 impl Snapshot {
@@ -559,6 +591,28 @@ impl Snapshot {
     pub fn origin(&self, id: OriginId) -> Option<&Origin> {
         self.origins.get(id.0 as usize)
     }
+
+    /// Whether connections from other nodes to `endpoint` must come authenticated (through the
+    /// tunnel): the mesh requires it, or some ingress rule of its does. The datapath marks such a
+    /// destination's addresses in the other nodes' ipcache; the source node's proxy tunnels what
+    /// goes there. (A flow whose own rule does not ask for it is still tunnelled: a node cannot
+    /// tell in advance which of the destination's rules will allow it, and tunnelling never
+    /// loosens a verdict — the destination judges it as before, on an authenticated identity.)
+    pub fn wants_tunnel(&self, endpoint: &EndpointPolicy) -> bool {
+        self.authentication_required || endpoint.ingress.requires_authentication()
+    }
+
+    /// Where a connection to `ip` goes through the tunnel: `ip` is an endpoint's on another node
+    /// (one the cluster state places, with that node's addresses known) that [`Self::wants_tunnel`].
+    pub fn tunnel_target(&self, ip: IpAddr) -> Option<TunnelTarget<'_>> {
+        let endpoint = self.endpoint_by_ip(ip).filter(|e| !e.local)?;
+        let (node, node_ips) = self.nodes.get_key_value(endpoint.node.as_deref()?)?;
+        (self.wants_tunnel(endpoint) && !node_ips.is_empty()).then_some(TunnelTarget {
+            endpoint,
+            node,
+            node_ips,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -598,6 +652,7 @@ mod tests {
             port_end: start.saturating_add(len),
             action,
             origins: vec![OriginId(1)],
+            auth: false,
         }
     }
 

@@ -41,7 +41,8 @@
 
 use crate::{
     CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, config, counter,
-    ct_flag, direction, event_kind, family, identity, iface_flag, mark, policy_flag, reason, verdict,
+    ct_flag, direction, event_kind, family, identity, iface_flag, ipcache_flag, listener, mark, policy_flag, reason,
+    verdict,
 };
 
 /// IP protocol numbers the programs know.
@@ -224,6 +225,7 @@ fn drop_pkt<K: Kernel>(k: &mut K, why: u8, pkt: &Packet, d: &Decision) -> Action
         reason::INVALID_SOURCE => counter::DROP_INVALID_SOURCE,
         reason::PROXY_UNAVAILABLE => counter::DROP_PROXY_UNAVAILABLE,
         reason::NO_PROXY_CONNECTION | reason::BYPASSES_PROXY => counter::DROP_NOT_PROXIED,
+        reason::AUTH_REQUIRED => counter::DROP_AUTH_REQUIRED,
         _ => counter::DROP_OTHER,
     });
     k.emit(event_kind::DROP, why, pkt, d);
@@ -239,6 +241,7 @@ fn identity_of<K: Kernel>(k: &K, generation: u8, fam: u8, addr: &[u8; 16]) -> Ip
     k.ipcache(generation, fam, addr).unwrap_or(IpcacheValue {
         identity: if fam == family::V4 { identity::WORLD_IPV4 } else { identity::WORLD_IPV6 },
         endpoint: 0,
+        flags: 0,
     })
 }
 
@@ -337,6 +340,23 @@ fn enforce<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision) -> Result<bool, Act
         return Ok(true);
     }
     Err(drop_pkt(k, why, pkt, d))
+}
+
+/// Enforces an allowing entry's authentication requirement on a new flow from outside the node's
+/// endpoints that did not come from the proxy: dropped with [`reason::AUTH_REQUIRED`] (audit
+/// mode reports it and lets it on). `Ok(audited)` when it may go on.
+#[inline(always)]
+fn enforce_auth<K: Kernel>(k: &mut K, pkt: &Packet, d: &Decision) -> Result<bool, Action> {
+    if d.value.flags & policy_flag::AUTH == 0 || is_drop(&d.value).is_some() {
+        return Ok(false);
+    }
+    if d.value.flags & policy_flag::AUDIT != 0 {
+        if !pkt.is_tcp() || pkt.opens_connection() {
+            audit_pkt(k, reason::AUTH_REQUIRED, pkt, d);
+        }
+        return Ok(true);
+    }
+    Err(drop_pkt(k, reason::AUTH_REQUIRED, pkt, d))
 }
 
 /// Counts and reports a policy drop that audit mode lets pass. Not inlined, as [`drop_pkt`].
@@ -660,6 +680,18 @@ pub fn from_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         }
         proxied |= ingress.verdict == verdict::REDIRECT;
     }
+    // Another node's endpoint whose flows must come authenticated: a TCP flow no L7 rule of the
+    // source's sends to the proxy goes to its tunnel listener, which carries it to that node's
+    // proxy over mTLS (an L7 listener's upstream connection takes the tunnel itself). Without the
+    // tunnel listener the flow drops (PROXY_UNAVAILABLE): the destination would drop it anyway.
+    if !proxied && pkt.is_tcp() && dst.flags & ipcache_flag::TUNNEL != 0 {
+        d.value.verdict = verdict::REDIRECT;
+        d.value.listener = listener::TUNNEL;
+        proxied = true;
+        if pkt.opens_connection() {
+            k.count(counter::TUNNELLED);
+        }
+    }
     // An audited flow's record is its AUDIT event.
     let report = !audited;
     if proxied && let Some(action) = redirect(k, pkt, &d, report) {
@@ -711,6 +743,12 @@ pub fn to_endpoint<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         Ok(audited) => audited,
         Err(dropped) => return dropped,
     };
+    // Nothing from outside the node's endpoints comes authenticated here: what the proxy relays
+    // from the tunnel is marked and passed above.
+    let audited = match enforce_auth(k, pkt, &d) {
+        Ok(a) => audited || a,
+        Err(dropped) => return dropped,
+    };
     if d.value.verdict == verdict::REDIRECT && d.value.flags & policy_flag::VISIBILITY == 0 {
         // Flows from outside the node's endpoints (the host, the world) reach the pod here, at tc
         // egress, where a socket cannot be assigned: they are not handed to the proxy yet (a
@@ -756,7 +794,11 @@ pub fn from_world<K: Kernel>(k: &mut K, pkt: &Packet) -> Action {
         return Action::Pass;
     }
     let d = decide(k, generation, dst.endpoint, direction::INGRESS, (src, dst), pkt);
+    // A flow that must come authenticated is not taken in plain: `porin_to_ep` drops it
+    // (AUTH_REQUIRED) unless audit mode lets it on.
+    let plain_ok = d.value.flags & policy_flag::AUTH == 0 || d.value.flags & policy_flag::AUDIT != 0;
     if d.value.verdict == verdict::REDIRECT
+        && plain_ok
         && let Some(action) = redirect(k, pkt, &d, true)
     {
         return action;

@@ -71,7 +71,7 @@ pub mod sizes {
     /// Event ring buffer bytes (a power of two, a multiple of the page size).
     pub const EVENTS: u32 = 1 << 20;
     /// Proxy listeners.
-    pub const PROXY: u32 = 8;
+    pub const PROXY: u32 = 16;
     /// Proxy UDP listeners.
     pub const PROXY_UDP: u32 = 8;
     /// Addresses learned from DNS.
@@ -174,6 +174,9 @@ pub mod reason {
     pub const NO_PROXY_CONNECTION: u8 = 204;
     /// A packet of a proxied flow's client side that did not come through the proxy.
     pub const BYPASSES_PROXY: u8 = 205;
+    /// The policy that allows the flow requires authentication and the flow did not come
+    /// authenticated (from another node: not through the mTLS tunnel; Cilium `DROP_POLICY_AUTH_REQUIRED`).
+    pub const AUTH_REQUIRED: u8 = 189;
 }
 
 /// Reserved security identities the datapath itself assigns (Cilium's numbers; the policy
@@ -258,11 +261,16 @@ pub mod counter {
     /// Such SYNs whose listener was gone when the TIME_WAIT path looked (refused: the client
     /// retries), or whose hand-over could not be recorded (sent to the listener directly).
     pub const TIME_WAIT_FAILED: u32 = 22;
+    /// Drops of flows whose policy requires authentication that did not come through the tunnel
+    /// ([`super::reason::AUTH_REQUIRED`]).
+    pub const DROP_AUTH_REQUIRED: u32 = 23;
+    /// New TCP flows to another node's endpoint handed to the proxy's tunnel listener.
+    pub const TUNNELLED: u32 = 24;
     /// Number of counters (room to grow: the map is pinned across agent versions).
     pub const LEN: u32 = 32;
 
     /// Every counter with the name it is reported under.
-    pub const NAMES: [(u32, &str); 23] = [
+    pub const NAMES: [(u32, &str); 25] = [
         (DROPPED, "dropped"),
         (CT_NEW, "ct_new"),
         (CT_ESTABLISHED, "ct_established"),
@@ -286,6 +294,8 @@ pub mod counter {
         (LB_RECORD_FAILED, "lb_record_failed"),
         (TIME_WAIT_SYN, "time_wait_syn"),
         (TIME_WAIT_FAILED, "time_wait_failed"),
+        (DROP_AUTH_REQUIRED, "drop_auth_required"),
+        (TUNNELLED, "tunnelled"),
     ];
 }
 
@@ -312,6 +322,16 @@ pub struct IpcacheValue {
     pub identity: u32,
     /// Local endpoint id (host byte order) when the address is a local endpoint's, else 0.
     pub endpoint: u32,
+    /// [`ipcache_flag`] bits.
+    pub flags: u32,
+}
+
+/// `IpcacheValue::flags`.
+pub mod ipcache_flag {
+    /// Another node's endpoint whose flows must come authenticated (its ingress policy requires
+    /// it, or the mesh does): new TCP flows to it go to the proxy's tunnel listener
+    /// ([`super::listener::TUNNEL`]), which carries them to that node's proxy over mTLS.
+    pub const TUNNEL: u32 = 1;
 }
 
 /// Bits of an ipcache key before the address.
@@ -427,6 +447,9 @@ pub mod listener {
     pub const KAFKA: u8 = 2;
     /// DNS.
     pub const DNS: u8 = 3;
+    /// The mTLS tunnel to other nodes' proxies: TCP flows to another node's endpoint whose flows
+    /// must come authenticated, relayed as they are (no L7 rule of the source's asks for them).
+    pub const TUNNEL: u8 = 4;
 }
 
 /// Index of a proxy listener in [`names::PROXY`] (TCP) and [`names::PROXY_UDP`]: one IPv4 and one
@@ -520,6 +543,12 @@ pub mod policy_flag {
     /// flow (no listener; a flow from the host, which `porin_to_ep` cannot hand over) it passes as
     /// the allow it is, instead of failing closed.
     pub const VISIBILITY: u8 = 2;
+    /// What the entry allows must come authenticated (`authentication: {mode: required}`): a new
+    /// flow from outside the node's endpoints (another node, the host, the world) that does not
+    /// come from the proxy (which judged an authenticated tunnel stream) is dropped with
+    /// [`super::reason::AUTH_REQUIRED`]. Flows between the node's own endpoints are authentic
+    /// (the node's kernel knows their interfaces).
+    pub const AUTH: u8 = 4;
 }
 
 /// An event in [`names::EVENTS`].
@@ -592,7 +621,7 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<IpcacheKey>() == 20);
-const _: () = assert!(size_of::<IpcacheValue>() == 8);
+const _: () = assert!(size_of::<IpcacheValue>() == 12);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 const _: () = assert!(size_of::<IfaceValue>() == 32);

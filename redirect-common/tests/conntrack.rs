@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto, tcp};
 use redirect_common::{
     CtKey, CtValue, FQDN_MAX_SELECTORS, FqdnValue, IfaceValue, IpcacheValue, PolicyKey, PolicyValue, ct_flag,
-    direction, event_kind, family, iface_flag, listener, mark, reason, verdict,
+    direction, event_kind, family, iface_flag, ipcache_flag, listener, mark, policy_flag, reason, verdict,
 };
 
 const T_IP: [u8; 4] = [10, 0, 0, 1];
@@ -25,6 +25,11 @@ const L7_PORT: u16 = 80;
 /// A server port allowed without the proxy.
 const L4_PORT: u16 = 81;
 const NS: u64 = 1_000_000_000;
+/// Another node's endpoint whose flows must come authenticated (its ipcache entry says: tunnel).
+const R_IP: [u8; 4] = [10, 0, 1, 7];
+const R_ID: u32 = 1003;
+/// D's port whose allow (from T and R) requires authentication.
+const AUTH_PORT: u16 = 8080;
 
 fn addr(ip: [u8; 4]) -> [u8; 16] {
     let mut a = [0; 16];
@@ -100,8 +105,9 @@ impl Kernel for Node {
     }
     fn ipcache(&self, _generation: u8, _family: u8, a: &[u8; 16]) -> Option<IpcacheValue> {
         match a[..4] {
-            [10, 0, 0, 1] => Some(IpcacheValue { identity: T_ID, endpoint: T_EP }),
-            [10, 0, 0, 2] => Some(IpcacheValue { identity: D_ID, endpoint: D_EP }),
+            [10, 0, 0, 1] => Some(IpcacheValue { identity: T_ID, endpoint: T_EP, flags: 0 }),
+            [10, 0, 0, 2] => Some(IpcacheValue { identity: D_ID, endpoint: D_EP, flags: 0 }),
+            [10, 0, 1, 7] => Some(IpcacheValue { identity: R_ID, endpoint: 0, flags: ipcache_flag::TUNNEL }),
             _ => None,
         }
     }
@@ -162,6 +168,13 @@ impl Node {
         }
         // D's ingress from T: port 80 through the proxy, port 81 allowed. Everything else of
         // every direction is allowed: the most a stray packet could ride on.
+        if key.endpoint == D_EP
+            && key.direction == direction::INGRESS
+            && matches!(key.identity, T_ID | R_ID)
+            && u16::from_be_bytes(key.dport) == AUTH_PORT
+        {
+            return Some(PolicyValue { flags: policy_flag::AUTH, ..allow });
+        }
         if key.endpoint == D_EP && key.direction == direction::INGRESS && key.identity == T_ID {
             return match u16::from_be_bytes(key.dport) {
                 L7_PORT => Some(PolicyValue { verdict: verdict::REDIRECT, listener: 1, flags: 0, _pad: 0, rule: 2 }),
@@ -210,7 +223,7 @@ impl Node {
             self.udp_received += 1;
             return true;
         }
-        assert!(id == listener::HTTP || id == listener::DNS || id == listener::KAFKA);
+        assert!(id == listener::HTTP || id == listener::DNS || id == listener::KAFKA || id == listener::TUNNEL);
         if pkt.opens_connection() {
             // The proxy accepts: its socket's local address is the original destination.
             self.sockets.insert(((ip4(&pkt.daddr), pkt.dport), (ip4(&pkt.saddr), pkt.sport)), false);
@@ -616,4 +629,52 @@ fn visibility_redirects_never_drop_what_is_allowed() {
         node.send_to_pod(D_EP, &packet((T_IP, 40001), (D_IP, L7_PORT), tcp::SYN), 0),
         Fate::Dropped(reason::PROXY_UNAVAILABLE)
     );
+}
+
+/// `authentication: {mode: required}`: a flow that must come authenticated reaches the endpoint
+/// from another node only from the proxy (which relays the authenticated tunnel); between the
+/// node's own endpoints it is authentic; to another node's endpoint that wants it, TCP goes to
+/// the tunnel listener.
+#[test]
+fn flows_that_must_come_authenticated_come_through_the_tunnel() {
+    let from_r = |port, f| packet((R_IP, 40000), (D_IP, port), f);
+    let mut node = Node { listener_up: true, now: NS, ..Node::default() };
+    // Arriving in plain from another node: not taken by the uplink's program, dropped at the pod.
+    assert_eq!(datapath::from_world(&mut node, &from_r(AUTH_PORT, tcp::SYN)), Action::Pass);
+    assert_eq!(node.send_to_pod(D_EP, &from_r(AUTH_PORT, tcp::SYN), 0), Fate::Dropped(reason::AUTH_REQUIRED));
+    assert_eq!(node.events.last(), Some(&(event_kind::DROP, reason::AUTH_REQUIRED)));
+    assert_eq!(node.send_to_pod(D_EP, &from_r(AUTH_PORT, tcp::ACK), 0), Fate::Dropped(reason::AUTH_REQUIRED));
+    let mut udp_from_r = from_r(AUTH_PORT, 0);
+    udp_from_r.proto = proto::UDP;
+    udp_from_r.tcp_flags = 0;
+    assert_eq!(node.send_to_pod(D_EP, &udp_from_r, 0), Fate::Dropped(reason::AUTH_REQUIRED));
+    // The proxy's connection (it judged the authenticated stream) passes.
+    assert_eq!(node.send_to_pod(D_EP, &from_r(AUTH_PORT, tcp::SYN), mark::FROM_PROXY), Fate::Delivered);
+    // Between the node's own endpoints the flow is authentic.
+    assert_eq!(node.send_from_pod(T_EP, &packet((T_IP, 40001), (D_IP, AUTH_PORT), tcp::SYN)), Fate::Delivered);
+    // Audit mode reports the missing authentication and lets the flow on.
+    let mut audit = Node { listener_up: true, now: NS, audit: true, ..Node::default() };
+    assert_eq!(audit.send_to_pod(D_EP, &from_r(AUTH_PORT, tcp::SYN), 0), Fate::Delivered);
+    assert_eq!(audit.events.last(), Some(&(event_kind::AUDIT, reason::AUTH_REQUIRED)));
+
+    // T's TCP flows to R go to the tunnel listener; without it they drop (R's node would).
+    let to_r = |sport, f| packet((T_IP, sport), (R_IP, 80), f);
+    assert_eq!(node.send_from_pod(T_EP, &to_r(40010, tcp::SYN)), Fate::Proxy);
+    let entry = node.ct.get(&to_r(40010, tcp::SYN).ct_key(false).unwrap()).unwrap();
+    assert_eq!(entry.flags & ct_flag::PROXIED, ct_flag::PROXIED);
+    assert_eq!((entry.flags & ct_flag::LISTENER_MASK) >> ct_flag::LISTENER_SHIFT, u32::from(listener::TUNNEL));
+    assert_eq!(node.send_from_pod(T_EP, &to_r(40010, tcp::ACK)), Fate::Proxy, "rides its proxied entry");
+    node.iface = T_EP;
+    assert_eq!(
+        datapath::from_endpoint(&mut node, &to_r(40011, tcp::ACK)),
+        Action::Drop(reason::NO_PROXY_CONNECTION),
+        "never around the tunnel"
+    );
+    let mut down = Node { listener_up: false, now: NS, ..Node::default() };
+    assert_eq!(down.send_from_pod(T_EP, &to_r(40012, tcp::SYN)), Fate::Dropped(reason::PROXY_UNAVAILABLE));
+    // Not TCP: nothing to tunnel; it goes on (R's node judges it).
+    let mut udp_to_r = to_r(40013, 0);
+    udp_to_r.proto = proto::UDP;
+    node.iface = T_EP;
+    assert_eq!(datapath::from_endpoint(&mut node, &udp_to_r), Action::Pass);
 }

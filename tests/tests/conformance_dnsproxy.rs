@@ -50,6 +50,7 @@ fn endpoint_policy(rules: &Value, ids: &BTreeMap<String, u32>) -> DirectionPolic
                     rule_origins: vec![OriginId(0)].into(),
                 },
                 origins: vec![OriginId(0)],
+                auth: false,
             });
         }
     }

@@ -130,6 +130,7 @@ fn translate(v: &Value, policy: &Value, direction: &str, proxy_id: u64) -> Direc
                 port_end: end,
                 action,
                 origins: vec![OriginId(0)],
+                auth: false,
             });
         }
     }

@@ -22,8 +22,8 @@ use policy_engine::identity::IdentityId;
 use policy_engine::model::{ExtendedProto, L7Parser};
 use policy_engine::snapshot::{DirectionPolicy, DropReason, L4Verdict, PeerSet, Proto, ProtoMatch, Snapshot};
 use redirect_common::{
-    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, lb, listener,
-    policy_flag, verdict,
+    IPCACHE_PREFIX_BITS, IfaceValue, IpcacheValue, POLICY_EXACT_BITS, PolicyValue, direction, family, ipcache_flag, lb,
+    listener, policy_flag, verdict,
 };
 
 /// The protocols that have ports (or ICMP types) in policy keys.
@@ -228,7 +228,7 @@ fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile
             let mut segs: Vec<(u16, u16, PolicyValue)> = Vec::new();
             for (i, s) in starts.iter().enumerate() {
                 let end = starts.get(i + 1).map_or(u16::MAX, |n| n - 1);
-                let v = value_in(dp, &dp.l4_verdict(id, *p, *s));
+                let v = value_at(dp, id, *p, *s);
                 match segs.last_mut() {
                     Some(last) if last.2 == v => last.1 = end,
                     _ => segs.push((*s, end, v)),
@@ -239,16 +239,20 @@ fn profile(dp: &DirectionPolicy, id: IdentityId, bounds: &[Vec<u16>]) -> Profile
         .collect();
     Profile {
         per_proto,
-        extended: extended_protos().map(|p| value_in(dp, &dp.l4_verdict(id, p, 0))).collect(),
-        other: value_in(dp, &dp.l4_verdict(id, OTHER_PROTO, 0)),
+        extended: extended_protos().map(|p| value_at(dp, id, p, 0)).collect(),
+        other: value_at(dp, id, OTHER_PROTO, 0),
     }
 }
 
-/// The map value of a verdict of `dp` (its audit mode included).
-fn value_in(dp: &DirectionPolicy, v: &L4Verdict) -> PolicyValue {
-    let mut value = value_of(v);
+/// The map value of `dp`'s verdict for a flow with peer `id` (its audit mode and authentication
+/// requirement included).
+fn value_at(dp: &DirectionPolicy, id: IdentityId, proto: Proto, port: u16) -> PolicyValue {
+    let mut value = value_of(&dp.l4_verdict(id, proto, port));
     if dp.audit {
         value.flags |= policy_flag::AUDIT;
+    }
+    if dp.auth_required_for(&[id], proto, port) {
+        value.flags |= policy_flag::AUTH;
     }
     value
 }
@@ -348,12 +352,15 @@ pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -
             p if p.prefix_len() == p.max_prefix_len() => local.get(&p.addr()).copied().unwrap_or(0),
             _ => 0,
         };
-        d.ipcache.insert(IpcacheSlot { prefix: *prefix }, IpcacheValue { identity: *id, endpoint });
+        // Another node's endpoint that wants its flows authenticated: tunnel to it.
+        let tunnel = prefix.prefix_len() == prefix.max_prefix_len() && snapshot.tunnel_target(prefix.addr()).is_some();
+        let flags = if tunnel { ipcache_flag::TUNNEL } else { 0 };
+        d.ipcache.insert(IpcacheSlot { prefix: *prefix }, IpcacheValue { identity: *id, endpoint, flags });
     }
     for ip in node_ips {
         d.ipcache.insert(
             IpcacheSlot { prefix: IpNet::from(*ip) },
-            IpcacheValue { identity: policy_engine::identity::reserved::HOST, endpoint: 0 },
+            IpcacheValue { identity: policy_engine::identity::reserved::HOST, endpoint: 0, flags: 0 },
         );
     }
     d

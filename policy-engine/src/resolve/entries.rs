@@ -127,6 +127,7 @@ impl Resolver<'_> {
                         if !m.origins.contains(&origin) {
                             m.origins.push(origin);
                         }
+                        m.auth |= el.auth_required;
                         match spec {
                             L7Spec::None => {}
                             L7Spec::Http(rules) if rules.is_empty() => m.http.push((HttpRuleSpec::default(), origin)),
@@ -197,7 +198,15 @@ impl Resolver<'_> {
                     }
                 }
             };
-            entries.push(PolicyEntry { peers, proto, port_start: start, port_end: end, action, origins: m.origins });
+            entries.push(PolicyEntry {
+                peers,
+                proto,
+                port_start: start,
+                port_end: end,
+                action,
+                origins: m.origins,
+                auth: m.auth,
+            });
         }
         entries
     }

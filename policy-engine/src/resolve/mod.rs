@@ -105,6 +105,12 @@ pub struct Environment {
     pub remote_node_ips: Vec<IpAddr>,
     /// This node's name, where endpoints name theirs (none: every endpoint is this node's).
     pub node: Option<String>,
+    /// Every node's own addresses, by name (this node's too): where a connection to another node's
+    /// endpoint is tunnelled to.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// The mesh requires authentication for all traffic between endpoints on different nodes
+    /// (besides what policies require with `authentication: {mode: required}`).
+    pub authentication_required: bool,
 }
 
 impl Default for Environment {
@@ -120,6 +126,8 @@ impl Default for Environment {
             policy_audit_mode: false,
             remote_node_ips: vec![],
             node: None,
+            nodes: BTreeMap::new(),
+            authentication_required: false,
         }
     }
 }
@@ -191,6 +199,8 @@ struct Merged {
     http: Vec<(HttpRuleSpec, OriginId)>,
     kafka: Vec<(KafkaRule, OriginId)>,
     dns: Vec<(NamePattern, OriginId)>,
+    /// Some merged element requires authentication.
+    auth: bool,
 }
 
 type EntryKey = (ProtoMatch, u16, u16, PeerKey, ActionKind);
@@ -334,6 +344,7 @@ pub fn resolve(
             ingress,
             egress,
             local: ep.node.is_none() || ep.node == env.node,
+            node: ep.node.clone(),
         });
     }
     let fqdn = FqdnSelectors::new(r.fqdn_ids.iter().map(|(p, id)| (p.clone(), *id)));
@@ -347,6 +358,8 @@ pub fn resolve(
         warnings: r.warnings.into_iter().collect(),
         errors: r.errors,
         services: env.services.clone(),
+        nodes: env.nodes.clone(),
+        authentication_required: env.authentication_required,
     }
 }
 

@@ -178,3 +178,46 @@ fn a_bad_annotation_is_an_error_and_audit_mode_reaches_every_direction() {
     assert!(ds.ingress.visibility.is_empty());
     assert!(snap.endpoints().iter().all(|e| e.ingress.audit && e.egress.audit));
 }
+
+/// `authentication: {mode: required}` on an ingress rule: the entries it makes require it (where
+/// another rule allows the same flow without asking, the flow still must: any covering rule asks
+/// for it); a peer on another node whose ingress asks is a tunnel target; on an egress rule it is
+/// not enforced (allows nothing, with a warning).
+#[test]
+fn authentication_required_marks_what_it_allows() {
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n    authentication: {mode: required}\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"80\"}, {port: \"81\"}]}]\n";
+    let loaded = load_str("p.yaml", policy, &LoadOptions::default());
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let ep = |name: &str, ip: &str, node: &str| Endpoint {
+        name: name.into(),
+        namespace: "default".into(),
+        labels: [("app".to_owned(), name.to_owned())].into(),
+        ips: vec![ip.parse().unwrap()],
+        node: Some(node.into()),
+        ..Default::default()
+    };
+    let env = Environment {
+        endpoints: vec![ep("client", "10.99.0.1", "a"), ep("server", "10.99.1.1", "b")],
+        node: Some("a".into()),
+        nodes: [("a".to_owned(), vec!["192.0.2.1".parse().unwrap()]), ("b".to_owned(), vec!["192.0.2.2".parse().unwrap()])]
+            .into(),
+        ..Default::default()
+    };
+    let snap = resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1);
+    let (client, server) = (snap.endpoint("default", "client").unwrap(), snap.endpoint("default", "server").unwrap());
+    assert!(server.ingress.auth_required_for(&[client.identity], Proto::Tcp, 80));
+    assert!(!server.ingress.auth_required_for(&[client.identity], Proto::Tcp, 81));
+    assert!(!server.ingress.auth_required_for(&[client.identity], Proto::Udp, 80), "TCP only");
+    assert!(server.ingress.requires_authentication() && !client.ingress.requires_authentication());
+    let t = snap.tunnel_target("10.99.1.1".parse().unwrap()).expect("the server is a tunnel target");
+    assert_eq!((t.node, t.node_ips), ("b", &["192.0.2.2".parse::<IpAddr>().unwrap()][..]));
+    assert!(snap.tunnel_target("10.99.0.1".parse().unwrap()).is_none(), "the client's ingress asks nothing");
+
+    let egress = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: server}}]\n    authentication: {mode: required}\n";
+    let loaded = load_str("p.yaml", egress, &LoadOptions::default());
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let snap = resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1);
+    assert!(snap.warnings.iter().any(|w| w.contains("authentication on an egress rule")), "{:?}", snap.warnings);
+    let (client, server) = (snap.endpoint("default", "client").unwrap(), snap.endpoint("default", "server").unwrap());
+    assert!(matches!(client.egress.l4_verdict(server.identity, Proto::Tcp, 80), L4Verdict::Drop(_)));
+}

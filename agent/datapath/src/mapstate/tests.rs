@@ -45,8 +45,9 @@ fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
         prop_oneof![Just(0u16), Just(1), Just(3), Just(30), Just(u16::MAX)],
         prop_oneof![4 => Just(Act::Deny), 4 => Just(Act::Allow), 4 => Just(Act::Redirect), 1 => Just(Act::RedirectKafka)],
         0u32..4,
+        proptest::bool::weighted(0.3),
     )
-        .prop_map(|(peers, proto, start, len, act, origin)| {
+        .prop_map(|(peers, proto, start, len, act, origin, auth)| {
             let peers = match peers {
                 None => PeerSet::All,
                 Some(mut v) => {
@@ -74,6 +75,7 @@ fn arb_entry() -> impl Strategy<Value = PolicyEntry> {
                 port_end: start.saturating_add(len),
                 action,
                 origins: vec![OriginId(origin)],
+                auth,
             }
         })
 }
@@ -105,8 +107,10 @@ proptest! {
         let mut map = BTreeMap::new();
         direction_entries(&dp, direction::INGRESS, 7, &mut map);
         for (id, proto, port) in flows {
-            let want = value_in(&dp, &dp.l4_verdict(id, proto, if matches!(proto, Proto::Other(_)) { 0 } else { port }));
+            let port_or_0 = if matches!(proto, Proto::Other(_)) { 0 } else { port };
+            let want = value_at(&dp, id, proto, port_or_0);
             prop_assert_eq!(want.flags & policy_flag::AUDIT != 0, audit);
+            prop_assert_eq!(want.flags & policy_flag::AUTH != 0, dp.auth_required_for(&[id], proto, port_or_0));
             let got = lookup(&map, direction::INGRESS, 7, id, proto.number(), port);
             prop_assert_eq!(got, want, "identity {} {} port {}", id, proto, port);
         }
@@ -162,6 +166,7 @@ fn identities_like_the_wildcard_get_no_entries() {
         port_end: port,
         action,
         origins: vec![OriginId(0)],
+        auth: false,
     };
     // 1 and 2 allowed on 80, everyone on 443: identity 3 never appears; 1 and 2 have one profile each.
     let dp = DirectionPolicy {

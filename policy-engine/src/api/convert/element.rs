@@ -413,11 +413,19 @@ fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx
     {
         peers = Some(vec![]);
     }
+    let mut auth_required = false;
     match auth.and_then(|a| a.mode.as_deref()) {
         None | Some("disabled") => {}
-        Some(mode @ ("required" | "test-always-fail")) => {
-            unsupported =
-                Some(format!("authentication mode {mode:?}: mutual authentication is not supported by Porin"));
+        Some("required") if dir_from => auth_required = true,
+        Some("required") => {
+            unsupported = Some(
+                "authentication on an egress rule: Porin authenticates flows at their destination (put it on \
+                 the destination's ingress rule)"
+                    .to_owned(),
+            );
+        }
+        Some(mode @ "test-always-fail") => {
+            unsupported = Some(format!("authentication mode {mode:?}: a test mode Porin does not implement"));
         }
         Some(other) => ctx.err(format!("{path}.authentication.mode"), format!("invalid authentication mode {other:?}")),
     }
@@ -429,5 +437,5 @@ fn element<E: RawElement>(e: &E, l4: L4Spec, env: &ElementEnv<'_>, ctx: &mut Ctx
         None if matches!(l4, L4Spec::Any) => Peers::List(vec![]),
         None => Peers::All,
     };
-    Some(Element { path: path.to_owned(), action, peers, l4, unsupported })
+    Some(Element { path: path.to_owned(), action, peers, l4, unsupported, auth_required })
 }

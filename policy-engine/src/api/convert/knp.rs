@@ -119,14 +119,14 @@ pub(crate) fn network_policy(spec: &raw::NetworkPolicySpec, scope: &Scope<'_>, c
         let path = format!("spec.ingress[{i}]");
         let peers = knp_peers(r.from.as_deref(), scope, ctx, &format!("{path}.from"));
         let l4 = knp_ports(r.ports.as_deref(), ctx, &format!("{path}.ports"));
-        ingress.push(Element { path, action: Action::Allow, peers, l4, unsupported: None });
+        ingress.push(Element { path, action: Action::Allow, peers, l4, unsupported: None, auth_required: false });
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
         let path = format!("spec.egress[{i}]");
         let peers = knp_peers(r.to.as_deref(), scope, ctx, &format!("{path}.to"));
         let l4 = knp_ports(r.ports.as_deref(), ctx, &format!("{path}.ports"));
-        egress.push(Element { path, action: Action::Allow, peers, l4, unsupported: None });
+        egress.push(Element { path, action: Action::Allow, peers, l4, unsupported: None, auth_required: false });
     }
     if ctx.errors.len() != before {
         return None;
