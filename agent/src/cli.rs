@@ -137,6 +137,18 @@ pub struct AgentArgs {
     /// sources, a missing proxy, bypasses, malformed requests) still drop.
     #[arg(long)]
     pub policy_audit_mode: bool,
+    /// The node's mesh directory (`porin mesh ca node`: its CA, the trust bundle, the trust
+    /// domain). With it the agent issues the node's tunnel certificate and a workload
+    /// certificate per identity with endpoints on the node, renews them at half their life, and
+    /// writes them to `--mesh-credentials` for the proxy's mTLS tunnel.
+    #[arg(long)]
+    pub mesh_dir: Option<PathBuf>,
+    /// Where the agent writes the node's mesh credentials (0600).
+    #[arg(long, default_value = "/run/porin/mesh-credentials.json")]
+    pub mesh_credentials: PathBuf,
+    /// Lifetime of the certificates the agent issues, seconds (renewed at half).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(10..))]
+    pub mesh_cert_ttl_secs: u64,
 }
 
 /// How `porin policy` commands read policy files.
@@ -337,6 +349,11 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
             policy_audit_mode: a.policy_audit_mode,
             export: export_config(a)?,
             cgroup,
+            mesh: a.mesh_dir.as_ref().map(|dir| crate::mesh::MeshSettings {
+                dir: dir.clone(),
+                credentials: a.mesh_credentials.clone(),
+                ttl: secs(a.mesh_cert_ttl_secs),
+            }),
         },
         sockets,
     )

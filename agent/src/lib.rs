@@ -14,6 +14,7 @@ pub mod agent;
 pub mod cli;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod mesh;
 pub mod observe_cmd;
 pub mod policy_cmd;
 pub mod proxy_cmd;

@@ -260,6 +260,10 @@ pub struct DirectionPolicy {
     /// Ports whose flows the proxy parses and records although no L7 rule asks for it
     /// ([`crate::visibility`]).
     pub visibility: Vec<Visibility>,
+    /// Peers (the cluster's endpoint identities, sorted) whose allowed flows must come
+    /// authenticated whatever the rules say: the mesh requires authentication between nodes
+    /// ([`crate::resolve::Environment::authentication_required`]; ingress only).
+    pub authenticated_peers: Arc<[IdentityId]>,
 }
 
 /// Why a flow is dropped at L3/L4.
@@ -400,12 +404,13 @@ impl DirectionPolicy {
     /// allowing entry that covers it was written with `authentication: {mode: required}`
     /// (Cilium: the policy entry's `auth_type`; any covering rule asking for it asks for the flow).
     pub fn auth_required_for(&self, peers: &[IdentityId], proto: Proto, port: u16) -> bool {
-        self.entries.iter().any(|e| e.auth && !e.is_deny() && e.matches_any(peers, proto, port))
+        peers.iter().any(|p| self.authenticated_peers.binary_search(p).is_ok())
+            || self.entries.iter().any(|e| e.auth && !e.is_deny() && e.matches_any(peers, proto, port))
     }
 
     /// Whether anything this direction allows must come authenticated.
     pub fn requires_authentication(&self) -> bool {
-        self.entries.iter().any(|e| e.auth && !e.is_deny())
+        !self.authenticated_peers.is_empty() || self.entries.iter().any(|e| e.auth && !e.is_deny())
     }
 
     /// The L3/L4 verdict for a flow from/to `peer`.
@@ -484,6 +489,11 @@ pub struct EndpointPolicy {
 }
 
 impl EndpointPolicy {
+    /// Its service account (`default` when it names none).
+    pub fn service_account(&self) -> &str {
+        self.labels.get(&crate::labels::LabelKey::k8s(crate::labels::SERVICE_ACCOUNT)).unwrap_or("default")
+    }
+
     /// The policy of one direction.
     pub fn direction(&self, dir: Direction) -> &DirectionPolicy {
         match dir {
@@ -607,11 +617,7 @@ impl Snapshot {
     pub fn tunnel_target(&self, ip: IpAddr) -> Option<TunnelTarget<'_>> {
         let endpoint = self.endpoint_by_ip(ip).filter(|e| !e.local)?;
         let (node, node_ips) = self.nodes.get_key_value(endpoint.node.as_deref()?)?;
-        (self.wants_tunnel(endpoint) && !node_ips.is_empty()).then_some(TunnelTarget {
-            endpoint,
-            node,
-            node_ips,
-        })
+        (self.wants_tunnel(endpoint) && !node_ips.is_empty()).then_some(TunnelTarget { endpoint, node, node_ips })
     }
 }
 

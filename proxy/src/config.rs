@@ -37,6 +37,9 @@ pub struct ProxyConfig {
     /// The DNS proxy (listeners with `protocol: dns`).
     #[serde(default)]
     pub dns: DnsSettings,
+    /// The mTLS tunnel between node proxies ([`crate::tunnel::TunnelConfig`]).
+    #[serde(default)]
+    pub tunnel: Option<crate::tunnel::TunnelConfig>,
 }
 
 /// How a denied DNS query is answered (Cilium's `--tofqdns-dns-reject-response-code`).
@@ -187,6 +190,10 @@ pub struct ListenerConfig {
     /// Protocol towards the upstream.
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// Set by the tunnel on the listener it serves a stream as (never from configuration): the
+    /// client's certificate, verified; its flows came authenticated.
+    #[serde(skip)]
+    pub authenticated: Option<std::sync::Arc<crate::tunnel::identity::PeerCert>>,
 }
 
 /// A listener the kernel datapath hands flows to. It listens with `IP_TRANSPARENT` and puts its
@@ -222,6 +229,9 @@ pub enum ListenerProtocol {
     Dns,
     /// Kafka.
     Kafka,
+    /// The mTLS tunnel's source side: flows to other nodes' endpoints that want them
+    /// authenticated, relayed through the tunnel (needs the `tunnel` section).
+    Tunnel,
 }
 
 impl ListenerProtocol {
@@ -231,6 +241,7 @@ impl ListenerProtocol {
             Self::Http => redirect_common::listener::HTTP,
             Self::Dns => redirect_common::listener::DNS,
             Self::Kafka => redirect_common::listener::KAFKA,
+            Self::Tunnel => redirect_common::listener::TUNNEL,
         }
     }
 }

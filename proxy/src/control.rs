@@ -23,6 +23,7 @@ pub fn status(p: &ProxyInfo) -> serde_json::Value {
         "records": p.shared.records.status(),
         "fqdn": p.shared.fqdn.status(),
         "balancing": p.shared.backends.status(),
+        "tunnel": p.shared.tunnel.as_ref().map(|t| t.status()),
     })
 }
 

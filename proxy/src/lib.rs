@@ -34,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod transparent;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -132,6 +133,17 @@ impl Proxy {
             kafka_topic_ids: kafka::request::TopicIds::default(),
             backends: balance::Backends::default(),
             translations: hooks.translations.clone(),
+            tunnel: cfg.tunnel.clone().map(|t| {
+                // Streams whose destination's rules need HTTP are served as the HTTP listener
+                // serves a connection (its transparent upstreams).
+                let http = cfg
+                    .listeners
+                    .iter()
+                    .find(|l| l.transparent.as_ref().is_some_and(|x| x.protocol == ListenerProtocol::Http))
+                    .cloned()
+                    .map(Arc::new);
+                Arc::new(tunnel::Tunnel::new(t, http, cfg.limits.connect_timeout()))
+            }),
         });
         // What was learned before (the cache file, the pinned kernel map) made to agree with the
         // snapshot in force before the first query is served.
@@ -178,6 +190,16 @@ impl Proxy {
                     tasks.push(tokio::spawn(server::accept_loop(shared.clone(), la, sock)));
                 }
             }
+        }
+        if let Some(t) = &shared.tunnel {
+            for addr in &t.config.listen {
+                let sock = tunnel::server::bind(*addr)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("tunnel listener on {addr}: {e}")))?;
+                tracing::info!(address = %sock.local_addr()?, "tunnel listening");
+                tasks.push(tokio::spawn(tunnel::server::accept_loop(shared.clone(), t.clone(), sock)));
+            }
+            let every = Duration::from_millis(t.config.credentials_poll_ms.max(10));
+            tasks.push(tokio::spawn(tunnel::credentials::follow(t.tls.clone(), t.config.credentials.clone(), every)));
         }
         tasks.push(tokio::spawn(sweep(shared.clone())));
         tasks.push(tokio::spawn(fqdn_upkeep(shared.clone())));
@@ -320,6 +342,9 @@ async fn sweep(shared: Arc<Shared>) {
             tracing::debug!(gone, "idle connections let go");
         }
         shared.upstreams.sweep();
+        if let Some(tls) = shared.tunnel.as_ref().and_then(|t| t.tls.current().map(|tls| (t, tls))) {
+            tls.0.client.sweep(tls.1.generation);
+        }
         // Backends that left every service are forgotten (connections holding one keep it).
         if let Some(snap) = shared.policy.current() {
             shared.backends.retain_in(&snap);

@@ -381,7 +381,7 @@ impl ConnPolicy {
             proto,
             port,
         );
-        let verdict = Self::verdict_of(s, &pair);
+        let verdict = Self::verdict_of(s, &pair, listener.authenticated.is_some());
         let direction = traffic_direction(pair.reported_direction());
         Self::new(
             snap.clone(),
@@ -393,7 +393,11 @@ impl ConnPolicy {
     /// The connection's verdict from both sides' L3/L4 verdicts: the first side that drops
     /// drops it — unless that side's policy is in audit mode: then its drop is remembered
     /// (every request is audited) and the other side still judges.
-    fn verdict_of(snap: &Snapshot, pair: &PairVerdict<'_>) -> ConnVerdict {
+    ///
+    /// A side whose allowing rules require authentication drops a connection that did not come
+    /// authenticated (through the tunnel) from outside the node's endpoints: the datapath does
+    /// not hand such flows to the proxy in plain; this holds if it ever did.
+    fn verdict_of(snap: &Snapshot, pair: &PairVerdict<'_>, authenticated: bool) -> ConnVerdict {
         let audit_of = |d: Direction| {
             let side = match d {
                 Direction::Egress => pair.egress.as_ref(),
@@ -403,9 +407,21 @@ impl ConnPolicy {
         };
         let mut audit =
             Audit { egress: audit_of(Direction::Egress), ingress: audit_of(Direction::Ingress), dropped: None };
+        let remote_source = pair.ingress.is_some() && pair.egress.is_none();
         for side in pair.sides() {
-            if let L4Verdict::Drop(why) = &side.verdict {
-                let denial = drop_of(snap, why, side.direction);
+            let denial = match &side.verdict {
+                L4Verdict::Drop(why) => Some(drop_of(snap, why, side.direction)),
+                _ if side.auth_required && remote_source && !authenticated => Some(Denial {
+                    reason: FlowDropReason::AuthRequired,
+                    summary: format!(
+                        "{} policy requires authentication and the connection did not come through the mTLS tunnel",
+                        side.direction
+                    ),
+                    policy: None,
+                }),
+                _ => None,
+            };
+            if let Some(denial) = denial {
                 if !audit.of(side.direction) {
                     return ConnVerdict::Drop(denial);
                 }

@@ -123,15 +123,20 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, soc
         tokio::spawn(async move {
             Counters::inc(&shared.counters.connections);
             let state = admitted.state.clone();
-            let kafka = listener.transparent.as_ref().is_some_and(|t| t.protocol == ListenerProtocol::Kafka);
+            let protocol = listener.transparent.as_ref().map(|t| t.protocol);
             let work = {
                 let (shared, state) = (shared.clone(), state.clone());
                 async move {
-                    if kafka {
-                        crate::kafka::serve(shared, listener, stream, client, state).await;
-                        Ok(())
-                    } else {
-                        serve(shared, listener, stream, client, state).await
+                    match protocol {
+                        Some(ListenerProtocol::Kafka) => {
+                            crate::kafka::serve(shared, listener, stream, client, state).await;
+                            Ok(())
+                        }
+                        Some(ListenerProtocol::Tunnel) => {
+                            crate::tunnel::relay::serve(shared, listener, stream, client, state).await;
+                            Ok(())
+                        }
+                        _ => serve(shared, listener, stream, client, state).await,
                     }
                 }
             };
@@ -149,7 +154,7 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Arc<ListenerConfig>, soc
 }
 
 /// Reads until the bytes cannot be the HTTP/2 preface any more, or are all of it.
-async fn sniff(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+async fn sniff<I: AsyncRead + Unpin>(stream: &mut I) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) {
@@ -166,7 +171,7 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
 pub async fn serve(
     shared: Arc<Shared>,
     listener: Arc<ListenerConfig>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     client: SocketAddr,
     activity: Arc<ConnState>,
 ) -> io::Result<()> {
@@ -178,6 +183,22 @@ pub async fn serve(
         tracing::debug!(%client, %local, "connection to the transparent listener itself refused");
         return Ok(());
     }
+    serve_io(shared, listener, stream, client, local, activity).await
+}
+
+/// Serves one client connection over any byte stream (a TCP connection; a tunnel stream, whose
+/// `listener` says it came authenticated) from `client` to the original destination `local`.
+pub async fn serve_io<I>(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerConfig>,
+    mut stream: I,
+    client: SocketAddr,
+    local: SocketAddr,
+    activity: Arc<ConnState>,
+) -> io::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = shared.limits.clone();
     let prefix = match tokio::time::timeout(limits.header_read_timeout(), sniff(&mut stream)).await {
         Ok(r) => r?,

@@ -62,6 +62,8 @@ pub struct Shared {
     pub backends: Backends,
     /// The kernel's translations of clients' connects (which connections asked for a service).
     pub translations: Option<Arc<dyn Translations>>,
+    /// The mTLS tunnel between node proxies, when configured.
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl Shared {
@@ -95,7 +97,16 @@ struct Route {
     balanced: Option<Balanced>,
 }
 
-struct Inflight<'a>(&'a AtomicUsize);
+/// One request (or relayed flow) in progress on a connection, until dropped.
+pub(crate) struct Inflight<'a>(&'a AtomicUsize);
+
+impl<'a> Inflight<'a> {
+    /// Counts one in `count` until dropped.
+    pub(crate) fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
@@ -293,8 +304,7 @@ impl Conn {
 
     /// Handles one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-        self.state.inflight.fetch_add(1, Ordering::Relaxed);
-        let _inflight = Inflight(&self.state.inflight);
+        let _inflight = Inflight::new(&self.state.inflight);
         Counters::inc(&self.shared.counters.requests);
         Ok(self.handle_inner(req).await)
     }

@@ -47,7 +47,7 @@ pub fn upstream_socket(s: &TcpSocket) -> io::Result<()> {
 
 /// `SO_LINGER` 0: closing the socket resets the connection instead of leaving it in TIME_WAIT
 /// (tokio's `set_linger` is deprecated for the blocking a non-zero linger causes; zero never blocks).
-pub fn close_with_reset(s: &TcpSocket) -> io::Result<()> {
+pub fn close_with_reset(s: &impl std::os::fd::AsFd) -> io::Result<()> {
     setsockopt(s, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 }).map_err(os)
 }
 

@@ -312,6 +312,7 @@ pub fn direction_entries(dp: &DirectionPolicy, dir: u8, endpoint: u32, out: &mut
             PeerSet::Ids(ids) => Some(ids.iter().copied()),
         })
         .flatten()
+        .chain(dp.authenticated_peers.iter().copied())
         .collect();
     for id in named {
         let p = profile(dp, id, &bounds);

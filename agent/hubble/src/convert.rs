@@ -42,6 +42,7 @@ pub fn drop_reason(r: DropReason) -> pb::DropReason {
         DropReason::InvalidSourceIp => pb::DropReason::InvalidSourceIp,
         DropReason::PolicyDenied => pb::DropReason::PolicyDenied,
         DropReason::PolicyDeny => pb::DropReason::PolicyDeny,
+        DropReason::AuthRequired => pb::DropReason::AuthRequired,
         DropReason::MalformedPacket => pb::DropReason::InvalidPacketDropped,
         DropReason::FragmentNotSupported => pb::DropReason::IpFragmentationNotSupported,
         DropReason::UnknownEndpoint

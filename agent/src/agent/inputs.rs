@@ -117,6 +117,11 @@ pub struct EndpointsFile {
     /// its own and `uplinks`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_uplinks: BTreeMap<String, Vec<String>>,
+    /// Mesh-wide authentication (`{mode: required}`, as a policy rule's `authentication`): every
+    /// flow between endpoints on different nodes must come through the mTLS tunnel, whatever
+    /// the policies say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<policy_engine::api::types::Authentication>,
 }
 
 impl EndpointsFile {
@@ -147,11 +152,16 @@ impl EndpointsFile {
     /// an endpoint naming none, `node` not listed. The agent reports them in `status` (`errors`)
     /// and applies the rest.
     pub fn cluster_errors(&self, node: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        match self.authentication.as_ref().and_then(|a| a.mode.as_deref()) {
+            None | Some("required" | "disabled") => {}
+            Some(other) => errors
+                .push(format!("authentication.mode {other:?}: required or disabled (mesh-wide authentication is off)")),
+        }
         if self.nodes.is_empty() {
-            return Vec::new();
+            return errors;
         }
         let listed = |n: &str| self.nodes.iter().any(|x| x.name == n);
-        let mut errors = Vec::new();
         if !listed(node) {
             errors.push(format!("this node ({node}) is not in the cluster state's nodes: it attaches no endpoint"));
         }
@@ -214,6 +224,8 @@ pub fn environment(eps: &EndpointsFile, node: &str) -> Environment {
     env.policy_audit_mode = eps.policy_audit_mode;
     env.remote_node_ips = eps.remote_node_ips(node);
     env.node = (!eps.nodes.is_empty()).then(|| node.to_owned());
+    env.nodes = eps.nodes.iter().map(|n| (n.name.clone(), n.ips.clone())).collect();
+    env.authentication_required = eps.authentication.as_ref().and_then(|a| a.mode.as_deref()) == Some("required");
     env.endpoints = eps
         .endpoints
         .iter()

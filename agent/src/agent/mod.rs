@@ -69,6 +69,8 @@ pub struct AgentConfig {
     pub export: Option<porin_hubble::export::ExportConfig>,
     /// The cgroup (v2) whose processes' connects and sends to services are balanced (none: off).
     pub cgroup: Option<PathBuf>,
+    /// Keep the node's mesh credentials (none: no mTLS tunnel).
+    pub mesh: Option<crate::mesh::MeshSettings>,
 }
 
 /// Sockets the caller bound before entering the agent's network namespace (so they are reachable
@@ -431,6 +433,17 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     reloader.refresh_view();
     let (jobs, queue) = channel();
     let worker = std::thread::Builder::new().name("reloader".into()).spawn(move || reloader.run(queue))?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = match &cfg.mesh {
+        Some(m) => {
+            let keeper = crate::mesh::Keeper::new(m.clone(), &cfg.node_name).context("mesh credentials")?;
+            let (view, stop, node) = (view.clone(), stop.clone(), cfg.node_name.clone());
+            Some(std::thread::Builder::new().name("mesh-credentials".into()).spawn(move || {
+                keep_credentials(keeper, &view, &node, &stop);
+            })?)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let served = rt.block_on(async {
         let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
@@ -527,6 +540,10 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if keeper.is_some_and(|k| k.join().is_err()) {
+        tracing::error!("The mesh credentials keeper panicked");
+    }
     // Dropping every sender ends the reloader once it has finished what it was doing.
     drop(jobs);
     drop(rt);
@@ -540,6 +557,32 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     }
     tracing::info!("Agent stopping; the datapath keeps enforcing");
     served
+}
+
+/// Keeps the node's mesh credentials in line with the snapshot in force (its endpoints'
+/// identities, the node's addresses) and renews them, every second, until `stop`.
+fn keep_credentials(mut keeper: crate::mesh::Keeper, view: &View, node: &str, stop: &std::sync::atomic::AtomicBool) {
+    let mut failing = false;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let snap = view.lock().snapshot.clone();
+        if let Some(snap) = snap {
+            let ips = snap.nodes.get(node).cloned().unwrap_or_default();
+            let wanted = crate::mesh::local_identities(&snap, keeper.trust_domain());
+            match keeper.refresh(&ips, &wanted) {
+                Ok(true) => {
+                    failing = false;
+                    tracing::info!(identities = wanted.len(), "Mesh credentials written");
+                }
+                Ok(false) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %format!("{e:#}"), "Mesh credentials not written: retried every second");
+                }
+                Err(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// What the inputs look like on disk: every policy file's and the endpoints file's identity.

@@ -101,6 +101,30 @@ pub struct LabSettings {
     /// Every pod's policy in audit mode (the agent's `--policy-audit-mode`).
     #[serde(default)]
     pub policy_audit_mode: bool,
+    /// The mTLS tunnel between the nodes' proxies (a lab with `nodes:`): a cluster root CA in
+    /// the lab's directory, a CA per node, certificates kept by each node's agent.
+    #[serde(default)]
+    pub mesh: Option<MeshLab>,
+}
+
+/// The mesh settings of a lab.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshLab {
+    /// The trust domain (SPIFFE IDs `spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Lifetime of the certificates the agents issue, seconds (renewed at half; default 3600).
+    #[serde(default)]
+    pub cert_ttl_secs: Option<u64>,
+    /// `required`: every flow between pods on different nodes must come through the tunnel
+    /// (the cluster state's mesh-wide `authentication`), whatever the policies say.
+    #[serde(default)]
+    pub authentication: Option<String>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
 }
 
 /// A pod of a lab file.
@@ -244,6 +268,18 @@ impl LabPaths {
     pub fn of(name: &str, node: Option<&str>) -> anyhow::Result<Self> {
         let st = load_state(name)?;
         Ok(Self::node(name, &st.node(node)?.name))
+    }
+    /// The cluster's root CA (a lab with a mesh).
+    pub fn mesh_root(&self) -> PathBuf {
+        self.dir.join("mesh-ca")
+    }
+    /// The node's CA directory (`--mesh-dir`).
+    pub fn mesh_dir(&self) -> PathBuf {
+        self.node_dir.join("mesh")
+    }
+    /// The node's credentials file (the agent writes, the proxy reads).
+    pub fn mesh_credentials(&self) -> PathBuf {
+        self.node_dir.join("mesh-credentials.json")
     }
     /// `lab.json`.
     pub fn state(&self) -> PathBuf {

@@ -348,6 +348,20 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         endpoints.uplinks = uplinks(&nodes[0].name);
     }
     endpoints.identities = cluster_identities(&endpoints);
+    if let Some(mesh) = &lab.settings.mesh {
+        if !multi {
+            bail!("settings.mesh: the tunnel is between nodes: a lab with mesh names its nodes");
+        }
+        endpoints.authentication =
+            mesh.authentication.clone().map(|mode| policy_engine::api::types::Authentication { mode: Some(mode) });
+        // The cluster's root CA stays in the lab's directory; each node gets its own CA.
+        crate::mesh::init_root(&paths.mesh_root(), &mesh.trust_domain).context("the mesh's root CA")?;
+        for n in &nodes {
+            let node_paths = LabPaths::node(name, &n.name);
+            crate::mesh::issue_node_ca(&paths.mesh_root(), &n.netns, &node_paths.mesh_dir())
+                .with_context(|| format!("node {}'s CA", n.name))?;
+        }
+    }
     std::fs::write(paths.endpoints(), serde_json::to_string_pretty(&endpoints)?)?;
     let mut st = LabState {
         name: name.to_owned(),

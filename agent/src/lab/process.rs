@@ -115,6 +115,17 @@ pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Re
     if settings.policy_audit_mode {
         args.push("--policy-audit-mode".into());
     }
+    if let Some(mesh) = &settings.mesh {
+        args.extend([
+            "--mesh-dir".into(),
+            paths.mesh_dir().display().to_string(),
+            "--mesh-credentials".into(),
+            paths.mesh_credentials().display().to_string(),
+        ]);
+        if let Some(ttl) = mesh.cert_ttl_secs {
+            args.extend(["--mesh-cert-ttl-secs".into(), ttl.to_string()]);
+        }
+    }
     let _ = std::fs::remove_file(paths.control());
     let mut child = spawn_porin(&args, &paths.agent_log())?;
     let pid = child.id();
@@ -160,6 +171,9 @@ pub const PROXY_PORT: u16 = 15001;
 pub const DNS_PROXY_PORT: u16 = 15053;
 /// The port of the lab proxy's Kafka listeners.
 pub(super) const KAFKA_PROXY_PORT: u16 = 15092;
+/// The port of the lab proxy's tunnel listeners' source side (flows the datapath hands to the
+/// tunnel; a lab with a mesh).
+pub(super) const TUNNEL_RELAY_PORT: u16 = 15002;
 
 /// The URL of a lab proxy's metrics (bound on the machine's loopback before the proxy enters the
 /// node namespace), from its ready file.
@@ -192,6 +206,11 @@ pub fn start_proxy(name: &str, node: &str, settings: &LabSettings) -> anyhow::Re
         listener(&format!("0.0.0.0:{KAFKA_PROXY_PORT}"), "v4", "kafka"),
         listener(&format!("[::]:{KAFKA_PROXY_PORT}"), "v6", "kafka"),
     );
+    if settings.mesh.is_some() {
+        config.push_str(&listener(&format!("0.0.0.0:{TUNNEL_RELAY_PORT}"), "v4", "tunnel"));
+        config.push_str(&listener(&format!("[::]:{TUNNEL_RELAY_PORT}"), "v6", "tunnel"));
+        config.push_str(&format!("tunnel: {{credentials: {}}}\n", paths.mesh_credentials().display()));
+    }
     if let Some(limits) = &settings.proxy_limits {
         config.push_str(&serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
             "limits".into(),

@@ -487,7 +487,7 @@ pub struct IcmpField {
 }
 
 /// `authentication`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Authentication {
     /// `disabled`, `required`, `test-always-fail`.

@@ -325,6 +325,16 @@ pub fn resolve(
         }
     }
 
+    // The mesh requires authentication between nodes: every endpoint identity, as a peer of
+    // ingress.
+    let authenticated_peers: Arc<[IdentityId]> = if env.authentication_required {
+        let mut ids = ep_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into()
+    } else {
+        Arc::from([])
+    };
     let mut endpoints = Vec::with_capacity(env.endpoints.len());
     for ((ep, labels), (idl, id)) in env.endpoints.iter().zip(all_labels).zip(id_labels.iter().zip(&ep_ids)) {
         let mut ingress = r.direction(policies, ep, idl, Direction::Ingress);
@@ -335,6 +345,7 @@ pub fn resolve(
             dp.audit = audit;
             dp.visibility = visibility.iter().filter(|v| v.direction == dir).copied().collect();
         }
+        ingress.authenticated_peers = authenticated_peers.clone();
         endpoints.push(EndpointPolicy {
             name: ep.name.clone(),
             namespace: ep.namespace.clone(),

@@ -199,8 +199,11 @@ fn authentication_required_marks_what_it_allows() {
     let env = Environment {
         endpoints: vec![ep("client", "10.99.0.1", "a"), ep("server", "10.99.1.1", "b")],
         node: Some("a".into()),
-        nodes: [("a".to_owned(), vec!["192.0.2.1".parse().unwrap()]), ("b".to_owned(), vec!["192.0.2.2".parse().unwrap()])]
-            .into(),
+        nodes: [
+            ("a".to_owned(), vec!["192.0.2.1".parse().unwrap()]),
+            ("b".to_owned(), vec!["192.0.2.2".parse().unwrap()]),
+        ]
+        .into(),
         ..Default::default()
     };
     let snap = resolve(&loaded.policies, &[], &env, &mut IdentityAllocator::new(), 1);

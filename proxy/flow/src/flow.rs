@@ -72,13 +72,16 @@ pub enum DropReason {
     NoProxyConnection = reason::NO_PROXY_CONNECTION,
     /// The client side of a proxied flow arrived without going through the proxy.
     ProxyBypass = reason::BYPASSES_PROXY,
+    /// The allowing policy requires authentication and the flow did not come authenticated, or
+    /// its peer's certificate does not name its identity (Cilium `DROP_POLICY_AUTH_REQUIRED`).
+    AuthRequired = reason::AUTH_REQUIRED,
     /// The proxy refused a request as malformed or ambiguous (L7 only: no kernel number).
     MalformedRequest = 210,
 }
 
 impl DropReason {
     /// Every reason.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::PolicyDeny,
@@ -88,6 +91,7 @@ impl DropReason {
         Self::MalformedPacket,
         Self::NoProxyConnection,
         Self::ProxyBypass,
+        Self::AuthRequired,
         Self::MalformedRequest,
     ];
 
@@ -113,6 +117,7 @@ impl DropReason {
             Self::MalformedPacket => "MALFORMED_PACKET",
             Self::NoProxyConnection => "NO_PROXY_CONNECTION",
             Self::ProxyBypass => "PROXY_BYPASS",
+            Self::AuthRequired => "AUTH_REQUIRED",
             Self::MalformedRequest => "MALFORMED_REQUEST",
         }
     }

@@ -1,0 +1,216 @@
+//! The source side's connections to other nodes' tunnel listeners: one HTTP/2 connection over
+//! mutual TLS per (node, client identity, credentials generation), each carrying many streams.
+//! A new generation of credentials (a rotation) opens new connections; the old ones finish their
+//! streams and close.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Empty;
+use hyper::client::conn::http2;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::credentials::Tls;
+use super::identity::{self, Subject};
+use super::target::Target;
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No credentials are loaded.
+    #[error("no mesh credentials loaded")]
+    NoCredentials,
+    /// None for the client's identity.
+    #[error("no certificate for identity {0} on this node")]
+    NoIdentity(u32),
+    /// TCP.
+    #[error("connect to {addr}: {error}")]
+    Connect {
+        /// The tunnel listener.
+        addr: SocketAddr,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// TLS.
+    #[error("TLS with {addr}: {error}")]
+    Tls {
+        /// The tunnel listener.
+        addr: SocketAddr,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The server's certificate is not the destination node's.
+    #[error("{addr} is not node {node}'s tunnel: {why}")]
+    Peer {
+        /// The tunnel listener.
+        addr: SocketAddr,
+        /// The node expected.
+        node: String,
+        /// What it presented.
+        why: String,
+    },
+    /// HTTP/2.
+    #[error("HTTP/2 with {addr}: {error}")]
+    Http {
+        /// The tunnel listener.
+        addr: SocketAddr,
+        /// What failed.
+        error: hyper::Error,
+    },
+    /// The destination's proxy refused the stream.
+    #[error("{addr} refused the stream: {status}")]
+    Refused {
+        /// The tunnel listener.
+        addr: SocketAddr,
+        /// Its answer.
+        status: StatusCode,
+    },
+}
+
+type Key = (SocketAddr, u32, u64);
+
+#[derive(Default)]
+struct Slot {
+    sender: tokio::sync::Mutex<Option<http2::SendRequest<Empty<Bytes>>>>,
+}
+
+/// Tunnel connections by (listener address, client identity, credentials generation).
+pub struct Pool {
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("connections", &self.len()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A map of handles: a panic elsewhere cannot leave it half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self { slots: Mutex::new(HashMap::new()), connect_timeout }
+    }
+
+    /// Connections held.
+    pub fn len(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lets go of connections of older credentials (they close once their streams end) and of
+    /// closed ones.
+    pub fn sweep(&self, generation: u64) {
+        lock(&self.slots).retain(|k, slot| {
+            k.2 == generation && slot.sender.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed()))
+        });
+    }
+
+    /// Opens a stream to `target` through node `node`'s tunnel listener at `addr`, as identity
+    /// `identity`. Counts new connections in `opened`.
+    pub async fn open(
+        &self,
+        tls: &Tls,
+        node: &str,
+        addr: SocketAddr,
+        identity: u32,
+        target: Target,
+        opened: &std::sync::atomic::AtomicU64,
+    ) -> Result<Upgraded, OpenError> {
+        let slot = lock(&self.slots).entry((addr, identity, tls.generation)).or_default().clone();
+        for attempt in 0..2 {
+            let mut sender = {
+                let mut held = slot.sender.lock().await;
+                match held.as_ref() {
+                    Some(s) if !s.is_closed() => s.clone(),
+                    _ => {
+                        let s = self.connect(tls, node, addr, identity).await?;
+                        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        *held = Some(s.clone());
+                        s
+                    }
+                }
+            };
+            let req = target.request().map(|()| Empty::<Bytes>::new());
+            match sender.send_request(req).await {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    return hyper::upgrade::on(resp).await.map_err(|error| OpenError::Http { addr, error });
+                }
+                Ok(resp) => return Err(OpenError::Refused { addr, status: resp.status() }),
+                // The pooled connection went away under us (the peer restarted, went idle):
+                // once more on a new one.
+                Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
+                    *slot.sender.lock().await = None;
+                }
+                Err(error) => return Err(OpenError::Http { addr, error }),
+            }
+        }
+        Err(OpenError::Refused { addr, status: StatusCode::SERVICE_UNAVAILABLE })
+    }
+
+    async fn connect(
+        &self,
+        tls: &Tls,
+        node: &str,
+        addr: SocketAddr,
+        identity: u32,
+    ) -> Result<http2::SendRequest<Empty<Bytes>>, OpenError> {
+        let config = tls.clients.get(&identity).ok_or(OpenError::NoIdentity(identity))?.clone();
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| OpenError::Connect { addr, error: timed_out() })?
+            .map_err(|error| OpenError::Connect { addr, error })?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        // The node's certificate names its addresses: the one connected to must be among them.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let stream = tokio::time::timeout(self.connect_timeout, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|_| OpenError::Tls { addr, error: timed_out() })?
+            .map_err(|error| OpenError::Tls { addr, error })?;
+        let peer = identity::read_peer(stream.get_ref().1.peer_certificates().unwrap_or_default());
+        let peer_err = |why: String| OpenError::Peer { addr, node: node.to_owned(), why };
+        match peer {
+            Ok(p)
+                if p.id.subject == Subject::Node(node.to_owned())
+                    && p.id.trust_domain == tls.trust_domain
+                    && p.issuer_node == node => {}
+            Ok(p) => return Err(peer_err(format!("{} issued by node {:?}", p.id, p.issuer_node))),
+            Err(e) => return Err(peer_err(e.to_string())),
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| OpenError::Http { addr, error })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "tunnel connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}

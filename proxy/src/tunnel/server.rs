@@ -1,0 +1,281 @@
+//! The destination side: the tunnel listener. A connection is accepted only with a client
+//! certificate that leads to the cluster's trust bundle and names a workload of the trust domain;
+//! each of its streams is checked against what the certificate names, judged as a connection
+//! from the stream's client, and handed to the destination pod.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use policy_engine::model::L7Parser;
+use policy_engine::snapshot::Snapshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::Tunnel;
+use super::identity::{self, PeerCert, Subject};
+use super::target::Target;
+use crate::admission::{ConnKind, ConnState};
+use crate::config::ListenerConfig;
+use crate::log_limited;
+use crate::policy::{ConnPolicy, ConnVerdict};
+use crate::records::Counters;
+use crate::service::Shared;
+
+/// Binds a tunnel listener (an IPv6 one takes IPv6 only: the IPv4 one has its own socket).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    if addr.is_ipv6() {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(std::io::Error::from)?;
+    }
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+/// Accepts tunnel connections until the task is dropped.
+pub async fn accept_loop(shared: Arc<Shared>, tunnel: Arc<Tunnel>, socket: TcpListener) {
+    loop {
+        let (stream, peer) = match socket.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                log_limited!(warn, error = %e, "Tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admitted = match shared.conns.admit(peer.ip()) {
+            Ok((a, _shed)) => a,
+            Err(why) => {
+                Counters::inc(&shared.counters.connections_refused);
+                log_limited!(info, %peer, ?why, "Tunnel connection refused: every connection is busy");
+                continue;
+            }
+        };
+        let (shared, tunnel) = (shared.clone(), tunnel.clone());
+        tokio::spawn(async move {
+            let state = admitted.state.clone();
+            state.set_kind(ConnKind::Http2);
+            tokio::select! {
+                () = connection(shared, tunnel, stream, peer, state.clone()) => {}
+                () = state.shed() => tracing::debug!(%peer, "tunnel connection shed"),
+            }
+            drop(admitted);
+        });
+    }
+}
+
+/// What a tunnel connection's streams share.
+struct Ctx {
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    peer: Arc<PeerCert>,
+    peer_addr: SocketAddr,
+    state: Arc<ConnState>,
+    /// The HTTP listener's configuration, marked authenticated by this peer.
+    http: Option<Arc<ListenerConfig>>,
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    state: Arc<ConnState>,
+) {
+    let refuse = |why: String| {
+        tunnel.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        log_limited!(warn, peer = %peer_addr, error = %why, "Tunnel connection refused");
+    };
+    let Some(tls) = tunnel.tls.current() else { return refuse("no mesh credentials loaded".into()) };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+    // A client that does not finish its handshake in time (slowloris) loses its connection and
+    // holds nothing else up: every connection is its own task.
+    let handshake = TlsAcceptor::from(tls.server.clone()).accept(stream);
+    let stream = match tokio::time::timeout(shared.limits.header_read_timeout(), handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refuse(format!("TLS handshake: {e}")),
+        Err(_) => return refuse("TLS handshake timed out".into()),
+    };
+    let peer = match identity::read_peer(stream.get_ref().1.peer_certificates().unwrap_or_default()) {
+        Ok(p) if matches!(p.id.subject, Subject::Workload { .. }) && p.id.trust_domain == tls.trust_domain => p,
+        Ok(p) => return refuse(format!("{} is not a workload of trust domain {}", p.id, tls.trust_domain)),
+        Err(e) => return refuse(e.to_string()),
+    };
+    tunnel.counters.connections_in.fetch_add(1, Ordering::Relaxed);
+    state.touch();
+    let peer = Arc::new(peer);
+    let http = tunnel
+        .http
+        .as_ref()
+        .map(|l| Arc::new(ListenerConfig { authenticated: Some(peer.clone()), ..ListenerConfig::clone(l) }));
+    let ctx = Arc::new(Ctx { shared: shared.clone(), tunnel: tunnel.clone(), peer, peer_addr, state, http });
+    let svc = service_fn(move |req| stream_of(ctx.clone(), req));
+    let served = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(tunnel.config.max_streams)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(256))
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(peer = %peer_addr, error = %e, "tunnel connection ended with an error");
+    }
+}
+
+/// What a stream becomes.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Bytes relayed to the destination (its ingress allows the client at L3/L4).
+    Relay,
+    /// Served as an HTTP connection (its ingress has HTTP rules).
+    Http,
+}
+
+/// Whether the stream's client is what the certificate names, and what policy makes of the
+/// flow. `Err`: the status to refuse with and why.
+fn authorize(
+    snap: &Snapshot,
+    policy: &ConnPolicy,
+    peer: &PeerCert,
+    target: &Target,
+) -> Result<Admit, (StatusCode, String)> {
+    let forbidden = |why: String| Err((StatusCode::FORBIDDEN, why));
+    match snap.endpoint_by_ip(target.destination.ip()) {
+        Some(e) if e.local => {}
+        _ => return forbidden(format!("{} is no endpoint of this node", target.destination.ip())),
+    }
+    let Some(client) = snap.endpoint_by_ip(target.client.ip()).filter(|e| !e.local) else {
+        return forbidden(format!("{} is no endpoint of another node", target.client.ip()));
+    };
+    let Subject::Workload { namespace, service_account } = &peer.id.subject else {
+        return forbidden("not a workload certificate".into());
+    };
+    if peer.identity != Some(client.identity)
+        || namespace != &client.namespace
+        || service_account != client.service_account()
+        || client.node.as_deref() != Some(peer.issuer_node.as_str())
+    {
+        return forbidden(format!(
+            "the certificate ({}, identity {:?}, issued by node {}) does not name the client {}/{} (identity {}, service account {}, node {})",
+            peer.id,
+            peer.identity,
+            peer.issuer_node,
+            client.namespace,
+            client.name,
+            client.identity,
+            client.service_account(),
+            client.node.as_deref().unwrap_or("?"),
+        ));
+    }
+    match &policy.verdict {
+        ConnVerdict::Drop(d) => forbidden(d.summary.clone()),
+        ConnVerdict::Judge { ingress: Some(l7), .. } if l7.parser == L7Parser::Http => Ok(Admit::Http),
+        ConnVerdict::Judge { ingress: Some(l7), .. } => Err((
+            StatusCode::NOT_IMPLEMENTED,
+            format!("{:?} rules on a tunnelled flow are not enforced yet", l7.parser),
+        )),
+        ConnVerdict::Judge { egress: Some(_), .. } => {
+            forbidden("egress L7 rules of another node's endpoint are that node's to enforce".into())
+        }
+        ConnVerdict::Judge { .. } => Ok(Admit::Relay),
+    }
+}
+
+fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}
+
+async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let counters = &ctx.tunnel.counters;
+    ctx.state.touch();
+    let refuse = |status: StatusCode, why: String| {
+        counters.streams_in_refused.fetch_add(1, Ordering::Relaxed);
+        log_limited!(info, peer = %ctx.peer_addr, spiffe = %ctx.peer.id, error = %why, "Tunnel stream refused");
+        Ok(answer(status))
+    };
+    let target = match Target::from_head(req.method(), req.uri(), req.headers()) {
+        Ok(t) => t,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let (Some(snap), Some(http)) = (ctx.shared.policy.current(), ctx.http.clone()) else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "no policy snapshot, or no HTTP listener".into());
+    };
+    let policy = ConnPolicy::decide(
+        Some(snap.clone()),
+        ctx.shared.lookup(),
+        &http,
+        target.client,
+        target.destination,
+        policy_engine::snapshot::Proto::Tcp,
+    );
+    let admit = match authorize(&snap, &policy, &ctx.peer, &target) {
+        Ok(a) => a,
+        Err((status, why)) => return refuse(status, why),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (shared, state) = (ctx.shared.clone(), ctx.state.clone());
+    match admit {
+        Admit::Relay => {
+            let timeout = shared.limits.connect_timeout();
+            let upstream = match crate::transparent::connect_from(target.client.ip(), target.destination, timeout).await
+            {
+                Ok(s) => s,
+                Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("connect to {}: {e}", target.destination)),
+            };
+            counters.streams_in.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _inflight = crate::service::Inflight::new(&state.inflight);
+                let mut upstream = upstream;
+                match on_upgrade.await {
+                    Ok(up) => {
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut upstream).await {
+                            tracing::debug!(error = %e, "tunnel stream ended with an error");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
+                }
+            });
+        }
+        Admit::Http => {
+            counters.streams_in.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(up) => {
+                        let served = crate::server::serve_io(
+                            shared,
+                            http,
+                            TokioIo::new(up),
+                            target.client,
+                            target.destination,
+                            state,
+                        )
+                        .await;
+                        if let Err(e) = served {
+                            tracing::debug!(error = %e, "tunnel stream ended with an error");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
+                }
+            });
+        }
+    }
+    Ok(answer(StatusCode::OK))
+}
