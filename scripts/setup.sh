@@ -42,8 +42,9 @@ ebpf_toolchain() {
 }
 
 lab_tools() {
-    # What the lab and its tests drive: iproute2 (namespaces, veth), real clients (curl, ping).
-    apt_install iproute2 curl iputils-ping procps
+    # What the lab and its tests drive: iproute2 (namespaces, veth), real clients (curl, ping);
+    # tcpdump (what crosses the mesh's underlay), openssl (bad clients of the mTLS tunnel).
+    apt_install iproute2 curl iputils-ping procps tcpdump openssl
 }
 
 l7_clients() {

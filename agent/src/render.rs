@@ -119,6 +119,10 @@ pub fn text(f: &Flow) -> String {
         line.push(' ');
         line.push_str(r.name());
     }
+    // Came through the mTLS tunnel: who the client's certificate names.
+    if let Some(id) = &f.spiffe_id {
+        line.push_str(&format!(" mTLS {id}"));
+    }
     if let Some(p) = &f.policy {
         line.push_str(&format!(" [{p}]"));
     }
@@ -266,6 +270,13 @@ mod tests {
         let r = row(&f);
         assert!(r.starts_with("12:00:00.123  tiefighter     10.0.0.2"), "{r}");
         assert!(r.contains("HTTP/1.1 PUT /v1/exhaust-port") && r.contains("DENIED 403"), "{r}");
+        // A request that came through the mTLS tunnel says whom the certificate named.
+        let tunnelled = Flow { spiffe_id: Some("spiffe://cluster.local/ns/default/sa/tiefighter".into()), ..f.clone() };
+        assert!(
+            text(&tunnelled).ends_with("POLICY_DENIED mTLS spiffe://cluster.local/ns/default/sa/tiefighter"),
+            "{}",
+            text(&tunnelled)
+        );
         // A request the proxy balanced within a service names it.
         let balanced = Flow {
             destination_service: Some(FlowService { name: "deathstar".into(), namespace: "default".into() }),

@@ -9,12 +9,14 @@ use crate::records::{Detail, Record, Transport};
 
 /// Counts one record.
 pub fn observe(m: &HubbleMetrics, r: &Record) {
-    let (protocol, subtype) = match &r.detail {
-        Detail::Http { .. } => ("http", "HTTP"),
-        Detail::Dns(_) => ("dns", "DNS"),
-        Detail::Kafka(_) => ("kafka", "Kafka"),
+    let (protocol, layer, subtype) = match &r.detail {
+        Detail::Http { .. } => ("http", "L7", "HTTP"),
+        Detail::Dns(_) => ("dns", "L7", "DNS"),
+        Detail::Kafka(_) => ("kafka", "L7", "Kafka"),
+        // A flow that came through the mTLS tunnel (authenticated), relayed at L3/L4.
+        Detail::Tunnel => ("TCP", "L3_L4", "mTLS"),
     };
-    m.flow(protocol, "L7", subtype, r.verdict.name());
+    m.flow(protocol, layer, subtype, r.verdict.name());
     if r.verdict == Verdict::Dropped {
         let l4 = if r.transport == Transport::Udp { "UDP" } else { "TCP" };
         m.drop(r.reason.map_or("UNKNOWN_REASON", |d| d.name()), l4);
@@ -40,6 +42,7 @@ pub fn observe(m: &HubbleMetrics, r: &Record) {
         Detail::Dns(d) if r.reply => m.dns_response(d.rcode, &d.qtypes, d.ips.len()),
         Detail::Dns(d) => m.dns_query(&d.qtypes),
         Detail::Kafka(k) => m.kafka(&k.topic, &k.api_key, k.error_code, reporter, r.reply.then_some(seconds)),
+        Detail::Tunnel => {}
     }
 }
 
@@ -49,5 +52,6 @@ fn protocol_match(d: &Detail) -> &'static str {
         Detail::Http { .. } => "l7/http",
         Detail::Dns(_) => "l7/dns",
         Detail::Kafka(_) => "l7/kafka",
+        Detail::Tunnel => "l3-l4",
     }
 }

@@ -130,6 +130,8 @@ pub struct Ends {
     pub id: u64,
     /// Their encoded size on the wire, once known (frames count it against their budget).
     pub wire_len: std::sync::OnceLock<usize>,
+    /// The SPIFFE ID of the client's certificate: the connection came through the mTLS tunnel.
+    pub spiffe_id: Option<Arc<str>>,
 }
 
 impl Ends {
@@ -346,6 +348,7 @@ impl ConnPolicy {
                     direction: TrafficDirection::Ingress,
                     id: Ends::next_id(),
                     wire_len: Default::default(),
+                    spiffe_id: None,
                 },
                 ConnVerdict::Drop(Denial {
                     reason: FlowDropReason::PolicyDenied,
@@ -368,6 +371,7 @@ impl ConnPolicy {
                         direction: TrafficDirection::Ingress,
                         id: Ends::next_id(),
                         wire_len: Default::default(),
+                        spiffe_id: None,
                     },
                     ConnVerdict::Drop(Denial { reason: FlowDropReason::UnknownEndpoint, summary, policy: None }),
                 );
@@ -385,7 +389,14 @@ impl ConnPolicy {
         let direction = traffic_direction(pair.reported_direction());
         Self::new(
             snap.clone(),
-            Ends { source, destination, direction, id: Ends::next_id(), wire_len: Default::default() },
+            Ends {
+                source,
+                destination,
+                direction,
+                id: Ends::next_id(),
+                wire_len: Default::default(),
+                spiffe_id: listener.authenticated.as_ref().map(|p| Arc::from(p.id.to_string())),
+            },
             verdict,
         )
     }

@@ -129,6 +129,8 @@ pub enum Detail {
     Dns(Box<DnsInfo>),
     /// Kafka.
     Kafka(Box<KafkaInfo>),
+    /// An L3/L4 flow relayed through (or refused at) the mTLS tunnel.
+    Tunnel,
 }
 
 /// One request or response, as recorded on the hot path: what differs per request, and an `Arc`
@@ -185,6 +187,7 @@ impl Record {
                 }
                 Detail::Dns(d) => DetailRef::Dns(d),
                 Detail::Kafka(k) => DetailRef::Kafka(k),
+                Detail::Tunnel => DetailRef::Tunnel,
             },
             service: self.service.as_deref(),
         }
@@ -204,6 +207,7 @@ pub fn wire_ends(e: &Ends) -> WireEnds {
         destination: Some(end(&e.destination)),
         direction: e.direction.number(),
         id: e.id,
+        spiffe_id: e.spiffe_id.as_deref().unwrap_or_default().to_owned(),
     }
 }
 

@@ -136,5 +136,7 @@ pub fn from_event(seq: u64, e: &Event, snap: Option<&Snapshot>) -> Flow {
         policy,
         ifindex: e.ifindex,
         summary: String::new(),
+        auth_type: porin_flow::flow::AuthType::Disabled,
+        spiffe_id: None,
     }
 }

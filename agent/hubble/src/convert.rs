@@ -289,6 +289,8 @@ pub fn to_pb(f: &Flow, uuid: String, node_name: &str) -> pb::Flow {
             version: env!("CARGO_PKG_VERSION").into(),
         }),
         summary: f.summary.clone(),
+        auth_type: f.auth_type.number(),
+        spiffe_id: f.spiffe_id.clone().unwrap_or_default(),
         ..pb::Flow::default()
     };
     out.reply = f.is_reply;
@@ -372,6 +374,12 @@ pub fn from_pb(f: pb::Flow) -> Flow {
         policy: rule,
         ifindex: f.interface.map_or(0, |i| i.index),
         summary: f.summary,
+        auth_type: if f.auth_type == pb::AuthType::Spire as i32 {
+            porin_flow::flow::AuthType::Spire
+        } else {
+            porin_flow::flow::AuthType::Disabled
+        },
+        spiffe_id: (!f.spiffe_id.is_empty()).then_some(f.spiffe_id),
     }
 }
 
@@ -424,6 +432,8 @@ mod tests {
             policy: Some("default/rule1 spec.ingress[0]".into()),
             ifindex: 0,
             summary: "denied".into(),
+            auth_type: porin_flow::flow::AuthType::Spire,
+            spiffe_id: Some("spiffe://cluster.local/ns/default/sa/tiefighter".into()),
         }
     }
 

@@ -41,7 +41,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A running lab; `porin lab down` when dropped.
 pub(crate) struct Lab {
     pub name: String,
-    dir: PathBuf,
+    /// The test's own directory (the lab file; files a test writes).
+    pub dir: PathBuf,
 }
 
 impl Lab {

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use crate::control::{ControlError, Reply, Request};
 use crate::flow::{
-    DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowService, FlowType, HttpInfo, HttpProtocol,
-    IpVersion, KafkaInfo, L7Type, Layer4, Layer7, Ports, TrafficDirection, Verdict, rfc3339,
+    AuthType, DnsInfo, DropReason, Emitter, EventType, Flow, FlowEndpoint, FlowIp, FlowService, FlowType, HttpInfo,
+    HttpProtocol, IpVersion, KafkaInfo, L7Type, Layer4, Layer7, Ports, TrafficDirection, Verdict, rfc3339,
 };
 
 /// At most this many records in one frame.
@@ -77,6 +77,10 @@ pub struct WireEnds {
     /// What the batch's records call it (unique among a process's live connections).
     #[prost(uint64, tag = "4")]
     pub id: u64,
+    /// The SPIFFE ID of the client's certificate: the connection came through the mTLS tunnel
+    /// (empty otherwise).
+    #[prost(string, tag = "5")]
+    pub spiffe_id: String,
 }
 
 /// One end.
@@ -141,6 +145,9 @@ pub struct WireRecord {
     /// `namespace/name` of the service the request was balanced within; empty when none.
     #[prost(string, tag = "14")]
     pub service: String,
+    /// An L3/L4 flow the proxy relayed through (or refused at) the mTLS tunnel: no L7 part.
+    #[prost(bool, tag = "15")]
+    pub tunnel: bool,
 }
 
 /// The HTTP part of a record.
@@ -280,6 +287,7 @@ struct Resolved {
     client: Side,
     server: Side,
     direction: TrafficDirection,
+    spiffe_id: Option<String>,
 }
 
 impl Resolved {
@@ -304,6 +312,7 @@ impl Resolved {
             server: side(ends.destination.as_ref())?,
             direction: TrafficDirection::from_number(ends.direction)
                 .ok_or_else(|| format!("direction {}", ends.direction))?,
+            spiffe_id: (!ends.spiffe_id.is_empty()).then(|| ends.spiffe_id.clone()),
         })
     }
 }
@@ -319,8 +328,9 @@ fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
             u8::try_from(n).ok().and_then(DropReason::from_code).ok_or_else(|| bad(&r, format!("drop reason {n}")))?,
         ),
     };
-    if usize::from(r.http.is_some()) + usize::from(r.dns.is_some()) + usize::from(r.kafka.is_some()) != 1 {
-        return Err(bad(&r, "not exactly one of HTTP, DNS and Kafka"));
+    let l7_parts = usize::from(r.http.is_some()) + usize::from(r.dns.is_some()) + usize::from(r.kafka.is_some());
+    if l7_parts != usize::from(!r.tunnel) {
+        return Err(bad(&r, "not exactly one of HTTP, DNS and Kafka (or none, for a tunnelled L3/L4 flow)"));
     }
     let http = match &r.http {
         Some(h) => Some((
@@ -336,14 +346,26 @@ fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
     let (source_service, destination_service) = if r.reply { (service, None) } else { (None, service) };
     let http = http.zip(r.http).map(|((code, protocol), h)| HttpInfo { code, protocol, method: h.method, url: h.url });
     let time = rfc3339(r.time_ns / 1_000_000_000, u32::try_from(r.time_ns % 1_000_000_000).unwrap_or(0));
+    let (flow_type, event_type) = match (r.tunnel, verdict) {
+        (false, _) => (FlowType::L7, EventType::AccessLog),
+        (true, Verdict::Dropped) => (FlowType::L3L4, EventType::Drop),
+        (true, _) => (FlowType::L3L4, EventType::PolicyVerdict),
+    };
+    let l7 = (!r.tunnel).then_some(Layer7 {
+        kind: if r.reply { L7Type::Response } else { L7Type::Request },
+        latency_ns: r.latency_ns,
+        http,
+        dns: r.dns,
+        kafka: r.kafka,
+    });
     Ok(Flow {
         time,
         seq: r.seq,
         emitter: Emitter::Proxy,
         verdict,
         drop_reason,
-        flow_type: FlowType::L7,
-        event_type: EventType::AccessLog,
+        flow_type,
+        event_type,
         traffic_direction: ends.direction,
         is_reply: r.reply,
         ip: Some(FlowIp {
@@ -357,16 +379,12 @@ fn flow(ends: &Resolved, r: WireRecord) -> Result<Flow, StreamError> {
         destination_names: dst.names.clone(),
         source_service,
         destination_service,
-        l7: Some(Layer7 {
-            kind: if r.reply { L7Type::Response } else { L7Type::Request },
-            latency_ns: r.latency_ns,
-            http,
-            dns: r.dns,
-            kafka: r.kafka,
-        }),
+        l7,
         policy: r.policy,
         ifindex: 0,
         summary: r.summary,
+        auth_type: if ends.spiffe_id.is_some() { AuthType::Spire } else { AuthType::Disabled },
+        spiffe_id: ends.spiffe_id.clone(),
     })
 }
 
@@ -447,6 +465,8 @@ pub enum DetailRef<'a> {
     Dns(&'a DnsInfo),
     /// Kafka.
     Kafka(&'a KafkaInfo),
+    /// An L3/L4 flow relayed through (or refused at) the mTLS tunnel.
+    Tunnel,
 }
 
 /// Where protobuf bytes go: a buffer, or a count of them (to know a length before writing it).
@@ -550,8 +570,12 @@ impl RecordRef<'_> {
             }
             DetailRef::Dns(d) => pb.message(12, d),
             DetailRef::Kafka(k) => pb.message(13, k),
+            DetailRef::Tunnel => {}
         }
         pb.string(14, cut(self.service.unwrap_or_default()));
+        if matches!(self.detail, DetailRef::Tunnel) {
+            pb.uint(15, 1);
+        }
     }
 
     /// Appends the record as one `records` entry of a [`Batch`] (its key, its length, its fields).
@@ -757,6 +781,7 @@ mod tests {
                 destination: Some(end("10.0.0.2", 80, "server")),
                 direction: TrafficDirection::Ingress.number(),
                 id: 0,
+                spiffe_id: "spiffe://cluster.local/ns/default/sa/client".into(),
             }],
             records: vec![
                 WireRecord {
@@ -776,6 +801,14 @@ mod tests {
                     udp: true,
                     dns: Some(DnsInfo { query: "a.example.".into(), rcode: 5, ..Default::default() }),
                     service: "kube-system/kube-dns".into(),
+                    ..Default::default()
+                },
+                WireRecord {
+                    seq: 4,
+                    verdict: Verdict::Dropped.number(),
+                    reason: u32::from(DropReason::AuthRequired.code()),
+                    tunnel: true,
+                    summary: "the certificate does not name the client".into(),
                     ..Default::default()
                 },
             ],
@@ -808,11 +841,24 @@ mod tests {
         assert_eq!((resp.source.pod_name.as_str(), resp.drop_reason), ("server", Some(DropReason::PolicyDeny)));
         assert_eq!(resp.l4, Some(Layer4::Udp(Ports { source_port: 80, destination_port: 40000 })));
         assert_eq!(resp.l7.as_ref().unwrap().dns.as_ref().unwrap().rcode, 5);
+        // The connection came through the tunnel: every record says who the certificate named.
+        for f in &flows {
+            assert_eq!(f.auth_type, crate::flow::AuthType::Spire);
+            assert_eq!(f.spiffe_id.as_deref(), Some("spiffe://cluster.local/ns/default/sa/client"));
+        }
+        // A tunnelled L3/L4 flow: no L7 part.
+        let t = &flows[2];
+        assert_eq!(
+            (t.flow_type, t.event_type, t.drop_reason),
+            (FlowType::L3L4, EventType::Drop, Some(DropReason::AuthRequired))
+        );
+        assert!(t.l7.is_none());
     }
 
     #[test]
     fn nonsense_is_named_not_panicked_on() {
         let mut b = batch();
+        b.records.truncate(2);
         b.records[0].ends = 9;
         b.records[1].verdict = 99;
         let (flows, errors) = b.into_flows();
@@ -820,13 +866,18 @@ mod tests {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(text, ["record 2: connection 9 is not in the batch", "record 3: verdict 99"]);
         let mut b = batch();
+        b.records.truncate(2);
         b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3];
         b.records[1].dns = None;
         let text: Vec<String> = b.clone().into_flows().1.iter().map(ToString::to_string).collect();
         assert_eq!(text, ["record 2: address of 3 bytes", "record 3: address of 3 bytes"]);
         b.ends[0].source.as_mut().unwrap().ip = vec![1, 2, 3, 4];
-        assert_eq!(b.into_flows().1[0].to_string(), "record 3: not exactly one of HTTP, DNS and Kafka");
+        assert_eq!(
+            b.into_flows().1[0].to_string(),
+            "record 3: not exactly one of HTTP, DNS and Kafka (or none, for a tunnelled L3/L4 flow)"
+        );
         let mut b = batch();
+        b.records.truncate(2);
         b.records[0].service = "deathstar".into();
         b.records[1].service = "a/b/c".into();
         let text: Vec<String> = b.into_flows().1.iter().map(ToString::to_string).collect();

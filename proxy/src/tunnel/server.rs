@@ -28,8 +28,9 @@ use crate::admission::{ConnKind, ConnState};
 use crate::config::ListenerConfig;
 use crate::log_limited;
 use crate::policy::{ConnPolicy, ConnVerdict};
-use crate::records::Counters;
+use crate::records::{Counters, Detail, Record, Transport};
 use crate::service::Shared;
+use porin_flow::flow::{DropReason, Verdict};
 
 /// Binds a tunnel listener (an IPv6 one takes IPv6 only: the IPv4 one has its own socket).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -154,8 +155,9 @@ fn authorize(
     policy: &ConnPolicy,
     peer: &PeerCert,
     target: &Target,
-) -> Result<Admit, (StatusCode, String)> {
-    let forbidden = |why: String| Err((StatusCode::FORBIDDEN, why));
+) -> Result<Admit, (StatusCode, DropReason, String)> {
+    // What the certificate does not vouch for is not authenticated.
+    let forbidden = |why: String| Err((StatusCode::FORBIDDEN, DropReason::AuthRequired, why));
     match snap.endpoint_by_ip(target.destination.ip()) {
         Some(e) if e.local => {}
         _ => return forbidden(format!("{} is no endpoint of this node", target.destination.ip())),
@@ -183,15 +185,16 @@ fn authorize(
             client.node.as_deref().unwrap_or("?"),
         ));
     }
+    let refused = |why: String| Err((StatusCode::FORBIDDEN, DropReason::PolicyDenied, why));
     match &policy.verdict {
-        ConnVerdict::Drop(d) => forbidden(d.summary.clone()),
+        ConnVerdict::Drop(d) => Err((StatusCode::FORBIDDEN, d.reason, d.summary.clone())),
         ConnVerdict::Judge { ingress: Some(l7), .. } if l7.parser == L7Parser::Http => Ok(Admit::Http),
-        ConnVerdict::Judge { ingress: Some(l7), .. } => Err((
-            StatusCode::NOT_IMPLEMENTED,
-            format!("{:?} rules on a tunnelled flow are not enforced yet", l7.parser),
-        )),
+        // Fail closed: Kafka rules are not enforced on a tunnel stream yet.
+        ConnVerdict::Judge { ingress: Some(l7), .. } => {
+            refused(format!("{:?} rules on a tunnelled flow are not enforced yet: refused", l7.parser))
+        }
         ConnVerdict::Judge { egress: Some(_), .. } => {
-            forbidden("egress L7 rules of another node's endpoint are that node's to enforce".into())
+            refused("egress L7 rules of another node's endpoint are that node's to enforce".into())
         }
         ConnVerdict::Judge { .. } => Ok(Admit::Relay),
     }
@@ -201,6 +204,32 @@ fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = status;
     r
+}
+
+/// The flow record of an L3/L4 tunnel stream.
+fn record(
+    shared: &Shared,
+    ends: &Arc<crate::policy::Ends>,
+    verdict: Verdict,
+    reason: Option<DropReason>,
+    summary: String,
+) {
+    shared.records.emit(
+        Record {
+            time_ns: crate::records::now_ns(),
+            reply: false,
+            verdict,
+            reason,
+            ends: ends.clone(),
+            transport: Transport::Tcp,
+            detail: Detail::Tunnel,
+            latency_ns: 0,
+            policy: None,
+            summary,
+            service: None,
+        },
+        &shared.counters,
+    );
 }
 
 async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
@@ -228,7 +257,10 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
     );
     let admit = match authorize(&snap, &policy, &ctx.peer, &target) {
         Ok(a) => a,
-        Err((status, why)) => return refuse(status, why),
+        Err((status, reason, why)) => {
+            record(&ctx.shared, &policy.ends, Verdict::Dropped, Some(reason), why.clone());
+            return refuse(status, why);
+        }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (shared, state) = (ctx.shared.clone(), ctx.state.clone());
@@ -238,9 +270,14 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
             let upstream = match crate::transparent::connect_from(target.client.ip(), target.destination, timeout).await
             {
                 Ok(s) => s,
-                Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("connect to {}: {e}", target.destination)),
+                Err(e) => {
+                    let why = format!("connect to {}: {e}", target.destination);
+                    record(&ctx.shared, &policy.ends, Verdict::Error, None, why.clone());
+                    return refuse(StatusCode::BAD_GATEWAY, why);
+                }
             };
             counters.streams_in.fetch_add(1, Ordering::Relaxed);
+            record(&ctx.shared, &policy.ends, Verdict::Forwarded, None, String::new());
             tokio::spawn(async move {
                 let _inflight = crate::service::Inflight::new(&state.inflight);
                 let mut upstream = upstream;

@@ -289,6 +289,7 @@ impl Fixture {
             flow_records: true,
             metrics: None,
             dns: Default::default(),
+            tunnel: None,
             listeners: listeners
                 .iter()
                 .map(|l| ListenerConfig {
@@ -300,6 +301,7 @@ impl Fixture {
                     destination: l.destination.clone(),
                     port: Some(l.port),
                     upstream_protocol: if l.h2_upstream { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 },
+                    authenticated: None,
                 })
                 .collect(),
             limits,

@@ -1,0 +1,297 @@
+//! Authenticated identities between nodes: the mTLS tunnel between node proxies and
+//! `authentication: {mode: required}`. Two nodes (the ships on node1, the deathstar on node2) and a
+//! third with no pods (a stranger on the underlay); real curl, tcpdump and sockets in the lab's
+//! namespaces. Root only; in CI (`CI=true`) always.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Lab, privileged};
+use serde_json::Value;
+
+/// The deathstar's policy requires authentication on its HTTP port (L7 rules) and on its status
+/// port (L3/L4 only).
+const MTLS: &str = r#"
+version: 1
+policies: ["@REPO@/config/examples/mesh/deathstar-authenticated.yaml"]
+settings: {mesh: {trust_domain: cluster.local}}
+nodes: [{name: node1}, {name: node2}, {name: node3}]
+pods:
+  - name: deathstar
+    node: node2
+    labels: {org: empire, class: deathstar}
+    server: {http: {port: 80, routes: [
+      {method: POST, path: /v1/request-landing, body: "Ship landed for {client}\n"},
+      {method: PUT, path: /v1/exhaust-port, body: "Panic: deathstar exploded\n"}]}}
+  - name: deathstar-status
+    node: node2
+    labels: {org: empire, class: deathstar}
+    server: {http: {port: 8080, routes: [{method: GET, path: /, body: "fully operational for {client}\n"}]}}
+  - {name: tiefighter, node: node1, labels: {org: empire, class: tiefighter}}
+  - {name: xwing, node: node1, labels: {org: alliance, class: xwing}}
+"#;
+
+/// curl from a pod: (exit code, HTTP status, body).
+fn curl(lab: &Lab, pod: &str, method: &str, url: &str) -> (i32, String, String) {
+    let o = lab.exec(pod, &["curl", "-s", "-g", "-m", "5", "-w", "\n%{http_code}", "-X", method, url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+    (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
+}
+
+fn node<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["nodes"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("no node {name}"))
+}
+
+/// A node's proxy's tunnel status.
+fn tunnel(lab: &Lab, name: &str) -> Value {
+    node(&lab.status(), name)["proxy"]["status"]["tunnel"].clone()
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v["counters"][key].as_u64().unwrap_or_else(|| panic!("no counter {key} in {v:#}"))
+}
+
+/// A node's underlay address (its first).
+fn underlay(lab: &Lab, name: &str) -> String {
+    node(&lab.status(), name)["addresses"][0].as_str().unwrap().to_owned()
+}
+
+fn netns(lab: &Lab, node: &str) -> String {
+    format!("porin-{}-{node}", lab.name)
+}
+
+/// Waits until the node's proxy has loaded mesh credentials.
+fn wait_credentials(lab: &Lab, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tunnel(lab, name)["credentials"].is_null() {
+        assert!(Instant::now() < deadline, "node {name}'s proxy never loaded credentials: {:#}", tunnel(lab, name));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// tcpdump on the underlay's bridge, writing what it sees to a file.
+struct Capture {
+    child: Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &Lab) -> Self {
+        let file = lab.dir.join("underlay.pcap");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("porin-{}-fabric", lab.name),
+                "tcpdump",
+                "-i",
+                "br0",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (scripts/setup.sh installs it)");
+        std::thread::sleep(Duration::from_millis(800));
+        Self { child, file }
+    }
+
+    /// Stops and reads the capture: (packets to or from port `port`, the payload text of all).
+    fn finish(mut self, filter: &str) -> (usize, String) {
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        self.child.wait().unwrap();
+        let o = Command::new("tcpdump").args(["-nn", "-A", "-r"]).arg(&self.file).arg(filter).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let packets = text.lines().filter(|l| l.contains(" IP ") || l.contains(" IP6 ")).count();
+        (packets, text)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn authenticated_identities_between_nodes_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("mtls", MTLS);
+    wait_credentials(&lab, "node1");
+    wait_credentials(&lab, "node2");
+    let deathstar = lab.addr("deathstar", false);
+    let status_ip = lab.addr("deathstar-status", false);
+    let tiefighter = lab.addr("tiefighter", false);
+
+    // Through the tunnel: the L7 rules are judged at node2 on the authenticated identity; the
+    // deathstar sees tiefighter's own address.
+    let capture = Capture::start(&lab);
+    let (rc, code, body) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    assert_eq!((rc, code.as_str(), body.trim()), (0, "200", format!("Ship landed for {tiefighter}").as_str()));
+    let (_, code, body) = curl(&lab, "tiefighter", "PUT", &format!("http://{deathstar}/v1/exhaust-port"));
+    assert_eq!((code.as_str(), body.as_str()), ("403", "Access denied\r\n"));
+    // L3/L4 only, authenticated too.
+    let (_, code, body) = curl(&lab, "tiefighter", "GET", &format!("http://{status_ip}:8080/"));
+    assert_eq!((code.as_str(), body.trim()), ("200", format!("fully operational for {tiefighter}").as_str()));
+    // IPv6 through the same tunnel (the underlay is IPv4).
+    let (_, code, _) =
+        curl(&lab, "tiefighter", "POST", &format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true)));
+    assert_eq!(code, "200");
+    // What crossed the underlay: TLS to the tunnel port, no plaintext HTTP, nothing to the pods'
+    // ports.
+    let (tunnelled, text) = capture.finish("tcp port 15008");
+    assert!(tunnelled > 10, "the flows crossed as tunnel traffic: {tunnelled} packets");
+    for plain in ["request-landing", "exhaust-port", "Ship landed", "fully operational", "HTTP/1.1"] {
+        assert!(!text.contains(plain), "{plain:?} crossed the underlay in plaintext");
+    }
+    let st1 = tunnel(&lab, "node1");
+    let st2 = tunnel(&lab, "node2");
+    assert!(count(&st1, "streams_out") >= 4 && count(&st2, "streams_in") >= 4, "{st1:#}\n{st2:#}");
+    assert!(count(&st1, "connections_out") >= 1, "{st1:#}");
+    let c1 = lab.counters_of(Some("node1"));
+    assert!(c1["tunnelled"].as_u64().unwrap() >= 4, "node1's datapath handed the flows to the tunnel: {c1:#}");
+
+    // The records at node2 say who the certificate named.
+    let flows = porin_observe(&lab, "node2");
+    let tunnelled_l4 = flows
+        .iter()
+        .find(|f| {
+            f["Type"] == "L3_L4" && f["verdict"] == "FORWARDED" && f["destination"]["pod_name"] == "deathstar-status"
+        })
+        .unwrap_or_else(|| panic!("no record of the tunnelled L3/L4 flow: {flows:#?}"));
+    assert_eq!(tunnelled_l4["auth_type"], "SPIRE");
+    assert_eq!(tunnelled_l4["spiffe_id"], "spiffe://cluster.local/ns/default/sa/default");
+    let landing = flows
+        .iter()
+        .find(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/v1/request-landing")))
+        .unwrap_or_else(|| panic!("no record of the landing: {flows:#?}"));
+    assert_eq!(
+        (&landing["auth_type"], &landing["source"]["pod_name"]),
+        (&Value::from("SPIRE"), &Value::from("tiefighter"))
+    );
+
+    // The xwing's flow is tunnelled too and refused at node2 by policy (recorded), never served.
+    let (rc, _, body) = curl(&lab, "xwing", "GET", &format!("http://{status_ip}:8080/"));
+    assert!(rc != 0 && body.is_empty(), "xwing got through: rc {rc} {body:?}");
+    let flows = porin_observe(&lab, "node2");
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "DROPPED"
+            && f["source"]["pod_name"] == "xwing"
+            && f["drop_reason_desc"] == "POLICY_DENIED"),
+        "node2 recorded the xwing's refused stream: {flows:#?}"
+    );
+
+    // A stranger on the underlay (node3) spoofing tiefighter's address: node2's datapath drops its
+    // SYN (AUTH_REQUIRED), on both the L3/L4 and the L7 port; it never reaches a pod or a proxy.
+    let ns3 = netns(&lab, "node3");
+    ip(&["-n", &ns3, "addr", "add", &format!("{tiefighter}/32"), "dev", "lo"]);
+    let drops = |lab: &Lab| lab.counters_of(Some("node2"))["drop_auth_required"].as_u64().unwrap();
+    let before = drops(&lab);
+    for url in [format!("http://{status_ip}:8080/"), format!("http://{deathstar}/v1/request-landing")] {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns3, "curl", "-s", "-m", "2", "--interface", &tiefighter, "-XPOST", &url])
+            .output()
+            .unwrap();
+        assert!(!o.status.success() && o.stdout.is_empty(), "the spoofer got an answer from {url}: {o:?}");
+    }
+    let dropped = drops(&lab) - before;
+    assert!(dropped >= 2, "node2 dropped the spoofed SYNs with AUTH_REQUIRED: {dropped}");
+    let events = node2_events(&lab);
+    assert!(
+        events.iter().any(|e| e["verdict"] == "DROPPED" && e["drop_reason_desc"] == "AUTH_REQUIRED"),
+        "node2 recorded the AUTH_REQUIRED drop: {events:#?}"
+    );
+
+    // Bad clients of the tunnel port (garbage, a truncated TLS record, connections that never
+    // finish a handshake) hold nothing up: tiefighter's flows go on, promptly.
+    let node2_addr: SocketAddr = format!("{}:15008", underlay(&lab, "node2")).parse().unwrap();
+    let refused_before = count(&tunnel(&lab, "node2"), "handshakes_refused");
+    let held = in_netns(&netns(&lab, "node1"), move || {
+        let mut held = Vec::new();
+        // Garbage.
+        let mut g = TcpStream::connect(node2_addr).unwrap();
+        g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        held.push(g);
+        // A truncated ClientHello: a record header announcing more than is sent.
+        let mut t = TcpStream::connect(node2_addr).unwrap();
+        t.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).unwrap();
+        held.push(t);
+        // Slowloris: connected, silent.
+        for _ in 0..40 {
+            held.push(TcpStream::connect(node2_addr).unwrap());
+        }
+        held
+    });
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (_, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+        assert_eq!(code, "200");
+        assert!(t.elapsed() < Duration::from_secs(2), "a landing took {:?} beside the bad clients", t.elapsed());
+    }
+    // The garbage gets no answer but a closed connection.
+    let mut garbage = held.into_iter().next().unwrap();
+    garbage.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = garbage.read_to_end(&mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"), "garbage was answered: {buf:?}");
+    assert!(count(&tunnel(&lab, "node2"), "handshakes_refused") > refused_before);
+
+    // A restarted destination proxy: flows fail while it is gone (never in plaintext: the
+    // deathstar's datapath would drop them), and go through new tunnels once it is back.
+    let o = common::porin().args(["lab", "stop-proxy", "--name", &lab.name, "--node", "node2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (rc, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    assert!(rc != 0 && code != "200", "a landing got through without node2's proxy: {rc} {code}");
+    let o = common::porin().args(["lab", "restart-proxy", "--name", &lab.name, "--node", "node2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_credentials(&lab, "node2");
+    let (_, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    assert_eq!(code, "200", "after node2's proxy restarted");
+    assert!(count(&tunnel(&lab, "node2"), "streams_in") >= 1);
+}
+
+/// `porin observe` on a node's Hubble API (JSON, as `hubble observe -o json`).
+fn porin_observe(lab: &Lab, node: &str) -> Vec<Value> {
+    let server = format!("unix:/run/porin/labs/{}/nodes/{node}/hubble.sock", lab.name);
+    let o = common::porin().args(["observe", "-o", "json", "--server", &server, "--last", "1000"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+        .collect()
+}
+
+fn node2_events(lab: &Lab) -> Vec<Value> {
+    porin_observe(lab, "node2").into_iter().filter(|f| f["Type"] == "L3_L4").collect()
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().unwrap();
+    assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it opens stay there).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
