@@ -240,12 +240,7 @@ pub fn read(path: &Path) -> Result<CredentialsFile, CredentialsError> {
 
 /// Reloads `path` whenever it changes (its inode, size or modification time), every `every`.
 pub async fn follow(state: Arc<TlsState>, path: PathBuf, every: Duration) {
-    let stamp = |p: &Path| {
-        std::fs::metadata(p).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
-        })
-    };
+    use crate::snapshot::stamp;
     let mut seen = stamp(&path);
     let mut tick = tokio::time::interval(every);
     loop {
