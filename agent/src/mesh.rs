@@ -156,11 +156,21 @@ impl NodeIssuer {
         })
     }
 
-    fn leaf(&self, mut p: CertificateParams, ttl: Duration) -> anyhow::Result<KeyedChain> {
-        let key = KeyPair::generate()?;
+    fn leaf(&self, p: CertificateParams, ttl: Duration) -> anyhow::Result<KeyedChain> {
         let start = now();
-        p.not_before = start - time::Duration::minutes(1);
-        p.not_after = start + time::Duration::try_from(ttl).unwrap_or(time::Duration::HOUR);
+        let end = start + time::Duration::try_from(ttl).unwrap_or(time::Duration::HOUR);
+        self.leaf_between(p, start - time::Duration::minutes(1), end)
+    }
+
+    fn leaf_between(
+        &self,
+        mut p: CertificateParams,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> anyhow::Result<KeyedChain> {
+        let key = KeyPair::generate()?;
+        p.not_before = not_before;
+        p.not_after = not_after;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.use_authority_key_identifier_extension = true;
         let cert = p.signed_by(&key, &self.issuer)?;
@@ -184,11 +194,28 @@ impl NodeIssuer {
 
     /// A workload certificate for `identity` (client authentication).
     pub fn workload_cert(&self, identity: u32, id: &SpiffeId, ttl: Duration) -> anyhow::Result<KeyedChain> {
+        self.leaf(Self::workload_params(identity, id)?, ttl)
+    }
+
+    /// A workload certificate valid from `not_before` to `not_after` (Unix seconds; tests make
+    /// expired ones).
+    pub fn workload_cert_between(
+        &self,
+        identity: u32,
+        id: &SpiffeId,
+        not_before: i64,
+        not_after: i64,
+    ) -> anyhow::Result<KeyedChain> {
+        let at = |t| time::OffsetDateTime::from_unix_timestamp(t).context("validity");
+        self.leaf_between(Self::workload_params(identity, id)?, at(not_before)?, at(not_after)?)
+    }
+
+    fn workload_params(identity: u32, id: &SpiffeId) -> anyhow::Result<CertificateParams> {
         let mut p = CertificateParams::default();
         p.distinguished_name = name(&identity.to_string());
         p.subject_alt_names = vec![SanType::URI(id.to_string().as_str().try_into()?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.leaf(p, ttl)
+        Ok(p)
     }
 }
 

@@ -295,3 +295,136 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     .join()
     .unwrap()
 }
+
+/// What a bad client certificate gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    /// The stream opens and the destination answers.
+    Served,
+    /// The TLS handshake fails (the chain does not lead to the bundle, or is not valid now).
+    Handshake,
+    /// The connection is accepted, the stream refused (403) and recorded as `AUTH_REQUIRED`.
+    Refused,
+}
+
+/// Certificates of another CA, expired ones, ones naming another identity or issued by another
+/// node's CA: each refused by the destination's proxy, with node1's own certificate as the
+/// control. The client is Porin's own tunnel client in node1's namespace, presenting each.
+#[test]
+fn certificates_that_do_not_name_the_client_are_refused_privileged() {
+    use proxy::tunnel::client::Pool;
+    use proxy::tunnel::credentials::{self, CredentialsFile, Tls, WorkloadCredential};
+    use proxy::tunnel::identity::SpiffeId;
+    use proxy::tunnel::target::Target;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("mtlscert", MTLS);
+    wait_credentials(&lab, "node1");
+    wait_credentials(&lab, "node2");
+    let st = lab.status();
+    let id_of = |pod: &str| {
+        let p = st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap();
+        u32::try_from(p["identity"].as_u64().unwrap()).unwrap()
+    };
+    let (tie_id, xwing_id) = (id_of("tiefighter"), id_of("xwing"));
+    let tiefighter: std::net::IpAddr = lab.addr("tiefighter", false).parse().unwrap();
+    let status: SocketAddr = format!("{}:8080", lab.addr("deathstar-status", false)).parse().unwrap();
+    let node2: SocketAddr = format!("{}:15008", underlay(&lab, "node2")).parse().unwrap();
+    let (n1, n2) = (netns(&lab, "node1"), netns(&lab, "node2"));
+    let nodes = std::path::PathBuf::from(format!("/run/porin/labs/{}/nodes", lab.name));
+    let real: CredentialsFile = credentials::read(&nodes.join("node1/mesh-credentials.json")).unwrap();
+    let node1_ca = porin::mesh::NodeIssuer::load(&nodes.join("node1/mesh"), &n1).unwrap();
+    let node2_ca = porin::mesh::NodeIssuer::load(&nodes.join("node2/mesh"), &n2).unwrap();
+    // Another cluster's root, with a node CA of node1's name.
+    let other = lab.dir.join("other-ca");
+    porin::mesh::init_root(&other.join("root"), "cluster.local").unwrap();
+    porin::mesh::issue_node_ca(&other.join("root"), &n1, &other.join("node1")).unwrap();
+    let other_ca = porin::mesh::NodeIssuer::load(&other.join("node1"), &n1).unwrap();
+    let spiffe = SpiffeId::workload("cluster.local", "default", "default");
+    let hour = Duration::from_secs(3600);
+    let now =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let own = real.workloads.iter().find(|w| w.identity == tie_id).expect("node1 holds tiefighter's certificate");
+    let cases = vec![
+        ("node1's own certificate for tiefighter", own.cert.clone(), Expect::Served),
+        ("another CA's", other_ca.workload_cert(tie_id, &spiffe, hour).unwrap(), Expect::Handshake),
+        (
+            "an expired one",
+            node1_ca.workload_cert_between(tie_id, &spiffe, now - 7200, now - 3600).unwrap(),
+            Expect::Handshake,
+        ),
+        (
+            "one naming another identity (xwing's)",
+            node1_ca.workload_cert(xwing_id, &spiffe, hour).unwrap(),
+            Expect::Refused,
+        ),
+        (
+            "one naming tiefighter issued by node2's CA",
+            node2_ca.workload_cert(tie_id, &spiffe, hour).unwrap(),
+            Expect::Refused,
+        ),
+    ];
+    for (i, (what, cert, expect)) in cases.into_iter().enumerate() {
+        // The bundle stays the real one (the client must still trust node2's certificate).
+        let file = CredentialsFile {
+            workloads: vec![WorkloadCredential { identity: tie_id, spiffe: spiffe.to_string(), cert }],
+            ..real.clone()
+        };
+        let tls = Tls::build(&file, 1).unwrap();
+        let before = tunnel(&lab, "node2");
+        let client = SocketAddr::new(tiefighter, 41000 + u16::try_from(i).unwrap());
+        let node = n2.clone();
+        let result: Result<String, String> = in_netns(&n1, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let pool = Pool::new(Duration::from_secs(3));
+                let opened = std::sync::atomic::AtomicU64::new(0);
+                let target = Target { destination: status, client };
+                let up = pool.open(&tls, &node, node2, tie_id, target, &opened).await.map_err(|e| e.to_string())?;
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                io.write_all(b"GET / HTTP/1.1\r\nHost: deathstar-status\r\nConnection: close\r\n\r\n")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut answer = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut answer))
+                    .await
+                    .map_err(|_| "no answer in 5 s".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok(String::from_utf8_lossy(&answer).into_owned())
+            })
+        });
+        let after = tunnel(&lab, "node2");
+        match expect {
+            Expect::Served => {
+                let text = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(text.contains("fully operational"), "{what}: {text}");
+            }
+            Expect::Handshake => {
+                assert!(result.is_err(), "{what} was accepted: {result:?}");
+                assert!(
+                    count(&after, "handshakes_refused") > count(&before, "handshakes_refused"),
+                    "{what}: {after:#}"
+                );
+                assert_eq!(count(&after, "streams_in"), count(&before, "streams_in"), "{what}: a stream got through");
+            }
+            Expect::Refused => {
+                let e = result.expect_err(what);
+                assert!(e.contains("403"), "{what}: {e}");
+                assert!(
+                    count(&after, "streams_in_refused") > count(&before, "streams_in_refused"),
+                    "{what}: {after:#}"
+                );
+                assert_eq!(count(&after, "streams_in"), count(&before, "streams_in"), "{what}: a stream got through");
+            }
+        }
+    }
+    let refused: Vec<Value> = porin_observe(&lab, "node2")
+        .into_iter()
+        .filter(|f| f["verdict"] == "DROPPED" && f["drop_reason_desc"] == "AUTH_REQUIRED" && f["Type"] == "L3_L4")
+        .collect();
+    assert!(refused.len() >= 2, "node2 recorded both refused streams: {refused:#?}");
+    assert!(refused.iter().all(|f| f["auth_type"] == "SPIRE"), "{refused:#?}");
+}
