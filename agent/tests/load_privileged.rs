@@ -31,41 +31,6 @@ fn starwars(tag: &str, settings: &str) -> Lab {
     Lab::up(tag, &format!("{}{settings}", text.replace("../examples/", "@REPO@/config/examples/")))
 }
 
-/// What `wrk` reported.
-#[derive(Debug, Default)]
-struct Wrk {
-    requests: u64,
-    connect_errors: u64,
-    non_2xx: u64,
-    output: String,
-}
-
-/// Runs wrk in a pod: `conns` keep-alive connections for `secs`, `POST /v1/request-landing`.
-fn wrk(lab: &Lab, pod: &str, url: &str, conns: u32, secs: u32) -> Wrk {
-    let script = std::env::temp_dir().join(format!("porin-wrk-post-{}.lua", std::process::id()));
-    std::fs::write(&script, "wrk.method = \"POST\"\n").unwrap();
-    let cmd = format!(
-        "ulimit -n 20000; wrk -t2 -c{conns} -d{secs}s --timeout 30s -s {} {url}/v1/request-landing",
-        script.display()
-    );
-    let o = lab.exec(pod, &["bash", "-c", &cmd]);
-    let output = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "wrk failed: {output}");
-    let mut w = Wrk { output: output.clone(), ..Wrk::default() };
-    for line in output.lines().map(str::trim) {
-        if let Some(rest) = line.split_once(" requests in ") {
-            w.requests = rest.0.trim().parse().unwrap_or(0);
-        }
-        if let Some(rest) = line.strip_prefix("Socket errors: connect ") {
-            w.connect_errors = rest.split(',').next().unwrap_or("0").trim().parse().unwrap_or(0);
-        }
-        if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses: ") {
-            w.non_2xx = rest.trim().parse().unwrap_or(0);
-        }
-    }
-    w
-}
-
 /// One `PUT /v1/exhaust-port` from `port` of the pod's address; the status line and whether the
 /// deathstar itself answered (its body).
 fn put_from_port(local: IpAddr, port: u16, to: SocketAddr) -> Result<(String, bool), String> {
@@ -171,7 +136,7 @@ fn no_denied_request_reaches_the_server_after_heavy_load_privileged() {
     for v6 in [false, true] {
         let server = lab.addr("deathstar", v6);
         let url = if v6 { format!("http://[{server}]") } else { format!("http://{server}") };
-        let load = wrk(&lab, "tiefighter", &url, 4000, 8);
+        let load = lab.wrk("tiefighter", &url, 4000, 8);
         assert!(load.requests > 10_000, "the load ran: {}", load.output);
         let to = SocketAddr::new(server.parse().unwrap(), 80);
         let start = Instant::now();
@@ -204,7 +169,7 @@ fn ten_thousand_keep_alive_clients_exhaust_no_ports_and_memory_comes_back_privil
     );
     std::thread::sleep(Duration::from_secs(1));
     let idle = rss_kib(pid);
-    let load = wrk(&lab, "tiefighter", "http://deathstar", 10_000, 10);
+    let load = lab.wrk("tiefighter", "http://deathstar", 10_000, 10);
     let during = rss_kib(pid);
     let st = proxy_status(&lab);
     eprintln!("{load:?}\nproxy: {st}\nRSS idle {idle} KiB, after load {during} KiB");

@@ -35,14 +35,6 @@ pods:
   - {name: xwing, node: node1, labels: {org: alliance, class: xwing}}
 "#;
 
-/// curl from a pod: (exit code, HTTP status, body).
-fn curl(lab: &Lab, pod: &str, method: &str, url: &str) -> (i32, String, String) {
-    let o = lab.exec(pod, &["curl", "-s", "-g", "-m", "5", "-w", "\n%{http_code}", "-X", method, url]);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
-    (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
-}
-
 fn node<'a>(st: &'a Value, name: &str) -> &'a Value {
     st["nodes"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("no node {name}"))
 }
@@ -140,16 +132,22 @@ fn authenticated_identities_between_nodes_privileged() {
     // Through the tunnel: the L7 rules are judged at node2 on the authenticated identity; the
     // deathstar sees tiefighter's own address.
     let capture = Capture::start(&lab);
-    let (rc, code, body) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    let (rc, code, body) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "POST"], &format!("http://{deathstar}/v1/request-landing"));
     assert_eq!((rc, code.as_str(), body.trim()), (0, "200", format!("Ship landed for {tiefighter}").as_str()));
-    let (_, code, body) = curl(&lab, "tiefighter", "PUT", &format!("http://{deathstar}/v1/exhaust-port"));
+    let (_, code, body) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "PUT"], &format!("http://{deathstar}/v1/exhaust-port"));
     assert_eq!((code.as_str(), body.as_str()), ("403", "Access denied\r\n"));
     // L3/L4 only, authenticated too.
-    let (_, code, body) = curl(&lab, "tiefighter", "GET", &format!("http://{status_ip}:8080/"));
+    let (_, code, body) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "GET"], &format!("http://{status_ip}:8080/"));
     assert_eq!((code.as_str(), body.trim()), ("200", format!("fully operational for {tiefighter}").as_str()));
     // IPv6 through the same tunnel (the underlay is IPv4).
-    let (_, code, _) =
-        curl(&lab, "tiefighter", "POST", &format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true)));
+    let (_, code, _) = lab.curl_status(
+        "tiefighter",
+        &["-m", "5", "-X", "POST"],
+        &format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true)),
+    );
     assert_eq!(code, "200");
     // What crossed the underlay: TLS to the tunnel port, no plaintext HTTP, nothing to the pods'
     // ports.
@@ -185,7 +183,7 @@ fn authenticated_identities_between_nodes_privileged() {
     );
 
     // The xwing's flow is tunnelled too and refused at node2 by policy (recorded), never served.
-    let (rc, _, body) = curl(&lab, "xwing", "GET", &format!("http://{status_ip}:8080/"));
+    let (rc, _, body) = lab.curl_status("xwing", &["-m", "5", "-X", "GET"], &format!("http://{status_ip}:8080/"));
     assert!(rc != 0 && body.is_empty(), "xwing got through: rc {rc} {body:?}");
     let flows = porin_observe(&lab, "node2");
     assert!(
@@ -238,7 +236,11 @@ fn authenticated_identities_between_nodes_privileged() {
     });
     for _ in 0..5 {
         let t = Instant::now();
-        let (_, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+        let (_, code, _) = lab.curl_status(
+            "tiefighter",
+            &["-m", "5", "-X", "POST"],
+            &format!("http://{deathstar}/v1/request-landing"),
+        );
         assert_eq!(code, "200");
         assert!(t.elapsed() < Duration::from_secs(2), "a landing took {:?} beside the bad clients", t.elapsed());
     }
@@ -254,12 +256,14 @@ fn authenticated_identities_between_nodes_privileged() {
     // deathstar's datapath would drop them), and go through new tunnels once it is back.
     let o = common::porin().args(["lab", "stop-proxy", "--name", &lab.name, "--node", "node2"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (rc, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    let (rc, code, _) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "POST"], &format!("http://{deathstar}/v1/request-landing"));
     assert!(rc != 0 && code != "200", "a landing got through without node2's proxy: {rc} {code}");
     let o = common::porin().args(["lab", "restart-proxy", "--name", &lab.name, "--node", "node2"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_credentials(&lab, "node2");
-    let (_, code, _) = curl(&lab, "tiefighter", "POST", &format!("http://{deathstar}/v1/request-landing"));
+    let (_, code, _) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "POST"], &format!("http://{deathstar}/v1/request-landing"));
     assert_eq!(code, "200", "after node2's proxy restarted");
     assert!(count(&tunnel(&lab, "node2"), "streams_in") >= 1);
 }
@@ -316,7 +320,6 @@ fn certificates_that_do_not_name_the_client_are_refused_privileged() {
     use proxy::tunnel::credentials::{self, CredentialsFile, Tls, WorkloadCredential};
     use proxy::tunnel::identity::SpiffeId;
     use proxy::tunnel::target::Target;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     if !privileged() {
         return;
@@ -345,8 +348,7 @@ fn certificates_that_do_not_name_the_client_are_refused_privileged() {
     let other_ca = porin::mesh::NodeIssuer::load(&other.join("node1"), &n1).unwrap();
     let spiffe = SpiffeId::workload("cluster.local", "default", "default");
     let hour = Duration::from_secs(3600);
-    let now =
-        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let now = unix_now();
     let own = real.workloads.iter().find(|w| w.identity == tie_id).expect("node1 holds tiefighter's certificate");
     let cases = vec![
         ("node1's own certificate for tiefighter", own.cert.clone(), Expect::Served),
@@ -382,18 +384,7 @@ fn certificates_that_do_not_name_the_client_are_refused_privileged() {
             rt.block_on(async {
                 let pool = Pool::new(Duration::from_secs(3));
                 let opened = std::sync::atomic::AtomicU64::new(0);
-                let target = Target { destination: status, client };
-                let up = pool.open(&tls, &node, node2, tie_id, target, &opened).await.map_err(|e| e.to_string())?;
-                let mut io = hyper_util::rt::TokioIo::new(up);
-                io.write_all(b"GET / HTTP/1.1\r\nHost: deathstar-status\r\nConnection: close\r\n\r\n")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut answer = Vec::new();
-                tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut answer))
-                    .await
-                    .map_err(|_| "no answer in 5 s".to_owned())?
-                    .map_err(|e| e.to_string())?;
-                Ok(String::from_utf8_lossy(&answer).into_owned())
+                get_status(&pool, &tls, &node, node2, tie_id, Target { destination: status, client }, &opened).await
             })
         });
         let after = tunnel(&lab, "node2");
@@ -421,10 +412,131 @@ fn certificates_that_do_not_name_the_client_are_refused_privileged() {
             }
         }
     }
+    // A certificate that expires while its connection is open: the next stream on the connection
+    // is refused.
+    let now = unix_now();
+    let short = node1_ca.workload_cert_between(tie_id, &spiffe, now - 60, now + 3).unwrap();
+    let file = CredentialsFile {
+        workloads: vec![WorkloadCredential { identity: tie_id, spiffe: spiffe.to_string(), cert: short }],
+        ..real.clone()
+    };
+    let tls = Tls::build(&file, 1).unwrap();
+    let node = n2.clone();
+    let (first, second, opened) = in_netns(&n1, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let pool = Pool::new(Duration::from_secs(3));
+            let opened = std::sync::atomic::AtomicU64::new(0);
+            let at = |port| Target { destination: status, client: SocketAddr::new(tiefighter, port) };
+            let first = get_status(&pool, &tls, &node, node2, tie_id, at(41100), &opened).await;
+            while unix_now() <= now + 3 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let second = get_status(&pool, &tls, &node, node2, tie_id, at(41101), &opened).await;
+            (first, second, opened.into_inner())
+        })
+    });
+    assert!(first.as_ref().is_ok_and(|t| t.contains("fully operational")), "before it expired: {first:?}");
+    assert!(second.as_ref().is_err_and(|e| e.contains("403")), "after it expired: {second:?}");
+    assert_eq!(opened, 1, "the second stream went over the same connection");
     let refused: Vec<Value> = porin_observe(&lab, "node2")
         .into_iter()
         .filter(|f| f["verdict"] == "DROPPED" && f["drop_reason_desc"] == "AUTH_REQUIRED" && f["Type"] == "L3_L4")
         .collect();
-    assert!(refused.len() >= 2, "node2 recorded both refused streams: {refused:#?}");
+    assert!(refused.len() >= 3, "node2 recorded the refused streams: {refused:#?}");
+    assert!(refused.iter().any(|f| f["Summary"].as_str().is_some_and(|s| s.contains("expired"))), "{refused:#?}");
     assert!(refused.iter().all(|f| f["auth_type"] == "SPIRE"), "{refused:#?}");
+}
+
+/// Certificates that live 10 s are renewed every 5 s: under wrk's keep-alive load and a stream of
+/// new connections (HTTP through L7 rules, L3/L4 to the status port), across several rotations
+/// on both nodes, no request fails and no stream is refused.
+#[test]
+fn credentials_rotate_under_load_privileged() {
+    if !privileged() {
+        return;
+    }
+    let yaml = MTLS
+        .replace("{mesh: {trust_domain: cluster.local}}", "{mesh: {trust_domain: cluster.local, cert_ttl_secs: 10}}")
+        .replace(", {name: node3}", "");
+    let lab = Lab::up("mtlsrot", &yaml);
+    wait_credentials(&lab, "node1");
+    wait_credentials(&lab, "node2");
+    let generation = |n: &str| tunnel(&lab, n)["credentials"]["generation"].as_u64().unwrap();
+    let (before1, before2) = (tunnel(&lab, "node1"), tunnel(&lab, "node2"));
+    let deathstar = lab.addr("deathstar", false);
+    let status = format!("http://{}:8080/", lab.addr("deathstar-status", false));
+    let secs = 20;
+    let (load, attempts, failures) = std::thread::scope(|s| {
+        let wrk = s.spawn(|| lab.wrk("tiefighter", &format!("http://{deathstar}"), 20, secs));
+        let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
+        let (mut attempts, mut failures) = (0, Vec::new());
+        while Instant::now() < deadline {
+            for (args, url) in [
+                (&["-X", "POST"][..], format!("http://{deathstar}/v1/request-landing")),
+                (&["-X", "GET"][..], status.clone()),
+            ] {
+                attempts += 1;
+                let (rc, code, body) = lab.curl_status("tiefighter", args, &url);
+                if rc != 0 || code != "200" {
+                    failures.push(format!("{url}: exit {rc}, status {code}, {body:?}"));
+                }
+            }
+        }
+        (wrk.join().unwrap(), attempts, failures)
+    });
+    let (after1, after2) = (tunnel(&lab, "node1"), tunnel(&lab, "node2"));
+    eprintln!(
+        "wrk: {} requests; {attempts} new connections; generations node1 {} → {}, node2 {} → {}",
+        load.requests,
+        before1["credentials"]["generation"],
+        generation("node1"),
+        before2["credentials"]["generation"],
+        generation("node2")
+    );
+    assert!(failures.is_empty(), "{} of {attempts} new connections failed: {failures:#?}", failures.len());
+    assert!(attempts >= 20, "only {attempts} new connections in {secs} s");
+    assert!(load.requests > 1000, "{}", load.output);
+    assert_eq!((load.connect_errors, load.other_errors, load.non_2xx), (0, 0, 0), "{}", load.output);
+    for (name, before, after) in [("node1", &before1, &after1), ("node2", &before2, &after2)] {
+        let rotated = after["credentials"]["generation"].as_u64().unwrap()
+            - before["credentials"]["generation"].as_u64().unwrap();
+        assert!(rotated >= 3, "{name}'s credentials rotated only {rotated} times: {after:#}");
+    }
+    let delta = |key: &str, before: &Value, after: &Value| count(after, key) - count(before, key);
+    assert_eq!(delta("streams_out_failed", &before1, &after1), 0, "{after1:#}");
+    assert_eq!(delta("streams_in_refused", &before2, &after2), 0, "{after2:#}");
+    assert_eq!(delta("handshakes_refused", &before2, &after2), 0, "{after2:#}");
+    assert!(delta("connections_out", &before1, &after1) >= 3, "new credentials open new connections: {after1:#}");
+    // Connections of older credentials are let go once their streams end.
+    assert!(after1["connections_pooled"].as_u64().unwrap() <= 2, "{after1:#}");
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap()
+}
+
+/// `GET /` of the deathstar's status port over a tunnel stream from `pool`: the answer, or why
+/// there was none.
+async fn get_status(
+    pool: &proxy::tunnel::client::Pool,
+    tls: &proxy::tunnel::credentials::Tls,
+    node: &str,
+    addr: SocketAddr,
+    identity: u32,
+    target: proxy::tunnel::target::Target,
+    opened: &std::sync::atomic::AtomicU64,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = pool.open(tls, node, addr, identity, target, opened).await.map_err(|e| e.to_string())?;
+    let mut io = hyper_util::rt::TokioIo::new(up);
+    io.write_all(b"GET / HTTP/1.1\r\nHost: deathstar-status\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut answer))
+        .await
+        .map_err(|_| "no answer in 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }

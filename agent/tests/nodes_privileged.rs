@@ -27,14 +27,6 @@ pods:
   - {name: xwing, node: node1, labels: {org: alliance, class: xwing}}
 "#;
 
-/// curl from a pod, returning (exit code, HTTP status, body).
-fn curl(lab: &Lab, pod: &str, method: &str, url: &str) -> (i32, String, String) {
-    let o = lab.exec(pod, &["curl", "-s", "-g", "-m", "3", "-w", "\n%{http_code}", "-X", method, url]);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
-    (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
-}
-
 /// A node's Hubble socket.
 fn hubble(lab: &Lab, node: &str) -> PathBuf {
     PathBuf::from(format!("/run/porin/labs/{}/nodes/{node}/hubble.sock", lab.name))
@@ -86,12 +78,14 @@ fn starwars_across_nodes_privileged() {
         let host = if v6 { format!("[{}]", lab.addr("deathstar", true)) } else { "deathstar".to_owned() };
         let tie = lab.addr("tiefighter", v6);
         // Allowed at L7 by node2's proxy; the deathstar sees the tiefighter's own address.
-        let (code, status, body) = curl(&lab, "tiefighter", "POST", &format!("http://{host}/v1/request-landing"));
+        let (code, status, body) =
+            lab.curl_status("tiefighter", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!((code, status.as_str(), body), (0, "200", format!("Ship landed for {tie}\n")), "{host}");
-        let (code, status, body) = curl(&lab, "tiefighter", "PUT", &format!("http://{host}/v1/exhaust-port"));
+        let (code, status, body) =
+            lab.curl_status("tiefighter", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
         assert_eq!((code, status.as_str(), body.as_str()), (0, "403", "Access denied\r\n"), "{host}");
         // The xwing's SYN crosses the underlay and is dropped at the deathstar's node.
-        let (code, _, _) = curl(&lab, "xwing", "POST", &format!("http://{host}/v1/request-landing"));
+        let (code, _, _) = lab.curl_status("xwing", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!(code, 28, "xwing times out ({host})");
     }
 

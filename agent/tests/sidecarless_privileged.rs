@@ -16,17 +16,6 @@ fn starwars(tag: &str) -> Lab {
     Lab::up(tag, &text.replace("../examples/", "@REPO@/config/examples/"))
 }
 
-/// curl from a pod, returning (exit code, HTTP status, body).
-fn curl(lab: &Lab, pod: &str, args: &[&str], url: &str) -> (i32, String, String) {
-    let mut a = vec!["curl", "-s", "-g", "-m", "3", "-w", "\n%{http_code}"];
-    a.extend_from_slice(args);
-    a.push(url);
-    let o = lab.exec(pod, &a);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
-    (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
-}
-
 /// Proxy flow records of the lab.
 fn proxy_flows(lab: &Lab) -> Vec<Value> {
     let o = porin().args(["observe", "-o", "json", "--lab", &lab.name, "--protocol", "http"]).output().unwrap();
@@ -45,18 +34,19 @@ fn starwars_through_the_kernel_and_the_proxy_privileged() {
     let lab = starwars("swl7");
     for host in ["deathstar", &format!("[{}]", lab.addr("deathstar", true))] {
         let (code, status, body) =
-            curl(&lab, "tiefighter", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+            lab.curl_status("tiefighter", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!((code, status.as_str(), body.as_str()), (0, "200", "Ship landed\n"), "{host}");
-        let (code, status, body) = curl(&lab, "tiefighter", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
+        let (code, status, body) =
+            lab.curl_status("tiefighter", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
         assert_eq!((code, status.as_str(), body.as_str()), (0, "403", "Access denied\r\n"), "{host}");
     }
     // h2c from an unmodified client, judged per stream.
     let (_, status, body) =
-        curl(&lab, "tiefighter", &["--http2-prior-knowledge", "-X", "PUT"], "http://deathstar/v1/exhaust-port");
+        lab.curl_status("tiefighter", &["--http2-prior-knowledge", "-X", "PUT"], "http://deathstar/v1/exhaust-port");
     assert_eq!((status.as_str(), body.as_str()), ("403", "Access denied\r\n"));
     // The xwing never gets a connection: dropped in the kernel.
     let start = Instant::now();
-    let (code, _, _) = curl(&lab, "xwing", &["-X", "POST"], "http://deathstar/v1/request-landing");
+    let (code, _, _) = lab.curl_status("xwing", &["-X", "POST"], "http://deathstar/v1/request-landing");
     assert_eq!(code, 28, "xwing times out");
     assert!(start.elapsed() >= Duration::from_secs(3));
 
@@ -106,13 +96,13 @@ spec:
         http: [{method: GET, path: /whoami}]
 "#]);
     let v4 = lab.addr("api", false);
-    let (_, status, body) = curl(&lab, "client", &[], &format!("http://{v4}:8080/whoami"));
+    let (_, status, body) = lab.curl_status("client", &[], &format!("http://{v4}:8080/whoami"));
     assert_eq!(status, "200");
     assert_eq!(body.trim(), lab.addr("client", false), "the server sees the client, not the proxy");
     let v6 = lab.addr("api", true);
-    let (_, _, body) = curl(&lab, "client", &[], &format!("http://[{v6}]:8080/whoami"));
+    let (_, _, body) = lab.curl_status("client", &[], &format!("http://[{v6}]:8080/whoami"));
     assert_eq!(body.trim(), lab.addr("client", true));
-    let (_, status, body) = curl(&lab, "client", &["-X", "POST"], "http://api:8080/write");
+    let (_, status, body) = lab.curl_status("client", &["-X", "POST"], "http://api:8080/write");
     assert_eq!((status.as_str(), body.as_str()), ("403", "Access denied\r\n"), "the egress rule of the source");
     let flows = proxy_flows(&lab);
     assert!(flows.iter().any(|f| f["verdict"] == "DROPPED" && f["traffic_direction"] == "EGRESS"), "{flows:#?}");
@@ -324,7 +314,7 @@ fn reused_client_ports_meet_the_proxys_time_wait_privileged() {
     let port = waiting.difference(&busy).next().copied().expect("a port only the proxy's side holds");
     let before = time_wait_counters(&lab);
     let url = format!("http://{ds4}{land}");
-    let (code, _, _) = curl(&lab, "tiefighter", &["-X", "POST", "--local-port", &port.to_string()], &url);
+    let (code, _, _) = lab.curl_status("tiefighter", &["-X", "POST", "--local-port", &port.to_string()], &url);
     assert_eq!(code, 28, "nothing answers without the proxy (curl times out; port {port})");
     let after = time_wait_counters(&lab);
     assert!(after.1 > before.1, "the TIME_WAIT path found no listener and refused: {before:?} -> {after:?}");
@@ -346,7 +336,7 @@ fn proxy_and_agent_restarts_privileged() {
     }
     let lab = starwars("rstl7");
     let ds: SocketAddr = format!("{}:80", lab.addr("deathstar", false)).parse().unwrap();
-    let land = |lab: &Lab| curl(lab, "tiefighter", &["-X", "POST"], "http://deathstar/v1/request-landing");
+    let land = |lab: &Lab| lab.curl_status("tiefighter", &["-X", "POST"], "http://deathstar/v1/request-landing");
 
     // An established L7 connection survives an agent restart.
     let mut live = lab.tcp("tiefighter", ds).unwrap();
@@ -373,7 +363,7 @@ fn proxy_and_agent_restarts_privileged() {
     let o = porin().args(["lab", "restart-proxy", "--name", &lab.name]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(land(&lab), (0, "200".into(), "Ship landed\n".into()));
-    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "403");
+    assert_eq!(lab.curl_status("tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "403");
 }
 
 #[test]
@@ -393,7 +383,7 @@ fn policy_files_are_watched_privileged() {
     let start = Instant::now();
     std::fs::write(dir.join("zz-exhaust.yaml"), &open).unwrap();
     loop {
-        if curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1 == "200" {
+        if lab.curl_status("tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1 == "200" {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(2), "the new file was not enforced in time");
@@ -405,7 +395,7 @@ fn policy_files_are_watched_privileged() {
     std::fs::write(dir.join("zz-exhaust.yaml"), open.replace("toPorts:", "toPortz:")).unwrap();
     let e = lab.wait_event(seq, |e| e["event_type"] == "policy-error");
     assert!(e["Summary"].as_str().unwrap().contains("zz-exhaust.yaml"), "{e}");
-    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
+    assert_eq!(lab.curl_status("tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
     let st = lab.status();
     let files = st["agent"]["status"]["policy_files"].as_array().unwrap();
     assert!(
@@ -453,7 +443,7 @@ fn a_failed_publication_is_retried_until_the_proxy_follows_privileged() {
         assert!(Instant::now() < deadline, "the proxy did not follow version {version}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(curl(&lab, "tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
+    assert_eq!(lab.curl_status("tiefighter", &["-X", "PUT"], "http://deathstar/v1/exhaust-port").1, "200");
     let st = lab.status()["agent"]["status"].clone();
     assert_eq!(st["publish"]["published_version"], version, "{st}");
     assert!(st["publish"]["pending"].is_null(), "{st}");
@@ -494,9 +484,9 @@ spec:
       rules: {http: [{method: POST, path: /v1/request-landing}]}
 "#]);
     for host in [lab.addr("deathstar", false), format!("[{}]", lab.addr("deathstar", true))] {
-        let land = curl(&lab, "outsider", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+        let land = lab.curl_status("outsider", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!((land.1.as_str(), land.2.as_str()), ("200", "Ship landed\n"), "{host}");
-        let boom = curl(&lab, "outsider", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
+        let boom = lab.curl_status("outsider", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
         assert_eq!((boom.1.as_str(), boom.2.as_str()), ("403", "Access denied\r\n"), "{host}");
     }
     // The proxy judged them, as ingress of the deathstar from the world.

@@ -38,6 +38,17 @@ pub(crate) fn privileged() -> bool {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// What `wrk` reported.
+#[derive(Debug, Default)]
+pub(crate) struct Wrk {
+    pub requests: u64,
+    pub connect_errors: u64,
+    /// Read, write and timeout errors (a connection that broke or stalled).
+    pub other_errors: u64,
+    pub non_2xx: u64,
+    pub output: String,
+}
+
 /// A running lab; `porin lab down` when dropped.
 pub(crate) struct Lab {
     pub name: String,
@@ -73,8 +84,8 @@ impl Lab {
     /// curl from a pod; returns (exit code, body). `-m` bounds the whole request.
     pub(crate) fn curl(&self, pod: &str, method: &str, url: &str, timeout_s: u32) -> (i32, String) {
         let t = timeout_s.to_string();
-        let o = self.exec(pod, &["curl", "-s", "-g", "-m", &t, "--connect-timeout", &t, "-X", method, url]);
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+        let (exit, _, body) = self.curl_status(pod, &["-m", &t, "--connect-timeout", &t, "-X", method], url);
+        (exit, body)
     }
 
     /// ping from a pod: whether one echo request got its reply within a second.
@@ -99,6 +110,51 @@ impl Lab {
         let p =
             st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap_or_else(|| panic!("no pod {pod}"));
         p["addresses"][usize::from(v6)].as_str().unwrap().to_owned()
+    }
+
+    /// curl in a pod (`-s -g -m 3`, then `args`: a later `-m` wins): its exit code, the HTTP
+    /// status and the body.
+    pub(crate) fn curl_status(&self, pod: &str, args: &[&str], url: &str) -> (i32, String, String) {
+        let mut a = vec!["curl", "-s", "-g", "-m", "3", "-w", "\n%{http_code}"];
+        a.extend_from_slice(args);
+        a.push(url);
+        let o = self.exec(pod, &a);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (o.status.code().unwrap_or(-1), code.to_owned(), body.to_owned())
+    }
+
+    /// Runs wrk in a pod: `conns` keep-alive connections for `secs`, `POST /v1/request-landing`.
+    pub(crate) fn wrk(&self, pod: &str, url: &str, conns: u32, secs: u32) -> Wrk {
+        let script = self.dir.join("wrk-post.lua");
+        std::fs::write(&script, "wrk.method = \"POST\"\n").unwrap();
+        let cmd = format!(
+            "ulimit -n 20000; wrk -t2 -c{conns} -d{secs}s --timeout 30s -s {} {url}/v1/request-landing",
+            script.display()
+        );
+        let o = self.exec(pod, &["bash", "-c", &cmd]);
+        let output = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "wrk failed: {output}");
+        let mut w = Wrk { output: output.clone(), ..Wrk::default() };
+        for line in output.lines().map(str::trim) {
+            if let Some(rest) = line.split_once(" requests in ") {
+                w.requests = rest.0.trim().parse().unwrap_or(0);
+            }
+            if let Some(rest) = line.strip_prefix("Socket errors: ") {
+                for part in rest.split(',') {
+                    let (what, n) = part.trim().split_once(' ').unwrap_or(("", "0"));
+                    let n: u64 = n.trim().parse().unwrap_or(0);
+                    match what {
+                        "connect" => w.connect_errors = n,
+                        _ => w.other_errors += n,
+                    }
+                }
+            }
+            if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses: ") {
+                w.non_2xx = rest.trim().parse().unwrap_or(0);
+            }
+        }
+        w
     }
 
     /// Identity of an endpoint pod.

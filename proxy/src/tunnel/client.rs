@@ -77,9 +77,22 @@ pub enum OpenError {
 
 type Key = (SocketAddr, u32, u64);
 
+/// A connection: how to open streams on it, and when the server's certificate expires (no new
+/// stream goes over it after: a new handshake checks the node's current certificate).
+struct Conn {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    not_after: i64,
+}
+
+impl Conn {
+    fn usable(&self, now: i64) -> bool {
+        !self.sender.is_closed() && now < self.not_after
+    }
+}
+
 #[derive(Default)]
 struct Slot {
-    sender: tokio::sync::Mutex<Option<http2::SendRequest<Empty<Bytes>>>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
 }
 
 /// Tunnel connections by (listener address, client identity, credentials generation).
@@ -118,8 +131,9 @@ impl Pool {
     /// Lets go of connections of older credentials (they close once their streams end) and of
     /// closed ones.
     pub fn sweep(&self, generation: u64) {
+        let now = unix_now();
         lock(&self.slots).retain(|k, slot| {
-            k.2 == generation && slot.sender.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed()))
+            k.2 == generation && slot.conn.try_lock().map_or(true, |c| c.as_ref().is_some_and(|c| c.usable(now)))
         });
     }
 
@@ -137,14 +151,15 @@ impl Pool {
         let slot = lock(&self.slots).entry((addr, identity, tls.generation)).or_default().clone();
         for attempt in 0..2 {
             let mut sender = {
-                let mut held = slot.sender.lock().await;
+                let mut held = slot.conn.lock().await;
                 match held.as_ref() {
-                    Some(s) if !s.is_closed() => s.clone(),
+                    Some(c) if c.usable(unix_now()) => c.sender.clone(),
                     _ => {
-                        let s = self.connect(tls, node, addr, identity).await?;
+                        let c = self.connect(tls, node, addr, identity).await?;
                         opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        *held = Some(s.clone());
-                        s
+                        let sender = c.sender.clone();
+                        *held = Some(c);
+                        sender
                     }
                 }
             };
@@ -157,7 +172,7 @@ impl Pool {
                 // The pooled connection went away under us (the peer restarted, went idle):
                 // once more on a new one.
                 Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
-                    *slot.sender.lock().await = None;
+                    *slot.conn.lock().await = None;
                 }
                 Err(error) => return Err(OpenError::Http { addr, error }),
             }
@@ -165,13 +180,7 @@ impl Pool {
         Err(OpenError::Refused { addr, status: StatusCode::SERVICE_UNAVAILABLE })
     }
 
-    async fn connect(
-        &self,
-        tls: &Tls,
-        node: &str,
-        addr: SocketAddr,
-        identity: u32,
-    ) -> Result<http2::SendRequest<Empty<Bytes>>, OpenError> {
+    async fn connect(&self, tls: &Tls, node: &str, addr: SocketAddr, identity: u32) -> Result<Conn, OpenError> {
         let config = tls.clients.get(&identity).ok_or(OpenError::NoIdentity(identity))?.clone();
         let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
@@ -189,14 +198,17 @@ impl Pool {
             .map_err(|error| OpenError::Tls { addr, error })?;
         let peer = identity::read_peer(stream.get_ref().1.peer_certificates().unwrap_or_default());
         let peer_err = |why: String| OpenError::Peer { addr, node: node.to_owned(), why };
-        match peer {
+        let not_after = match peer {
             Ok(p)
                 if p.id.subject == Subject::Node(node.to_owned())
                     && p.id.trust_domain == tls.trust_domain
-                    && p.issuer_node == node => {}
+                    && p.issuer_node == node =>
+            {
+                p.not_after
+            }
             Ok(p) => return Err(peer_err(format!("{} issued by node {:?}", p.id, p.issuer_node))),
             Err(e) => return Err(peer_err(e.to_string())),
-        }
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)
@@ -211,6 +223,11 @@ impl Pool {
                 tracing::debug!(%addr, error = %e, "tunnel connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, not_after })
     }
+}
+
+/// Seconds since the Unix epoch, as certificates count them.
+pub(crate) fn unix_now() -> i64 {
+    i64::try_from(crate::fqdn::unix_now()).unwrap_or(i64::MAX)
 }

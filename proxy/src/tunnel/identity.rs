@@ -121,6 +121,9 @@ pub struct PeerCert {
     pub identity: Option<u32>,
     /// The common name of its issuer: the node whose CA issued it.
     pub issuer_node: String,
+    /// When it expires (seconds since the Unix epoch): a connection opened with it carries no
+    /// new stream after.
+    pub not_after: i64,
 }
 
 /// Reads the end-entity certificate of a verified chain.
@@ -147,7 +150,7 @@ pub fn read_peer(chain: &[CertificateDer<'_>]) -> Result<PeerCert, IdError> {
         }
         Subject::Node(_) => None,
     };
-    Ok(PeerCert { id, identity, issuer_node: cn(cert.issuer()) })
+    Ok(PeerCert { id, identity, issuer_node: cn(cert.issuer()), not_after: cert.validity().not_after.timestamp() })
 }
 
 #[cfg(test)]

@@ -155,9 +155,14 @@ fn authorize(
     policy: &ConnPolicy,
     peer: &PeerCert,
     target: &Target,
+    now: i64,
 ) -> Result<Admit, (StatusCode, DropReason, String)> {
     // What the certificate does not vouch for is not authenticated.
     let forbidden = |why: String| Err((StatusCode::FORBIDDEN, DropReason::AuthRequired, why));
+    // The handshake checked it was valid then; a long-lived connection outlives it.
+    if now >= peer.not_after {
+        return forbidden(format!("the client certificate ({}) expired at {} (Unix time)", peer.id, peer.not_after));
+    }
     match snap.endpoint_by_ip(target.destination.ip()) {
         Some(e) if e.local => {}
         _ => return forbidden(format!("{} is no endpoint of this node", target.destination.ip())),
@@ -255,7 +260,7 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
         target.destination,
         policy_engine::snapshot::Proto::Tcp,
     );
-    let admit = match authorize(&snap, &policy, &ctx.peer, &target) {
+    let admit = match authorize(&snap, &policy, &ctx.peer, &target, super::client::unix_now()) {
         Ok(a) => a,
         Err((status, reason, why)) => {
             record(&ctx.shared, &policy.ends, Verdict::Dropped, Some(reason), why.clone());
