@@ -448,8 +448,8 @@ fn certificates_that_do_not_name_the_client_are_refused_privileged() {
     assert!(refused.iter().all(|f| f["auth_type"] == "SPIRE"), "{refused:#?}");
 }
 
-/// Certificates that live 10 s are renewed every 5 s: under wrk's keep-alive load and a stream of
-/// new connections (HTTP through L7 rules, L3/L4 to the status port), across several rotations
+/// Certificates that live 10 s are renewed every 5 s: under wrk's keep-alive HTTP/1.1 load,
+/// h2load's HTTP/2 (h2c) load and a stream of new connections (HTTP through L7 rules, L3/L4 to the status port), across several rotations
 /// on both nodes, no request fails and no stream is refused.
 #[test]
 fn credentials_rotate_under_load_privileged() {
@@ -469,6 +469,7 @@ fn credentials_rotate_under_load_privileged() {
     let secs = 20;
     let (load, attempts, failures) = std::thread::scope(|s| {
         let wrk = s.spawn(|| lab.wrk("tiefighter", &format!("http://{deathstar}"), 20, secs));
+        let h2 = s.spawn(|| lab.h2load("tiefighter", &format!("http://{deathstar}/v1/request-landing"), 4, 10, secs));
         let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
         let (mut attempts, mut failures) = (0, Vec::new());
         while Instant::now() < deadline {
@@ -483,12 +484,14 @@ fn credentials_rotate_under_load_privileged() {
                 }
             }
         }
-        (wrk.join().unwrap(), attempts, failures)
+        ((wrk.join().unwrap(), h2.join().unwrap()), attempts, failures)
     });
+    let (load, h2) = load;
     let (after1, after2) = (tunnel(&lab, "node1"), tunnel(&lab, "node2"));
     eprintln!(
-        "wrk: {} requests; {attempts} new connections; generations node1 {} → {}, node2 {} → {}",
+        "wrk: {} requests; h2load: {} requests; {attempts} new connections; generations node1 {} → {}, node2 {} → {}",
         load.requests,
+        h2.succeeded,
         before1["credentials"]["generation"],
         generation("node1"),
         before2["credentials"]["generation"],
@@ -498,6 +501,8 @@ fn credentials_rotate_under_load_privileged() {
     assert!(attempts >= 20, "only {attempts} new connections in {secs} s");
     assert!(load.requests > 1000, "{}", load.output);
     assert_eq!((load.connect_errors, load.other_errors, load.non_2xx), (0, 0, 0), "{}", load.output);
+    assert!(h2.succeeded > 1000, "{}", h2.output);
+    assert_eq!((h2.failed, h2.not_2xx), (0, 0), "{}", h2.output);
     for (name, before, after) in [("node1", &before1, &after1), ("node2", &before2, &after2)] {
         let rotated = after["credentials"]["generation"].as_u64().unwrap()
             - before["credentials"]["generation"].as_u64().unwrap();
@@ -539,4 +544,70 @@ async fn get_status(
         .map_err(|_| "no answer in 5 s".to_owned())?
         .map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The tiefighter's own egress L7 rules: only landings at the deathstar.
+const TIEFIGHTER_EGRESS: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tiefighter-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"#;
+
+/// A flow the source's own egress L7 rules bring to its proxy, to a destination on another node
+/// that wants its clients authenticated: judged at the source, then carried by the tunnel (the
+/// proxy's upstream connections are tunnel streams) and judged again at the destination.
+#[test]
+fn egress_l7_rules_reach_authenticated_destinations_through_the_tunnel_privileged() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up("mtlsegress", &MTLS.replace(", {name: node3}", ""));
+    wait_credentials(&lab, "node1");
+    wait_credentials(&lab, "node2");
+    let deathstar_policy =
+        std::fs::read_to_string(common::repo().join("config/examples/mesh/deathstar-authenticated.yaml")).unwrap();
+    lab.apply(&[&deathstar_policy, TIEFIGHTER_EGRESS]);
+    let before = tunnel(&lab, "node1");
+    let deathstar = lab.addr("deathstar", false);
+    let land = format!("http://{deathstar}/v1/request-landing");
+    for _ in 0..3 {
+        let (rc, code, body) = lab.curl_status("tiefighter", &["-m", "5", "-X", "POST"], &land);
+        assert_eq!((rc, code.as_str()), (0, "200"), "{body}");
+        assert!(body.starts_with("Ship landed for"), "{body}");
+    }
+    let v6 = format!("http://[{}]/v1/request-landing", lab.addr("deathstar", true));
+    let (_, code, body) = lab.curl_status("tiefighter", &["-m", "5", "-X", "POST"], &v6);
+    assert_eq!(code, "200", "over IPv6: {body}");
+    // Denied by the source's egress rules: it never leaves node1.
+    let (_, code, _) =
+        lab.curl_status("tiefighter", &["-m", "5", "-X", "PUT"], &format!("http://{deathstar}/v1/exhaust-port"));
+    assert_eq!(code, "403");
+    let after = tunnel(&lab, "node1");
+    let out = count(&after, "streams_out") - count(&before, "streams_out");
+    assert!(out >= 2, "the source's upstream connections went through the tunnel (one per family): {after:#}");
+    assert_eq!(count(&after, "streams_out_failed"), count(&before, "streams_out_failed"), "{after:#}");
+    // The destination judged the landings as from tiefighter, authenticated.
+    let landed: Vec<Value> = porin_observe(&lab, "node2")
+        .into_iter()
+        .filter(|f| f["Type"] == "L7" && f["verdict"] == "FORWARDED" && f["l7"]["type"] == "REQUEST")
+        .collect();
+    assert!(landed.len() >= 4, "{landed:#?}");
+    for f in &landed {
+        assert_eq!(f["auth_type"], "SPIRE", "{f:#}");
+        assert!(f["source"]["labels"].as_array().unwrap().iter().any(|l| l == "k8s:class=tiefighter"), "{f:#}");
+    }
+    // The exhaust port was refused at the source: node2 never saw it.
+    let node1_denied = porin_observe(&lab, "node1")
+        .into_iter()
+        .any(|f| f["verdict"] == "DROPPED" && f["l7"]["http"]["method"] == "PUT");
+    assert!(node1_denied, "node1 recorded the denied PUT");
+    assert!(!porin_observe(&lab, "node2").iter().any(|f| f["l7"]["http"]["method"] == "PUT"), "the PUT reached node2");
 }

@@ -71,6 +71,19 @@ impl Shared {
     pub fn lookup(&self) -> crate::policy::Lookup<'_> {
         crate::policy::Lookup { descriptions: &self.descriptions, fqdn: &self.fqdn }
     }
+
+    /// The pool of upstream `addr` (from `bind`, the client's address, for transparent
+    /// upstreams), reached as `snap` says ([`upstream::Via::of`]: through the mTLS tunnel to
+    /// another node's endpoint that wants its clients authenticated).
+    pub fn pool(
+        &self,
+        snap: Option<&policy_engine::snapshot::Snapshot>,
+        addr: SocketAddr,
+        bind: Option<std::net::IpAddr>,
+    ) -> Arc<Pool> {
+        let via = upstream::Via::of(snap, self.tunnel.as_ref(), addr, bind);
+        self.upstreams.pool(addr, bind, via, &self.limits)
+    }
 }
 
 /// One client connection.
@@ -168,7 +181,7 @@ impl Conn {
             Some(up) => (up, None),
             None => (local, Some(client.ip())),
         };
-        let pool = shared.upstreams.pool(dst, bind, &shared.limits);
+        let pool = shared.pool(policy.snapshot.as_deref(), dst, bind);
         let route = ArcSwap::from_pointee(Route { snapshot: None, balanced: None });
         let conn = Self {
             shared,
@@ -240,7 +253,7 @@ impl Conn {
     /// upstream), or the connection's own.
     fn pool_for(&self, backend: Option<&Arc<Backend>>) -> Arc<Pool> {
         match backend {
-            Some(b) => self.shared.upstreams.pool(b.addr, Some(self.client.ip()), &self.shared.limits),
+            Some(b) => self.shared.pool(self.route.load().snapshot.as_deref(), b.addr, Some(self.client.ip())),
             None => self.pool.clone(),
         }
     }
@@ -429,7 +442,7 @@ impl Conn {
                 Ok(Err(SendError { error, unsent })) => {
                     if let Some(f) = flight {
                         // Out of local ports for the client's address is not the backend's fault.
-                        let connect = matches!(error, UpstreamError::Connect { .. }) && !error.is_address_exhausted();
+                        let connect = error.is_connect() && !error.is_address_exhausted();
                         tried.push(f.addr());
                         f.finish(if connect { Ended::ConnectFailed } else { Ended::Failed });
                     }
@@ -495,7 +508,10 @@ impl Conn {
                 Counters::inc(&self.shared.counters.downstream_errors);
                 StatusCode::BAD_REQUEST
             }
-            (Blame::Upstream, UpstreamError::Connect { .. }) => {
+            (
+                Blame::Upstream,
+                UpstreamError::Connect { .. } | UpstreamError::Tunnel { .. } | UpstreamError::Unauthenticated { .. },
+            ) => {
                 Counters::inc(&self.shared.counters.upstream_errors);
                 if e.is_address_exhausted() {
                     Counters::inc(&self.shared.counters.upstream_address_exhausted);

@@ -13,6 +13,11 @@
 //! or abandoned, and a reset leaves no TIME_WAIT behind to hold the client's address and port.
 //! Tunnels close gracefully (their data must arrive).
 //!
+//! A pool reaches its upstream [`Via`] a TCP connection of its own, or — when the upstream is
+//! another node's endpoint that wants its clients authenticated — streams of the mTLS tunnel to
+//! that node's proxy (one per pooled connection); when it wants that and the client cannot be
+//! authenticated, via nothing (fail closed).
+//!
 //! An HTTP/1.1 connection goes back to its pool only when the response body has been read to the
 //! end; a body dropped early takes its connection with it. A request that fails on a reused
 //! connection before any of it was written (the upstream closed the idle connection meanwhile) is
@@ -31,12 +36,117 @@ use http::{HeaderMap, Method, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
+use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either as Stream2;
 
 use crate::config::Limits;
+use crate::tunnel::target::Target;
+use crate::tunnel::{Hop, Tunnel};
+
+/// A connection to an upstream: TCP, or a stream of the mTLS tunnel.
+pub type Stream = Stream2<TcpStream, TokioIo<Upgraded>>;
+
+/// How connections reach an upstream.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// A TCP connection of its own (from the client's address, for transparent upstreams).
+    Direct,
+    /// A stream of the mTLS tunnel to the upstream's node, whose proxy delivers it: the upstream
+    /// wants its clients authenticated.
+    Tunnel(Arc<Tunnel>, Hop),
+    /// The upstream wants its clients authenticated and this client cannot be: no connection
+    /// (fail closed), and why.
+    Nowhere(Arc<str>),
+}
+
+impl Via {
+    /// How a connection from `bind` (the client's address; none: the proxy's own) to `addr` goes
+    /// under `snap`.
+    pub fn of(
+        snap: Option<&policy_engine::snapshot::Snapshot>,
+        tunnel: Option<&Arc<Tunnel>>,
+        addr: SocketAddr,
+        bind: Option<IpAddr>,
+    ) -> Self {
+        let (Some(snap), Some(client)) = (snap, bind) else { return Self::Direct };
+        let Some(tunnel) = tunnel else {
+            return match snap.tunnel_target(addr.ip()) {
+                Some(_) => Self::Nowhere(
+                    format!("{} wants its clients authenticated and this proxy has no tunnel", addr.ip()).into(),
+                ),
+                None => Self::Direct,
+            };
+        };
+        match Hop::of(snap, client, addr.ip(), tunnel.config.port) {
+            Ok(None) => Self::Direct,
+            Ok(Some(hop)) => Self::Tunnel(tunnel.clone(), hop),
+            Err(why) => Self::Nowhere(why.into()),
+        }
+    }
+
+    /// The pool key's part: connections of different ways are never shared.
+    fn key(&self) -> Option<Option<Hop>> {
+        match self {
+            Self::Direct => Some(None),
+            Self::Tunnel(_, hop) => Some(Some(hop.clone())),
+            Self::Nowhere(_) => None,
+        }
+    }
+
+    /// Connects to `addr` from `bind` (the client's address, `IP_TRANSPARENT` and marked as the
+    /// proxy's), within `timeout`. `pooled`: a TCP connection that closes abortively.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        bind: Option<IpAddr>,
+        pooled: bool,
+        timeout: Duration,
+    ) -> Result<Stream, UpstreamError> {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {timeout:?}"));
+        match self {
+            Self::Direct => {
+                let err = |error| UpstreamError::Connect { addr, error };
+                let s = tokio::time::timeout(timeout, tcp(addr, bind, pooled))
+                    .await
+                    .map_err(|_| err(timed_out()))?
+                    .map_err(err)?;
+                // Latency over batching: requests and responses are small and interactive. A
+                // socket that refuses the option still works.
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+                Ok(Stream2::Left(s))
+            }
+            Self::Tunnel(tunnel, hop) => {
+                let err = |why: String| UpstreamError::Tunnel { addr, node: hop.node.clone(), why };
+                // Pooled connections share the client's address: the port names none of them.
+                let client = SocketAddr::new(bind.ok_or_else(|| err("no client address".into()))?, 0);
+                let up = tokio::time::timeout(timeout, tunnel.open(hop, Target { destination: addr, client }))
+                    .await
+                    .map_err(|_| err(timed_out().to_string()))?
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(Stream2::Right(TokioIo::new(up)))
+            }
+            Self::Nowhere(why) => Err(UpstreamError::Unauthenticated { addr, why: why.clone() }),
+        }
+    }
+}
+
+async fn tcp(addr: SocketAddr, bind: Option<IpAddr>, pooled: bool) -> std::io::Result<TcpStream> {
+    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if pooled {
+        crate::transparent::close_with_reset(&s)?;
+    }
+    if let Some(src) = bind {
+        crate::transparent::upstream_socket(&s)?;
+        s.bind(SocketAddr::new(src, 0))?;
+    }
+    s.connect(addr).await
+}
 
 /// A request body as it goes upstream: the client's stream, or none at all (a request without a
 /// body, sent as [`Empty`] so that it can be sent again).
@@ -127,6 +237,23 @@ pub enum UpstreamError {
     },
     /// The connection broke or the upstream spoke bad HTTP.
     Protocol(hyper::Error),
+    /// The tunnel to the upstream's node did not carry the connection (no credentials, the node
+    /// unreachable, its proxy refused the stream).
+    Tunnel {
+        /// Where to.
+        addr: SocketAddr,
+        /// Through which node.
+        node: String,
+        /// What happened.
+        why: String,
+    },
+    /// The upstream wants its clients authenticated and this one cannot be.
+    Unauthenticated {
+        /// Where to.
+        addr: SocketAddr,
+        /// Why not.
+        why: Arc<str>,
+    },
 }
 
 impl UpstreamError {
@@ -136,6 +263,11 @@ impl UpstreamError {
             Self::Protocol(e) if e.is_user() || e.is_body_write_aborted() => Blame::Downstream,
             _ => Blame::Upstream,
         }
+    }
+
+    /// No connection was made (nothing of the request was sent).
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, Self::Protocol(_))
     }
 
     /// The source address had no free port towards the destination (`EADDRNOTAVAIL`).
@@ -150,12 +282,16 @@ impl fmt::Display for UpstreamError {
             Self::Connect { addr, error } => write!(f, "upstream connect error: {addr}: {error}"),
             Self::Protocol(e) if self.blame() == Blame::Downstream => write!(f, "client request body failed: {e}"),
             Self::Protocol(e) => write!(f, "upstream error: {e}"),
+            Self::Tunnel { addr, node, why } => {
+                write!(f, "upstream connect error: {addr} through node {node}'s tunnel: {why}")
+            }
+            Self::Unauthenticated { addr, why } => write!(f, "upstream connect error: {addr}: {why}"),
         }
     }
 }
 
-/// Upstream address, and the source address for transparent upstreams.
-type PoolKey = (SocketAddr, Option<IpAddr>);
+/// Upstream address, the source address for transparent upstreams, the tunnel hop.
+type PoolKey = (SocketAddr, Option<IpAddr>, Option<Hop>);
 
 /// Pools by upstream address and source address.
 #[derive(Default)]
@@ -169,24 +305,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Upstreams {
-    /// The pool of `addr`; with `bind`, connections leave from that (client's) address, marked as
-    /// the proxy's (`IP_TRANSPARENT`, `SO_MARK` = `mark::FROM_PROXY`).
-    pub fn pool(&self, addr: SocketAddr, bind: Option<IpAddr>, limits: &Limits) -> Arc<Pool> {
-        lock(&self.pools)
-            .entry((addr, bind))
-            .or_insert_with(|| {
-                Arc::new(Pool {
-                    addr,
-                    bind,
-                    idle: Mutex::new(Vec::new()),
-                    slots: Arc::new(Semaphore::new(limits.upstream_max_connections)),
-                    max: limits.upstream_max_connections,
-                    h2: tokio::sync::Mutex::new(None),
-                    connect_timeout: limits.connect_timeout(),
-                    idle_timeout: limits.upstream_idle_timeout(),
-                })
+    /// The pool of `addr` reached `via`; with `bind`, connections leave from that (client's)
+    /// address, marked as the proxy's (`IP_TRANSPARENT`, `SO_MARK` = `mark::FROM_PROXY`).
+    pub fn pool(&self, addr: SocketAddr, bind: Option<IpAddr>, via: Via, limits: &Limits) -> Arc<Pool> {
+        let new = |via| {
+            Arc::new(Pool {
+                addr,
+                bind,
+                via,
+                idle: Mutex::new(Vec::new()),
+                slots: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+                max: limits.upstream_max_connections,
+                h2: tokio::sync::Mutex::new(None),
+                connect_timeout: limits.connect_timeout(),
+                idle_timeout: limits.upstream_idle_timeout(),
             })
-            .clone()
+        };
+        // A pool that never connects holds nothing worth sharing.
+        let Some(hop) = via.key() else { return new(via) };
+        lock(&self.pools).entry((addr, bind, hop)).or_insert_with(|| new(via)).clone()
     }
 
     /// Closes idle connections past their time and drops pools nobody holds that have nothing open;
@@ -214,6 +351,7 @@ struct Idle {
 pub struct Pool {
     addr: SocketAddr,
     bind: Option<IpAddr>,
+    via: Via,
     idle: Mutex<Vec<Idle>>,
     /// One permit per HTTP/1 request in flight: at most `max` connections are ever busy, so at
     /// most `max` are open.
@@ -230,35 +368,8 @@ impl Pool {
         self.addr
     }
 
-    async fn open(&self, pooled: bool) -> std::io::Result<TcpStream> {
-        let s = if self.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if pooled {
-            crate::transparent::close_with_reset(&s)?;
-        }
-        if let Some(src) = self.bind {
-            crate::transparent::upstream_socket(&s)?;
-            s.bind(SocketAddr::new(src, 0))?;
-        }
-        s.connect(self.addr).await
-    }
-
-    async fn connect(&self, pooled: bool) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let err = |error| UpstreamError::Connect { addr: self.addr, error };
-        let s = tokio::time::timeout(self.connect_timeout, self.open(pooled))
-            .await
-            .map_err(|_| {
-                err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("timed out after {:?}", self.connect_timeout),
-                ))
-            })?
-            .map_err(err)?;
-        // Latency over batching: requests and responses are small and interactive. A socket
-        // that refuses the option still works.
-        if let Err(e) = s.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-        Ok(TokioIo::new(s))
+    async fn connect(&self, pooled: bool) -> Result<TokioIo<Stream>, UpstreamError> {
+        self.via.connect(self.addr, self.bind, pooled, self.connect_timeout).await.map(TokioIo::new)
     }
 
     async fn new_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -302,7 +302,18 @@ async fn respond(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let found = routes.iter().find(|r| r.method == req.method().as_str() && r.path == req.uri().path());
+    let (head, body) = req.into_parts();
+    // As an application does: the request whole (bounded), then the answer. (An HTTP/2 server that
+    // answers first resets the rest of the stream, and hyper's counts such resets against a
+    // connection's limit: a client sending bodies would see its connection closed.)
+    if Limited::new(body, 1 << 20).collect().await.is_err() {
+        let status = StatusCode::BAD_REQUEST;
+        return Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"Bad request body\n")))
+            .unwrap_or_default());
+    }
+    let found = routes.iter().find(|r| r.method == head.method.as_str() && r.path == head.uri.path());
     let resp = match found {
         Some(r) => {
             // An IPv4 client of the dual-stack socket shows as ::ffff:a.b.c.d.

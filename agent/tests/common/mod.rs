@@ -49,6 +49,17 @@ pub(crate) struct Wrk {
     pub output: String,
 }
 
+/// What `h2load` reported.
+#[derive(Debug, Default)]
+pub(crate) struct H2load {
+    pub succeeded: u64,
+    /// Failed, errored and timed-out requests.
+    pub failed: u64,
+    /// Answers other than 2xx.
+    pub not_2xx: u64,
+    pub output: String,
+}
+
 /// A running lab; `porin lab down` when dropped.
 pub(crate) struct Lab {
     pub name: String,
@@ -155,6 +166,37 @@ impl Lab {
             }
         }
         w
+    }
+
+    /// Runs h2load (h2c, prior knowledge) in a pod: `clients` connections with `streams` streams
+    /// each for `secs`, `POST`ing a small body to `url`.
+    pub(crate) fn h2load(&self, pod: &str, url: &str, clients: u32, streams: u32, secs: u32) -> H2load {
+        let body = self.dir.join("h2load-post.txt");
+        std::fs::write(&body, "landing\n").unwrap();
+        let (c, m, d) = (clients.to_string(), streams.to_string(), secs.to_string());
+        let args = ["h2load", "-c", &c, "-m", &m, "-D", &d, "-d", body.to_str().unwrap(), url];
+        let o = self.exec(pod, &args);
+        let output = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        let mut h = H2load { output: output.clone(), ..H2load::default() };
+        // "requests: 10 total, 10 started, 10 done, 9 succeeded, 1 failed, 1 errored, 0 timeout"
+        // "status codes: 9 2xx, 0 3xx, 1 4xx, 0 5xx"
+        let n = |part: &str| part.trim().split(' ').next().unwrap_or("0").parse::<u64>().unwrap_or(0);
+        for line in output.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("requests: ") {
+                for part in rest.split(',') {
+                    match part.trim().split(' ').nth(1) {
+                        Some("succeeded") => h.succeeded = n(part),
+                        Some("failed" | "errored" | "timeout") => h.failed += n(part),
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(rest) = line.strip_prefix("status codes: ") {
+                h.not_2xx = rest.split(',').filter(|p| !p.trim().ends_with("2xx")).map(n).sum();
+            }
+        }
+        assert!(o.status.success() && output.contains("requests: "), "h2load failed: {output}");
+        h
     }
 
     /// Identity of an endpoint pod.

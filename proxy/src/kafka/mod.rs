@@ -350,7 +350,11 @@ pub async fn serve(
     state.set_kind(ConnKind::Kafka);
     let Ok(local) = client_stream.local_addr() else { return };
     let mut policy = Policy::new(&shared, &listener, client, local);
-    let upstream = match crate::transparent::connect_from(client.ip(), local, shared.limits.connect_timeout()).await {
+    // To a broker on another node that wants its clients authenticated: through the tunnel (whose
+    // far end refuses a stream to Kafka rules it cannot enforce yet).
+    let via =
+        crate::upstream::Via::of(shared.policy.current().as_deref(), shared.tunnel.as_ref(), local, Some(client.ip()));
+    let upstream = match via.connect(local, Some(client.ip()), false, shared.limits.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             Counters::inc(&shared.counters.upstream_errors);
@@ -363,7 +367,7 @@ pub async fn serve(
         }
     };
     let (client_r, client_w) = client_stream.into_split();
-    let (up_r, up_w) = upstream.into_split();
+    let (up_r, up_w) = tokio::io::split(upstream);
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
     let first = policy.get();
     let sessions = Sessions::default();

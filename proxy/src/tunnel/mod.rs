@@ -6,6 +6,8 @@
 //! * The source side ([`relay`], [`client`]): the datapath hands such a TCP flow to the tunnel
 //!   listener (`redirect_common::listener::TUNNEL`); the proxy opens a stream to the
 //!   destination's node presenting the certificate of the client's identity, and relays bytes.
+//!   A flow the source's own egress L7 rules brought to the proxy reaches such a destination the
+//!   same way: its upstream connections are tunnel streams ([`crate::upstream::Via`]).
 //! * The destination side ([`server`]): the tunnel listener accepts TLS only from a client
 //!   certificate of the cluster's trust bundle; each stream's client must be an endpoint of the
 //!   identity the certificate names, on the node whose CA issued it. The stream is then judged as
@@ -22,11 +24,13 @@ pub mod relay;
 pub mod server;
 pub mod target;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use hyper::upgrade::Upgraded;
+use policy_engine::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ListenerConfig;
@@ -109,7 +113,46 @@ pub struct Tunnel {
     pub counters: TunnelCounters,
 }
 
+/// How one flow goes through the tunnel: to which node's listener, as which identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Hop {
+    /// The destination's node.
+    pub node: String,
+    /// Its tunnel listener.
+    pub addr: SocketAddr,
+    /// The client's identity (whose certificate the connection presents).
+    pub identity: u32,
+}
+
+impl Hop {
+    /// The hop of a flow from `client` to `destination` under `snap`, to tunnel listeners on
+    /// `port`: `Ok(None)` when the destination is no other node's endpoint that wants its clients
+    /// authenticated; `Err` (why) when it is and this flow cannot be.
+    pub fn of(snap: &Snapshot, client: IpAddr, destination: IpAddr, port: u16) -> Result<Option<Self>, String> {
+        let Some(t) = snap.tunnel_target(destination) else { return Ok(None) };
+        let source = snap.endpoint_by_ip(client).filter(|e| e.local).ok_or_else(|| {
+            format!("{destination} wants its clients authenticated; {client} is no endpoint of this node")
+        })?;
+        let addr = relay::node_addr(t.node_ips, port).ok_or_else(|| format!("node {} has no address", t.node))?;
+        Ok(Some(Self { node: t.node.to_owned(), addr, identity: source.identity }))
+    }
+}
+
 impl Tunnel {
+    /// Opens a stream to `target` over `hop` (counted in `streams_out` or `streams_out_failed`).
+    pub async fn open(&self, hop: &Hop, target: target::Target) -> Result<Upgraded, client::OpenError> {
+        let opened = match self.tls.current() {
+            None => Err(client::OpenError::NoCredentials),
+            Some(tls) => {
+                let conns = &self.counters.connections_out;
+                self.client.open(&tls, &hop.node, hop.addr, hop.identity, target, conns).await
+            }
+        };
+        let counter = if opened.is_ok() { &self.counters.streams_out } else { &self.counters.streams_out_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        opened
+    }
+
     /// The tunnel of a configuration; `http`: the proxy's HTTP listener.
     pub fn new(config: TunnelConfig, http: Option<Arc<ListenerConfig>>, connect_timeout: std::time::Duration) -> Self {
         let tls = Arc::new(credentials::TlsState::default());

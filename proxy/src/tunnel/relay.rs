@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::Hop;
 use super::target::Target;
 use crate::admission::ConnState;
 use crate::config::ListenerConfig;
@@ -36,35 +37,34 @@ pub async fn serve(
         return;
     };
     let _inflight = crate::service::Inflight::new(&state.inflight);
-    let fail = |why: String| {
-        tunnel.counters.streams_out_failed.fetch_add(1, Ordering::Relaxed);
+    let fail = |why: &dyn std::fmt::Display| {
         log_limited!(warn, %client, %destination, error = %why, "flow not relayed through the tunnel");
+        // The client sees its connection reset, as if the destination had refused it.
+        if let Err(e) = crate::transparent::close_with_reset(&stream) {
+            tracing::debug!(error = %e, "SO_LINGER not set");
+        }
     };
-    let Some(snap) = shared.policy.current() else { return fail("no policy snapshot".into()) };
-    let Some(t) = snap.tunnel_target(destination.ip()) else {
-        return fail("the destination is no other node's endpoint that wants the tunnel".into());
-    };
-    let Some(source) = snap.endpoint_by_ip(client.ip()).filter(|e| e.local) else {
-        return fail("the client is no endpoint of this node".into());
-    };
-    let Some(tls) = tunnel.tls.current() else { return fail("no mesh credentials loaded".into()) };
-    let Some(addr) = node_addr(t.node_ips, tunnel.config.port) else { return fail("the node has no address".into()) };
-    let target = Target { destination, client };
-    match tunnel.client.open(&tls, t.node, addr, source.identity, target, &tunnel.counters.connections_out).await {
+    let hop =
+        match shared.policy.current().map(|snap| Hop::of(&snap, client.ip(), destination.ip(), tunnel.config.port)) {
+            Some(Ok(Some(hop))) => hop,
+            unroutable => {
+                tunnel.counters.streams_out_failed.fetch_add(1, Ordering::Relaxed);
+                let why = match unroutable {
+                    None => "no policy snapshot".to_owned(),
+                    Some(Err(why)) => why,
+                    Some(Ok(_)) => "the destination is no other node's endpoint that wants the tunnel".to_owned(),
+                };
+                return fail(&why);
+            }
+        };
+    match tunnel.open(&hop, Target { destination, client }).await {
         Ok(up) => {
-            tunnel.counters.streams_out.fetch_add(1, Ordering::Relaxed);
             state.touch();
             let mut up = TokioIo::new(up);
             if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut up).await {
                 tracing::debug!(%client, %destination, error = %e, "tunnelled flow ended with an error");
             }
         }
-        Err(e) => {
-            fail(e.to_string());
-            // The client sees its connection reset, as if the destination had refused it.
-            if let Err(e) = crate::transparent::close_with_reset(&stream) {
-                tracing::debug!(error = %e, "SO_LINGER not set");
-            }
-        }
+        Err(e) => fail(&e),
     }
 }

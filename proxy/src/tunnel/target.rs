@@ -4,6 +4,8 @@
 //! :method = CONNECT
 //! :authority = <destination address>:<port>      (an IP literal: no names)
 //! forwarded = for="<client address>:<port>"      (RFC 7239; IPv6 in brackets)
+//! forwarded = for="<client address>"             (a pooled connection of the source proxy's:
+//!                                                  no one client port; read as port 0)
 //! ```
 //!
 //! Everything else is refused: another method, a name or a missing port in the authority, a
@@ -20,7 +22,8 @@ use http::{HeaderMap, Method, Uri};
 pub struct Target {
     /// The original destination (an endpoint on the receiving node).
     pub destination: SocketAddr,
-    /// The original client (an endpoint on the sending node).
+    /// The original client (an endpoint on the sending node); port 0 when the stream carries
+    /// a connection the source proxy pools for the client's address.
     pub client: SocketAddr,
 }
 
@@ -49,9 +52,21 @@ fn socket_addr(s: &str) -> Option<SocketAddr> {
     (a.port() != 0).then_some(a)
 }
 
-/// The value of the `forwarded` header for a client.
+/// The client of a `forwarded: for="…"` value: an address and port, or an address alone (port 0).
+fn client_addr(s: &str) -> Option<SocketAddr> {
+    socket_addr(s).or_else(|| match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().ok().map(|ip| SocketAddr::from((ip, 0))),
+        None => s.parse::<std::net::Ipv4Addr>().ok().map(|ip| SocketAddr::from((ip, 0))),
+    })
+}
+
+/// The value of the `forwarded` header for a client (port 0: its address alone).
 pub fn forwarded_for(client: SocketAddr) -> String {
-    format!("for=\"{client}\"")
+    match (client.port(), client.ip()) {
+        (0, std::net::IpAddr::V4(ip)) => format!("for=\"{ip}\""),
+        (0, std::net::IpAddr::V6(ip)) => format!("for=\"[{ip}]\""),
+        _ => format!("for=\"{client}\""),
+    }
 }
 
 impl Target {
@@ -72,7 +87,7 @@ impl Target {
         };
         let text = value.to_str().map_err(|_| TargetError::Forwarded("not visible ASCII".into()))?;
         let client =
-            text.strip_prefix("for=\"").and_then(|r| r.strip_suffix('"')).and_then(socket_addr).ok_or_else(|| {
+            text.strip_prefix("for=\"").and_then(|r| r.strip_suffix('"')).and_then(client_addr).ok_or_else(|| {
                 TargetError::Forwarded(format!(
                     "{:?} is not for=\"<ip>:<port>\"",
                     text.chars().take(128).collect::<String>()
@@ -117,8 +132,13 @@ mod tests {
         );
         let t6 = head("CONNECT", "[fd00::5]:80", &["for=\"[fd00::9]:40000\""]).unwrap();
         assert_eq!(t6.client, "[fd00::9]:40000".parse().unwrap());
+        // A pooled connection's client: the address alone.
+        let pooled = head("CONNECT", "10.0.1.5:80", &["for=\"10.0.0.9\""]).unwrap();
+        assert_eq!(pooled.client, "10.0.0.9:0".parse().unwrap());
+        let pooled6 = head("CONNECT", "[fd00::5]:80", &["for=\"[fd00::9]\""]).unwrap();
+        assert_eq!(pooled6.client, "[fd00::9]:0".parse().unwrap());
         // The request a source proxy sends reads back as the same target.
-        for t in [t, t6] {
+        for t in [t, t6, pooled, pooled6] {
             let req = t.request();
             assert_eq!(Target::from_head(req.method(), req.uri(), req.headers()).unwrap(), t);
         }
@@ -134,8 +154,15 @@ mod tests {
         assert!(matches!(head("CONNECT", "https://10.0.1.5:80/x", &ok), Err(TargetError::Extended)));
         assert!(matches!(head("CONNECT", "10.0.1.5:80", &[]), Err(TargetError::Forwarded(_))));
         assert!(matches!(head("CONNECT", "10.0.1.5:80", &[ok[0], ok[0]]), Err(TargetError::Forwarded(_))));
-        for bad in ["for=10.0.0.9:40000", "for=\"10.0.0.9\"", "for=\"x:1\"", "for=\"[fd00::9]:1\"", "by=\"10.0.0.9:1\""]
-        {
+        for bad in [
+            "for=10.0.0.9:40000",
+            "for=\"10.0.0.9:0\"",
+            "for=\"fd00::9\"",
+            "for=\"[fd00::9\"",
+            "for=\"x:1\"",
+            "for=\"[fd00::9]:1\"",
+            "by=\"10.0.0.9:1\"",
+        ] {
             assert!(matches!(head("CONNECT", "10.0.1.5:80", &[bad]), Err(TargetError::Forwarded(_))), "{bad}");
         }
     }
