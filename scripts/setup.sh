@@ -43,8 +43,9 @@ ebpf_toolchain() {
 
 lab_tools() {
     # What the lab and its tests drive: iproute2 (namespaces, veth), real clients (curl, ping);
-    # tcpdump (what crosses the mesh's underlay), openssl (bad clients of the mTLS tunnel).
-    apt_install iproute2 curl iputils-ping procps tcpdump openssl
+    # tcpdump (what crosses the mesh's underlay), openssl (bad clients of the mTLS tunnel),
+    # bpftool (pinned maps of another layout, for the loader's upgrade test).
+    apt_install iproute2 curl iputils-ping procps tcpdump openssl bpftool
 }
 
 l7_clients() {

@@ -3,7 +3,9 @@
 //!
 //! Persistence: maps and links are pinned, so enforcement continues while the agent is down; a
 //! restarted agent reopens the same maps and swaps its freshly loaded programs into the pinned links
-//! atomically (`BPF_LINK_UPDATE`), never leaving an interface without a program.
+//! atomically (`BPF_LINK_UPDATE`), never leaving an interface without a program. A pinned map whose
+//! layout is not the object's (an upgrade changed its key, value or size) is replaced, not reopened
+//! ([`retire_changed_maps`]): its entries are rebuilt (conntrack's flows are judged again).
 //!
 //! The TIME_WAIT listener lookup (`sk_lookup`) attaches to the agent's network namespace the same
 //! way (pinned, replaced new-before-old).
@@ -124,6 +126,46 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the maps pinned in `maps_dir` whose type, key size, value size or capacity is not the
+/// embedded object's: aya reopens a pinned map as it is, and programs built for another layout
+/// would not verify against it (or, worse, read it wrongly). Returns what it removed and why.
+pub fn retire_changed_maps(maps_dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).context("parse the eBPF object")?;
+    let mut retired = Vec::new();
+    let mut names: Vec<&String> = obj.maps.keys().collect();
+    names.sort();
+    for name in names {
+        let def = &obj.maps[name];
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let why = match aya::maps::MapInfo::from_pin(&pin) {
+            Ok(info) => {
+                let kernel_type = info.map_type().map(|t| t as u32).ok();
+                // The kernel rounds a ring buffer's size; aya sizes per-CPU event arrays itself.
+                let sized =
+                    !matches!(info.map_type(), Ok(aya::maps::MapType::RingBuf | aya::maps::MapType::PerfEventArray));
+                let was = (kernel_type, info.key_size(), info.value_size(), info.max_entries());
+                let now = (Some(def.map_type()), def.key_size(), def.value_size(), def.max_entries());
+                let differs = was.0 != now.0 || was.1 != now.1 || was.2 != now.2 || (sized && was.3 != now.3);
+                differs.then(|| {
+                    format!(
+                        "pinned: type {:?}, key {} B, value {} B, {} entries; the object's: type {}, key {} B, value {} B, {} entries",
+                        was.0, was.1, was.2, was.3, def.map_type(), now.1, now.2, now.3
+                    )
+                })
+            }
+            Err(e) => Some(format!("unreadable ({e})")),
+        };
+        if let Some(why) = why {
+            std::fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+            retired.push((name.clone(), why));
+        }
+    }
+    Ok(retired)
+}
+
 impl Datapath {
     /// Loads the programs; maps are created under `bpffs/maps` or reopened when already pinned there.
     pub fn open(bpffs: &Path) -> anyhow::Result<Self> {
@@ -134,6 +176,9 @@ impl Datapath {
         let links_dir = bpffs.join("links");
         for d in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        for (name, why) in retire_changed_maps(&maps_dir)? {
+            tracing::warn!(map = %name, %why, "Pinned map replaced: its layout changed (its entries are rebuilt)");
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
@@ -571,4 +616,68 @@ fn policy_key(s: &PolicySlot, generation: u8) -> Key<PolicyKey> {
             _pad2: 0,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bpffs of its own, unmounted and removed with what is pinned in it (also on panic).
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            if let Err(e) = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("could not unmount {}: {e}", self.0.display());
+            }
+            if let Err(e) = std::fs::remove_dir_all(&self.0) {
+                eprintln!("could not remove {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    fn bpftool_create(pin: &Path, kind: &str, def: &aya_obj::Map, value_size: u32) {
+        let o = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pin)
+            .args(["type", kind, "key", &def.key_size().to_string(), "value", &value_size.to_string()])
+            .args([
+                "entries",
+                &def.max_entries().to_string(),
+                "name",
+                "porin_test",
+                "flags",
+                &def.map_flags().to_string(),
+            ])
+            .output()
+            .expect("bpftool (scripts/setup.sh installs it)");
+        assert!(o.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// An upgrade that changed a map's value size: the pinned map of the old layout is replaced;
+    /// one of the object's layout is kept.
+    #[test]
+    fn pinned_maps_of_another_layout_are_replaced_privileged() {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "CI=true: needs root (bpffs, bpftool)");
+            eprintln!("SKIPPED: needs root (bpffs, bpftool)");
+            return;
+        }
+        let path = std::env::temp_dir().join(format!("porin-test-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let dir = PinDir(path);
+        ensure_bpffs(&dir.0).unwrap();
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let config = &obj.maps[names::CONFIG];
+        let ifaces = &obj.maps[names::IFACES];
+        bpftool_create(&dir.0.join(names::CONFIG), "array", config, config.value_size() * 2);
+        bpftool_create(&dir.0.join(names::IFACES), "hash", ifaces, ifaces.value_size());
+        let retired = retire_changed_maps(&dir.0).unwrap();
+        assert_eq!(retired.len(), 1, "{retired:?}");
+        assert_eq!(retired[0].0, names::CONFIG);
+        assert!(retired[0].1.contains(&format!("value {} B", config.value_size() * 2)), "{}", retired[0].1);
+        assert!(!dir.0.join(names::CONFIG).exists(), "the old layout's pin is gone");
+        assert!(dir.0.join(names::IFACES).exists(), "a pin of the object's layout stays");
+        assert!(retire_changed_maps(&dir.0).unwrap().is_empty(), "nothing more to replace");
+    }
 }
