@@ -611,3 +611,59 @@ fn egress_l7_rules_reach_authenticated_destinations_through_the_tunnel_privilege
     assert!(node1_denied, "node1 recorded the denied PUT");
     assert!(!porin_observe(&lab, "node2").iter().any(|f| f["l7"]["http"]["method"] == "PUT"), "the PUT reached node2");
 }
+
+/// The Kafka lab over two nodes, its rules requiring authentication: the producer's requests go
+/// through the tunnel and node2's proxy judges each on the authenticated identity.
+const KAFKA_MTLS: &str = r#"
+version: 1
+policies: ["@DIR@/kafka-authenticated.yaml"]
+settings: {mesh: {trust_domain: cluster.local}}
+nodes: [{name: node1}, {name: node2}]
+pods:
+  - {name: kafka, node: node2, labels: {app: kafka}, server: {kafka: {port: 9092, topics: [orders, payments]}}}
+  - {name: producer, node: node1, labels: {app: producer}}
+"#;
+
+#[test]
+fn kafka_rules_judge_tunnelled_flows_privileged() {
+    if !privileged() {
+        return;
+    }
+    // The Kafka lab's policy, each rule requiring authentication.
+    let policy = std::fs::read_to_string(common::repo().join("config/examples/kafka/lab-topics.yaml"))
+        .unwrap()
+        .replace("  - fromEndpoints:\n", "  - authentication: {mode: required}\n    fromEndpoints:\n");
+    assert_eq!(policy.matches("authentication").count(), 2, "{policy}");
+    let dir = std::env::temp_dir().join(format!("porin-test-kafka-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kafka-authenticated.yaml"), policy).unwrap();
+    let lab = Lab::up("mtlskafka", &KAFKA_MTLS.replace("@DIR@", &dir.display().to_string()));
+    std::fs::remove_dir_all(&dir).unwrap();
+    wait_credentials(&lab, "node1");
+    wait_credentials(&lab, "node2");
+    let before = tunnel(&lab, "node2");
+    let script = common::repo().join("scripts/kafka-client.py");
+    let produce = |topic: &str| {
+        let o = lab.exec(
+            "producer",
+            &["python3", script.to_str().unwrap(), "produce", "--topic", topic, "--count", "3", "--value", "hi"],
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str::<Value>(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let orders = produce("orders");
+    assert_eq!(orders["delivered"], 3, "{orders}");
+    let payments = produce("payments");
+    assert_eq!(payments["delivered"], 0, "{payments}");
+    assert!(payments["errors"].as_array().unwrap().iter().any(|e| e["code"] == 29), "{payments}");
+    let after = tunnel(&lab, "node2");
+    assert!(count(&after, "streams_in") > count(&before, "streams_in"), "through the tunnel: {after:#}");
+    let kafka: Vec<Value> = porin_observe(&lab, "node2").into_iter().filter(|f| !f["l7"]["kafka"].is_null()).collect();
+    assert!(!kafka.is_empty(), "node2 recorded Kafka requests");
+    assert!(kafka.iter().all(|f| f["auth_type"] == "SPIRE"), "{kafka:#?}");
+    assert!(
+        kafka.iter().any(|f| f["verdict"] == "DROPPED" && f["l7"]["kafka"]["topic"] == "payments"),
+        "the payments produce was judged and denied at node2: {kafka:#?}"
+    );
+}

@@ -134,15 +134,17 @@ impl Proxy {
             backends: balance::Backends::default(),
             translations: hooks.translations.clone(),
             tunnel: cfg.tunnel.clone().map(|t| {
-                // Streams whose destination's rules need HTTP are served as the HTTP listener
-                // serves a connection (its transparent upstreams).
-                let http = cfg
-                    .listeners
-                    .iter()
-                    .find(|l| l.transparent.as_ref().is_some_and(|x| x.protocol == ListenerProtocol::Http))
-                    .cloned()
-                    .map(Arc::new);
-                Arc::new(tunnel::Tunnel::new(t, http, cfg.limits.connect_timeout()))
+                // Streams whose destination's rules need HTTP (Kafka) are served as the HTTP
+                // (Kafka) listener serves a connection (its transparent upstreams).
+                let transparent = |protocol: ListenerProtocol| {
+                    cfg.listeners
+                        .iter()
+                        .find(|l| l.transparent.as_ref().is_some_and(|x| x.protocol == protocol))
+                        .cloned()
+                        .map(Arc::new)
+                };
+                let (http, kafka) = (transparent(ListenerProtocol::Http), transparent(ListenerProtocol::Kafka));
+                Arc::new(tunnel::Tunnel::new(t, http, kafka, cfg.limits.connect_timeout()))
             }),
         });
         // What was learned before (the cache file, the pinned kernel map) made to agree with the

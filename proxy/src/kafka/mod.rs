@@ -349,6 +349,21 @@ pub async fn serve(
 ) {
     state.set_kind(ConnKind::Kafka);
     let Ok(local) = client_stream.local_addr() else { return };
+    serve_io(shared, listener, client_stream, client, local, state).await;
+}
+
+/// Serves one client connection over any byte stream (a TCP connection; a tunnel stream, whose
+/// `listener` says it came authenticated) from `client` to the broker at `local`.
+pub async fn serve_io<S>(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerConfig>,
+    client_stream: S,
+    client: SocketAddr,
+    local: SocketAddr,
+    state: Arc<ConnState>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let mut policy = Policy::new(&shared, &listener, client, local);
     // To a broker on another node that wants its clients authenticated: through the tunnel (whose
     // far end refuses a stream to Kafka rules it cannot enforce yet).
@@ -366,7 +381,7 @@ pub async fn serve(
             return;
         }
     };
-    let (client_r, client_w) = client_stream.into_split();
+    let (client_r, client_w) = tokio::io::split(client_stream);
     let (up_r, up_w) = tokio::io::split(upstream);
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE);
     let first = policy.get();

@@ -109,6 +109,8 @@ pub struct Tunnel {
     /// How the destination side serves a stream whose destination's rules need HTTP: as this
     /// (HTTP, transparent) listener would serve a connection.
     pub http: Option<Arc<ListenerConfig>>,
+    /// And one whose destination's rules are Kafka's: as this (Kafka, transparent) listener would.
+    pub kafka: Option<Arc<ListenerConfig>>,
     /// Counters.
     pub counters: TunnelCounters,
 }
@@ -154,14 +156,26 @@ impl Tunnel {
     }
 
     /// The tunnel of a configuration; `http`: the proxy's HTTP listener.
-    pub fn new(config: TunnelConfig, http: Option<Arc<ListenerConfig>>, connect_timeout: std::time::Duration) -> Self {
+    pub fn new(
+        config: TunnelConfig,
+        http: Option<Arc<ListenerConfig>>,
+        kafka: Option<Arc<ListenerConfig>>,
+        connect_timeout: std::time::Duration,
+    ) -> Self {
         let tls = Arc::new(credentials::TlsState::default());
         if config.credentials.exists()
             && let Err(e) = tls.load(&config.credentials)
         {
             tracing::warn!(error = %e, "mesh credentials not loaded: no tunnel until they are");
         }
-        Self { config, tls, client: client::Pool::new(connect_timeout), http, counters: TunnelCounters::default() }
+        Self {
+            config,
+            tls,
+            client: client::Pool::new(connect_timeout),
+            http,
+            kafka,
+            counters: TunnelCounters::default(),
+        }
     }
 
     /// `status` → `tunnel`.

@@ -84,6 +84,8 @@ struct Ctx {
     state: Arc<ConnState>,
     /// The HTTP listener's configuration, marked authenticated by this peer.
     http: Option<Arc<ListenerConfig>>,
+    /// The Kafka listener's, likewise.
+    kafka: Option<Arc<ListenerConfig>>,
 }
 
 async fn connection(
@@ -117,11 +119,11 @@ async fn connection(
     tunnel.counters.connections_in.fetch_add(1, Ordering::Relaxed);
     state.touch();
     let peer = Arc::new(peer);
-    let http = tunnel
-        .http
-        .as_ref()
-        .map(|l| Arc::new(ListenerConfig { authenticated: Some(peer.clone()), ..ListenerConfig::clone(l) }));
-    let ctx = Arc::new(Ctx { shared: shared.clone(), tunnel: tunnel.clone(), peer, peer_addr, state, http });
+    let authenticated = |l: &Option<Arc<ListenerConfig>>| {
+        l.as_ref().map(|l| Arc::new(ListenerConfig { authenticated: Some(peer.clone()), ..ListenerConfig::clone(l) }))
+    };
+    let (http, kafka) = (authenticated(&tunnel.http), authenticated(&tunnel.kafka));
+    let ctx = Arc::new(Ctx { shared: shared.clone(), tunnel: tunnel.clone(), peer, peer_addr, state, http, kafka });
     let svc = service_fn(move |req| stream_of(ctx.clone(), req));
     let served = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -146,6 +148,8 @@ enum Admit {
     Relay,
     /// Served as an HTTP connection (its ingress has HTTP rules).
     Http,
+    /// Served as a Kafka connection (its ingress has Kafka rules).
+    Kafka,
 }
 
 /// Whether the stream's client is what the certificate names, and what policy makes of the
@@ -156,6 +160,7 @@ fn authorize(
     peer: &PeerCert,
     target: &Target,
     now: i64,
+    kafka_served: bool,
 ) -> Result<Admit, (StatusCode, DropReason, String)> {
     // What the certificate does not vouch for is not authenticated.
     let forbidden = |why: String| Err((StatusCode::FORBIDDEN, DropReason::AuthRequired, why));
@@ -194,9 +199,13 @@ fn authorize(
     match &policy.verdict {
         ConnVerdict::Drop(d) => Err((StatusCode::FORBIDDEN, d.reason, d.summary.clone())),
         ConnVerdict::Judge { ingress: Some(l7), .. } if l7.parser == L7Parser::Http => Ok(Admit::Http),
-        // Fail closed: Kafka rules are not enforced on a tunnel stream yet.
+        ConnVerdict::Judge { ingress: Some(l7), .. } if l7.parser == L7Parser::Kafka && kafka_served => {
+            Ok(Admit::Kafka)
+        }
+        // Fail closed: rules this proxy cannot enforce on the stream (DNS's are UDP; Kafka's
+        // without a Kafka listener).
         ConnVerdict::Judge { ingress: Some(l7), .. } => {
-            refused(format!("{:?} rules on a tunnelled flow are not enforced yet: refused", l7.parser))
+            refused(format!("{} rules on a tunnelled flow cannot be enforced here: refused", l7.parser))
         }
         ConnVerdict::Judge { egress: Some(_), .. } => {
             refused("egress L7 rules of another node's endpoint are that node's to enforce".into())
@@ -260,7 +269,7 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
         target.destination,
         policy_engine::snapshot::Proto::Tcp,
     );
-    let admit = match authorize(&snap, &policy, &ctx.peer, &target, super::client::unix_now()) {
+    let admit = match authorize(&snap, &policy, &ctx.peer, &target, super::client::unix_now(), ctx.kafka.is_some()) {
         Ok(a) => a,
         Err((status, reason, why)) => {
             record(&ctx.shared, &policy.ends, Verdict::Dropped, Some(reason), why.clone());
@@ -291,6 +300,28 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
                         if let Err(e) = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut upstream).await {
                             tracing::debug!(error = %e, "tunnel stream ended with an error");
                         }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
+                }
+            });
+        }
+        Admit::Kafka => {
+            let Some(kafka) = ctx.kafka.clone() else {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "no Kafka listener".into());
+            };
+            counters.streams_in.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(up) => {
+                        crate::kafka::serve_io(
+                            shared,
+                            kafka,
+                            TokioIo::new(up),
+                            target.client,
+                            target.destination,
+                            state,
+                        )
+                        .await;
                     }
                     Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
                 }
