@@ -49,19 +49,54 @@ pub struct PolicyState {
 
 /// Identity of a published file version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Stamp {
+struct Stamp {
     ino: u64,
     len: u64,
     mtime_ns: i128,
 }
 
-pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
+fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     Some(Stamp {
         ino: m.ino(),
         len: m.len(),
         mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
     })
+}
+
+/// Polls a file every so often for a new version (its inode, size or modification time): what
+/// follows the published snapshot and the mesh credentials.
+pub(crate) struct FileWatch {
+    path: PathBuf,
+    seen: Option<Stamp>,
+    tick: tokio::time::Interval,
+}
+
+impl FileWatch {
+    /// Watches `path` every `every`; `loaded`: the version there now is already in force.
+    pub(crate) fn new(path: PathBuf, every: Duration, loaded: bool) -> Self {
+        let seen = if loaded { stamp(&path) } else { None };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { path, seen, tick }
+    }
+
+    /// The file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for a version not seen yet (a missing file is none).
+    pub(crate) async fn changed(&mut self) {
+        loop {
+            self.tick.tick().await;
+            let now = stamp(&self.path);
+            if now.is_some() && now != self.seen {
+                self.seen = now;
+                return;
+            }
+        }
+    }
 }
 
 /// Reads and resolves a published inputs file.
@@ -126,21 +161,14 @@ impl PolicyState {
 
 /// Follows the published file until the task is dropped.
 pub async fn follow(state: Arc<PolicyState>, path: PathBuf, every: Duration) {
-    let mut seen: Option<Stamp> = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = FileWatch::new(path, every, false);
     loop {
-        tick.tick().await;
-        let now = stamp(&path);
-        if now.is_none() || now == seen {
-            continue;
-        }
-        seen = now;
-        let p = path.clone();
+        watch.changed().await;
+        let p = watch.path().to_owned();
         match tokio::task::spawn_blocking(move || load(&p)).await {
             Ok(Ok(snap)) => state.install(snap),
             Ok(Err(e)) => state.reject(e),
-            Err(e) => state.reject(format!("loading {}: {e}", path.display())),
+            Err(e) => state.reject(format!("loading {}: {e}", watch.path().display())),
         }
     }
 }

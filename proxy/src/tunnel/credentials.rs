@@ -240,17 +240,10 @@ pub fn read(path: &Path) -> Result<CredentialsFile, CredentialsError> {
 
 /// Reloads `path` whenever it changes (its inode, size or modification time), every `every`.
 pub async fn follow(state: Arc<TlsState>, path: PathBuf, every: Duration) {
-    use crate::snapshot::stamp;
-    let mut seen = stamp(&path);
-    let mut tick = tokio::time::interval(every);
+    let mut watch = crate::snapshot::FileWatch::new(path, every, true);
     loop {
-        tick.tick().await;
-        let now = stamp(&path);
-        if now.is_none() || now == seen {
-            continue;
-        }
-        seen = now;
-        if let Err(e) = state.load(&path) {
+        watch.changed().await;
+        if let Err(e) = state.load(watch.path()) {
             tracing::warn!(error = %e, "mesh credentials not loaded: the previous ones stay in force");
         }
     }
