@@ -90,7 +90,7 @@ pods:
     server: {http: {port: 8080, routes: [{method: GET, path: /, body: "ok\n"}]}}
 EOF
 }
-CONFIGS="plain-2 mtls-2 plain-1 mtls-1"
+CONFIGS=${CONFIGS:-plain-2 mtls-2 plain-1 mtls-1}
 for c in $CONFIGS; do lab_file "$c" > "$work/lab-$c.yaml"; done
 
 up() { # $1 config: a fresh lab

@@ -534,7 +534,7 @@ async fn get_status(
 ) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let up = pool.open(tls, node, addr, identity, target, opened).await.map_err(|e| e.to_string())?;
-    let mut io = hyper_util::rt::TokioIo::new(up);
+    let mut io = up;
     io.write_all(b"GET / HTTP/1.1\r\nHost: deathstar-status\r\nConnection: close\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;

@@ -36,7 +36,6 @@ use http::{HeaderMap, Method, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
-use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
@@ -48,7 +47,7 @@ use crate::tunnel::target::Target;
 use crate::tunnel::{Hop, Tunnel};
 
 /// A connection to an upstream: TCP, or a stream of the mTLS tunnel.
-pub type Stream = Stream2<TcpStream, TokioIo<Upgraded>>;
+pub type Stream = Stream2<TcpStream, crate::tunnel::stream::TunnelStream>;
 
 /// How connections reach an upstream.
 #[derive(Clone, Debug)]
@@ -129,7 +128,7 @@ impl Via {
                     .await
                     .map_err(|_| err(timed_out().to_string()))?
                     .map_err(|e| err(e.to_string()))?;
-                Ok(Stream2::Right(TokioIo::new(up)))
+                Ok(Stream2::Right(up))
             }
             Self::Nowhere(why) => Err(UpstreamError::Unauthenticated { addr, why: why.clone() }),
         }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use proxy::tunnel::client::Pool;
 use proxy::tunnel::credentials::{self, Tls};
 use proxy::tunnel::target::Target;
@@ -60,7 +59,7 @@ fn args() -> Result<Args, String> {
 async fn flow(a: &Args, pool: &Pool, opened: &AtomicU64) -> Result<(), String> {
     let target = Target { destination: a.dest, client: SocketAddr::new(a.client, 0) };
     let up = pool.open(&a.tls, &a.node, a.node_addr, a.identity, target, opened).await.map_err(|e| e.to_string())?;
-    let mut io = TokioIo::new(up);
+    let mut io = up;
     io.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await.map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
     io.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;

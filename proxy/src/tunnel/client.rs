@@ -8,18 +8,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::credentials::Tls;
 use super::identity::{self, Subject};
+use super::stream::{CONNECTION_WINDOW, STREAM_WINDOW, TunnelStream, keepalive};
 use super::target::Target;
 
 /// Why a stream could not be opened.
@@ -63,7 +62,7 @@ pub enum OpenError {
         /// The tunnel listener.
         addr: SocketAddr,
         /// What failed.
-        error: hyper::Error,
+        error: h2::Error,
     },
     /// The destination's proxy refused the stream.
     #[error("{addr} refused the stream: {status}")]
@@ -80,13 +79,15 @@ type Key = (SocketAddr, u32, u64);
 /// A connection: how to open streams on it, and when the server's certificate expires (no new
 /// stream goes over it after: a new handshake checks the node's current certificate).
 struct Conn {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ends (the connection is gone).
+    closed: Arc<AtomicBool>,
     not_after: i64,
 }
 
 impl Conn {
     fn usable(&self, now: i64) -> bool {
-        !self.sender.is_closed() && now < self.not_after
+        !self.closed.load(Ordering::Acquire) && now < self.not_after
     }
 }
 
@@ -147,37 +148,44 @@ impl Pool {
         identity: u32,
         target: Target,
         opened: &std::sync::atomic::AtomicU64,
-    ) -> Result<Upgraded, OpenError> {
+    ) -> Result<TunnelStream, OpenError> {
         let slot = lock(&self.slots).entry((addr, identity, tls.generation)).or_default().clone();
         for attempt in 0..2 {
-            let mut sender = {
+            let sender = {
                 let mut held = slot.conn.lock().await;
                 match held.as_ref() {
                     Some(c) if c.usable(unix_now()) => c.sender.clone(),
                     _ => {
                         let c = self.connect(tls, node, addr, identity).await?;
-                        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        opened.fetch_add(1, Ordering::Relaxed);
                         let sender = c.sender.clone();
                         *held = Some(c);
                         sender
                     }
                 }
             };
-            let req = target.request().map(|()| Empty::<Bytes>::new());
-            match sender.send_request(req).await {
-                Ok(resp) if resp.status() == StatusCode::OK => {
-                    return hyper::upgrade::on(resp).await.map_err(|error| OpenError::Http { addr, error });
+            match Self::request(sender, &target).await {
+                Ok((resp, send)) if resp.status() == StatusCode::OK => {
+                    return Ok(TunnelStream::new(send, resp.into_body()));
                 }
-                Ok(resp) => return Err(OpenError::Refused { addr, status: resp.status() }),
-                // The pooled connection went away under us (the peer restarted, went idle):
-                // once more on a new one.
-                Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
-                    *slot.conn.lock().await = None;
-                }
+                Ok((resp, _)) => return Err(OpenError::Refused { addr, status: resp.status() }),
+                // Nothing of the flow has been sent: the pooled connection went away under us
+                // (the peer restarted, went idle, sent GOAWAY): once more on a new one.
+                Err(_) if attempt == 0 => *slot.conn.lock().await = None,
                 Err(error) => return Err(OpenError::Http { addr, error }),
             }
         }
         Err(OpenError::Refused { addr, status: StatusCode::SERVICE_UNAVAILABLE })
+    }
+
+    /// The `CONNECT` of a stream and its answer.
+    async fn request(
+        sender: h2::client::SendRequest<Bytes>,
+        target: &Target,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+        let mut sender = sender.ready().await?;
+        let (response, send) = sender.send_request(target.request(), false)?;
+        Ok((response.await?, send))
     }
 
     async fn connect(&self, tls: &Tls, node: &str, addr: SocketAddr, identity: u32) -> Result<Conn, OpenError> {
@@ -209,21 +217,25 @@ impl Pool {
             Ok(p) => return Err(peer_err(format!("{} issued by node {:?}", p.id, p.issuer_node))),
             Err(e) => return Err(peer_err(e.to_string())),
         };
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .handshake(TokioIo::new(stream))
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|error| OpenError::Http { addr, error })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "tunnel connection ended with an error");
+            let keepalive = keepalive(conn.ping_pong());
+            tokio::select! {
+                done = &mut conn => if let Err(e) = done {
+                    tracing::debug!(%addr, error = %e, "tunnel connection ended with an error");
+                },
+                why = keepalive => tracing::debug!(%addr, %why, "tunnel connection closed"),
             }
+            ended.store(true, Ordering::Release);
         });
-        Ok(Conn { sender, not_after })
+        Ok(Conn { sender, closed, not_after })
     }
 }
 

@@ -22,6 +22,7 @@ pub mod credentials;
 pub mod identity;
 pub mod relay;
 pub mod server;
+pub mod stream;
 pub mod target;
 
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hyper::upgrade::Upgraded;
 use policy_engine::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 
@@ -142,7 +142,7 @@ impl Hop {
 
 impl Tunnel {
     /// Opens a stream to `target` over `hop` (counted in `streams_out` or `streams_out_failed`).
-    pub async fn open(&self, hop: &Hop, target: target::Target) -> Result<Upgraded, client::OpenError> {
+    pub async fn open(&self, hop: &Hop, target: target::Target) -> Result<stream::TunnelStream, client::OpenError> {
         let opened = match self.tls.current() {
             None => Err(client::OpenError::NoCredentials),
             Some(tls) => {

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::Hop;
@@ -60,7 +59,7 @@ pub async fn serve(
     match tunnel.open(&hop, Target { destination, client }).await {
         Ok(up) => {
             state.touch();
-            let mut up = TokioIo::new(up);
+            let mut up = up;
             if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut up).await {
                 tracing::debug!(%client, %destination, error = %e, "tunnelled flow ended with an error");
             }

@@ -3,19 +3,15 @@
 //! each of its streams is checked against what the certificate names, judged as a connection
 //! from the stream's client, and handed to the destination pod.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use policy_engine::model::L7Parser;
 use policy_engine::snapshot::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::Tunnel;
 use super::identity::{self, PeerCert, Subject};
+use super::stream::{CONNECTION_WINDOW, STREAM_WINDOW, TunnelStream, keepalive};
 use super::target::Target;
 use crate::admission::{ConnKind, ConnState};
 use crate::config::ListenerConfig;
@@ -124,20 +121,33 @@ async fn connection(
     };
     let (http, kafka) = (authenticated(&tunnel.http), authenticated(&tunnel.kafka));
     let ctx = Arc::new(Ctx { shared: shared.clone(), tunnel: tunnel.clone(), peer, peer_addr, state, http, kafka });
-    let svc = service_fn(move |req| stream_of(ctx.clone(), req));
-    let served = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(tunnel.config.max_streams)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256))
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(peer = %peer_addr, error = %e, "tunnel connection ended with an error");
+    let mut h2 = h2::server::Builder::new();
+    h2.max_concurrent_streams(tunnel.config.max_streams)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(Some(256));
+    let mut conn = match tokio::time::timeout(shared.limits.header_read_timeout(), h2.handshake(stream)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return tracing::debug!(peer = %peer_addr, error = %e, "tunnel connection: no HTTP/2 preface"),
+        Err(_) => return tracing::debug!(peer = %peer_addr, "tunnel connection: no HTTP/2 preface in time"),
+    };
+    let keepalive = keepalive(conn.ping_pong());
+    tokio::pin!(keepalive);
+    // Accepting drives the connection: every stream's frames go through it.
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(stream_of(ctx.clone(), req, respond));
+                }
+                Some(Err(e)) => {
+                    return tracing::debug!(peer = %peer_addr, error = %e, "tunnel connection ended with an error");
+                }
+                None => return,
+            },
+            why = &mut keepalive => return tracing::debug!(peer = %peer_addr, %why, "tunnel connection closed"),
+        }
     }
 }
 
@@ -214,8 +224,8 @@ fn authorize(
     }
 }
 
-fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn answer(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = status;
     r
 }
@@ -246,20 +256,65 @@ fn record(
     );
 }
 
-async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
+/// What an admitted stream is handed to.
+enum Served {
+    /// Relayed to the destination over this connection.
+    Relay(TcpStream),
+    /// Served by the proxy's HTTP listener (as a connection of the stream's client).
+    Http(Arc<ListenerConfig>),
+    /// Served by its Kafka listener.
+    Kafka(Arc<ListenerConfig>),
+}
+
+/// One stream, from its head to its end: judged, answered, then served.
+async fn stream_of(ctx: Arc<Ctx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let counters = &ctx.tunnel.counters;
     ctx.state.touch();
-    let refuse = |status: StatusCode, why: String| {
-        counters.streams_in_refused.fetch_add(1, Ordering::Relaxed);
-        log_limited!(info, peer = %ctx.peer_addr, spiffe = %ctx.peer.id, error = %why, "Tunnel stream refused");
-        Ok(answer(status))
+    let (head, body) = req.into_parts();
+    let (target, served) = match admit(&ctx, &head).await {
+        Ok(admitted) => admitted,
+        Err((status, why)) => {
+            counters.streams_in_refused.fetch_add(1, Ordering::Relaxed);
+            log_limited!(info, peer = %ctx.peer_addr, spiffe = %ctx.peer.id, error = %why, "Tunnel stream refused");
+            if let Err(e) = respond.send_response(answer(status), true) {
+                tracing::debug!(error = %e, "tunnel stream refusal not sent");
+            }
+            return;
+        }
     };
-    let target = match Target::from_head(req.method(), req.uri(), req.headers()) {
-        Ok(t) => t,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    counters.streams_in.fetch_add(1, Ordering::Relaxed);
+    let io = match respond.send_response(answer(StatusCode::OK), false) {
+        Ok(send) => TunnelStream::new(send, body),
+        Err(e) => return tracing::debug!(error = %e, "tunnel stream gone before its answer"),
     };
+    let (shared, state) = (ctx.shared.clone(), ctx.state.clone());
+    match served {
+        Served::Relay(mut upstream) => {
+            let _inflight = crate::service::Inflight::new(&state.inflight);
+            let mut io = io;
+            if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+                tracing::debug!(error = %e, "tunnel stream ended with an error");
+            }
+        }
+        Served::Kafka(kafka) => {
+            crate::kafka::serve_io(shared, kafka, io, target.client, target.destination, state).await;
+        }
+        Served::Http(http) => {
+            let served = crate::server::serve_io(shared, http, io, target.client, target.destination, state).await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "tunnel stream ended with an error");
+            }
+        }
+    }
+}
+
+/// Whether a stream is let through and to what (its destination connected when relayed); the
+/// flow's record says which. `Err`: the status to refuse it with and why.
+async fn admit(ctx: &Ctx, head: &http::request::Parts) -> Result<(Target, Served), (StatusCode, String)> {
+    let target = Target::from_head(&head.method, &head.uri, &head.headers)
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let (Some(snap), Some(http)) = (ctx.shared.policy.current(), ctx.http.clone()) else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "no policy snapshot, or no HTTP listener".into());
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "no policy snapshot, or no HTTP listener".into()));
     };
     let policy = ConnPolicy::decide(
         Some(snap.clone()),
@@ -273,82 +328,28 @@ async fn stream_of(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Result<Response
         Ok(a) => a,
         Err((status, reason, why)) => {
             record(&ctx.shared, &policy.ends, Verdict::Dropped, Some(reason), why.clone());
-            return refuse(status, why);
+            return Err((status, why));
         }
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (shared, state) = (ctx.shared.clone(), ctx.state.clone());
-    match admit {
+    let served = match admit {
         Admit::Relay => {
-            let timeout = shared.limits.connect_timeout();
-            let upstream = match crate::transparent::connect_from(target.client.ip(), target.destination, timeout).await
-            {
-                Ok(s) => s,
+            let timeout = ctx.shared.limits.connect_timeout();
+            match crate::transparent::connect_from(target.client.ip(), target.destination, timeout).await {
+                Ok(s) => {
+                    record(&ctx.shared, &policy.ends, Verdict::Forwarded, None, String::new());
+                    Served::Relay(s)
+                }
                 Err(e) => {
                     let why = format!("connect to {}: {e}", target.destination);
                     record(&ctx.shared, &policy.ends, Verdict::Error, None, why.clone());
-                    return refuse(StatusCode::BAD_GATEWAY, why);
+                    return Err((StatusCode::BAD_GATEWAY, why));
                 }
-            };
-            counters.streams_in.fetch_add(1, Ordering::Relaxed);
-            record(&ctx.shared, &policy.ends, Verdict::Forwarded, None, String::new());
-            tokio::spawn(async move {
-                let _inflight = crate::service::Inflight::new(&state.inflight);
-                let mut upstream = upstream;
-                match on_upgrade.await {
-                    Ok(up) => {
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut upstream).await {
-                            tracing::debug!(error = %e, "tunnel stream ended with an error");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
-                }
-            });
+            }
         }
         Admit::Kafka => {
-            let Some(kafka) = ctx.kafka.clone() else {
-                return refuse(StatusCode::SERVICE_UNAVAILABLE, "no Kafka listener".into());
-            };
-            counters.streams_in.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                match on_upgrade.await {
-                    Ok(up) => {
-                        crate::kafka::serve_io(
-                            shared,
-                            kafka,
-                            TokioIo::new(up),
-                            target.client,
-                            target.destination,
-                            state,
-                        )
-                        .await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
-                }
-            });
+            Served::Kafka(ctx.kafka.clone().ok_or((StatusCode::SERVICE_UNAVAILABLE, "no Kafka listener".into()))?)
         }
-        Admit::Http => {
-            counters.streams_in.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                match on_upgrade.await {
-                    Ok(up) => {
-                        let served = crate::server::serve_io(
-                            shared,
-                            http,
-                            TokioIo::new(up),
-                            target.client,
-                            target.destination,
-                            state,
-                        )
-                        .await;
-                        if let Err(e) = served {
-                            tracing::debug!(error = %e, "tunnel stream ended with an error");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
-                }
-            });
-        }
-    }
-    Ok(answer(StatusCode::OK))
+        Admit::Http => Served::Http(http),
+    };
+    Ok((target, served))
 }
