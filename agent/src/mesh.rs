@@ -323,3 +323,47 @@ pub fn local_identities(snap: &policy_engine::snapshot::Snapshot, trust_domain: 
         .map(|e| (e.identity, SpiffeId::workload(trust_domain, &e.namespace, e.service_account())))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy::tunnel::credentials::TlsState;
+    use std::sync::Arc;
+
+    /// A credentials file written after the proxy started (the agent's first write races the
+    /// proxy's start) is loaded at the proxy's first look, not at the next renewal.
+    #[tokio::test]
+    async fn credentials_written_after_the_proxy_started_are_loaded() {
+        struct Scratch(PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                if let Err(e) = std::fs::remove_dir_all(&self.0) {
+                    eprintln!("{}: {e}", self.0.display());
+                }
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("porin-mesh-follow-{}", std::process::id()));
+        let _scratch = Scratch(dir.clone());
+        let (root, node) = (dir.join("root"), dir.join("node1"));
+        std::fs::create_dir_all(&root).unwrap();
+        init_root(&root, "cluster.local").unwrap();
+        issue_node_ca(&root, "node1", &node).unwrap();
+        let credentials = dir.join("credentials.json");
+        // The proxy's tunnel found no file (nothing loaded)...
+        let state = Arc::new(TlsState::default());
+        // ...the agent writes it...
+        let settings = MeshSettings { dir: node, credentials: credentials.clone(), ttl: Duration::from_secs(3600) };
+        let mut keeper = Keeper::new(settings, "node1").unwrap();
+        let wanted = BTreeMap::from([(1000, SpiffeId::workload("cluster.local", "default", "default"))]);
+        assert!(keeper.refresh(&["10.0.0.1".parse().unwrap()], &wanted).unwrap());
+        // ...and then the proxy's follower starts.
+        let follower =
+            tokio::spawn(proxy::tunnel::credentials::follow(state.clone(), credentials, Duration::from_millis(20)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while state.current().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the credentials written were never loaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        follower.abort();
+    }
+}

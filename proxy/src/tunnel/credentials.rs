@@ -240,7 +240,11 @@ pub fn read(path: &Path) -> Result<CredentialsFile, CredentialsError> {
 
 /// Reloads `path` whenever it changes (its inode, size or modification time), every `every`.
 pub async fn follow(state: Arc<TlsState>, path: PathBuf, every: Duration) {
-    let mut watch = crate::snapshot::FileWatch::new(path, every, true);
+    // What is there now counts as loaded only if something was: a file that appeared between the
+    // proxy's start and this task's is loaded on the first look (it used to wait for the next
+    // renewal, half a certificate's life).
+    let loaded = state.current().is_some();
+    let mut watch = crate::snapshot::FileWatch::new(path, every, loaded);
     loop {
         watch.changed().await;
         if let Err(e) = state.load(watch.path()) {

@@ -125,6 +125,7 @@ async fn connection(
     h2.max_concurrent_streams(tunnel.config.max_streams)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(16 * 1024)
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(Some(256));
     let mut conn = match tokio::time::timeout(shared.limits.header_read_timeout(), h2.handshake(stream)).await {
