@@ -5,10 +5,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::StatusCode;
