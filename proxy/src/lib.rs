@@ -66,7 +66,8 @@ impl ProxyInfo {
     /// The counters, with the connection table's.
     pub fn counters(&self) -> records::CounterValues {
         let shed = self.shared.conns.shed_total.load(std::sync::atomic::Ordering::Relaxed);
-        self.shared.counters.values(shed, self.shared.records.evicted())
+        let records = &self.shared.records;
+        self.shared.counters.values(shed, records.evicted(), records.log_errors())
     }
 }
 
@@ -125,7 +126,7 @@ impl Proxy {
             upstreams: Upstreams::default(),
             conns,
             descriptions: policy::Descriptions::default(),
-            records: Arc::new(Records::new(cfg.flow_log.as_deref(), cfg.flow_records)?),
+            records: Records::start(cfg.flow_log.as_deref(), cfg.flow_records)?,
             counters: Counters::default(),
             limits: cfg.limits.clone(),
             fqdn: Arc::new(FqdnState::new(hooks.fqdn.clone(), cfg.dns.cache_file.clone())),
@@ -226,6 +227,8 @@ impl Proxy {
                 let refresh = {
                     let shared = shared.clone();
                     move || {
+                        // What was handed over is counted before it is shown.
+                        shared.records.flush();
                         let version = shared.policy.current().map_or(0, |s| s.version);
                         shared.records.metrics.policy_version(version);
                         let age = shared.policy.age().map_or(0.0, |a| a.as_secs_f64());

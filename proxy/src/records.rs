@@ -50,8 +50,6 @@ pub struct Counters {
     pub upstream_address_exhausted: AtomicU64,
     /// Requests whose client broke off its body while it was forwarded.
     pub downstream_errors: AtomicU64,
-    /// Flow records the JSON-lines file could not take (write or serialisation errors).
-    pub flow_log_errors: AtomicU64,
     /// Balanced requests sent to a second backend (none of them reached the first).
     pub retries: AtomicU64,
 }
@@ -81,8 +79,8 @@ impl Counters {
     }
 
     /// Current values (`shed`: connections the connection table let go; `evicted`: records the
-    /// backlog let go).
-    pub fn values(&self, shed: u64, evicted: u64) -> CounterValues {
+    /// backlog let go; `log_errors`: records the flow log could not take).
+    pub fn values(&self, shed: u64, evicted: u64, log_errors: u64) -> CounterValues {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterValues {
             connections: g(&self.connections),
@@ -94,7 +92,7 @@ impl Counters {
             upstream_errors: g(&self.upstream_errors),
             upstream_address_exhausted: g(&self.upstream_address_exhausted),
             downstream_errors: g(&self.downstream_errors),
-            flow_log_errors: g(&self.flow_log_errors),
+            flow_log_errors: log_errors,
             retries: g(&self.retries),
             records_evicted: evicted,
             connections_shed: shed,
@@ -221,11 +219,32 @@ struct Held {
     scratch: Vec<u8>,
 }
 
-/// The record sink.
+/// Records made but not yet kept: at most this many wait before the path that makes one keeps
+/// them itself.
+pub const PENDING_MAX: usize = 4096;
+
+/// How long the records thread lets records gather after the first of a batch arrives.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The record sink. The data path only hands a record over ([`Records::emit`]: one move into
+/// `pending` under a lock nobody holds for long); numbering, counting in the metrics, encoding into
+/// the backlog and the JSON-lines file ([`Records::flush`]) happen off it: on the records thread
+/// (woken by the first record of a batch), on a reader's thread before it reads (the record
+/// stream, `flows`, a metrics scrape: every reader sees every record made before it asked), or on
+/// the data path itself when [`PENDING_MAX`] records wait.
 #[derive(Debug)]
 pub struct Records {
-    /// Records as they go on the wire: encoded once, on the path that makes them, while hot.
+    /// Records handed over, in the order they were made.
+    pending: Mutex<Vec<Record>>,
+    /// The flusher's own buffer (swapped with `pending`); its lock orders flushes, so records are
+    /// numbered in the order they were made.
+    flushing: Mutex<Vec<Record>>,
+    /// The records thread, woken when `pending` stops being empty.
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    /// Records as they go on the wire: encoded once, as a batch, off the data path.
     backlog: Mutex<Held>,
+    /// Flow records the JSON-lines file could not take (write or serialisation errors).
+    log_errors: AtomicU64,
     /// This run's id (see `Reply::Flows::epoch`).
     epoch: u64,
     file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
@@ -241,8 +260,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Records {
-    /// A sink, with a JSON-lines file when `log` is given; `enabled: false` keeps nothing.
-    pub fn new(log: Option<&Path>, enabled: bool) -> std::io::Result<Self> {
+    /// A sink, with a JSON-lines file when `log` is given; `enabled: false` keeps nothing. Its
+    /// records thread ends within a second of the sink.
+    pub fn start(log: Option<&Path>, enabled: bool) -> std::io::Result<Arc<Self>> {
+        let records = Arc::new(Self::new(log, enabled)?);
+        if enabled {
+            let weak = Arc::downgrade(&records);
+            let thread = std::thread::Builder::new().name("records".into()).spawn(move || {
+                loop {
+                    std::thread::park_timeout(std::time::Duration::from_secs(1));
+                    let Some(records) = weak.upgrade() else { return };
+                    if records.waiting() {
+                        drop(records);
+                        std::thread::sleep(GATHER);
+                        let Some(records) = weak.upgrade() else { return };
+                        records.flush();
+                    }
+                }
+            })?;
+            // Set here only, once: it cannot be set already.
+            let _ = records.thread.set(thread.thread().clone());
+        }
+        Ok(records)
+    }
+
+    fn new(log: Option<&Path>, enabled: bool) -> std::io::Result<Self> {
         let file = match log {
             Some(p) => Some(Mutex::new(std::io::BufWriter::new(
                 std::fs::OpenOptions::new().create(true).append(true).open(p)?,
@@ -255,11 +297,22 @@ impl Records {
         // Nothing kept, no ring.
         let (capacity, ring, large) = if enabled { (BACKLOG, BACKLOG_BYTES, BACKLOG_LARGE_BYTES) } else { (1, 1, 0) };
         let held = Held { kept: ByteBacklog::new(capacity, ring, large), scratch: Vec::with_capacity(1024) };
-        Ok(Self { backlog: Mutex::new(held), epoch, file, metrics: Default::default(), enabled })
+        Ok(Self {
+            pending: Mutex::new(Vec::with_capacity(256)),
+            flushing: Mutex::new(Vec::with_capacity(256)),
+            thread: std::sync::OnceLock::new(),
+            backlog: Mutex::new(held),
+            log_errors: AtomicU64::new(0),
+            epoch,
+            file,
+            metrics: Default::default(),
+            enabled,
+        })
     }
 
     /// What the sink holds: `{enabled, kept, capacity, seen, evicted}`.
     pub fn status(&self) -> serde_json::Value {
+        self.flush();
         let b = &lock(&self.backlog).kept;
         serde_json::json!({
             "enabled": self.enabled, "kept": b.len(), "capacity": BACKLOG, "kept_bytes": b.kept_bytes(),
@@ -267,51 +320,99 @@ impl Records {
         })
     }
 
-    /// Numbers and stores a record (and appends it to the file); a record the file could not
-    /// take is counted in `counters.flow_log_errors`.
-    pub fn emit(&self, r: Record, counters: &Counters) {
+    /// Hands a record over to be kept (see [`Records`]).
+    pub fn emit(&self, r: Record) {
         if !self.enabled {
             return;
         }
-        crate::metrics::observe(&self.metrics, &r);
-        let line = {
+        let waiting = {
+            let mut pending = lock(&self.pending);
+            pending.push(r);
+            pending.len()
+        };
+        if waiting == 1 {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        } else if waiting >= PENDING_MAX {
+            self.flush();
+        }
+    }
+
+    /// Records handed over and not kept yet.
+    fn waiting(&self) -> bool {
+        !lock(&self.pending).is_empty()
+    }
+
+    /// Keeps the records handed over so far: counts each in the metrics, numbers and encodes it
+    /// into the backlog (and appends it to the file); a record the file could not take is counted
+    /// in `log_errors`.
+    pub fn flush(&self) {
+        let mut batch = lock(&self.flushing);
+        std::mem::swap(&mut *lock(&self.pending), &mut *batch);
+        if batch.is_empty() {
+            return;
+        }
+        for r in batch.iter() {
+            crate::metrics::observe(&self.metrics, r);
+        }
+        let lines = {
             // Numbered (and so encoded) under the lock: the backlog is in sequence order, so a
             // follower asking for records after N never skips one. Encoded into a buffer that
             // stays warm, then copied into the ring.
             let mut held = lock(&self.backlog);
             let Held { kept, scratch } = &mut *held;
-            let seq = kept.last() + 1;
-            scratch.clear();
-            r.wire(seq).encode(scratch);
-            let line = self.file.as_ref().map(|_| {
-                flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], scratch)
-                    .and_then(|(mut f, errors)| match errors.first() {
-                        Some(e) => Err(e.to_string()),
-                        None => f.pop().ok_or_else(|| "no flow".to_owned()),
-                    })
-                    .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string()))
-            });
-            kept.push(scratch, (r.ends.id, r.ends));
-            // A long record's buffer is not kept for the next.
-            if scratch.capacity() > 64 * 1024 {
-                *scratch = Vec::with_capacity(1024);
+            let mut lines = Vec::new();
+            for r in batch.drain(..) {
+                let seq = kept.last() + 1;
+                scratch.clear();
+                r.wire(seq).encode(scratch);
+                if self.file.is_some() {
+                    lines.push(
+                        flows_of(self.epoch, seq, vec![wire_ends(&r.ends)], scratch)
+                            .and_then(|(mut f, errors)| match errors.first() {
+                                Some(e) => Err(e.to_string()),
+                                None => f.pop().ok_or_else(|| "no flow".to_owned()),
+                            })
+                            .and_then(|f| serde_json::to_string(&f).map_err(|e| e.to_string())),
+                    );
+                }
+                kept.push(scratch, (r.ends.id, r.ends));
+                // A long record's buffer is not kept for the next.
+                if scratch.capacity() > 64 * 1024 {
+                    *scratch = Vec::with_capacity(1024);
+                }
             }
-            line
+            lines
         };
-        let written = match (&self.file, line) {
-            (Some(file), Some(Ok(line))) => {
-                let mut w = lock(file);
-                writeln!(w, "{line}").and_then(|()| w.flush()).is_ok()
-            }
-            (_, Some(Err(e))) => {
-                crate::log_limited!(warn, error = %e, "A flow record could not be written to the flow log");
-                false
-            }
-            _ => true,
-        };
-        if !written {
-            Counters::inc(&counters.flow_log_errors);
+        // A burst's buffer is not kept either.
+        if batch.capacity() > PENDING_MAX {
+            *batch = Vec::with_capacity(256);
         }
+        drop(batch);
+        let Some(file) = &self.file else { return };
+        let mut w = lock(file);
+        let mut failed = 0u64;
+        for line in lines {
+            match line {
+                Ok(line) => failed += u64::from(writeln!(w, "{line}").is_err()),
+                Err(e) => {
+                    crate::log_limited!(warn, error = %e, "A flow record could not be written to the flow log");
+                    failed += 1;
+                }
+            }
+        }
+        if w.flush().is_err() {
+            failed += 1;
+        }
+        if failed > 0 {
+            self.log_errors.fetch_add(failed, Ordering::Relaxed);
+        }
+    }
+
+    /// Flow records the JSON-lines file could not take.
+    pub fn log_errors(&self) -> u64 {
+        self.log_errors.load(Ordering::Relaxed)
     }
 
     /// Records numbered above `after`, at most `limit` (and what one frame holds); the number to
@@ -338,6 +439,7 @@ impl Records {
     /// Records numbered above `after`, at most `limit` and about `max_bytes` (at least one): their
     /// bytes and connections are copied under the lock, the connections encoded off it.
     fn page(&self, after: u64, limit: usize, max_bytes: usize) -> Page {
+        self.flush();
         let (bytes, ends, through, last, missed) = {
             let held = lock(&self.backlog);
             let page = held.kept.after(after, limit);
@@ -379,6 +481,7 @@ impl Records {
 
     /// Records the backlog let go because it was full.
     pub fn evicted(&self) -> u64 {
+        self.flush();
         lock(&self.backlog).kept.evicted()
     }
 }
@@ -411,7 +514,9 @@ impl FlowSource for Records {
         self.epoch
     }
 
+    /// Keeps what was handed over first: a reader's thread does that work, not the data path.
     fn last(&self) -> u64 {
+        self.flush();
         lock(&self.backlog).kept.last()
     }
 
@@ -420,5 +525,138 @@ impl FlowSource for Records {
         let page = self.page(after, max, max_bytes);
         let bytes = stream::frame(self.epoch, page.last, page.missed, page.ends, &page.bytes)?;
         Ok(Frame { bytes, through: page.through, last: page.last })
+    }
+}
+
+impl Drop for Records {
+    /// What was handed over reaches the file.
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::End;
+
+    fn record(i: u64, ends: &Arc<Ends>) -> Record {
+        Record {
+            time_ns: now_ns(),
+            reply: false,
+            verdict: Verdict::Forwarded,
+            reason: None,
+            ends: ends.clone(),
+            transport: Transport::Tcp,
+            detail: Detail::Http {
+                method: http::Method::GET,
+                url: Arc::from(format!("http://x/{i}").as_str()),
+                protocol: HttpProtocol::Http11,
+                code: 0,
+            },
+            latency_ns: 0,
+            policy: None,
+            summary: String::new(),
+            service: None,
+        }
+    }
+
+    fn ends() -> Arc<Ends> {
+        let end = |ip: &str, port| End { record: Arc::default(), ip: ip.parse().unwrap(), port, learned: None };
+        Arc::new(Ends {
+            source: end("10.0.0.1", 40000),
+            destination: end("10.0.0.2", 80),
+            direction: porin_flow::flow::TrafficDirection::Ingress,
+            id: Ends::next_id(),
+            wire_len: Default::default(),
+            spiffe_id: None,
+        })
+    }
+
+    fn urls(flows: &[Flow]) -> Vec<String> {
+        flows.iter().map(|f| f.l7.as_ref().and_then(|l| l.http.as_ref()).unwrap().url.clone()).collect()
+    }
+
+    fn requests_counted(r: &Records) -> bool {
+        r.metrics.render_text().lines().any(|l| l.starts_with("hubble_http_requests_total{") && l.ends_with(" 3"))
+    }
+
+    #[test]
+    fn a_reader_sees_every_record_handed_over_before_it_asked_in_order() {
+        let r = Records::start(None, true).unwrap();
+        let e = ends();
+        for i in 0..3 {
+            r.emit(record(i, &e));
+        }
+        // Nothing waits for the records thread: the reader keeps what was handed over first.
+        let (flows, last, missed) = r.after(0, 100);
+        assert_eq!((last, missed), (3, 0));
+        assert_eq!(urls(&flows), ["http://x/0", "http://x/1", "http://x/2"]);
+        assert!(requests_counted(&r), "{}", r.metrics.render_text());
+    }
+
+    #[test]
+    fn the_records_thread_keeps_them_without_a_reader() {
+        let r = Records::start(None, true).unwrap();
+        let e = ends();
+        for i in 0..3 {
+            r.emit(record(i, &e));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while r.waiting() {
+            assert!(std::time::Instant::now() < deadline, "the records thread never kept the records");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(requests_counted(&r), "{}", r.metrics.render_text());
+        assert_eq!(lock(&r.backlog).kept.last(), 3);
+    }
+
+    #[test]
+    fn a_full_hand_over_is_kept_by_the_path_that_fills_it() {
+        // No records thread (`new`): only the data path itself keeps them.
+        let r = Records::new(None, true).unwrap();
+        let e = ends();
+        for i in 0..PENDING_MAX as u64 - 1 {
+            r.emit(record(i, &e));
+        }
+        assert_eq!(lock(&r.pending).len(), PENDING_MAX - 1);
+        r.emit(record(0, &e));
+        assert!(!r.waiting());
+        assert_eq!(lock(&r.backlog).kept.last(), PENDING_MAX as u64);
+    }
+
+    #[test]
+    fn every_record_reaches_the_file_also_when_the_sink_goes() {
+        struct Dir(std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Dir(std::env::temp_dir().join(format!("porin-records-{}-{}", std::process::id(), Ends::next_id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("flows.jsonl");
+        // No records thread, so nothing else holds the sink when it goes.
+        let r = Records::new(Some(&path), true).unwrap();
+        let e = ends();
+        for i in 0..3 {
+            r.emit(record(i, &e));
+        }
+        drop(r);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let got: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["l7"]["http"]["url"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(got, ["http://x/0", "http://x/1", "http://x/2"]);
+    }
+
+    #[test]
+    fn a_sink_that_keeps_nothing_takes_nothing() {
+        let r = Records::start(None, false).unwrap();
+        r.emit(record(0, &ends()));
+        assert!(!r.waiting());
+        assert_eq!(r.after(0, 10).0.len(), 0);
     }
 }

@@ -292,27 +292,24 @@ impl Conn {
             }
             Outcome::Failed(status, why) => (true, Verdict::Error, None, status.as_u16(), None, why),
         };
-        self.shared.records.emit(
-            Record {
-                time_ns: crate::records::now_ns(),
-                reply,
-                verdict,
-                reason,
-                ends: seen.ends.clone(),
-                transport: crate::records::Transport::Tcp,
-                detail: crate::records::Detail::Http {
-                    method: seen.method.clone(),
-                    url: seen.url.clone(),
-                    protocol: seen.protocol,
-                    code,
-                },
-                latency_ns: if reply { u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX) } else { 0 },
-                policy: rule,
-                summary,
-                service: seen.service.clone(),
+        self.shared.records.emit(Record {
+            time_ns: crate::records::now_ns(),
+            reply,
+            verdict,
+            reason,
+            ends: seen.ends.clone(),
+            transport: crate::records::Transport::Tcp,
+            detail: crate::records::Detail::Http {
+                method: seen.method.clone(),
+                url: seen.url.clone(),
+                protocol: seen.protocol,
+                code,
             },
-            &self.shared.counters,
-        );
+            latency_ns: if reply { u64::try_from(seen.start.elapsed().as_nanos()).unwrap_or(u64::MAX) } else { 0 },
+            policy: rule,
+            summary,
+            service: seen.service.clone(),
+        });
     }
 
     /// Handles one request.

@@ -277,10 +277,10 @@ impl Compiled {
         }
         let http = f.l7.as_ref().and_then(|l| l.http.as_ref());
         let dns = f.l7.as_ref().and_then(|l| l.dns.as_ref());
-        let (src_ip, dst_ip) = match &f.ip {
-            Some(ip) => (ip.source.parse::<IpAddr>().ok(), ip.destination.parse::<IpAddr>().ok()),
-            None => (None, None),
-        };
+        // Addresses are parsed only for the address filters that need them (a follower judges
+        // every record).
+        let src_ip = || f.ip.as_ref().and_then(|ip| ip.source.parse::<IpAddr>().ok());
+        let dst_ip = || f.ip.as_ref().and_then(|ip| ip.destination.parse::<IpAddr>().ok());
         let l4_ports = f.l4.as_ref().and_then(|l| match l {
             porin_flow::flow::Layer4::Tcp(p) | porin_flow::flow::Layer4::Udp(p) | porin_flow::flow::Layer4::Sctp(p) => {
                 Some(*p)
@@ -289,8 +289,14 @@ impl Compiled {
         });
         let event = i32::try_from(f.event_type.cilium_type()).unwrap_or(0);
         any(&self.uuid, |u| u == uuid)
-            && any(&self.source_ip, |m| ip_matches(m, src_ip))
-            && any(&self.destination_ip, |m| ip_matches(m, dst_ip))
+            && (self.source_ip.is_empty() || {
+                let ip = src_ip();
+                self.source_ip.iter().any(|m| ip_matches(m, ip))
+            })
+            && (self.destination_ip.is_empty() || {
+                let ip = dst_ip();
+                self.destination_ip.iter().any(|m| ip_matches(m, ip))
+            })
             && any(&self.source_pod, |m| pod_matches(m, &f.source))
             && any(&self.destination_pod, |m| pod_matches(m, &f.destination))
             && any(&self.destination_fqdn, |re| {

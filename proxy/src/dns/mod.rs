@@ -314,20 +314,17 @@ fn emit(
     rule: Option<Arc<str>>,
     summary: &str,
 ) {
-    shared.records.emit(
-        Record {
-            time_ns: now_ns(),
-            reply,
-            verdict,
-            reason,
-            ends: policy.ends.clone(),
-            transport,
-            detail: Detail::Dns(Box::new(info)),
-            latency_ns,
-            policy: rule,
-            summary: summary.to_owned(),
-            service: None,
-        },
-        &shared.counters,
-    );
+    shared.records.emit(Record {
+        time_ns: now_ns(),
+        reply,
+        verdict,
+        reason,
+        ends: policy.ends.clone(),
+        transport,
+        detail: Detail::Dns(Box::new(info)),
+        latency_ns,
+        policy: rule,
+        summary: summary.to_owned(),
+        service: None,
+    });
 }

@@ -225,22 +225,19 @@ impl RecordBuilder<'_> {
 
     fn send(self) {
         let shared = self.emit.shared;
-        shared.records.emit(
-            Record {
-                time_ns: now_ns(),
-                reply: self.reply,
-                verdict: self.verdict,
-                reason: self.reason,
-                ends: self.emit.policy.ends.clone(),
-                transport: Transport::Tcp,
-                detail: Detail::Kafka(Box::new(self.info)),
-                latency_ns: self.latency_ns,
-                policy: self.rule,
-                summary: self.summary,
-                service: None,
-            },
-            &shared.counters,
-        );
+        shared.records.emit(Record {
+            time_ns: now_ns(),
+            reply: self.reply,
+            verdict: self.verdict,
+            reason: self.reason,
+            ends: self.emit.policy.ends.clone(),
+            transport: Transport::Tcp,
+            detail: Detail::Kafka(Box::new(self.info)),
+            latency_ns: self.latency_ns,
+            policy: self.rule,
+            summary: self.summary,
+            service: None,
+        });
     }
 }
 

@@ -239,22 +239,19 @@ fn record(
     reason: Option<DropReason>,
     summary: String,
 ) {
-    shared.records.emit(
-        Record {
-            time_ns: crate::records::now_ns(),
-            reply: false,
-            verdict,
-            reason,
-            ends: ends.clone(),
-            transport: Transport::Tcp,
-            detail: Detail::Tunnel,
-            latency_ns: 0,
-            policy: None,
-            summary,
-            service: None,
-        },
-        &shared.counters,
-    );
+    shared.records.emit(Record {
+        time_ns: crate::records::now_ns(),
+        reply: false,
+        verdict,
+        reason,
+        ends: ends.clone(),
+        transport: Transport::Tcp,
+        detail: Detail::Tunnel,
+        latency_ns: 0,
+        policy: None,
+        summary,
+        service: None,
+    });
 }
 
 /// What an admitted stream is handed to.
