@@ -10,7 +10,8 @@
 # req/s, the CPU each request cost the proxy (its worker and stream threads) and the follower, the
 # ratio on/off (target >= 0.95) of the means and the median of each round's, and the memory a full
 # record backlog takes (RSS on - off after load; the backlog holds the last 8,192
-# records, the agent's ring the last 4,095 flows of the node).
+# records), and the memory of a full node flow ring (the agent's: 4,095 flows by default) filled
+# as the agent fills it (porin-ring-memory).
 # Runs on 127.0.0.1 only; ports are picked free at start. SECS=5 ROUNDS=8 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ SECS=${SECS:-5}
 FOLLOW=${FOLLOW:---verdict DROPPED -o json}
 ROUNDS=${ROUNDS:-8}
 bench_start obs
+cargo build --release --locked -p porin-benches --bin porin-ring-memory >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 B1=$(free_port); B2=$(free_port); ON=$(free_port); OFF=$(free_port); MP=$(free_port)
 RULES=100
 PATH_HIT=/api/v1/svc$((RULES - 1))/item
@@ -115,3 +117,6 @@ s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.stdin.b
 print(json.loads(s.makefile().readline()).get("records", {}))' "$work/on.sock" 2>/dev/null || echo '?')
 echo "  RSS after load: records on $((rss_on / 1024)) MiB, off $((rss_off / 1024)) MiB;" \
     "a full backlog costs ~$(((rss_on - rss_off) / 1024)) MiB (backlog: $backlog)"
+# The node's flow ring (the agent's, what Hubble's GetFlows serves) full of HTTP flows, at its
+# default size and at Hubble's largest.
+for capacity in 4095 65535; do echo "  $(target/release/porin-ring-memory "$capacity")"; done

@@ -345,6 +345,12 @@ fn follow_stream(
                 socket.display()
             );
         }
+        // Records whose verdict no filter takes go before their flows are built (a record whose
+        // verdict is unknown is kept: reading it reports it).
+        let mut batch = batch;
+        batch
+            .records
+            .retain(|r| porin_flow::flow::Verdict::from_number(r.verdict).is_none_or(|v| filters.may_admit_verdict(v)));
         let mut errors = Vec::new();
         let admitted = batch.flows().filter_map(|f| match f {
             Ok(f) => filters.admit(&f, "", "").then_some(f),

@@ -224,7 +224,7 @@ struct Held {
 pub const PENDING_MAX: usize = 4096;
 
 /// How long the records thread lets records gather after the first of a batch arrives.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The record sink. The data path only hands a record over ([`Records::emit`]: one move into
 /// `pending` under a lock nobody holds for long); numbering, counting in the metrics, encoding into

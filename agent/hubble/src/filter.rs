@@ -385,6 +385,13 @@ impl Filters {
         (self.whitelist.is_empty() || self.whitelist.iter().any(|c| c.matches(f, uuid, node)))
             && !self.blacklist.iter().any(|c| c.matches(f, uuid, node))
     }
+
+    /// Whether a flow with verdict `v` may be admitted at all: false only when no allow filter
+    /// takes it. A reader of many records lets those go before it builds their flows.
+    pub fn may_admit_verdict(&self, v: porin_flow::flow::Verdict) -> bool {
+        let v = convert::verdict(v) as i32;
+        self.whitelist.is_empty() || self.whitelist.iter().any(|c| c.verdict.is_empty() || c.verdict.contains(&v))
+    }
 }
 
 #[cfg(test)]
@@ -536,6 +543,36 @@ mod tests {
         assert!(f.admit(&get, "", ""));
         assert!(!f.admit(&put, "", ""));
         assert!(Filters::default().admit(&put, "", ""));
+    }
+
+    #[test]
+    fn a_verdict_no_allow_filter_takes_is_never_admitted() {
+        use porin_flow::flow::Verdict as V;
+        let verdicts =
+            |v: &[pb::Verdict]| pb::FlowFilter { verdict: v.iter().map(|v| *v as i32).collect(), ..Default::default() };
+        let any = Filters::new(&[], &[verdicts(&[pb::Verdict::Dropped])]).unwrap();
+        assert!(any.may_admit_verdict(V::Dropped), "a deny list says nothing of what may be admitted");
+        let drops = Filters::new(&[verdicts(&[pb::Verdict::Dropped])], &[]).unwrap();
+        assert!(drops.may_admit_verdict(V::Dropped) && !drops.may_admit_verdict(V::Forwarded));
+        let either = Filters::new(
+            &[
+                verdicts(&[pb::Verdict::Dropped]),
+                pb::FlowFilter { http_method: vec!["GET".into()], ..Default::default() },
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(either.may_admit_verdict(V::Forwarded), "the second filter takes any verdict");
+        // The bound never admits what `admit` refuses, nor refuses what it admits.
+        let get = http("GET", "/", 0);
+        let denied = http("GET", "/", 403);
+        for f in [&drops, &either, &any] {
+            for flow in [&get, &denied] {
+                if f.admit(flow, "", "") {
+                    assert!(f.may_admit_verdict(flow.verdict));
+                }
+            }
+        }
     }
 
     #[test]
