@@ -390,6 +390,8 @@ impl Drop for Proxy {
             t.abort();
         }
         self.dns_threads.clear();
+        // Records handed over reach the flow log before the process goes.
+        self.info.shared.records.flush();
         self.info.shared.fqdn.persist();
         if let Some(p) = &self.control {
             let _ = std::fs::remove_file(p);
