@@ -88,6 +88,12 @@ observability_tools() {
     }
 }
 
+kubernetes_tools() {
+    # Kubernetes mode's tests: the reference CNI plugins (ptp, bridge, host-local) that porin-cni
+    # is chained after, run as a container runtime runs them.
+    apt_install containernetworking-plugins
+}
+
 fuzz_tools() {
     # cargo-fuzz, installed once per machine (~2 min to build) and reused.
     command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz (once per machine)"; cargo install cargo-fuzz --locked; }
@@ -114,6 +120,7 @@ setup_tests() {
     dns_tools
     kafka_tools
     observability_tools
+    kubernetes_tools
     fuzz_tools
 }
 

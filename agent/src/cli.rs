@@ -35,6 +35,10 @@ pub enum Command {
     /// What the DNS proxy learned (`toFQDNs`).
     #[command(subcommand)]
     Fqdn(FqdnCommand),
+    /// The chained CNI plugin (CNI spec 1.0), as a container runtime runs it: `CNI_*` in the
+    /// environment, the network configuration on standard input. Runtimes run it by its type,
+    /// `porin-cni`: a link of that name to this binary is this command.
+    Cni,
 }
 
 /// `porin fqdn ...`
@@ -361,6 +365,11 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
 
 /// Runs the command line.
 pub fn main() -> ExitCode {
+    // Run by a container runtime as the `porin-cni` plugin: no arguments, only `CNI_*`.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == crate::cni::PLUGIN_NAME) {
+        return crate::cni::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(PolicyCommand::Validate { files, load, output }) => {
@@ -378,6 +387,7 @@ pub fn main() -> ExitCode {
             report(crate::proxy_cmd::run(&a))
         }
         Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
+        Command::Cni => crate::cni::main(),
         Command::Observe(a) => crate::observe_cmd::observe(&a).unwrap_or_else(|e| {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

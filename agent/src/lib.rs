@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cni;
 #[cfg(feature = "lab")]
 pub mod lab;
 pub mod mesh;
