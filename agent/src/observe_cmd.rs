@@ -321,7 +321,7 @@ fn follow_stream(
 ) -> anyhow::Result<()> {
     let mut reader = porin_flow::stream::StreamReader::connect(socket, after, epoch)?;
     loop {
-        let batch = match reader.next_batch() {
+        let mut batch = match reader.next_batch() {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("porin observe: {e}; following {} again", socket.display());
@@ -347,7 +347,6 @@ fn follow_stream(
         }
         // Records whose verdict no filter takes go before their flows are built (a record whose
         // verdict is unknown is kept: reading it reports it).
-        let mut batch = batch;
         batch
             .records
             .retain(|r| porin_flow::flow::Verdict::from_number(r.verdict).is_none_or(|v| filters.may_admit_verdict(v)));

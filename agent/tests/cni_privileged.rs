@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::privileged;
+use common::{Dir, privileged};
 use serde_json::{Value, json};
 
 /// Where Debian installs the reference plugins.
@@ -38,15 +38,6 @@ impl Drop for Netns {
     }
 }
 
-/// A private directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The runtime's side: runs one plugin of the list in the node namespace.
 struct Runtime {
     node: Netns,
@@ -58,7 +49,7 @@ struct Runtime {
 impl Runtime {
     fn new(tag: &str) -> Self {
         let id = format!("{}-{}", std::process::id(), tag);
-        let dir = Dir(std::env::temp_dir().join(format!("porin-cni-{id}")));
+        let dir = Dir::new("cni");
         std::fs::create_dir_all(dir.0.join("bin")).unwrap();
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_porin"), dir.0.join("bin/porin-cni")).unwrap();
         let node = Netns::new(format!("pcni-node-{id}"));

@@ -38,6 +38,25 @@ pub(crate) fn privileged() -> bool {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A private scratch directory (`porin-<tag>-<pid>-<n>` under the temporary directory), removed on
+/// drop, also on panic.
+pub(crate) struct Dir(pub PathBuf);
+
+impl Dir {
+    pub(crate) fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("porin-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What `wrk` reported.
 #[derive(Debug, Default)]
 pub(crate) struct Wrk {
