@@ -78,14 +78,17 @@ fn starwars_across_nodes_privileged() {
         let host = if v6 { format!("[{}]", lab.addr("deathstar", true)) } else { "deathstar".to_owned() };
         let tie = lab.addr("tiefighter", v6);
         // Allowed at L7 by node2's proxy; the deathstar sees the tiefighter's own address.
+        // By name, curl would race both families (happy eyeballs): ask for the one under test.
+        let family = if v6 { "-6" } else { "-4" };
         let (code, status, body) =
-            lab.curl_status("tiefighter", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+            lab.curl_status("tiefighter", &[family, "-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!((code, status.as_str(), body), (0, "200", format!("Ship landed for {tie}\n")), "{host}");
         let (code, status, body) =
-            lab.curl_status("tiefighter", &["-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
+            lab.curl_status("tiefighter", &[family, "-X", "PUT"], &format!("http://{host}/v1/exhaust-port"));
         assert_eq!((code, status.as_str(), body.as_str()), (0, "403", "Access denied\r\n"), "{host}");
         // The xwing's SYN crosses the underlay and is dropped at the deathstar's node.
-        let (code, _, _) = lab.curl_status("xwing", &["-X", "POST"], &format!("http://{host}/v1/request-landing"));
+        let (code, _, _) =
+            lab.curl_status("xwing", &[family, "-X", "POST"], &format!("http://{host}/v1/request-landing"));
         assert_eq!(code, 28, "xwing times out ({host})");
     }
 
