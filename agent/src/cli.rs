@@ -35,10 +35,21 @@ pub enum Command {
     /// What the DNS proxy learned (`toFQDNs`).
     #[command(subcommand)]
     Fqdn(FqdnCommand),
+    /// Kubernetes mode: what an install on a cluster needs.
+    #[command(subcommand)]
+    Kubernetes(KubernetesCommand),
     /// The chained CNI plugin (CNI spec 1.0), as a container runtime runs it: `CNI_*` in the
     /// environment, the network configuration on standard input. Runtimes run it by its type,
     /// `porin-cni`: a link of that name to this binary is this command.
     Cni,
+}
+
+/// `porin kubernetes ...`
+#[derive(Debug, Subcommand)]
+pub enum KubernetesCommand {
+    /// Print the CRDs Porin reads (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
+    /// CiliumCIDRGroup), generated from the policy types: `config/kubernetes/crds.yaml`.
+    Crds,
 }
 
 /// `porin fqdn ...`
@@ -388,6 +399,7 @@ pub fn main() -> ExitCode {
         }
         Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
         Command::Cni => crate::cni::main(),
+        Command::Kubernetes(KubernetesCommand::Crds) => report(porin_kubernetes::crd::crds_yaml().map(|y| print!("{y}"))),
         Command::Observe(a) => crate::observe_cmd::observe(&a).unwrap_or_else(|e| {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -8,6 +8,8 @@
 mod convert;
 mod de;
 mod envelope;
+#[cfg(feature = "schema")]
+mod schema;
 pub mod types;
 
 use std::fmt;

@@ -71,6 +71,7 @@ pub struct CiliumPolicyDoc {
 
 /// A label selector.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelector {
     /// `key: value` requirements.
@@ -81,6 +82,7 @@ pub struct LabelSelector {
 
 /// One `matchExpressions` entry.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelectorRequirement {
     /// Key (`source:key` or `key`).
@@ -93,6 +95,7 @@ pub struct LabelSelectorRequirement {
 
 /// A Cilium rule (`spec` / `specs[i]`).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     /// Endpoints the rule applies to.
@@ -119,6 +122,7 @@ pub struct Rule {
 
 /// A rule label (`{key, value, source}`).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct RuleLabel {
     /// Key.
@@ -131,6 +135,7 @@ pub struct RuleLabel {
 
 /// `enableDefaultDeny`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct DefaultDeny {
     /// Ingress switch.
@@ -141,6 +146,7 @@ pub struct DefaultDeny {
 
 /// `log`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Log value attached to verdicts.
@@ -149,6 +155,7 @@ pub struct LogConfig {
 
 /// An `ingress` element.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IngressRule {
     /// Peer endpoints.
@@ -164,6 +171,7 @@ pub struct IngressRule {
     /// Peer entities.
     pub from_entities: Option<Vec<String>>,
     /// Cloud provider groups.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub from_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
     pub from_nodes: Option<Vec<LabelSelector>>,
@@ -177,6 +185,7 @@ pub struct IngressRule {
 
 /// An `ingressDeny` element.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IngressDenyRule {
     /// Peer endpoints.
@@ -192,6 +201,7 @@ pub struct IngressDenyRule {
     /// Peer entities.
     pub from_entities: Option<Vec<String>>,
     /// Cloud provider groups.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub from_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
     pub from_nodes: Option<Vec<LabelSelector>>,
@@ -203,6 +213,7 @@ pub struct IngressDenyRule {
 
 /// An `egress` element.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressRule {
     /// Peer endpoints.
@@ -223,6 +234,7 @@ pub struct EgressRule {
     #[serde(rename = "toFQDNs")]
     pub to_fqdns: Option<Vec<FqdnSelector>>,
     /// Cloud provider groups.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub to_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
     pub to_nodes: Option<Vec<LabelSelector>>,
@@ -236,6 +248,7 @@ pub struct EgressRule {
 
 /// An `egressDeny` element.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressDenyRule {
     /// Peer endpoints.
@@ -253,6 +266,7 @@ pub struct EgressDenyRule {
     /// Kubernetes services.
     pub to_services: Option<Vec<ServiceSelector>>,
     /// Cloud provider groups.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub to_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
     pub to_nodes: Option<Vec<LabelSelector>>,
@@ -264,6 +278,7 @@ pub struct EgressDenyRule {
 
 /// A `CIDRSet` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CidrRule {
     /// The prefix.
@@ -278,6 +293,7 @@ pub struct CidrRule {
 
 /// `toServices` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSelector {
     /// A service by name.
@@ -288,6 +304,7 @@ pub struct ServiceSelector {
 
 /// `k8sService`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct K8sServiceName {
     /// Service name.
@@ -298,6 +315,7 @@ pub struct K8sServiceName {
 
 /// `k8sServiceSelector`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct K8sServiceSelector {
     /// Label selector over services.
@@ -308,6 +326,7 @@ pub struct K8sServiceSelector {
 
 /// `toFQDNs` entry, and a DNS L7 rule.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FqdnSelector {
     /// Exact name.
@@ -318,6 +337,9 @@ pub struct FqdnSelector {
 
 /// A port: a number or a name (named ports), written as a string in the CRD; YAML integers are accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
+#[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::int_or_string"))]
+#[cfg_attr(feature = "schema", serde(transparent))]
 pub struct PortString(pub String);
 
 impl<'de> Deserialize<'de> for PortString {
@@ -344,6 +366,7 @@ impl<'de> Deserialize<'de> for PortString {
 
 /// A `ports` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortProtocol {
     /// Port number or name; empty or `0` means all ports.
@@ -356,14 +379,17 @@ pub struct PortProtocol {
 
 /// A `toPorts` entry of an allow rule.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortRule {
     /// Ports.
     pub ports: Option<Vec<PortProtocol>>,
     /// TLS termination towards the client.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     #[serde(rename = "terminatingTLS")]
     pub terminating_tls: Option<serde_yaml::Value>,
     /// TLS origination towards the server.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     #[serde(rename = "originatingTLS")]
     pub originating_tls: Option<serde_yaml::Value>,
     /// SNI allow-list.
@@ -376,6 +402,7 @@ pub struct PortRule {
 
 /// A `toPorts` entry of a deny rule.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct PortDenyRule {
     /// Ports.
@@ -384,9 +411,11 @@ pub struct PortDenyRule {
 
 /// `listener`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Listener {
     /// The CiliumEnvoyConfig holding the listener.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     pub envoy_config: Option<serde_yaml::Value>,
     /// Listener name.
     pub name: Option<String>,
@@ -396,6 +425,7 @@ pub struct Listener {
 
 /// `rules`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct L7Rules {
     /// HTTP rules.
@@ -412,6 +442,7 @@ pub struct L7Rules {
 
 /// An HTTP rule.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRule {
     /// Method regex.
@@ -428,6 +459,7 @@ pub struct HttpRule {
 
 /// `headerMatches` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name.
@@ -442,6 +474,7 @@ pub struct HeaderMatch {
 
 /// A secret reference.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     /// Namespace (defaults to the policy's).
@@ -452,6 +485,7 @@ pub struct SecretRef {
 
 /// A Kafka rule.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KafkaRule {
     /// `produce` / `consume`.
@@ -469,6 +503,7 @@ pub struct KafkaRule {
 
 /// An `icmps` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct IcmpRule {
     /// Types.
@@ -477,6 +512,7 @@ pub struct IcmpRule {
 
 /// One ICMP type.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct IcmpField {
     /// `IPv4` (default) or `IPv6`.
@@ -488,6 +524,7 @@ pub struct IcmpField {
 
 /// `authentication`.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Authentication {
     /// `disabled`, `required`, `test-always-fail`.
@@ -600,6 +637,7 @@ pub struct CidrGroupDoc {
 
 /// `CiliumCIDRGroup.spec`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CidrGroupSpec {
     /// The prefixes.
