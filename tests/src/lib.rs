@@ -1,7 +1,9 @@
-//! Shared helpers for Porin's integration tests.
+//! Shared helpers for Porin's integration tests, and the test Kubernetes API server ([`apiserver`]).
 //!
 //! Owns locating the shared Cilium conformance vectors (`../shared/conformance` beside the repository,
 //! or `PORIN_CONFORMANCE_DIR`) and reading them. Tests never copy the vectors into the repository.
+
+pub mod apiserver;
 
 use std::path::PathBuf;
 
