@@ -50,6 +50,12 @@ pub enum KubernetesCommand {
     /// Print the CRDs Porin reads (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
     /// CiliumCIDRGroup), generated from the policy types: `config/kubernetes/crds.yaml`.
     Crds,
+    /// Install this binary as the chained CNI plugin `porin-cni` in a runtime's CNI binary
+    /// directory (written whole: a temporary file, then renamed over the old one).
+    InstallCni {
+        /// The runtime's CNI binary directory (its `CNI_PATH`), e.g. `/opt/cni/bin`.
+        bin_dir: PathBuf,
+    },
 }
 
 /// `porin fqdn ...`
@@ -77,11 +83,23 @@ pub struct AgentArgs {
     #[arg(long, default_value = "/sys/fs/bpf/porin")]
     pub bpffs: PathBuf,
     /// Policy directory (*.yaml).
-    #[arg(long)]
-    pub policies: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub policies: Option<PathBuf>,
     /// Endpoints file (JSON).
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub endpoints: Option<PathBuf>,
+    /// Kubernetes mode: read policies (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
+    /// NetworkPolicy, CiliumCIDRGroup), services, pods, namespaces and nodes from the API server,
+    /// and this node's pods' interfaces from the CNI plugin's records (`--cni-state-dir`).
     #[arg(long)]
-    pub endpoints: PathBuf,
+    pub kubernetes: bool,
+    /// The kubeconfig to reach the API server with (default: in-cluster, then `KUBECONFIG`, then
+    /// `~/.kube/config`).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where `porin cni` records the pods it wires (its `stateDir`).
+    #[arg(long, default_value = "/run/porin/cni")]
+    pub cni_state_dir: PathBuf,
     /// Control socket.
     #[arg(long, default_value = "/run/porin/agent.sock")]
     pub control: PathBuf,
@@ -346,8 +364,15 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
     crate::agent::run(
         crate::agent::AgentConfig {
             bpffs: a.bpffs.clone(),
-            policies: a.policies.clone(),
-            endpoints: a.endpoints.clone(),
+            inputs: match (&a.policies, &a.endpoints) {
+                (Some(policies), Some(endpoints)) if !a.kubernetes => {
+                    crate::agent::InputsConfig::Files { policies: policies.clone(), endpoints: endpoints.clone() }
+                }
+                _ => crate::agent::InputsConfig::Kubernetes {
+                    kubeconfig: a.kubeconfig.clone(),
+                    cni_state: a.cni_state_dir.clone(),
+                },
+            },
             control: a.control.clone(),
             publish: Some(a.publish.clone()),
             settings: porin_datapath::loader::Settings {
@@ -399,7 +424,10 @@ pub fn main() -> ExitCode {
         }
         Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
         Command::Cni => crate::cni::main(),
-        Command::Kubernetes(KubernetesCommand::Crds) => report(porin_kubernetes::crd::crds_yaml().map(|y| print!("{y}"))),
+        Command::Kubernetes(KubernetesCommand::InstallCni { bin_dir }) => report(crate::cni::install(&bin_dir)),
+        Command::Kubernetes(KubernetesCommand::Crds) => {
+            report(porin_kubernetes::crd::crds_yaml().map(|y| print!("{y}")))
+        }
         Command::Observe(a) => crate::observe_cmd::observe(&a).unwrap_or_else(|e| {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

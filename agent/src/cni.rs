@@ -228,6 +228,24 @@ pub fn attachments(dir: &Path) -> std::io::Result<(Vec<Attachment>, Vec<String>)
     Ok((found, bad))
 }
 
+/// Installs the running binary as `porin-cni` in `bin_dir` (a runtime's `CNI_PATH`): copied to a
+/// temporary file there, made executable, then renamed over the old one, so a runtime never runs a
+/// half-written plugin.
+pub fn install(bin_dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let exe = std::env::current_exe().context("locate the porin binary")?;
+    std::fs::create_dir_all(bin_dir).with_context(|| format!("create {}", bin_dir.display()))?;
+    let target = bin_dir.join("porin-cni");
+    let tmp = bin_dir.join(format!(".porin-cni.{}", std::process::id()));
+    std::fs::copy(&exe, &tmp).with_context(|| format!("copy {} to {}", exe.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("make {} executable", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("rename {} to {}", tmp.display(), target.display()))?;
+    println!("installed {}", target.display());
+    Ok(())
+}
+
 /// Whether `name` (in this network namespace) is a bridge.
 fn is_bridge(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("bridge").exists()

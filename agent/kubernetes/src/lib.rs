@@ -4,5 +4,10 @@
 //!   CiliumClusterwideNetworkPolicy, CiliumCIDRGroup), their CRDs generated from the policy
 //!   engine's own types (kube's `CustomResource` derive over the types' schemars schemas), so what
 //!   the API server accepts and what the engine reads are one definition.
+//! - [`watch`]: the cluster as the agent reads it: watches into stores that outlive the API
+//!   server's absences, and the policy objects as documents for the engine.
+//! - [`report`]: what a node says on the objects: `status.nodes`, and an Event for a refusal.
 
 pub mod crd;
+pub mod report;
+pub mod watch;

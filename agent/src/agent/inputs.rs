@@ -187,10 +187,99 @@ impl EndpointsFile {
     }
 }
 
-/// A policy file's state.
+/// Where the agent's inputs come from.
+#[derive(Clone, Debug)]
+pub enum InputsConfig {
+    /// Standalone mode: an endpoints file and a policy directory, watched.
+    Files {
+        /// Policy directory (`*.yaml`, `*.yml`).
+        policies: PathBuf,
+        /// Endpoints file.
+        endpoints: PathBuf,
+    },
+    /// Kubernetes mode: the API server's objects, and the CNI plugin's records of this node's pods.
+    Kubernetes {
+        /// A kubeconfig (none: in-cluster, then `KUBECONFIG`, then `~/.kube/config`).
+        kubeconfig: Option<PathBuf>,
+        /// Where `porin cni` records the pods it wired.
+        cni_state: PathBuf,
+    },
+}
+
+/// One policy document: where it comes from, and its text (or why it could not be read).
+#[derive(Clone, Debug)]
+pub(super) struct PolicyDoc {
+    /// A file's path, or an object's kind, namespace and name.
+    pub(super) source: String,
+    /// The API object it is (Kubernetes mode): key, uid, generation.
+    pub(super) object: Option<(porin_kubernetes::watch::ObjectKey, Option<String>, Option<i64>)>,
+    pub(super) text: Result<String, String>,
+}
+
+/// The inputs of one reload, whatever their origin.
+#[derive(Debug)]
+pub(super) struct Inputs {
+    pub(super) cluster: EndpointsFile,
+    pub(super) documents: Vec<PolicyDoc>,
+    /// What keeps some of the cluster from being enforced (reported in status `errors`).
+    pub(super) errors: Vec<String>,
+}
+
+/// The agent's inputs, opened.
+#[derive(Debug)]
+pub(super) enum Source {
+    Files { policies: PathBuf, endpoints: PathBuf },
+    Kubernetes { cluster: porin_kubernetes::watch::Cluster, cni_state: PathBuf },
+}
+
+impl Source {
+    /// What the cluster state is read from (for messages).
+    pub(super) fn origin(&self) -> String {
+        match self {
+            Source::Files { endpoints, .. } => endpoints.display().to_string(),
+            Source::Kubernetes { .. } => "the Kubernetes API".into(),
+        }
+    }
+
+    /// Reads the inputs as they are now, for node `node`. An endpoints file that does not read
+    /// is an error (the last good state keeps enforcing); a policy document that does not read is
+    /// that document's error.
+    pub(super) fn read(&self, node: &str) -> anyhow::Result<Inputs> {
+        match self {
+            Source::Files { policies, endpoints } => {
+                let text = std::fs::read_to_string(endpoints)
+                    .with_context(|| format!("read endpoints file {}", endpoints.display()))?;
+                let cluster: EndpointsFile =
+                    serde_json::from_str(&text).with_context(|| format!("parse {}", endpoints.display()))?;
+                let documents = policy_files(policies)?
+                    .into_iter()
+                    .map(|path| PolicyDoc {
+                        source: path.display().to_string(),
+                        object: None,
+                        text: std::fs::read_to_string(&path).map_err(|e| format!("cannot read: {e}")),
+                    })
+                    .collect();
+                Ok(Inputs { cluster, documents, errors: vec![] })
+            }
+            Source::Kubernetes { cluster, cni_state } => {
+                let (attachments, bad) = crate::cni::attachments(cni_state)
+                    .with_context(|| format!("read the CNI records in {}", cni_state.display()))?;
+                let (cluster, documents, mut errors) =
+                    super::kubernetes::inputs(&cluster.objects(), &attachments, node);
+                errors.extend(bad.into_iter().map(|b| format!("CNI record {b}")));
+                Ok(Inputs { cluster, documents, errors })
+            }
+        }
+    }
+}
+
+/// A policy document's state.
 #[derive(Clone, Debug, Serialize)]
 pub(super) struct FileState {
     pub(super) file: String,
+    /// The API object it is (Kubernetes mode).
+    #[serde(skip)]
+    pub(super) object: Option<(porin_kubernetes::watch::ObjectKey, Option<String>, Option<i64>)>,
     pub(super) ok: bool,
     pub(super) errors: Vec<String>,
     #[serde(skip)]

@@ -13,6 +13,7 @@
 //! view. A reload never stalls them.
 
 pub mod inputs;
+mod kubernetes;
 mod reloader;
 
 use std::path::{Path, PathBuf};
@@ -30,7 +31,8 @@ use porin_hubble::ring::{FlowRing, LostSource};
 use porin_hubble::server::{HubbleServer, Listener};
 use tokio::sync::oneshot;
 
-pub use self::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, NodeSpec, environment, publish};
+use self::inputs::Source;
+pub use self::inputs::{EndpointSpec, EndpointsFile, InputsConfig, NamedPortSpec, NodeSpec, environment, publish};
 use self::reloader::{Job, Reloader, View};
 
 /// The most flow records one `flows` query returns.
@@ -45,10 +47,8 @@ const CATCHUP_WAIT: Duration = Duration::from_secs(2);
 pub struct AgentConfig {
     /// bpffs directory for pins.
     pub bpffs: PathBuf,
-    /// Policy directory (`*.yaml`, `*.yml`).
-    pub policies: PathBuf,
-    /// Endpoints file.
-    pub endpoints: PathBuf,
+    /// Where the endpoints and policies come from.
+    pub inputs: InputsConfig,
     /// Control socket path.
     pub control: PathBuf,
     /// Where the policy inputs of every applied version are published for the L7 proxy.
@@ -427,11 +427,27 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     // newer publication from an older one.
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
     let allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
-    let mut reloader = Reloader::new(cfg.clone(), datapath, version, allocator, view.clone());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (jobs, queue) = channel();
+    // Kubernetes mode: the watches fill their stores on this runtime; a change asks for a reload.
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let mut reporter = None;
+    let source = match &cfg.inputs {
+        InputsConfig::Files { policies, endpoints } => {
+            Source::Files { policies: policies.clone(), endpoints: endpoints.clone() }
+        }
+        InputsConfig::Kubernetes { kubeconfig, cni_state } => {
+            let (cluster, client) = rt.block_on(open_cluster(kubeconfig.as_deref(), changed.clone()))?;
+            let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+            reporter = Some((porin_kubernetes::report::Reporter::new(client, &cfg.node_name), tx, rx));
+            Source::Kubernetes { cluster, cni_state: cni_state.clone() }
+        }
+    };
+    let verdicts = reporter.as_ref().map(|(_, tx, _)| tx.clone());
+    let mut reloader = Reloader::new(cfg.clone(), source, verdicts, datapath, version, allocator, view.clone());
     reloader.lb_error = lb_error;
     reloader.reload().context("initial policy load")?;
     reloader.refresh_view();
-    let (jobs, queue) = channel();
     let worker = std::thread::Builder::new().name("reloader".into()).spawn(move || reloader.run(queue))?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let keeper = match &cfg.mesh {
@@ -444,7 +460,6 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let served = rt.block_on(async {
         let listener = control::bind(&cfg.control).with_context(|| format!("bind {}", cfg.control.display()))?;
         tracing::info!(control = %cfg.control.display(), "Agent ready");
@@ -514,7 +529,18 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         let server = tokio::spawn(control::serve(listener, handler));
         let events = tokio::spawn(read_events(view.clone(), events, metrics.clone()));
         let follow = tokio::spawn(follow_counters(metrics, view.clone(), jobs.clone()));
-        let watch = tokio::spawn(watch_inputs(jobs.clone(), cfg.policies.clone(), cfg.endpoints.clone()));
+        let watch = match &cfg.inputs {
+            InputsConfig::Files { policies, endpoints } => {
+                tokio::spawn(watch_inputs(jobs.clone(), policies.clone(), endpoints.clone()))
+            }
+            InputsConfig::Kubernetes { cni_state, .. } => {
+                if let Some((reporter, _, rx)) = reporter.take() {
+                    tasks.push(tokio::spawn(report_verdicts(reporter, rx)));
+                }
+                tasks.push(tokio::spawn(watch_cni_records(changed.clone(), cni_state.clone())));
+                tokio::spawn(reload_on_change(jobs.clone(), changed.clone()))
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
@@ -612,6 +638,101 @@ async fn watch_inputs(jobs: Sender<Job>, policies: PathBuf, endpoints: PathBuf) 
         seen = now;
         tracing::info!("Inputs changed on disk: reloading");
         if jobs.send(Job::Reload(None)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Kubernetes mode: connects to the API server and starts the watches; returns once every store
+/// holds a complete list (the agent applies nothing before: an empty store would read as "no
+/// policy"; meanwhile the pinned datapath keeps enforcing what it had).
+async fn open_cluster(
+    kubeconfig: Option<&Path>,
+    changed: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<(porin_kubernetes::watch::Cluster, kube::Client)> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("find the API server (in-cluster, KUBECONFIG, ~/.kube/config)")?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).context("a client for the API server")?;
+    let cluster = porin_kubernetes::watch::Cluster::start(&client, Arc::new(move || changed.notify_one()));
+    let mut waited = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), cluster.ready()).await {
+            Ok(()) => break,
+            Err(_) => {
+                waited += 10;
+                tracing::warn!(%server, waited_secs = waited, watches = ?cluster.health(), "Waiting for the API server's lists; the datapath keeps enforcing what it had");
+            }
+        }
+    }
+    tracing::info!(%server, "Kubernetes API: every watch listed");
+    Ok((cluster, client))
+}
+
+/// Kubernetes mode: asks for a reload after changes, gathering those of the next 50 ms into one.
+async fn reload_on_change(jobs: Sender<Job>, changed: Arc<tokio::sync::Notify>) {
+    loop {
+        changed.notified().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if jobs.send(Job::Reload(None)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Kubernetes mode: a change in the CNI plugin's records (a pod wired or unwired on this node),
+/// checked every 200 ms, asks for a reload.
+async fn watch_cni_records(changed: Arc<tokio::sync::Notify>, dir: PathBuf) {
+    let stamp = |dir: &Path| -> Vec<(PathBuf, i64, i64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let m = e.metadata().ok()?;
+                Some((e.path(), m.mtime(), m.mtime_nsec()))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut seen = stamp(&dir);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&dir);
+        if now != seen {
+            seen = now;
+            changed.notify_one();
+        }
+    }
+}
+
+/// Kubernetes mode: writes what the node made of each policy object (status, Events) whenever it
+/// changes; writes that failed are tried again every 5 s.
+async fn report_verdicts(
+    mut reporter: porin_kubernetes::report::Reporter,
+    mut rx: tokio::sync::watch::Receiver<Vec<porin_kubernetes::report::Verdict>>,
+) {
+    loop {
+        let verdicts = rx.borrow_and_update().clone();
+        let failed = reporter.report(&verdicts).await;
+        if failed > 0 {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        } else if rx.changed().await.is_err() {
             return;
         }
     }

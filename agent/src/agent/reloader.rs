@@ -10,13 +10,12 @@
 //! kept and retried every second; status says which version the proxy can read.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use policy_engine::api::{LoadOptions, Loaded, load_file, load_str};
+use policy_engine::api::{LoadOptions, Loaded, PolicyError, load_str};
 use policy_engine::identity::IdentityAllocator;
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use policy_engine::resolve::resolve;
@@ -29,7 +28,7 @@ use porin_hubble::ring::FlowRing;
 use tokio::sync::oneshot;
 
 use super::AgentConfig;
-use super::inputs::{EndpointsFile, FileState, environment, policy_files, publish};
+use super::inputs::{EndpointsFile, FileState, Inputs, Source, environment, publish};
 
 /// What the reloader is asked to do.
 pub(super) enum Job {
@@ -82,7 +81,11 @@ pub(super) struct Reloader {
     allocator: IdentityAllocator,
     snapshot: Option<Arc<Snapshot>>,
     version: u64,
-    files: BTreeMap<PathBuf, FileState>,
+    /// Every policy document read, by source (a file's path, an object's kind and name).
+    files: BTreeMap<String, FileState>,
+    source: Source,
+    /// Where what the node made of each API object goes (Kubernetes mode: the reporter).
+    verdicts: Option<tokio::sync::watch::Sender<Vec<porin_kubernetes::report::Verdict>>>,
     endpoints: EndpointsFile,
     bindings: Vec<Binding>,
     attach_errors: Vec<String>,
@@ -107,6 +110,8 @@ impl Reloader {
     /// `allocator`.
     pub(super) fn new(
         cfg: AgentConfig,
+        source: Source,
+        verdicts: Option<tokio::sync::watch::Sender<Vec<porin_kubernetes::report::Verdict>>>,
         datapath: Datapath,
         version: u64,
         allocator: IdentityAllocator,
@@ -119,6 +124,8 @@ impl Reloader {
             snapshot: None,
             version,
             files: BTreeMap::new(),
+            source,
+            verdicts,
             endpoints: EndpointsFile::default(),
             bindings: vec![],
             attach_errors: vec![],
@@ -216,25 +223,29 @@ impl Reloader {
 
     /// Re-reads inputs, resolves, attaches new endpoints and writes the maps.
     pub(super) fn reload(&mut self) -> anyhow::Result<ApplyStats> {
-        let text = std::fs::read_to_string(&self.cfg.endpoints)
-            .with_context(|| format!("read endpoints file {}", self.cfg.endpoints.display()))?;
-        let eps: EndpointsFile =
-            serde_json::from_str(&text).with_context(|| format!("parse {}", self.cfg.endpoints.display()))?;
+        let node = self.cfg.node_name.clone();
+        let Inputs { cluster: eps, documents, errors: input_errors } = self.source.read(&node)?;
         let mut seen = Vec::new();
-        for path in policy_files(&self.cfg.policies)? {
+        for doc in documents {
             // Read once: what is loaded is exactly what is published.
-            let (loaded, text) = match std::fs::read_to_string(&path) {
-                Ok(text) => (load_str(&path.display().to_string(), &text, &LoadOptions::default()), Some(text)),
-                Err(_) => (load_file(&path, &LoadOptions::default()), None),
+            let (loaded, text) = match doc.text {
+                Ok(text) => (load_str(&doc.source, &text, &LoadOptions::default()), Some(text)),
+                Err(message) => {
+                    let error =
+                        PolicyError { file: doc.source.clone(), document: None, object: None, path: None, message };
+                    (Loaded { errors: vec![error], ..Default::default() }, None)
+                }
             };
             let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-            let entry = self.files.entry(path.clone()).or_insert_with(|| FileState {
-                file: path.display().to_string(),
+            let entry = self.files.entry(doc.source.clone()).or_insert_with(|| FileState {
+                file: doc.source.clone(),
+                object: None,
                 ok: true,
                 errors: vec![],
                 last_good: None,
                 last_good_text: None,
             });
+            entry.object = doc.object;
             if errors.is_empty() {
                 entry.ok = true;
                 entry.errors.clear();
@@ -242,7 +253,7 @@ impl Reloader {
                 entry.last_good_text = text;
             } else {
                 for e in &errors {
-                    tracing::warn!(error = %e, "Invalid policy file: the last good version keeps enforcing");
+                    tracing::warn!(error = %e, "Invalid policy document: its last good version keeps enforcing");
                 }
                 if entry.errors != errors {
                     self.view.flows.push_each(&errors, |seq, e| Flow { seq, ..Flow::policy_error(e) });
@@ -250,7 +261,7 @@ impl Reloader {
                 entry.ok = false;
                 entry.errors = errors;
             }
-            seen.push(path);
+            seen.push(doc.source);
         }
         self.files.retain(|p, _| seen.contains(p));
         let mut all = Loaded::default();
@@ -259,7 +270,7 @@ impl Reloader {
                 all.extend(l.clone());
             }
         }
-        let node = self.cfg.node_name.as_str();
+        let node = node.as_str();
         let mut env = environment(&eps, node);
         env.policy_audit_mode |= self.cfg.policy_audit_mode;
         let (services, service_warnings) = all.services();
@@ -269,7 +280,7 @@ impl Reloader {
         let moved = self
             .allocator
             .pin(&eps.identities)
-            .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.cfg.endpoints.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.source.origin()))?;
         if moved > 0 {
             tracing::warn!(moved, "Identities the cluster state gives differ from this node's: the cluster's win");
         }
@@ -283,6 +294,7 @@ impl Reloader {
         let mut bindings = Vec::new();
         self.attach_errors.clear();
         self.attach_errors.extend(cluster_errors);
+        self.attach_errors.extend(input_errors);
         // Endpoints of other nodes are known by address and identity only: their nodes enforce.
         for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
             match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
@@ -333,6 +345,7 @@ impl Reloader {
         self.last_apply = Some(stats.clone());
         self.services = env.services.clone();
         self.service_warnings = service_warnings;
+        self.tell_verdicts();
         if self.cfg.publish.is_some() {
             let (identities, prefixes) = self.allocator.assignments();
             let fqdn = self.allocator.fqdn_assignments();
@@ -353,6 +366,28 @@ impl Reloader {
         }
         Ok(stats)
     }
+    /// Hands what the node made of each API object to the reporter (Kubernetes mode).
+    fn tell_verdicts(&self) {
+        let Some(tx) = &self.verdicts else { return };
+        let verdicts = self
+            .files
+            .values()
+            .filter_map(|f| {
+                let (key, uid, generation) = f.object.clone()?;
+                Some(porin_kubernetes::report::Verdict {
+                    key,
+                    uid,
+                    generation,
+                    error: (!f.ok).then(|| f.errors.join("; ")),
+                    enforcing: f.last_good.is_some(),
+                    revision: self.version,
+                })
+            })
+            .collect();
+        // The reporter may be gone (the agent is stopping): nothing left to tell.
+        tx.send_replace(verdicts);
+    }
+
     fn status(&self) -> serde_json::Value {
         let snap = self.snapshot.as_deref();
         let attached = self.datapath.attached();
@@ -402,6 +437,13 @@ impl Reloader {
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "socket_lb": { "cgroup": self.cfg.cgroup, "error": self.lb_error },
+            "kubernetes": match &self.source {
+                Source::Kubernetes { cluster, cni_state } => serde_json::json!({
+                    "watches": cluster.health(),
+                    "cni_state": cni_state,
+                }),
+                Source::Files { .. } => serde_json::Value::Null,
+            },
             "last_apply": self.last_apply,
             "publish": {
                 "path": self.cfg.publish,

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub(crate) mod cni;
+
 /// The `porin` binary under test.
 pub(crate) fn porin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_porin"))

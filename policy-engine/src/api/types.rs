@@ -171,6 +171,7 @@ pub struct IngressRule {
     /// Peer entities.
     pub from_entities: Option<Vec<String>>,
     /// Cloud provider groups.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub from_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
@@ -201,6 +202,7 @@ pub struct IngressDenyRule {
     /// Peer entities.
     pub from_entities: Option<Vec<String>>,
     /// Cloud provider groups.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub from_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
@@ -234,6 +236,7 @@ pub struct EgressRule {
     #[serde(rename = "toFQDNs")]
     pub to_fqdns: Option<Vec<FqdnSelector>>,
     /// Cloud provider groups.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub to_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
@@ -266,6 +269,7 @@ pub struct EgressDenyRule {
     /// Kubernetes services.
     pub to_services: Option<Vec<ServiceSelector>>,
     /// Cloud provider groups.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any_list"))]
     pub to_groups: Option<Vec<serde_yaml::Value>>,
     /// Peer nodes.
@@ -385,10 +389,12 @@ pub struct PortRule {
     /// Ports.
     pub ports: Option<Vec<PortProtocol>>,
     /// TLS termination towards the client.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     #[serde(rename = "terminatingTLS")]
     pub terminating_tls: Option<serde_yaml::Value>,
     /// TLS origination towards the server.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     #[serde(rename = "originatingTLS")]
     pub originating_tls: Option<serde_yaml::Value>,
@@ -415,6 +421,7 @@ pub struct PortDenyRule {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Listener {
     /// The CiliumEnvoyConfig holding the listener.
+    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(schema_with = "crate::api::schema::any"))]
     pub envoy_config: Option<serde_yaml::Value>,
     /// Listener name.

@@ -1,0 +1,151 @@
+//! What a node's agent says on the policy objects it read: its entry in `status.nodes` (the
+//! kinds whose CRD Porin defines) and, for an object it refuses, a Warning Event naming why. Each
+//! object is written when what the node says of it changes; a write the API refuses or misses is
+//! tried again on the next round.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
+
+use crate::crd::NodeStatus;
+use crate::watch::ObjectKey;
+
+/// What the node made of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Which object.
+    pub key: ObjectKey,
+    /// The `metadata.uid` read.
+    pub uid: Option<String>,
+    /// The `metadata.generation` read.
+    pub generation: Option<i64>,
+    /// Why it is refused (none: its rules are in force).
+    pub error: Option<String>,
+    /// Its rules (this version's, or the last good one's) are enforced.
+    pub enforcing: bool,
+    /// The node's policy version.
+    pub revision: u64,
+}
+
+impl Verdict {
+    /// Whether `other` says the same of the same version of the object (the node's policy
+    /// version aside: it moves with every reload).
+    fn says_the_same(&self, other: &Verdict) -> bool {
+        (&self.uid, self.generation, &self.error, self.enforcing)
+            == (&other.uid, other.generation, &other.error, other.enforcing)
+    }
+}
+
+/// Writes verdicts to the API.
+pub struct Reporter {
+    client: Client,
+    node: String,
+    recorder: Recorder,
+    /// What was last written for each object.
+    written: HashMap<ObjectKey, Verdict>,
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter").field("node", &self.node).field("written", &self.written.len()).finish()
+    }
+}
+
+/// The longest error an Event carries (the API server refuses notes over 1 KiB).
+const NOTE_MAX: usize = 1000;
+
+impl Reporter {
+    /// A reporter for node `node`.
+    pub fn new(client: Client, node: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            EventReporter { controller: "porin-agent".into(), instance: Some(node.to_owned()) },
+        );
+        Self { client, node: node.to_owned(), recorder, written: HashMap::new() }
+    }
+
+    /// Writes what changed since the last round; returns how many writes failed (tried again
+    /// next round).
+    pub async fn report(&mut self, verdicts: &[Verdict]) -> usize {
+        let mut failed = 0;
+        for v in verdicts {
+            if self.written.get(&v.key).is_some_and(|w| w.says_the_same(v)) {
+                continue;
+            }
+            match self.write(v).await {
+                Ok(()) => {
+                    self.written.insert(v.key.clone(), v.clone());
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::debug!(object = %v.key, error = %e, "Policy status not written: tried again");
+                }
+            }
+        }
+        // Objects gone from the cluster need no more writes.
+        self.written.retain(|k, _| verdicts.iter().any(|v| &v.key == k));
+        failed
+    }
+
+    async fn write(&self, v: &Verdict) -> Result<(), kube::Error> {
+        let ar = v.key.kind.resource();
+        if v.key.kind.has_node_status() {
+            let api: Api<DynamicObject> = match &v.key.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+                None => Api::all_with(self.client.clone(), &ar),
+            };
+            let status = NodeStatus {
+                ok: v.error.is_none(),
+                enforcing: v.enforcing,
+                error: v.error.clone(),
+                local_policy_revision: v.revision,
+                last_updated: Some(now_rfc3339()),
+            };
+            let patch = serde_json::json!({ "status": { "nodes": { &self.node: status } } });
+            api.patch_status(&v.key.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        if let Some(error) = &v.error {
+            let mut note: String = error.chars().take(NOTE_MAX).collect();
+            if note.len() < error.len() {
+                note.push('…');
+            }
+            let reference = ObjectReference {
+                api_version: Some(ar.api_version.clone()),
+                kind: Some(ar.kind.clone()),
+                name: Some(v.key.name.clone()),
+                namespace: v.key.namespace.clone(),
+                uid: v.uid.clone(),
+                ..Default::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "PolicyInvalid".into(),
+                note: Some(note),
+                action: "Validate".into(),
+                secondary: None,
+            };
+            self.recorder.publish(&event, &reference).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Now, RFC 3339 (UTC), as Kubernetes writes times.
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map_or_else(|_| String::new(), |t| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = super::now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T", "{t}");
+    }
+}

@@ -1,0 +1,309 @@
+//! The cluster as the agent sees it: one watch per kind it reads (list, then watch from the list's
+//! version, bookmarks on; a watch that expires (410) is listed again; a lost connection is retried
+//! with backoff), each into a store. The stores keep the last state the API gave while the API is
+//! unreachable, so the agent keeps enforcing it; a change in any of them calls `changed`.
+//!
+//! Policy kinds (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy,
+//! CiliumCIDRGroup, Service, EndpointSlice) are watched untyped: an object the policy engine
+//! refuses must still reach it, so its error is reported on the object and the rest enforces.
+//! Pods, Namespaces and Nodes are watched typed.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Resource};
+
+/// A kind of object the policy engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DocKind {
+    /// `cilium.io/v2` CiliumNetworkPolicy.
+    CiliumNetworkPolicy,
+    /// `cilium.io/v2` CiliumClusterwideNetworkPolicy.
+    CiliumClusterwideNetworkPolicy,
+    /// `networking.k8s.io/v1` NetworkPolicy.
+    NetworkPolicy,
+    /// `cilium.io/v2` CiliumCIDRGroup.
+    CiliumCidrGroup,
+    /// `v1` Service.
+    Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice,
+}
+
+impl DocKind {
+    /// Every kind, in the order they are read.
+    pub const ALL: [DocKind; 6] = [
+        DocKind::CiliumNetworkPolicy,
+        DocKind::CiliumClusterwideNetworkPolicy,
+        DocKind::NetworkPolicy,
+        DocKind::CiliumCidrGroup,
+        DocKind::Service,
+        DocKind::EndpointSlice,
+    ];
+
+    /// `(group, version, kind, plural)`.
+    fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            DocKind::CiliumNetworkPolicy => ("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies"),
+            DocKind::CiliumClusterwideNetworkPolicy => {
+                ("cilium.io", "v2", "CiliumClusterwideNetworkPolicy", "ciliumclusterwidenetworkpolicies")
+            }
+            DocKind::NetworkPolicy => ("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies"),
+            DocKind::CiliumCidrGroup => ("cilium.io", "v2", "CiliumCIDRGroup", "ciliumcidrgroups"),
+            DocKind::Service => ("", "v1", "Service", "services"),
+            DocKind::EndpointSlice => ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+        }
+    }
+
+    /// The `kind` field.
+    pub fn name(self) -> &'static str {
+        self.gvkp().2
+    }
+
+    /// The API resource (group, version, plural).
+    pub fn resource(self) -> ApiResource {
+        let (group, version, kind, plural) = self.gvkp();
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+    }
+
+    /// Whether the agent reports on the object's `status.nodes` (the CRDs Porin defines).
+    pub fn has_node_status(self) -> bool {
+        matches!(self, DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy)
+    }
+}
+
+/// Which object: kind, namespace (none: cluster-scoped), name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// Kind.
+    pub kind: DocKind,
+    /// Namespace.
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind.name(), self.name),
+            None => write!(f, "{} {}", self.kind.name(), self.name),
+        }
+    }
+}
+
+/// One object for the policy engine: its key, and its text (JSON, which the engine reads as
+/// YAML), as the API gave it without `managedFields`.
+#[derive(Clone, Debug)]
+pub struct Document {
+    /// Which object.
+    pub key: ObjectKey,
+    /// `metadata.uid`.
+    pub uid: Option<String>,
+    /// `metadata.generation` (what a status entry refers to).
+    pub generation: Option<i64>,
+    /// The object.
+    pub text: String,
+}
+
+/// What the stores hold now.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Every pod.
+    pub pods: Vec<Arc<Pod>>,
+    /// Every namespace.
+    pub namespaces: Vec<Arc<Namespace>>,
+    /// Every node.
+    pub nodes: Vec<Arc<Node>>,
+    /// Every object of the policy kinds, ordered by key.
+    pub documents: Vec<Document>,
+}
+
+/// A watch's health, for the agent's status.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WatchHealth {
+    /// What is watched.
+    pub resource: String,
+    /// The store holds a complete list.
+    pub synced: bool,
+    /// Errors so far (lost connections, expired versions, undecodable objects).
+    pub errors: u64,
+    /// The last one.
+    pub last_error: Option<String>,
+}
+
+/// The watched cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    nodes: Store<Node>,
+    documents: Vec<(DocKind, Store<DynamicObject>)>,
+    health: Arc<Mutex<Vec<WatchHealth>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("health", &self.health()).finish_non_exhaustive()
+    }
+}
+
+/// Retries a lost watch after 200 ms, doubling up to 5 s; back to 200 ms after a success. An API
+/// server that comes back is followed again within seconds.
+struct Retry(Duration);
+
+impl Iterator for Retry {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        Some(now)
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(200);
+    }
+}
+
+impl Cluster {
+    /// Starts every watch on the current tokio runtime; `changed` is called after each change a
+    /// store takes (a relist counts once).
+    pub fn start(client: &Client, changed: Arc<dyn Fn() + Send + Sync>) -> Self {
+        let health = Arc::new(Mutex::new(Vec::new()));
+        let pods = watch_typed::<Pod>(Api::all(client.clone()), "pods", &health, changed.clone());
+        let namespaces = watch_typed::<Namespace>(Api::all(client.clone()), "namespaces", &health, changed.clone());
+        let nodes = watch_typed::<Node>(Api::all(client.clone()), "nodes", &health, changed.clone());
+        let documents = DocKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let ar = kind.resource();
+                let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+                let writer = reflector::store::Writer::new(ar.clone());
+                let store = writer.as_reader();
+                let index = register(&health, &ar.plural);
+                let stream = watcher(api, watcher::Config::default()).backoff(Retry(Duration::from_millis(200)));
+                tokio::spawn(drive(stream.reflect(writer), index, health.clone(), changed.clone()));
+                (kind, store)
+            })
+            .collect();
+        Self { pods, namespaces, nodes, documents, health }
+    }
+
+    /// Waits until every store holds a complete list (the agent applies nothing before: an
+    /// empty store would read as "no policy").
+    pub async fn ready(&self) {
+        // Each only fails when its writer is gone (the runtime is stopping).
+        if self.pods.wait_until_ready().await.is_err()
+            || self.namespaces.wait_until_ready().await.is_err()
+            || self.nodes.wait_until_ready().await.is_err()
+        {
+            return;
+        }
+        for (_, s) in &self.documents {
+            if s.wait_until_ready().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// What the stores hold now.
+    pub fn objects(&self) -> Objects {
+        let mut documents: Vec<Document> = self
+            .documents
+            .iter()
+            .flat_map(|(kind, store)| store.state().into_iter().map(move |o| document(*kind, &o)))
+            .collect();
+        documents.sort_by(|a, b| a.key.cmp(&b.key));
+        Objects { pods: self.pods.state(), namespaces: self.namespaces.state(), nodes: self.nodes.state(), documents }
+    }
+
+    /// Every watch's health.
+    pub fn health(&self) -> Vec<WatchHealth> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+fn register(health: &Mutex<Vec<WatchHealth>>, resource: &str) -> usize {
+    let mut h = health.lock().unwrap_or_else(PoisonError::into_inner);
+    h.push(WatchHealth { resource: resource.to_owned(), ..Default::default() });
+    h.len() - 1
+}
+
+fn watch_typed<K>(
+    api: Api<K>,
+    resource: &str,
+    health: &Arc<Mutex<Vec<WatchHealth>>>,
+    changed: Arc<dyn Fn() + Send + Sync>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let index = register(health, resource);
+    let stream = watcher(api, watcher::Config::default()).backoff(Retry(Duration::from_millis(200)));
+    tokio::spawn(drive(stream.reflect(writer), index, health.clone(), changed));
+    store
+}
+
+/// Follows one watch: records its health, calls `changed` after every change the store took.
+async fn drive<K, S>(
+    stream: S,
+    index: usize,
+    health: Arc<Mutex<Vec<WatchHealth>>>,
+    changed: Arc<dyn Fn() + Send + Sync>,
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let touched = match &item {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => true,
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => false,
+            Err(_) => false,
+        };
+        {
+            let mut h = health.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(h) = h.get_mut(index) {
+                match &item {
+                    Ok(watcher::Event::InitDone) => h.synced = true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        h.errors += 1;
+                        let error = e.to_string();
+                        if h.last_error.as_deref() != Some(error.as_str()) {
+                            tracing::warn!(resource = %h.resource, %error, "Watch interrupted: retrying; the last state keeps enforcing");
+                        }
+                        h.last_error = Some(error);
+                    }
+                }
+            }
+        }
+        if touched {
+            changed();
+        }
+    }
+}
+
+/// An untyped object as a document for the policy engine.
+fn document(kind: DocKind, o: &DynamicObject) -> Document {
+    let key =
+        ObjectKey { kind, namespace: o.metadata.namespace.clone(), name: o.metadata.name.clone().unwrap_or_default() };
+    let mut o = o.clone();
+    o.metadata.managed_fields = None;
+    let (group, version, kind_name, _) = kind.gvkp();
+    let api_version = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+    o.types = Some(kube::api::TypeMeta { api_version, kind: kind_name.to_owned() });
+    let (uid, generation) = (o.metadata.uid.clone(), o.metadata.generation);
+    // A DynamicObject always serializes (a map of JSON values).
+    let text = serde_json::to_string(&o).unwrap_or_default();
+    Document { key, uid, generation, text }
+}

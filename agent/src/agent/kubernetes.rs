@@ -1,0 +1,232 @@
+//! Kubernetes mode's inputs: the cluster's objects (from the API server's watches) and the CNI
+//! plugin's records of this node's pods, read as the same inputs a standalone agent reads from
+//! its endpoints file and policy directory.
+//!
+//! - Pods become endpoints: labels, annotations, service account, named container ports,
+//!   `status.podIPs`, the node (`spec.nodeName`). A pod of this node is attached where its CNI
+//!   record says its host-side interface is (`porin cni`, joined by namespace and name); its
+//!   endpoint id is that interface's index (unique on the node, and the same after an agent
+//!   restart). A pod of this node without a record yet is not attached (reported), nor are
+//!   host-network, unscheduled and finished pods.
+//! - Namespaces give labels (and `kubernetes.io/metadata.name`) and annotations; Nodes give the
+//!   cluster's nodes and their addresses (`host`, `remote-node`).
+//! - Policy objects, Services and EndpointSlices are documents for the policy engine, each named
+//!   by its kind, namespace and name.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use porin_kubernetes::watch::Objects;
+
+use super::inputs::{EndpointSpec, EndpointsFile, NamedPortSpec, NodeSpec, PolicyDoc};
+use crate::cni::Attachment;
+
+/// The label every namespace carries with its own name (set by the API server).
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The cluster state and documents `objects` and `attachments` make for node `node`, and what
+/// keeps a pod of this node from being an endpoint.
+pub(super) fn inputs(
+    objects: &Objects,
+    attachments: &[Attachment],
+    node: &str,
+) -> (EndpointsFile, Vec<PolicyDoc>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut eps = EndpointsFile {
+        namespaces: objects.namespaces.iter().filter_map(|n| namespace_labels(n)).collect(),
+        namespace_annotations: objects
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.annotations.clone()?)))
+            .collect(),
+        nodes: objects.nodes.iter().filter_map(|n| node_spec(n)).collect(),
+        ..Default::default()
+    };
+    for pod in &objects.pods {
+        match endpoint(pod, attachments, node) {
+            Ok(Some(e)) => eps.endpoints.push(e),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    eps.endpoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let documents = objects
+        .documents
+        .iter()
+        .map(|d| PolicyDoc {
+            source: d.key.to_string(),
+            object: Some((d.key.clone(), d.uid.clone(), d.generation)),
+            text: Ok(d.text.clone()),
+        })
+        .collect();
+    (eps, documents, errors)
+}
+
+fn namespace_labels(n: &Namespace) -> Option<(String, BTreeMap<String, String>)> {
+    let name = n.metadata.name.clone()?;
+    let mut labels = n.metadata.labels.clone().unwrap_or_default();
+    labels.entry(NAMESPACE_NAME_LABEL.to_owned()).or_insert_with(|| name.clone());
+    Some((name, labels))
+}
+
+fn node_spec(n: &Node) -> Option<NodeSpec> {
+    let name = n.metadata.name.clone()?;
+    let ips = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    Some(NodeSpec { name, ips })
+}
+
+/// A pod as an endpoint: `None` for pods that are not endpoints (host network, not scheduled,
+/// finished); an error for a pod of this node that cannot be attached yet.
+fn endpoint(pod: &Pod, attachments: &[Attachment], node: &str) -> Result<Option<EndpointSpec>, String> {
+    let (Some(name), Some(namespace)) = (pod.metadata.name.clone(), pod.metadata.namespace.clone()) else {
+        return Ok(None);
+    };
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let Some(pod_node) = spec.and_then(|s| s.node_name.clone()) else { return Ok(None) };
+    if spec.and_then(|s| s.host_network) == Some(true)
+        || matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    {
+        return Ok(None);
+    }
+    let mut ips: Vec<IpAddr> =
+        status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    let named_ports = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPortSpec {
+                name: p.name.clone()?,
+                port: u16::try_from(p.container_port).ok()?,
+                protocol: p.protocol.clone(),
+            })
+        })
+        .collect();
+    let (id, ifname) = if pod_node == node {
+        let Some(a) = attachments
+            .iter()
+            .find(|a| a.pod_namespace.as_deref() == Some(&namespace) && a.pod_name.as_deref() == Some(&name))
+        else {
+            return Err(format!("{namespace}/{name}: no CNI record yet (porin-cni has not run for it): not attached"));
+        };
+        let ifindex = nix::net::if_::if_nametoindex(a.host_ifname.as_str())
+            .map_err(|e| format!("{namespace}/{name}: interface {}: {e}", a.host_ifname))?;
+        for ip in &a.ips {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+        (ifindex, a.host_ifname.clone())
+    } else {
+        // Another node's pod: known by its addresses and identity; its id is never a map key here.
+        (remote_id(&namespace, &name), String::new())
+    };
+    Ok(Some(EndpointSpec {
+        id,
+        name,
+        namespace,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        ifname,
+        named_ports,
+        service_account: spec.and_then(|s| s.service_account_name.clone()),
+        annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+        policy_audit_mode: false,
+        node: Some(pod_node),
+    }))
+}
+
+/// A non-zero number for another node's pod (FNV-1a of its namespace and name).
+fn remote_id(namespace: &str, name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> std::sync::Arc<Pod> {
+        std::sync::Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn pods_become_endpoints_of_their_nodes() {
+        let objects = Objects {
+            pods: vec![
+                pod(serde_json::json!({
+                    "metadata": {"name": "deathstar", "namespace": "default", "labels": {"org": "empire"}},
+                    "spec": {"nodeName": "n2", "serviceAccountName": "ds", "containers": [
+                        {"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
+                    "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]},
+                })),
+                pod(serde_json::json!({
+                    "metadata": {"name": "tiefighter", "namespace": "default"},
+                    "spec": {"nodeName": "n1", "containers": []},
+                    "status": {"phase": "Running"},
+                })),
+                pod(serde_json::json!({
+                    "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
+                    "spec": {"nodeName": "n1", "hostNetwork": true, "containers": []},
+                })),
+                pod(serde_json::json!({
+                    "metadata": {"name": "pending", "namespace": "default"},
+                    "spec": {"containers": []},
+                })),
+            ],
+            namespaces: vec![std::sync::Arc::new(
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap(),
+            )],
+            nodes: vec![std::sync::Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "n2"},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}, {"type": "Hostname", "address": "n2"}]},
+                }))
+                .unwrap(),
+            )],
+            documents: vec![],
+        };
+        // On n1, with no CNI record for the tiefighter: the deathstar is n2's, the tiefighter waits.
+        let (eps, _, errors) = inputs(&objects, &[], "n1");
+        assert_eq!(eps.endpoints.len(), 1, "{:?}", eps.endpoints);
+        let ds = &eps.endpoints[0];
+        assert_eq!((ds.name.as_str(), ds.node.as_deref()), ("deathstar", Some("n2")));
+        assert_eq!(ds.ips, vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(ds.named_ports[0].port, 80);
+        assert_eq!(ds.service_account.as_deref(), Some("ds"));
+        assert!(!eps.is_local(ds, "n1"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("default/tiefighter: no CNI record"), "{errors:?}");
+        assert_eq!(eps.namespaces["default"][NAMESPACE_NAME_LABEL], "default");
+        assert_eq!(eps.nodes[0].ips, vec!["192.168.0.2".parse::<IpAddr>().unwrap()]);
+        // With a record naming the loopback interface (which exists everywhere) it is attached there.
+        let a = Attachment {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/var/run/netns/x".into(),
+            host_ifname: "lo".into(),
+            ips: vec!["10.244.0.7".parse().unwrap()],
+            pod_namespace: Some("default".into()),
+            pod_name: Some("tiefighter".into()),
+            network: "podnet".into(),
+        };
+        let (eps, _, errors) = inputs(&objects, &[a], "n1");
+        assert!(errors.is_empty(), "{errors:?}");
+        let tf = eps.endpoints.iter().find(|e| e.name == "tiefighter").unwrap();
+        assert_eq!((tf.ifname.as_str(), tf.id), ("lo", 1));
+        assert_eq!(tf.ips, vec!["10.244.0.7".parse::<IpAddr>().unwrap()]);
+    }
+}

@@ -1,0 +1,345 @@
+//! Kubernetes mode, end to end, without a real cluster: `porin agent --kubernetes` (kube-rs)
+//! against the test API server (`porin_tests::apiserver`, proven with the real kubectl in
+//! `tests/tests/apiserver_kubectl.rs`), pods wired by the real Debian CNI plugins (`ptp` with
+//! `host-local`, then `porin-cni`, run exactly as a container runtime runs a plugin list), and
+//! everything applied with the real kubectl. Traffic is real (curl to a Python HTTP server) in
+//! network namespaces the test makes; everything is removed on drop, also on panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cni::{Netns, Runtime};
+use common::{Dir, porin, privileged, repo};
+use porin_tests::apiserver::ApiServer;
+use serde_json::Value;
+
+/// Runs `f` on a thread in network namespace `netns`: what it binds is there (the test API
+/// server listens in the node's namespace, where the agent runs, as a node reaches its API server).
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// kubectl against the test API server (in the node's namespace), with a private cache.
+struct Kubectl {
+    kubeconfig: PathBuf,
+    home: PathBuf,
+    netns: String,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "kubectl"])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", &self.home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl (Debian/Google package `kubectl`; scripts/setup.sh installs it)");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            std::io::Write::write_all(&mut input, text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs kubectl; fails the test when it fails.
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let o = self.run(args, stdin);
+        assert!(o.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.ok(&["apply", "-f", "-"], Some(yaml));
+    }
+
+    fn get(&self, what: &[&str]) -> Value {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&args, None)).unwrap()
+    }
+}
+
+/// A background process, killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The agent's bpffs (the agent mounts it), unmounted on drop: its pins go with it (the agent
+/// leaves them, as in production, where the datapath outlives the agent).
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// One pod: its network namespace, the CNI result, its address.
+struct Pod {
+    ns: Netns,
+    id: String,
+    name: String,
+    ip: String,
+    result: Value,
+}
+
+/// The node: a network namespace with pods wired by the CNI plugins, and its agent.
+struct Node {
+    rt: Runtime,
+    pods: Vec<Pod>,
+}
+
+impl Node {
+    /// Wires a pod as the runtime would: its sandbox namespace, then ADD through the plugin list.
+    fn add_pod(&mut self, name: &str, n: usize) -> String {
+        let tag = format!("{}-{name}-{n}", std::process::id());
+        let ns = Netns::new(format!("pk8s-{tag}"));
+        Command::new("ip").args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]).status().unwrap();
+        let id = format!("k8s{n}{name}");
+        let (result, _) = self.rt.add("ptp", &id, &ns, name);
+        let ip = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_owned();
+        self.pods.push(Pod { ns, id, name: name.to_owned(), ip: ip.clone(), result });
+        ip
+    }
+
+    /// DEL through the list, then the sandbox goes.
+    fn remove_pod(&mut self, name: &str) {
+        let i = self.pods.iter().position(|p| p.name == name).unwrap();
+        let p = self.pods.remove(i);
+        self.rt.del("ptp", &p.id, &p.ns.path(), &p.name, &p.result);
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap()
+    }
+
+    /// `curl` from a pod to `http://ip/`: (exit code, HTTP status).
+    fn curl(&self, from: &str, ip: &str) -> (i32, String) {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.pod(from).ns.0])
+            .args(["curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{ip}/")])
+            .output()
+            .unwrap();
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Whether `from` reaches `ip` (an HTTP answer) — or is dropped (curl times out).
+    fn reaches(&self, from: &str, ip: &str) -> bool {
+        match self.curl(from, ip) {
+            (0, code) => {
+                assert_eq!(code, "200", "{from} → {ip}");
+                true
+            }
+            (28, _) => false,
+            other => panic!("{from} → {ip}: unexpected {other:?}"),
+        }
+    }
+}
+
+fn pod_yaml(name: &str, labels: &[(&str, &str)]) -> String {
+    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}spec:\n  nodeName: n1\n  containers:\n  - name: main\n    image: example.invalid/{name}\n    ports:\n    - name: http\n      containerPort: 80\n"
+    )
+}
+
+const SHIPS: [(&str, &[(&str, &str)]); 3] = [
+    ("deathstar", &[("org", "empire"), ("class", "deathstar")]),
+    ("tiefighter", &[("org", "empire"), ("class", "tiefighter")]),
+    ("xwing", &[("org", "alliance"), ("class", "xwing")]),
+];
+
+/// Waits (up to `within`) for `cond` on the agent's status; returns how long it took.
+fn wait_status(socket: &Path, within: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let st = porin_status(socket);
+        if cond(&st) {
+            return start.elapsed();
+        }
+        if start.elapsed() >= within {
+            let log = std::fs::read_to_string(socket.with_file_name("agent.log")).unwrap_or_default();
+            panic!("{what}: not within {within:?}; agent status: {st:#}\nagent log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn porin_status(socket: &Path) -> Value {
+    porin::agent::status_of(socket).unwrap_or(Value::Null)
+}
+
+/// The policy document of an object in the agent's status.
+fn doc<'a>(st: &'a Value, source: &str) -> Option<&'a Value> {
+    st["policy_files"].as_array()?.iter().find(|f| f["file"] == source)
+}
+
+#[test]
+fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
+    if !privileged() {
+        return;
+    }
+    let dir = Dir::new("k8s");
+    // The node and its pods, wired by the CNI plugins; the pods created through the API.
+    let mut node = Node { rt: Runtime::new("k8s"), pods: vec![] };
+    let netns = node.rt.node.0.clone();
+    let mut api = in_netns(&netns, ApiServer::start);
+    let kubectl = Kubectl { kubeconfig: api.kubeconfig(&dir.0), home: dir.0.clone(), netns: netns.clone() };
+    kubectl.ok(&["apply", "-f", repo().join("config/kubernetes/crds.yaml").to_str().unwrap()], None);
+    kubectl.ok(&["wait", "--for", "condition=established", "crd/ciliumnetworkpolicies.cilium.io"], None);
+    kubectl.ok(&["create", "namespace", "default"], None);
+    kubectl.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n");
+    node.rt.in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    for (n, (name, labels)) in SHIPS.iter().enumerate() {
+        node.add_pod(name, n);
+        kubectl.apply(&pod_yaml(name, labels));
+    }
+    let deathstar = node.pod("deathstar").ip.clone();
+    let _server = Process(
+        Command::new("ip")
+            .args(["netns", "exec", &node.pod("deathstar").ns.0, "python3", "-m", "http.server", "80", "-d"])
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // The agent, in the node's namespace, reading the API and the CNI records.
+    let pins = Pins(dir.0.join("bpf"));
+    let control = dir.0.join("agent.sock");
+    let log = std::fs::File::create(dir.0.join("agent.log")).unwrap();
+    let _agent = Process(
+        porin()
+            .arg("agent")
+            .arg("--kubernetes")
+            .arg("--kubeconfig")
+            .arg(&kubectl.kubeconfig)
+            .arg("--cni-state-dir")
+            .arg(node.rt.state_dir())
+            .args(["--netns", &node.rt.node.0, "--node-name", "n1", "--cgroup", "none"])
+            .arg("--bpffs")
+            .arg(&pins.0)
+            .arg("--control")
+            .arg(&control)
+            .arg("--publish")
+            .arg(dir.0.join("snapshot.json"))
+            .arg("--hubble")
+            .arg(dir.0.join("hubble.sock"))
+            .arg("--proxy-control")
+            .arg(dir.0.join("proxy.sock"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let attached = |st: &Value| {
+        st["endpoints"].as_array().is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["attached"] == true))
+    };
+    wait_status(&control, Duration::from_secs(30), "every pod attached", attached);
+    // Until a policy selects it, the deathstar takes anyone.
+    let (tie, xwing) = ("tiefighter", "xwing");
+    assert!(node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar));
+
+    // Star wars step 1, applied with kubectl: only the empire lands, enforced within 1 s.
+    let rule1 = std::fs::read_to_string(repo().join("config/examples/starwars/l3-l4.yaml")).unwrap();
+    kubectl.apply(&rule1);
+    let took = wait_status(&control, Duration::from_secs(1), "rule1 in force", |st| {
+        doc(st, "CiliumNetworkPolicy default/rule1").is_some_and(|d| d["ok"] == true)
+    });
+    eprintln!("rule1 applied {took:?} after kubectl returned");
+    assert!(node.reaches(tie, &deathstar), "the empire lands");
+    assert!(!node.reaches(xwing, &deathstar), "the alliance is dropped");
+    // The node says so on the object.
+    let wait_object = |name: &str, cond: &dyn Fn(&Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let o = kubectl.get(&["cnp", name, "-n", "default"]);
+            if cond(&o) {
+                return o;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "cnp {name}: {o:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_object("rule1", &|o| {
+        o["status"]["nodes"]["n1"]["ok"] == true && o["status"]["nodes"]["n1"]["enforcing"] == true
+    });
+
+    // An invalid policy is reported on its object (status and a Warning Event); the rest keeps
+    // enforcing.
+    kubectl.apply(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: broken\n  namespace: default\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEntities: [galaxy-far-far-away]\n",
+    );
+    let broken = wait_object("broken", &|o| o["status"]["nodes"]["n1"]["ok"] == false);
+    let error = broken["status"]["nodes"]["n1"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("galaxy-far-far-away"), "{broken:#}");
+    assert_eq!(broken["status"]["nodes"]["n1"]["enforcing"], false);
+    let events = kubectl.get(&["events.v1.events.k8s.io", "-n", "default"]);
+    let warned = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["reason"] == "PolicyInvalid" && e["regarding"]["name"] == "broken" && e["type"] == "Warning");
+    assert!(warned, "a Warning Event on the broken policy: {events:#}");
+    assert!(node.reaches(tie, &deathstar) && !node.reaches(xwing, &deathstar), "rule1 still enforces");
+
+    // An edit: the alliance in, the empire out, within 1 s.
+    let edited = rule1.replace("      org: empire\n    toPorts", "      org: alliance\n    toPorts");
+    assert_ne!(edited, rule1);
+    let version = porin_status(&control)["version"].as_u64().unwrap();
+    kubectl.apply(&edited);
+    let took = wait_status(&control, Duration::from_secs(1), "the edit in force", |st| {
+        st["version"].as_u64().is_some_and(|v| v > version)
+    });
+    eprintln!("edit applied {took:?} after kubectl returned");
+    assert!(!node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "the edit enforces");
+
+    // A pod deleted and created again (new sandbox, new address) gets its policy back.
+    kubectl.ok(&["delete", "pod", "xwing", "-n", "default"], None);
+    node.remove_pod("xwing");
+    wait_status(&control, Duration::from_secs(5), "the xwing forgotten", |st| {
+        st["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+    });
+    node.add_pod("xwing", 7);
+    kubectl.apply(&pod_yaml("xwing", SHIPS[2].1));
+    wait_status(&control, Duration::from_secs(5), "the new xwing attached", attached);
+    assert!(node.reaches(xwing, &deathstar), "the new xwing is the alliance's again");
+    assert!(!node.reaches(tie, &deathstar));
+
+    // The API server goes away: enforcement unchanged. A change made meanwhile is applied once it
+    // is back, as the watches resume.
+    api.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "enforcing without the API");
+    assert!(porin_status(&control)["endpoints"].as_array().is_some_and(|e| e.len() == 3));
+    api.store().delete("cilium.io/v2", "CiliumNetworkPolicy", Some("default"), "rule1").unwrap();
+    in_netns(&netns, || api.restart());
+    wait_status(&control, Duration::from_secs(15), "rule1's deletion applied after the restart", |st| {
+        doc(st, "CiliumNetworkPolicy default/rule1").is_none()
+    });
+    assert!(node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "no policy selects the deathstar");
+}
