@@ -336,9 +336,13 @@ pub fn load_state(name: &str) -> anyhow::Result<LabState> {
     serde_json::from_str(&text).with_context(|| format!("parse {}", p.display()))
 }
 
+/// Writes the lab's state whole (a temporary file, then renamed over it): a `lab exec` or `lab
+/// status` reading it while a restart saves it sees the old state or the new, never half a file.
 fn save_state(st: &LabState) -> anyhow::Result<()> {
     let p = LabPaths::new(&st.name).state();
-    std::fs::write(&p, serde_json::to_string_pretty(st)?).with_context(|| format!("write {}", p.display()))
+    let tmp = p.with_extension(format!("json.tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_string_pretty(st)?).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("rename {} to {}", tmp.display(), p.display()))
 }
 
 /// Copies policy files (policies, Services, EndpointSlices) into the lab's policy directory,
