@@ -11,7 +11,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
 
 use crate::crd::NodeStatus;
-use crate::watch::ObjectKey;
+use crate::watch::{ObjectKey, has_node_status, resource};
 
 /// What the node made of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,8 +91,8 @@ impl Reporter {
     }
 
     async fn write(&self, v: &Verdict) -> Result<(), kube::Error> {
-        let ar = v.key.kind.resource();
-        if v.key.kind.has_node_status() {
+        let ar = resource(v.key.kind);
+        if has_node_status(v.key.kind) {
             let api: Api<DynamicObject> = match &v.key.namespace {
                 Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
                 None => Api::all_with(self.client.clone(), &ar),

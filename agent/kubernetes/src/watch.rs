@@ -18,64 +18,17 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource};
+pub use policy_engine::api::DocKind;
 
-/// A kind of object the policy engine reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum DocKind {
-    /// `cilium.io/v2` CiliumNetworkPolicy.
-    CiliumNetworkPolicy,
-    /// `cilium.io/v2` CiliumClusterwideNetworkPolicy.
-    CiliumClusterwideNetworkPolicy,
-    /// `networking.k8s.io/v1` NetworkPolicy.
-    NetworkPolicy,
-    /// `cilium.io/v2` CiliumCIDRGroup.
-    CiliumCidrGroup,
-    /// `v1` Service.
-    Service,
-    /// `discovery.k8s.io/v1` EndpointSlice.
-    EndpointSlice,
+/// The API resource (group, version, plural) of a kind the policy engine reads.
+pub fn resource(kind: DocKind) -> ApiResource {
+    let (group, version) = kind.current().rsplit_once('/').unwrap_or(("", kind.current()));
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind.name()), kind.plural())
 }
 
-impl DocKind {
-    /// Every kind, in the order they are read.
-    pub const ALL: [DocKind; 6] = [
-        DocKind::CiliumNetworkPolicy,
-        DocKind::CiliumClusterwideNetworkPolicy,
-        DocKind::NetworkPolicy,
-        DocKind::CiliumCidrGroup,
-        DocKind::Service,
-        DocKind::EndpointSlice,
-    ];
-
-    /// `(group, version, kind, plural)`.
-    fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
-        match self {
-            DocKind::CiliumNetworkPolicy => ("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies"),
-            DocKind::CiliumClusterwideNetworkPolicy => {
-                ("cilium.io", "v2", "CiliumClusterwideNetworkPolicy", "ciliumclusterwidenetworkpolicies")
-            }
-            DocKind::NetworkPolicy => ("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies"),
-            DocKind::CiliumCidrGroup => ("cilium.io", "v2", "CiliumCIDRGroup", "ciliumcidrgroups"),
-            DocKind::Service => ("", "v1", "Service", "services"),
-            DocKind::EndpointSlice => ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
-        }
-    }
-
-    /// The `kind` field.
-    pub fn name(self) -> &'static str {
-        self.gvkp().2
-    }
-
-    /// The API resource (group, version, plural).
-    pub fn resource(self) -> ApiResource {
-        let (group, version, kind, plural) = self.gvkp();
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
-    }
-
-    /// Whether the agent reports on the object's `status.nodes` (the CRDs Porin defines).
-    pub fn has_node_status(self) -> bool {
-        matches!(self, DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy)
-    }
+/// Whether the agent reports on the object's `status.nodes` (the kinds whose CRD declares it).
+pub fn has_node_status(kind: DocKind) -> bool {
+    matches!(kind, DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy)
 }
 
 /// Which object: kind, namespace (none: cluster-scoped), name.
@@ -184,7 +137,7 @@ impl Cluster {
         let documents = DocKind::ALL
             .into_iter()
             .map(|kind| {
-                let ar = kind.resource();
+                let ar = resource(kind);
                 let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
                 let writer = reflector::store::Writer::new(ar.clone());
                 let store = writer.as_reader();
@@ -299,9 +252,7 @@ fn document(kind: DocKind, o: &DynamicObject) -> Document {
         ObjectKey { kind, namespace: o.metadata.namespace.clone(), name: o.metadata.name.clone().unwrap_or_default() };
     let mut o = o.clone();
     o.metadata.managed_fields = None;
-    let (group, version, kind_name, _) = kind.gvkp();
-    let api_version = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
-    o.types = Some(kube::api::TypeMeta { api_version, kind: kind_name.to_owned() });
+    o.types = Some(kube::api::TypeMeta { api_version: kind.current().to_owned(), kind: kind.name().to_owned() });
     let (uid, generation) = (o.metadata.uid.clone(), o.metadata.generation);
     // A DynamicObject always serializes (a map of JSON values).
     let text = serde_json::to_string(&o).unwrap_or_default();

@@ -8,19 +8,26 @@ use serde_yaml::{Mapping, Value};
 
 use super::de::wrong_case;
 
-/// The document kinds Porin reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DocKind {
+/// The document kinds Porin reads (from files, or watched in the Kubernetes API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DocKind {
+    /// `cilium.io/v2` CiliumNetworkPolicy.
     CiliumNetworkPolicy,
+    /// `cilium.io/v2` CiliumClusterwideNetworkPolicy.
     CiliumClusterwideNetworkPolicy,
+    /// `networking.k8s.io/v1` NetworkPolicy.
     NetworkPolicy,
+    /// `cilium.io/v2` CiliumCIDRGroup.
     CiliumCidrGroup,
+    /// `v1` Service.
     Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
     EndpointSlice,
 }
 
 impl DocKind {
-    const ALL: [DocKind; 6] = [
+    /// Every kind.
+    pub const ALL: [DocKind; 6] = [
         DocKind::CiliumNetworkPolicy,
         DocKind::CiliumClusterwideNetworkPolicy,
         DocKind::NetworkPolicy,
@@ -30,7 +37,7 @@ impl DocKind {
     ];
 
     /// The `kind` field.
-    pub(crate) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             DocKind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             DocKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
@@ -41,8 +48,8 @@ impl DocKind {
         }
     }
 
-    /// The API version to write.
-    fn current(self) -> &'static str {
+    /// The API version to write (and to watch).
+    pub fn current(self) -> &'static str {
         match self {
             DocKind::CiliumNetworkPolicy | DocKind::CiliumClusterwideNetworkPolicy | DocKind::CiliumCidrGroup => {
                 "cilium.io/v2"
@@ -50,6 +57,18 @@ impl DocKind {
             DocKind::NetworkPolicy => "networking.k8s.io/v1",
             DocKind::Service => "v1",
             DocKind::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    /// The resource's plural name in the API.
+    pub fn plural(self) -> &'static str {
+        match self {
+            DocKind::CiliumNetworkPolicy => "ciliumnetworkpolicies",
+            DocKind::CiliumClusterwideNetworkPolicy => "ciliumclusterwidenetworkpolicies",
+            DocKind::NetworkPolicy => "networkpolicies",
+            DocKind::CiliumCidrGroup => "ciliumcidrgroups",
+            DocKind::Service => "services",
+            DocKind::EndpointSlice => "endpointslices",
         }
     }
 

@@ -21,8 +21,9 @@ use serde_yaml::Value;
 
 pub use convert::Problem;
 use convert::{Ctx, Scope};
+pub use envelope::DocKind;
+use envelope::NotPolicy;
 pub use envelope::OtherObject;
-use envelope::{DocKind, NotPolicy};
 
 use crate::labels::{self, Label, LabelKey, Labels};
 use crate::model::{CidrGroup, Policy, PolicyKind, PolicyRef, Rule, Source};
