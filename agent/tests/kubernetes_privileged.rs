@@ -2,7 +2,8 @@
 //! against the test API server (`porin_tests::apiserver`, proven with the real kubectl in
 //! `tests/tests/apiserver_kubectl.rs`), pods wired by the real Debian CNI plugins (`ptp` with
 //! `host-local`, then `porin-cni`, run exactly as a container runtime runs a plugin list), and
-//! everything applied with the real kubectl. Traffic is real (curl to a Python HTTP server) in
+//! everything applied with the real kubectl. Traffic is real (curl to the lab's HTTP server, through
+//! the kernel and the node's proxy, run with the shipped ConfigMap) in
 //! network namespaces the test makes; everything is removed on drop, also on panic.
 
 mod common;
@@ -146,6 +147,18 @@ impl Node {
         (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// An HTTP request from a pod: (curl's exit code, HTTP status, body).
+    fn http(&self, from: &str, method: &str, url: &str) -> (i32, String, String) {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.pod(from).ns.0])
+            .args(["curl", "-s", "-m", "1", "-X", method, "-w", "\n%{http_code}", url])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let (body, status) = out.rsplit_once('\n').unwrap_or(("", &out));
+        (o.status.code().unwrap_or(-1), status.to_owned(), body.to_owned())
+    }
+
     /// Whether `from` reaches `ip` (an HTTP answer) — or is dropped (curl times out).
     fn reaches(&self, from: &str, ip: &str) -> bool {
         match self.curl(from, ip) {
@@ -218,15 +231,7 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         kubectl.apply(&pod_yaml(name, labels));
     }
     let deathstar = node.pod("deathstar").ip.clone();
-    let _server = Process(
-        Command::new("ip")
-            .args(["netns", "exec", &node.pod("deathstar").ns.0, "python3", "-m", "http.server", "80", "-d"])
-            .arg(&dir.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = deathstar_server(&dir.0, &node.pod("deathstar").ns.0);
 
     // The agent, in the node's namespace, reading the API and the CNI records.
     let pins = Pins(dir.0.join("bpf"));
@@ -260,6 +265,9 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         st["endpoints"].as_array().is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["attached"] == true))
     };
     wait_status(&control, Duration::from_secs(30), "every pod attached", attached);
+    // The node's proxy, with the shipped configuration (its paths moved into the test's directory).
+    let proxy_control = dir.0.join("proxy.sock");
+    let _proxy = start_proxy(&dir.0, &netns, &pins.0);
     // Until a policy selects it, the deathstar takes anyone.
     let (tie, xwing) = ("tiefighter", "xwing");
     assert!(node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar));
@@ -342,4 +350,107 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         doc(st, "CiliumNetworkPolicy default/rule1").is_none()
     });
     assert!(node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "no policy selects the deathstar");
+
+    // Star wars step 2, L7, applied with kubectl: the datapath hands the empire's flows to the
+    // node's proxy, which lets a landing request through and refuses the exhaust port.
+    let rule1 = std::fs::read_to_string(repo().join("config/examples/starwars/l3-l4-l7.yaml")).unwrap();
+    kubectl.apply(&rule1);
+    wait_status(&control, Duration::from_secs(1), "the L7 rule1 in force", |st| {
+        doc(st, "CiliumNetworkPolicy default/rule1").is_some_and(|d| d["ok"] == true)
+    });
+    let version = porin_status(&control)["version"].as_u64().unwrap();
+    wait_proxy(&proxy_control, version);
+    let url = |path: &str| format!("http://{deathstar}{path}");
+    assert_eq!(
+        node.http(tie, "POST", &url("/v1/request-landing")),
+        (0, "200".into(), "Ship landed\n".into()),
+        "the empire may land"
+    );
+    assert_eq!(
+        node.http(tie, "PUT", &url("/v1/exhaust-port")),
+        (0, "403".into(), "Access denied\r\n".into()),
+        "the proxy refuses the exhaust port"
+    );
+    assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "the alliance is dropped in the kernel");
+}
+
+/// The deathstar's HTTP server (`porin lab serve`: canned answers, as in the lab), ready when it
+/// returns.
+fn deathstar_server(dir: &Path, netns: &str) -> Process {
+    let spec = dir.join("deathstar.json");
+    let routes = serde_json::json!({"http": {"port": 80, "routes": [
+        {"method": "GET", "path": "/", "body": "Death Star\n"},
+        {"method": "POST", "path": "/v1/request-landing", "body": "Ship landed\n"},
+        {"method": "PUT", "path": "/v1/exhaust-port", "body": "Panic: deathstar exploded\n"},
+    ]}});
+    std::fs::write(&spec, routes.to_string()).unwrap();
+    let ready = dir.join("deathstar.ready");
+    let server = Process(
+        porin()
+            .args(["lab", "serve", "--netns", netns, "--spec"])
+            .arg(&spec)
+            .arg("--ready")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_file(&ready, "the deathstar's server");
+    server
+}
+
+/// The node's proxy, run with the ConfigMap's `proxy.yaml` from `config/kubernetes/porin.yaml`: the
+/// host paths it names (`/run/porin`, the bpffs) moved into the test's directory, metrics on any
+/// free port.
+fn start_proxy(dir: &Path, netns: &str, bpffs: &Path) -> Process {
+    let manifests = std::fs::read_to_string(repo().join("config/kubernetes/porin.yaml")).unwrap();
+    let config = serde_yaml::Deserializer::from_str(&manifests)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "ConfigMap")
+        .and_then(|d| d["data"]["proxy.yaml"].as_str().map(str::to_owned))
+        .expect("the ConfigMap's proxy.yaml");
+    let config = config
+        .replace("/run/porin/", &format!("{}/", dir.display()))
+        .replace("/sys/fs/bpf/porin/", &format!("{}/", bpffs.display()))
+        .replace("127.0.0.1:9964", "127.0.0.1:0");
+    assert!(!config.contains("/run/porin") && !config.contains("/sys/fs/bpf"), "{config}");
+    let path = dir.join("proxy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let ready = dir.join("proxy.ready");
+    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let proxy = Process(
+        porin()
+            .args(["proxy", "--netns", netns, "--config"])
+            .arg(&path)
+            .arg("--ready")
+            .arg(&ready)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_file(&ready, "the proxy");
+    proxy
+}
+
+fn wait_file(path: &Path, what: &str) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what} not ready in 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the proxy enforces policy version `version` (or newer).
+fn wait_proxy(socket: &Path, version: u64) {
+    let start = Instant::now();
+    loop {
+        let v = porin::agent::status_of(socket).ok().and_then(|s| s["snapshot"]["version"].as_u64());
+        if v.is_some_and(|v| v >= version) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the proxy has version {v:?}, not {version}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -432,8 +432,13 @@ pub mod mark {
     /// The bits Porin uses.
     pub const MASK: u32 = 0xf00;
     /// Set by the tc program on a packet it assigned to a proxy socket: the node routes it locally
-    /// (`ip rule fwmark 0x200/0xf00 lookup 100`, `local 0.0.0.0/0 dev lo table 100`).
+    /// (`ip rule add fwmark 0x200/0xf00 lookup 2004 pref 9`, `local 0.0.0.0/0 dev lo table 2004`,
+    /// the agent's policy routing).
     pub const TO_PROXY: u32 = 0x200;
+    /// The routing table of what is marked [`TO_PROXY`]: one local default route.
+    pub const PROXY_TABLE: u32 = 2004;
+    /// The preference of the rule that sends [`TO_PROXY`] to [`PROXY_TABLE`] (before `main`).
+    pub const PROXY_RULE_PRIORITY: u32 = 9;
     /// Set by the proxy (`SO_MARK`) on its upstream connections: already judged, never redirected.
     pub const FROM_PROXY: u32 = 0x400;
 }

@@ -15,6 +15,7 @@
 pub mod inputs;
 mod kubernetes;
 mod reloader;
+mod routes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -428,6 +429,8 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
     let allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Without it, what the datapath hands to the proxy is dropped (fails closed, but L7 fails).
+    rt.block_on(routes::ensure()).context("the proxy's policy routing")?;
     let (jobs, queue) = channel();
     // Kubernetes mode: the watches fill their stores on this runtime; a change asks for a reload.
     let changed = Arc::new(tokio::sync::Notify::new());

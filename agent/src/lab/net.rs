@@ -123,8 +123,8 @@ fn node_addresses(k: usize, underlay: bool) -> Vec<IpAddr> {
     a
 }
 
-/// Creates node `k`'s namespace: forwarding, its loopback addresses, local delivery of what the
-/// datapath marks for the proxy.
+/// Creates node `k`'s namespace: forwarding, its loopback addresses (the node's agent adds the
+/// policy routing that delivers what the datapath marks for the proxy).
 fn node_namespace(netns: &str, own: &[IpAddr]) -> anyhow::Result<()> {
     ip(&["netns", "add", netns])?;
     ip(&["-n", netns, "link", "set", "lo", "up"])?;
@@ -138,25 +138,6 @@ fn node_namespace(netns: &str, own: &[IpAddr]) -> anyhow::Result<()> {
     }
     ip(&["-n", netns, "addr", "add", &format!("{}/32", own[0]), "dev", "lo"])?;
     ip(&["-n", netns, "-6", "addr", "add", &format!("{}/128", own[1]), "dev", "lo"])?;
-    // Packets the datapath assigned to a proxy socket (mark TO_PROXY) are delivered locally.
-    let fwmark = format!("{:#x}/{:#x}", redirect_common::mark::TO_PROXY, redirect_common::mark::MASK);
-    for v6 in [false, true] {
-        let fam = if v6 { "-6" } else { "-4" };
-        ip(&["-n", netns, fam, "rule", "add", "fwmark", &fwmark, "lookup", "100", "pref", "100"])?;
-        ip(&[
-            "-n",
-            netns,
-            fam,
-            "route",
-            "add",
-            "local",
-            if v6 { "::/0" } else { "0.0.0.0/0" },
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ])?;
-    }
     Ok(())
 }
 
