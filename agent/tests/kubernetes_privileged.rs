@@ -268,6 +268,43 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
     // The node's proxy, with the shipped configuration (its paths moved into the test's directory).
     let proxy_control = dir.0.join("proxy.sock");
     let _proxy = start_proxy(&dir.0, &netns, &pins.0);
+    // Identities: each pod's number is the one its labels give (every node computes the same),
+    // and this node claimed it in the API as a CiliumIdentity.
+    let ids = endpoint_identities(&control);
+    eprintln!("identities: {ids:?}");
+    let claimed = wait_identities(&kubectl, |objs| ids.values().all(|id| objs.contains_key(id)));
+    for (ship, id) in &ids {
+        let labels = &claimed[id];
+        assert!(labels.contains(&format!("k8s:class={ship}")), "{id}: {labels:?}");
+        assert_eq!(policy_engine::identity::derived_identity(&parse_labels(labels)), *id, "{ship}");
+    }
+    // A pod of another node: the number its node claimed (here, one its labels do not give:
+    // that node had a collision, say) is the one this node uses too, once the object exists.
+    kubectl.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n");
+    kubectl
+        .apply(&pod_yaml("bwing", &[("org", "alliance"), ("class", "bwing")]).replace("nodeName: n1", "nodeName: n2"));
+    api.store()
+        .merge_patch(
+            "v1",
+            "Pod",
+            Some("default"),
+            "bwing",
+            &serde_json::json!({"status": {"podIPs": [{"ip": "10.244.9.9"}]}}),
+        )
+        .unwrap();
+    let published = dir.0.join("snapshot.json");
+    let (bwing, derived) = wait_published_identity(&published, "k8s:class=bwing", |_| true);
+    assert_eq!(policy_engine::identity::derived_identity(&parse_labels(&bwing)), derived);
+    kubectl.apply(&identity_yaml(4242, &bwing));
+    wait_published_identity(&published, "k8s:class=bwing", |id| id == 4242);
+    eprintln!("the remote bwing: {derived} from its labels, then 4242 as its node claimed");
+    let objs = wait_identities(&kubectl, |_| true);
+    assert_eq!(
+        objs.iter().filter(|(_, l)| l.contains(&"k8s:class=bwing".to_owned())).count(),
+        1,
+        "this node claims only its own pods' identities: {objs:?}"
+    );
+
     // Until a policy selects it, the deathstar takes anyone.
     let (tie, xwing) = ("tiefighter", "xwing");
     assert!(node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar));
@@ -326,15 +363,26 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
     eprintln!("edit applied {took:?} after kubectl returned");
     assert!(!node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "the edit enforces");
 
-    // A pod deleted and created again (new sandbox, new address) gets its policy back.
+    // A pod deleted and created again (new sandbox, new address) gets its policy back. Meanwhile
+    // its identity was collected and its number given to another label set: the new xwing gets
+    // the next free number, claims it, and is still the alliance's.
     kubectl.ok(&["delete", "pod", "xwing", "-n", "default"], None);
     node.remove_pod("xwing");
     wait_status(&control, Duration::from_secs(5), "the xwing forgotten", |st| {
         st["endpoints"].as_array().is_some_and(|e| e.len() == 2)
     });
+    let old = ids["xwing"];
+    kubectl.ok(&["delete", "ciliumidentity", &old.to_string()], None);
+    kubectl.apply(&identity_yaml(old, &["k8s:app=squatter".to_owned()]));
     node.add_pod("xwing", 7);
     kubectl.apply(&pod_yaml("xwing", SHIPS[2].1));
     wait_status(&control, Duration::from_secs(5), "the new xwing attached", attached);
+    let new = endpoint_identities(&control)["xwing"];
+    assert_ne!(new, old, "the squatter's number is not the xwing's any more");
+    eprintln!("the xwing's identity: {old}, taken meanwhile, then {new}");
+    let claimed = wait_identities(&kubectl, |objs| objs.contains_key(&new));
+    assert!(claimed[&new].contains(&"k8s:class=xwing".to_owned()), "{claimed:?}");
+    assert_eq!(claimed[&old], vec!["k8s:app=squatter".to_owned()]);
     assert!(node.reaches(xwing, &deathstar), "the new xwing is the alliance's again");
     assert!(!node.reaches(tie, &deathstar));
 
@@ -372,6 +420,90 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         "the proxy refuses the exhaust port"
     );
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "the alliance is dropped in the kernel");
+}
+
+/// Each local pod's identity, as the agent's status gives it.
+fn endpoint_identities(control: &Path) -> std::collections::BTreeMap<String, u32> {
+    porin_status(control)["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), u32::try_from(e["identity"].as_u64().unwrap()).unwrap()))
+        .collect()
+}
+
+/// Waits (up to 10 s) until the CiliumIdentity objects (number → labels as `source:key=value`)
+/// satisfy `cond`; returns them.
+fn wait_identities(
+    kubectl: &Kubectl,
+    cond: impl Fn(&std::collections::BTreeMap<u32, Vec<String>>) -> bool,
+) -> std::collections::BTreeMap<u32, Vec<String>> {
+    let start = Instant::now();
+    loop {
+        let list = kubectl.get(&["ciliumidentities"]);
+        let objs = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                let id = o["metadata"]["name"].as_str().unwrap().parse().unwrap();
+                let labels = o["security-labels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| match v.as_str().unwrap() {
+                        "" => k.clone(),
+                        v => format!("{k}={v}"),
+                    })
+                    .collect();
+                (id, labels)
+            })
+            .collect();
+        if cond(&objs) {
+            return objs;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "CiliumIdentities: {objs:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (up to 10 s) until the agent's publication numbers the label set with `label` as `cond`
+/// wants; returns the set and its number.
+fn wait_published_identity(published: &Path, label: &str, cond: impl Fn(u32) -> bool) -> (Vec<String>, u32) {
+    let start = Instant::now();
+    loop {
+        let inputs: Value =
+            std::fs::read_to_string(published).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        let found = inputs["identities"].as_array().into_iter().flatten().find_map(|a| {
+            let labels: Vec<String> =
+                a[0].as_array()?.iter().map(|l| l.as_str().unwrap_or_default().to_owned()).collect();
+            labels.iter().any(|l| l == label).then(|| (labels, a[1].as_u64().and_then(|id| u32::try_from(id).ok())))
+        });
+        if let Some((labels, Some(id))) = found
+            && cond(id)
+        {
+            return (labels, id);
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no published identity for {label} as wanted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn parse_labels(labels: &[String]) -> policy_engine::labels::Labels {
+    use policy_engine::labels::{Label, LabelSource};
+    policy_engine::labels::Labels::new(labels.iter().map(|l| Label::parse(l, LabelSource::Any)))
+}
+
+/// A CiliumIdentity, as a node claims one.
+fn identity_yaml(id: u32, labels: &[String]) -> String {
+    let labels: String = labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => format!("  \"{k}\": \"{v}\"\n"),
+            None => format!("  \"{l}\": \"\"\n"),
+        })
+        .collect();
+    format!("apiVersion: cilium.io/v2\nkind: CiliumIdentity\nmetadata:\n  name: \"{id}\"\nsecurity-labels:\n{labels}")
 }
 
 /// The deathstar's HTTP server (`porin lab serve`: canned answers, as in the lab), ready when it

@@ -136,9 +136,35 @@ impl Default for FqdnAssignments {
     }
 }
 
+/// How an allocator numbers a label set it has not seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numbering {
+    /// The lowest free number from 256: one node, or a cluster whose numbers come from one place.
+    #[default]
+    Lowest,
+    /// The number the labels give ([`derived_identity`]), or the next free one after it: nodes
+    /// that never talk to each other agree on every label set whose number no other set took.
+    FromLabels,
+}
+
+/// The number a label set's text gives (FNV-1a 64 of its labels, one per line, into the cluster
+/// range `256..2^24`): the same on every node, every build, every machine.
+pub fn derived_identity(labels: &Labels) -> IdentityId {
+    use std::hash::Hasher as _;
+    let mut h = fnv::FnvHasher::default();
+    for l in labels.iter() {
+        h.write(l.to_string().as_bytes());
+        h.write(b"\n");
+    }
+    let span = u64::from(LOCAL_SCOPE - MIN_CLUSTER_IDENTITY);
+    // Below 2^24: the cast keeps every bit.
+    MIN_CLUSTER_IDENTITY + (h.finish() % span) as IdentityId
+}
+
 /// Hands out identities and remembers them.
 #[derive(Clone, Debug)]
 pub struct IdentityAllocator {
+    numbering: Numbering,
     by_labels: BTreeMap<Labels, IdentityId>,
     by_prefix: BTreeMap<IpNet, IdentityId>,
     by_fqdn: BTreeMap<String, IdentityId>,
@@ -147,7 +173,13 @@ pub struct IdentityAllocator {
 
 impl Default for IdentityAllocator {
     fn default() -> Self {
-        Self { by_labels: BTreeMap::new(), by_prefix: BTreeMap::new(), by_fqdn: BTreeMap::new(), fqdn_next: FQDN_BASE }
+        Self {
+            numbering: Numbering::Lowest,
+            by_labels: BTreeMap::new(),
+            by_prefix: BTreeMap::new(),
+            by_fqdn: BTreeMap::new(),
+            fqdn_next: FQDN_BASE,
+        }
     }
 }
 
@@ -157,12 +189,23 @@ impl IdentityAllocator {
         Self::default()
     }
 
-    /// The identity of a label set, allocating the lowest free one from 256 if new.
+    /// Numbers label sets not seen yet this way from now on.
+    pub fn set_numbering(&mut self, numbering: Numbering) {
+        self.numbering = numbering;
+    }
+
+    /// The identity of a label set, allocating one if new (see [`Numbering`]).
     pub fn endpoint(&mut self, labels: &Labels) -> IdentityId {
         if let Some(id) = self.by_labels.get(labels) {
             return *id;
         }
-        let id = lowest_free(self.by_labels.values(), MIN_CLUSTER_IDENTITY);
+        let id = match self.numbering {
+            Numbering::Lowest => lowest_free(self.by_labels.values(), MIN_CLUSTER_IDENTITY),
+            Numbering::FromLabels => {
+                let used: std::collections::BTreeSet<IdentityId> = self.by_labels.values().copied().collect();
+                free_from(&used, derived_identity(labels))
+            }
+        };
         self.by_labels.insert(labels.clone(), id);
         id
     }
@@ -271,6 +314,16 @@ impl IdentityAllocator {
     }
 }
 
+/// The first cluster number from `start` not in `used`, going on from 256 past the top (the range
+/// holds 2^24 - 256 numbers: one is free long before).
+fn free_from(used: &std::collections::BTreeSet<IdentityId>, start: IdentityId) -> IdentityId {
+    let mut id = start;
+    while used.contains(&id) {
+        id = if id + 1 >= LOCAL_SCOPE { MIN_CLUSTER_IDENTITY } else { id + 1 };
+    }
+    id
+}
+
 fn lowest_free<'a>(used: impl Iterator<Item = &'a IdentityId>, start: IdentityId) -> IdentityId {
     let mut used: Vec<IdentityId> = used.copied().collect();
     used.sort_unstable();
@@ -346,6 +399,44 @@ mod tests {
         a.retain(&[&keep], &[], &[]);
         assert_eq!(a.endpoint(&labels(&["app=z"])), 256);
         assert_eq!(a.endpoint(&keep), 257);
+    }
+
+    #[test]
+    fn numbers_derived_from_labels_agree_whatever_the_history() {
+        let sets: Vec<Labels> = (0..200).map(|k| labels(&[&format!("app=a{k}"), "tier=web"])).collect();
+        let mut one = IdentityAllocator::new();
+        one.set_numbering(Numbering::FromLabels);
+        let mut other = one.clone();
+        // Two nodes see the sets in opposite orders, one of them with others in between.
+        let first: Vec<IdentityId> = sets.iter().map(|l| one.endpoint(l)).collect();
+        for (k, l) in sets.iter().enumerate().rev() {
+            other.endpoint(&labels(&[&format!("noise={k}")]));
+            other.endpoint(l);
+        }
+        for (l, id) in sets.iter().zip(&first) {
+            assert_eq!(other.endpoint(l), *id, "{l}");
+            assert_eq!(*id, derived_identity(l));
+            assert!((MIN_CLUSTER_IDENTITY..LOCAL_SCOPE).contains(id));
+        }
+        // Stable across builds and machines (every node must compute the same): a known value.
+        assert_eq!(derived_identity(&labels(&["app=x"])), 5_464_775, "FNV-1a 64 of \"k8s:app=x\\n\"");
+        assert_ne!(derived_identity(&labels(&["app=x"])), derived_identity(&labels(&["app=y"])));
+    }
+
+    #[test]
+    fn a_derived_number_already_taken_moves_to_the_next_free_one() {
+        let mut a = IdentityAllocator::new();
+        a.set_numbering(Numbering::FromLabels);
+        let x = labels(&["app=x"]);
+        let want = derived_identity(&x);
+        let text = |l: &Labels| l.iter().map(ToString::to_string).collect::<Vec<_>>();
+        // The cluster gave x's number, and the next, to other sets.
+        let (s1, s2) = (labels(&["app=squatter1"]), labels(&["app=squatter2"]));
+        a.pin(&[(text(&s1), want), (text(&s2), want + 1)]).unwrap();
+        assert_eq!(a.endpoint(&x), want + 2);
+        // At the top of the range, the search goes on from 256.
+        let used = [LOCAL_SCOPE - 2, LOCAL_SCOPE - 1, MIN_CLUSTER_IDENTITY].into_iter().collect();
+        assert_eq!(free_from(&used, LOCAL_SCOPE - 2), MIN_CLUSTER_IDENTITY + 1);
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! What a node's agent says on the policy objects it read: its entry in `status.nodes` (the
-//! kinds whose CRD Porin defines) and, for an object it refuses, a Warning Event naming why. Each
-//! object is written when what the node says of it changes; a write the API refuses or misses is
-//! tried again on the next round.
+//! What a node's agent writes to the API: on the policy objects it read, its entry in
+//! `status.nodes` (the kinds whose CRD Porin defines) and, for an object it refuses, a Warning
+//! Event naming why; and the claims of its pods' identities ([`crate::identity`]). Each object is
+//! written when what the node says of it changes; a write the API refuses or misses is tried again
+//! on the next round.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
+
+use policy_engine::identity::IdentityId;
 
 use crate::crd::NodeStatus;
 use crate::watch::{ObjectKey, has_node_status, resource};
@@ -39,13 +42,25 @@ impl Verdict {
     }
 }
 
-/// Writes verdicts to the API.
+/// What the node has to say after a reload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// What it made of each policy object.
+    pub verdicts: Vec<Verdict>,
+    /// The identities its pods use that the cluster has no object for yet: number, labels.
+    pub unclaimed: Vec<(IdentityId, Vec<String>)>,
+}
+
+/// Writes reports to the API.
 pub struct Reporter {
     client: Client,
     node: String,
     recorder: Recorder,
     /// What was last written for each object.
     written: HashMap<ObjectKey, Verdict>,
+    /// Identities claimed (created, or found taken) while they are still asked for: the watch
+    /// brings the object, and the agent stops asking.
+    claimed: HashSet<(IdentityId, Vec<String>)>,
 }
 
 impl std::fmt::Debug for Reporter {
@@ -64,13 +79,14 @@ impl Reporter {
             client.clone(),
             EventReporter { controller: "porin-agent".into(), instance: Some(node.to_owned()) },
         );
-        Self { client, node: node.to_owned(), recorder, written: HashMap::new() }
+        Self { client, node: node.to_owned(), recorder, written: HashMap::new(), claimed: HashSet::new() }
     }
 
     /// Writes what changed since the last round; returns how many writes failed (tried again
     /// next round).
-    pub async fn report(&mut self, verdicts: &[Verdict]) -> usize {
-        let mut failed = 0;
+    pub async fn report(&mut self, report: &Report) -> usize {
+        let mut failed = self.claim(&report.unclaimed).await;
+        let verdicts = &report.verdicts;
         for v in verdicts {
             if self.written.get(&v.key).is_some_and(|w| w.says_the_same(v)) {
                 continue;
@@ -87,6 +103,28 @@ impl Reporter {
         }
         // Objects gone from the cluster need no more writes.
         self.written.retain(|k, _| verdicts.iter().any(|v| &v.key == k));
+        failed
+    }
+
+    /// Claims the identities not claimed yet; returns how many claims failed.
+    async fn claim(&mut self, unclaimed: &[(IdentityId, Vec<String>)]) -> usize {
+        self.claimed.retain(|c| unclaimed.contains(c));
+        let mut failed = 0;
+        for c in unclaimed {
+            if self.claimed.contains(c) {
+                continue;
+            }
+            match crate::identity::claim(&self.client, c.0, &c.1).await {
+                Ok(outcome) => {
+                    tracing::info!(identity = c.0, labels = %c.1.join(","), ?outcome, "Identity claimed");
+                    self.claimed.insert(c.clone());
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::debug!(identity = c.0, error = %e, "Identity not claimed: tried again");
+                }
+            }
+        }
         failed
     }
 

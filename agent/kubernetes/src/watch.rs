@@ -6,7 +6,8 @@
 //! Policy kinds (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy,
 //! CiliumCIDRGroup, Service, EndpointSlice) are watched untyped: an object the policy engine
 //! refuses must still reach it, so its error is reported on the object and the rest enforces.
-//! Pods, Namespaces and Nodes are watched typed.
+//! Pods, Namespaces and Nodes are watched typed. CiliumIdentities are watched untyped too: one
+//! object that does not read is passed over (and reported), not the whole list.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -19,6 +20,9 @@ use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource};
 pub use policy_engine::api::DocKind;
+
+use crate::crd::CiliumIdentity;
+use crate::identity::ClusterIdentity;
 
 /// The API resource (group, version, plural) of a kind the policy engine reads.
 pub fn resource(kind: DocKind) -> ApiResource {
@@ -76,6 +80,10 @@ pub struct Objects {
     pub nodes: Vec<Arc<Node>>,
     /// Every object of the policy kinds, ordered by key.
     pub documents: Vec<Document>,
+    /// Every CiliumIdentity that reads, by number.
+    pub identities: Vec<ClusterIdentity>,
+    /// Why the others do not.
+    pub identity_errors: Vec<String>,
 }
 
 /// A watch's health, for the agent's status.
@@ -98,6 +106,7 @@ pub struct Cluster {
     namespaces: Store<Namespace>,
     nodes: Store<Node>,
     documents: Vec<(DocKind, Store<DynamicObject>)>,
+    identities: Store<DynamicObject>,
     health: Arc<Mutex<Vec<WatchHealth>>>,
 }
 
@@ -136,18 +145,10 @@ impl Cluster {
         let nodes = watch_typed::<Node>(Api::all(client.clone()), "nodes", &health, changed.clone());
         let documents = DocKind::ALL
             .into_iter()
-            .map(|kind| {
-                let ar = resource(kind);
-                let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-                let writer = reflector::store::Writer::new(ar.clone());
-                let store = writer.as_reader();
-                let index = register(&health, &ar.plural);
-                let stream = watcher(api, watcher::Config::default()).backoff(Retry(Duration::from_millis(200)));
-                tokio::spawn(drive(stream.reflect(writer), index, health.clone(), changed.clone()));
-                (kind, store)
-            })
+            .map(|kind| (kind, watch_untyped(client, resource(kind), &health, changed.clone())))
             .collect();
-        Self { pods, namespaces, nodes, documents, health }
+        let identities = watch_untyped(client, ApiResource::erase::<CiliumIdentity>(&()), &health, changed);
+        Self { pods, namespaces, nodes, documents, identities, health }
     }
 
     /// Waits until every store holds a complete list (the agent applies nothing before: an
@@ -160,7 +161,7 @@ impl Cluster {
         {
             return;
         }
-        for (_, s) in &self.documents {
+        for s in self.documents.iter().map(|(_, s)| s).chain([&self.identities]) {
             if s.wait_until_ready().await.is_err() {
                 return;
             }
@@ -175,7 +176,23 @@ impl Cluster {
             .flat_map(|(kind, store)| store.state().into_iter().map(move |o| document(*kind, &o)))
             .collect();
         documents.sort_by(|a, b| a.key.cmp(&b.key));
-        Objects { pods: self.pods.state(), namespaces: self.namespaces.state(), nodes: self.nodes.state(), documents }
+        let (mut identities, mut identity_errors) = (Vec::new(), Vec::new());
+        for o in self.identities.state() {
+            match crate::identity::parse(&o) {
+                Ok(i) => identities.push(i),
+                Err(e) => identity_errors.push(e),
+            }
+        }
+        identities.sort_by_key(|i| i.id);
+        identity_errors.sort();
+        Objects {
+            pods: self.pods.state(),
+            namespaces: self.namespaces.state(),
+            nodes: self.nodes.state(),
+            documents,
+            identities,
+            identity_errors,
+        }
     }
 
     /// Every watch's health.
@@ -188,6 +205,21 @@ fn register(health: &Mutex<Vec<WatchHealth>>, resource: &str) -> usize {
     let mut h = health.lock().unwrap_or_else(PoisonError::into_inner);
     h.push(WatchHealth { resource: resource.to_owned(), ..Default::default() });
     h.len() - 1
+}
+
+fn watch_untyped(
+    client: &Client,
+    ar: ApiResource,
+    health: &Arc<Mutex<Vec<WatchHealth>>>,
+    changed: Arc<dyn Fn() + Send + Sync>,
+) -> Store<DynamicObject> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let writer = reflector::store::Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let index = register(health, &ar.plural);
+    let stream = watcher(api, watcher::Config::default()).backoff(Retry(Duration::from_millis(200)));
+    tokio::spawn(drive(stream.reflect(writer), index, health.clone(), changed));
+    store
 }
 
 fn watch_typed<K>(

@@ -12,6 +12,8 @@
 //!   cluster's nodes and their addresses (`host`, `remote-node`).
 //! - Policy objects, Services and EndpointSlices are documents for the policy engine, each named
 //!   by its kind, namespace and name.
+//! - CiliumIdentity objects are the cluster's identities: the reload pins them before numbering
+//!   anything ([`porin_kubernetes::identity`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -51,6 +53,13 @@ pub(super) fn inputs(
         }
     }
     eps.endpoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // The cluster's identities (CiliumIdentity objects) win over this node's numbering.
+    let (identities, passed_over) = porin_kubernetes::identity::assignments(&objects.identities);
+    if passed_over > 0 {
+        tracing::debug!(passed_over, "Label sets claimed under several numbers: the lowest wins");
+    }
+    eps.identities = identities;
+    errors.extend(objects.identity_errors.iter().map(|e| format!("passed over: {e}")));
     let documents = objects
         .documents
         .iter()
@@ -158,6 +167,7 @@ fn remote_id(namespace: &str, name: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use porin_kubernetes::identity::ClusterIdentity;
 
     fn pod(v: serde_json::Value) -> std::sync::Arc<Pod> {
         std::sync::Arc::new(serde_json::from_value(v).unwrap())
@@ -198,6 +208,11 @@ mod tests {
                 .unwrap(),
             )],
             documents: vec![],
+            identities: vec![
+                ClusterIdentity { id: 900, labels: vec!["k8s:org=empire".into()] },
+                ClusterIdentity { id: 400, labels: vec!["k8s:org=empire".into()] },
+            ],
+            identity_errors: vec!["CiliumIdentity \"x\": the name is not a number".into()],
         };
         // On n1, with no CNI record for the tiefighter: the deathstar is n2's, the tiefighter waits.
         let (eps, _, errors) = inputs(&objects, &[], "n1");
@@ -208,8 +223,11 @@ mod tests {
         assert_eq!(ds.named_ports[0].port, 80);
         assert_eq!(ds.service_account.as_deref(), Some("ds"));
         assert!(!eps.is_local(ds, "n1"));
-        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("default/tiefighter: no CNI record"), "{errors:?}");
+        assert!(errors[1].contains("passed over: CiliumIdentity \"x\""), "{errors:?}");
+        // The cluster's identities, a set claimed twice keeping its lowest number.
+        assert_eq!(eps.identities, vec![(vec!["k8s:org=empire".to_owned()], 400)]);
         assert_eq!(eps.namespaces["default"][NAMESPACE_NAME_LABEL], "default");
         assert_eq!(eps.nodes[0].ips, vec!["192.168.0.2".parse::<IpAddr>().unwrap()]);
         // With a record naming the loopback interface (which exists everywhere) it is attached there.
@@ -224,7 +242,7 @@ mod tests {
             network: "podnet".into(),
         };
         let (eps, _, errors) = inputs(&objects, &[a], "n1");
-        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(errors.len(), 1, "only the identity passed over: {errors:?}");
         let tf = eps.endpoints.iter().find(|e| e.name == "tiefighter").unwrap();
         assert_eq!((tf.ifname.as_str(), tf.id), ("lo", 1));
         assert_eq!(tf.ips, vec!["10.244.0.7".parse::<IpAddr>().unwrap()]);

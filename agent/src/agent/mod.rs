@@ -427,7 +427,11 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
     // Versions keep growing across agent restarts: the proxy (and whoever waits for it) can tell a
     // newer publication from an older one.
     let version = cfg.publish.as_deref().map_or(0, inputs::published_version);
-    let allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
+    let mut allocator = cfg.publish.as_deref().and_then(inputs::published_identities).unwrap_or_default();
+    if matches!(cfg.inputs, InputsConfig::Kubernetes { .. }) {
+        // Every node numbers a new label set the same before the cluster's object exists.
+        allocator.set_numbering(policy_engine::identity::Numbering::FromLabels);
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // Without it, what the datapath hands to the proxy is dropped (fails closed, but L7 fails).
     rt.block_on(routes::ensure()).context("the proxy's policy routing")?;
@@ -441,13 +445,13 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         }
         InputsConfig::Kubernetes { kubeconfig, cni_state } => {
             let (cluster, client) = rt.block_on(open_cluster(kubeconfig.as_deref(), changed.clone()))?;
-            let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+            let (tx, rx) = tokio::sync::watch::channel(porin_kubernetes::report::Report::default());
             reporter = Some((porin_kubernetes::report::Reporter::new(client, &cfg.node_name), tx, rx));
             Source::Kubernetes { cluster, cni_state: cni_state.clone() }
         }
     };
-    let verdicts = reporter.as_ref().map(|(_, tx, _)| tx.clone());
-    let mut reloader = Reloader::new(cfg.clone(), source, verdicts, datapath, version, allocator, view.clone());
+    let report = reporter.as_ref().map(|(_, tx, _)| tx.clone());
+    let mut reloader = Reloader::new(cfg.clone(), source, report, datapath, version, allocator, view.clone());
     reloader.lb_error = lb_error;
     reloader.reload().context("initial policy load")?;
     reloader.refresh_view();
@@ -538,7 +542,7 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
             }
             InputsConfig::Kubernetes { cni_state, .. } => {
                 if let Some((reporter, _, rx)) = reporter.take() {
-                    tasks.push(tokio::spawn(report_verdicts(reporter, rx)));
+                    tasks.push(tokio::spawn(report_to_api(reporter, rx)));
                 }
                 tasks.push(tokio::spawn(watch_cni_records(changed.clone(), cni_state.clone())));
                 tokio::spawn(reload_on_change(jobs.clone(), changed.clone()))
@@ -721,15 +725,15 @@ async fn watch_cni_records(changed: Arc<tokio::sync::Notify>, dir: PathBuf) {
     }
 }
 
-/// Kubernetes mode: writes what the node made of each policy object (status, Events) whenever it
-/// changes; writes that failed are tried again every 5 s.
-async fn report_verdicts(
+/// Kubernetes mode: writes what the node made of each policy object (status, Events) and claims
+/// its pods' identities whenever that changes; writes that failed are tried again every 5 s.
+async fn report_to_api(
     mut reporter: porin_kubernetes::report::Reporter,
-    mut rx: tokio::sync::watch::Receiver<Vec<porin_kubernetes::report::Verdict>>,
+    mut rx: tokio::sync::watch::Receiver<porin_kubernetes::report::Report>,
 ) {
     loop {
-        let verdicts = rx.borrow_and_update().clone();
-        let failed = reporter.report(&verdicts).await;
+        let report = rx.borrow_and_update().clone();
+        let failed = reporter.report(&report).await;
         if failed > 0 {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },

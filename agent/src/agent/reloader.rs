@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use policy_engine::api::{LoadOptions, Loaded, PolicyError, load_str};
-use policy_engine::identity::IdentityAllocator;
+use policy_engine::identity::{IdentityAllocator, IdentityId};
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use policy_engine::resolve::resolve;
 use policy_engine::snapshot::Snapshot;
@@ -85,7 +85,7 @@ pub(super) struct Reloader {
     files: BTreeMap<String, FileState>,
     source: Source,
     /// Where what the node made of each API object goes (Kubernetes mode: the reporter).
-    verdicts: Option<tokio::sync::watch::Sender<Vec<porin_kubernetes::report::Verdict>>>,
+    report: Option<tokio::sync::watch::Sender<porin_kubernetes::report::Report>>,
     endpoints: EndpointsFile,
     bindings: Vec<Binding>,
     attach_errors: Vec<String>,
@@ -111,7 +111,7 @@ impl Reloader {
     pub(super) fn new(
         cfg: AgentConfig,
         source: Source,
-        verdicts: Option<tokio::sync::watch::Sender<Vec<porin_kubernetes::report::Verdict>>>,
+        report: Option<tokio::sync::watch::Sender<porin_kubernetes::report::Report>>,
         datapath: Datapath,
         version: u64,
         allocator: IdentityAllocator,
@@ -125,7 +125,7 @@ impl Reloader {
             version,
             files: BTreeMap::new(),
             source,
-            verdicts,
+            report,
             endpoints: EndpointsFile::default(),
             bindings: vec![],
             attach_errors: vec![],
@@ -345,7 +345,7 @@ impl Reloader {
         self.last_apply = Some(stats.clone());
         self.services = env.services.clone();
         self.service_warnings = service_warnings;
-        self.tell_verdicts();
+        self.tell_api();
         if self.cfg.publish.is_some() {
             let (identities, prefixes) = self.allocator.assignments();
             let fqdn = self.allocator.fqdn_assignments();
@@ -366,9 +366,10 @@ impl Reloader {
         }
         Ok(stats)
     }
-    /// Hands what the node made of each API object to the reporter (Kubernetes mode).
-    fn tell_verdicts(&self) {
-        let Some(tx) = &self.verdicts else { return };
+    /// Hands the reporter (Kubernetes mode) what the node made of each API object, and the
+    /// identities of its pods the cluster has no object for yet.
+    fn tell_api(&self) {
+        let Some(tx) = &self.report else { return };
         let verdicts = self
             .files
             .values()
@@ -384,8 +385,12 @@ impl Reloader {
                 })
             })
             .collect();
+        let unclaimed = self
+            .snapshot
+            .as_deref()
+            .map_or_else(Vec::new, |snap| unclaimed(snap, &self.endpoints, &self.cfg.node_name));
         // The reporter may be gone (the agent is stopping): nothing left to tell.
-        tx.send_replace(verdicts);
+        tx.send_replace(porin_kubernetes::report::Report { verdicts, unclaimed });
     }
 
     fn status(&self) -> serde_json::Value {
@@ -471,4 +476,21 @@ impl Reloader {
             })
             .collect())
     }
+}
+
+/// The identities of `node`'s endpoints that the cluster state names no label set for: number,
+/// labels (sorted, as `source:key=value`).
+fn unclaimed(snap: &Snapshot, eps: &EndpointsFile, node: &str) -> Vec<(IdentityId, Vec<String>)> {
+    let mut out: Vec<(IdentityId, Vec<String>)> = eps
+        .endpoints
+        .iter()
+        .filter(|e| eps.is_local(e, node))
+        .filter_map(|e| snap.endpoint(&e.namespace, &e.name))
+        .filter_map(|e| snap.identity(e.identity))
+        .filter(|i| !eps.identities.iter().any(|(_, id)| *id == i.id))
+        .map(|i| (i.id, i.labels.iter().map(ToString::to_string).collect()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }

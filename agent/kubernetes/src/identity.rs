@@ -1,0 +1,167 @@
+//! The cluster's identities, hosted by the API server as CiliumIdentity objects (Cilium's CRD
+//! identity mode): the object's name is the number, its `security-labels` the label set.
+//!
+//! Why the API hosts them: a number a node picks alone (even one derived from the labels, as the
+//! agent's allocator does in Kubernetes mode) can collide with another set's; only one place can
+//! say which set a number belongs to. Creating the object named by the number is that decision: the
+//! API server creates a name once. The agent numbers a new label set from its labels first
+//! ([`policy_engine::identity::Numbering::FromLabels`]), so every node already uses the same number
+//! before any object exists (no round-trip on the path of a new pod); the node that runs the pod
+//! then claims the number. A claim that finds the number taken by another set (a collision) makes
+//! every node move that set to the next free number on its next reload, and claim again.
+
+use std::collections::BTreeMap;
+
+use kube::Client;
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::ObjectMeta;
+use policy_engine::identity::{IdentityId, LOCAL_SCOPE, LabelAssignment, MIN_CLUSTER_IDENTITY};
+
+use crate::crd::{CiliumIdentity, CiliumIdentityBody};
+
+/// One CiliumIdentity as the agent reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    /// The number.
+    pub id: IdentityId,
+    /// The labels, as `source:key=value` (`source:key` when the value is empty), sorted.
+    pub labels: Vec<String>,
+}
+
+/// Reads an object; an object that is not an identity of the cluster range is refused with why.
+pub fn parse(o: &DynamicObject) -> Result<ClusterIdentity, String> {
+    let name = o.metadata.name.clone().unwrap_or_default();
+    let id: IdentityId = name.parse().map_err(|_| format!("CiliumIdentity {name:?}: the name is not a number"))?;
+    if !(MIN_CLUSTER_IDENTITY..LOCAL_SCOPE).contains(&id) {
+        return Err(format!("CiliumIdentity {id}: outside the cluster range 256..16777216"));
+    }
+    let labels = match o.data.get("security-labels") {
+        None => BTreeMap::new(),
+        Some(v) => serde_json::from_value::<BTreeMap<String, String>>(v.clone())
+            .map_err(|e| format!("CiliumIdentity {id}: security-labels: {e}"))?,
+    };
+    if labels.is_empty() {
+        return Err(format!("CiliumIdentity {id}: no security-labels"));
+    }
+    Ok(ClusterIdentity { id, labels: labels_text(&labels) })
+}
+
+/// `source:key` → value, as label texts.
+fn labels_text(map: &BTreeMap<String, String>) -> Vec<String> {
+    map.iter().map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") }).collect()
+}
+
+/// Label texts as `source:key` → value.
+fn labels_map(labels: &[String]) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (l.clone(), String::new()),
+        })
+        .collect()
+}
+
+/// The assignments the cluster's identities make, for the allocator to pin: a label set claimed
+/// under two numbers (two nodes raced with different numbers) keeps the lowest, on every node.
+/// Returns the assignments and how many objects were passed over.
+pub fn assignments(identities: &[ClusterIdentity]) -> (Vec<LabelAssignment>, usize) {
+    let mut by_labels: BTreeMap<Vec<String>, IdentityId> = BTreeMap::new();
+    for i in identities {
+        let mut labels = i.labels.clone();
+        labels.sort();
+        by_labels.entry(labels).and_modify(|id| *id = (*id).min(i.id)).or_insert(i.id);
+    }
+    let passed_over = identities.len() - by_labels.len();
+    (by_labels.into_iter().collect(), passed_over)
+}
+
+/// What claiming a number came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The object was created: the number is the set's.
+    Created,
+    /// The number already has an object (the same set, claimed by another node, or another set:
+    /// the watch brings it, and the next reload moves this set).
+    Taken,
+}
+
+/// Claims `id` for `labels` (creates CiliumIdentity `id`).
+///
+/// # Errors
+/// The API server's, other than the number being taken.
+pub async fn claim(client: &Client, id: IdentityId, labels: &[String]) -> Result<Claim, kube::Error> {
+    let api: Api<CiliumIdentity> = Api::all(client.clone());
+    let object = CiliumIdentity {
+        metadata: ObjectMeta {
+            name: Some(id.to_string()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), "porin".to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: CiliumIdentityBody { security_labels: labels_map(labels) },
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(Claim::Created),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Claim::Taken),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(name: &str, labels: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumIdentity",
+            "metadata": {"name": name}, "security-labels": labels,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn objects_read_as_numbered_label_sets_and_bad_ones_say_why() {
+        let o = object(
+            "300",
+            serde_json::json!({"k8s:app": "web", "k8s:io.kubernetes.pod.namespace": "default", "reserved:init": ""}),
+        );
+        assert_eq!(
+            parse(&o),
+            Ok(ClusterIdentity {
+                id: 300,
+                labels: vec![
+                    "k8s:app=web".into(),
+                    "k8s:io.kubernetes.pod.namespace=default".into(),
+                    "reserved:init".into()
+                ]
+            })
+        );
+        // Back to the object's shape, unchanged.
+        assert_eq!(
+            labels_map(&parse(&o).unwrap().labels),
+            serde_json::from_value(o.data["security-labels"].clone()).unwrap()
+        );
+        for (name, labels, why) in [
+            ("web", serde_json::json!({"k8s:app": "web"}), "not a number"),
+            ("2", serde_json::json!({"k8s:app": "web"}), "outside the cluster range"),
+            ("16777216", serde_json::json!({"k8s:app": "web"}), "outside the cluster range"),
+            ("300", serde_json::json!({}), "no security-labels"),
+            ("300", serde_json::json!({"k8s:app": 7}), "security-labels"),
+        ] {
+            let e = parse(&object(name, labels)).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_set_claimed_twice_keeps_its_lowest_number() {
+        let set = |id, l: &[&str]| ClusterIdentity { id, labels: l.iter().map(|s| (*s).to_owned()).collect() };
+        let (a, passed) = assignments(&[
+            set(900, &["k8s:app=web", "k8s:tier=x"]),
+            set(400, &["k8s:tier=x", "k8s:app=web"]),
+            set(500, &["k8s:app=db"]),
+        ]);
+        assert_eq!(passed, 1);
+        assert_eq!(a, vec![(vec!["k8s:app=db".into()], 500), (vec!["k8s:app=web".into(), "k8s:tier=x".into()], 400)]);
+    }
+}
