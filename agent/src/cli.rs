@@ -47,14 +47,24 @@ pub enum Command {
 /// `porin kubernetes ...`
 #[derive(Debug, Subcommand)]
 pub enum KubernetesCommand {
-    /// Print the CRDs Porin reads (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
-    /// CiliumCIDRGroup), generated from the policy types: `config/kubernetes/crds.yaml`.
+    /// Print the CRDs Porin reads and writes (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
+    /// CiliumCIDRGroup, CiliumIdentity), generated from the Rust types:
+    /// `config/kubernetes/crds.yaml`.
     Crds,
     /// Install this binary as the chained CNI plugin `porin-cni` in a runtime's CNI binary
-    /// directory (written whole: a temporary file, then renamed over the old one).
+    /// directory (written whole: a temporary file, then renamed over the old one), and with
+    /// `--conf-dir`, chain it after the cluster's CNI plugin in the node's network configuration.
     InstallCni {
         /// The runtime's CNI binary directory (its `CNI_PATH`), e.g. `/opt/cni/bin`.
         bin_dir: PathBuf,
+        /// The runtime's CNI configuration directory, e.g. `/etc/cni/net.d`: `porin-cni` is added
+        /// to the end of the plugin list of the configuration the runtime uses (the first by
+        /// name), once. Fails while the directory has none (the cluster's plugin writes it).
+        #[arg(long)]
+        conf_dir: Option<PathBuf>,
+        /// Where `porin-cni` records the pods it wired (`stateDir` in its configuration).
+        #[arg(long, default_value = crate::cni::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
 
@@ -424,7 +434,12 @@ pub fn main() -> ExitCode {
         }
         Command::Fqdn(FqdnCommand::Cache(FqdnCacheCommand::List(a))) => report(crate::proxy_cmd::fqdn_cache_list(&a)),
         Command::Cni => crate::cni::main(),
-        Command::Kubernetes(KubernetesCommand::InstallCni { bin_dir }) => report(crate::cni::install(&bin_dir)),
+        Command::Kubernetes(KubernetesCommand::InstallCni { bin_dir, conf_dir, state_dir }) => {
+            report(crate::cni::install(&bin_dir).and_then(|()| match conf_dir {
+                Some(dir) => crate::cni::chain(&dir, &state_dir).map(|done| println!("{done}")),
+                None => Ok(()),
+            }))
+        }
         Command::Kubernetes(KubernetesCommand::Crds) => {
             report(porin_kubernetes::crd::crds_yaml().map(|y| print!("{y}")))
         }

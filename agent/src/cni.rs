@@ -246,6 +246,80 @@ pub fn install(bin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What [`chain`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chained {
+    /// `porin-cni` was added to this configuration.
+    Added(PathBuf),
+    /// This configuration already chains it.
+    Already(PathBuf),
+}
+
+impl std::fmt::Display for Chained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chained::Added(p) => write!(f, "porin-cni chained in {}", p.display()),
+            Chained::Already(p) => write!(f, "porin-cni already chained in {}", p.display()),
+        }
+    }
+}
+
+/// Chains `porin-cni` after the cluster's plugins in the network configuration a runtime uses from
+/// `conf_dir` (the first `*.conflist`, `*.conf` or `*.json` by name, as libcni picks it): appended
+/// to its plugin list once (a single-plugin `.conf` becomes a `.conflist` of two). Written whole (a
+/// temporary file, then renamed), so a runtime never reads half a configuration.
+///
+/// # Errors
+/// No configuration yet (the cluster's CNI plugin has not written one), or one that does not read.
+pub fn chain(conf_dir: &Path, state_dir: &Path) -> anyhow::Result<Chained> {
+    use anyhow::{Context as _, bail};
+    let mut confs: Vec<PathBuf> = std::fs::read_dir(conf_dir)
+        .with_context(|| format!("read {}", conf_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "conflist" || x == "conf" || x == "json") && p.is_file())
+        .collect();
+    confs.sort();
+    let Some(path) = confs.first() else {
+        bail!("no CNI configuration in {} yet (the cluster's CNI plugin writes one): try again", conf_dir.display());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a CNI configuration (JSON)", path.display()))?;
+    let ours = serde_json::json!({"type": "porin-cni", "stateDir": state_dir});
+    let (target, list) = match conf.get("plugins") {
+        Some(serde_json::Value::Array(_)) => (path.clone(), conf),
+        Some(_) => bail!("{}: `plugins` is not a list", path.display()),
+        None => {
+            // One plugin: the list keeps its name and version, the plugin the rest.
+            let Some(obj) = conf.as_object_mut() else { bail!("{}: not a CNI configuration", path.display()) };
+            let mut list = serde_json::Map::new();
+            for k in ["cniVersion", "name", "disableCheck"] {
+                if let Some(v) = obj.remove(k) {
+                    list.insert(k.to_owned(), v);
+                }
+            }
+            list.insert("plugins".into(), serde_json::Value::Array(vec![conf]));
+            (path.with_extension("conflist"), serde_json::Value::Object(list))
+        }
+    };
+    let plugins = list["plugins"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if plugins.iter().any(|p| p["type"] == "porin-cni") {
+        return Ok(Chained::Already(path.clone()));
+    }
+    let mut list = list;
+    if let Some(p) = list["plugins"].as_array_mut() {
+        p.push(ours);
+    }
+    let tmp = conf_dir.join(format!(".porin-cni-conf.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&list)? + "\n")
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("rename {} to {}", tmp.display(), target.display()))?;
+    if &target != path {
+        std::fs::remove_file(path).with_context(|| format!("remove {} (now {})", path.display(), target.display()))?;
+    }
+    Ok(Chained::Added(target))
+}
+
 /// Whether `name` (in this network namespace) is a bridge.
 fn is_bridge(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("bridge").exists()
@@ -441,6 +515,81 @@ pub fn main() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("porin-cni-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn read(p: &Path) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn chaining_appends_porin_cni_to_the_configuration_the_runtime_uses_once() {
+        let d = Scratch::new("chain-list");
+        let state = Path::new("/run/porin/cni");
+        assert!(chain(&d.0, state).unwrap_err().to_string().contains("no CNI configuration"));
+        let list = serde_json::json!({"cniVersion": "0.3.1", "name": "k8s-pod-network", "plugins": [
+            {"type": "calico", "ipam": {"type": "calico-ipam"}}, {"type": "portmap", "capabilities": {"portMappings": true}}]});
+        std::fs::write(d.0.join("10-calico.conflist"), list.to_string()).unwrap();
+        // Not the first by name: left alone.
+        std::fs::write(d.0.join("99-loopback.conf"), r#"{"cniVersion": "0.3.1", "name": "lo", "type": "loopback"}"#)
+            .unwrap();
+        std::fs::write(d.0.join("README"), "not a configuration").unwrap();
+        let path = d.0.join("10-calico.conflist");
+        assert_eq!(chain(&d.0, state).unwrap(), Chained::Added(path.clone()));
+        let mut want = list.clone();
+        want["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "porin-cni", "stateDir": "/run/porin/cni"}));
+        assert_eq!(read(&path), want);
+        assert_eq!(chain(&d.0, state).unwrap(), Chained::Already(path.clone()));
+        assert_eq!(read(&path), want);
+        assert_eq!(read(&d.0.join("99-loopback.conf"))["type"], "loopback");
+        let mut names: Vec<_> = std::fs::read_dir(&d.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["10-calico.conflist", "99-loopback.conf", "README"], "no temporary file left");
+    }
+
+    #[test]
+    fn a_single_plugin_configuration_becomes_a_list_of_two() {
+        let d = Scratch::new("chain-conf");
+        std::fs::write(
+            d.0.join("10-flannel.conf"),
+            r#"{"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel", "delegate": {"hairpinMode": true}}"#,
+        )
+        .unwrap();
+        let state = Path::new("/var/run/porin");
+        let path = d.0.join("10-flannel.conflist");
+        assert_eq!(chain(&d.0, state).unwrap(), Chained::Added(path.clone()));
+        assert!(!d.0.join("10-flannel.conf").exists());
+        assert_eq!(
+            read(&path),
+            serde_json::json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
+                {"type": "flannel", "delegate": {"hairpinMode": true}},
+                {"type": "porin-cni", "stateDir": "/var/run/porin"}]})
+        );
+        assert_eq!(chain(&d.0, state).unwrap(), Chained::Already(path));
+        // What does not read is said.
+        let bad = Scratch::new("chain-bad");
+        std::fs::write(bad.0.join("00-x.conflist"), "{not json").unwrap();
+        assert!(format!("{:#}", chain(&bad.0, state).unwrap_err()).contains("00-x.conflist: not a CNI configuration"));
+    }
 
     fn env(command: &str) -> impl Fn(&str) -> Option<String> {
         let command = command.to_owned();

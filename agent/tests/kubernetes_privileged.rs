@@ -219,6 +219,7 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
     // The node and its pods, wired by the CNI plugins; the pods created through the API.
     let mut node = Node { rt: Runtime::new("k8s"), pods: vec![] };
     let netns = node.rt.node.0.clone();
+    install_cni(&mut node.rt);
     let mut api = in_netns(&netns, ApiServer::start);
     let kubectl = Kubectl { kubeconfig: api.kubeconfig(&dir.0), home: dir.0.clone(), netns: netns.clone() };
     kubectl.ok(&["apply", "-f", repo().join("config/kubernetes/crds.yaml").to_str().unwrap()], None);
@@ -420,6 +421,46 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         "the proxy refuses the exhaust port"
     );
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "the alliance is dropped in the kernel");
+}
+
+/// What the DaemonSet's init container does on a node (`porin kubernetes install-cni`): the
+/// binary as `porin-cni` in the runtime's CNI directory, and the plugin chained in the cluster's
+/// network configuration (here `ptp` with `host-local`), which the runtime then runs.
+fn install_cni(rt: &mut Runtime) {
+    let (bin, conf_dir) = (rt.dir.0.join("installed-bin"), rt.dir.0.join("net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let (ptp, _) = rt.list("ptp");
+    let mut plugin = ptp.clone();
+    plugin.as_object_mut().unwrap().retain(|k, _| k != "cniVersion" && k != "name");
+    let cluster = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "plugins": [plugin]});
+    let conflist = conf_dir.join("10-podnet.conflist");
+    std::fs::write(&conflist, cluster.to_string()).unwrap();
+    let install = |expect: &str| {
+        let out = porin()
+            .args(["kubernetes", "install-cni"])
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf_dir)
+            .arg("--state-dir")
+            .arg(rt.state_dir())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.contains(expect), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    };
+    install("porin-cni chained in");
+    install("porin-cni already chained in");
+    // The installed plugin answers as porin-cni (VERSION reads the runtime's version on stdin).
+    let mut child = Command::new(bin.join("porin-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), br#"{"cniVersion": "1.0.0"}"#).unwrap();
+    let version: Value = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    assert!(version["supportedVersions"].as_array().unwrap().iter().any(|v| v == "1.0.0"), "{version}");
+    rt.conflist = Some(conflist);
 }
 
 /// Each local pod's identity, as the agent's status gives it.

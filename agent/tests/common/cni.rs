@@ -42,6 +42,9 @@ pub(crate) struct Runtime {
     /// `CNI_PATH`: the reference plugins and a `porin-cni` link to the binary under test.
     cni_path: String,
     pub(crate) dir: Dir,
+    /// A network configuration list to run (as `porin kubernetes install-cni` left it) instead of
+    /// the built-in one.
+    pub(crate) conflist: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -53,7 +56,7 @@ impl Runtime {
         let node = Netns::new(format!("pcni-node-{id}"));
         Command::new("ip").args(["netns", "exec", &node.0, "ip", "link", "set", "lo", "up"]).status().unwrap();
         let cni_path = format!("{PLUGINS}:{}", dir.0.join("bin").display());
-        Self { node, cni_path, dir }
+        Self { node, cni_path, dir, conflist: None }
     }
 
     pub(crate) fn state_dir(&self) -> PathBuf {
@@ -108,8 +111,22 @@ impl Runtime {
     }
 
     /// The list's configurations: the cluster's plugin (`ptp` or `bridge`, host-local addresses
-    /// kept in the test's directory), then porin-cni.
+    /// kept in the test's directory), then porin-cni; or those of `conflist` (two plugins, the
+    /// list's version and name given to each, as libcni does).
     pub(crate) fn list(&self, main: &str) -> (Value, Value) {
+        if let Some(path) = &self.conflist {
+            let list: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let plugins = list["plugins"].as_array().unwrap();
+            assert_eq!(plugins.len(), 2, "{list:#}");
+            let conf = |p: &Value| {
+                let mut p = p.clone();
+                p["cniVersion"] = list["cniVersion"].clone();
+                p["name"] = list["name"].clone();
+                p
+            };
+            assert_eq!(plugins[0]["type"], main, "{list:#}");
+            return (conf(&plugins[0]), conf(&plugins[1]));
+        }
         let ipam = json!({"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": self.dir.0.join("ipam")});
         let first = match main {
             "bridge" => {
