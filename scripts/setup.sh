@@ -95,6 +95,8 @@ kubernetes_tools() {
     # The real kubectl, which the test API server is proven against and the end-to-end test
     # applies policies with (Debian package `kubectl` from the machine's package sources).
     command -v kubectl >/dev/null || apt_install kubectl
+    # The image (config/kubernetes/Containerfile, FROM scratch) is built by its test with buildah.
+    apt_install buildah
 }
 
 fuzz_tools() {
