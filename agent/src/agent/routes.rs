@@ -3,7 +3,8 @@
 //! drops it on the forwarding path (an assigned socket is never forwarded). One rule per family
 //! (`fwmark 0x200/0xf00 lookup 2004 pref 9`) and one route per family in that table
 //! (`local default dev lo`). The agent ensures both at start; they outlive it (the proxy keeps
-//! serving across agent restarts) and adding them again is a no-op.
+//! serving across agent restarts) and adding them again is a no-op. A node with IPv6 off gets the
+//! IPv4 ones only.
 
 use anyhow::Context;
 use redirect_common::mark;
@@ -23,7 +24,12 @@ pub(super) async fn ensure() -> anyhow::Result<()> {
 
 async fn ensure_with(handle: &Handle) -> anyhow::Result<()> {
     let lo = loopback_index().context("the loopback interface")?;
-    for v6 in [false, true] {
+    // A node booted with IPv6 off (`ipv6.disable=1`) has no IPv6 routing to set up.
+    let v6_on = std::path::Path::new("/proc/sys/net/ipv6").exists();
+    if !v6_on {
+        tracing::info!("IPv6 is off on this node: IPv4 policy routing only");
+    }
+    for v6 in [false, true].into_iter().filter(|v6| !v6 || v6_on) {
         let family = if v6 { "IPv6" } else { "IPv4" };
         let rule = handle
             .rule()
