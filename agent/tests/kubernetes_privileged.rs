@@ -237,31 +237,36 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
     // The agent, in the node's namespace, reading the API and the CNI records.
     let pins = Pins(dir.0.join("bpf"));
     let control = dir.0.join("agent.sock");
-    let log = std::fs::File::create(dir.0.join("agent.log")).unwrap();
-    let _agent = Process(
-        porin()
-            .arg("agent")
-            .arg("--kubernetes")
-            .arg("--kubeconfig")
-            .arg(&kubectl.kubeconfig)
-            .arg("--cni-state-dir")
-            .arg(node.rt.state_dir())
-            .args(["--netns", &node.rt.node.0, "--node-name", "n1", "--cgroup", "none"])
-            .arg("--bpffs")
-            .arg(&pins.0)
-            .arg("--control")
-            .arg(&control)
-            .arg("--publish")
-            .arg(dir.0.join("snapshot.json"))
-            .arg("--hubble")
-            .arg(dir.0.join("hubble.sock"))
-            .arg("--proxy-control")
-            .arg(dir.0.join("proxy.sock"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let (cni_state, node_netns) = (node.rt.state_dir(), node.rt.node.0.clone());
+    let start_agent = || {
+        // Appended to: a restarted agent's log follows the first one's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.0.join("agent.log")).unwrap();
+        Process(
+            porin()
+                .arg("agent")
+                .arg("--kubernetes")
+                .arg("--kubeconfig")
+                .arg(&kubectl.kubeconfig)
+                .arg("--cni-state-dir")
+                .arg(&cni_state)
+                .args(["--netns", &node_netns, "--node-name", "n1", "--cgroup", "none"])
+                .arg("--bpffs")
+                .arg(&pins.0)
+                .arg("--control")
+                .arg(&control)
+                .arg("--publish")
+                .arg(dir.0.join("snapshot.json"))
+                .arg("--hubble")
+                .arg(dir.0.join("hubble.sock"))
+                .arg("--proxy-control")
+                .arg(dir.0.join("proxy.sock"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut agent = start_agent();
     let attached = |st: &Value| {
         st["endpoints"].as_array().is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["attached"] == true))
     };
@@ -421,6 +426,23 @@ fn kubectl_applied_policy_is_enforced_on_cni_wired_pods_privileged() {
         "the proxy refuses the exhaust port"
     );
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "the alliance is dropped in the kernel");
+
+    // The agent restarts: the kernel and the proxy enforce meanwhile; the new agent re-discovers
+    // every endpoint from the API and the CNI records, with the same identities, and enforces the
+    // same policy.
+    let before = endpoint_identities(&control);
+    drop(agent);
+    assert_eq!(node.http(tie, "PUT", &url("/v1/exhaust-port")).1, "403", "L7 enforced without the agent");
+    assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "L3/L4 enforced without the agent");
+    agent = start_agent();
+    wait_status(&control, Duration::from_secs(30), "every pod attached again", attached);
+    assert_eq!(endpoint_identities(&control), before, "the same identities after a restart");
+    let version = porin_status(&control)["version"].as_u64().unwrap();
+    wait_proxy(&proxy_control, version);
+    assert_eq!(node.http(tie, "POST", &url("/v1/request-landing")).1, "200");
+    assert_eq!(node.http(tie, "PUT", &url("/v1/exhaust-port")).1, "403");
+    assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28);
+    drop(agent);
 }
 
 /// What the DaemonSet's init container does on a node (`porin kubernetes install-cni`): the
