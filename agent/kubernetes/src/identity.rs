@@ -31,7 +31,13 @@ pub struct ClusterIdentity {
 /// Reads an object; an object that is not an identity of the cluster range is refused with why.
 pub fn parse(o: &DynamicObject) -> Result<ClusterIdentity, String> {
     let name = o.metadata.name.clone().unwrap_or_default();
-    let id: IdentityId = name.parse().map_err(|_| format!("CiliumIdentity {name:?}: the name is not a number"))?;
+    // One number, one name: `0300` is not identity 300 (the API server keeps names, not numbers,
+    // unique).
+    let id: IdentityId = name
+        .parse()
+        .ok()
+        .filter(|id: &IdentityId| id.to_string() == name)
+        .ok_or_else(|| format!("CiliumIdentity {name:?}: the name is not a number in canonical form"))?;
     if !(MIN_CLUSTER_IDENTITY..LOCAL_SCOPE).contains(&id) {
         return Err(format!("CiliumIdentity {id}: outside the cluster range 256..16777216"));
     }
@@ -63,17 +69,20 @@ fn labels_map(labels: &[String]) -> BTreeMap<String, String> {
 }
 
 /// The assignments the cluster's identities make, for the allocator to pin: a label set claimed
-/// under two numbers (two nodes raced with different numbers) keeps the lowest, on every node.
-/// Returns the assignments and how many objects were passed over.
+/// under two numbers (two nodes raced with different numbers, or two spellings of one set, such as
+/// `app=web` and `any:app=web`) keeps the lowest, on every node. Labels are compared as the policy
+/// engine reads them and given in its canonical text, so the set pins whole. Returns the
+/// assignments and how many objects were passed over.
 pub fn assignments(identities: &[ClusterIdentity]) -> (Vec<LabelAssignment>, usize) {
-    let mut by_labels: BTreeMap<Vec<String>, IdentityId> = BTreeMap::new();
+    use policy_engine::labels::{Label, LabelSource, Labels};
+    let mut by_labels: BTreeMap<Labels, IdentityId> = BTreeMap::new();
     for i in identities {
-        let mut labels = i.labels.clone();
-        labels.sort();
+        let labels = Labels::new(i.labels.iter().map(|l| Label::parse(l, LabelSource::Any)));
         by_labels.entry(labels).and_modify(|id| *id = (*id).min(i.id)).or_insert(i.id);
     }
     let passed_over = identities.len() - by_labels.len();
-    (by_labels.into_iter().collect(), passed_over)
+    let text = |l: &Labels| l.iter().map(ToString::to_string).collect();
+    (by_labels.iter().map(|(l, id)| (text(l), *id)).collect(), passed_over)
 }
 
 /// What claiming a number came to.
@@ -143,6 +152,8 @@ mod tests {
         );
         for (name, labels, why) in [
             ("web", serde_json::json!({"k8s:app": "web"}), "not a number"),
+            ("0300", serde_json::json!({"k8s:app": "web"}), "canonical form"),
+            ("+300", serde_json::json!({"k8s:app": "web"}), "canonical form"),
             ("2", serde_json::json!({"k8s:app": "web"}), "outside the cluster range"),
             ("16777216", serde_json::json!({"k8s:app": "web"}), "outside the cluster range"),
             ("300", serde_json::json!({}), "no security-labels"),
@@ -160,8 +171,20 @@ mod tests {
             set(900, &["k8s:app=web", "k8s:tier=x"]),
             set(400, &["k8s:tier=x", "k8s:app=web"]),
             set(500, &["k8s:app=db"]),
+            // One set spelled two ways: a label without a source reads as `any:`.
+            set(460, &["app=db"]),
+            set(450, &["any:app=db"]),
         ]);
-        assert_eq!(passed, 1);
-        assert_eq!(a, vec![(vec!["k8s:app=db".into()], 500), (vec!["k8s:app=web".into(), "k8s:tier=x".into()], 400)]);
+        assert_eq!(passed, 2);
+        let mut a = a;
+        a.sort();
+        assert_eq!(
+            a,
+            vec![
+                (vec!["any:app=db".into()], 450),
+                (vec!["k8s:app=db".into()], 500),
+                (vec!["k8s:app=web".into(), "k8s:tier=x".into()], 400)
+            ]
+        );
     }
 }

@@ -115,8 +115,14 @@ impl Reporter {
                 continue;
             }
             match crate::identity::claim(&self.client, c.0, &c.1).await {
-                Ok(outcome) => {
-                    tracing::info!(identity = c.0, labels = %c.1.join(","), ?outcome, "Identity claimed");
+                Ok(crate::identity::Claim::Created) => {
+                    tracing::info!(identity = c.0, labels = %c.1.join(","), "Identity claimed");
+                    self.claimed.insert(c.clone());
+                }
+                Ok(crate::identity::Claim::Taken) => {
+                    // Settled by the watch: the object's set gets the number on the next reload
+                    // and this set another, claimed then.
+                    tracing::warn!(identity = c.0, labels = %c.1.join(","), "Identity number already claimed by another object");
                     self.claimed.insert(c.clone());
                 }
                 Err(e) => {
