@@ -383,7 +383,8 @@ pub struct PolicyValue {
 }
 
 /// An endpoint's host-side interface, with the endpoint's own addresses for anti-spoofing (packets
-/// from the endpoint must carry one of them as source).
+/// from the endpoint must carry one of them as source), and how a frame reaches the node's stack
+/// from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IfaceValue {
@@ -393,10 +394,20 @@ pub struct IfaceValue {
     pub flags: u32,
     /// IPv4 address, network byte order (valid with [`iface_flag::HAS_V4`]).
     pub ipv4: [u8; 4],
-    /// Zero.
-    pub _pad: [u8; 4],
+    /// The Linux bridge the interface is a port of (`bridge` CNI plugin): its index, host byte
+    /// order; 0 when none. A frame the datapath hands to the node's proxy from a bridge port is
+    /// redirected to the bridge's own input: the bridge would otherwise switch a frame addressed
+    /// to a pod on the same bridge straight to that pod's port, past the node's stack and its
+    /// proxy, and (with `br_netfilter`, as Kubernetes nodes run) drop the socket assigned to it.
+    pub bridge: u32,
     /// IPv6 address, network byte order (valid with [`iface_flag::HAS_V6`]).
     pub ipv6: [u8; 16],
+    /// The address a frame for the node carries on this interface's segment (valid with
+    /// [`iface_flag::HAS_MAC`]): the bridge's MAC when [`IfaceValue::bridge`] is set, else the
+    /// interface's own. A frame handed to the proxy is addressed to it.
+    pub mac: [u8; 6],
+    /// Zero.
+    pub _pad_mac: [u8; 2],
 }
 
 /// `IfaceValue::flags`.
@@ -405,6 +416,8 @@ pub mod iface_flag {
     pub const HAS_V4: u32 = 1;
     /// `ipv6` is set.
     pub const HAS_V6: u32 = 2;
+    /// `mac` is set (an Ethernet interface).
+    pub const HAS_MAC: u32 = 4;
 }
 
 /// Conntrack key: the flow's tuple in its original direction.
@@ -629,7 +642,7 @@ const _: () = assert!(size_of::<IpcacheKey>() == 20);
 const _: () = assert!(size_of::<IpcacheValue>() == 12);
 const _: () = assert!(size_of::<PolicyKey>() == 16);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
-const _: () = assert!(size_of::<IfaceValue>() == 32);
+const _: () = assert!(size_of::<IfaceValue>() == 40);
 const _: () = assert!(size_of::<CtKey>() == 40);
 const _: () = assert!(size_of::<CtValue>() == 32);
 const _: () = assert!(size_of::<Event>() == 72);

@@ -120,7 +120,15 @@ impl Kernel for Node {
     }
     fn iface(&self) -> Option<IfaceValue> {
         let ip = if self.iface == T_EP { T_IP } else { D_IP };
-        Some(IfaceValue { endpoint: self.iface, flags: iface_flag::HAS_V4, ipv4: ip, _pad: [0; 4], ipv6: [0; 16] })
+        Some(IfaceValue {
+            endpoint: self.iface,
+            flags: iface_flag::HAS_V4,
+            ipv4: ip,
+            bridge: 0,
+            ipv6: [0; 16],
+            mac: [0; 6],
+            _pad_mac: [0; 2],
+        })
     }
     fn mark(&self) -> u32 {
         self.mark

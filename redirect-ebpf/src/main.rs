@@ -38,8 +38,9 @@
 //!
 //! Everything fails closed: an unknown interface, a spoofed source, an unparseable header, a missing
 //! policy entry or an absent proxy listener drops the packet with an event that names the reason.
-//! The programs only read maps the agent owns, write conntrack, counters and events, and never modify
-//! packets.
+//! The programs only read maps the agent owns, write conntrack, counters and events, and change
+//! one thing in a packet: a frame handed to the proxy is addressed to the node (`Tc::to_stack`;
+//! from a bridge port it also goes to the bridge's own input, not through the bridge).
 #![no_std]
 #![no_main]
 #![expect(
@@ -49,11 +50,12 @@
 
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{
-    BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
+    BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
 };
 use aya_ebpf::cty::c_void;
 use aya_ebpf::helpers::{
-    bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
+    bpf_skb_change_type, bpf_skc_lookup_tcp,
 };
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
@@ -62,7 +64,8 @@ use aya_ebpf::programs::TcContext;
 use redirect_common::datapath::{self, Action, Decision, Kernel, Packet, proto};
 use redirect_common::{
     CtKey, CtValue, Event, FqdnKey, FqdnValue, IPCACHE_PREFIX_BITS, IfaceValue, IpcacheKey, IpcacheValue,
-    POLICY_FULL_BITS, PolicyKey, PolicyValue, config, counter, family, lb, mark, proxy_index, reason, sizes,
+    POLICY_FULL_BITS, PolicyKey, PolicyValue, config, counter, family, iface_flag, lb, mark, proxy_index, reason,
+    sizes,
 };
 
 // Map statics are named as `redirect_common::names` (the name of a map is its static's name).
@@ -112,6 +115,8 @@ const NO_LISTENER: u32 = u32::MAX;
 const SK_ESTABLISHED: u32 = 1;
 
 const ETH_HLEN: usize = 14;
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -219,6 +224,20 @@ struct Tc<'a> {
     ctx: &'a TcContext,
 }
 
+impl<'a> Tc<'a> {
+    fn new(ctx: &'a TcContext) -> Self {
+        Self { ctx }
+    }
+
+    /// The bridge (index) a frame handed to the proxy from this interface goes to the input of
+    /// ([`Tc::to_stack`]); 0: none, it goes on.
+    #[inline(always)]
+    fn bridge(&self) -> u32 {
+        // SAFETY: a value of a map only the agent writes, read within this program's run.
+        unsafe { PORIN_IFACES.get(&self.ifindex()) }.map_or(0, |i| i.bridge)
+    }
+}
+
 impl Tc<'_> {
     fn ifindex(&self) -> u32 {
         // SAFETY: the context's skb pointer is valid for the program's run.
@@ -226,12 +245,48 @@ impl Tc<'_> {
     }
 
     fn assign(&self, sk: *mut c_void) -> bool {
+        if !self.to_stack() {
+            return false;
+        }
         // SAFETY: both pointers are valid; the caller releases the socket reference.
         let assigned = unsafe { bpf_sk_assign(self.ctx.as_ptr(), sk, 0) } == 0;
         if assigned {
             self.ctx.set_mark(mark::TO_PROXY);
         }
         assigned
+    }
+
+    /// Makes the frame one the node's stack takes for itself, before it is assigned to a proxy
+    /// socket: addressed to the MAC the node has on the endpoint's segment, packet type host. On a
+    /// bridge port (`bridge` CNI plugin) the frame is also sent to the bridge's own input
+    /// (`Tc::bridge`, by [`tc_action`]): the bridge, which runs after tc ingress, would
+    /// otherwise switch a frame for a pod on the same bridge straight to that pod's port, and its
+    /// `br_netfilter` hook drops an assigned socket. A routed (`ptp`) pod addresses the node
+    /// already: nothing changes. False when the frame cannot be rewritten: the caller drops it.
+    /// An interface that is not an endpoint's (the uplink: what comes for the proxy there is
+    /// addressed to the node) is left as it is.
+    fn to_stack(&self) -> bool {
+        // By reference: a copy of the entry would cost stack the deepest call chain lacks.
+        // SAFETY: a value of a map only the agent writes, read within this program's run.
+        let Some(iface) = (unsafe { PORIN_IFACES.get(&self.ifindex()) }) else {
+            return true;
+        };
+        if iface.flags & iface_flag::HAS_MAC == 0 {
+            return true;
+        }
+        match self.ctx.load::<[u8; 6]>(0) {
+            Ok(dst) if dst == iface.mac => {}
+            Ok(_) => {
+                if self.ctx.store(0, &iface.mac, 0).is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        let skb = self.ctx.skb.skb;
+        // SAFETY: as above; the helper only changes the packet type (host is always allowed).
+        unsafe { (*skb).pkt_type == PACKET_HOST || bpf_skb_change_type(skb, PACKET_HOST) == 0 }
     }
 
     /// `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp` on the packet's tuple in this namespace;
@@ -439,42 +494,54 @@ impl Kernel for Tc<'_> {
     }
 }
 
-fn tc_action(a: Action) -> i32 {
+fn tc_action(k: &Tc<'_>, a: Action) -> i32 {
     match a {
-        Action::Pass | Action::Proxy => TC_ACT_OK,
+        Action::Proxy => match k.bridge() {
+            0 => TC_ACT_OK,
+            bridge => {
+                // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+                #[expect(clippy::cast_possible_truncation, reason = "a tc action code")]
+                let act = unsafe { bpf_redirect(bridge, u64::from(BPF_F_INGRESS)) } as i32;
+                act
+            }
+        },
+        Action::Pass => TC_ACT_OK,
         Action::Drop(_) => TC_ACT_SHOT,
     }
 }
 
 #[classifier]
 pub fn porin_from_ep(ctx: TcContext) -> i32 {
-    let mut k = Tc { ctx: &ctx };
-    tc_action(match parse(&ctx) {
+    let mut k = Tc::new(&ctx);
+    let action = match parse(&ctx) {
         Ok(Parsed::Pass) => Action::Pass,
         Ok(Parsed::Ip(pkt)) => datapath::from_endpoint(&mut k, &pkt),
         Err(why) => datapath::drop_unparsed(&mut k, why),
-    })
+    };
+    tc_action(&k, action)
 }
 
 #[classifier]
 pub fn porin_to_ep(ctx: TcContext) -> i32 {
-    let mut k = Tc { ctx: &ctx };
-    tc_action(match parse(&ctx) {
+    let mut k = Tc::new(&ctx);
+    let action = match parse(&ctx) {
         Ok(Parsed::Pass) => Action::Pass,
         Ok(Parsed::Ip(pkt)) => datapath::to_endpoint(&mut k, &pkt),
         Err(why) => datapath::drop_unparsed(&mut k, why),
-    })
+    };
+    tc_action(&k, action)
 }
 
 #[classifier]
 pub fn porin_from_world(ctx: TcContext) -> i32 {
-    let mut k = Tc { ctx: &ctx };
-    tc_action(match parse(&ctx) {
+    let mut k = Tc::new(&ctx);
+    let action = match parse(&ctx) {
         Ok(Parsed::Pass) => Action::Pass,
         Ok(Parsed::Ip(pkt)) => datapath::from_world(&mut k, &pkt),
         // What the uplink brings that does not parse is the endpoints' business (or nobody's).
         Err(_) => Action::Pass,
-    })
+    };
+    tc_action(&k, action)
 }
 
 #[cfg(not(test))]

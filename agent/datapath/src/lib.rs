@@ -5,6 +5,7 @@
 //!   form into the inactive generation and flipping it, counters;
 //! * [`mapstate`]: what the maps must hold for a snapshot (pure; a property test holds the kernel's
 //!   lookup equal to the engine's verdict);
+//! * [`interfaces`]: the node's interfaces by name (index, MAC), which endpoints bind to;
 //! * [`events`]: kernel events turned into flow records (`porin_flow::flow::Flow`);
 //! * [`sockmap`]: putting a proxy listener into the pinned SOCKMAP the programs hand flows to;
 //! * [`fqdn`]: the FQDN map the DNS proxy writes (and conntrack, which it asks);
@@ -16,6 +17,7 @@
 
 pub mod events;
 pub mod fqdn;
+pub mod interfaces;
 pub mod loader;
 pub mod mapstate;
 pub mod sockmap;

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use crate::interfaces::Interface;
 use ipnet::IpNet;
 use policy_engine::identity::IdentityId;
 use policy_engine::model::{ExtendedProto, L7Parser};
@@ -99,8 +100,8 @@ pub struct Binding {
     pub namespace: String,
     /// Pod name.
     pub name: String,
-    /// Host-side interface index.
-    pub ifindex: u32,
+    /// The host-side interface.
+    pub interface: Interface,
 }
 
 /// The complete contents of the generation-carrying maps, and the interface map.
@@ -322,9 +323,25 @@ pub fn direction_entries(dp: &DirectionPolicy, dir: u8, endpoint: u32, out: &mut
     }
 }
 
-/// The interface entry of an endpoint: its id and its (first) IPv4 and IPv6 address.
-pub fn iface_value(endpoint: u32, ips: &[IpAddr]) -> IfaceValue {
-    let mut v = IfaceValue { endpoint, flags: 0, ipv4: [0; 4], _pad: [0; 4], ipv6: [0; 16] };
+/// The interface entry of an endpoint: its id, its (first) IPv4 and IPv6 address, and how a frame
+/// reaches the node from it (the bridge's MAC and index on a bridge port, else its own MAC).
+pub fn iface_value(endpoint: u32, ips: &[IpAddr], interface: &Interface) -> IfaceValue {
+    let (bridge, mac) = match interface.bridge {
+        Some(b) => (b.index, Some(b.mac)),
+        None => (0, interface.mac),
+    };
+    let mut v = IfaceValue {
+        endpoint,
+        flags: 0,
+        ipv4: [0; 4],
+        bridge,
+        ipv6: [0; 16],
+        mac: mac.unwrap_or_default(),
+        _pad_mac: [0; 2],
+    };
+    if mac.is_some() {
+        v.flags |= redirect_common::iface_flag::HAS_MAC;
+    }
     if let Some(IpAddr::V4(a)) = ips.iter().find(|ip| ip.is_ipv4()) {
         v.ipv4 = a.octets();
         v.flags |= redirect_common::iface_flag::HAS_V4;
@@ -345,7 +362,7 @@ pub fn desired(snapshot: &Snapshot, bindings: &[Binding], node_ips: &[IpAddr]) -
             local.extend(ep.ips.iter().map(|ip| (*ip, b.endpoint)));
             direction_entries(&ep.ingress, direction::INGRESS, b.endpoint, &mut d.policy);
             direction_entries(&ep.egress, direction::EGRESS, b.endpoint, &mut d.policy);
-            d.ifaces.insert(b.ifindex, iface_value(b.endpoint, &ep.ips));
+            d.ifaces.insert(b.interface.index, iface_value(b.endpoint, &ep.ips, &b.interface));
         }
     }
     for (prefix, id) in snapshot.ipcache().entries() {

@@ -20,6 +20,7 @@ use policy_engine::identity::{IdentityAllocator, IdentityId};
 use policy_engine::inputs::{PolicyInputs, PolicyText};
 use policy_engine::resolve::resolve;
 use policy_engine::snapshot::Snapshot;
+use porin_datapath::interfaces;
 use porin_datapath::loader::{ApplyStats, Datapath};
 use porin_datapath::mapstate::{self, Binding};
 use porin_flow::control::Reply;
@@ -296,16 +297,17 @@ impl Reloader {
         self.attach_errors.extend(cluster_errors);
         self.attach_errors.extend(input_errors);
         // Endpoints of other nodes are known by address and identity only: their nodes enforce.
+        let interfaces = interfaces::by_name().context("list the node's interfaces")?;
         for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
-            match nix::net::if_::if_nametoindex(e.ifname.as_str()) {
-                Ok(ifindex) => bindings.push(Binding {
+            match interfaces.get(&e.ifname) {
+                Some(i) => bindings.push(Binding {
                     endpoint: e.id,
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
-                    ifindex,
+                    interface: *i,
                 }),
-                Err(err) => {
-                    self.attach_errors.push(format!("{}/{}: interface {}: {err}", e.namespace, e.name, e.ifname))
+                None => {
+                    self.attach_errors.push(format!("{}/{}: interface {}: not found", e.namespace, e.name, e.ifname))
                 }
             }
         }

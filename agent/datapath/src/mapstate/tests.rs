@@ -200,3 +200,20 @@ fn the_kernels_numbers_are_the_engines() {
     );
     assert!(ids.iter().all(|id| redirect_common::proxy_index(*id, true) < redirect_common::sizes::PROXY));
 }
+
+#[test]
+fn a_frame_for_the_proxy_is_addressed_to_the_bridge_on_a_bridge_port_and_to_the_interface_otherwise() {
+    use crate::interfaces::Bridge;
+    use redirect_common::iface_flag;
+    let ips: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    let own = [2, 0, 0, 0, 0, 5];
+    let routed = iface_value(7, &ips, &Interface { index: 40, mac: Some(own), bridge: None });
+    assert_eq!((routed.endpoint, routed.ipv4, routed.bridge, routed.mac), (7, [10, 0, 0, 5], 0, own));
+    assert_eq!(routed.flags, iface_flag::HAS_V4 | iface_flag::HAS_V6 | iface_flag::HAS_MAC);
+    let bridge = Bridge { index: 3, mac: [2, 0, 0, 0, 0, 1] };
+    let port = iface_value(7, &ips, &Interface { index: 41, mac: Some(own), bridge: Some(bridge) });
+    assert_eq!((port.bridge, port.mac), (3, bridge.mac));
+    assert_ne!(port.flags & iface_flag::HAS_MAC, 0);
+    let no_mac = iface_value(7, &ips, &Interface { index: 42, mac: None, bridge: None });
+    assert_eq!((no_mac.flags & iface_flag::HAS_MAC, no_mac.bridge), (0, 0));
+}
