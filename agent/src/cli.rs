@@ -110,6 +110,11 @@ pub struct AgentArgs {
     /// Where `porin cni` records the pods it wires (its `stateDir`).
     #[arg(long, default_value = "/run/porin/cni")]
     pub cni_state_dir: PathBuf,
+    /// Kubernetes mode: keep `porin-cni` chained in the node's CNI configuration in this
+    /// directory (as `porin kubernetes install-cni --conf-dir` does), also after the cluster's
+    /// plugin rewrites it without `porin-cni`.
+    #[arg(long, requires = "kubernetes")]
+    pub cni_conf_dir: Option<PathBuf>,
     /// Control socket.
     #[arg(long, default_value = "/run/porin/agent.sock")]
     pub control: PathBuf,
@@ -381,6 +386,7 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
                 _ => crate::agent::InputsConfig::Kubernetes {
                     kubeconfig: a.kubeconfig.clone(),
                     cni_state: a.cni_state_dir.clone(),
+                    cni_conf: a.cni_conf_dir.clone(),
                 },
             },
             control: a.control.clone(),

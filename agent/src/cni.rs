@@ -270,7 +270,8 @@ impl std::fmt::Display for Chained {
 /// temporary file, then renamed), so a runtime never reads half a configuration.
 ///
 /// # Errors
-/// No configuration yet (the cluster's CNI plugin has not written one), or one that does not read.
+/// No configuration yet (the cluster's CNI plugin has not written one), one that does not read, or
+/// one of a CNI version `porin-cni` does not speak (chained, it would fail every pod).
 pub fn chain(conf_dir: &Path, state_dir: &Path) -> anyhow::Result<Chained> {
     use anyhow::{Context as _, bail};
     let mut confs: Vec<PathBuf> = std::fs::read_dir(conf_dir)
@@ -305,6 +306,16 @@ pub fn chain(conf_dir: &Path, state_dir: &Path) -> anyhow::Result<Chained> {
     let plugins = list["plugins"].as_array().map(Vec::as_slice).unwrap_or_default();
     if plugins.iter().any(|p| p["type"] == "porin-cni") {
         return Ok(Chained::Already(path.clone()));
+    }
+    // The runtime gives every plugin of the list the list's version: chained at one porin-cni does
+    // not speak, it would fail every pod's ADD. Better unchained (pods start, reported unenforced).
+    let version = list["cniVersion"].as_str().unwrap_or_default();
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        bail!(
+            "{}: cniVersion {version:?}: porin-cni speaks {}; not chained (every pod's ADD would fail)",
+            path.display(),
+            SUPPORTED_VERSIONS.join(", ")
+        );
     }
     let mut list = list;
     if let Some(p) = list["plugins"].as_array_mut() {
@@ -564,6 +575,22 @@ mod tests {
         let mut names: Vec<_> = std::fs::read_dir(&d.0).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["10-calico.conflist", "99-loopback.conf", "README"], "no temporary file left");
+    }
+
+    #[test]
+    fn a_configuration_of_a_version_porin_cni_does_not_speak_is_left_unchained() {
+        let d = Scratch::new("chain-version");
+        let path = d.0.join("10-old.conflist");
+        for version in [Some("0.2.0"), Some("2.0.0"), None] {
+            let mut list = serde_json::json!({"name": "old", "plugins": [{"type": "bridge"}]});
+            if let Some(v) = version {
+                list["cniVersion"] = v.into();
+            }
+            std::fs::write(&path, list.to_string()).unwrap();
+            let e = chain(&d.0, Path::new("/run/porin/cni")).unwrap_err().to_string();
+            assert!(e.contains("porin-cni speaks") && e.contains("not chained"), "{e}");
+            assert_eq!(read(&path), list, "left as it was");
+        }
     }
 
     #[test]

@@ -286,6 +286,7 @@ fn scenario(plugin: &'static str) {
     let pins = Pins(dir.0.join("bpf"));
     let control = dir.0.join("agent.sock");
     let (cni_state, node_netns) = (node.rt.state_dir(), node.rt.node.0.clone());
+    let cni_conf = node.rt.conflist.clone().unwrap().parent().unwrap().to_owned();
     let start_agent = || {
         // Appended to: a restarted agent's log follows the first one's.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.0.join("agent.log")).unwrap();
@@ -297,6 +298,8 @@ fn scenario(plugin: &'static str) {
                 .arg(&kubectl.kubeconfig)
                 .arg("--cni-state-dir")
                 .arg(&cni_state)
+                .arg("--cni-conf-dir")
+                .arg(&cni_conf)
                 .args(["--netns", &node_netns, "--node-name", "n1", "--cgroup", "none"])
                 .arg("--bpffs")
                 .arg(&pins.0)
@@ -422,6 +425,25 @@ fn scenario(plugin: &'static str) {
     // the next free number, claims it, and is still the alliance's.
     kubectl.ok(&["delete", "pod", "xwing", "-n", "default"], None);
     node.remove_pod("xwing");
+    // Meanwhile the cluster's plugin writes its configuration again, without porin-cni (Calico's
+    // and Flannel's installers do): the agent chains it again, and the new xwing is wired through
+    // porin-cni (`Runtime::add` runs the list the file holds, and wants both plugins).
+    let conflist = node.rt.conflist.clone().unwrap();
+    let mut list: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    list["plugins"].as_array_mut().unwrap().retain(|p| p["type"] != "porin-cni");
+    let tmp = conflist.with_extension("tmp");
+    std::fs::write(&tmp, list.to_string()).unwrap();
+    std::fs::rename(&tmp, &conflist).unwrap();
+    let start = Instant::now();
+    let chained = || {
+        let now: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        now["plugins"].as_array().unwrap().iter().any(|p| p["type"] == "porin-cni")
+    };
+    while !chained() {
+        assert!(start.elapsed() < Duration::from_secs(5), "porin-cni not chained again: {list:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("porin-cni chained again {:?} after the configuration was rewritten", start.elapsed());
     wait_status(&control, Duration::from_secs(5), "the xwing forgotten", |st| {
         st["endpoints"].as_array().is_some_and(|e| e.len() == 2)
     });

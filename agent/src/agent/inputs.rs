@@ -203,6 +203,9 @@ pub enum InputsConfig {
         kubeconfig: Option<PathBuf>,
         /// Where `porin cni` records the pods it wired.
         cni_state: PathBuf,
+        /// The node's CNI configuration directory to keep `porin-cni` chained in (none: left to
+        /// `porin kubernetes install-cni`).
+        cni_conf: Option<PathBuf>,
     },
 }
 

@@ -443,7 +443,7 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         InputsConfig::Files { policies, endpoints } => {
             Source::Files { policies: policies.clone(), endpoints: endpoints.clone() }
         }
-        InputsConfig::Kubernetes { kubeconfig, cni_state } => {
+        InputsConfig::Kubernetes { kubeconfig, cni_state, .. } => {
             let (cluster, client) = rt.block_on(open_cluster(kubeconfig.as_deref(), changed.clone()))?;
             let (tx, rx) = tokio::sync::watch::channel(porin_kubernetes::report::Report::default());
             reporter = Some((porin_kubernetes::report::Reporter::new(client, &cfg.node_name), tx, rx));
@@ -540,11 +540,14 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
             InputsConfig::Files { policies, endpoints } => {
                 tokio::spawn(watch_inputs(jobs.clone(), policies.clone(), endpoints.clone()))
             }
-            InputsConfig::Kubernetes { cni_state, .. } => {
+            InputsConfig::Kubernetes { cni_state, cni_conf, .. } => {
                 if let Some((reporter, _, rx)) = reporter.take() {
                     tasks.push(tokio::spawn(report_to_api(reporter, rx)));
                 }
                 tasks.push(tokio::spawn(watch_cni_records(changed.clone(), cni_state.clone())));
+                if let Some(conf) = cni_conf {
+                    tasks.push(tokio::spawn(keep_chained(conf.clone(), cni_state.clone())));
+                }
                 tokio::spawn(reload_on_change(jobs.clone(), changed.clone()))
             }
         };
@@ -698,29 +701,67 @@ async fn reload_on_change(jobs: Sender<Job>, changed: Arc<tokio::sync::Notify>) 
 /// Kubernetes mode: a change in the CNI plugin's records (a pod wired or unwired on this node),
 /// checked every 200 ms, asks for a reload.
 async fn watch_cni_records(changed: Arc<tokio::sync::Notify>, dir: PathBuf) {
-    let stamp = |dir: &Path| -> Vec<(PathBuf, i64, i64)> {
-        use std::os::unix::fs::MetadataExt as _;
-        let mut v: Vec<_> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let e = e.ok()?;
-                let m = e.metadata().ok()?;
-                Some((e.path(), m.mtime(), m.mtime_nsec()))
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let mut seen = stamp(&dir);
+    let mut seen = dir_stamp(&dir);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = stamp(&dir);
+        let now = dir_stamp(&dir);
         if now != seen {
             seen = now;
             changed.notify_one();
+        }
+    }
+}
+
+/// A directory's entries and their modification times: what changes when a file in it is
+/// written, renamed or removed.
+fn dir_stamp(dir: &Path) -> Vec<(PathBuf, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let m = e.metadata().ok()?;
+            Some((e.path(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Kubernetes mode with `--cni-conf-dir`: keeps `porin-cni` chained in the node's CNI
+/// configuration. A cluster plugin's installer (Calico's, Flannel's) may write its configuration
+/// again without it: pods wired after that would have no record and go unenforced. Checked at
+/// start and whenever the directory changes (looked at every second).
+async fn keep_chained(conf_dir: PathBuf, state_dir: PathBuf) {
+    let mut seen = None;
+    let mut last_error = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = dir_stamp(&conf_dir);
+        if seen.as_ref() == Some(&now) {
+            continue;
+        }
+        seen = Some(now);
+        match crate::cni::chain(&conf_dir, &state_dir) {
+            Ok(crate::cni::Chained::Added(path)) => {
+                last_error = None;
+                tracing::warn!(conf = %path.display(), "porin-cni chained again: the CNI configuration was written without it");
+                // Our own write changed the directory: take it as seen.
+                seen = Some(dir_stamp(&conf_dir));
+            }
+            Ok(crate::cni::Chained::Already(_)) => last_error = None,
+            Err(e) => {
+                let e = format!("{e:#}");
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "porin-cni not chained: pods wired now go unenforced");
+                    last_error = Some(e);
+                }
+            }
         }
     }
 }
