@@ -321,9 +321,22 @@ pub fn chain(conf_dir: &Path, state_dir: &Path) -> anyhow::Result<Chained> {
     if let Some(p) = list["plugins"].as_array_mut() {
         p.push(ours);
     }
-    let tmp = conf_dir.join(format!(".porin-cni-conf.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_string_pretty(&list)? + "\n")
+    // A name no other writer uses (agents of two pods of a rollout both run as pid 1, say).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let tmp = conf_dir.join(format!(".porin-cni-conf.{}.{nanos}", std::process::id()));
+    let written = serde_json::to_string_pretty(&list)? + "\n";
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, written.as_bytes()))
         .with_context(|| format!("write {}", tmp.display()))?;
+    // The cluster's plugin may have written the file meanwhile: its version wins, and is chained
+    // on the next try.
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{} changed while porin-cni was being chained in: try again", path.display());
+    }
     std::fs::rename(&tmp, &target).with_context(|| format!("rename {} to {}", tmp.display(), target.display()))?;
     if &target != path {
         std::fs::remove_file(path).with_context(|| format!("remove {} (now {})", path.display(), target.display()))?;

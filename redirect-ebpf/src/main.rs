@@ -39,8 +39,9 @@
 //! Everything fails closed: an unknown interface, a spoofed source, an unparseable header, a missing
 //! policy entry or an absent proxy listener drops the packet with an event that names the reason.
 //! The programs only read maps the agent owns, write conntrack, counters and events, and change
-//! one thing in a packet: a frame handed to the proxy is addressed to the node (`Tc::to_stack`;
-//! from a bridge port it also goes to the bridge's own input, not through the bridge).
+//! packets in one case: a frame assigned to a proxy socket is addressed to the node and made
+//! host-bound (`Tc::to_stack`; from a bridge port it also goes to the bridge's own input, not
+//! through the bridge).
 #![no_std]
 #![no_main]
 #![expect(
@@ -244,25 +245,27 @@ impl Tc<'_> {
         unsafe { (*self.ctx.skb.skb).ifindex }
     }
 
+    /// Assigns the packet to a proxy socket, marks it for local delivery, and makes its frame one
+    /// the node's stack takes ([`Tc::to_stack`]): only a frame that was assigned is rewritten.
+    /// False when either fails; the frame then carries the socket and the mark (it reaches the
+    /// proxy's socket or, stripped of it, no socket: never the destination).
     fn assign(&self, sk: *mut c_void) -> bool {
-        if !self.to_stack() {
-            return false;
-        }
         // SAFETY: both pointers are valid; the caller releases the socket reference.
         let assigned = unsafe { bpf_sk_assign(self.ctx.as_ptr(), sk, 0) } == 0;
-        if assigned {
-            self.ctx.set_mark(mark::TO_PROXY);
+        if !assigned {
+            return false;
         }
-        assigned
+        self.ctx.set_mark(mark::TO_PROXY);
+        self.to_stack()
     }
 
-    /// Makes the frame one the node's stack takes for itself, before it is assigned to a proxy
-    /// socket: addressed to the MAC the node has on the endpoint's segment, packet type host. On a
-    /// bridge port (`bridge` CNI plugin) the frame is also sent to the bridge's own input
-    /// (`Tc::bridge`, by [`tc_action`]): the bridge, which runs after tc ingress, would
-    /// otherwise switch a frame for a pod on the same bridge straight to that pod's port, and its
-    /// `br_netfilter` hook drops an assigned socket. A routed (`ptp`) pod addresses the node
-    /// already: nothing changes. False when the frame cannot be rewritten: the caller drops it.
+    /// Makes a frame assigned to a proxy socket one the node's stack takes for itself: addressed
+    /// to the MAC the node has on the endpoint's segment, packet type host. On a bridge port
+    /// (`bridge` CNI plugin) the frame is also sent to the bridge's own input (`Tc::bridge`, by
+    /// [`tc_action`]), where the bridge's MAC makes it the host's: the bridge, which runs after
+    /// tc ingress, would otherwise switch a frame for a pod on the same bridge straight to that
+    /// pod's port, and its `br_netfilter` hook drops an assigned socket. A routed (`ptp`) pod
+    /// addresses the node already: nothing changes. False when the frame cannot be rewritten.
     /// An interface that is not an endpoint's (the uplink: what comes for the proxy there is
     /// addressed to the node) is left as it is.
     fn to_stack(&self) -> bool {

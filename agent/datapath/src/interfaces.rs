@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -41,20 +41,42 @@ struct Link {
 }
 
 /// Every interface of the current network namespace, by name.
+///
+/// # Errors
+/// The dump failed, or stayed inconsistent (links changing under it) three times running.
 pub fn by_name() -> anyhow::Result<BTreeMap<String, Interface>> {
-    let links = dump().context("netlink RTM_GETLINK dump")?;
+    let mut tries = 0;
+    let links = loop {
+        tries += 1;
+        match dump().context("netlink RTM_GETLINK dump")? {
+            Dump::Complete(links) => break links,
+            Dump::Interrupted if tries < 3 => {}
+            Dump::Interrupted => anyhow::bail!("netlink RTM_GETLINK dump: interrupted by link changes {tries} times"),
+        }
+    };
     let bridges: BTreeMap<u32, [u8; 6]> =
         links.iter().filter(|l| l.is_bridge).filter_map(|l| Some((l.index, l.mac?))).collect();
     Ok(links
         .iter()
         .map(|l| {
             let bridge = l.controller.and_then(|c| Some(Bridge { index: c, mac: *bridges.get(&c)? }));
-            (l.name.clone(), Interface { index: l.index, mac: l.mac, bridge })
+            // A port of another kind of controller (Open vSwitch, a bond, a VRF) is not one the
+            // datapath knows how to reach the node from: its frames are left as they are.
+            let mac = if l.controller.is_some() && bridge.is_none() { None } else { l.mac };
+            (l.name.clone(), Interface { index: l.index, mac, bridge })
         })
         .collect())
 }
 
-fn dump() -> anyhow::Result<Vec<Link>> {
+/// What one dump gave.
+enum Dump {
+    Complete(Vec<Link>),
+    /// The kernel says links changed while it dumped (`NLM_F_DUMP_INTR`, or an error in its
+    /// closing message): some may be missing.
+    Interrupted,
+}
+
+fn dump() -> anyhow::Result<Dump> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -66,23 +88,31 @@ fn dump() -> anyhow::Result<Vec<Link>> {
     request.serialize(&mut buf);
     socket.send(&buf, 0)?;
     let mut links = Vec::new();
+    let mut interrupted = false;
     loop {
         let (bytes, _) = socket.recv_from_full()?;
         let mut offset = 0;
-        while offset < bytes.len() {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[offset..])
-                .map_err(|e| anyhow::anyhow!("a link message: {e}"))?;
-            let len = usize::try_from(msg.header.length).unwrap_or(0);
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(links),
-                NetlinkPayload::Error(e) => anyhow::bail!("the kernel refused the dump: {e}"),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => links.extend(link(&m)),
-                _ => {}
+        while offset + 4 <= bytes.len() {
+            // Every message starts with its length (host order); one that does not decode (a link
+            // attribute this crate does not read) is skipped, not fatal: the others still count.
+            let len = u32::from_ne_bytes([bytes[offset], bytes[offset + 1], bytes[offset + 2], bytes[offset + 3]]);
+            let len = usize::try_from(len).unwrap_or(0);
+            if len < 16 {
+                anyhow::bail!("a netlink message of {len} bytes");
             }
-            if len == 0 {
-                anyhow::bail!("a zero-length netlink message");
+            if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[offset..]) {
+                interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
+                match msg.payload {
+                    NetlinkPayload::Done(d) => {
+                        return Ok(if interrupted || d.code != 0 { Dump::Interrupted } else { Dump::Complete(links) });
+                    }
+                    NetlinkPayload::Error(e) => anyhow::bail!("the kernel refused the dump: {e}"),
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => links.extend(link(&m)),
+                    _ => {}
+                }
             }
-            offset += len;
+            // Messages are 4-byte aligned.
+            offset += len.next_multiple_of(4);
         }
     }
 }

@@ -756,6 +756,9 @@ async fn keep_chained(conf_dir: PathBuf, state_dir: PathBuf) {
             }
             Ok(crate::cni::Chained::Already(_)) => last_error = None,
             Err(e) => {
+                // Tried again next second, changed or not (a configuration read half-written
+                // can be complete within the same modification time); said once.
+                seen = None;
                 let e = format!("{e:#}");
                 if last_error.as_ref() != Some(&e) {
                     tracing::warn!(error = %e, "porin-cni not chained: pods wired now go unenforced");

@@ -297,17 +297,31 @@ impl Reloader {
         self.attach_errors.extend(cluster_errors);
         self.attach_errors.extend(input_errors);
         // Endpoints of other nodes are known by address and identity only: their nodes enforce.
-        let interfaces = interfaces::by_name().context("list the node's interfaces")?;
+        let interfaces = interfaces::by_name().unwrap_or_else(|e| {
+            // Never fatal to a reload: each endpoint's interface is then found by name alone,
+            // without its MAC and bridge (a proxied flow from a bridge port then fails closed).
+            tracing::warn!(error = %format!("{e:#}"), "The node's interfaces could not be listed: by name only");
+            BTreeMap::new()
+        });
         for e in eps.endpoints.iter().filter(|e| eps.is_local(e, node)) {
-            match interfaces.get(&e.ifname) {
-                Some(i) => bindings.push(Binding {
+            let found = match interfaces.get(&e.ifname) {
+                Some(i) => Ok(*i),
+                // Not in the dump (or no dump): asked by name, as the kernel has it now.
+                None => nix::net::if_::if_nametoindex(e.ifname.as_str()).map(|index| interfaces::Interface {
+                    index,
+                    mac: None,
+                    bridge: None,
+                }),
+            };
+            match found {
+                Ok(interface) => bindings.push(Binding {
                     endpoint: e.id,
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
-                    interface: *i,
+                    interface,
                 }),
-                None => {
-                    self.attach_errors.push(format!("{}/{}: interface {}: not found", e.namespace, e.name, e.ifname))
+                Err(err) => {
+                    self.attach_errors.push(format!("{}/{}: interface {}: {err}", e.namespace, e.name, e.ifname))
                 }
             }
         }
