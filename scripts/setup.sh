@@ -92,6 +92,9 @@ kubernetes_tools() {
     # Kubernetes mode's tests: the reference CNI plugins (ptp, bridge, host-local) that porin-cni
     # is chained after, run as a container runtime runs them.
     apt_install containernetworking-plugins
+    # kube-proxy's netfilter rules (conntrack, INVALID dropped), which the end-to-end test installs
+    # on its node: the proxy's connections must pass them.
+    apt_install iptables
     # The real kubectl, which the test API server is proven against and the end-to-end test
     # applies policies with (Debian package `kubectl` from the machine's package sources).
     command -v kubectl >/dev/null || apt_install kubectl

@@ -171,9 +171,16 @@ impl Node {
 
     /// An HTTP request from a pod: (curl's exit code, HTTP status, body).
     fn http(&self, from: &str, method: &str, url: &str) -> (i32, String, String) {
+        self.http_with(from, &[], method, url)
+    }
+
+    /// [`Node::http`] with more of curl's options.
+    fn http_with(&self, from: &str, options: &[&str], method: &str, url: &str) -> (i32, String, String) {
         let o = Command::new("ip")
             .args(["netns", "exec", &self.pod(from).ns.0])
-            .args(["curl", "-s", "-m", "1", "-X", method, "-w", "\n%{http_code}", url])
+            .args(["curl", "-s", "-m", "1"])
+            .args(options)
+            .args(["-X", method, "-w", "\n%{http_code}", url])
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
@@ -264,6 +271,7 @@ fn scenario(plugin: &'static str) {
     kubectl.ok(&["create", "namespace", "default"], None);
     kubectl.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n");
     node.rt.in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    kube_proxy_rules(&node.rt);
     if plugin == "bridge" {
         // As Kubernetes nodes run (kubeadm requires it): bridged IP traffic passes netfilter,
         // whose bridge hook drops a socket assigned to a frame that crosses the bridge.
@@ -485,11 +493,22 @@ fn scenario(plugin: &'static str) {
     let version = porin_status(&control)["version"].as_u64().unwrap();
     wait_proxy(&proxy_control, version);
     let url = |path: &str| format!("http://{deathstar}{path}");
-    assert_eq!(
-        node.http(tie, "POST", &url("/v1/request-landing")),
-        (0, "200".into(), "Ship landed\n".into()),
-        "the empire may land"
-    );
+    // The proxy connects upstream from the client's address, from a port of the node's ephemeral
+    // range: here the one port the client uses too, so both connections have one 5-tuple and one
+    // conntrack entry, under kube-proxy's rule that drops what conntrack calls INVALID.
+    let port = "47001";
+    node.rt.in_node(&["sysctl", "-qw", &format!("net.ipv4.ip_local_port_range={port} {port}")]);
+    let tie_ip = node.pod(tie).ip.clone();
+    let (code, status, body) = node.http_with(tie, &["--local-port", port], "POST", &url("/v1/request-landing"));
+    let upstream =
+        node.rt.in_node(&["ss", "-tanH", "src", &format!("{tie_ip}:{port}"), "dst", &format!("{deathstar}:80")]);
+    node.rt.in_node(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999"]);
+    assert_eq!((code, status.as_str(), body.as_str()), (0, "200", "Ship landed\n"), "the empire may land");
+    assert_eq!(upstream.lines().count(), 1, "the proxy's upstream has the client's 5-tuple: {upstream}");
+    let ct = node.rt.in_node(&["cat", "/proc/net/nf_conntrack"]);
+    let entry = format!("src={tie_ip} dst={deathstar} sport={port} dport=80 ");
+    assert_eq!(ct.matches(&entry).count(), 1, "one conntrack entry for both connections: {ct}");
+    assert_eq!(invalid_drops(&node.rt), 0, "conntrack found nothing INVALID");
     assert_eq!(
         node.http(tie, "PUT", &url("/v1/exhaust-port")),
         (0, "403".into(), "Access denied\r\n".into()),
@@ -513,6 +532,65 @@ fn scenario(plugin: &'static str) {
     assert_eq!(node.http(tie, "PUT", &url("/v1/exhaust-port")).1, "403");
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28);
     drop(agent);
+    assert_eq!(invalid_drops(&node.rt), 0, "kube-proxy's rules dropped nothing of the scenario's traffic");
+}
+
+/// kube-proxy's netfilter rules on the node, IPv4 and IPv6, as iptables mode installs them on a
+/// kubeadm node (the hooks that turn conntrack on; the masquerade of what it marks 0x4000; FORWARD
+/// dropping what conntrack calls INVALID), and stricter than kube-proxy: INVALID also dropped on
+/// INPUT and OUTPUT, which the proxy's connections pass. Bridged frames pass them too
+/// (br_netfilter).
+fn kube_proxy_rules(rt: &Runtime) {
+    const RULES: &str = "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+-A INPUT -m conntrack --ctstate INVALID -j DROP
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A OUTPUT -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+";
+    for restore in ["iptables-restore", "ip6tables-restore"] {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &rt.node.0, restore, "--noflush"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("iptables (Debian package `iptables`; scripts/setup.sh installs it)");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), RULES.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "{restore}");
+    }
+}
+
+/// Packets the node's rules dropped as conntrack-INVALID (IPv4 and IPv6).
+fn invalid_drops(rt: &Runtime) -> u64 {
+    ["iptables-save", "ip6tables-save"]
+        .iter()
+        .flat_map(|save| {
+            let out = rt.in_node(&[save, "-c"]);
+            assert!(out.contains("KUBE-FORWARD"), "{save}: {out}");
+            let drops: Vec<u64> = out
+                .lines()
+                .filter(|l| l.contains("--ctstate INVALID -j DROP"))
+                .map(|l| {
+                    let counters = l.strip_prefix('[').and_then(|l| l.split_once(':')).expect(l);
+                    counters.0.parse::<u64>().unwrap()
+                })
+                .collect();
+            assert_eq!(drops.len(), 3, "{save}: INPUT, OUTPUT, KUBE-FORWARD: {out}");
+            drops
+        })
+        .sum()
 }
 
 /// What the DaemonSet's init container does on a node (`porin kubernetes install-cni`): the
