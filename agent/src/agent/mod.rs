@@ -660,18 +660,7 @@ async fn open_cluster(
     kubeconfig: Option<&Path>,
     changed: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<(porin_kubernetes::watch::Cluster, kube::Client)> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read the kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("the kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer().await.context("find the API server (in-cluster, KUBECONFIG, ~/.kube/config)")?,
-    };
-    let server = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).context("a client for the API server")?;
+    let (server, client) = kube_client(kubeconfig).await?;
     let cluster = porin_kubernetes::watch::Cluster::start(&client, Arc::new(move || changed.notify_one()));
     let mut waited = 0u64;
     loop {
@@ -685,6 +674,24 @@ async fn open_cluster(
     }
     tracing::info!(%server, "Kubernetes API: every watch listed");
     Ok((cluster, client))
+}
+
+/// A client for the API server (`kubeconfig`, else in-cluster, `KUBECONFIG`, `~/.kube/config`),
+/// and the server's address.
+pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<(String, kube::Client)> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("find the API server (in-cluster, KUBECONFIG, ~/.kube/config)")?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).context("a client for the API server")?;
+    Ok((server, client))
 }
 
 /// Kubernetes mode: asks for a reload after changes, gathering those of the next 50 ms into one.

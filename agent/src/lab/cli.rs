@@ -181,6 +181,17 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
         LabCommand::Apply { name, files } => {
+            if let Ok(st) = lab::load_state(&name)
+                && st.kubernetes.is_some()
+            {
+                let kubeconfig = lab::LabPaths::new(&name).kubeconfig();
+                let node = st.nodes.first().map(|n| n.netns.clone()).unwrap_or_default();
+                anyhow::bail!(
+                    "lab {name} is in Kubernetes mode: its policies are objects in its API server; apply them with \
+                     `ip netns exec {node} kubectl --kubeconfig {} apply -f FILE`",
+                    kubeconfig.display()
+                );
+            }
             lab::install_policies(&name, &files)?;
             // Every node reloads; returns once every node's kernel and proxy enforce the new version.
             let st = lab::load_state(&name)?;

@@ -19,6 +19,7 @@
 //! tunnel, no NAT: a pod's address is what the other node sees).
 
 pub mod cli;
+mod kubernetes;
 mod net;
 mod process;
 pub mod servers;
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+pub use self::kubernetes::{ClusterCni, KubernetesLab, REFERENCE_PLUGINS};
 use self::net::{ip, netns_list, setup};
 use self::process::{alive, kill, signal_target};
 use self::servers::ServerSpec;
@@ -71,6 +73,10 @@ pub struct LabFile {
     /// Nodes (absent: one node, `node`); pods name theirs (`node:`, default the first).
     #[serde(default)]
     pub nodes: Vec<NodeDef>,
+    /// Kubernetes mode: the node's agent reads an API server the lab runs; the pods are objects
+    /// in it, wired by a CNI plugin with `porin-cni` chained; the policies are applied to it.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesLab>,
 }
 
 /// A node of a lab file.
@@ -195,6 +201,9 @@ pub struct Pod {
     pub pid: Option<u32>,
     /// The node it runs on.
     pub node: String,
+    /// Kubernetes mode: the result of its CNI configuration list (for DEL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_result: Option<serde_json::Value>,
 }
 
 /// A node as set up.
@@ -225,6 +234,9 @@ pub struct LabState {
     pub pods: Vec<Pod>,
     /// Datapath settings.
     pub settings: LabSettings,
+    /// Kubernetes mode.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesLab>,
 }
 
 impl LabState {
@@ -450,11 +462,15 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
     {
         bail!("lab {name:?} is already up (porin lab down --name {name})");
     }
+    if let Some(k) = &lab.kubernetes {
+        kubernetes::check(&lab, k).with_context(|| file.display().to_string())?;
+    }
     down(name)?;
     std::fs::create_dir_all(&paths.dir)?;
     let base = file.parent().unwrap_or(Path::new("."));
     let policy_files: Vec<PathBuf> = lab.policies.iter().map(|p| base.join(p)).collect();
-    install_policies(name, &policy_files)?;
+    // Kubernetes mode: the policies go to the API server instead.
+    install_policies(name, if lab.kubernetes.is_some() { &[] } else { &policy_files })?;
     match setup(&lab, name, file, &paths) {
         Ok(st) => Ok(st),
         Err(e) => {
@@ -468,7 +484,7 @@ pub fn up(file: &Path, name: &str) -> anyhow::Result<LabState> {
                 .filter_map(|p| Some(format!("{}:\n{}", p.display(), std::fs::read_to_string(p).ok()?)))
                 .collect();
             let _ = down(name);
-            Err(e.context(if log.is_empty() { String::new() } else { format!("agent log:\n{log}") }))
+            Err(if log.is_empty() { e } else { e.context(format!("agent log:\n{log}")) })
         }
     }
 }
@@ -478,6 +494,14 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     check_name(name)?;
     let paths = LabPaths::new(name);
     let state = load_state(name).ok();
+    // Kubernetes mode: DEL through the CNI list while the node's namespace is there (a failure
+    // is reported; the rest goes anyway).
+    if let Some(st) = state.as_ref().filter(|s| s.kubernetes.is_some())
+        && let Some(node) = st.nodes.first()
+        && let Err(e) = kubernetes::unwire_pods(name, &node.netns, &st.pods)
+    {
+        eprintln!("porin lab down: {e:#}");
+    }
     if let Some(st) = &state {
         let nodes = st.nodes.iter().flat_map(|n| [n.agent_pid, n.proxy_pid]).flatten();
         for pid in st.pods.iter().filter_map(|p| p.pid).chain(nodes) {
@@ -616,6 +640,14 @@ pub fn table(st: &LabState) -> String {
         [one] => format!("lab {} is up (node namespace {})\n", st.name, one.netns),
         nodes => format!("lab {} is up: {} nodes\n", st.name, nodes.len()),
     };
+    if let (Some(k), Some(node)) = (&st.kubernetes, st.nodes.first()) {
+        let paths = LabPaths::new(&st.name);
+        let cni = serde_json::to_value(k.cni).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let _ =
+            writeln!(s, "kubernetes mode: pods wired by {cni} + porin-cni; the API server in the node's namespace:");
+        let _ =
+            writeln!(s, "  ip netns exec {} kubectl --kubeconfig {} get cnp", node.netns, paths.kubeconfig().display());
+    }
     for n in &st.nodes {
         let paths = LabPaths::node(&st.name, &n.name);
         let agent = crate::agent::status_of(&paths.control()).ok();

@@ -203,6 +203,131 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         nodes.push(node);
     }
 
+    let base = file.parent().unwrap_or(Path::new("."));
+    let pods = match &lab.kubernetes {
+        Some(k) => {
+            super::kubernetes::start_apiserver(k, base, &nodes[0].netns, paths)?;
+            super::kubernetes::wire_pods(lab, k, name, &nodes[0], paths)?
+        }
+        None => veth_pods(lab, name, &names, &nodes)?,
+    };
+    if multi {
+        underlay(name, &nodes, &pods)?;
+    }
+    let hosts = hosts_file(&pods, &[]);
+    let resolv = match &lab.resolver {
+        Some(name) => {
+            let r =
+                pods.iter().find(|p| &p.name == name).ok_or_else(|| anyhow::anyhow!("resolver: no pod {name:?}"))?;
+            Some(format!("nameserver {}\noptions timeout:2 attempts:2\n", r.ipv4))
+        }
+        None => None,
+    };
+    for p in &pods {
+        let dir = Path::new("/etc/netns").join(&p.netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), &hosts)?;
+        if let Some(r) = &resolv {
+            std::fs::write(dir.join("resolv.conf"), r)?;
+        }
+    }
+
+    if lab.kubernetes.is_none() {
+        cluster_state(lab, name, paths, &nodes, &pods)?;
+    }
+    let mut st = LabState {
+        name: name.to_owned(),
+        file: file.to_path_buf(),
+        nodes: nodes.clone(),
+        pods: pods.clone(),
+        settings: lab.settings.clone(),
+        kubernetes: lab.kubernetes.clone(),
+    };
+    save_state(&st)?;
+    // Every node's cgroup (its agent balances services for the processes in it) and each pod's.
+    for p in &st.pods {
+        let cg = pod_cgroup(name, p)?;
+        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
+    }
+    for n in &nodes {
+        let cg = node_cgroup(name, &n.name)?;
+        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
+    }
+    match &lab.kubernetes {
+        // The API server holds the cluster's objects: the pods, then the lab's policies.
+        Some(_) => {
+            let policies: Vec<PathBuf> = lab.policies.iter().map(|p| base.join(p)).collect();
+            let node = &nodes[0].netns;
+            super::kubernetes::populate(paths, node, node, &st.pods, &policies)?;
+        }
+        None => super::services::refresh(&st)?,
+    }
+    for n in &nodes {
+        let node_paths = LabPaths::node(name, &n.name);
+        std::fs::create_dir_all(&node_paths.node_dir)?;
+        porin_datapath::loader::ensure_bpffs(&node_paths.bpffs())?;
+        let pid = start_agent(&st, &n.name)?;
+        if let Some(x) = st.node_mut(&n.name) {
+            x.agent_pid = Some(pid);
+        }
+        save_state(&st)?;
+        let pid = start_proxy(name, &n.name, &lab.settings)?;
+        if let Some(x) = st.node_mut(&n.name) {
+            x.proxy_pid = Some(pid);
+        }
+        save_state(&st)?;
+    }
+
+    // Servers and commands, then wait for the servers to listen.
+    let mut ready_files = Vec::new();
+    for (def, pod) in lab.pods.iter().zip(st.pods.iter_mut()) {
+        let log = paths.dir.join(format!("{}.log", pod.name));
+        if let Some(server) = &def.server {
+            let spec = paths.dir.join(format!("{}.server.json", pod.name));
+            std::fs::write(&spec, serde_json::to_string(&with_pod_addresses(server, pod, &pods)?)?)?;
+            let ready = paths.dir.join(format!("{}.ready", pod.name));
+            let args = vec![
+                "lab".into(),
+                "serve".into(),
+                "--netns".into(),
+                pod.netns.clone(),
+                "--cgroup".into(),
+                pod_cgroup(name, pod)?.display().to_string(),
+                "--spec".into(),
+                spec.display().to_string(),
+                "--ready".into(),
+                ready.display().to_string(),
+            ];
+            pod.pid = Some(spawn_porin(&args, &log)?.id());
+            ready_files.push(ready);
+        } else if let Some(cmd) = &def.command {
+            let mut args = vec![
+                "lab".into(),
+                "run-in".into(),
+                "--netns".into(),
+                pod.netns.clone(),
+                "--cgroup".into(),
+                pod_cgroup(name, pod)?.display().to_string(),
+                "--".into(),
+            ];
+            args.extend(cmd.iter().cloned());
+            pod.pid = Some(spawn_porin(&args, &log)?.id());
+        }
+    }
+    save_state(&st)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready_files.iter().all(|r| r.exists()) {
+        if Instant::now() > deadline {
+            bail!("pod servers did not start in 20 s (logs in {})", paths.dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(st)
+}
+
+/// The pods of a lab from files: each joined to its node by a veth pair the lab makes, addressed
+/// and routed as the module says.
+fn veth_pods(lab: &LabFile, name: &str, names: &[String], nodes: &[LabNode]) -> anyhow::Result<Vec<Pod>> {
     let mut pods = Vec::new();
     let mut next_ep = 1u32;
     for (i, def) in lab.pods.iter().enumerate() {
@@ -267,29 +392,15 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             external: def.external,
             pid: None,
             node: node.name.clone(),
+            cni_result: None,
         });
     }
-    if multi {
-        underlay(name, &nodes, &pods)?;
-    }
-    let hosts = hosts_file(&pods, &[]);
-    let resolv = match &lab.resolver {
-        Some(name) => {
-            let r =
-                pods.iter().find(|p| &p.name == name).ok_or_else(|| anyhow::anyhow!("resolver: no pod {name:?}"))?;
-            Some(format!("nameserver {}\noptions timeout:2 attempts:2\n", r.ipv4))
-        }
-        None => None,
-    };
-    for p in &pods {
-        let dir = Path::new("/etc/netns").join(&p.netns);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("hosts"), &hosts)?;
-        if let Some(r) = &resolv {
-            std::fs::write(dir.join("resolv.conf"), r)?;
-        }
-    }
+    Ok(pods)
+}
 
+/// The cluster's state of a lab from files (its endpoints file; the mesh's CAs).
+fn cluster_state(lab: &LabFile, name: &str, paths: &LabPaths, nodes: &[LabNode], pods: &[Pod]) -> anyhow::Result<()> {
+    let multi = nodes.len() > 1;
     // The cluster's state, one file every node's agent reads: each takes its own endpoints and
     // uplinks; the rest are known by address and identity.
     let mut endpoints = EndpointsFile {
@@ -318,7 +429,7 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
         pods.iter().filter(|p| p.external && p.node == node).map(|p| p.ifname.clone()).collect()
     };
     if multi {
-        for n in &nodes {
+        for n in nodes {
             let mut u = uplinks(&n.name);
             u.push("fabric".into());
             endpoints.node_uplinks.insert(n.netns.clone(), u);
@@ -337,90 +448,12 @@ pub(super) fn setup(lab: &LabFile, name: &str, file: &Path, paths: &LabPaths) ->
             mesh.authentication.clone().map(|mode| policy_engine::api::types::Authentication { mode: Some(mode) });
         // The cluster's root CA stays in the lab's directory; each node gets its own CA.
         crate::mesh::init_root(&paths.mesh_root(), &mesh.trust_domain).context("the mesh's root CA")?;
-        for n in &nodes {
+        for n in nodes {
             let node_paths = LabPaths::node(name, &n.name);
             crate::mesh::issue_node_ca(&paths.mesh_root(), &n.netns, &node_paths.mesh_dir())
                 .with_context(|| format!("node {}'s CA", n.name))?;
         }
     }
     std::fs::write(paths.endpoints(), serde_json::to_string_pretty(&endpoints)?)?;
-    let mut st = LabState {
-        name: name.to_owned(),
-        file: file.to_path_buf(),
-        nodes: nodes.clone(),
-        pods: pods.clone(),
-        settings: lab.settings.clone(),
-    };
-    save_state(&st)?;
-    // Every node's cgroup (its agent balances services for the processes in it) and each pod's.
-    for p in &st.pods {
-        let cg = pod_cgroup(name, p)?;
-        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
-    }
-    for n in &nodes {
-        let cg = node_cgroup(name, &n.name)?;
-        std::fs::create_dir_all(&cg).with_context(|| format!("create cgroup {}", cg.display()))?;
-    }
-    super::services::refresh(&st)?;
-    for n in &nodes {
-        let node_paths = LabPaths::node(name, &n.name);
-        std::fs::create_dir_all(&node_paths.node_dir)?;
-        porin_datapath::loader::ensure_bpffs(&node_paths.bpffs())?;
-        let pid = start_agent(name, &n.name, &lab.settings)?;
-        if let Some(x) = st.node_mut(&n.name) {
-            x.agent_pid = Some(pid);
-        }
-        save_state(&st)?;
-        let pid = start_proxy(name, &n.name, &lab.settings)?;
-        if let Some(x) = st.node_mut(&n.name) {
-            x.proxy_pid = Some(pid);
-        }
-        save_state(&st)?;
-    }
-
-    // Servers and commands, then wait for the servers to listen.
-    let mut ready_files = Vec::new();
-    for (def, pod) in lab.pods.iter().zip(st.pods.iter_mut()) {
-        let log = paths.dir.join(format!("{}.log", pod.name));
-        if let Some(server) = &def.server {
-            let spec = paths.dir.join(format!("{}.server.json", pod.name));
-            std::fs::write(&spec, serde_json::to_string(&with_pod_addresses(server, pod, &pods)?)?)?;
-            let ready = paths.dir.join(format!("{}.ready", pod.name));
-            let args = vec![
-                "lab".into(),
-                "serve".into(),
-                "--netns".into(),
-                pod.netns.clone(),
-                "--cgroup".into(),
-                pod_cgroup(name, pod)?.display().to_string(),
-                "--spec".into(),
-                spec.display().to_string(),
-                "--ready".into(),
-                ready.display().to_string(),
-            ];
-            pod.pid = Some(spawn_porin(&args, &log)?.id());
-            ready_files.push(ready);
-        } else if let Some(cmd) = &def.command {
-            let mut args = vec![
-                "lab".into(),
-                "run-in".into(),
-                "--netns".into(),
-                pod.netns.clone(),
-                "--cgroup".into(),
-                pod_cgroup(name, pod)?.display().to_string(),
-                "--".into(),
-            ];
-            args.extend(cmd.iter().cloned());
-            pod.pid = Some(spawn_porin(&args, &log)?.id());
-        }
-    }
-    save_state(&st)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready_files.iter().all(|r| r.exists()) {
-        if Instant::now() > deadline {
-            bail!("pod servers did not start in 20 s (logs in {})", paths.dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(st)
+    Ok(())
 }

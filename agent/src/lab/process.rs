@@ -73,19 +73,35 @@ pub(super) fn spawn_porin(args: &[String], log: &Path) -> anyhow::Result<std::pr
 }
 
 /// Starts the agent of a lab's node (also used to restart it).
-pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Result<u32> {
+pub fn start_agent(st: &LabState, node: &str) -> anyhow::Result<u32> {
+    let (name, settings) = (st.name.as_str(), &st.settings);
     let paths = LabPaths::node(name, node);
     let netns = format!("porin-{name}-{node}");
-    let mut args: Vec<String> = vec![
-        "agent".into(),
-        "--netns".into(),
-        netns.clone(),
-        "--bpffs".into(),
-        paths.bpffs().display().to_string(),
-        "--policies".into(),
-        paths.policies().display().to_string(),
-        "--endpoints".into(),
-        paths.endpoints().display().to_string(),
+    let mut args: Vec<String> =
+        vec!["agent".into(), "--netns".into(), netns.clone(), "--bpffs".into(), paths.bpffs().display().to_string()];
+    if st.kubernetes.is_some() {
+        args.extend([
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            paths.kubeconfig().display().to_string(),
+            "--cni-state-dir".into(),
+            paths.cni_state_dir().display().to_string(),
+            "--cni-conf-dir".into(),
+            paths.cni_conf_dir().display().to_string(),
+        ]);
+    } else {
+        args.extend([
+            "--policies".into(),
+            paths.policies().display().to_string(),
+            "--endpoints".into(),
+            paths.endpoints().display().to_string(),
+        ]);
+    }
+    // Kubernetes mode: ready once every pod of the node is an endpoint (read from the API and
+    // the CNI records); from a file, the endpoints are all there at once.
+    let pods = st.pods.iter().filter(|p| p.node == node && !p.external).count();
+    let expected = if st.kubernetes.is_some() { pods } else { 0 };
+    args.extend([
         "--control".into(),
         paths.control().display().to_string(),
         "--publish".into(),
@@ -105,7 +121,7 @@ pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Re
         paths.proxy_control().display().to_string(),
         "--cgroup".into(),
         super::node_cgroup(name, node)?.display().to_string(),
-    ];
+    ]);
     if let Some(s) = settings.ct_tcp_close_secs {
         args.extend(["--ct-tcp-close-secs".into(), s.to_string()]);
     }
@@ -134,7 +150,7 @@ pub fn start_agent(name: &str, node: &str, settings: &LabSettings) -> anyhow::Re
     loop {
         if let Ok(status) = crate::agent::status_of(&paths.control()) {
             let eps = status["endpoints"].as_array().cloned().unwrap_or_default();
-            if eps.iter().all(|e| e["attached"] == serde_json::Value::Bool(true)) {
+            if eps.len() >= expected && eps.iter().all(|e| e["attached"] == serde_json::Value::Bool(true)) {
                 return Ok(pid);
             }
         }
@@ -156,7 +172,7 @@ pub fn restart_agent(name: &str, node: Option<&str>) -> anyhow::Result<u32> {
     if let Some(pid) = n.agent_pid {
         kill(pid, name);
     }
-    let pid = start_agent(name, &n.name, &st.settings)?;
+    let pid = start_agent(&st, &n.name)?;
     if let Some(x) = st.node_mut(&n.name) {
         x.agent_pid = Some(pid);
     }
