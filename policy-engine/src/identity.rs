@@ -169,12 +169,15 @@ pub struct IdentityAllocator {
     by_prefix: BTreeMap<IpNet, IdentityId>,
     by_fqdn: BTreeMap<String, IdentityId>,
     fqdn_next: IdentityId,
+    /// Cluster numbers held elsewhere for no label set known here ([`IdentityAllocator::reserve`]).
+    reserved: std::collections::BTreeSet<IdentityId>,
 }
 
 impl Default for IdentityAllocator {
     fn default() -> Self {
         Self {
             numbering: Numbering::Lowest,
+            reserved: std::collections::BTreeSet::new(),
             by_labels: BTreeMap::new(),
             by_prefix: BTreeMap::new(),
             by_fqdn: BTreeMap::new(),
@@ -200,9 +203,10 @@ impl IdentityAllocator {
             return *id;
         }
         let id = match self.numbering {
-            Numbering::Lowest => lowest_free(self.by_labels.values(), MIN_CLUSTER_IDENTITY),
+            Numbering::Lowest => lowest_free(self.by_labels.values().chain(&self.reserved), MIN_CLUSTER_IDENTITY),
             Numbering::FromLabels => {
-                let used: std::collections::BTreeSet<IdentityId> = self.by_labels.values().copied().collect();
+                let mut used: std::collections::BTreeSet<IdentityId> = self.by_labels.values().copied().collect();
+                used.extend(&self.reserved);
                 free_from(&used, derived_identity(labels))
             }
         };
@@ -303,6 +307,19 @@ impl IdentityAllocator {
         });
         self.by_labels.extend(by_labels);
         Ok(changed)
+    }
+
+    /// Holds cluster numbers that are taken elsewhere but give no label set here (in Kubernetes
+    /// mode: a CiliumIdentity object that is passed over, unreadable or naming a set claimed under
+    /// a lower number): no set is numbered with them, and a set that holds one here gives it up
+    /// (it gets a free number when next asked). Replaces the previous reservation; returns how
+    /// many label sets gave a number up.
+    pub fn reserve(&mut self, numbers: &[IdentityId]) -> usize {
+        self.reserved = numbers.iter().copied().collect();
+        let before = self.by_labels.len();
+        let reserved = &self.reserved;
+        self.by_labels.retain(|_, id| !reserved.contains(id));
+        before - self.by_labels.len()
     }
 
     /// Forgets label sets, prefixes and FQDN selectors not in use; label and prefix numbers can be
@@ -437,6 +454,25 @@ mod tests {
         // At the top of the range, the search goes on from 256.
         let used = [LOCAL_SCOPE - 2, LOCAL_SCOPE - 1, MIN_CLUSTER_IDENTITY].into_iter().collect();
         assert_eq!(free_from(&used, LOCAL_SCOPE - 2), MIN_CLUSTER_IDENTITY + 1);
+    }
+
+    #[test]
+    fn a_reserved_number_is_given_to_no_set() {
+        let mut a = IdentityAllocator::new();
+        a.set_numbering(Numbering::FromLabels);
+        let x = labels(&["app=x"]);
+        let want = derived_identity(&x);
+        assert_eq!(a.endpoint(&x), want);
+        // The cluster holds x's number for no set known here (an object passed over): x gives it
+        // up and moves on, and so does every set asked for later.
+        assert_eq!(a.reserve(&[want, want + 1]), 1);
+        assert_eq!(a.endpoint(&x), want + 2);
+        let mut lowest = IdentityAllocator::new();
+        lowest.reserve(&[MIN_CLUSTER_IDENTITY]);
+        assert_eq!(lowest.endpoint(&x), MIN_CLUSTER_IDENTITY + 1);
+        // Released again: a set keeps the number it has.
+        assert_eq!(a.reserve(&[]), 0);
+        assert_eq!(a.endpoint(&x), want + 2);
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub struct ClusterIdentity {
     pub labels: Vec<String>,
 }
 
-/// Reads an object; an object that is not an identity of the cluster range is refused with why.
-pub fn parse(o: &DynamicObject) -> Result<ClusterIdentity, String> {
+/// The cluster number an object's name holds (whatever its labels): the name in canonical form,
+/// in the cluster range. No other object can be created for that number.
+pub fn number(o: &DynamicObject) -> Result<IdentityId, String> {
     let name = o.metadata.name.clone().unwrap_or_default();
     // One number, one name: `0300` is not identity 300 (the API server keeps names, not numbers,
     // unique).
@@ -41,6 +42,12 @@ pub fn parse(o: &DynamicObject) -> Result<ClusterIdentity, String> {
     if !(MIN_CLUSTER_IDENTITY..LOCAL_SCOPE).contains(&id) {
         return Err(format!("CiliumIdentity {id}: outside the cluster range 256..16777216"));
     }
+    Ok(id)
+}
+
+/// Reads an object; an object that is not an identity of the cluster range is refused with why.
+pub fn parse(o: &DynamicObject) -> Result<ClusterIdentity, String> {
+    let id = number(o)?;
     let labels = match o.data.get("security-labels") {
         None => BTreeMap::new(),
         Some(v) => serde_json::from_value::<BTreeMap<String, String>>(v.clone())

@@ -84,6 +84,9 @@ pub struct Objects {
     pub identities: Vec<ClusterIdentity>,
     /// Why the others do not.
     pub identity_errors: Vec<String>,
+    /// The cluster number of every CiliumIdentity that has one (those that read and those whose
+    /// labels do not), sorted: numbers no node can claim.
+    pub identity_numbers: Vec<policy_engine::identity::IdentityId>,
 }
 
 /// A watch's health, for the agent's status.
@@ -176,8 +179,9 @@ impl Cluster {
             .flat_map(|(kind, store)| store.state().into_iter().map(move |o| document(*kind, &o)))
             .collect();
         documents.sort_by(|a, b| a.key.cmp(&b.key));
-        let (mut identities, mut identity_errors) = (Vec::new(), Vec::new());
+        let (mut identities, mut identity_errors, mut identity_numbers) = (Vec::new(), Vec::new(), Vec::new());
         for o in self.identities.state() {
+            identity_numbers.extend(crate::identity::number(&o).ok());
             match crate::identity::parse(&o) {
                 Ok(i) => identities.push(i),
                 Err(e) => identity_errors.push(e),
@@ -185,6 +189,7 @@ impl Cluster {
         }
         identities.sort_by_key(|i| i.id);
         identity_errors.sort();
+        identity_numbers.sort_unstable();
         Objects {
             pods: self.pods.state(),
             namespaces: self.namespaces.state(),
@@ -192,6 +197,7 @@ impl Cluster {
             documents,
             identities,
             identity_errors,
+            identity_numbers,
         }
     }
 

@@ -113,6 +113,10 @@ pub struct EndpointsFile {
     /// lowest number free), which agrees across nodes only while they see the same history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<policy_engine::identity::LabelAssignment>,
+    /// Cluster numbers taken for no label set given here (Kubernetes mode: CiliumIdentity
+    /// objects passed over): numbered to no set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved_identities: Vec<policy_engine::identity::IdentityId>,
     /// Per-node uplinks: `node name → interfaces` (a file shared by several nodes; each attaches
     /// its own and `uplinks`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

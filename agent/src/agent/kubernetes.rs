@@ -58,6 +58,10 @@ pub(super) fn inputs(
     if passed_over > 0 {
         tracing::debug!(passed_over, "Label sets claimed under several numbers: the lowest wins");
     }
+    // Numbers held by objects that give no set (unreadable, or a set claimed lower): no set gets
+    // them, or its claim would find the number taken and never move on.
+    eps.reserved_identities =
+        objects.identity_numbers.iter().copied().filter(|n| !identities.iter().any(|(_, id)| id == n)).collect();
     eps.identities = identities;
     errors.extend(objects.identity_errors.iter().map(|e| format!("passed over: {e}")));
     let documents = objects
@@ -213,6 +217,8 @@ mod tests {
                 ClusterIdentity { id: 400, labels: vec!["k8s:org=empire".into()] },
             ],
             identity_errors: vec!["CiliumIdentity \"x\": the name is not a number".into()],
+            // 900 (a set claimed lower) and 901 (labels that do not read) hold their numbers.
+            identity_numbers: vec![400, 900, 901],
         };
         // On n1, with no CNI record for the tiefighter: the deathstar is n2's, the tiefighter waits.
         let (eps, _, errors) = inputs(&objects, &[], "n1");
@@ -228,6 +234,7 @@ mod tests {
         assert!(errors[1].contains("passed over: CiliumIdentity \"x\""), "{errors:?}");
         // The cluster's identities, a set claimed twice keeping its lowest number.
         assert_eq!(eps.identities, vec![(vec!["k8s:org=empire".to_owned()], 400)]);
+        assert_eq!(eps.reserved_identities, vec![900, 901], "numbers held for no set");
         assert_eq!(eps.namespaces["default"][NAMESPACE_NAME_LABEL], "default");
         assert_eq!(eps.nodes[0].ips, vec!["192.168.0.2".parse::<IpAddr>().unwrap()]);
         // With a record naming the loopback interface (which exists everywhere) it is attached there.

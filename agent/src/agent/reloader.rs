@@ -281,7 +281,8 @@ impl Reloader {
         let moved = self
             .allocator
             .pin(&eps.identities)
-            .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.source.origin()))?;
+            .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.source.origin()))?
+            + self.allocator.reserve(&eps.reserved_identities);
         if moved > 0 {
             tracing::warn!(moved, "Identities the cluster state gives differ from this node's: the cluster's win");
         }
