@@ -115,6 +115,10 @@ pub struct AgentArgs {
     /// plugin rewrites it without `porin-cni`.
     #[arg(long, requires = "kubernetes")]
     pub cni_conf_dir: Option<PathBuf>,
+    /// Kubernetes mode: delete the CiliumIdentity objects Porin claimed once no pod of the
+    /// cluster has used them for this many seconds (as Cilium's operator does); 0: never.
+    #[arg(long, default_value_t = 900)]
+    pub identity_gc_secs: u64,
     /// Control socket.
     #[arg(long, default_value = "/run/porin/agent.sock")]
     pub control: PathBuf,
@@ -387,6 +391,7 @@ fn agent(a: &AgentArgs) -> anyhow::Result<()> {
                     kubeconfig: a.kubeconfig.clone(),
                     cni_state: a.cni_state_dir.clone(),
                     cni_conf: a.cni_conf_dir.clone(),
+                    identity_gc: (a.identity_gc_secs > 0).then(|| std::time::Duration::from_secs(a.identity_gc_secs)),
                 },
             },
             control: a.control.clone(),

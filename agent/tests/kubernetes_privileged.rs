@@ -308,6 +308,7 @@ fn scenario(plugin: &'static str) {
                 .arg(&cni_state)
                 .arg("--cni-conf-dir")
                 .arg(&cni_conf)
+                .args(["--identity-gc-secs", "1"])
                 .args(["--netns", &node_netns, "--node-name", "n1", "--cgroup", "none"])
                 .arg("--bpffs")
                 .arg(&pins.0)
@@ -360,7 +361,10 @@ fn scenario(plugin: &'static str) {
     let published = dir.0.join("snapshot.json");
     let (bwing, derived) = wait_published_identity(&published, "k8s:class=bwing", |_| true);
     assert_eq!(policy_engine::identity::derived_identity(&parse_labels(&bwing)), derived);
-    kubectl.apply(&identity_yaml(4242, &bwing));
+    kubectl.apply(
+        &identity_yaml(4242, &bwing)
+            .replace("metadata:\n", "metadata:\n  labels: {app.kubernetes.io/managed-by: porin}\n"),
+    );
     wait_published_identity(&published, "k8s:class=bwing", |id| id == 4242);
     eprintln!("the remote bwing: {derived} from its labels, then 4242 as its node claimed");
     let objs = wait_identities(&kubectl, |_| true);
@@ -429,8 +433,9 @@ fn scenario(plugin: &'static str) {
     assert!(!node.reaches(tie, &deathstar) && node.reaches(xwing, &deathstar), "the edit enforces");
 
     // A pod deleted and created again (new sandbox, new address) gets its policy back. Meanwhile
-    // its identity was collected and its number given to another label set: the new xwing gets
-    // the next free number, claims it, and is still the alliance's.
+    // its identity is collected (no pod uses it for the agent's grace period, 1 s here) and its
+    // number given to another label set: the new xwing gets the next free number, claims it, and
+    // is still the alliance's.
     kubectl.ok(&["delete", "pod", "xwing", "-n", "default"], None);
     node.remove_pod("xwing");
     // Meanwhile the cluster's plugin writes its configuration again, without porin-cni (Calico's
@@ -456,16 +461,26 @@ fn scenario(plugin: &'static str) {
         st["endpoints"].as_array().is_some_and(|e| e.len() == 2)
     });
     let old = ids["xwing"];
-    kubectl.ok(&["delete", "ciliumidentity", &old.to_string()], None);
+    let collected = Instant::now();
+    let objs = wait_identities(&kubectl, |objs| !objs.contains_key(&old));
+    eprintln!("the xwing's identity {old} collected {:?} after its pod was forgotten", collected.elapsed());
+    for ship in [tie, "deathstar"] {
+        assert!(objs.contains_key(&ids[ship]), "{ship}'s identity, in use, is kept: {objs:?}");
+    }
+    assert!(objs.contains_key(&4242), "the bwing's identity, in use on another node, is kept: {objs:?}");
     kubectl.apply(&identity_yaml(old, &["k8s:app=squatter".to_owned()]));
+    let squatted = Instant::now();
     // And the next number is held by an object without labels, which no node reads as a set:
     // still, nobody can claim that number, so the new xwing moves past it too.
     kubectl.apply(&identity_yaml(old + 1, &[]));
     node.add_pod("xwing", 7);
     kubectl.apply(&pod_yaml("xwing", SHIPS[2].1));
     wait_status(&control, Duration::from_secs(5), "the new xwing attached", attached);
-    let new = endpoint_identities(&control)["xwing"];
-    assert_eq!(new, old + 2, "past the squatter's number and the one held for no set");
+    // The agent may see the pod before the objects: its number settles once it sees both.
+    wait_status(&control, Duration::from_secs(5), "the new xwing past the held numbers", |st| {
+        st["endpoints"].as_array().into_iter().flatten().any(|e| e["name"] == "xwing" && e["identity"] == old + 2)
+    });
+    let new = old + 2;
     eprintln!("the xwing's identity: {old}, taken meanwhile, then {new}");
     let claimed = wait_identities(&kubectl, |objs| objs.contains_key(&new));
     assert!(claimed[&new].contains(&"k8s:class=xwing".to_owned()), "{claimed:?}");
@@ -535,6 +550,10 @@ fn scenario(plugin: &'static str) {
     assert_eq!(node.http(tie, "POST", &url("/v1/request-landing")).1, "200");
     assert_eq!(node.http(tie, "PUT", &url("/v1/exhaust-port")).1, "403");
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28);
+    // Seconds after the squatter's objects were made, unused all along: not Porin's, not collected.
+    assert!(squatted.elapsed() > Duration::from_secs(3), "{:?}: more than the grace period", squatted.elapsed());
+    let objs = wait_identities(&kubectl, |_| true);
+    assert!(objs.contains_key(&old) && objs.contains_key(&(old + 1)), "{objs:?}");
     drop(agent);
     assert_eq!(invalid_drops(&node.rt), 0, "kube-proxy's rules dropped nothing of the scenario's traffic");
 }

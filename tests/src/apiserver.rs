@@ -43,7 +43,8 @@
 //!   `$setElementOrder/<list>` (as kubectl writes for merge lists), else it is replaced;
 //! - server-side apply is a JSON merge of the applied object onto the existing one (or a create): no
 //!   field ownership, no conflicts, fields dropped from the config are not removed;
-//! - deletion is immediate (no finalizers, grace periods, preconditions, or garbage collection); deleting
+//! - deletion is immediate (no finalizers, grace periods, or garbage collection; `preconditions` on `uid`
+//!   and `resourceVersion` are checked); deleting
 //!   a namespace deletes the objects in it at once; writes into a namespace that does not exist are
 //!   allowed; a deleted custom resource answers a `Success` Status, other kinds the object;
 //! - lists are not snapshots: a continue token resumes after the last key over live data; a list's
@@ -898,11 +899,36 @@ impl State {
         Ok(new)
     }
 
-    fn delete(&mut self, def: &Arc<ResourceDef>, ns: &str, name: &str, ctx: &Ctx) -> Result<Value, ApiError> {
+    fn delete(
+        &mut self,
+        def: &Arc<ResourceDef>,
+        ns: &str,
+        name: &str,
+        preconditions: &Value,
+        ctx: &Ctx,
+    ) -> Result<Value, ApiError> {
         let key = (ns.to_string(), name.to_string());
         let Some(obj) = self.objects.get(&def.key()).and_then(|o| o.get(&key)).cloned() else {
             return Err(not_found(def, name));
         };
+        // DeleteOptions.preconditions: the object must still be the one the client read.
+        for (field, what) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+            if let Some(want) = preconditions[field].as_str()
+                && meta_str(&obj, field) != want
+            {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {what} in precondition: \
+                         {want}, {what} in object meta: {}",
+                        def.qualified(),
+                        meta_str(&obj, field)
+                    ),
+                )
+                .with_details(name_details(def, name)));
+            }
+        }
         if ctx.dry_run {
             return Ok(obj);
         }
@@ -931,7 +957,7 @@ impl State {
             .map(|o| o.keys().filter(|(n, _)| ns.is_none_or(|ns| ns == n)).cloned().collect())
             .unwrap_or_default();
         for (n, name) in keys {
-            let _ = self.delete(def, &n, &name, &Ctx::default());
+            let _ = self.delete(def, &n, &name, &Value::Null, &Ctx::default());
         }
     }
 
@@ -1206,7 +1232,7 @@ impl Store {
         self.shared.write(|state| {
             let (def, _) = state.def_for_kind(api_version, kind)?;
             let ns = if def.namespaced { namespace.unwrap_or("default") } else { "" };
-            state.delete(&def, ns, name, &Ctx::default())
+            state.delete(&def, ns, name, &Value::Null, &Ctx::default())
         })
     }
 
@@ -2161,10 +2187,15 @@ fn resource(
         (Method::GET, None) => list(shared, &def, version, ns, q),
         (Method::GET, Some(name)) if item_ok(Some(name)) => {
             let state = shared.lock();
-            state.get(&def, ns_or_empty, name).map(|o| (200, present(o, &def, version))).ok_or_else(|| not_found(&def, name))
+            state
+                .get(&def, ns_or_empty, name)
+                .map(|o| (200, present(o, &def, version)))
+                .ok_or_else(|| not_found(&def, name))
         }
         (Method::POST, None) if ns.is_some() || !def.namespaced => parse_body(body, yaml).and_then(|obj| {
-            shared.write(|state| state.create(&def, version, ns, obj, &mut ctx)).map(|o| (201, present(&o, &def, version)))
+            shared
+                .write(|state| state.create(&def, version, ns, obj, &mut ctx))
+                .map(|o| (201, present(&o, &def, version)))
         }),
         (Method::PUT, Some(name)) if item_ok(Some(name)) => parse_body(body, yaml).and_then(|obj| {
             shared
@@ -2175,7 +2206,13 @@ fn resource(
             .write(|state| state.patch(&def, version, ns_or_empty, name, &content_type, body, &mut ctx, status_only))
             .map(|(o, created)| (if created { 201 } else { 200 }, present(&o, &def, version))),
         (Method::DELETE, Some(name)) if item_ok(Some(name)) && !status_only => {
-            shared.write(|state| state.delete(&def, ns_or_empty, name, &ctx)).map(|o| {
+            // DeleteOptions in JSON or YAML; a protobuf one (typed clients) is not read.
+            let options = if body.iter().all(u8::is_ascii_whitespace) || body.starts_with(PROTOBUF_MAGIC) {
+                Ok(Value::Null)
+            } else {
+                parse_body(body, yaml)
+            };
+            options.and_then(|o| shared.write(|state| state.delete(&def, ns_or_empty, name, &o["preconditions"], &ctx))).map(|o| {
                 if def.crd.is_some() {
                     let mut details = name_details(&def, name);
                     details["uid"] = json!(meta_str(&o, "uid"));
@@ -2185,7 +2222,9 @@ fn resource(
                 }
             })
         }
-        (Method::DELETE, None) if ns.is_some() || !def.namespaced => delete_collection(shared, &def, version, ns, q, &ctx),
+        (Method::DELETE, None) if ns.is_some() || !def.namespaced => {
+            delete_collection(shared, &def, version, ns, q, &ctx)
+        }
         _ => Err(method_not_allowed()),
     };
     match result {
@@ -2266,7 +2305,7 @@ fn delete_collection(
             .collect();
         let mut items = Vec::new();
         for (n, name) in keys {
-            if let Ok(o) = state.delete(def, &n, &name, ctx) {
+            if let Ok(o) = state.delete(def, &n, &name, &Value::Null, ctx) {
                 items.push(present(&o, def, version));
             }
         }
@@ -2953,6 +2992,25 @@ mod tests {
         assert_eq!(updated["metadata"]["uid"], pod["metadata"]["uid"]);
         assert_eq!(store.delete("v1", "Pod", None, "p").unwrap()["metadata"]["name"], "p");
         assert_eq!(store.delete("v1", "Pod", None, "p").unwrap_err().message, "pods \"p\" not found");
+    }
+
+    #[test]
+    fn deletes_check_their_preconditions() {
+        let server = ApiServer::start();
+        let pod = server
+            .store()
+            .create(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}}))
+            .unwrap();
+        let mut state = server.shared.lock();
+        let def = state.def("", "v1", "pods").unwrap();
+        let ctx = Ctx::default();
+        for stale in [json!({"uid": "another"}), json!({"resourceVersion": "1"})] {
+            let e = state.delete(&def, "default", "p", &stale, &ctx).unwrap_err();
+            assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"), "{stale}");
+            assert!(e.message.contains("Precondition failed"), "{}", e.message);
+        }
+        let current = json!({"uid": meta_str(&pod, "uid"), "resourceVersion": meta_str(&pod, "resourceVersion")});
+        assert_eq!(state.delete(&def, "default", "p", &current, &ctx).unwrap()["metadata"]["name"], "p");
     }
 
     #[test]

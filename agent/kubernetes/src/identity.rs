@@ -11,9 +11,10 @@
 //! every node move that set to the next free number on its next reload, and claim again.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use kube::Client;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams, Preconditions};
 use kube::core::ObjectMeta;
 use policy_engine::identity::{IdentityId, LOCAL_SCOPE, LabelAssignment, MIN_CLUSTER_IDENTITY};
 
@@ -92,6 +93,12 @@ pub fn assignments(identities: &[ClusterIdentity]) -> (Vec<LabelAssignment>, usi
     (by_labels.iter().map(|(l, id)| (text(l), *id)).collect(), passed_over)
 }
 
+/// The label on the identities Porin claims, and its value: only those are ever collected.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+const PORIN: &str = "porin";
+/// Why an object is not collected: another owner's.
+const NOT_PORINS: &str = "not claimed by Porin";
+
 /// What claiming a number came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -111,7 +118,7 @@ pub async fn claim(client: &Client, id: IdentityId, labels: &[String]) -> Result
     let object = CiliumIdentity {
         metadata: ObjectMeta {
             name: Some(id.to_string()),
-            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), "porin".to_owned())])),
+            labels: Some(BTreeMap::from([(MANAGED_BY.to_owned(), PORIN.to_owned())])),
             ..ObjectMeta::default()
         },
         spec: CiliumIdentityBody { security_labels: labels_map(labels) },
@@ -120,6 +127,127 @@ pub async fn claim(client: &Client, id: IdentityId, labels: &[String]) -> Result
         Ok(_) => Ok(Claim::Created),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Claim::Taken),
         Err(e) => Err(e),
+    }
+}
+
+/// Collects the identities Porin claimed that no pod uses any more, once they have been unused
+/// for a grace period (Cilium's operator does this; Porin has no operator, so every agent does).
+/// The API decides between agents: a deletion names the object's `uid` and `resourceVersion`, so
+/// an object claimed again or changed meanwhile is left alone, and the first node's deletion is
+/// the only one. A pod of the set that appears just after is not harmed: every node keeps its
+/// number for the set, and the pod's node claims it again.
+pub struct Collector {
+    client: Client,
+    unused: UnusedSince,
+    /// Unused numbers whose object Porin did not claim: not looked up again while unused.
+    foreign: std::collections::BTreeSet<IdentityId>,
+}
+
+/// Since when each number has been unused (as this node sees the cluster), and which have been
+/// for the grace period.
+#[derive(Clone, Debug)]
+pub struct UnusedSince {
+    grace: Duration,
+    since: BTreeMap<IdentityId, Instant>,
+}
+
+impl UnusedSince {
+    /// Nothing unused yet.
+    pub fn new(grace: Duration) -> Self {
+        Self { grace, since: BTreeMap::new() }
+    }
+
+    /// Takes the numbers that no pod uses now; a number in use again starts over.
+    pub fn observe(&mut self, unused: &[IdentityId], now: Instant) {
+        let set: std::collections::BTreeSet<IdentityId> = unused.iter().copied().collect();
+        self.since.retain(|id, _| set.contains(id));
+        for id in unused {
+            self.since.entry(*id).or_insert(now);
+        }
+    }
+
+    /// The numbers unused for the whole grace period.
+    pub fn due(&self, now: Instant) -> Vec<IdentityId> {
+        self.since.iter().filter(|(_, t)| now.duration_since(**t) >= self.grace).map(|(id, _)| *id).collect()
+    }
+}
+
+/// What collecting one number came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collected {
+    /// The object was deleted.
+    Deleted,
+    /// Left alone: not claimed by Porin, gone already, or changed since it was read.
+    Kept(&'static str),
+}
+
+impl Collector {
+    /// A collector deleting what has been unused for `grace`.
+    pub fn new(client: Client, grace: Duration) -> Self {
+        Self { client, unused: UnusedSince::new(grace), foreign: std::collections::BTreeSet::new() }
+    }
+
+    /// How often to look: a quarter of the grace period, from 200 ms to 30 s.
+    pub fn period(&self) -> Duration {
+        (self.unused.grace / 4).clamp(Duration::from_millis(200), Duration::from_secs(30))
+    }
+
+    /// Takes the numbers of the cluster's identities that no pod uses now.
+    pub fn observe(&mut self, unused: &[IdentityId], now: Instant) {
+        self.unused.observe(unused, now);
+        self.foreign.retain(|id| self.unused.since.contains_key(id));
+    }
+
+    /// Collects every due number; returns how many objects were deleted and how many deletions
+    /// failed (tried again next time).
+    pub async fn collect(&mut self, now: Instant) -> (usize, usize) {
+        let (mut deleted, mut failed) = (0, 0);
+        let due: Vec<IdentityId> = self.unused.due(now).into_iter().filter(|id| !self.foreign.contains(id)).collect();
+        for id in due {
+            match self.collect_one(id).await {
+                Ok(Collected::Deleted) => {
+                    tracing::info!(identity = id, "Identity no pod uses collected");
+                    deleted += 1;
+                    self.unused.since.remove(&id);
+                }
+                Ok(Collected::Kept(why)) => {
+                    tracing::debug!(identity = id, why, "Unused identity left alone");
+                    if why == NOT_PORINS {
+                        self.foreign.insert(id);
+                    } else {
+                        // Looked at again after another grace period, if still unused.
+                        self.unused.since.insert(id, now);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(identity = id, error = %e, "Could not collect an unused identity; trying again");
+                    failed += 1;
+                }
+            }
+        }
+        (deleted, failed)
+    }
+
+    async fn collect_one(&self, id: IdentityId) -> Result<Collected, kube::Error> {
+        let api: Api<CiliumIdentity> = Api::all(self.client.clone());
+        let name = id.to_string();
+        let Some(object) = api.get_opt(&name).await? else { return Ok(Collected::Kept("gone already")) };
+        if object.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).map(String::as_str) != Some(PORIN) {
+            return Ok(Collected::Kept(NOT_PORINS));
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: object.metadata.uid.clone(),
+                resource_version: object.metadata.resource_version.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &params).await {
+            Ok(_) => Ok(Collected::Deleted),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Collected::Kept("gone already")),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Collected::Kept("changed since it was read")),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -169,6 +297,22 @@ mod tests {
             let e = parse(&object(name, labels)).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn a_number_is_due_once_unused_for_the_whole_grace_period() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut u = UnusedSince::new(Duration::from_secs(10));
+        u.observe(&[300, 400], s(0));
+        assert!(u.due(s(9)).is_empty());
+        // 400 in use again at 5 s, unused again at 8 s: its clock starts over.
+        u.observe(&[300], s(5));
+        u.observe(&[300, 400], s(8));
+        assert_eq!(u.due(s(10)), vec![300]);
+        assert_eq!(u.due(s(18)), vec![300, 400]);
+        u.observe(&[], s(19));
+        assert!(u.due(s(100)).is_empty(), "everything in use again");
     }
 
     #[test]

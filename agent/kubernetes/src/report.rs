@@ -49,6 +49,9 @@ pub struct Report {
     pub verdicts: Vec<Verdict>,
     /// The identities its pods use that the cluster has no object for yet: number, labels.
     pub unclaimed: Vec<(IdentityId, Vec<String>)>,
+    /// The numbers of the cluster's identities that no pod of the cluster uses (as this node sees
+    /// it), for [`crate::identity::Collector`].
+    pub unused: Vec<IdentityId>,
 }
 
 /// Writes reports to the API.

@@ -210,6 +210,9 @@ pub enum InputsConfig {
         /// The node's CNI configuration directory to keep `porin-cni` chained in (none: left to
         /// `porin kubernetes install-cni`).
         cni_conf: Option<PathBuf>,
+        /// Collect the identities Porin claimed once no pod has used them for this long (none:
+        /// never).
+        identity_gc: Option<std::time::Duration>,
     },
 }
 

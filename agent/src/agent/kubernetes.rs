@@ -60,8 +60,8 @@ pub(super) fn inputs(
     }
     // Numbers held by objects that give no set (unreadable, or a set claimed lower): no set gets
     // them, or its claim would find the number taken and never move on.
-    eps.reserved_identities =
-        objects.identity_numbers.iter().copied().filter(|n| !identities.iter().any(|(_, id)| id == n)).collect();
+    let assigned: std::collections::BTreeSet<_> = identities.iter().map(|(_, id)| *id).collect();
+    eps.reserved_identities = objects.identity_numbers.iter().copied().filter(|n| !assigned.contains(n)).collect();
     eps.identities = identities;
     errors.extend(objects.identity_errors.iter().map(|e| format!("passed over: {e}")));
     let documents = objects
@@ -168,9 +168,45 @@ fn remote_id(namespace: &str, name: &str) -> u32 {
     h.max(1)
 }
 
+/// Whether `node` collects unused identities for the cluster: one node does (no N-fold lookups
+/// and deletions), the first by name of those whose Ready condition is true (of all nodes, when
+/// none reports one). A node that goes away hands the task to the next.
+pub(super) fn collects(nodes: &[std::sync::Arc<k8s_openapi::api::core::v1::Node>], node: &str) -> bool {
+    let ready = |n: &&std::sync::Arc<k8s_openapi::api::core::v1::Node>| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let names = |pick: &dyn Fn(&&std::sync::Arc<k8s_openapi::api::core::v1::Node>) -> bool| {
+        nodes.iter().filter(|n| pick(n)).filter_map(|n| n.metadata.name.as_deref()).min().map(str::to_owned)
+    };
+    names(&ready).or_else(|| names(&|_| true)).is_some_and(|first| first == node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_node_collects_the_first_ready_one_by_name() {
+        let node = |name: &str, ready: Option<&str>| {
+            let status = ready.map(|r| serde_json::json!({"conditions": [{"type": "Ready", "status": r}]}));
+            std::sync::Arc::new(
+                serde_json::from_value::<k8s_openapi::api::core::v1::Node>(
+                    serde_json::json!({"metadata": {"name": name}, "status": status}),
+                )
+                .unwrap(),
+            )
+        };
+        let nodes = [node("c", Some("True")), node("a", Some("False")), node("b", Some("True"))];
+        assert!(collects(&nodes, "b") && !collects(&nodes, "a") && !collects(&nodes, "c"));
+        // None reports Ready (the test API server's nodes): the first by name.
+        let nodes = [node("n2", None), node("n1", None)];
+        assert!(collects(&nodes, "n1") && !collects(&nodes, "n2"));
+        assert!(!collects(&[], "n1"), "no nodes known: nobody collects");
+    }
+
     use porin_kubernetes::identity::ClusterIdentity;
 
     fn pod(v: serde_json::Value) -> std::sync::Arc<Pod> {

@@ -443,14 +443,18 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
         InputsConfig::Files { policies, endpoints } => {
             Source::Files { policies: policies.clone(), endpoints: endpoints.clone() }
         }
-        InputsConfig::Kubernetes { kubeconfig, cni_state, .. } => {
+        InputsConfig::Kubernetes { kubeconfig, cni_state, identity_gc, .. } => {
             let (cluster, client) = rt.block_on(open_cluster(kubeconfig.as_deref(), changed.clone()))?;
             let (tx, rx) = tokio::sync::watch::channel(porin_kubernetes::report::Report::default());
-            reporter = Some((porin_kubernetes::report::Reporter::new(client, &cfg.node_name), tx, rx));
+            let collector = identity_gc.map(|grace| {
+                let c = porin_kubernetes::identity::Collector::new(client.clone(), grace);
+                (c, cluster.clone(), cfg.node_name.clone())
+            });
+            reporter = Some((porin_kubernetes::report::Reporter::new(client, &cfg.node_name), collector, tx, rx));
             Source::Kubernetes { cluster, cni_state: cni_state.clone() }
         }
     };
-    let report = reporter.as_ref().map(|(_, tx, _)| tx.clone());
+    let report = reporter.as_ref().map(|(_, _, tx, _)| tx.clone());
     let mut reloader = Reloader::new(cfg.clone(), source, report, datapath, version, allocator, view.clone());
     reloader.lb_error = lb_error;
     reloader.reload().context("initial policy load")?;
@@ -541,8 +545,8 @@ pub fn run(cfg: AgentConfig, sockets: Sockets) -> anyhow::Result<()> {
                 tokio::spawn(watch_inputs(jobs.clone(), policies.clone(), endpoints.clone()))
             }
             InputsConfig::Kubernetes { cni_state, cni_conf, .. } => {
-                if let Some((reporter, _, rx)) = reporter.take() {
-                    tasks.push(tokio::spawn(report_to_api(reporter, rx)));
+                if let Some((reporter, collector, _, rx)) = reporter.take() {
+                    tasks.push(tokio::spawn(report_to_api(reporter, collector, rx)));
                 }
                 tasks.push(tokio::spawn(watch_cni_records(changed.clone(), cni_state.clone())));
                 if let Some(conf) = cni_conf {
@@ -777,21 +781,44 @@ async fn keep_chained(conf_dir: PathBuf, state_dir: PathBuf) {
 }
 
 /// Kubernetes mode: writes what the node made of each policy object (status, Events) and claims
-/// its pods' identities whenever that changes; writes that failed are tried again every 5 s.
+/// its pods' identities whenever that changes; writes that failed are tried again after 5 s. With
+/// a collector, and on the node that collects for the cluster ([`kubernetes::collects`]) while every watch is
+/// synced, identities unused for the collector's grace period are collected.
 async fn report_to_api(
     mut reporter: porin_kubernetes::report::Reporter,
+    mut collector: Option<(porin_kubernetes::identity::Collector, porin_kubernetes::watch::Cluster, String)>,
     mut rx: tokio::sync::watch::Receiver<porin_kubernetes::report::Report>,
 ) {
+    const RETRY: Duration = Duration::from_secs(5);
+    let period = collector.as_ref().map_or(RETRY, |(c, ..)| c.period().min(RETRY));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut write, mut retry_at) = (true, None);
     loop {
-        let report = rx.borrow_and_update().clone();
-        let failed = reporter.report(&report).await;
-        if failed > 0 {
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        if write {
+            let report = rx.borrow_and_update().clone();
+            if let Some((c, ..)) = collector.as_mut() {
+                c.observe(&report.unused, std::time::Instant::now());
             }
-        } else if rx.changed().await.is_err() {
-            return;
+            let failed = reporter.report(&report).await;
+            retry_at = (failed > 0).then(|| std::time::Instant::now() + RETRY);
+        }
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                write = true;
+            }
+            _ = tick.tick() => {
+                write = retry_at.is_some_and(|t| std::time::Instant::now() >= t);
+                if let Some((c, cluster, node)) = collector.as_mut() {
+                    let synced = cluster.health().iter().all(|h| h.synced);
+                    if synced && kubernetes::collects(&cluster.objects().nodes, node) {
+                        c.collect(std::time::Instant::now()).await;
+                    }
+                }
+            }
         }
     }
 }

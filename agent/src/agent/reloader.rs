@@ -282,7 +282,7 @@ impl Reloader {
             .allocator
             .pin(&eps.identities)
             .map_err(|e| anyhow::anyhow!("{}: identities: {e}", self.source.origin()))?
-            + self.allocator.reserve(&eps.reserved_identities);
+            + self.allocator.reserve(&unpinned(&eps));
         if moved > 0 {
             tracing::warn!(moved, "Identities the cluster state gives differ from this node's: the cluster's win");
         }
@@ -406,8 +406,9 @@ impl Reloader {
             .snapshot
             .as_deref()
             .map_or_else(Vec::new, |snap| unclaimed(snap, &self.endpoints, &self.cfg.node_name));
+        let unused = self.snapshot.as_deref().map_or_else(Vec::new, |snap| unused(snap, &self.endpoints));
         // The reporter may be gone (the agent is stopping): nothing left to tell.
-        tx.send_replace(porin_kubernetes::report::Report { verdicts, unclaimed });
+        tx.send_replace(porin_kubernetes::report::Report { verdicts, unclaimed, unused });
     }
 
     fn status(&self) -> serde_json::Value {
@@ -493,6 +494,25 @@ impl Reloader {
             })
             .collect())
     }
+}
+
+/// The reserved numbers the cluster state gives no set (a number both pinned and reserved is
+/// pinned).
+fn unpinned(eps: &EndpointsFile) -> Vec<IdentityId> {
+    let pinned: std::collections::BTreeSet<IdentityId> = eps.identities.iter().map(|(_, id)| *id).collect();
+    eps.reserved_identities.iter().copied().filter(|n| !pinned.contains(n)).collect()
+}
+
+/// The numbers of the cluster's identities (the objects this node reads as a label set's) that
+/// no endpoint of the cluster uses: every node's pods count, not only this node's. An object this
+/// node cannot read is never counted: another node (another version, say) may read it and use it.
+fn unused(snap: &Snapshot, eps: &EndpointsFile) -> Vec<IdentityId> {
+    let in_use: std::collections::BTreeSet<IdentityId> =
+        eps.endpoints.iter().filter_map(|e| snap.endpoint(&e.namespace, &e.name)).map(|e| e.identity).collect();
+    let mut out: Vec<IdentityId> = eps.identities.iter().map(|(_, id)| *id).filter(|id| !in_use.contains(id)).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The identities of `node`'s endpoints that the cluster state names no label set for: number,

@@ -184,8 +184,14 @@ impl Runtime {
             .stderr(Stdio::piped())
             .spawn()
             .context("run ip netns exec")?;
-        child.stdin.take().context("the plugin's stdin")?.write_all(conf.to_string().as_bytes())?;
+        // A plugin that exits without reading its configuration says why on stderr: read it first.
+        let written = child.stdin.take().context("the plugin's stdin")?.write_all(conf.to_string().as_bytes());
         let out = child.wait_with_output()?;
+        if let Err(e) = written
+            && out.status.success()
+        {
+            bail!("{ty} {command} for pod {}: its configuration could not be written: {e}", pod.name);
+        }
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -349,8 +355,19 @@ pub(super) fn wire_pods(
             node: node.name.clone(),
             cni_result: None,
         };
-        let result =
-            rt.add(&pod).with_context(|| format!("wire pod {} through {}", pod.name, rt.conflist.display()))?;
+        let result = match rt.add(&pod) {
+            Ok(r) => r,
+            Err(e) => {
+                // As a runtime does after a failed ADD: DEL, so the plugins release what they took.
+                let cleanup = rt.del(&pod, &Value::Null).err().map(|d| format!(" (DEL after it: {d:#})"));
+                return Err(e.context(format!(
+                    "wire pod {} through {}{}",
+                    pod.name,
+                    rt.conflist.display(),
+                    cleanup.unwrap_or_default()
+                )));
+            }
+        };
         (pod.ifname, pod.ipv4, pod.ipv6) = wiring(&result)?;
         pod.cni_result = Some(result);
         pods.push(pod);
