@@ -535,6 +535,24 @@ fn scenario(plugin: &'static str) {
     );
     assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28, "the alliance is dropped in the kernel");
 
+    // A running pod renumbered: its set claimed under a lower number too (two nodes raced, say),
+    // the lowest wins on every node. The tiefighter switches to it while it runs, in the kernel
+    // (ipcache, policy) and the proxy alike, and is enforced as before.
+    let tie_before = endpoint_identities(&control)[tie];
+    let lower = 300;
+    assert!(tie_before > lower, "{tie_before}");
+    let tie_labels = wait_identities(&kubectl, |o| o.contains_key(&tie_before))[&tie_before].clone();
+    kubectl.apply(&identity_yaml(lower, &tie_labels));
+    let took = wait_status(&control, Duration::from_secs(5), "the tiefighter renumbered", |st| {
+        st["endpoints"].as_array().into_iter().flatten().any(|e| e["name"] == tie && e["identity"] == lower)
+    });
+    eprintln!("the running tiefighter renumbered {tie_before} -> {lower} in {took:?}");
+    let version = porin_status(&control)["version"].as_u64().unwrap();
+    wait_proxy(&proxy_control, version);
+    assert_eq!(node.http(tie, "POST", &url("/v1/request-landing")).1, "200", "still the empire's");
+    assert_eq!(node.http(tie, "PUT", &url("/v1/exhaust-port")).1, "403");
+    assert_eq!(node.http(xwing, "POST", &url("/v1/request-landing")).0, 28);
+
     // The agent restarts: the kernel and the proxy enforce meanwhile; the new agent re-discovers
     // every endpoint from the API and the CNI records, with the same identities, and enforces the
     // same policy.
